@@ -1,0 +1,1 @@
+"""Evaluation: referring segmentation, HardBLINK relative depth, depth-token reconstruction."""

@@ -1,0 +1,1 @@
+"""Inspection of shards: summaries, validation and pictures of samples."""

@@ -1,0 +1,1 @@
+"""Depth teacher (Depth Anything V2 or ground truth), depth cache, and the depth VQ-VAE tokenizer."""

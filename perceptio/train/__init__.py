@@ -1,0 +1,1 @@
+"""Training: a transformers vision-language model with [SEG] and depth tokens and the four losses."""
