@@ -1,0 +1,170 @@
+"""Read ADE20k scene parsing in the ADEChallengeData2016 layout (SceneParsing, 150 classes).
+
+Layout (``root`` is the ADEChallengeData2016 folder, or any folder that contains it)::
+
+    images/{training,validation}/ADE_{train,val}_{n:08d}.jpg
+    annotations/{training,validation}/ADE_{train,val}_{n:08d}.png   # uint8, 0 = other, 1..150
+    objectInfo150.csv   # Idx,Ratio,Train,Val,Stuff,Name; Name = ';'-separated synonyms
+
+Images and annotations are paired by file stem. An image without an annotation, an annotation
+without an image, or a file name without a trailing number becomes a :class:`Problem` and the
+sample is left out. Pixels are checked lazily: :meth:`ADE20kDataset.load_segmentation` and
+:meth:`ADE20kDataset.load_image` raise :class:`~perceptio.curate.problems.BadImage` for a missing,
+corrupt or mismatched file (curation calls them once per sample and records what they raise).
+A missing root, class table or split folder is a :class:`~perceptio.errors.PerceptioError`.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from perceptio.curate.problems import BadImage, Problem, decode_image, percent_text
+from perceptio.errors import PerceptioError
+from perceptio.recipes import load_recipe
+
+FOLDER_NAME = "ADEChallengeData2016"
+CLASS_TABLE = "objectInfo150.csv"
+SPLITS = ("training", "validation")
+SPLIT_ALIASES = {"train": "training", "val": "validation"}
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+_TRAILING_NUMBER = re.compile(r"(\d+)$")
+
+
+@dataclass(frozen=True)
+class AdeClass:
+    idx: int  # 1..N; 0 is "other" and has no row
+    name: str  # the first synonym
+    synonyms: list[str]
+
+
+@dataclass(frozen=True)
+class AdeSample:
+    image_id: int  # the number at the end of the file stem (unique within a split)
+    split: str
+    name: str  # file stem, e.g. "ADE_val_00000001"
+    image_path: Path
+    annotation_path: Path
+
+
+def resolve_root(root: str | os.PathLike[str]) -> Path:
+    """The folder holding images/ and annotations/: ``root`` itself or ``root/ADEChallengeData2016``."""
+    root = Path(root)
+    if not root.is_dir():
+        raise PerceptioError(f"ADE20k root {root} not found")
+    for candidate in (root / FOLDER_NAME, root):
+        if (candidate / "images").is_dir() and (candidate / "annotations").is_dir():
+            return candidate
+    raise PerceptioError(f"{root} holds neither images/ and annotations/ nor {FOLDER_NAME}/")
+
+
+def read_class_table(path: Path) -> list[AdeClass]:
+    """Parse objectInfo150.csv; the classes must be numbered 1..N without gaps."""
+    if not path.is_file():
+        raise PerceptioError(f"class table {path} not found")
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            rows = list(csv.DictReader(handle))
+        classes = []
+        for row in rows:
+            synonyms = [name.strip() for name in row["Name"].split(";") if name.strip()]
+            classes.append(AdeClass(int(row["Idx"]), synonyms[0], synonyms))
+    except (KeyError, ValueError, IndexError, TypeError) as error:
+        raise PerceptioError(f"{path} is not an Idx,...,Name class table ({type(error).__name__}: {error})") from error
+    if [ade_class.idx for ade_class in classes] != list(range(1, len(classes) + 1)):
+        raise PerceptioError(f"{path}: class indices are not 1..{len(classes)} in order")
+    return classes
+
+
+class ADE20kDataset:
+    """The ADEChallengeData2016 samples of each split present, with the class table."""
+
+    def __init__(self, root: str | os.PathLike[str]):
+        self.root = resolve_root(root)
+        self.classes = read_class_table(self.root / CLASS_TABLE)
+        self.splits = [split for split in SPLITS if (self.root / "images" / split).is_dir()]
+        self.problems: list[Problem] = []
+        self._samples: dict[str, list[AdeSample]] = {}
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def samples(self, split: str) -> list[AdeSample]:
+        """The paired samples of ``split`` ("training"/"validation", or "train"/"val"), by file name."""
+        split = SPLIT_ALIASES.get(split, split)
+        if split not in self._samples:
+            self._samples[split] = self._pair(split)
+        return self._samples[split]
+
+    def _pair(self, split: str) -> list[AdeSample]:
+        image_dir, annotation_dir = self.root / "images" / split, self.root / "annotations" / split
+        if split not in self.splits:
+            raise PerceptioError(f"{image_dir} not found; splits present: {', '.join(self.splits) or 'none'}")
+        if not annotation_dir.is_dir():
+            raise PerceptioError(f"{annotation_dir} not found (annotations for the {split} images)")
+        images = {path.stem: path for path in image_dir.iterdir() if path.suffix.lower() in IMAGE_SUFFIXES}
+        annotations = {path.stem: path for path in annotation_dir.iterdir() if path.suffix.lower() == ".png"}
+        for stem in sorted(annotations.keys() - images.keys()):
+            self.problems.append(Problem("unknown_image", stem, f"{annotations[stem]} has no image in {image_dir}"))
+        samples = []
+        for stem in sorted(images):
+            if stem not in annotations:
+                reason = f"{images[stem]} has no annotation in {annotation_dir}"
+                self.problems.append(Problem("missing_annotation", stem, reason))
+                continue
+            number = _TRAILING_NUMBER.search(stem)
+            if number is None:
+                self.problems.append(Problem("bad_name", stem, "file name does not end in an image number"))
+                continue
+            samples.append(AdeSample(int(number.group(1)), split, stem, images[stem], annotations[stem]))
+        return samples
+
+    def load_image(self, sample: AdeSample) -> Image.Image:
+        """The decoded RGB image; raises :class:`BadImage` when it is missing or corrupt."""
+        return decode_image(sample.image_path, sample.name)
+
+    def load_segmentation(self, sample: AdeSample) -> np.ndarray:
+        """uint8 (H, W) class map, 0 = other, 1..N; raises :class:`BadImage` for a bad label map.
+
+        Checked: it decodes, it is single-channel 8-bit, its size equals the image's (read from the
+        image header only) and no value exceeds the number of classes.
+        """
+        label_map = decode_image(sample.annotation_path, sample.name)
+        if label_map.mode not in ("L", "P"):
+            reason = f"{sample.annotation_path} is {label_map.mode}, not 8-bit"
+            raise BadImage(Problem("corrupt_annotation", sample.name, reason))
+        segmentation = np.asarray(label_map, dtype=np.uint8)
+        try:
+            with Image.open(sample.image_path) as image:
+                image_size = image.size
+        except (OSError, ValueError) as error:
+            raise BadImage(Problem("corrupt_image", sample.name, f"{sample.image_path}: {error}")) from error
+        if label_map.size != image_size:
+            raise BadImage(
+                Problem(
+                    "size_mismatch",
+                    sample.name,
+                    f"annotation is {label_map.width}x{label_map.height}, image is {image_size[0]}x{image_size[1]}",
+                )
+            )
+        if segmentation.size and int(segmentation.max()) > self.num_classes:
+            reason = f"class index {int(segmentation.max())} > {self.num_classes}"
+            raise BadImage(Problem("corrupt_annotation", sample.name, reason))
+        return segmentation
+
+    def count_warnings(self) -> list[str]:
+        """Split sizes that differ from the published ones (manifests/ade20k.json); a warning only."""
+        published = load_recipe("ade20k.json")["splits"]
+        warnings = []
+        for split, want in published.items():
+            have = len(self.samples(split)) if split in self.splits else 0
+            if have != want:
+                warnings.append(f"ade20k {split}: {have:,} of {want:,} images ({percent_text(have, want)})")
+        return warnings
