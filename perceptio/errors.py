@@ -18,25 +18,17 @@ class PerceptioError(Exception):
 
 
 def run_cli(app: typer.Typer) -> Callable[[], None]:
-    """Wrap a Typer app as a console-script entry point with the one-line error contract."""
+    """Wrap a Typer app as a console-script entry point with the one-line error contract.
+
+    Click (in standalone mode) already reports usage errors as one line with exit code 2; the
+    wrapper does the same for :class:`PerceptioError` raised anywhere below a command.
+    """
 
     def main() -> None:
         try:
-            app(standalone_mode=False)
+            app()
         except PerceptioError as error:
             typer.secho(f"error: {error}", err=True, fg="red")
             sys.exit(2)
-        except typer.Exit as done:
-            sys.exit(done.exit_code)
-        except typer.Abort:
-            typer.secho("aborted", err=True, fg="red")
-            sys.exit(130)
-        except Exception as error:  # click's usage errors arrive here in non-standalone mode
-            import click
-
-            if isinstance(error, click.ClickException):
-                error.show()
-                sys.exit(2)
-            raise
 
     return main
