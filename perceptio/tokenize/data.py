@@ -1,0 +1,107 @@
+"""What the tokenizer is fitted on: the images of a dataset, a fixed held-out split, their depth.
+
+Images come from the project's readers (``ReferDataset`` train refs, ``ADE20kDataset`` training
+samples) or, for ``synth``, from every image of the synthetic world that has ground-truth depth.
+The held-out split is decided by a hash of each image's file stem, so it does not depend on the
+order of the files or on which other images exist, and stays put as a dataset grows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+from PIL import Image
+
+from perceptio.curate.ade20k import ADE20kDataset
+from perceptio.curate.refer import ReferDataset
+from perceptio.errors import PerceptioError
+from perceptio.tokenize.cache import DepthCache
+from perceptio.tokenize.teacher import DepthTeacher, OracleTeacher
+
+# The split_by each REFER dataset's training images are read with (the splits the paper trains on).
+REFER_SPLIT_BY = {"refcoco": "unc", "refcoco+": "unc", "refcocog": "umd"}
+FIT_DATASETS = (*REFER_SPLIT_BY, "ade20k", "synth")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+
+def list_images(data_root: str | os.PathLike[str], dataset: str) -> list[Path]:
+    """The distinct training images of ``dataset`` under ``data_root``, sorted by path."""
+    root = Path(data_root)
+    if not root.is_dir():
+        raise PerceptioError(f"{root}: no such data root")
+    if dataset in REFER_SPLIT_BY:
+        refer = ReferDataset(root, dataset, REFER_SPLIT_BY[dataset])
+        image_ids = {ref.image_id for ref in refer.refs_in_split("train")}
+        paths = [refer.image_path(image_id) for image_id in image_ids]
+    elif dataset == "ade20k":
+        paths = [sample.image_path for sample in ADE20kDataset(root).samples("training")]
+    elif dataset == "synth":
+        paths = synth_images(root)
+    else:
+        raise PerceptioError(f"unknown dataset {dataset!r}; expected one of {', '.join(FIT_DATASETS)}")
+    paths = sorted(set(paths))
+    if not paths:
+        raise PerceptioError(f"{root}: no {dataset} images found")
+    return paths
+
+
+def synth_images(root: Path) -> list[Path]:
+    """Every image of a synthetic world (COCO-style and ADE-style alike) that has ``depth/{stem}.png``."""
+    depth_dir = root / "depth"
+    if not depth_dir.is_dir():
+        raise PerceptioError(f"{root}: not a synthetic world (no depth/ folder)")
+    candidates = [*root.glob("images/**/*"), *root.glob("ADEChallengeData2016/images/**/*")]
+    return [
+        path
+        for path in candidates
+        if path.suffix.lower() in IMAGE_SUFFIXES and (depth_dir / f"{path.stem}.png").is_file()
+    ]
+
+
+def is_held_out(path: Path, fraction: float) -> bool:
+    bucket = int(hashlib.sha256(path.stem.encode()).hexdigest()[:8], 16) / 0x1_0000_0000
+    return bucket < fraction
+
+
+def split_held_out(paths: Sequence[Path], fraction: float) -> tuple[list[Path], list[Path]]:
+    """(train, held_out) by stem hash; with two or more images, neither side is left empty."""
+    held_out = [path for path in paths if is_held_out(path, fraction)]
+    train = [path for path in paths if not is_held_out(path, fraction)]
+    if len(paths) >= 2 and fraction > 0 and not held_out:
+        held_out, train = train[-1:], train[:-1]
+    if len(paths) >= 2 and not train:
+        train, held_out = held_out[:1], held_out[1:]
+    return train, held_out
+
+
+class DepthSource:
+    """Inverse depth for image files: the oracle reads it, a model teacher goes through the cache.
+
+    The oracle skips the cache: reading its PNG costs no more than reading a cache entry.
+    """
+
+    def __init__(self, teacher: DepthTeacher, cache: DepthCache | None) -> None:
+        self.teacher = teacher
+        self.cache = cache
+
+    def depths(self, paths: Sequence[Path]) -> list[np.ndarray]:
+        if isinstance(self.teacher, OracleTeacher):
+            return self.teacher.predict_paths(paths)
+        images, contents = [], []
+        for path in paths:
+            try:
+                contents.append(Path(path).read_bytes())
+                images.append(Image.open(path))  # lazy: only cache misses decode pixels
+            except OSError as error:
+                raise PerceptioError(f"{path}: unreadable image ({error})") from error
+        if self.cache is None:
+            return self.teacher.predict([image.convert("RGB") for image in images])
+        return self.cache.predict(self.teacher, images, contents)
+
+    def iter_depths(self, paths: Sequence[Path], batch_size: int) -> Iterator[np.ndarray]:
+        for start in range(0, len(paths), batch_size):
+            yield from self.depths(paths[start : start + batch_size])

@@ -1,0 +1,83 @@
+"""Depth reconstruction and codebook metrics (the tokenizer's fit report; evaluation reuses them).
+
+``depth_metrics`` follows the monocular-depth protocol for predictions known only up to scale and
+shift: per image, the prediction is aligned to the target by least squares (``s * pred + t``) over
+the valid pixels, then AbsRel = mean |a - g| / g, RMSE = sqrt(mean (a - g)^2) and
+delta1 = share of pixels with max(a / g, g / a) < 1.25 are computed, and averaged over images. The
+metrics are taken in the units of ``target`` (this project passes inverse depth, the quantity the
+teacher and the tokenizer work in). An aligned value <= 0 fails delta1 (its ratio is unbounded).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+DELTA1_THRESHOLD = 1.25
+
+
+def _as_batch(values: np.ndarray | torch.Tensor) -> np.ndarray:
+    array = values.detach().cpu().double().numpy() if isinstance(values, torch.Tensor) else np.asarray(values, dtype=np.float64)
+    return array[None] if array.ndim == 2 else array
+
+
+def align_scale_shift(pred: np.ndarray, target: np.ndarray, mask: np.ndarray) -> tuple[float, float]:
+    """Least-squares (scale, shift) with ``scale * pred + shift ~ target`` over ``mask``."""
+    x, y = pred[mask], target[mask]
+    design = np.stack([x, np.ones_like(x)], axis=1)
+    (scale, shift), *_ = np.linalg.lstsq(design, y, rcond=None)
+    return float(scale), float(shift)
+
+
+def depth_metrics(
+    pred: np.ndarray | torch.Tensor,
+    target: np.ndarray | torch.Tensor,
+    mask: np.ndarray | torch.Tensor | None = None,
+) -> dict[str, float]:
+    """AbsRel, RMSE and delta1 of (H, W) or (B, H, W) maps after per-image scale-and-shift alignment.
+
+    ``mask`` defaults to the finite, positive target pixels; images with fewer than two valid
+    pixels are skipped (an alignment needs two). Returns the means over the scored images and
+    their count as ``images``.
+    """
+    preds, targets = _as_batch(pred), _as_batch(target)
+    if preds.shape != targets.shape:
+        raise ValueError(f"pred {preds.shape} and target {targets.shape} differ in shape")
+    valid = np.isfinite(targets) & (targets > 0) & np.isfinite(preds)
+    if mask is not None:
+        valid &= _as_batch(mask).astype(bool)
+    per_image = []
+    for one_pred, one_target, one_valid in zip(preds, targets, valid):
+        if one_valid.sum() < 2:
+            continue
+        scale, shift = align_scale_shift(one_pred, one_target, one_valid)
+        aligned, truth = scale * one_pred[one_valid] + shift, one_target[one_valid]
+        with np.errstate(divide="ignore"):
+            ratio = np.where(aligned > 0, np.maximum(aligned / truth, truth / aligned), np.inf)
+        per_image.append(
+            (
+                np.mean(np.abs(aligned - truth) / truth),
+                np.sqrt(np.mean((aligned - truth) ** 2)),
+                np.mean(ratio < DELTA1_THRESHOLD),
+            )
+        )
+    if not per_image:
+        return {"abs_rel": float("nan"), "rmse": float("nan"), "delta1": float("nan"), "images": 0}
+    abs_rel, rmse, delta1 = np.mean(per_image, axis=0)
+    return {"abs_rel": float(abs_rel), "rmse": float(rmse), "delta1": float(delta1), "images": len(per_image)}
+
+
+def codebook_usage(indices: np.ndarray | torch.Tensor, num_codes: int) -> dict[str, float]:
+    """Share of the K codes used at least once, and the perplexity exp(H) of the code frequencies."""
+    flat = torch.as_tensor(indices).reshape(-1).long().cpu()
+    counts = torch.bincount(flat, minlength=num_codes).double()
+    if counts.sum() == 0:
+        return {"usage": 0.0, "perplexity": 0.0, "codes_used": 0}
+    probabilities = counts / counts.sum()
+    nonzero = probabilities[probabilities > 0]
+    entropy = -(nonzero * nonzero.log()).sum()
+    return {
+        "usage": float((counts > 0).double().mean()),
+        "perplexity": float(entropy.exp()),
+        "codes_used": int((counts > 0).sum()),
+    }
