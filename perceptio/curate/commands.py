@@ -1,0 +1,295 @@
+"""``perceptio-curate refcoco|refcoco+|refcocog|ade20k``: a dataset in, WebDataset shards out.
+
+:func:`curate` is the library entry point (plan, resume, Ray pipeline, writer, manifest);
+:func:`register` adds one Typer command per dataset to the ``perceptio-curate`` app.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from perceptio.curate.distributor import DEFAULT_DEPTH_MODEL, RayConfig, TeacherSpec, WorkUnit, ray_session, run_units
+from perceptio.curate.plan import ShardPlan, ade_images, plan_shards, refer_images
+from perceptio.curate.sample_builder import BuildConfig
+from perceptio.curate.writer import (
+    DATASET_JSON,
+    MANIFEST,
+    ShardSetWriter,
+    check_resumable,
+    is_done,
+    write_dataset_json,
+    write_manifest,
+)
+from perceptio.errors import PerceptioError
+
+REFER_DATASETS = {"refcoco": "unc", "refcoco+": "unc", "refcocog": "umd"}  # dataset -> default --split-by
+ADE20K = "ade20k"
+# Reader problems that concern an annotation's geometry, not a ref: the ref itself is reported
+# (rejected in its shard, or as an unknown_annotation row) so these would count it twice.
+_GEOMETRY_PROBLEMS = ("empty_segmentation", "degenerate_polygon", "malformed_segmentation", "missing_image")
+
+
+@dataclass
+class CurationRequest:
+    """Everything one ``perceptio-curate <dataset>`` run needs."""
+
+    dataset: str  # "refcoco" | "refcoco+" | "refcocog" | "ade20k"
+    data_root: Path
+    out: Path
+    tokenizer: Path
+    teacher: TeacherSpec = field(default_factory=TeacherSpec)
+    split_by: str | None = None
+    splits: list[str] | None = None  # None: every official split present, each into its own shards
+    samples_per_shard: int = 1000
+    batch_size: int = 8
+    ray: RayConfig = field(default_factory=RayConfig)
+    build: BuildConfig = field(default_factory=BuildConfig)
+    overwrite: bool = False
+    progress: bool = True
+
+
+@dataclass
+class CurationSummary:
+    out: Path
+    shards: list[str]  # every shard of the dataset
+    redone: list[str]  # the shards this run wrote (the others were finished before)
+    info: dict[str, Any]  # dataset.json
+    images: int  # images processed by this run
+    seconds: float  # wall time of the pipeline (Ray start-up excluded when Ray was already running)
+    first_result_s: float | None  # from start until the first batch came out of the pipeline
+
+
+def _read_dataset(request: CurationRequest) -> tuple[str, dict[str, list], list]:
+    """(dataset name, images per split, reader problems) for the requested splits."""
+    if request.dataset == ADE20K:
+        from perceptio.curate.ade20k import SPLIT_ALIASES, ADE20kDataset
+
+        reader = ADE20kDataset(request.data_root)
+        splits = [SPLIT_ALIASES.get(split, split) for split in request.splits or reader.splits]
+        return ADE20K, {split: ade_images(reader, split) for split in splits}, reader.problems
+    if request.dataset not in REFER_DATASETS:
+        raise PerceptioError(f"unknown dataset {request.dataset!r}; expected one of {', '.join([*REFER_DATASETS, ADE20K])}")
+    from perceptio.curate.refer import ReferDataset
+
+    reader = ReferDataset(request.data_root, request.dataset, request.split_by or REFER_DATASETS[request.dataset])
+    splits = request.splits or reader.splits
+    return reader.name, {split: refer_images(reader, split) for split in splits}, reader.problems
+
+
+def _problem_rows(dataset: str, problems: list) -> list[dict[str, Any]]:
+    return [
+        {"shard": None, "key": None, "dataset": dataset, "split": None, "image_id": None,
+         "ref_id": problem.id if isinstance(problem.id, int) and problem.kind != "unknown_image" else None,
+         "ann_id": None, "category": None, "sentences": 0, "status": "rejected", "reason": problem.kind,
+         "detail": str(problem), "mask_area": None, "depth_median": None, "depth_rank": None, "description": None}
+        for problem in problems
+        if problem.kind not in _GEOMETRY_PROBLEMS
+    ]
+
+
+def _tokenizer_identity(tokenizer_dir: Path) -> dict[str, Any]:
+    """Identity, weights checksum and normalisation of the tokenizer, for dataset.json and resume checks."""
+    import hashlib
+
+    from perceptio.tokenize.vqvae import WEIGHTS_NAME, DepthVQVAE
+
+    tokenizer = DepthVQVAE.from_pretrained(tokenizer_dir)
+    digest = hashlib.sha256((tokenizer_dir / WEIGHTS_NAME).read_bytes()).hexdigest()
+    config = tokenizer.config.to_dict()
+    return {
+        "identity": tokenizer.identity,
+        "path": str(tokenizer_dir.resolve()),
+        "sha256": digest,
+        "normalization": {key: value for key, value in config.items() if "normal" in key or "percentile" in key},
+        "num_codes": tokenizer.config.num_codes,
+        "num_tokens": tokenizer.num_tokens,
+    }
+
+
+def _prepare_out(out: Path, dataset: str, overwrite: bool) -> None:
+    """Create ``out``; with ``overwrite`` remove this dataset's previous results; refuse a foreign folder."""
+    out.mkdir(parents=True, exist_ok=True)
+    previous = out / DATASET_JSON
+    if previous.is_file():
+        import json
+
+        other = json.loads(previous.read_text(encoding="utf-8")).get("settings", {}).get("dataset")
+        if other not in (None, dataset):
+            raise PerceptioError(f"{out} holds curated {other}; give {dataset} its own --out folder")
+    if overwrite:
+        for path in [*out.glob(f"{dataset}-*"), *out.glob(f".{dataset}-*"), out / MANIFEST, previous]:
+            path.unlink(missing_ok=True)
+
+
+def _units(shards: list[ShardPlan], batch_size: int) -> list[WorkUnit]:
+    return [
+        WorkUnit(shard.name, number * batch_size, batch)
+        for shard in shards
+        for number, batch in enumerate(shard.batches(batch_size))
+    ]
+
+
+def _progress(enabled: bool):
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("images  {task.fields[rate]:.1f} img/s  {task.fields[written]} written  {task.fields[rejected]} rejected"),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        disable=not enabled,
+    )
+
+
+def curate(request: CurationRequest) -> CurationSummary:
+    """Curate one dataset into ``request.out``; finished shards of an earlier run are kept (resume)."""
+    if request.batch_size < 1:
+        raise PerceptioError(f"--batch-size must be >= 1, got {request.batch_size}")
+    if not request.tokenizer.is_dir():
+        raise PerceptioError(f"tokenizer folder {request.tokenizer} not found (train one with perceptio-tokenize)")
+    request.teacher.check()
+    name, images_by_split, problems = _read_dataset(request)
+    shards = plan_shards(images_by_split, request.samples_per_shard)
+    tokenizer = _tokenizer_identity(request.tokenizer)
+    teacher = request.teacher
+    settings = {
+        "dataset": name,
+        "splits": list(images_by_split),
+        "samples_per_shard": request.samples_per_shard,
+        "batch_size": request.batch_size,
+        "tokenizer": tokenizer["identity"],
+        "teacher_source": teacher.source if teacher.source == "gt" else f"model:{teacher.model}",
+        "build": dataclasses.asdict(request.build),
+    }
+    _prepare_out(request.out, name, request.overwrite)
+    done = [shard.name for shard in shards if is_done(request.out, shard.name)]
+    expected_teacher = check_resumable(request.out, done, settings)
+    todo = [shard for shard in shards if shard.name not in set(done)]
+
+    writer = ShardSetWriter(request.out, todo, settings, expected_teacher)
+    total = sum(len(shard.images) for shard in todo)
+    started = time.perf_counter()
+    first_result_s = None
+    try:
+        with _progress(request.progress) as progress:
+            task = progress.add_task(f"curate {name}", total=total, rate=0.0, written=0, rejected=0)
+            if todo:
+                with ray_session(request.ray):
+                    for result in run_units(_units(todo, request.batch_size), request.build, teacher,
+                                            request.tokenizer, request.ray):
+                        if first_result_s is None:
+                            first_result_s = time.perf_counter() - started
+                        for offset, built in enumerate(result.built):
+                            writer.add(result.shard, result.first_position + offset, built, result.teacher,
+                                       result.model_seconds / max(1, len(result.built)))
+                        progress.update(task, completed=writer.images_done, written=writer.samples_written,
+                                        rejected=writer.refs_rejected,
+                                        rate=writer.images_done / max(1e-9, time.perf_counter() - started))
+    except BaseException:
+        writer.abort()
+        raise
+    if writer.open:
+        raise PerceptioError(f"the pipeline stopped early; unfinished shards: {', '.join(sorted(writer.open))}")
+    manifest = write_manifest(request.out, shards, _problem_rows(name, problems))
+    seconds = time.perf_counter() - started
+    info = write_dataset_json(request.out, shards, manifest, tokenizer, settings)
+    return CurationSummary(request.out, [shard.name for shard in shards], [shard.name for shard in todo], info, total,
+                           seconds, first_result_s)
+
+
+# ----------------------------------------------------------------------------------- Typer
+
+
+def _run(dataset: str, data_root: Path, out: Path, tokenizer: Path, split: Optional[list[str]], split_by: Optional[str],
+         depth_model: str, depth_source: str, cache_dir: Optional[Path], samples_per_shard: int, batch_size: int,
+         ray_address: Optional[str], num_cpus: Optional[int], model_workers: int, num_gpus_per_worker: float,
+         captioner: str, overwrite: bool, progress: bool) -> None:
+    if dataset == ADE20K and split_by:
+        raise PerceptioError("--split-by applies to RefCOCO/+/g only")
+    if depth_source not in ("model", "gt"):
+        raise PerceptioError(f"--depth-source must be 'model' or 'gt', got {depth_source!r}")
+    from perceptio.tokenize.cache import default_cache_dir  # imports torch: not at --help time
+
+    request = CurationRequest(
+        dataset=dataset,
+        data_root=data_root,
+        out=out,
+        tokenizer=tokenizer,
+        teacher=TeacherSpec(
+            source=depth_source,
+            model=depth_model,
+            depth_dir=str(data_root / "depth") if depth_source == "gt" else None,
+            cache_dir=str(cache_dir or default_cache_dir()),
+        ),
+        split_by=split_by,
+        splits=list(split) if split else None,
+        samples_per_shard=samples_per_shard,
+        batch_size=batch_size,
+        ray=RayConfig(address=ray_address, num_cpus=num_cpus, model_workers=model_workers,
+                      num_gpus_per_worker=num_gpus_per_worker),
+        build=BuildConfig(captioner=captioner),
+        overwrite=overwrite,
+        progress=progress,
+    )
+    summary = curate(request)
+    splits = summary.info["splits"]
+    for split_name, counts in splits.items():
+        rejects = ", ".join(f"{reason} {count}" for reason, count in counts["rejects"].items()) or "none"
+        refs = f", {counts['refs_kept']} refs kept" if dataset != ADE20K else ""
+        typer.echo(f"{summary.info['settings']['dataset']} {split_name}: {counts['samples']} samples from "
+                   f"{counts['images']} images{refs}, rejected: {rejects}")
+    typer.echo(f"{len(summary.shards)} shards in {summary.out} ({len(summary.redone)} written by this run)")
+
+
+def _command(dataset: str):
+    """The Typer command for one dataset (the four differ only in the dataset and --split-by help)."""
+    from perceptio.curate.refer import SPLIT_BYS
+
+    split_by_help = (
+        f"REFER split scheme: {' or '.join(SPLIT_BYS[dataset])} [default: {REFER_DATASETS[dataset]}]"
+        if dataset in REFER_DATASETS else "not used for ADE20k"
+    )
+
+    def command(
+        data_root: Path = typer.Option(..., "--data-root", help="dataset root (REFER layout, or a folder holding ADEChallengeData2016)"),
+        out: Path = typer.Option(..., "--out", help="output folder for the shards of this one dataset"),
+        tokenizer: Path = typer.Option(..., "--tokenizer", help="depth tokenizer folder (perceptio-tokenize fit)"),
+        split: Optional[list[str]] = typer.Option(None, "--split", help="official split to curate (repeatable); default all, each into its own shards"),
+        split_by: Optional[str] = typer.Option(None, "--split-by", help=split_by_help),
+        depth_model: str = typer.Option(DEFAULT_DEPTH_MODEL, "--depth-model", help="Depth Anything model (hub id or local folder) used as the depth teacher"),
+        depth_source: str = typer.Option("model", "--depth-source", help="'model' (the --depth-model teacher) or 'gt' (DATA_ROOT/depth/*.png ground truth)"),
+        cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="depth cache of the model teacher, shared with perceptio-tokenize [default: $PERCEPTIO_CACHE/depth or ~/.cache/perceptio/depth]"),
+        samples_per_shard: int = typer.Option(1000, "--samples-per-shard", help="images per shard"),
+        batch_size: int = typer.Option(8, "--batch-size", help="images per teacher/tokenizer forward pass"),
+        ray_address: Optional[str] = typer.Option(None, "--ray-address", help="attach to this Ray cluster (e.g. 'auto' or ray://host:10001); default: an embedded local Ray"),
+        num_cpus: Optional[int] = typer.Option(None, "--num-cpus", help="CPUs of the embedded local Ray [default: all cores]"),
+        model_workers: int = typer.Option(1, "--model-workers", help="most model actors (one teacher + tokenizer each); the pool grows up to this"),
+        num_gpus_per_worker: float = typer.Option(0.0, "--num-gpus-per-worker", help="GPUs per model actor (0: CPU; 0.5: two actors share a GPU)"),
+        captioner: str = typer.Option("attributes", "--captioner", help="description writer: 'attributes' or package.module:ClassName"),
+        overwrite: bool = typer.Option(False, "--overwrite", help="discard this dataset's earlier shards instead of resuming"),
+        progress: bool = typer.Option(True, "--progress/--no-progress", help="show the live progress display"),
+    ) -> None:
+        _run(dataset, data_root, out, tokenizer, split, split_by, depth_model, depth_source, cache_dir, samples_per_shard,
+             batch_size, ray_address, num_cpus, model_workers, num_gpus_per_worker, captioner, overwrite, progress)
+
+    title = "ADE20k scenes" if dataset == ADE20K else dataset.replace("refcoco", "RefCOCO")
+    command.__doc__ = (
+        f"Curate {title} into WebDataset shards with masks, depth maps, depth tokens and descriptions. "
+        "Re-running resumes: only shards without their _stats.json marker are redone."
+    )
+    return command
+
+
+def register(app: typer.Typer) -> None:
+    """Add the refcoco, refcoco+, refcocog and ade20k commands to the ``perceptio-curate`` app."""
+    for dataset in (*REFER_DATASETS, ADE20K):
+        app.command(dataset)(_command(dataset))

@@ -1,0 +1,252 @@
+"""Shards on disk: tar + per-shard parquet + stats marker, ``manifest.parquet`` and ``dataset.json``.
+
+For each shard ``NAME`` the writer produces, in this order and each under a temporary name first:
+``NAME.tar`` (via :class:`perceptio.shards.ShardWriter`), ``NAME.parquet`` (one row per ref, kept
+or rejected, with status and reason; one row per image for ADE20k), and ``NAME_stats.json`` (counts,
+settings, timings), the "shard done" marker. A shard without its marker is unfinished: a re-run
+deletes whatever it left and redoes it. Everything but the timings in the stats is a function of
+the inputs, so a resumed run ends with the same tars and parquets as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+import perceptio
+from perceptio.curate.plan import ShardPlan
+from perceptio.curate.sample_builder import KEPT, BuiltImage
+from perceptio.errors import PerceptioError
+from perceptio.shards import ShardWriter
+
+MANIFEST = "manifest.parquet"
+DATASET_JSON = "dataset.json"
+STATS_SUFFIX = "_stats.json"
+PUBLIC = 0o644  # as the tars: temporary files are created private, the results are for everyone
+# Settings that change shard bytes: a resumed run must use the same ones as the finished shards.
+RESUME_SETTINGS = ("dataset", "samples_per_shard", "batch_size", "tokenizer", "teacher_source", "build")
+
+ROW_SCHEMA = pa.schema([
+    ("shard", pa.string()),
+    ("key", pa.string()),
+    ("dataset", pa.string()),
+    ("split", pa.string()),
+    ("image_id", pa.int64()),
+    ("ref_id", pa.int64()),
+    ("ann_id", pa.int64()),
+    ("category", pa.string()),
+    ("sentences", pa.int32()),
+    ("status", pa.string()),
+    ("reason", pa.string()),
+    ("detail", pa.string()),
+    ("mask_area", pa.int64()),
+    ("depth_median", pa.float64()),
+    ("depth_rank", pa.int32()),
+    ("description", pa.string()),
+])
+
+
+def tar_path(out: Path, name: str) -> Path:
+    return out / f"{name}.tar"
+
+
+def parquet_path(out: Path, name: str) -> Path:
+    return out / f"{name}.parquet"
+
+
+def stats_path(out: Path, name: str) -> Path:
+    return out / f"{name}{STATS_SUFFIX}"
+
+
+def is_done(out: Path, name: str) -> bool:
+    return stats_path(out, name).is_file()
+
+
+def clear_unfinished(out: Path, name: str) -> None:
+    """Remove what a killed run may have left of shard ``name`` (final names and temporary files)."""
+    for path in (tar_path(out, name), parquet_path(out, name)):
+        path.unlink(missing_ok=True)
+    for temporary in out.glob(f".{name}*"):
+        temporary.unlink(missing_ok=True)
+
+
+def write_rows(path: Path, rows: Sequence[dict[str, Any]]) -> None:
+    """Rows as parquet with the fixed schema, atomically (written to a temporary name, then renamed)."""
+    write_table(path, pa.Table.from_pylist(list(rows), schema=ROW_SCHEMA))
+
+
+def write_table(path: Path, table: pa.Table) -> None:
+    from perceptio.tokenize.atomic import atomic_path  # perceptio.tokenize imports torch: only when writing
+
+    with atomic_path(path) as temporary:
+        pq.write_table(table, temporary)
+        temporary.chmod(PUBLIC)
+
+
+def write_json(path: Path, value: Any) -> None:
+    from perceptio.tokenize.atomic import atomic_path
+
+    with atomic_path(path) as temporary:
+        temporary.write_text(json.dumps(value, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        temporary.chmod(PUBLIC)
+
+
+def read_stats(out: Path, name: str) -> dict[str, Any]:
+    try:
+        return json.loads(stats_path(out, name).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise PerceptioError(f"{stats_path(out, name)} is unreadable ({error}); delete it to redo the shard") from error
+
+
+def check_resumable(out: Path, done: Sequence[str], settings: dict[str, Any]) -> str | None:
+    """The teacher identity of the finished shards, after checking they used today's settings."""
+    teachers = set()
+    for name in done:
+        stats = read_stats(out, name)
+        previous = stats.get("settings", {})
+        for setting in RESUME_SETTINGS:
+            if previous.get(setting) != settings.get(setting):
+                raise PerceptioError(
+                    f"{stats_path(out, name)} was curated with {setting}={previous.get(setting)!r}, this run has "
+                    f"{settings.get(setting)!r}; use --overwrite to start again"
+                )
+        teachers.add(stats.get("teacher"))
+    if len(teachers) > 1:
+        raise PerceptioError(f"finished shards in {out} come from different teachers {sorted(map(str, teachers))}; use --overwrite")
+    return next(iter(teachers), None)
+
+
+@dataclass
+class _OpenShard:
+    plan: ShardPlan
+    writer: ShardWriter
+    started: float
+    next_position: int = 0
+    pending: dict[int, BuiltImage] = field(default_factory=dict)
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    seconds: Counter = field(default_factory=Counter)
+
+
+class ShardSetWriter:
+    """Receives built images (any order) and writes each shard when all of its images have arrived."""
+
+    def __init__(self, out: Path, shards: Sequence[ShardPlan], settings: dict[str, Any], expected_teacher: str | None):
+        self.out = out
+        self.shards = {shard.name: shard for shard in shards}
+        self.settings = settings
+        self.teacher = expected_teacher
+        self.open: dict[str, _OpenShard] = {}
+        self.samples_written = 0
+        self.refs_rejected = 0
+        self.images_done = 0
+
+    def add(self, shard_name: str, position: int, built: BuiltImage, teacher: str | None, model_seconds: float) -> None:
+        if teacher is not None:
+            if self.teacher is not None and teacher != self.teacher:
+                raise PerceptioError(
+                    f"the finished shards in {self.out} were made with teacher {self.teacher}, this run uses "
+                    f"{teacher}; use --overwrite"
+                )
+            self.teacher = teacher
+        shard = self.open.get(shard_name)
+        if shard is None:
+            plan = self.shards[shard_name]
+            clear_unfinished(self.out, shard_name)
+            shard = self.open[shard_name] = _OpenShard(plan, ShardWriter(tar_path(self.out, shard_name)), time.perf_counter())
+        shard.pending[position] = built
+        shard.seconds.update({**built.seconds, "model": model_seconds})
+        # Write in plan order whatever is now contiguous, so tars do not depend on arrival order.
+        while shard.next_position in shard.pending:
+            ready = shard.pending.pop(shard.next_position)
+            self._write(shard, ready)
+            shard.next_position += 1
+        if shard.next_position == len(shard.plan.images):
+            self._finish(shard)
+            del self.open[shard_name]
+
+    def _write(self, shard: _OpenShard, built: BuiltImage) -> None:
+        if built.sample is not None:
+            shard.writer.write(built.sample)
+            self.samples_written += 1
+        shard.rows += [{"shard": shard.plan.name, **row} for row in built.rows]
+        self.refs_rejected += sum(row["status"] != KEPT for row in built.rows)
+        self.images_done += 1
+
+    def _finish(self, shard: _OpenShard) -> None:
+        name = shard.plan.name
+        shard.writer.close()
+        write_rows(parquet_path(self.out, name), shard.rows)
+        kept = [row for row in shard.rows if row["status"] == KEPT]
+        stats = {
+            "shard": name,
+            "dataset": shard.plan.dataset,
+            "split": shard.plan.split,
+            "images": len(shard.plan.images),
+            "samples": shard.writer.count,
+            "refs_kept": sum(row["ref_id"] is not None for row in kept),
+            "refs_rejected": sum(row["status"] != KEPT for row in shard.rows),
+            "sentences": sum(row["sentences"] for row in kept),
+            "rejects": dict(sorted(Counter(row["reason"] for row in shard.rows if row["status"] != KEPT).items())),
+            "teacher": self.teacher,
+            "settings": self.settings,
+            "timings": {
+                "wall_s": round(time.perf_counter() - shard.started, 3),
+                **{f"{stage}_s": round(seconds, 3) for stage, seconds in sorted(shard.seconds.items())},
+            },
+        }
+        write_json(stats_path(self.out, name), stats)  # last: the shard-done marker
+
+    def abort(self) -> None:
+        """Drop every half-written shard (its temporary tar) after an error or an interrupt."""
+        for shard in self.open.values():
+            shard.writer.abort()
+        self.open.clear()
+
+
+def write_manifest(out: Path, shards: Sequence[ShardPlan], extra_rows: Sequence[dict[str, Any]]) -> pa.Table:
+    """``manifest.parquet``: every shard's rows in plan order, then rows for refs no shard holds."""
+    tables = [pq.read_table(parquet_path(out, shard.name), schema=ROW_SCHEMA) for shard in shards]
+    tables.append(pa.Table.from_pylist(list(extra_rows), schema=ROW_SCHEMA))
+    manifest = pa.concat_tables(tables)
+    write_table(out / MANIFEST, manifest)
+    return manifest
+
+
+def write_dataset_json(
+    out: Path, shards: Sequence[ShardPlan], manifest: pa.Table, identity: dict[str, Any], settings: dict[str, Any]
+) -> dict[str, Any]:
+    """``dataset.json``: command line, version, teacher/tokenizer identity, per-split counts and rejects."""
+    all_stats = [read_stats(out, shard.name) for shard in shards]
+    splits: dict[str, dict[str, Any]] = {}
+    for stats in all_stats:
+        split = splits.setdefault(stats["split"], {"shards": 0, "images": 0, "samples": 0, "refs_kept": 0,
+                                                   "refs_rejected": 0, "sentences": 0, "rejects": Counter()})
+        split["shards"] += 1
+        for count in ("images", "samples", "refs_kept", "refs_rejected", "sentences"):
+            split[count] += stats[count]
+        split["rejects"].update(stats["rejects"])
+    unassigned = Counter(
+        reason for shard, reason in zip(manifest.column("shard").to_pylist(), manifest.column("reason").to_pylist())
+        if shard is None
+    )
+    info = {
+        "command": " ".join(sys.argv),
+        "perceptio_version": perceptio.__version__,
+        "teacher": {"identity": next((stats["teacher"] for stats in all_stats if stats.get("teacher")), None),
+                    "source": settings["teacher_source"]},
+        "tokenizer": identity,
+        "settings": settings,
+        "splits": {name: {**counts, "rejects": dict(sorted(counts["rejects"].items()))} for name, counts in splits.items()},
+        "rejected_by_reader": dict(sorted(unassigned.items())),
+        "shards": [shard.name for shard in shards],
+    }
+    write_json(out / DATASET_JSON, info)
+    return info

@@ -1,0 +1,204 @@
+"""Ray curation end to end on a small synthetic world, on a 2-CPU Ray shared by every test here.
+
+One world (with one deliberately truncated COCO image), one tiny random Depth Anything, one tiny
+random tokenizer and one RefCOCO run are shared; each check compares the shards with what the
+readers, the teacher and the tokenizer say on their own.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+import webdataset as wds
+
+from perceptio.curate.ade20k import ADE20kDataset
+from perceptio.curate.commands import CurationRequest, curate
+from perceptio.curate.distributor import DEFAULT_DEPTH_MODEL, RayConfig, TeacherSpec
+from perceptio.curate.refer import ReferDataset
+from perceptio.curate.synth import generate_world
+from perceptio.errors import PerceptioError
+from perceptio.shards import ShardSample, rle_to_mask, sample_key
+from perceptio.tokenize.cache import DepthCache
+from perceptio.tokenize.teacher import DEFAULT_DEPTH_MODEL as TEACHER_DEFAULT
+from perceptio.tokenize.teacher import OracleTeacher, PipelineTeacher
+from perceptio.tokenize.vqvae import DepthVQVAE, DepthVQVAEConfig
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_tokenize_teacher import save_tiny_depth_anything  # noqa: E402
+
+CORRUPT_IMAGE_ID = 3
+
+
+@pytest.fixture(scope="session")
+def ray_two_cpus():
+    ray = pytest.importorskip("ray")
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield
+    if started:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("world")
+    generate_world(root, images=16, seed=0, workers=1)
+    image = root / "images/mscoco/images/train2014" / f"COCO_train2014_{CORRUPT_IMAGE_ID:012d}.jpg"
+    image.write_bytes(image.read_bytes()[:2000])  # a truncated JPEG, as a broken download leaves it
+    return root
+
+
+@pytest.fixture(scope="session")
+def models(tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("models")
+    torch.manual_seed(0)
+    DepthVQVAE(DepthVQVAEConfig(code_dim=16, hidden_channels=(8, 16, 16), num_res_blocks=1)).save_pretrained(folder / "tok")
+    return {"tokenizer": folder / "tok", "teacher": save_tiny_depth_anything(folder / "teacher")}
+
+
+def _request(world: Path, models: dict[str, Path], out: Path, dataset: str = "refcoco", **changes) -> CurationRequest:
+    teacher = changes.pop("teacher", TeacherSpec(model=str(models["teacher"]), cache_dir=str(out.parent / f"{out.name}-cache")))
+    settings = {"samples_per_shard": 4, "batch_size": 2, "ray": RayConfig(num_cpus=2), "progress": False, **changes}
+    return CurationRequest(dataset=dataset, data_root=world, out=out, tokenizer=models["tokenizer"], teacher=teacher, **settings)
+
+
+@pytest.fixture(scope="session")
+def refcoco_run(ray_two_cpus, world, models, tmp_path_factory):
+    out = tmp_path_factory.mktemp("refcoco") / "shards"
+    return curate(_request(world, models, out))
+
+
+def _samples(out: Path) -> list[ShardSample]:
+    tars = sorted(str(path) for path in out.glob("*.tar"))
+    return [ShardSample.from_webdataset(raw) for raw in wds.WebDataset(tars, shardshuffle=False)]
+
+
+def test_shards_match_the_reader_teacher_and_tokenizer(refcoco_run, world, models):
+    out = refcoco_run.out
+    reader = ReferDataset(world, "refcoco", "unc")
+    tokenizer = DepthVQVAE.from_pretrained(models["tokenizer"])
+    teacher = PipelineTeacher(str(models["teacher"]))
+    cache = DepthCache(out.parent / f"{out.name}-cache")
+    samples = _samples(out)
+    assert samples and all(sample.key == sample_key("refcoco-unc", sample.meta["split"], sample.meta["image_id"]) for sample in samples)
+    for sample in samples:
+        image_id = sample.meta["image_id"]
+        assert sample.jpg == reader.image_path(image_id).read_bytes()  # verbatim, not re-encoded
+        assert sample.meta["refs"], "a sample without a kept ref must not be written"
+        by_ref = {ref.ref_id: ref for ref in reader.refs_in_split(sample.meta["split"]) if ref.image_id == image_id}
+        for ref in sample.meta["refs"]:
+            np.testing.assert_array_equal(rle_to_mask(ref["mask"]), reader.ann_mask(ref["ann_id"]))
+            assert [s["sent"] for s in ref["sentences"]] == [s.sent for s in by_ref[ref["ref_id"]].sentences]
+            assert ref["description"].endswith(".") and ref["category"] in ref["description"]
+        # The run went through the cache (every image is a hit now), the cached map is the teacher's
+        # depth of this very image (not of a batch neighbour), and the tokens encode it.
+        image = reader.load_image(image_id)
+        depth = cache.predict(teacher, [image], [sample.jpg])
+        # (Not equality: the cache stores float16, coarse for this random teacher's ~1e-7 outputs;
+        # another image's depth correlates at ~0.1.)
+        assert np.corrcoef(depth[0].ravel(), teacher.predict([image])[0].ravel())[0, 1] > 0.9
+        assert sample.depth.dtype == np.float16 and sample.depth.shape == (320, 320)
+        assert sample.depth_tokens.dtype == np.int16 and sample.depth_tokens.shape == (100,)
+        np.testing.assert_array_equal(sample.depth_tokens, tokenizer.encode(depth)[0].numpy())
+        np.testing.assert_array_equal(sample.depth, tokenizer.normalize(depth)[0].numpy().astype(np.float16))
+        assert sample.meta["teacher"] == teacher.identity and sample.meta["tokenizer"] == tokenizer.identity
+    assert cache.misses == 0
+
+    # Every ref of every split is accounted for exactly once: kept in a shard or rejected with a reason.
+    manifest = pq.read_table(out / "manifest.parquet").to_pylist()
+    rows = {row["ref_id"]: row for row in manifest if row["shard"]}
+    assert len(rows) == sum(row["shard"] is not None for row in manifest) == len(reader.refs)
+    kept_in_shards = {ref["ref_id"] for sample in samples for ref in sample.meta["refs"]}
+    assert kept_in_shards == {ref_id for ref_id, row in rows.items() if row["status"] == "kept"}
+    assert all(row["reason"] for row in rows.values() if row["status"] == "rejected")
+
+
+def test_rejections_are_the_worlds_ambiguous_duplicate_and_corrupt_refs(refcoco_run, world):
+    reader = ReferDataset(world, "refcoco", "unc")
+    marked = json.loads((world / "world.json").read_text())["refs"]["refcoco"]
+    on_corrupt = {ref.ref_id for ref in reader.refs if ref.image_id == CORRUPT_IMAGE_ID}
+    manifest = pq.read_table(refcoco_run.out / "manifest.parquet").to_pylist()
+    rejected = {}
+    for row in manifest:
+        if row["status"] == "rejected":
+            rejected.setdefault(row["reason"], set()).add(row["ref_id"])
+    assert on_corrupt and rejected.pop("corrupt_image") == on_corrupt
+    assert rejected.pop("ambiguous_expression") == set(marked["ambiguous"]) - on_corrupt
+    assert rejected.pop("near_duplicate") == {pair["ref_id"] for pair in marked["duplicates"]} - on_corrupt
+    assert rejected == {}
+    info = json.loads((refcoco_run.out / "dataset.json").read_text())
+    rejected_rows = sum(row["status"] == "rejected" and row["shard"] is not None for row in manifest)
+    assert sum(split["refs_rejected"] for split in info["splits"].values()) == rejected_rows
+    assert info["tokenizer"]["normalization"]["normalization"] == "robust-minmax-inverse-depth"
+    assert len(info["tokenizer"]["sha256"]) == 64 and info["teacher"]["identity"]
+
+
+def _digests(out: Path) -> dict[str, str]:
+    return {path.name: hashlib.sha256(path.read_bytes()).hexdigest()
+            for path in sorted(out.iterdir()) if path.suffix in (".tar", ".parquet")}
+
+
+def test_resume_redoes_only_unfinished_shards_byte_identically(refcoco_run, world, models, tmp_path):
+    original = _digests(refcoco_run.out)
+    out = tmp_path / "shards"
+    shutil.copytree(refcoco_run.out, out)
+    names = refcoco_run.shards
+    # Shard 0 killed after its tar, before its marker; shard 2 killed mid-tar (a temporary file only).
+    (out / f"{names[0]}_stats.json").unlink()
+    for suffix in (".tar", ".parquet", "_stats.json"):
+        (out / f"{names[2]}{suffix}").unlink()
+    (out / f".{names[2]}.tar.tmp").write_bytes(b"half a tar")
+    untouched = (out / f"{names[1]}.tar").stat().st_mtime_ns
+    # A fresh cache: the redone shards are computed by the teacher again, not read back.
+    summary = curate(_request(world, models, out))
+    assert summary.redone == [names[0], names[2]]
+    assert _digests(out) == original
+    assert (out / f"{names[1]}.tar").stat().st_mtime_ns == untouched
+    assert not list(out.glob(".*"))
+    with pytest.raises(PerceptioError, match="samples_per_shard"):
+        curate(_request(world, models, out, samples_per_shard=3))
+
+
+def test_ade20k_with_ground_truth_depth(ray_two_cpus, world, models, tmp_path):
+    out = tmp_path / "ade"
+    teacher = TeacherSpec(source="gt", depth_dir=str(world / "depth"))
+    summary = curate(_request(world, models, out, dataset="ade20k", teacher=teacher))
+    reader = ADE20kDataset(world)
+    tokenizer = DepthVQVAE.from_pretrained(models["tokenizer"])
+    oracle = OracleTeacher(world / "depth")
+    expected = {sample.image_id: sample for split in reader.splits for sample in reader.samples(split)}
+    samples = _samples(out)
+    assert len(samples) == len(expected) == summary.info["splits"]["training"]["samples"]
+    for sample in samples:
+        source = expected[sample.meta["image_id"]]
+        assert sample.seg_png == source.annotation_path.read_bytes()
+        depth = oracle.predict_paths([source.image_path])
+        np.testing.assert_array_equal(sample.depth_tokens, tokenizer.encode(depth)[0].numpy())
+        assert sample.meta["teacher"] == oracle.identity
+        question = sample.meta["question"]
+        assert 2 <= len(question["points"]) <= 5 and question["text"].endswith("closest to the camera?")
+        # The answer is the point whose ground-truth depth is nearest (largest inverse depth).
+        inverse = depth[0]
+        nearest = max(range(len(question["points"])), key=lambda i: inverse[question["points"][i][1], question["points"][i][0]])
+        assert question["labels"][nearest] == question["answer"]
+        assert sample.marked_jpg is not None and sample.marked_jpg[:2] == b"\xff\xd8"
+
+
+def test_command_line_contract(models, tmp_path):
+    assert DEFAULT_DEPTH_MODEL == TEACHER_DEFAULT
+    command = [str(Path(sys.executable).parent / "perceptio-curate"), "refcoco", "--data-root", str(tmp_path / "missing"),
+               "--out", str(tmp_path / "out"), "--tokenizer", str(models["tokenizer"]), "--depth-source", "gt"]
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "missing" in result.stderr
+    result = subprocess.run([command[0], "refcocog", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "--split-by" in result.stdout and "umd" in result.stdout
