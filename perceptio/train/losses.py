@@ -1,0 +1,215 @@
+"""The paper's four losses (docs: ../shared/docs/paper-notes.md, "Losses"), on restricted logits.
+
+Vocabularies are ~150k wide, so output logits are computed only at the positions that carry a loss:
+:class:`SupervisedLogits` holds one row per supervised target token and an index from (sample,
+target position) to that row. Notation as in the paper: ``z_{b,t-1}`` (the row for target position
+``t``) predicts ``y_{b,t}``; ``s_b`` / ``e_b`` are the positions of the first ``[D_START]`` and the
+first ``[D_END]`` after it among the sample's target tokens; the span is valid when both exist, and
+``l_b = e_b - s_b - 1``. Every per-sample term is averaged over the whole batch (``1/B``), samples
+without a valid span contributing zero.
+
+Choices the paper leaves open, made here:
+
+- L_LLM is the mean NLL over every supervised token of the batch (depth tokens included).
+- L_count measures the span length the model would write, differentiably (see
+  :func:`depth_count_loss`); a sample without a valid span contributes zero (the literal formula
+  would add the constant ``log(1 + n)``, which carries no gradient).
+- L_DepthRecon's ``||Y^ - Y||^2`` is a per-pixel mean (MSE); the sum over 320x320 pixels would be
+  ~10^5 times larger than the other terms at the paper's weight 1.0. Spans shorter than ``n`` are
+  padded with uniform code distributions (the codebook mean); longer ones are truncated.
+- L_SegRecon averages per-pixel sigmoid CE and a smoothed DICE (``1 - (2|P.G| + 1)/(|P| + |G| + 1)``)
+  over the samples that have both a ground-truth mask and a ``[SEG]`` token.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class SupervisedLogits:
+    """Output logits at supervised positions only.
+
+    ``logits[index[b, t]]`` is ``z_{b,t-1}``, the prediction of target token ``labels[b, t]``;
+    ``index`` is -1 where ``labels`` is ignored (and at ``t = 0``, which nothing predicts).
+    """
+
+    logits: torch.Tensor  # (N, V)
+    index: torch.Tensor  # (B, T) long
+    targets: torch.Tensor  # (N,) long: the label each row predicts
+
+    @classmethod
+    def from_hidden(
+        cls, hidden: torch.Tensor, labels: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor]
+    ) -> "SupervisedLogits":
+        """Apply ``head`` only to the hidden states (B, T, D) that predict a supervised label."""
+        supervised = labels != IGNORE_INDEX
+        supervised[:, 0] = False  # nothing precedes the first position
+        batch_index, target_position = supervised.nonzero(as_tuple=True)
+        index = torch.full(labels.shape, -1, dtype=torch.long, device=labels.device)
+        index[batch_index, target_position] = torch.arange(len(batch_index), device=labels.device)
+        logits = head(hidden[batch_index, target_position - 1])
+        return cls(logits=logits, index=index, targets=labels[batch_index, target_position])
+
+    @classmethod
+    def from_full_logits(cls, logits: torch.Tensor, labels: torch.Tensor) -> "SupervisedLogits":
+        """The same rows taken from a full (B, T, V) logits tensor (the reference path, for tests)."""
+        return cls.from_hidden(logits, labels, head=lambda rows: rows)
+
+    def token_nll(self) -> torch.Tensor:
+        """(N,) cross-entropy of each supervised token (float32 for stability under autocast)."""
+        return F.cross_entropy(self.logits.float(), self.targets, reduction="none")
+
+
+@dataclass
+class DepthSpans:
+    """Per-sample ``s_b``, ``e_b`` (target positions; -1 when absent) and validity."""
+
+    start: torch.Tensor  # (B,) long
+    end: torch.Tensor  # (B,) long
+    valid: torch.Tensor  # (B,) bool
+
+    @property
+    def length(self) -> torch.Tensor:
+        """``l_b = e_b - s_b - 1`` for valid spans, 0 otherwise."""
+        return torch.where(self.valid, self.end - self.start - 1, torch.zeros_like(self.start))
+
+
+def find_depth_spans(labels: torch.Tensor, d_start_id: int, d_end_id: int) -> DepthSpans:
+    """The first ``[D_START]`` of each sample's targets and the first ``[D_END]`` after it."""
+    batch, length = labels.shape
+    positions = torch.arange(length, device=labels.device).expand(batch, length)
+    never = torch.full_like(positions, length)
+    is_start = labels == d_start_id
+    start = torch.where(is_start, positions, never).min(dim=1).values
+    is_end = (labels == d_end_id) & (positions > start[:, None])
+    end = torch.where(is_end, positions, never).min(dim=1).values
+    valid = (start < length) & (end < length)
+    missing = torch.full_like(start, -1)
+    return DepthSpans(
+        start=torch.where(start < length, start, missing),
+        end=torch.where(valid, end, missing),
+        valid=valid,
+    )
+
+
+def llm_loss(supervised: SupervisedLogits, token_nll: torch.Tensor) -> torch.Tensor:
+    """L_LLM: mean teacher-forced NLL over all supervised tokens of the batch."""
+    if token_nll.numel() == 0:
+        return supervised.logits.sum() * 0.0
+    return token_nll.mean()
+
+
+def depth_marker_loss(supervised: SupervisedLogits, token_nll: torch.Tensor, spans: DepthSpans) -> torch.Tensor:
+    """L_marker = 1/B sum_b 1[valid] (CE(z_{s_b-1}, D_START) + CE(z_{e_b-1}, D_END))."""
+    batch = spans.valid.shape[0]
+    total = supervised.logits.sum() * 0.0
+    for b in torch.nonzero(spans.valid).flatten().tolist():
+        rows = supervised.index[b, [spans.start[b], spans.end[b]]]
+        total = total + token_nll[_checked_rows(rows)].sum()
+    return total / batch
+
+
+def depth_token_loss(supervised: SupervisedLogits, token_nll: torch.Tensor, spans: DepthSpans) -> torch.Tensor:
+    """L_token = 1/B sum_b 1[l_b > 0] / l_b sum_{t=s_b+1}^{e_b-1} CE(z_{t-1}, y_t)."""
+    batch = spans.valid.shape[0]
+    total = supervised.logits.sum() * 0.0
+    for b in torch.nonzero(spans.length > 0).flatten().tolist():
+        rows = supervised.index[b, spans.start[b] + 1 : spans.end[b]]
+        total = total + token_nll[_checked_rows(rows)].mean()
+    return total / batch
+
+
+def depth_count_loss(
+    supervised: SupervisedLogits, spans: DepthSpans, depth_ids: torch.Tensor, num_tokens: int
+) -> torch.Tensor:
+    """L_count = 1/B sum_b 1[valid] E[log(1 + |L_b - n|)], L_b the run length the model would write.
+
+    The paper's ``log(1 + |l_b - n|)`` uses the ground-truth length, a constant. Here ``L_b`` is
+    the number of consecutive depth-code tokens the model writes after ``[D_START]``, under
+    teacher forcing along the ground-truth span: at the j-th step inside the span (target position
+    ``t = s_b + 1 + j``, ``j = 0..l_b``) the model continues the run with probability
+    ``c_j = sum_k p(D_k | z_{t-1})`` (its total mass on the K depth tokens) and stops with
+    ``1 - c_j``. Then ``P(L_b = j) = (1 - c_j) prod_{i<j} c_i`` for ``j <= l_b``, and the remaining
+    mass ``prod_{i<=l_b} c_i`` (still writing codes where ``[D_END]`` belongs) is counted at length
+    ``l_b + 1``. The loss is the expectation of ``log(1 + |L_b - n|)`` under that distribution: zero
+    when the model puts all its mass on codes for exactly ``n`` steps and then on a non-code token,
+    differentiable in every ``c_j``. Computed in log space.
+    """
+    batch = spans.valid.shape[0]
+    total = supervised.logits.sum() * 0.0
+    is_depth = torch.zeros(supervised.logits.shape[-1], dtype=torch.bool, device=supervised.logits.device)
+    is_depth[depth_ids] = True
+    for b in torch.nonzero(spans.valid).flatten().tolist():
+        start, end = int(spans.start[b]), int(spans.end[b])
+        rows = _checked_rows(supervised.index[b, start + 1 : end + 1])
+        log_probs = torch.log_softmax(supervised.logits[rows].float(), dim=-1)
+        log_continue = log_probs.masked_fill(~is_depth, -math.inf).logsumexp(-1)
+        log_stop = log_probs.masked_fill(is_depth, -math.inf).logsumexp(-1)
+        # log prod_{i<j} c_i for j = 0..l_b+1
+        log_survive = torch.cat([log_continue.new_zeros(1), log_continue.cumsum(0)])
+        log_length_probs = torch.cat([log_stop + log_survive[:-1], log_survive[-1:]])
+        lengths = torch.arange(end - start + 1, device=log_probs.device, dtype=log_probs.dtype)
+        penalty = torch.log1p((lengths - num_tokens).abs())
+        total = total + (log_length_probs.exp() * penalty).sum()
+    return total / batch
+
+
+def depth_recon_loss(
+    supervised: SupervisedLogits,
+    spans: DepthSpans,
+    depth_ids: torch.Tensor,
+    num_tokens: int,
+    decode_soft: Callable[[torch.Tensor], torch.Tensor],
+    depth_target: torch.Tensor,
+    has_depth: torch.Tensor,
+) -> torch.Tensor:
+    """L_DepthRecon = 1/B sum_b MSE(decode_soft(p_b), Y_b), soft codebook mixing (Algorithm 1).
+
+    For each interior position the logits are restricted to the K depth-code ids and soft-maxed
+    into ``p_t`` over codes (code k = ``depth_ids[k]``); the sequence is truncated or padded
+    (uniform) to ``n``; the frozen VQ-VAE's ``decode_soft`` mixes its codebook by ``p`` and decodes.
+    Samples without a valid non-empty span or without a depth target contribute zero.
+    """
+    batch = spans.valid.shape[0]
+    chosen = torch.nonzero((spans.length > 0) & has_depth.bool()).flatten().tolist()
+    if not chosen:
+        return supervised.logits.sum() * 0.0
+    num_codes = len(depth_ids)
+    probabilities = []
+    for b in chosen:
+        rows = _checked_rows(supervised.index[b, int(spans.start[b]) + 1 : int(spans.end[b])][:num_tokens])
+        code_probs = torch.softmax(supervised.logits[rows][:, depth_ids].float(), dim=-1)
+        padding = code_probs.new_full((num_tokens - len(rows), num_codes), 1.0 / num_codes)
+        probabilities.append(torch.cat([code_probs, padding]))
+    decoded = decode_soft(torch.stack(probabilities))
+    target = depth_target[chosen].to(decoded.dtype)
+    per_sample = ((decoded - target) ** 2).flatten(1).mean(dim=1)
+    return per_sample.sum() / batch
+
+
+def segmentation_losses(mask_logits: torch.Tensor, gt_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sigmoid CE, DICE) averaged over the given masks (M, H, W); zeros when M = 0."""
+    if mask_logits.shape[0] == 0:
+        zero = mask_logits.sum() * 0.0
+        return zero, zero
+    logits = mask_logits.float().flatten(1)
+    target = gt_mask.float().flatten(1)
+    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none").mean(dim=1)
+    probs = logits.sigmoid()
+    dice = 1.0 - (2.0 * (probs * target).sum(1) + 1.0) / (probs.sum(1) + target.sum(1) + 1.0)
+    return bce.mean(), dice.mean()
+
+
+def _checked_rows(rows: torch.Tensor) -> torch.Tensor:
+    """Span rows of :class:`SupervisedLogits`; -1 (unsupervised) would silently index the last row."""
+    if bool((rows < 0).any()):
+        raise ValueError("a depth-span position has no supervised logits (labels masked inside the span?)")
+    return rows

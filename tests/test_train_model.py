@@ -1,0 +1,325 @@
+"""PerceptioModel on the built-in tiny InternVL + SAM2: inputs, losses, gradients, ablations, export."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from perceptio.errors import PerceptioError
+from perceptio.tokens import D_START, SEG, depth_span
+from perceptio.tokenize.vqvae import DepthVQVAE, DepthVQVAEConfig
+from perceptio.train.adapter import IMAGENET_MEAN, IMAGENET_STD, InternVLAdapter
+from perceptio.train.model import TERMS, PerceptioConfig, PerceptioModel
+
+PROMPT = "Segment the red box and describe it."
+DESCRIPTION = "a red box on the left"
+
+
+@pytest.fixture(scope="module")
+def vqvae_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("vqvae")
+    DepthVQVAE(DepthVQVAEConfig(input_pool=8, hidden_channels=(4, 4), code_dim=8, num_res_blocks=1)).save_pretrained(folder)
+    return folder
+
+
+def build(vqvae_dir, **changes) -> PerceptioModel:
+    torch.manual_seed(0)  # LoRA's A matrices are drawn from the global generator
+    config = PerceptioConfig(model="tiny", tokenizer=str(vqvae_dir), lora_rank=8, lora_alpha=16, lora_dropout=0.0)
+    return PerceptioModel.from_config(dataclasses.replace(config, **changes))
+
+
+@pytest.fixture(scope="module")
+def model(vqvae_dir):
+    return build(vqvae_dir)
+
+
+def picture(width: int = 120, height: int = 80, seed: int = 0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def example_parts(seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    mask = np.zeros((80, 120), dtype=np.uint8)
+    mask[10:50, 20:70] = 1
+    return {
+        "image": picture(seed=seed),
+        "prompt": PROMPT,
+        "target": f"{SEG} {depth_span(rng.integers(0, 128, 100))} {DESCRIPTION}",
+        "mask": mask,
+        "depth": rng.uniform(-1, 1, (320, 320)).astype(np.float32),
+    }
+
+
+def mixed_batch(model: PerceptioModel) -> dict:
+    """A grounding example (mask, depth, full span) and a question answered directly (no span, no mask)."""
+    grounding = model.encode_example(**example_parts())
+    question = model.encode_example(picture(seed=1), "Which point is closest to the camera?", "(B)", None, None)
+    return model.collate([grounding, question])
+
+
+def weighted_total(config: PerceptioConfig, terms: dict[str, torch.Tensor]) -> torch.Tensor:
+    total = terms["llm"] + config.seg_bce * terms["seg_bce"] + config.seg_dice * terms["seg_dice"]
+    if config.use_depth_loss:
+        depth = config.lambda_m * terms["depth_marker"] + config.lambda_t * terms["depth_token"]
+        total = total + config.lambda_d * (depth + config.lambda_c * terms["depth_count"])
+    if config.use_depth_recon:
+        total = total + config.lambda_r * terms["depth_recon"]
+    return total
+
+
+def test_prompt_layout_is_internvl_processors(model):
+    example = model.encode_example(**example_parts())
+    tokenizer = model.tokenizer
+    prompt_length = int((example["labels"] == -100).sum())
+    expected_prompt = (
+        "<|im_start|>user\n<img>" + "<IMG_CONTEXT>" * 256 + "</img>\n" + PROMPT + "<|im_end|>\n<|im_start|>assistant\n"
+    )
+    assert tokenizer.decode(example["input_ids"][:prompt_length]) == expected_prompt
+    assert torch.equal(example["labels"][prompt_length:], example["input_ids"][prompt_length:])
+    target_ids = example["input_ids"][prompt_length:].tolist()
+    assert target_ids[0] == model.seg_token_id and target_ids[-1] == tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert sum(token in set(model.depth_token_ids.tolist()) for token in target_ids) == 100
+    assert tokenizer.decode(target_ids).endswith(DESCRIPTION + "<|im_end|>")
+
+
+def test_image_tensors_match_a_manual_preprocessing(model):
+    image = picture()
+    example = model.encode_example(image, PROMPT, DESCRIPTION, None, None)
+    mean, std = np.array(IMAGENET_MEAN), np.array(IMAGENET_STD)
+    tile = (np.asarray(image.resize((448, 448), Image.Resampling.BICUBIC), dtype=np.float64) / 255 - mean) / std
+    assert example["pixel_values"].shape == (1, 3, 448, 448)
+    # Bicubic filters may round differently by a grey level between PIL code paths.
+    assert np.abs(example["pixel_values"][0].numpy().transpose(1, 2, 0) - tile).max() < 2 / 255 / min(IMAGENET_STD)
+    side = model.segmenter.image_size
+    sam = (np.asarray(image.resize((side, side), Image.Resampling.BILINEAR), dtype=np.float64) / 255 - mean) / std
+    assert np.allclose(example["sam_pixel_values"].numpy().transpose(1, 2, 0), sam, atol=1e-5)
+    assert example["gt_mask"].shape == (side // 4, side // 4) and not example["has_mask"]
+
+
+def test_tiling_is_an_option(model):
+    tiled = InternVLAdapter(model.adapter.model, model.tokenizer, crop_to_patches=True)
+    tiles = tiled.pixel_values(picture(width=896, height=448))
+    assert tiles.shape == (3, 3, 448, 448)  # a 2x1 grid plus InternVL's thumbnail
+    assert tiled.prompt_text("hi", num_tiles=3).count("<IMG_CONTEXT>") == 3 * 256
+    assert model.adapter.pixel_values(picture(width=896, height=448)).shape == (1, 3, 448, 448)
+
+
+def test_loss_is_the_weighted_sum_of_every_term(model):
+    model.eval()
+    output = model(mixed_batch(model))
+    assert set(output.terms) == set(TERMS)
+    assert all(value.item() > 0 for value in output.terms.values())
+    assert torch.allclose(output.loss, weighted_total(model.config, output.terms))
+
+
+def test_llm_term_equals_transformers_own_loss(model):
+    """The restricted-logits path against the base model's full-logits loss on the same batch."""
+    model.eval()
+    batch = mixed_batch(model)
+    with torch.no_grad():
+        reference = model.vlm(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            pixel_values=batch["pixel_values"],
+            labels=batch["labels"],
+        ).loss
+        ours = model(batch).terms["llm"]
+    assert torch.allclose(ours, reference, atol=1e-6)
+
+
+def test_gradients_reach_exactly_the_trainable_parts(model):
+    model.train()
+    model.zero_grad()
+    model(mixed_batch(model)).loss.backward()
+    trainable = {name: param for name, param in model.named_parameters() if param.requires_grad}
+    assert [name for name, param in trainable.items() if param.grad is None] == []  # DDP needs every one
+    assert any("lora_B" in name and param.grad.abs().sum() > 0 for name, param in trainable.items())
+    assert any("trainable_tokens_delta" in name and param.grad.abs().sum() > 0 for name, param in trainable.items())
+    for part in ("segmenter.projector", "segmenter.sam.mask_decoder"):
+        assert any(name.startswith(part) and param.grad.abs().sum() > 0 for name, param in trainable.items()), part
+    frozen_parts = ("vision_tower", "multi_modal_projector", "segmenter.sam.vision_encoder", "depth_vqvae", "base_layer")
+    assert not any(part in name for name in trainable for part in frozen_parts)
+    state = model.trainable_state_dict()
+    assert set(state) == set(trainable)
+    model.zero_grad()
+
+
+def test_a_few_steps_lower_the_loss_and_train_only_the_new_rows(vqvae_dir):
+    model = build(vqvae_dir)
+    batch = mixed_batch(model)
+    embeddings = model.adapter.model.get_input_embeddings()
+    before = embeddings.weight.detach().clone()  # the effective matrix: base rows + trained new rows
+    optimizer = torch.optim.AdamW([param for param in model.parameters() if param.requires_grad], lr=1e-2)
+    first = None
+    for _ in range(3):
+        loss = model(batch).loss
+        first = loss.item() if first is None else first
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert model(batch).loss.item() < first
+    after = embeddings.weight.detach()
+    new_rows = torch.zeros(len(after), dtype=torch.bool)
+    new_rows[model.seg_token_id :] = True  # [SEG] is the first token added
+    assert torch.equal(after[~new_rows], before[~new_rows])
+    assert not torch.equal(after[model.seg_token_id], before[model.seg_token_id])
+
+
+@pytest.mark.parametrize("switch", ["use_depth_tokens", "use_segmentation"])
+def test_ablations_that_change_the_targets(vqvae_dir, switch):
+    model = build(vqvae_dir, **{switch: False})
+    model.eval()
+    batch = mixed_batch(model)
+    output = model(batch)
+    ids = batch["input_ids"]
+    if switch == "use_depth_tokens":
+        assert not (ids == model.d_start_id).any() and not torch.isin(ids, model.depth_token_ids).any()
+        assert (ids == model.seg_token_id).any()
+        assert all(output.terms[name].item() == 0 for name in TERMS if name.startswith("depth"))
+    else:
+        assert model.segmenter is None and "sam_pixel_values" not in batch
+        assert not (ids == model.seg_token_id).any() and (ids == model.d_start_id).any()
+        assert output.terms["seg_bce"].item() == 0 and output.terms["seg_dice"].item() == 0
+    assert torch.allclose(output.loss, weighted_total(model.config, output.terms))
+
+
+@pytest.mark.parametrize("switch", ["use_depth_loss", "use_depth_recon"])
+def test_ablations_that_drop_a_loss(model, switch):
+    """The term is still measured (for the tables) but no longer part of the trained loss."""
+    model.eval()
+    batch = mixed_batch(model)
+    full = model(batch)
+    original = model.config
+    model.config = dataclasses.replace(original, **{switch: False})
+    try:
+        ablated = model(batch)
+    finally:
+        model.config = original
+    dropped = ["depth_recon"] if switch == "use_depth_recon" else ["depth_marker", "depth_token", "depth_count"]
+    weights = {"depth_recon": original.lambda_r}
+    weights.update(
+        depth_marker=original.lambda_d * original.lambda_m,
+        depth_token=original.lambda_d * original.lambda_t,
+        depth_count=original.lambda_d * original.lambda_c,
+    )
+    assert all(torch.equal(ablated.terms[name], full.terms[name]) for name in TERMS)
+    removed = sum(weights[name] * full.terms[name] for name in dropped)
+    assert torch.allclose(ablated.loss, full.loss - removed, atol=1e-5)
+
+
+def test_ablated_targets_are_rewritten_cleanly(vqvae_dir):
+    model = build(vqvae_dir, use_depth_tokens=False, use_segmentation=False)
+    assert model.ablated_target(f"{SEG} {D_START}[D_001][D_002][D_END] a red box") == "a red box"
+    assert model.ablated_target(f"{D_START}[D_001] truncated") == ""  # a span without its end runs to the end
+    assert model.ablated_target("(B)") == "(B)"
+
+
+def test_batch_without_masks_keeps_the_segmenter_in_the_graph(model):
+    model.train()
+    model.zero_grad()
+    question = model.encode_example(picture(seed=1), "Which point is closest?", "(B)", None, None)
+    output = model(model.collate([question]))
+    output.loss.backward()
+    decoder = [param for name, param in model.named_parameters() if name.startswith("segmenter.") and param.requires_grad]
+    assert all(param.grad is not None and param.grad.abs().sum() == 0 for param in decoder)
+    assert output.terms["seg_bce"].item() == 0
+    model.zero_grad()
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(vqvae_dir):
+    plain, checkpointed = build(vqvae_dir), build(vqvae_dir, gradient_checkpointing=True)
+    results = []
+    for model in (plain, checkpointed):
+        model.train()
+        loss = model(mixed_batch(model)).loss
+        loss.backward()
+        grads = {name: param.grad.clone() for name, param in model.named_parameters() if param.requires_grad}
+        results.append((loss.detach(), grads))
+    assert torch.allclose(results[0][0], results[1][0])
+    assert all(torch.allclose(results[0][1][name], results[1][1][name], atol=1e-6) for name in results[0][1])
+
+
+def test_collate_pads_right_and_keeps_lists(model):
+    first = model.encode_example(**example_parts())
+    second = model.encode_example(picture(seed=1), "Which point is closest?", "(B)", None, None)
+    first["key"], second["key"] = "a", "b"
+    batch = model.collate([first, second])
+    length = len(first["input_ids"])
+    assert batch["input_ids"].shape == (2, length) and batch["key"] == ["a", "b"]
+    short = len(second["input_ids"])
+    assert batch["attention_mask"][1].tolist() == [1] * short + [0] * (length - short)
+    assert (batch["labels"][1, short:] == -100).all()
+    assert batch["pixel_values"].shape == (2, 3, 448, 448)
+
+
+def test_export_adapter_and_merged_reload_to_the_same_losses(vqvae_dir, tmp_path):
+    model = build(vqvae_dir)
+    generator = torch.Generator().manual_seed(4)
+    with torch.no_grad():  # as if trained: LoRA's B starts at zero, which would make merging a no-op
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(torch.randn(param.shape, generator=generator) * 0.05)
+    batch = mixed_batch(model)
+    model.eval()
+    with torch.no_grad():
+        expected = model(batch).terms
+
+    for merged in (False, True):
+        folder = model.save_pretrained(tmp_path / "export", merged=merged)  # the second call replaces the first
+        reloaded = PerceptioModel.from_pretrained(folder).eval()
+        assert reloaded.is_tiny
+        with torch.no_grad():
+            terms = reloaded(batch).terms
+        for name in TERMS:
+            assert torch.allclose(terms[name], expected[name], atol=1e-4), (merged, name)
+    assert not list(tmp_path.glob(".export*"))  # no staging folder left behind
+
+    from transformers import AutoModelForImageTextToText, AutoTokenizer
+
+    vlm = AutoModelForImageTextToText.from_pretrained(tmp_path / "export" / "vlm")
+    assert vlm.config.perceptio_tiny
+    assert AutoTokenizer.from_pretrained(tmp_path / "export" / "vlm").convert_tokens_to_ids(SEG) == model.seg_token_id
+
+
+def test_bad_inputs_are_one_line_errors(vqvae_dir, tmp_path):
+    with pytest.raises(PerceptioError, match="does not exist"):
+        build(tmp_path / "missing")
+    with pytest.raises(PerceptioError, match="not a perceptio model folder"):
+        PerceptioModel.from_pretrained(tmp_path)
+    with pytest.raises(PerceptioError, match="depth tokenizer"):
+        PerceptioModel.from_config(PerceptioConfig(model="tiny"))
+    with pytest.raises(PerceptioError, match="unknown PerceptioConfig fields"):
+        PerceptioConfig.from_dict({"lora_rnak": 3})
+
+
+def test_untied_output_rows_train_and_merge(vqvae_dir, tmp_path, monkeypatch):
+    """Larger InternVLs (e.g. InternVL3-8B) do not tie lm_head to the embeddings: both sets of new rows train."""
+    import perceptio.train.tiny as tiny
+
+    tied_builder = tiny.tiny_internvl
+
+    def untied(tokenizer, vocab_size=None):
+        model = tied_builder(tokenizer, vocab_size)
+        model.config.tie_word_embeddings = model.config.text_config.tie_word_embeddings = False
+        model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
+        return model
+
+    monkeypatch.setattr(tiny, "tiny_internvl", untied)
+    model = build(vqvae_dir, use_segmentation=False)
+    batch = mixed_batch(model)
+    model(batch).loss.backward()
+    deltas = {name: param for name, param in model.named_parameters() if "trainable_tokens_delta" in name}
+    assert {"embed_tokens" in name for name in deltas} == {True, False}  # one for the input, one for lm_head
+    assert all(param.grad.abs().sum() > 0 for param in deltas.values())
+    with torch.no_grad():
+        for param in deltas.values():
+            param.add_(torch.randn_like(param) * 0.05)
+        expected = model.eval()(batch).terms
+        reloaded = PerceptioModel.from_pretrained(model.save_pretrained(tmp_path / "merged", merged=True)).eval()
+        assert torch.allclose(reloaded(batch).terms["llm"], expected["llm"], atol=1e-5)
