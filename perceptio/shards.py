@@ -199,11 +199,16 @@ class ShardWriter:
             self.abort()
 
 
-def iter_shard(path: str | os.PathLike[str]) -> Iterator[ShardSample]:
-    """Read a shard with the standard library alone (no webdataset), in stored order.
+# A tar ends with two 512-byte zero blocks; tarfile reads a tar cut at a member boundary silently.
+END_OF_ARCHIVE = b"\0" * 1024
 
-    Raises ``tarfile.ReadError`` (or ``EOFError``) on a truncated or corrupt tar; callers that
-    validate should catch it and report the shard.
+
+def iter_members(path: str | os.PathLike[str]) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, raw members by extension) in stored order, with the standard library alone.
+
+    A key met again after another one comes out again (a duplicate is the caller's to judge).
+    Raises ``tarfile.TarError``/``EOFError``/``OSError`` on a damaged tar, and ``EOFError`` when the
+    tar lacks its end-of-archive marker (cut short exactly between members).
     """
     current_key: str | None = None
     members: dict[str, bytes] = {}
@@ -211,13 +216,23 @@ def iter_shard(path: str | os.PathLike[str]) -> Iterator[ShardSample]:
         for info in tar:
             if not info.isfile():
                 continue
-            base = os.path.basename(info.name)
-            key, _, extension = base.partition(".")
+            key, _, extension = os.path.basename(info.name).partition(".")
             if key != current_key and current_key is not None:
-                yield ShardSample.from_members(current_key, members)
+                yield current_key, members
                 members = {}
             current_key = key
             handle = tar.extractfile(info)
             members[extension] = handle.read() if handle else b""
+        end = tar.offset
     if current_key is not None:
-        yield ShardSample.from_members(current_key, members)
+        yield current_key, members
+    with open(path, "rb") as handle:
+        handle.seek(end)
+        if handle.read(len(END_OF_ARCHIVE)) != END_OF_ARCHIVE:
+            raise EOFError(f"{path}: no end-of-archive marker after byte {end}: the tar was cut short")
+
+
+def iter_shard(path: str | os.PathLike[str]) -> Iterator[ShardSample]:
+    """Read a shard's samples in stored order (no webdataset needed); errors as :func:`iter_members`."""
+    for key, members in iter_members(path):
+        yield ShardSample.from_members(key, members)

@@ -1,9 +1,9 @@
 """``perceptio-inspect validate``: open every shard, decode every sample, and list what is wrong.
 
 Each problem names its shard and sample key. Reading goes one level below :func:`iter_shard`
-because a validator must survive what a reader may refuse: a sample with a missing member, a
-member that does not decode, a key that appears twice, and a tar cut short (``tarfile`` silently
-stops at a header cut in half, so the end-of-archive marker is checked as well).
+(raw members from :func:`perceptio.shards.iter_members`) because a validator must survive what a
+reader may refuse: a sample with a missing member, a member that does not decode, a key that
+appears twice, and a tar cut short.
 """
 
 from __future__ import annotations
@@ -13,14 +13,13 @@ import math
 import tarfile
 from collections import Counter
 from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import numpy as np
 
 from perceptio.errors import PerceptioError
 from perceptio.inspect.folder import KEPT, ShardFile, ShardFolder, recorded_tokenizer
-from perceptio.shards import DEPTH_SIZE, QUESTION_FIELD, ShardSample, rle_to_mask, sample_key
+from perceptio.shards import DEPTH_SIZE, QUESTION_FIELD, ShardSample, iter_members, rle_to_mask, sample_key
 from perceptio.tokens import DEFAULT_NUM_CODES, DEFAULT_NUM_DEPTH_TOKENS
 
 REQUIRED_MEMBERS = ("jpg", "depth.npy", "depth_tokens.npy", "json")
@@ -57,8 +56,6 @@ QUESTION_TYPES: dict[str, type] = {
 }
 # The tokenizer's normalisation maps depth into [-1, 1]; float16 rounding stays well inside this.
 DEPTH_RANGE_LIMIT = 1.001
-# The two 512-byte zero blocks that close every complete tar.
-END_OF_ARCHIVE = bytes(1024)
 
 
 @dataclass(frozen=True)
@@ -107,34 +104,6 @@ class Report:
             "problems_by_kind": dict(Counter(problem.kind for problem in self.problems).most_common()),
             "problems": [asdict(problem) for problem in self.problems],
         }
-
-
-def read_raw_samples(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, members) in stored order; a key met again later comes out again (a duplicate).
-
-    Raises ``tarfile.TarError``/``EOFError``/``OSError`` on a damaged tar, and ``EOFError`` when the
-    tar ends without its end-of-archive marker (cut at a member boundary).
-    """
-    current_key: str | None = None
-    members: dict[str, bytes] = {}
-    with tarfile.open(path, "r") as tar:
-        for info in tar:
-            if not info.isfile():
-                continue
-            key, _, extension = Path(info.name).name.partition(".")
-            if key != current_key and current_key is not None:
-                yield current_key, members
-                members = {}
-            current_key = key
-            handle = tar.extractfile(info)
-            members[extension] = handle.read() if handle else b""
-        end = tar.offset
-    if current_key is not None:
-        yield current_key, members
-    with open(path, "rb") as handle:
-        handle.seek(end)
-        if handle.read(len(END_OF_ARCHIVE)) != END_OF_ARCHIVE:
-            raise EOFError(f"no end-of-archive marker after byte {end}: the tar was cut short")
 
 
 def _type_problems(
@@ -393,7 +362,7 @@ def validate(folder: ShardFolder, expect: Expectations, advance: Callable[[], No
         # Only keys and ref ids are kept from each sample: a shard's images would not fit in memory.
         stored = stored_by_shard[name] = Contents(set(), set())
         try:
-            for key, members in read_raw_samples(shard.path):
+            for key, members in iter_members(shard.path):
                 total += 1
                 if key in first_seen:
                     problems.append(Problem(name, key, "duplicate-key", f"key already in {first_seen[key]}"))
