@@ -1,0 +1,144 @@
+"""Training checkpoints: one folder per step, built under a temporary name and renamed when whole.
+
+A checkpoint ``OUT/checkpoints/step-000200/`` holds everything a run needs to go on exactly:
+
+- ``trainable.safetensors``: the model's ``trainable_state_dict()`` (LoRA adapters, the new token
+  rows, the [SEG] projector, the mask decoder); the frozen weights are rebuilt from ``--model``.
+- ``optimizer.pt``, ``scheduler.pt``: their ``state_dict()``s.
+- ``rng.pt``: every rank's Python, NumPy and torch (CPU and CUDA) generator states.
+- ``trainer_state.json``: the step, the run's settings and every rank's loader position.
+
+A crash while writing leaves at most a hidden ``.step-*.tmp-*`` folder, never a ``step-*`` folder
+that lacks a file, so :func:`latest_checkpoint` only ever finds whole checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from perceptio.errors import PerceptioError
+
+STEP_PREFIX = "step-"
+TRAINABLE_FILE = "trainable.safetensors"
+OPTIMIZER_FILE = "optimizer.pt"
+SCHEDULER_FILE = "scheduler.pt"
+RNG_FILE = "rng.pt"
+STATE_FILE = "trainer_state.json"
+
+
+@contextmanager
+def atomic_directory(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield an empty temporary folder beside ``path``; it becomes ``path`` when the block succeeds.
+
+    An existing ``path`` is replaced (moved aside, then deleted once the new one is in place). If
+    the block raises, the temporary folder is removed and ``path`` is untouched.
+    """
+    target = Path(path)
+    temporary = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    shutil.rmtree(temporary, ignore_errors=True)
+    temporary.mkdir(parents=True)
+    try:
+        yield temporary
+        if target.exists():
+            retired = target.with_name(f".{target.name}.old-{os.getpid()}")
+            os.rename(target, retired)
+            os.rename(temporary, target)
+            shutil.rmtree(retired)
+        else:
+            os.rename(temporary, target)
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's generator states, in types that ``torch.load(weights_only=True)`` accepts."""
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    kind, keys, position, has_gauss, cached = state["numpy"]
+    random.setstate(state["python"])
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def checkpoint_path(root: str | os.PathLike[str], step: int) -> Path:
+    return Path(root) / f"{STEP_PREFIX}{step:06d}"
+
+
+def latest_checkpoint(root: str | os.PathLike[str]) -> Path | None:
+    """The whole checkpoint with the highest step under ``root``, or None."""
+    steps = sorted(Path(root).glob(f"{STEP_PREFIX}[0-9]*")) if Path(root).is_dir() else []
+    return steps[-1] if steps else None
+
+
+@dataclass
+class Checkpoint:
+    """What a checkpoint restores besides the weights and the optimizer."""
+
+    step: int
+    settings: dict[str, Any]  # the run's settings that must not change across a resume
+    loader_states: list[dict[str, Any]]  # one per rank
+    rng_states: list[dict[str, Any]]  # one per rank
+
+
+def save_checkpoint(path: Path, trainable: dict[str, torch.Tensor], optimizer_state: dict[str, Any],
+                    scheduler_state: dict[str, Any], checkpoint: Checkpoint) -> Path:
+    """Write a checkpoint folder atomically (call on one rank, with every rank's states gathered)."""
+    with atomic_directory(path) as folder:
+        save_file({name: tensor.detach().contiguous().cpu() for name, tensor in trainable.items()},
+                  str(folder / TRAINABLE_FILE))
+        torch.save(optimizer_state, folder / OPTIMIZER_FILE)
+        torch.save(scheduler_state, folder / SCHEDULER_FILE)
+        torch.save(checkpoint.rng_states, folder / RNG_FILE)
+        state = {"step": checkpoint.step, "settings": checkpoint.settings, "loader_states": checkpoint.loader_states}
+        (folder / STATE_FILE).write_text(json.dumps(state, indent=1, sort_keys=True))
+    return path
+
+
+@dataclass
+class LoadedCheckpoint:
+    checkpoint: Checkpoint
+    trainable: dict[str, torch.Tensor]
+    optimizer_state: dict[str, Any]
+    scheduler_state: dict[str, Any]
+
+
+def load_checkpoint(path: Path, settings: dict[str, Any]) -> LoadedCheckpoint:
+    """Read a checkpoint, refusing one written by a run whose settings differ from ``settings``."""
+    missing = [name for name in (TRAINABLE_FILE, OPTIMIZER_FILE, SCHEDULER_FILE, RNG_FILE, STATE_FILE)
+               if not (path / name).is_file()]
+    if missing:
+        raise PerceptioError(f"checkpoint {path} lacks {', '.join(missing)}")
+    state = json.loads((path / STATE_FILE).read_text())
+    changed = sorted(key for key in settings.keys() | state["settings"].keys()
+                     if settings.get(key) != state["settings"].get(key))
+    if changed:
+        details = ", ".join(f"{key}: {state['settings'].get(key)!r} -> {settings.get(key)!r}" for key in changed)
+        raise PerceptioError(f"cannot resume exactly from {path}: settings changed ({details})")
+    return LoadedCheckpoint(
+        Checkpoint(state["step"], state["settings"], state["loader_states"],
+                   torch.load(path / RNG_FILE, weights_only=True)),
+        load_file(str(path / TRAINABLE_FILE)),
+        torch.load(path / OPTIMIZER_FILE, weights_only=True),
+        torch.load(path / SCHEDULER_FILE, weights_only=True),
+    )

@@ -1,0 +1,130 @@
+"""``perceptio-train``: stream shards into the joint text + segmentation + depth objective.
+
+One command; run it alone (one process: CPU or one GPU) or under ``torchrun --nproc-per-node N``
+(DDP, or ``--parallel fsdp``). It builds the model (:class:`PerceptioModel`), streams the shards
+(:mod:`perceptio.train.data`), runs the loop (:mod:`perceptio.train.loop`) and exports the model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from perceptio.errors import run_cli
+
+app = typer.Typer(
+    help="Train a vision-language model to write [SEG] [D_START] d_1..d_100 [D_END] answer, from shards.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+
+TINY_LR = 2e-3
+PANEL_DATA, PANEL_MODEL, PANEL_LOOP, PANEL_LOSS = "Data", "Model", "Optimisation and runs", "Losses and ablations"
+
+
+@app.command()
+def train_command(
+    shards: List[Path] = typer.Option(..., "--shards", help="Shard folder from perceptio-curate; repeat the option for several folders.", rich_help_panel=PANEL_DATA),
+    mix: Optional[str] = typer.Option(None, "--mix", help="Weighted mix, e.g. 'refcoco=1,refcocog=1,ade20k=0.5': each example's dataset is drawn with probability weight/sum. A name matches a sample's json 'dataset' exactly ('refcoco-unc') or by its family before the first dash ('refcoco' takes refcoco-unc and refcoco-google, not refcoco+ or refcocog); the exact name wins. Datasets not named are left out. Default: every dataset found, weight 1.", rich_help_panel=PANEL_DATA),
+    splits: str = typer.Option("train,training", "--splits", help="Comma-separated shard splits to train on (the split part of {dataset}-{split}-{index}.tar).", rich_help_panel=PANEL_DATA),
+    shuffle_buffer: int = typer.Option(1000, "--shuffle-buffer", min=1, help="Examples held per stream and reader for shuffling.", rich_help_panel=PANEL_DATA),
+    workers: int = typer.Option(2, "--workers", min=0, help="DataLoader worker processes per rank (0: read in the training process). Every dataset needs at least ranks x workers shards.", rich_help_panel=PANEL_DATA),
+    model: str = typer.Option("OpenGVLab/InternVL3-1B-hf", "--model", help="Base vision-language model: 'tiny' (built-in random-weight TINY model for tests and demos), a hub id or a local folder (transformers format).", rich_help_panel=PANEL_MODEL),
+    sam_model: str = typer.Option("facebook/sam2.1-hiera-tiny", "--sam-model", help="SAM2 in transformers format (hub id or folder); ignored with --model tiny.", rich_help_panel=PANEL_MODEL),
+    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="Depth VQ-VAE folder from perceptio-tokenize (frozen; its decoder gives L_DepthRecon).", rich_help_panel=PANEL_MODEL),
+    lora_rank: int = typer.Option(256, "--lora-rank", min=1, help="LoRA rank on the language model (the paper's 256).", rich_help_panel=PANEL_MODEL),
+    lora_alpha: int = typer.Option(512, "--lora-alpha", min=1, help="LoRA alpha (scale alpha/rank).", rich_help_panel=PANEL_MODEL),
+    lora_dropout: float = typer.Option(0.05, "--lora-dropout", min=0.0, max=1.0, help="Dropout on the LoRA branch.", rich_help_panel=PANEL_MODEL),
+    train_vision: bool = typer.Option(False, "--train-vision", help="Train the vision tower too (frozen by default).", rich_help_panel=PANEL_MODEL),
+    crop_to_patches: bool = typer.Option(False, "--crop-to-patches", help="InternVL's dynamic tiling (default: one 448 tile, 256 image tokens).", rich_help_panel=PANEL_MODEL),
+    gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing", help="Recompute activations in the backward pass: less memory, ~30% more time.", rich_help_panel=PANEL_MODEL),
+    dtype: str = typer.Option("float32", "--dtype", help="Weights of the base models: float32 or bfloat16.", rich_help_panel=PANEL_MODEL),
+    max_length: int = typer.Option(8192, "--max-length", min=16, help="Longest token sequence; longer examples lose their tail.", rich_help_panel=PANEL_MODEL),
+    out: Path = typer.Option(Path("train-out"), "--out", help="Run folder: metrics.jsonl, checkpoints/step-NNNNNN/, model/ (the export).", rich_help_panel=PANEL_LOOP),
+    steps: int = typer.Option(..., "--steps", min=1, help="Optimizer steps (every rank makes exactly this many).", rich_help_panel=PANEL_LOOP),
+    batch_size: int = typer.Option(1, "--batch-size", min=1, help="Examples per micro-batch and rank.", rich_help_panel=PANEL_LOOP),
+    grad_accum: int = typer.Option(1, "--grad-accum", min=1, help="Micro-batches per optimizer step (the paper: 8).", rich_help_panel=PANEL_LOOP),
+    lr: Optional[float] = typer.Option(None, "--lr", min=0.0, help=f"Peak AdamW learning rate. Default: the paper's 4e-5; {TINY_LR:g} with --model tiny, whose random weights must move far in a short run.", rich_help_panel=PANEL_LOOP),
+    weight_decay: float = typer.Option(0.0, "--weight-decay", min=0.0, help="AdamW weight decay.", rich_help_panel=PANEL_LOOP),
+    warmup: float = typer.Option(0.05, "--warmup", min=0.0, max=1.0, help="Share of the steps with a linear warm-up; a cosine to zero follows.", rich_help_panel=PANEL_LOOP),
+    grad_clip: float = typer.Option(1.0, "--grad-clip", min=0.0, help="Clip the gradient's global norm to this.", rich_help_panel=PANEL_LOOP),
+    seed: int = typer.Option(0, "--seed", help="Seed of the model's new weights, the data order and dropout; the same seed gives the same run.", rich_help_panel=PANEL_LOOP),
+    save_every: int = typer.Option(0, "--save-every", min=0, help="Write a checkpoint every N steps (0: only after the last step).", rich_help_panel=PANEL_LOOP),
+    resume: bool = typer.Option(False, "--resume", help="Go on exactly from the newest checkpoint in OUT/checkpoints (same options, same number of processes).", rich_help_panel=PANEL_LOOP),
+    precision: str = typer.Option("auto", "--precision", help="auto (bf16 autocast on GPUs, fp32 on CPU), bf16 or fp32.", rich_help_panel=PANEL_LOOP),
+    parallel: str = typer.Option("ddp", "--parallel", help="Under torchrun: ddp (replicate the model) or fsdp (shard it; for 8B-size models).", rich_help_panel=PANEL_LOOP),
+    export: str = typer.Option("adapter", "--export", help="Final model in OUT/model: adapter (trained weights, base models by id), merged (LoRA merged into a plain transformers folder) or none.", rich_help_panel=PANEL_LOOP),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar (rank 0 only).", rich_help_panel=PANEL_LOOP),
+    lambda_m: float = typer.Option(0.3, "--lambda-m", min=0.0, help="Weight of L_marker inside L_depth.", rich_help_panel=PANEL_LOSS),
+    lambda_t: float = typer.Option(0.5, "--lambda-t", min=0.0, help="Weight of L_token inside L_depth.", rich_help_panel=PANEL_LOSS),
+    lambda_c: float = typer.Option(0.2, "--lambda-c", min=0.0, help="Weight of L_count inside L_depth.", rich_help_panel=PANEL_LOSS),
+    lambda_d: float = typer.Option(1.0, "--lambda-d", min=0.0, help="Weight of L_depth.", rich_help_panel=PANEL_LOSS),
+    lambda_r: float = typer.Option(1.0, "--lambda-r", min=0.0, help="Weight of L_DepthRecon.", rich_help_panel=PANEL_LOSS),
+    seg_bce: float = typer.Option(1.0, "--seg-bce", min=0.0, help="Weight of the mask's sigmoid cross-entropy in L_SegRecon.", rich_help_panel=PANEL_LOSS),
+    seg_dice: float = typer.Option(0.25, "--seg-dice", min=0.0, help="Weight of the mask's DICE loss in L_SegRecon.", rich_help_panel=PANEL_LOSS),
+    depth_tokens: bool = typer.Option(True, "--depth-tokens/--no-depth-tokens", help="Ablation: without depth tokens the targets have no depth span (and the depth losses are off).", rich_help_panel=PANEL_LOSS),
+    segmentation: bool = typer.Option(True, "--segmentation/--no-segmentation", help="Ablation: without [SEG] and the SAM2 head.", rich_help_panel=PANEL_LOSS),
+    depth_recon: bool = typer.Option(True, "--depth-recon/--no-depth-recon", help="Ablation: without L_DepthRecon.", rich_help_panel=PANEL_LOSS),
+    depth_loss: bool = typer.Option(True, "--depth-loss/--no-depth-loss", help="Ablation: without L_depth (marker, token, count).", rich_help_panel=PANEL_LOSS),
+) -> None:
+    """Train on shards: weighted mix, shuffled, one example per (ref, sentence) or ADE20k question.
+
+    Writes OUT/metrics.jsonl (one line per step), atomic checkpoints in OUT/checkpoints/ and the final model in OUT/model/.
+
+    Several processes: torchrun --nproc-per-node N $(which perceptio-train) ...
+    """
+    import torch
+
+    from perceptio.train.data import StreamConfig, parse_mix, plan_streams
+    from perceptio.train.loop import TrainConfig, join_processes, train
+    from perceptio.train.model import PerceptioConfig, PerceptioModel
+
+    split_names = tuple(name.strip() for name in splits.split(",") if name.strip())
+    stream = StreamConfig(list(shards), mix=parse_mix(mix) if mix else None, splits=split_names, seed=seed,
+                          shuffle_buffer=shuffle_buffer, shuffle_initial=min(100, shuffle_buffer),
+                          use_depth_tokens=depth_tokens)
+    model_config = PerceptioConfig(
+        model=model, sam_model=sam_model, tokenizer=str(tokenizer) if tokenizer else "", lora_rank=lora_rank,
+        lora_alpha=lora_alpha, lora_dropout=lora_dropout, freeze_vision=not train_vision,
+        crop_to_patches=crop_to_patches, gradient_checkpointing=gradient_checkpointing, dtype=dtype,
+        max_length=max_length, lambda_m=lambda_m, lambda_t=lambda_t, lambda_c=lambda_c, lambda_d=lambda_d,
+        lambda_r=lambda_r, seg_bce=seg_bce, seg_dice=seg_dice, use_depth_tokens=depth_tokens,
+        use_segmentation=segmentation, use_depth_recon=depth_recon and depth_tokens,
+        use_depth_loss=depth_loss and depth_tokens,
+    )
+    if lr is None:
+        lr = TINY_LR if model_config.is_tiny else TrainConfig.lr
+    config = TrainConfig(out=out, steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
+                         weight_decay=weight_decay, warmup=warmup, grad_clip=grad_clip, seed=seed, workers=workers,
+                         save_every=save_every, precision=precision, parallel=parallel, resume=resume, export=export,
+                         progress=progress)
+
+    config.check()
+    processes = join_processes()
+    console = Console(stderr=True, quiet=not processes.is_main)
+    # Bad shards or mix fail here, in a second, before a model is loaded.
+    streams = plan_streams(stream, processes.world_size, workers)
+    console.print("streams: " + ", ".join(f"{s.name} x{s.weight:g} ({len(s.shards)} shards: {', '.join(s.datasets)})"
+                                          for s in streams))
+    if model_config.is_tiny:
+        console.print("[yellow]TINY model: random weights, for tests and demos only[/yellow]")
+    torch.manual_seed(seed)  # every rank builds the same new weights (LoRA, projector) from the seed
+    perceptio_model = PerceptioModel.from_config(model_config)
+    result = train(perceptio_model, stream, config)
+
+    if processes.is_main and result.history:
+        first, last = result.history[0], result.history[-1]
+        table = Table(title=f"{'TINY model, ' if model_config.is_tiny else ''}steps {first['step']}..{last['step']}")
+        for column in ("term", "first step", "last step"):
+            table.add_column(column)
+        for name in [key for key in last if key not in ("step", "lr", "grad_norm", "data_s", "step_s", "sources")]:
+            table.add_row(name, f"{first[name]:.4f}", f"{last[name]:.4f}")
+        Console().print(table)
+        console.print(f"metrics: {result.metrics}\ncheckpoint: {result.checkpoint}\nmodel: {result.model}")
+
+
+main = run_cli(app)

@@ -1,0 +1,433 @@
+"""Training data: shards streamed with webdataset into mixed, shuffled, encoded batches.
+
+The path of one example, from disk to the model:
+
+1. :func:`find_shards` lists ``{dataset}-{split}-{index:06d}.tar`` files of the chosen splits and
+   :func:`plan_mix` groups them into weighted streams (``--mix refcoco=1,refcocog=1,ade20k=0.5``).
+2. Every reader (one DataLoader worker of one rank) takes its own shards of every stream: each
+   epoch the stream's shard list is shuffled with a seed shared by all ranks, then split by node and
+   by worker (the slicing of ``webdataset.split_by_node`` then ``webdataset.split_by_worker``, done
+   with explicit ids because a resumed run renumbers its workers, see :class:`ShardStream`).
+3. ``webdataset.tarfile_samples`` reads the tars; :func:`expand_sample` turns one image sample
+   into examples (one per (ref, sentence), or one marked-point question for ADE20k) with the
+   templates of ``manifests/prompts.json``; ``webdataset.shuffle`` mixes them in a seeded buffer.
+4. A seeded draw picks the stream of each example in proportion to its weight, so a stream's share
+   does not depend on its size. Streams repeat endlessly (epoch after epoch, reshuffled), so every
+   rank makes exactly as many steps as asked and no rank waits for another at an epoch's end.
+5. Only then are images decoded and the model's ``encode_example`` run (it tokenises and masks
+   the prompt out of the labels).
+
+Exact resume: a reader's position is (draws made, and per stream the epoch and the examples taken
+in it). Everything before encoding is a pure function of the seed, so a reader rebuilt from its
+position replays the current epoch without decoding images and goes on with the very next example.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+import re
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+import webdataset as wds
+
+from perceptio.errors import PerceptioError
+from perceptio.recipes import load_recipe
+from perceptio.shards import QUESTION_FIELD, npy_load, rle_to_mask
+from perceptio.tokens import SEG, depth_span
+
+# `{dataset}-{split}-{index:06d}.tar`; dataset names contain dashes ("refcoco-unc"), splits do not.
+SHARD_NAME = re.compile(r"^(?P<dataset>.+)-(?P<split>[^-]+)-(?P<index>\d{6})\.tar$")
+DEFAULT_SPLITS = ("train", "training")  # COCO-style and ADE20k-style names of the training split
+
+EncodeFn = Callable[..., dict[str, torch.Tensor]]
+CollateFn = Callable[[list[dict[str, torch.Tensor]]], dict[str, Any]]
+
+
+# ---------------------------------------------------------------------------------------- shards
+@dataclass(frozen=True)
+class ShardFile:
+    path: Path
+    dataset: str  # from the file name; every sample's json "dataset" must agree
+    split: str
+
+
+def find_shards(dirs: Sequence[str | os.PathLike[str]], splits: Sequence[str] = DEFAULT_SPLITS) -> list[ShardFile]:
+    """Every shard of ``splits`` in ``dirs`` (not recursive), sorted by path."""
+    found: list[ShardFile] = []
+    for directory in map(Path, dirs):
+        if not directory.is_dir():
+            raise PerceptioError(f"shard folder {directory} does not exist")
+        for path in sorted(directory.glob("*.tar")):
+            match = SHARD_NAME.match(path.name)
+            if match and match["split"] in splits:
+                found.append(ShardFile(path, match["dataset"], match["split"]))
+    if not found:
+        raise PerceptioError(
+            f"no shards of split(s) {', '.join(splits)} in {', '.join(map(str, dirs))} "
+            "(expected {dataset}-{split}-{index:06d}.tar files from perceptio-curate)"
+        )
+    return sorted(found, key=lambda shard: str(shard.path))
+
+
+def parse_mix(text: str) -> dict[str, float]:
+    """``"refcoco=1,refcocog=1,ade20k=0.5"`` -> ``{"refcoco": 1.0, ...}``."""
+    weights: dict[str, float] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, equals, value = item.partition("=")
+        try:
+            weight = float(value)
+        except ValueError:
+            weight = -1.0
+        if not equals or not name.strip() or weight < 0 or not np.isfinite(weight):
+            raise PerceptioError(f"--mix item {item!r} is not NAME=WEIGHT with a weight >= 0")
+        weights[name.strip()] = weight
+    if not weights or not any(weights.values()):
+        raise PerceptioError(f"--mix {text!r} gives no dataset a positive weight")
+    return weights
+
+
+def mix_key_for(dataset: str, keys: Sequence[str]) -> str | None:
+    """The mix key that claims a dataset name, or None.
+
+    A key matches the full name (``refcoco-unc``) or its family, the part before the first dash
+    (``refcoco`` for ``refcoco-unc`` and ``refcoco-google``, but not ``refcoco+-unc`` or
+    ``refcocog-umd``). The full name wins over the family, so ``refcoco=1,refcoco-google=0``
+    keeps only the UNC partition.
+    """
+    if dataset in keys:
+        return dataset
+    family = dataset.split("-", 1)[0]
+    return family if family in keys else None
+
+
+@dataclass(frozen=True)
+class Stream:
+    """One weighted stream of the mix: the shards its key claims."""
+
+    name: str
+    weight: float
+    shards: tuple[Path, ...]
+    datasets: tuple[str, ...]
+
+
+def plan_mix(shards: Sequence[ShardFile], mix: dict[str, float] | None) -> list[Stream]:
+    """Group shards into weighted streams; without a mix every dataset is a stream of weight 1.
+
+    Datasets no key claims, and keys of weight 0, are left out; a key that claims nothing is an
+    error (most likely a typo).
+    """
+    weights = mix if mix is not None else {name: 1.0 for name in sorted({shard.dataset for shard in shards})}
+    claimed: dict[str, list[ShardFile]] = {name: [] for name in weights}
+    for shard in shards:
+        key = mix_key_for(shard.dataset, list(weights))
+        if key is not None:
+            claimed[key].append(shard)
+    available = sorted({shard.dataset for shard in shards})
+    for name, members in claimed.items():
+        if not members:
+            raise PerceptioError(f"--mix names {name!r} but no shard matches it; datasets found: {', '.join(available)}")
+    return [
+        Stream(name, weights[name], tuple(s.path for s in members), tuple(sorted({s.dataset for s in members})))
+        for name, members in sorted(claimed.items())
+        if weights[name] > 0
+    ]
+
+
+# -------------------------------------------------------------------------------------- examples
+@dataclass(frozen=True)
+class PromptTemplates:
+    """The templates of ``manifests/prompts.json``."""
+
+    grounding_prompts: tuple[str, ...]
+    grounding_target: str
+    question_prompts: tuple[str, ...]
+    question_target: str
+
+    @classmethod
+    def load(cls, name: str = "prompts.json") -> "PromptTemplates":
+        recipe = load_recipe(name)
+        return cls(
+            tuple(recipe["grounding"]["prompts"]),
+            recipe["grounding"]["target"],
+            tuple(recipe["depth_question"]["prompts"]),
+            recipe["depth_question"]["target"],
+        )
+
+
+@dataclass
+class Example:
+    """One training example, still undecoded (cheap to skip when a resumed run fast-forwards)."""
+
+    key: str  # "{sample key}/ref{ref_id}/sent{sent_id}" or "{sample key}/question"
+    source: str  # the sample's json "dataset", e.g. "refcoco-unc"
+    prompt: str
+    target: str
+    image_bytes: bytes
+    mask_rle: dict[str, Any] | None
+    depth_bytes: bytes  # depth.npy, float16 (320, 320)
+
+    def decode(self) -> dict[str, Any]:
+        """Keyword arguments of the model's ``encode_example``."""
+        from PIL import Image
+
+        image = Image.open(io.BytesIO(self.image_bytes)).convert("RGB")
+        mask = rle_to_mask(self.mask_rle) if self.mask_rle is not None else None
+        depth = npy_load(self.depth_bytes).astype(np.float32)
+        return {"image": image, "prompt": self.prompt, "target": self.target, "mask": mask, "depth": depth}
+
+
+def _pick(options: Sequence[str], key: str) -> str:
+    # A stable hash of the key (not Python's salted hash) keeps the choice identical across runs.
+    return options[zlib.crc32(key.encode("utf-8")) % len(options)]
+
+
+def expand_sample(raw: dict[str, Any], templates: PromptTemplates, use_depth_tokens: bool = True) -> list[Example]:
+    """The training examples of one shard sample (a webdataset dict of member bytes).
+
+    Grounding samples give one example per (ref, sentence); ADE20k samples with a marked-point
+    question give one example on the marked image. Without depth tokens the span is left out.
+    """
+    key = raw["__key__"]
+    meta = json.loads(raw["json"])
+    depth = depth_span(npy_load(raw["depth_tokens.npy"]).tolist()) if use_depth_tokens else ""
+    examples = []
+    for ref in meta.get("refs", []):
+        for sentence in ref["sentences"]:
+            example_key = f"{key}/ref{ref['ref_id']}/sent{sentence['sent_id']}"
+            prompt = _pick(templates.grounding_prompts, example_key).format(expression=sentence["sent"])
+            target = templates.grounding_target.format(seg=SEG, depth=depth, description=ref.get("description", ""))
+            examples.append(
+                Example(example_key, meta["dataset"], prompt, target.strip(), raw["jpg"], ref["mask"], raw["depth.npy"])
+            )
+    question = meta.get(QUESTION_FIELD)
+    if question is not None:
+        if "marked.jpg" not in raw:
+            raise PerceptioError(f"sample {key} has a question but no marked.jpg ({raw.get('__url__')})")
+        example_key = f"{key}/question"
+        prompt = _pick(templates.question_prompts, example_key).format(question=question["text"])
+        target = templates.question_target.format(depth=depth, answer=question["answer"])
+        examples.append(Example(example_key, meta["dataset"], prompt, target, raw["marked.jpg"], None, raw["depth.npy"]))
+    return examples
+
+
+# ---------------------------------------------------------------------------------------- readers
+@dataclass(frozen=True)
+class ReaderSlot:
+    """Which reader this is: one DataLoader worker of one rank."""
+
+    rank: int = 0
+    world_size: int = 1
+    worker: int = 0
+    num_workers: int = 1
+
+
+@dataclass
+class StreamConfig:
+    """What to read and how to mix and shuffle it."""
+
+    shards: list[Path]
+    mix: dict[str, float] | None = None
+    splits: tuple[str, ...] = DEFAULT_SPLITS
+    seed: int = 0
+    shuffle_buffer: int = 1000
+    shuffle_initial: int = 100
+    use_depth_tokens: bool = True
+    prompts: str = "prompts.json"
+
+
+def _rng(seed: int, *parts: object) -> random.Random:
+    # String seeds are hashed with SHA-512 by `random`, identical in every process and run.
+    return random.Random("/".join(map(str, (seed, *parts))))
+
+
+class _StreamReader:
+    """The endless, reshuffled example sequence of one stream for one reader."""
+
+    def __init__(self, stream: Stream, slot: ReaderSlot, config: StreamConfig, templates: PromptTemplates,
+                 epoch: int = 0, taken: int = 0):
+        self.stream, self.slot, self.config, self.templates = stream, slot, config, templates
+        self.epoch, self.taken = epoch, 0
+        self._examples = self._epoch_examples()
+        for _ in range(taken):  # fast-forward: no image is decoded on the way
+            next(self)
+
+    def _epoch_examples(self) -> Iterator[Example]:
+        order = list(self.stream.shards)
+        _rng(self.config.seed, "shards", self.stream.name, self.epoch).shuffle(order)
+        mine = order[self.slot.rank :: self.slot.world_size][self.slot.worker :: self.slot.num_workers]
+        samples = wds.tarfile_samples([{"url": str(path)} for path in mine])
+        examples = (example for raw in samples for example in self._checked_expand(raw))
+        buffer_rng = _rng(self.config.seed, "buffer", self.stream.name, self.epoch, self.slot.rank, self.slot.worker)
+        return iter(wds.shuffle(self.config.shuffle_buffer, self.config.shuffle_initial, rng=buffer_rng)(examples))
+
+    def _checked_expand(self, raw: dict[str, Any]) -> list[Example]:
+        examples = expand_sample(raw, self.templates, self.config.use_depth_tokens)
+        for example in examples:
+            if mix_key_for(example.source, [self.stream.name]) is None:
+                raise PerceptioError(
+                    f"{raw.get('__url__')}: sample {raw['__key__']} says dataset {example.source!r}, "
+                    f"which does not belong to the stream {self.stream.name!r} its file name put it in"
+                )
+        return examples
+
+    def __next__(self) -> Example:
+        for _attempt in range(2):
+            try:
+                example = next(self._examples)
+                self.taken += 1
+                return example
+            except StopIteration:
+                self.epoch, self.taken = self.epoch + 1, 0
+                self._examples = self._epoch_examples()
+        raise PerceptioError(
+            f"stream {self.stream.name!r} gave reader {self.slot} no example in a whole epoch "
+            "(its shards hold no refs or questions)"
+        )
+
+
+class ExampleReader:
+    """The mixed example sequence of one reader, with a position that rebuilds it exactly."""
+
+    def __init__(self, streams: Sequence[Stream], slot: ReaderSlot, config: StreamConfig,
+                 state: dict[str, Any] | None = None):
+        templates = PromptTemplates.load(config.prompts)
+        positions = (state or {}).get("streams", {})
+        self._readers = [
+            _StreamReader(stream, slot, config, templates, **positions.get(stream.name, {})) for stream in streams
+        ]
+        self._weights = [stream.weight for stream in streams]
+        self._mix_rng = _rng(config.seed, "mix", slot.rank, slot.worker)
+        self.draws = 0
+        for _ in range((state or {}).get("draws", 0)):
+            self._draw()
+
+    def _draw(self) -> _StreamReader:
+        self.draws += 1
+        return self._mix_rng.choices(self._readers, weights=self._weights)[0]
+
+    def __iter__(self) -> Iterator[Example]:
+        return self
+
+    def __next__(self) -> Example:
+        return next(self._draw())
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "draws": self.draws,
+            "streams": {r.stream.name: {"epoch": r.epoch, "taken": r.taken} for r in self._readers},
+        }
+
+
+def check_enough_shards(streams: Sequence[Stream], world_size: int, num_workers: int) -> None:
+    """Every reader needs at least one shard of every stream, or it would have nothing to draw."""
+    readers = world_size * max(num_workers, 1)
+    for stream in streams:
+        if len(stream.shards) < readers:
+            raise PerceptioError(
+                f"stream {stream.name!r} has {len(stream.shards)} shard(s) but {world_size} rank(s) x "
+                f"{max(num_workers, 1)} loader worker(s) = {readers} readers each need one: write smaller "
+                "shards (perceptio-curate --shard-size) or use fewer --workers"
+            )
+
+
+def plan_streams(config: StreamConfig, world_size: int = 1, num_workers: int = 0) -> list[Stream]:
+    """The weighted streams of ``config``, checked to feed every reader (cheap: reads no tar)."""
+    streams = plan_mix(find_shards(config.shards, config.splits), config.mix)
+    check_enough_shards(streams, world_size, num_workers)
+    return streams
+
+
+# ---------------------------------------------------------------------------------------- batches
+@dataclass
+class Batch:
+    """One micro-batch: the model's collated inputs plus where they came from."""
+
+    inputs: dict[str, Any]
+    keys: list[str]
+    sources: list[str]
+    worker: int  # logical reader id within this rank
+    reader_state: dict[str, Any] = field(default_factory=dict)  # the reader's position after this batch
+
+
+class ShardStream(torch.utils.data.IterableDataset):
+    """An endless stream of encoded batches for one rank.
+
+    The DataLoader takes batches from its workers in turn (0, 1, ..., 0, 1, ...). A resumed run
+    must go on with the worker that was next, so worker ids are rotated by ``first_worker``: the
+    physical worker 0 then plays the reader that was due.
+    """
+
+    def __init__(self, streams: Sequence[Stream], config: StreamConfig, encode: EncodeFn, collate: CollateFn,
+                 batch_size: int, rank: int, world_size: int, num_workers: int,
+                 reader_states: dict[int, dict[str, Any]] | None = None, first_worker: int = 0):
+        super().__init__()
+        self.streams, self.config, self.encode, self.collate = list(streams), config, encode, collate
+        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
+        self.num_workers = max(num_workers, 1)
+        self.reader_states = reader_states or {}
+        self.first_worker = first_worker
+
+    def __iter__(self) -> Iterator[Batch]:
+        info = torch.utils.data.get_worker_info()
+        worker = ((info.id if info is not None else 0) + self.first_worker) % self.num_workers
+        slot = ReaderSlot(self.rank, self.world_size, worker, self.num_workers)
+        reader = ExampleReader(self.streams, slot, self.config, self.reader_states.get(worker))
+        while True:
+            examples = [next(reader) for _ in range(self.batch_size)]
+            inputs = self.collate([self.encode(**example.decode()) for example in examples])
+            yield Batch(inputs, [e.key for e in examples], [e.source for e in examples], worker, reader.state())
+
+
+class ResumableLoader:
+    """The DataLoader of one rank, and the position a checkpoint stores (``state_dict``)."""
+
+    def __init__(self, config: StreamConfig, encode: EncodeFn, collate: CollateFn, batch_size: int = 1,
+                 num_workers: int = 0, rank: int = 0, world_size: int = 1, state: dict[str, Any] | None = None):
+        self.streams = plan_streams(config, world_size, num_workers)
+        self.num_readers = max(num_workers, 1)
+        if state is not None and (state["world_size"], state["num_readers"]) != (world_size, self.num_readers):
+            raise PerceptioError(
+                f"the checkpoint's loader ran {state['world_size']} rank(s) x {state['num_readers']} reader(s); "
+                f"resume with the same (got {world_size} x {self.num_readers})"
+            )
+        self.rank, self.world_size = rank, world_size
+        self.reader_states: dict[int, dict[str, Any]] = {int(k): v for k, v in (state or {}).get("readers", {}).items()}
+        self.next_worker: int = (state or {}).get("next_worker", 0)
+        if num_workers > 0:
+            # Workers are forked after the tokenizer may have run; its thread pool must not be inherited.
+            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        dataset = ShardStream(self.streams, config, encode, collate, batch_size, rank, world_size, num_workers,
+                              self.reader_states, self.next_worker)
+        # Its own generator: starting to iterate draws a seed, which must not move the global RNG
+        # (a resumed run starts iterating at another point of the RNG stream than the original).
+        self._loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=num_workers,
+                                                   prefetch_factor=2 if num_workers else None,
+                                                   generator=torch.Generator().manual_seed(config.seed))
+        self._iterator: Iterator[Batch] | None = None
+
+    def __iter__(self) -> "ResumableLoader":
+        return self
+
+    def __next__(self) -> Batch:
+        if self._iterator is None:
+            self._iterator = iter(self._loader)
+        batch = next(self._iterator)
+        self.reader_states[batch.worker] = batch.reader_state
+        self.next_worker = (batch.worker + 1) % self.num_readers
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "world_size": self.world_size,
+            "num_readers": self.num_readers,
+            "next_worker": self.next_worker,
+            "readers": {str(k): v for k, v in sorted(self.reader_states.items())},
+        }

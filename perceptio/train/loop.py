@@ -1,0 +1,397 @@
+"""The training loop, readable top to bottom (nanoGPT style): set up, resume, step, log, save, export.
+
+One process per device, launched alone or by ``torchrun`` (DDP, or FSDP for models too large to
+replicate); gloo on CPU, NCCL on GPUs. Each optimizer step accumulates ``grad_accum`` micro-batches
+of ``batch_size`` examples per rank, under bf16 autocast on GPUs; AdamW follows a linear warm-up
+over the first 5% of the steps and a cosine to zero after it; gradients are clipped to norm 1.0.
+
+Every step appends one JSON line to ``OUT/metrics.jsonl`` (each loss term, learning rate, gradient
+norm, time spent waiting for data); a NaN or Inf loss or gradient stops the run before the
+optimizer touches the weights, naming the step and the batch's example keys, and nothing is saved
+from that state. Checkpoints are atomic folders (see checkpoint.py); the final model is exported
+with the model's own ``save_pretrained``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Protocol
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from perceptio.errors import PerceptioError
+from perceptio.train.checkpoint import (
+    Checkpoint,
+    atomic_directory,
+    checkpoint_path,
+    latest_checkpoint,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from perceptio.train.data import Batch, ResumableLoader, StreamConfig
+
+
+class TrainableModel(Protocol):
+    """What the loop needs from a model (``perceptio.train.model.PerceptioModel`` provides it)."""
+
+    def encode_example(self, image: Any, prompt: str, target: str, mask: Any, depth: Any) -> dict[str, torch.Tensor]: ...
+    def collate(self, examples: list[dict[str, torch.Tensor]]) -> dict[str, Any]: ...
+    def __call__(self, batch: dict[str, Any]) -> Any: ...  # -> output with .loss and .terms
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]: ...
+    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> Any: ...
+    def save_pretrained(self, folder: str | os.PathLike[str], merged: bool = False) -> Any: ...
+
+
+@dataclass
+class TrainConfig:
+    """How to train; ``perceptio-train --help`` documents each field."""
+
+    out: Path
+    steps: int
+    batch_size: int = 1
+    grad_accum: int = 1
+    lr: float = 4e-5
+    weight_decay: float = 0.0
+    warmup: float = 0.05  # share of the steps with a linear warm-up
+    grad_clip: float = 1.0
+    seed: int = 0
+    workers: int = 2
+    save_every: int = 0  # 0: only at the end
+    precision: str = "auto"  # auto (bf16 on GPUs, fp32 on CPU) | bf16 | fp32
+    parallel: str = "ddp"  # ddp | fsdp (only matters under torchrun)
+    resume: bool = False
+    export: str = "adapter"  # adapter | merged | none
+    progress: bool = True
+
+    def check(self) -> None:
+        """Refuse impossible settings (cheap: call it before loading a model)."""
+        if min(self.steps, self.batch_size, self.grad_accum) < 1:
+            raise PerceptioError("--steps, --batch-size and --grad-accum must be at least 1")
+        for name, allowed in CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise PerceptioError(f"--{name} must be one of {', '.join(allowed)}, not {getattr(self, name)!r}")
+
+
+CHOICES = {"precision": ("auto", "bf16", "fp32"), "parallel": ("ddp", "fsdp"), "export": ("adapter", "merged", "none")}
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    metrics: Path
+    checkpoint: Path | None
+    model: Path | None
+    history: list[dict[str, Any]] = field(default_factory=list)  # this process's metric lines
+
+
+# ------------------------------------------------------------------------------------- set-up
+@dataclass(frozen=True)
+class Processes:
+    rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def join_processes() -> Processes:
+    """Join the torchrun group when there is one (WORLD_SIZE > 1); pick this process's device."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    rank = dist.get_rank() if world_size > 1 else 0
+    return Processes(rank, world_size, device)
+
+
+def lr_factor(step: int, total_steps: int, warmup: float) -> float:
+    """Linear warm-up over ``warmup`` of the steps, then a cosine from 1 to 0 at the last step."""
+    warmup_steps = max(1, math.ceil(warmup * total_steps))
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def to_device(value: Any, device: torch.device) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device, non_blocking=True)
+    if isinstance(value, dict):
+        return {key: to_device(item, device) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(to_device(item, device) for item in value)
+    return value
+
+
+def wrap_for_processes(model: torch.nn.Module, config: TrainConfig, processes: Processes) -> torch.nn.Module:
+    """DDP or FSDP around the model under torchrun; the model itself when alone."""
+    if not processes.distributed:
+        return model
+    if config.parallel == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        # Shard every transformer block, then the rest; works on CPU (gloo) and GPUs alike.
+        for module in model.modules():
+            if type(module).__name__.endswith("DecoderLayer"):
+                fully_shard(module)
+        fully_shard(model)
+        return model
+    # Some parameters sit out some batches (the mask decoder on a batch without [SEG], ablations),
+    # so DDP must look for them instead of waiting for their gradients.
+    device_ids = [processes.device.index] if processes.device.type == "cuda" else None
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=True)
+
+
+@contextlib.contextmanager
+def full_parameters(model: torch.nn.Module, config: TrainConfig, processes: Processes) -> Iterator[None]:
+    """Under FSDP, gather whole parameters for the block (to read or export them)."""
+    if not sharded(config, processes):
+        yield
+        return
+    from torch.distributed.fsdp import FSDPModule
+
+    fsdp_modules = [module for module in model.modules() if isinstance(module, FSDPModule)]
+    for module in fsdp_modules:
+        module.unshard()
+    try:
+        yield
+    finally:
+        for module in fsdp_modules:
+            module.reshard()
+
+
+def sharded(config: TrainConfig, processes: Processes) -> bool:
+    return processes.distributed and config.parallel == "fsdp"
+
+
+def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any],
+                         config: TrainConfig, processes: Processes) -> None:
+    """Under FSDP the checkpoint holds the whole (unsharded) state keyed by parameter name."""
+    if sharded(config, processes):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+    else:
+        optimizer.load_state_dict(state)
+
+
+def run_settings(config: TrainConfig, data: StreamConfig, processes: Processes) -> dict[str, Any]:
+    """The settings a resumed run must share with the original to continue it exactly."""
+    keep = ("steps", "batch_size", "grad_accum", "lr", "weight_decay", "warmup", "grad_clip", "seed", "workers", "parallel")
+    settings = {key: value for key, value in asdict(config).items() if key in keep}
+    settings.update(world_size=processes.world_size, mix=data.mix, seed_data=data.seed, splits=list(data.splits),
+                    use_depth_tokens=data.use_depth_tokens, shards=sorted(map(str, data.shards)))
+    return settings
+
+
+# ------------------------------------------------------------------------------------- metrics
+class MetricsLog:
+    """``metrics.jsonl``, one line per finished step; a resumed run drops lines past its checkpoint."""
+
+    def __init__(self, path: Path, first_step: int, enabled: bool):
+        self.path, self.enabled = path, enabled
+        if enabled:
+            kept = []
+            if first_step > 0 and path.is_file():
+                kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= first_step]
+            path.write_text("".join(line + "\n" for line in kept))
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.enabled:
+            with self.path.open("a") as handle:
+                handle.write(json.dumps(record) + "\n")
+
+
+def progress_bar(enabled: bool) -> Any:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                    TextColumn("{task.fields[terms]}"), disable=not enabled)
+
+
+def mean_across_processes(values: dict[str, float], processes: Processes) -> dict[str, float]:
+    if not processes.distributed or not values:
+        return values
+    names = sorted(values)
+    stacked = torch.tensor([values[name] for name in names], dtype=torch.float64, device=processes.device)
+    dist.all_reduce(stacked)
+    return {name: float(total) / processes.world_size for name, total in zip(names, stacked.tolist())}
+
+
+def stop_if_not_finite(loss: torch.Tensor, terms: dict[str, torch.Tensor], step: int, batch: Batch,
+                       processes: Processes) -> None:
+    """Every rank learns whether any rank saw a NaN/Inf, so all stop together (no rank left waiting)."""
+    values = {"loss": loss, **terms}
+    bad = [name for name, value in values.items() if not torch.isfinite(value.detach()).all()]
+    flag = torch.tensor([float(bool(bad))], device=processes.device)
+    if processes.distributed:
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if bad:
+        shown = ", ".join(f"{name}={float(values[name].detach().float().mean()):g}" for name in bad)
+        raise PerceptioError(f"non-finite loss at step {step + 1} ({shown}) on rank {processes.rank}; batch keys: {batch.keys}")
+    if flag.item():
+        raise PerceptioError(f"non-finite loss at step {step + 1} on another rank; stopped without saving")
+
+
+# ------------------------------------------------------------------------------------- the loop
+def train(model: TrainableModel, data: StreamConfig, config: TrainConfig) -> TrainResult:
+    """Train ``model`` on the shards of ``data`` for ``config.steps`` optimizer steps."""
+    config.check()
+    processes = join_processes()
+    out = Path(config.out)
+    checkpoints = out / "checkpoints"
+    settings = run_settings(config, data, processes)
+
+    # Start fresh, or exactly where the newest checkpoint stopped: weights first (before any
+    # sharding), then the optimizer and schedule built over the wrapped model's parameters.
+    model = model.to(processes.device)
+    seed_everything(config.seed + processes.rank)
+    resumed = None
+    if config.resume:
+        found = latest_checkpoint(checkpoints)
+        if found is None:
+            raise PerceptioError(f"--resume: no checkpoint in {checkpoints}")
+        resumed = load_checkpoint(found, settings)
+        model.load_trainable_state_dict(resumed.trainable)
+    net = wrap_for_processes(model, config, processes)
+    trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, config.steps, config.warmup))
+    use_bf16 = config.precision == "bf16" or (config.precision == "auto" and processes.device.type == "cuda")
+    first_step, loader_state, last_checkpoint = 0, None, None
+    if resumed is not None:
+        load_optimizer_state(model, optimizer, resumed.optimizer_state, config, processes)
+        scheduler.load_state_dict(resumed.scheduler_state)
+        set_rng_state(resumed.checkpoint.rng_states[processes.rank])
+        first_step, loader_state = resumed.checkpoint.step, resumed.checkpoint.loader_states[processes.rank]
+        last_checkpoint = found
+    loader = ResumableLoader(data, model.encode_example, model.collate, config.batch_size, config.workers,
+                             processes.rank, processes.world_size, loader_state)
+
+    out.mkdir(parents=True, exist_ok=True)
+    metrics = MetricsLog(out / "metrics.jsonl", first_step, processes.is_main)
+    history: list[dict[str, Any]] = []
+    net.train()
+    with progress_bar(processes.is_main and config.progress) as bar:
+        task = bar.add_task("train", total=config.steps, completed=first_step, terms="")
+        for step in range(first_step, config.steps):
+            step_start = time.perf_counter()
+            data_seconds = 0.0
+            totals: dict[str, float] = {}
+            sources: dict[str, int] = {}
+
+            # Forward and backward over the micro-batches; DDP syncs gradients on the last one only.
+            for micro in range(config.grad_accum):
+                wait_start = time.perf_counter()
+                batch = next(loader)
+                data_seconds += time.perf_counter() - wait_start
+                last_micro = micro == config.grad_accum - 1
+                sync = contextlib.nullcontext() if last_micro or not hasattr(net, "no_sync") else net.no_sync()
+                with sync:
+                    with torch.autocast(processes.device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                        output = net(to_device(batch.inputs, processes.device))
+                    stop_if_not_finite(output.loss, output.terms, step, batch, processes)
+                    (output.loss / config.grad_accum).backward()
+                for name, value in {"loss": output.loss, **output.terms}.items():
+                    totals[name] = totals.get(name, 0.0) + float(value.detach().float()) / config.grad_accum
+                for source in batch.sources:
+                    sources[source] = sources.get(source, 0) + 1
+
+            # One optimizer step, unless the gradients are not finite.
+            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip)
+            if hasattr(grad_norm, "full_tensor"):  # FSDP returns a sharded tensor
+                grad_norm = grad_norm.full_tensor()
+            if not torch.isfinite(grad_norm):
+                raise PerceptioError(f"non-finite gradient norm at step {step + 1}; last batch keys: {batch.keys}")
+            lr = optimizer.param_groups[0]["lr"]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+
+            # Log what this step did (losses averaged over ranks).
+            record = {"step": step + 1, "lr": lr, **mean_across_processes(totals, processes),
+                      "grad_norm": float(grad_norm), "data_s": data_seconds,
+                      "step_s": time.perf_counter() - step_start, "sources": sources}
+            metrics.write(record)
+            history.append(record)
+            bar.update(task, advance=1, terms=" ".join(f"{k} {v:.3f}" for k, v in record.items()
+                                                       if k in totals))
+
+            if (config.save_every and (step + 1) % config.save_every == 0) or step + 1 == config.steps:
+                last_checkpoint = save_training_state(step + 1, model, optimizer, scheduler, loader, settings,
+                                                      checkpoints, config, processes)
+
+    exported = export_model(model, out / "model", config, processes)
+    if processes.distributed:
+        dist.barrier()
+    return TrainResult(config.steps, out / "metrics.jsonl", last_checkpoint, exported, history)
+
+
+def gather(value: Any, processes: Processes) -> list[Any]:
+    """``value`` from every rank, in rank order, on every rank."""
+    if not processes.distributed:
+        return [value]
+    gathered: list[Any] = [None] * processes.world_size
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
+def save_training_state(step: int, model: TrainableModel, optimizer: torch.optim.Optimizer,
+                        scheduler: Any, loader: ResumableLoader, settings: dict[str, Any], root: Path,
+                        config: TrainConfig, processes: Processes) -> Path:
+    """Gather every rank's loader position and RNG state; the main rank writes the folder."""
+    loader_states = gather(loader.state_dict(), processes)
+    rng_states = gather(rng_state(), processes)
+    if sharded(config, processes):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        optimizer_state = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    else:
+        optimizer_state = optimizer.state_dict()
+    with full_parameters(model, config, processes):
+        trainable = model.trainable_state_dict() if processes.is_main else {}
+    path = checkpoint_path(root, step)
+    if processes.is_main:
+        save_checkpoint(path, trainable, optimizer_state, scheduler.state_dict(),
+                        Checkpoint(step, settings, loader_states, rng_states))
+    if processes.distributed:
+        dist.barrier()
+    return path
+
+
+def export_model(model: TrainableModel, folder: Path, config: TrainConfig, processes: Processes) -> Path | None:
+    """The final model as a folder ``from_pretrained`` loads (adapters, or merged into the base)."""
+    if config.export == "none":
+        return None
+    with full_parameters(model, config, processes):
+        if processes.is_main:
+            with atomic_directory(folder) as temporary:
+                model.save_pretrained(temporary, merged=config.export == "merged")
+    return folder

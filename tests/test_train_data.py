@@ -1,0 +1,204 @@
+"""The trainer's data layer: shard discovery, mixing, splitting by rank/worker, expansion, resume."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from itertools import islice
+
+import numpy as np
+import pytest
+import webdataset as wds
+
+from perceptio.errors import PerceptioError
+from perceptio.tokens import D_END, D_START, SEG, codes_from_tokens
+from perceptio.train.data import (
+    ExampleReader,
+    PromptTemplates,
+    ReaderSlot,
+    ResumableLoader,
+    StreamConfig,
+    expand_sample,
+    find_shards,
+    parse_mix,
+    plan_mix,
+)
+from train_factory import make_sample, write_shards, write_tiny_tokenizer
+
+
+def fake_encode(image, prompt, target, mask, depth):
+    """Stands in for the model's encode_example: keeps what the data layer is responsible for."""
+    return {"prompt": prompt, "target": target, "has_mask": mask is not None, "depth_shape": depth.shape}
+
+
+def fake_collate(encoded):
+    return encoded
+
+
+def keys(examples):
+    return [example.key for example in examples]
+
+
+@pytest.fixture(scope="module")
+def mixed_shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shards")
+    write_shards(root, "refcoco-unc", shards=3, images_per_shard=4, first_image_id=1)
+    write_shards(root, "refcocog-umd", shards=2, images_per_shard=4, first_image_id=101)
+    write_shards(root, "ade20k", split="training", shards=2, images_per_shard=6, first_image_id=201, question=True)
+    write_shards(root, "refcoco-unc", split="val", shards=1, images_per_shard=2, first_image_id=301)
+    return root
+
+
+def test_find_shards_keeps_training_splits_only(mixed_shards):
+    shards = find_shards([mixed_shards])
+    assert Counter(s.dataset for s in shards) == {"refcoco-unc": 3, "refcocog-umd": 2, "ade20k": 2}
+    assert {s.split for s in shards} == {"train", "training"}
+    with pytest.raises(PerceptioError, match="no shards"):
+        find_shards([mixed_shards], splits=("testB",))
+    with pytest.raises(PerceptioError, match="does not exist"):
+        find_shards([mixed_shards / "missing"])
+
+
+def test_mix_matches_full_names_and_families(tmp_path):
+    for dataset in ("refcoco-unc", "refcoco-google", "refcoco+-unc", "refcocog-umd"):
+        write_shards(tmp_path, dataset, shards=1, images_per_shard=1)
+    shards = find_shards([tmp_path])
+    streams = {s.name: s for s in plan_mix(shards, parse_mix("refcoco=1, refcocog=2"))}
+    assert streams["refcoco"].datasets == ("refcoco-google", "refcoco-unc")  # not refcoco+ nor refcocog
+    assert streams["refcocog"].datasets == ("refcocog-umd",) and streams["refcocog"].weight == 2.0
+    # The full name wins over the family; weight 0 leaves a stream out.
+    streams = {s.name: s for s in plan_mix(shards, parse_mix("refcoco=1,refcoco-google=0,refcoco+=1"))}
+    assert set(streams) == {"refcoco", "refcoco+"} and streams["refcoco"].datasets == ("refcoco-unc",)
+    # Without a mix every dataset is its own stream of weight 1.
+    assert [s.name for s in plan_mix(shards, None)] == ["refcoco+-unc", "refcoco-google", "refcoco-unc", "refcocog-umd"]
+    with pytest.raises(PerceptioError, match="no shard matches"):
+        plan_mix(shards, parse_mix("refclef=1"))
+    for bad in ("refcoco", "refcoco=-1", "refcoco=x", "refcoco=0", ""):
+        with pytest.raises(PerceptioError):
+            parse_mix(bad)
+
+
+def test_expansion_one_example_per_sentence_and_questions():
+    templates = PromptTemplates.load()
+    sample = make_sample("refcoco-unc", "train", 7, refs=2, sentences=3)
+    raw = {"__key__": sample.key, **sample.to_members()}
+    examples = expand_sample(raw, templates)
+    assert len(examples) == 6 and len(set(keys(examples))) == 6
+    for example, (ref, sentence) in zip(examples, [(r, s) for r in sample.meta["refs"] for s in r["sentences"]]):
+        assert sentence["sent"] in example.prompt and example.source == "refcoco-unc"
+        assert example.target.startswith(SEG + D_START) and example.target.endswith(ref["description"])
+        span = example.target[len(SEG) : example.target.index(D_END) + len(D_END)]
+        tokens = [D_START] + [f"[{t}" for t in span[len(D_START) : -len(D_END)].split("[") if t] + [D_END]
+        assert codes_from_tokens(tokens) == sample.depth_tokens.tolist()
+        assert example.mask_rle == ref["mask"] and example.image_bytes == sample.jpg
+
+    question = make_sample("ade20k", "training", 4, question=True)
+    (example,) = expand_sample({"__key__": question.key, **question.to_members()}, templates)
+    assert example.image_bytes == question.marked_jpg and example.mask_rle is None
+    assert question.meta["question"]["text"] in example.prompt
+    assert example.target.startswith(D_START) and example.target.endswith(D_END + "(B)")  # image 4 -> "ABC"[1]
+
+    without_depth = expand_sample(raw, templates, use_depth_tokens=False)
+    assert all(D_START not in e.target and e.target.startswith(SEG) for e in without_depth)
+    decoded = examples[0].decode()
+    assert decoded["image"].size == (64, 48) and decoded["mask"].shape == (48, 64)
+    assert decoded["depth"].dtype == np.float32 and decoded["depth"].shape == (320, 320)
+
+
+def test_stream_order_is_a_function_of_the_seed(mixed_shards):
+    def first(seed, count=40):
+        config = StreamConfig([mixed_shards], seed=seed, shuffle_buffer=16, shuffle_initial=8)
+        streams = plan_mix(find_shards(config.shards), None)
+        return keys(islice(ExampleReader(streams, ReaderSlot(), config), count))
+
+    assert first(3) == first(3)
+    assert first(3) != first(4)
+    assert Counter(first(3, 400)) != Counter(first(3, 40) * 10)  # more than one epoch, reshuffled
+
+
+def test_mix_weights_are_respected(mixed_shards):
+    config = StreamConfig([mixed_shards], mix=parse_mix("refcoco=1,refcocog=1,ade20k=2"), shuffle_buffer=8, shuffle_initial=4)
+    streams = plan_mix(find_shards(config.shards), config.mix)
+    draws = 2000
+    counts = Counter(example.source for example in islice(ExampleReader(streams, ReaderSlot(), config), draws))
+    assert set(counts) == {"refcoco-unc", "refcocog-umd", "ade20k"}
+    for source, share in (("refcoco-unc", 0.25), ("refcocog-umd", 0.25), ("ade20k", 0.5)):
+        # 5 binomial standard deviations: a wrong weighting (e.g. by stream size) lands far outside.
+        assert abs(counts[source] / draws - share) < 5 * np.sqrt(share * (1 - share) / draws), counts
+
+
+def test_uneven_shards_give_every_rank_endless_disjoint_streams(mixed_shards):
+    config = StreamConfig([mixed_shards], mix={"refcoco": 1.0}, shuffle_buffer=1, shuffle_initial=1)
+    streams = plan_mix(find_shards(config.shards), config.mix)  # 3 shards of refcoco-unc for 2 ranks
+    per_epoch = []
+    for rank in range(2):
+        reader = ExampleReader(streams, ReaderSlot(rank=rank, world_size=2), config)
+        taken = keys(islice(reader, 100))  # several epochs of this rank's 1 or 2 shards: never runs dry
+        assert len(taken) == 100
+        epoch0 = ExampleReader(streams, ReaderSlot(rank=rank, world_size=2), config)
+        examples = [(next(epoch0).key, epoch0.state()["streams"]["refcoco"]["epoch"]) for _ in range(100)]
+        per_epoch.append({key for key, epoch in examples if epoch == 0})
+    all_keys = {e.key for p in find_shards([mixed_shards]) if p.dataset == "refcoco-unc"
+                for raw in wds.tarfile_samples([{"url": str(p.path)}])
+                for e in expand_sample(raw, PromptTemplates.load())}
+    assert per_epoch[0].isdisjoint(per_epoch[1]) and per_epoch[0] | per_epoch[1] == all_keys
+    # The same number of steps on both ranks, through the real loader.
+    for rank in range(2):
+        loader = ResumableLoader(config, fake_encode, fake_collate, batch_size=2, rank=rank, world_size=2)
+        assert len(list(islice(loader, 20))) == 20
+
+
+def test_too_few_shards_for_the_readers_is_a_clear_error(mixed_shards):
+    config = StreamConfig([mixed_shards], mix={"refcocog": 1.0})  # 2 shards
+    with pytest.raises(PerceptioError, match=r"'refcocog' has 2 shard\(s\) but 2 rank\(s\) x 2 loader worker\(s\) = 4"):
+        ResumableLoader(config, fake_encode, fake_collate, num_workers=2, world_size=2)
+
+
+def test_sample_dataset_must_match_its_file_name(tmp_path):
+    write_shards(tmp_path, "refcoco-unc", shards=1, images_per_shard=1)
+    (tmp_path / "refcoco-unc-train-000000.tar").rename(tmp_path / "ade20k-training-000000.tar")
+    config = StreamConfig([tmp_path])
+    with pytest.raises(PerceptioError, match="says dataset 'refcoco-unc'"):
+        next(ExampleReader(plan_mix(find_shards(config.shards), None), ReaderSlot(), config))
+
+
+def test_resumed_loader_continues_with_the_same_batches(mixed_shards):
+    config = StreamConfig([mixed_shards], mix=parse_mix("refcoco=1,ade20k=1"), seed=5, shuffle_buffer=6, shuffle_initial=3)
+
+    def loader(state=None):
+        return ResumableLoader(config, fake_encode, fake_collate, batch_size=2, num_workers=2, state=state)
+
+    def content(batches):
+        return [(batch.keys, [e["target"] for e in batch.inputs]) for batch in batches]
+
+    straight = content(islice(loader(), 12))
+    first = loader()
+    head = content(islice(first, 7))  # an odd count: worker 1 is due next
+    state = json.loads(json.dumps(first.state_dict()))  # it travels through a checkpoint as JSON
+    assert state["next_worker"] == 1
+    tail = content(islice(loader(state), 5))
+    assert head + tail == straight
+    with pytest.raises(PerceptioError, match="resume with the same"):
+        ResumableLoader(config, fake_encode, fake_collate, num_workers=1, state=state)
+
+
+def test_expanded_examples_train_on_the_target_only(tmp_path):
+    """Through the tiny model's encode_example: labels hold exactly the target (+ end of turn)."""
+    import torch
+
+    from perceptio.train.model import PerceptioConfig, PerceptioModel
+
+    torch.manual_seed(0)
+    model = PerceptioModel.from_config(PerceptioConfig(model="tiny", tokenizer=str(write_tiny_tokenizer(tmp_path)), lora_rank=4))
+    templates = PromptTemplates.load()
+    for sample in (make_sample("refcoco-unc", "train", 3, refs=1, sentences=1), make_sample("ade20k", "training", 5, question=True)):
+        (example,) = expand_sample({"__key__": sample.key, **sample.to_members()}, templates)
+        encoded = model.encode_example(**example.decode())
+        labels, input_ids = encoded["labels"], encoded["input_ids"]
+        supervised = labels != -100
+        first = int(supervised.nonzero()[0])
+        assert not supervised[:first].any() and supervised[first:].all()  # the prompt, then the target
+        assert torch.equal(labels[first:], input_ids[first:])
+        target = model.tokenizer.decode(labels[first:].tolist())
+        assert target == example.target + model.adapter.end_of_turn()
+        assert example.prompt in model.tokenizer.decode(input_ids[:first].tolist())

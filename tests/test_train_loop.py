@@ -1,0 +1,283 @@
+"""The training loop: schedule, exact resume, NaN stop, atomic checkpoints, two processes (gloo).
+
+Most tests drive the loop with a toy model that has the trainer's model interface (a legitimate
+stand-in: they test the loop, not the model); the resume and CLI tests use the built-in tiny model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import socket
+from pathlib import Path
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from perceptio.errors import PerceptioError
+from perceptio.train import checkpoint as checkpoint_module
+from perceptio.train.checkpoint import atomic_directory, latest_checkpoint
+from perceptio.train.data import StreamConfig, parse_mix
+from perceptio.train.loop import TrainConfig, lr_factor, train
+from train_factory import write_shards, write_tiny_tokenizer
+
+
+@dataclass
+class ToyOutput:
+    """A dataclass, as the real model's output: DDP looks for the loss's graph inside it."""
+
+    loss: torch.Tensor
+    terms: dict[str, torch.Tensor]
+
+
+class ToyModel(torch.nn.Module):
+    """The trainer's model interface on a few linear layers; ``poison_call`` makes one forward NaN."""
+
+    def __init__(self, poison_call: int | None = None):
+        super().__init__()
+        torch.manual_seed(0)
+        self.frozen = torch.nn.Linear(4, 8).requires_grad_(False)
+        self.dropout = torch.nn.Dropout(0.2)  # makes the RNG state matter for exact resume
+        self.head = torch.nn.Linear(8, 2)
+        self.poison_call, self.calls = poison_call, 0
+
+    def encode_example(self, image, prompt, target, mask, depth):
+        pixels = np.asarray(image, dtype=np.float32) / 255.0
+        features = torch.tensor([*pixels.mean(axis=(0, 1)), len(prompt) / 100.0])
+        has_mask = float(mask is not None)
+        return {"features": features, "target": torch.tensor([float(depth.mean()), has_mask])}
+
+    def collate(self, examples):
+        return {name: torch.stack([e[name] for e in examples]) for name in examples[0]}
+
+    def forward(self, batch):
+        self.calls += 1
+        prediction = self.head(self.dropout(torch.relu(self.frozen(batch["features"]))))
+        terms = {"depth": (prediction[:, 0] - batch["target"][:, 0]).pow(2).mean(),
+                 "seg": torch.nn.functional.binary_cross_entropy_with_logits(prediction[:, 1], batch["target"][:, 1])}
+        if self.calls == self.poison_call:
+            terms["seg"] = terms["seg"] * float("nan")
+        return ToyOutput(terms["depth"] + terms["seg"], terms)
+
+    def trainable_state_dict(self):
+        return {name: p.detach().clone() for name, p in self.named_parameters() if p.requires_grad}
+
+    def load_trainable_state_dict(self, state):
+        self.load_state_dict(state, strict=False)
+
+    def save_pretrained(self, folder, merged=False):
+        Path(folder, "config.json").write_text(json.dumps({"model_type": "toy", "merged": merged}))
+        save_file(self.trainable_state_dict(), str(Path(folder, "model.safetensors")))
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shards")
+    write_shards(root, "refcoco-unc", shards=3, images_per_shard=3, first_image_id=1)
+    write_shards(root, "ade20k", split="training", shards=2, images_per_shard=4, first_image_id=50, question=True)
+    return root
+
+
+def stream(shards, **options) -> StreamConfig:
+    return StreamConfig([shards], mix=parse_mix("refcoco=1,ade20k=1"), shuffle_buffer=8, shuffle_initial=4, **options)
+
+
+def run(shards, out, steps, model=None, **options):
+    config = TrainConfig(out=out, steps=steps, batch_size=2, workers=0, progress=False, lr=1e-2, **options)
+    return train(model or ToyModel(), stream(shards), config)
+
+
+def losses(result):
+    return [(r["step"], r["loss"], r["depth"], r["seg"]) for r in result.history]
+
+
+def test_schedule_warms_up_then_decays_to_zero():
+    factors = [lr_factor(step, 100, 0.05) for step in range(100)]
+    assert factors[:5] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0])
+    assert all(a >= b for a, b in zip(factors[4:], factors[5:]))  # non-increasing after warm-up
+    assert factors[52] == pytest.approx(0.5 * (1 + np.cos(np.pi * (52 - 5) / 95)))  # 5 warm-up steps, 95 of cosine
+    assert lr_factor(100, 100, 0.05) == pytest.approx(0.0)
+
+
+def test_resume_gives_the_same_losses_as_an_uninterrupted_run(shards, tmp_path):
+    straight = run(shards, tmp_path / "straight", 8, grad_accum=2)
+    # A crash in step 5 (forward call 9 with 2 micro-batches per step) after the checkpoint of
+    # step 4; the resumed run starts from that checkpoint in a fresh model.
+    with pytest.raises(PerceptioError, match="non-finite loss at step 5"):
+        run(shards, tmp_path / "split", 8, grad_accum=2, save_every=4, model=ToyModel(poison_call=9))
+    assert latest_checkpoint(tmp_path / "split" / "checkpoints").name == "step-000004"
+    resumed = run(shards, tmp_path / "split", 8, grad_accum=2, save_every=4, resume=True)
+    assert losses(resumed) == losses(straight)[4:]
+    lines = [json.loads(line) for line in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == list(range(1, 9))
+    assert [line["loss"] for line in lines] == [line["loss"] for line in straight.history]
+    with pytest.raises(PerceptioError, match="settings changed"):
+        run(shards, tmp_path / "split", 9, grad_accum=2, resume=True)
+
+
+def test_nan_stops_the_run_naming_step_and_keys_and_saves_nothing(shards, tmp_path):
+    with pytest.raises(PerceptioError) as error:
+        run(shards, tmp_path, 6, save_every=2, model=ToyModel(poison_call=3))
+    message = str(error.value)
+    assert "non-finite loss at step 3" in message and "seg=nan" in message
+    assert "refcoco-unc_train_" in message or "ade20k_training_" in message
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-000002"]  # no partial, no hidden
+    assert not (tmp_path / "model").exists()
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_checkpoint_folder_appears_whole_or_not_at_all(shards, tmp_path, monkeypatch):
+    result = run(shards, tmp_path, 2)
+    assert result.checkpoint.name == "step-000002" and (tmp_path / "model" / "config.json").is_file()
+    names = {p.name for p in result.checkpoint.iterdir()}
+    assert names == {"trainable.safetensors", "optimizer.pt", "scheduler.pt", "rng.pt", "trainer_state.json"}
+    before = {p.name: p.read_bytes() for p in result.checkpoint.iterdir()}
+
+    def failing_save(obj, path, *args, **kwargs):
+        if str(path).endswith("scheduler.pt"):
+            raise OSError("disk full")
+        return torch.save.__wrapped__(obj, path, *args, **kwargs)
+
+    failing_save.__wrapped__ = torch.save
+    monkeypatch.setattr(checkpoint_module.torch, "save", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        run(shards, tmp_path, 2)  # the same step: it would replace step-000002
+    monkeypatch.undo()
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-000002"]
+    assert {p.name: p.read_bytes() for p in result.checkpoint.iterdir()} == before
+
+    with pytest.raises(RuntimeError):
+        with atomic_directory(tmp_path / "fresh") as folder:
+            (folder / "half").write_text("x")
+            raise RuntimeError("killed")
+    assert not any(p.name.startswith(".fresh") or p.name == "fresh" for p in tmp_path.iterdir())
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _two_process_worker(rank: int, shards: str, out: str, port: int) -> None:
+    """DDP, then FSDP: 7 steps (checkpoints after 4 and 7), then a resume from step 4 in fresh models."""
+    import shutil
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    data = StreamConfig([Path(shards)], mix={"refcoco": 1.0}, shuffle_buffer=4, shuffle_initial=2)
+    for parallel in ("ddp", "fsdp"):
+        run_dir = Path(out, parallel)
+        config = TrainConfig(out=run_dir, steps=7, batch_size=2, workers=0, progress=False, lr=1e-2, save_every=4,
+                             parallel=parallel)
+        model = ToyModel()
+        history = train(model, data, config).history
+        weights = {name: p.tolist() for name, p in model.trainable_state_dict().items()} if parallel == "ddp" else None
+        if rank == 0:
+            shutil.rmtree(run_dir / "checkpoints" / "step-000007")
+        torch.distributed.barrier()
+        resumed = train(ToyModel(), data, dataclasses.replace(config, resume=True)).history
+        Path(out, f"{parallel}-rank{rank}.json").write_text(json.dumps({"weights": weights, "history": history, "resumed": resumed}))
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_processes_with_uneven_shards_stay_in_step_and_resume(shards, tmp_path):
+    # 3 refcoco shards (12 examples each) over 2 ranks: rank 0 reads two, rank 1 one; in 7 steps of
+    # 2 examples rank 1 goes round its shard more than once, and both ranks make every step.
+    torch.multiprocessing.spawn(_two_process_worker, args=(str(shards), str(tmp_path), _free_port()), nprocs=2)
+    ddp = [json.loads((tmp_path / f"ddp-rank{rank}.json").read_text()) for rank in range(2)]
+    assert ddp[0]["weights"] == ddp[1]["weights"]  # DDP averaged the gradients
+    assert ddp[0]["weights"] != {name: p.tolist() for name, p in ToyModel().trainable_state_dict().items()}  # and they moved
+    assert [r["step"] for r in ddp[1]["history"]] == [1, 2, 3, 4, 5, 6, 7]
+    assert [r["loss"] for r in ddp[0]["history"]] == [r["loss"] for r in ddp[1]["history"]]  # averaged over ranks
+    assert len((tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()) == 7  # written by rank 0 only
+    state = json.loads((tmp_path / "ddp" / "checkpoints" / "step-000007" / "trainer_state.json").read_text())
+    epochs = [rank_state["readers"]["0"]["streams"]["refcoco"]["epoch"] for rank_state in state["loader_states"]]
+    assert epochs == [0, 1]
+    for parallel in ("ddp", "fsdp"):
+        for rank in range(2):
+            record = json.loads((tmp_path / f"{parallel}-rank{rank}.json").read_text())
+            assert [r["loss"] for r in record["resumed"]] == [r["loss"] for r in record["history"][4:]], (parallel, rank)
+    fsdp = json.loads((tmp_path / "fsdp-rank0.json").read_text())
+    assert [r["loss"] for r in fsdp["history"]] == pytest.approx([r["loss"] for r in ddp[0]["history"]], rel=1e-5)  # sharded
+
+
+# --------------------------------------------------------------------- the CLI on the tiny model
+@pytest.fixture(scope="module")
+def vqvae_dir(tmp_path_factory):
+    return write_tiny_tokenizer(tmp_path_factory.mktemp("vqvae"))
+
+
+def perceptio_train(monkeypatch, *args: str) -> int:
+    from perceptio.train.cli import main
+
+    monkeypatch.setattr("sys.argv", ["perceptio-train", *args])
+    with pytest.raises(SystemExit) as done:
+        main()
+        raise SystemExit(0)
+    return done.value.code
+
+
+def test_cli_reports_bad_input_in_one_line(monkeypatch, capsys, shards, tmp_path):
+    code = perceptio_train(monkeypatch, "--shards", str(shards), "--model", "tiny", "--steps", "1", "--mix", "refclef=1",
+                           "--out", str(tmp_path))
+    assert code == 2 and capsys.readouterr().err.strip() == (
+        "error: --mix names 'refclef' but no shard matches it; datasets found: ade20k, refcoco-unc")
+    code = perceptio_train(monkeypatch, "--shards", str(shards), "--model", "tiny", "--steps", "1", "--out", str(tmp_path))
+    assert code == 2 and capsys.readouterr().err.strip().splitlines()[-1] == (
+        "error: a depth tokenizer folder (--tokenizer) is needed for the depth tokens and L_DepthRecon")
+    code = perceptio_train(monkeypatch, "--shards", str(tmp_path / "none"), "--steps", "1", "--out", str(tmp_path))
+    assert code == 2 and "does not exist" in capsys.readouterr().err
+    code = perceptio_train(monkeypatch, "--shards", str(shards), "--steps", "1", "--parallel", "zero3", "--out", str(tmp_path))
+    assert code == 2 and capsys.readouterr().err.strip() == "error: --parallel must be one of ddp, fsdp, not 'zero3'"
+
+
+def test_cli_defaults_are_the_configs_defaults():
+    """The CLI spells its defaults out (so --help needs no torch); they must not drift."""
+    import typer.main
+
+    from perceptio.train.cli import app
+    from perceptio.train.loop import TrainConfig
+    from perceptio.train.model import PerceptioConfig
+
+    params = {param.name: param.default for param in typer.main.get_command(app).params}
+    model, loop = PerceptioConfig(), TrainConfig(out=Path("."), steps=1)
+    for name in ("model", "sam_model", "lora_rank", "lora_alpha", "lora_dropout", "crop_to_patches", "dtype", "max_length",
+                 "lambda_m", "lambda_t", "lambda_c", "lambda_d", "lambda_r", "seg_bce", "seg_dice", "gradient_checkpointing"):
+        assert params[name] == getattr(model, name), name
+    assert params["lr"] is None  # 4e-5, or a larger rate for the tiny model
+    for name in ("batch_size", "grad_accum", "weight_decay", "warmup", "grad_clip", "seed", "workers", "save_every",
+                 "precision", "parallel", "export"):
+        assert params[name] == getattr(loop, name), name
+    assert params["train_vision"] == (not model.freeze_vision)
+
+
+@pytest.mark.slow
+def test_cli_tiny_run_resumes_exactly(monkeypatch, shards, vqvae_dir, tmp_path):
+    from perceptio.train.model import TERMS, PerceptioModel
+
+    args = ["--shards", str(shards), "--model", "tiny", "--tokenizer", str(vqvae_dir), "--lora-rank", "4", "--lora-alpha", "8",
+            "--steps", "4", "--save-every", "2", "--workers", "0", "--lr", "1e-3", "--out", str(tmp_path), "--no-progress"]
+    assert perceptio_train(monkeypatch, *args) == 0
+    straight = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in straight] == [1, 2, 3, 4]
+    assert set(TERMS) <= set(json.loads(straight[0]))
+    reloaded = PerceptioModel.from_pretrained(tmp_path / "model")
+    assert reloaded.config.is_tiny and reloaded.config.lora_rank == 4
+
+    # Take away the last checkpoint: --resume goes on from step 2 and must repeat steps 3 and 4 exactly.
+    import shutil
+
+    shutil.rmtree(tmp_path / "checkpoints" / "step-000004")
+    assert perceptio_train(monkeypatch, *args, "--resume") == 0
+    resumed = (tmp_path / "metrics.jsonl").read_text().splitlines()
+
+    def losses(lines):
+        return [{k: v for k, v in json.loads(line).items() if k not in ("data_s", "step_s")} for line in lines]
+
+    assert losses(resumed) == losses(straight)
