@@ -1,0 +1,132 @@
+"""The benchmarks: which samples each one reads, and the per-sample record it scores.
+
+Every benchmark turns its data into an ordered list of items with unique ids, lets each process
+evaluate its share (:mod:`perceptio.evaluate.distributed`), gathers one JSON-able record per item
+and scores the records with :mod:`perceptio.evaluate.metrics` or :mod:`perceptio.evaluate.hardblink`.
+Prompts are the trainer's (``manifests/prompts.json`` through :func:`perceptio.train.data.expand_sample`),
+so the model is asked the way it was taught.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Callable, Protocol, Sequence, TypeVar
+
+import numpy as np
+from PIL import Image
+
+from perceptio.errors import PerceptioError
+from perceptio.evaluate.distributed import ProcessGroup, gather_records
+from perceptio.evaluate.hardblink import HardBlinkQuestion, parse_choice
+from perceptio.evaluate.metrics import decoded_depth_scores, mask_overlap, token_accuracy
+from perceptio.shards import npy_load, rle_to_mask
+
+Item = TypeVar("Item")
+
+
+class PredictionLike(Protocol):
+    text: str
+    mask: np.ndarray | None
+    depth: np.ndarray | None
+    depth_codes: list[int]
+    well_formed: bool
+
+
+class PredictorLike(Protocol):
+    identity: str
+
+    def predict(self, image: Image.Image, prompt: str) -> PredictionLike: ...
+
+
+@dataclass(frozen=True)
+class ShardItem:
+    """One evaluation sample read from shards."""
+
+    id: str
+    dataset: str
+    split: str
+    prompt: str
+    image_bytes: bytes
+    mask_rle: dict[str, Any] | None
+    depth_bytes: bytes
+    teacher_codes: tuple[int, ...]
+
+    def image(self) -> Image.Image:
+        return Image.open(io.BytesIO(self.image_bytes)).convert("RGB")
+
+
+def read_shard_items(shard_dirs: Sequence[str | Path], split: str, per_image: bool = False) -> list[ShardItem]:
+    """Every (ref, sentence) of the split's shards in file order; ``per_image``: the first of each
+    image sample only (depth is a property of the image, not of the sentence)."""
+    import webdataset as wds
+
+    from perceptio.train.data import PromptTemplates, expand_sample, find_shards
+
+    templates = PromptTemplates.load()
+    items: list[ShardItem] = []
+    for shard in find_shards(list(shard_dirs), splits=(split,)):
+        for raw in wds.tarfile_samples([{"url": str(shard.path)}]):
+            teacher_codes = tuple(int(code) for code in npy_load(raw["depth_tokens.npy"]).tolist())
+            examples = expand_sample(raw, templates, use_depth_tokens=True)
+            for example in examples[:1] if per_image else examples:
+                items.append(
+                    ShardItem(example.key, example.source, shard.split, example.prompt, example.image_bytes,
+                              example.mask_rle, example.depth_bytes, teacher_codes)
+                )
+    return items
+
+
+def evaluate_items(
+    items: Sequence[Item],
+    evaluate_one: Callable[[Item], dict[str, Any]],
+    group: ProcessGroup,
+    item_id: Callable[[Item], str],
+    advance: Callable[[], None] = lambda: None,
+) -> list[dict[str, Any]]:
+    """This rank's share evaluated, then every rank's records gathered once each in item order."""
+    records = []
+    for item in group.take(items):
+        records.append(evaluate_one(item))
+        advance()
+    return gather_records(records, group, order=[item_id(item) for item in items])
+
+
+def refseg_record(predictor: PredictorLike, item: ShardItem) -> dict[str, Any]:
+    if item.mask_rle is None:
+        raise PerceptioError(f"sample {item.id} has no mask to score")
+    truth = rle_to_mask(item.mask_rle)
+    prediction = predictor.predict(item.image(), item.prompt)
+    missing = prediction.mask is None
+    mask = np.zeros_like(truth) if missing else prediction.mask
+    overlap = mask_overlap(mask, truth)
+    return {"id": item.id, "dataset": item.dataset, "split": item.split, "intersection": overlap.intersection,
+            "union": overlap.union, "missing_seg": missing}
+
+
+def depth_record(predictor: PredictorLike, item: ShardItem) -> dict[str, Any]:
+    prediction = predictor.predict(item.image(), item.prompt)
+    record: dict[str, Any] = {
+        "id": item.id, "dataset": item.dataset, "split": item.split, "well_formed": prediction.well_formed,
+        "token_accuracy": token_accuracy(prediction.depth_codes, item.teacher_codes),
+    }
+    if prediction.well_formed and prediction.depth is not None:
+        record.update(decoded_depth_scores(prediction.depth, npy_load(item.depth_bytes).astype(np.float32)))
+    return record
+
+
+@lru_cache(maxsize=None)
+def hardblink_prompt(question_text: str) -> str:
+    """The trainer's marked-point prompt around a HardBLINK question (its first template)."""
+    from perceptio.train.data import PromptTemplates
+
+    return PromptTemplates.load().question_prompts[0].format(question=question_text)
+
+
+def hardblink_record(predictor: PredictorLike, question: HardBlinkQuestion) -> dict[str, Any]:
+    with Image.open(question.image_path) as image:
+        prediction = predictor.predict(image.convert("RGB"), hardblink_prompt(question.text))
+    return {"id": question.sample_id, "variant": question.variant, "answer": question.answer,
+            "choice": parse_choice(prediction.text, question.variant), "reply": prediction.text}

@@ -1,0 +1,289 @@
+"""``perceptio-evaluate``: referring segmentation, HardBLINK, depth tokens, and one-image predictions.
+
+Every benchmark prints a rich table (or JSON with ``--json``; ``--out FILE`` also writes the JSON)
+that names the checkpoint (path and identity) and counts the data, so two runs can be compared.
+Run under ``torchrun --nproc-per-node N`` to split the samples across processes; the records are
+gathered once per sample and only rank 0 reports.
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from perceptio.errors import PerceptioError, run_cli
+from perceptio.evaluate.distributed import ProcessGroup, init_process_group
+
+app = typer.Typer(
+    help="Evaluate a Perceptio checkpoint: refseg (cIoU/gIoU), hardblink (relative depth), depth tokens, predict.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+console = Console(stderr=True)
+
+CHECKPOINT_HELP = "Model folder exported by perceptio-train (PerceptioModel.save_pretrained: perceptio.json + weights)."
+LIMIT_HELP = "Evaluate only the first N samples (in dataset order), e.g. for a quick look."
+JSON_HELP = "Print the results as JSON on stdout instead of a table."
+OUT_HELP = "Also write the results as JSON to this file."
+TOKENS_HELP = "Most tokens to generate per sample (the depth span alone takes 102)."
+THREADS_HELP = "CPU threads for torch (default: torch's choice); 1 is fastest for the tiny model on a busy CPU."
+
+
+@contextmanager
+def progress_bar(description: str, total: int, group: ProcessGroup) -> Iterator[Callable[[], None]]:
+    """A rich progress bar over this rank's share (drawn by rank 0 only); yields ``advance``."""
+    if not group.is_main:
+        yield lambda: None
+        return
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console) as progress:
+        task = progress.add_task(description, total=total)
+        yield lambda: progress.advance(task)
+
+
+def _limited(items: Sequence[Any], limit: Optional[int]) -> list[Any]:
+    if limit is not None and limit < 1:
+        raise PerceptioError(f"--limit must be at least 1, not {limit}")
+    return list(items[:limit] if limit is not None else items)
+
+
+def percent(value: Optional[float]) -> str:
+    """A share as a percentage with one decimal, "-" when there is none."""
+    return "-" if value is None else f"{100 * value:.1f}"
+
+
+def _share(items: Sequence[Any], group: ProcessGroup) -> int:
+    return len(group.take(items))
+
+
+def report(results: dict[str, Any], table: Table, as_json: bool, out: Optional[Path]) -> None:
+    """Print the table (or the JSON) and write ``out`` atomically."""
+    text = json.dumps(results, indent=2, sort_keys=True)
+    if out is not None:
+        from perceptio.tokenize.atomic import write_text_atomic
+
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(out, text + "\n")
+    if as_json:
+        typer.echo(text)
+    else:
+        Console().print(table)
+
+
+def _header(results: dict[str, Any]) -> str:
+    checkpoint = results["checkpoint"]
+    return f"{results['benchmark']} | {checkpoint['identity']} | {results['processes']} process(es)"
+
+
+def _load_predictor(checkpoint: Path, max_new_tokens: int, threads: Optional[int]):
+    import torch
+
+    from perceptio.evaluate.predict import Predictor
+
+    if threads is not None:
+        if threads < 1:
+            raise PerceptioError(f"--threads must be at least 1, not {threads}")
+        torch.set_num_threads(threads)
+    return Predictor.from_checkpoint(checkpoint, max_new_tokens=max_new_tokens)
+
+
+def _checkpoint_info(checkpoint: Path, predictor: Any) -> dict[str, str]:
+    return {"path": str(checkpoint), "identity": predictor.identity}
+
+
+@app.command()
+def refseg(
+    checkpoint: Path = typer.Option(..., help=CHECKPOINT_HELP),
+    shards: list[Path] = typer.Option(..., help="Shard folder(s) of perceptio-curate (repeat for several)."),
+    split: str = typer.Option("val", help="Split to evaluate (val, testA, testB, test)."),
+    limit: Optional[int] = typer.Option(None, help=LIMIT_HELP),
+    max_new_tokens: int = typer.Option(160, help=TOKENS_HELP),
+    threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+    out: Optional[Path] = typer.Option(None, help=OUT_HELP),
+) -> None:
+    """Referring segmentation: cIoU, gIoU and precision@0.5 per dataset and split (every sentence one sample)."""
+    from perceptio.evaluate.benchmarks import evaluate_items, read_shard_items, refseg_record
+    from perceptio.evaluate.metrics import refseg_scores_by_group
+
+    group = init_process_group()
+    items = _limited([item for item in read_shard_items(shards, split) if item.mask_rle is not None], limit)
+    if not items:
+        raise PerceptioError(f"no referring expressions in split {split!r} of {', '.join(map(str, shards))}")
+    predictor = _load_predictor(checkpoint, max_new_tokens, threads)
+    with progress_bar(f"refseg {split}", _share(items, group), group) as advance:
+        records = evaluate_items(items, lambda item: refseg_record(predictor, item), group, lambda item: item.id, advance)
+    if not group.is_main:
+        return
+    scores = refseg_scores_by_group(records)
+    results = {
+        "benchmark": "refseg",
+        "checkpoint": _checkpoint_info(checkpoint, predictor),
+        "data": {"shards": [str(path) for path in shards], "split": split, "expressions": len(records),
+                 "images": len({record["id"].split("/")[0] for record in records}), "limit": limit},
+        "processes": group.world_size,
+        "scores": {name: score.to_dict() for name, score in scores.items()},
+    }
+    table = Table(title=_header(results))
+    for column in ("dataset/split", "expressions", "cIoU", "gIoU", "P@0.5", "no [SEG]"):
+        table.add_column(column)
+    for name, score in scores.items():
+        table.add_row(name, str(score.expressions), percent(score.ciou), percent(score.giou),
+                      percent(score.precision_at_50), str(score.missing_seg))
+    report(results, table, as_json, out)
+
+
+@app.command()
+def hardblink(
+    checkpoint: Path = typer.Option(..., help=CHECKPOINT_HELP),
+    data: Path = typer.Option(..., help="HardBLINK folder (images/, questions/, answers/)."),
+    variants: str = typer.Option("3,4,5", help="Point counts to evaluate, comma-separated."),
+    limit: Optional[int] = typer.Option(None, help=LIMIT_HELP),
+    max_new_tokens: int = typer.Option(160, help=TOKENS_HELP),
+    threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+    out: Optional[Path] = typer.Option(None, help=OUT_HELP),
+) -> None:
+    """HardBLINK relative depth ("which point is closest"): accuracy per point count and their mean."""
+    from perceptio.evaluate.benchmarks import evaluate_items, hardblink_record
+    from perceptio.evaluate.hardblink import load_hardblink, score_hardblink
+
+    try:
+        chosen = tuple(int(part) for part in variants.split(",") if part.strip())
+    except ValueError:
+        raise PerceptioError(f"--variants {variants!r} is not a comma-separated list of point counts") from None
+    group = init_process_group()
+    questions = _limited(load_hardblink(data, chosen), limit)
+    predictor = _load_predictor(checkpoint, max_new_tokens, threads)
+    with progress_bar("hardblink", _share(questions, group), group) as advance:
+        records = evaluate_items(
+            questions, lambda question: hardblink_record(predictor, question), group, lambda q: q.sample_id, advance
+        )
+    if not group.is_main:
+        return
+    scores = score_hardblink(records)
+    results = {
+        "benchmark": "hardblink",
+        "checkpoint": _checkpoint_info(checkpoint, predictor),
+        "data": {"root": str(data), "questions": len(records), "limit": limit},
+        "processes": group.world_size,
+        "scores": scores.to_dict(),
+        "replies": records,
+    }
+    table = Table(title=_header(results))
+    for column in ("points", "questions", "accuracy", "unparsed"):
+        table.add_column(column)
+    for variant, accuracy in scores.accuracy.items():
+        table.add_row(str(variant), str(scores.questions[variant]), percent(accuracy), str(scores.unparsed[variant]))
+    table.add_row("average", str(len(records)), percent(scores.average), "")
+    report(results, table, as_json, out)
+
+
+@app.command()
+def depth(
+    checkpoint: Path = typer.Option(..., help=CHECKPOINT_HELP),
+    shards: list[Path] = typer.Option(..., help="Shard folder(s) of perceptio-curate (repeat for several)."),
+    split: str = typer.Option("val", help="Split to evaluate."),
+    limit: Optional[int] = typer.Option(None, help=LIMIT_HELP),
+    max_new_tokens: int = typer.Option(160, help=TOKENS_HELP),
+    threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+    out: Optional[Path] = typer.Option(None, help=OUT_HELP),
+) -> None:
+    """Depth tokens: well-formed span rate, token accuracy and decoded depth against the teacher (one sample per image)."""
+    from perceptio.evaluate.benchmarks import depth_record, evaluate_items, read_shard_items
+    from perceptio.evaluate.metrics import depth_token_scores
+
+    group = init_process_group()
+    items = _limited(read_shard_items(shards, split, per_image=True), limit)
+    if not items:
+        raise PerceptioError(f"no samples in split {split!r} of {', '.join(map(str, shards))}")
+    predictor = _load_predictor(checkpoint, max_new_tokens, threads)
+    with progress_bar(f"depth {split}", _share(items, group), group) as advance:
+        records = evaluate_items(items, lambda item: depth_record(predictor, item), group, lambda item: item.id, advance)
+    if not group.is_main:
+        return
+    scores = depth_token_scores(records)
+    results = {
+        "benchmark": "depth",
+        "checkpoint": _checkpoint_info(checkpoint, predictor),
+        "data": {"shards": [str(path) for path in shards], "split": split, "images": len(records), "limit": limit},
+        "processes": group.world_size,
+        "scores": scores.to_dict(),
+    }
+    table = Table(title=_header(results))
+    for column in ("images", "well-formed %", "token accuracy %", "AbsRel", "delta<1.25"):
+        table.add_column(column)
+    table.add_row(
+        str(scores.samples), percent(scores.well_formed_rate), percent(scores.token_accuracy),
+        "-" if scores.abs_rel is None else f"{scores.abs_rel:.3f}", "-" if scores.delta1 is None else f"{scores.delta1:.3f}",
+    )
+    report(results, table, as_json, out)
+
+
+@app.command("synth-blink")
+def synth_blink(
+    world: Path = typer.Option(..., help="A synthetic world (perceptio-curate synth); use one the model was not trained on."),
+    out: Path = typer.Option(..., help="Folder to write the questions into, in the HardBLINK layout."),
+    per_variant: Optional[int] = typer.Option(None, help="Most questions per point count (default: one per image that allows it)."),
+    seed: int = typer.Option(0, help="Seed of the choice of objects and of the letters."),
+) -> None:
+    """Write HardBLINK-style questions (3, 4, 5 marked points, true depth decides) for a synthetic world."""
+    from perceptio.evaluate.synth_blink import SynthBlinkConfig, baselines, build_questions
+
+    counts = build_questions(world, out, SynthBlinkConfig(seed=seed), limit_per_variant=per_variant)
+    scores = baselines(out)
+    table = Table(title=f"synthetic HardBLINK questions in {out}")
+    for column in ("points", "questions", "chance", "lower is nearer"):
+        table.add_column(column)
+    for variant, count in counts.items():
+        table.add_row(str(variant), str(count), percent(1 / variant), percent(scores["lower_is_nearer"].get(variant)))
+    Console().print(table)
+
+
+@app.command()
+def predict(
+    checkpoint: Path = typer.Option(..., help=CHECKPOINT_HELP),
+    image: Path = typer.Option(..., help="Image file to ask about."),
+    prompt: str = typer.Option(..., help="What to ask, e.g. 'Please segment the object described as \"the red cube\".'"),
+    out: Path = typer.Option(..., help="Picture to write (PNG): the mask, the depth and the answer."),
+    max_new_tokens: int = typer.Option(160, help=TOKENS_HELP),
+    threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
+    as_json: bool = typer.Option(False, "--json", help="Print the answer, span and mask facts as JSON."),
+) -> None:
+    """One image and prompt -> one picture with the predicted mask, the decoded depth and the answer."""
+    from PIL import Image, UnidentifiedImageError
+
+    from perceptio.evaluate.picture import render_prediction
+    from perceptio.inspect.render import save_png
+
+    if not image.is_file():
+        raise PerceptioError(f"image not found: {image}")
+    try:
+        with Image.open(image) as opened:
+            picture = opened.convert("RGB")
+    except (UnidentifiedImageError, OSError) as error:
+        raise PerceptioError(f"cannot read image {image}: {error}") from None
+    predictor = _load_predictor(checkpoint, max_new_tokens, threads)
+    prediction = predictor.predict(picture, prompt)
+    notes = f"{predictor.identity}; depth span {'well formed' if prediction.well_formed else 'missing or malformed'}"
+    save_png(render_prediction(picture, prediction.mask, prediction.depth, prompt, prediction.text, notes), out)
+    facts = {
+        "checkpoint": _checkpoint_info(checkpoint, predictor), "image": str(image), "prompt": prompt,
+        "answer": prediction.text, "mask_pixels": None if prediction.mask is None else int(prediction.mask.sum()),
+        "depth_span_well_formed": prediction.well_formed, "picture": str(out),
+    }
+    if as_json:
+        typer.echo(json.dumps(facts, indent=2))
+    else:
+        console.print(f"answer: {prediction.text!r}; picture written to {out}")
+
+
+main = run_cli(app)

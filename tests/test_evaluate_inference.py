@@ -1,0 +1,195 @@
+"""Inference and the perceptio-evaluate commands on the built-in tiny model (random weights).
+
+One tiny checkpoint is built per module. A random model rarely writes [SEG] or a depth span by
+itself, so the mask and depth paths are driven by a processor that makes the model choose [SEG]
+and [D_START] first (as a trained model does); the format constraint does the rest.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from perceptio.evaluate.cli import main
+from perceptio.evaluate.decoding import PerceptionFormatProcessor
+from perceptio.evaluate.predict import Predictor
+from tests.train_factory import write_shards
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tiny model decodes several times faster on one thread of a busy CPU; restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    from perceptio.tokenize.vqvae import DepthVQVAE, DepthVQVAEConfig
+    from perceptio.train.model import PerceptioConfig, PerceptioModel
+
+    folder = tmp_path_factory.mktemp("tiny")
+    torch.manual_seed(0)
+    DepthVQVAE(DepthVQVAEConfig()).save_pretrained(folder / "tokenizer")
+    config = PerceptioConfig(model="tiny", sam_model="tiny", tokenizer=str(folder / "tokenizer"), lora_rank=4, lora_alpha=8)
+    return PerceptioModel.from_config(config).save_pretrained(folder / "model")
+
+
+@pytest.fixture(scope="module")
+def predictor(checkpoint) -> Predictor:
+    return Predictor.from_checkpoint(checkpoint, max_new_tokens=110)
+
+
+class ChoosesSegThenDepth(PerceptionFormatProcessor):
+    """Forces [SEG] then [D_START] as the first two tokens, then applies the format constraint."""
+
+    def __init__(self, base: PerceptionFormatProcessor, prompt_length: int, seg_id: int):
+        super().__init__(base.depth_token_ids.tolist(), base.d_start_id, base.d_end_id, base.num_depth_tokens,
+                         base.max_spans, base.max_length)
+        self.prompt_length, self.seg_id = prompt_length, seg_id
+
+    def __call__(self, input_ids, scores):
+        step = input_ids.shape[1] - self.prompt_length
+        forced = {0: self.seg_id, 1: self.d_start_id}.get(step)
+        if forced is not None:
+            scores = torch.full_like(scores, float("-inf"))
+            scores[:, forced] = 0.0
+            return scores
+        return super().__call__(input_ids, scores)
+
+
+def image(width: int = 64, height: int = 48) -> Image.Image:
+    rng = np.random.default_rng(0)
+    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def test_prediction_gives_mask_depth_and_answer_from_one_sequence(predictor, monkeypatch):
+    model = predictor.model
+    original = predictor._processor
+    monkeypatch.setattr(predictor, "_processor",
+                        lambda length: ChoosesSegThenDepth(original(length), length, model.seg_token_id))
+    picture = image(64, 48)
+    prediction = predictor.predict(picture, "Please segment the object described as \"the red cube\".")
+    ids = prediction.token_ids
+    assert ids[0] == model.seg_token_id and ids[1] == model.d_start_id
+    assert prediction.well_formed and len(prediction.depth_codes) == 100
+    assert ids[102] == model.d_end_id
+    # The mask is at the image's size (H, W), binary; the depth is the tokenizer's 320x320 decode.
+    assert prediction.mask is not None and prediction.mask.shape == (48, 64)
+    assert set(np.unique(prediction.mask)) <= {0, 1}
+    assert prediction.depth is not None and prediction.depth.shape == (320, 320)
+    expected_depth = model.depth_vqvae.decode(torch.tensor([prediction.depth_codes]))[0].numpy()
+    np.testing.assert_allclose(prediction.depth, expected_depth)
+    # The answer text carries no perception token.
+    assert "[SEG]" not in prediction.text and "[D_" not in prediction.text
+    assert prediction.text == model.tokenizer.decode(ids[103:], skip_special_tokens=True).strip()
+
+
+def test_random_model_never_writes_a_malformed_span(predictor):
+    prediction = predictor.predict(image(), "Which point is the closest to the camera?")
+    vocabulary = predictor.vocabulary
+    if vocabulary.d_start_id in prediction.token_ids:
+        assert prediction.well_formed
+    assert not set(prediction.token_ids) & set(vocabulary.depth_token_ids) or prediction.well_formed
+
+
+@dataclass
+class Done:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture
+def evaluate(capsys, monkeypatch):
+    """Run the console script's entry point in this process (exit code, stdout, stderr)."""
+
+    def run(*arguments: str) -> Done:
+        monkeypatch.setattr(sys, "argv", ["perceptio-evaluate", *arguments])
+        code = 0
+        try:
+            main()
+        except SystemExit as exit_:
+            code = exit_.code
+        captured = capsys.readouterr()
+        return Done(code, captured.out, captured.err)
+
+    return run
+
+
+@pytest.fixture(scope="module")
+def val_shards(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("shards")
+    write_shards(folder, "refcoco-unc", split="val", shards=1, images_per_shard=2, refs=1, sentences=2)
+    write_shards(folder, "refcoco-unc", split="train", shards=1, images_per_shard=1)  # must be ignored
+    return folder
+
+
+def test_refseg_command_reports_scores_with_checkpoint_and_counts(evaluate, checkpoint, val_shards, tmp_path):
+    out = tmp_path / "refseg.json"
+    done = evaluate("refseg", "--checkpoint", str(checkpoint), "--shards", str(val_shards), "--split", "val",
+                    "--limit", "3", "--max-new-tokens", "4", "--json", "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    results = json.loads(done.stdout)
+    assert results == json.loads(out.read_text())
+    assert results["checkpoint"]["identity"].startswith("model@") and "(tiny)" in results["checkpoint"]["identity"]
+    assert results["data"]["expressions"] == 3 and results["data"]["images"] == 2  # 2 sentences per image
+    scores = results["scores"]["refcoco-unc/val"]
+    assert scores["expressions"] == 3
+    # With 4 new tokens a random model writes no [SEG]: every prediction empty, every GT non-empty.
+    assert scores["missing_seg"] == 3 and scores["ciou"] == 0.0 and scores["giou"] == 0.0
+
+
+def test_depth_command(evaluate, checkpoint, val_shards):
+    done = evaluate("depth", "--checkpoint", str(checkpoint), "--shards", str(val_shards), "--limit", "1",
+                    "--max-new-tokens", "4", "--json")
+    assert done.returncode == 0, done.stderr
+    results = json.loads(done.stdout)
+    assert results["data"]["images"] == 1
+    assert 0.0 <= results["scores"]["token_accuracy"] <= 1.0 and results["scores"]["samples"] == 1
+
+
+def test_hardblink_command_on_the_real_samples(evaluate, checkpoint, shared_data):
+    done = evaluate("hardblink", "--checkpoint", str(checkpoint), "--data", str(shared_data / "hardblink"),
+                    "--variants", "3,5", "--limit", "2", "--max-new-tokens", "4")
+    assert done.returncode == 0, done.stderr
+    assert "average" in done.stdout and "hardblink" in done.stdout
+
+
+def test_predict_command_writes_a_picture(evaluate, checkpoint, tmp_path):
+    source = tmp_path / "in.png"
+    image(80, 60).save(source)
+    out = tmp_path / "pred.png"
+    done = evaluate("predict", "--checkpoint", str(checkpoint), "--image", str(source), "--prompt", "segment the cube",
+                    "--out", str(out), "--max-new-tokens", "4", "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["picture"] == str(out)
+    with Image.open(out) as picture:
+        assert picture.width > 2 * 80 and picture.height > 60
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["predict", "--checkpoint", "{ckpt}", "--image", "/nonexistent.png", "--prompt", "x", "--out", "o.png"], "image not found"),
+        (["hardblink", "--checkpoint", "{ckpt}", "--data", "/nonexistent"], "HardBLINK folder not found"),
+        (["refseg", "--checkpoint", "/nonexistent", "--shards", "{shards}"], "checkpoint folder not found"),
+        (["refseg", "--checkpoint", "{ckpt}", "--shards", "{shards}", "--split", "testB"], "no shards"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_code_2(evaluate, checkpoint, val_shards, arguments, message):
+    filled = [a.format(ckpt=checkpoint, shards=val_shards) for a in arguments]
+    done = evaluate(*filled)
+    assert done.returncode == 2
+    assert message in done.stderr and "Traceback" not in done.stderr
