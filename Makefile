@@ -24,7 +24,7 @@ demo: $(STAMP)
 	bash scripts/demo.sh $(DEMO)
 
 bench: $(STAMP)
-	for b in benchmarks/*.py; do $(BIN)/python $$b || exit 1; done
+	for b in benchmarks/bench_*.py; do $(BIN)/python $$b || exit 1; done
 
 clean:
 	rm -rf $(DEMO) .pytest_cache

@@ -13,11 +13,20 @@ from perceptio.tokenize.metrics import align_scale_shift, codebook_usage, depth_
 
 def test_scale_and_shift_are_removed_before_scoring() -> None:
     target = np.array([[1.0, 2.0], [3.0, 4.0]])
-    metrics = depth_metrics(-0.5 * target + 7.0, target)  # any affine copy aligns exactly
+    metrics = depth_metrics(0.5 * target + 7.0, target)  # any increasing affine copy aligns exactly
     assert metrics["abs_rel"] == pytest.approx(0, abs=1e-12)
     assert metrics["rmse"] == pytest.approx(0, abs=1e-12)
     assert metrics["delta1"] == 1.0
     assert align_scale_shift(2 * target + 1, target, np.ones_like(target, bool)) == pytest.approx((0.5, -0.5))
+
+
+def test_near_and_far_swapped_does_not_align() -> None:
+    """The scale is kept >= 0: a flipped map falls back to the constant mean (2.5) and scores badly."""
+    target = np.array([[1.0, 2.0], [3.0, 4.0]])
+    assert align_scale_shift(-target, target, np.ones_like(target, bool)) == pytest.approx((0.0, 2.5))
+    metrics = depth_metrics(-0.5 * target + 7.0, target)
+    assert metrics["abs_rel"] == pytest.approx((1.5 / 1 + 0.5 / 2 + 0.5 / 3 + 1.5 / 4) / 4)
+    assert metrics["delta1"] == pytest.approx(0.25)  # ratios 2.5, 1.25, 1.2, 1.6: only 1.2 is < 1.25
 
 
 def test_metrics_match_a_hand_computed_case() -> None:

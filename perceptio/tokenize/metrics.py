@@ -2,7 +2,7 @@
 
 ``depth_metrics`` follows the monocular-depth protocol for predictions known only up to scale and
 shift: per image, the prediction is aligned to the target by least squares (``s * pred + t``) over
-the valid pixels, then AbsRel = mean |a - g| / g, RMSE = sqrt(mean (a - g)^2) and
+the valid pixels (scale >= 0), then AbsRel = mean |a - g| / g, RMSE = sqrt(mean (a - g)^2) and
 delta1 = share of pixels with max(a / g, g / a) < 1.25 are computed, and averaged over images. The
 metrics are taken in the units of ``target`` (this project passes inverse depth, the quantity the
 teacher and the tokenizer work in). An aligned value <= 0 fails delta1 (its ratio is unbounded).
@@ -22,10 +22,17 @@ def _as_batch(values: np.ndarray | torch.Tensor) -> np.ndarray:
 
 
 def align_scale_shift(pred: np.ndarray, target: np.ndarray, mask: np.ndarray) -> tuple[float, float]:
-    """Least-squares (scale, shift) with ``scale * pred + shift ~ target`` over ``mask``."""
+    """Least-squares (scale, shift) with ``scale * pred + shift ~ target`` over ``mask``, scale >= 0.
+
+    The scale is kept non-negative: a free sign would let a map with near and far swapped align
+    perfectly. When the unconstrained fit wants a negative scale, the best admissible fit is the
+    constant ``mean(target)`` (scale 0).
+    """
     x, y = pred[mask], target[mask]
     design = np.stack([x, np.ones_like(x)], axis=1)
     (scale, shift), *_ = np.linalg.lstsq(design, y, rcond=None)
+    if scale < 0:
+        return 0.0, float(y.mean())
     return float(scale), float(shift)
 
 
