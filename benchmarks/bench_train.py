@@ -9,7 +9,8 @@
    (unconstrained) generations on held-out images that hold a well-formed depth span, untrained vs
    trained; and every loss term's mean over the first and last 20 steps.
 
-Run: ``.venv/bin/python benchmarks/bench_train.py [--span-rate 200]``. Shards come from the trainer
+Run: ``.venv/bin/python benchmarks/bench_train.py [--span-rate 200]``; ``--report-run RUN --held-out DIR
+--tokenizer TOK`` gives item 4 for a run made elsewhere (e.g. on the demo's shards). Shards come from the trainer
 tests' factory (tests/train_factory.py): the curation schema, small images.
 """
 
@@ -128,8 +129,13 @@ def logits_memory_ratio(tokenizer: Path, shards: Path) -> tuple[float, float, st
     return peaks["full"], peaks["restricted"], positions
 
 
-def well_formed_rate(model: PerceptioModel, held_out: Path) -> tuple[float, int]:
-    """Share of held-out prompts whose greedy, unconstrained generation has a well-formed span."""
+def well_formed_rate(model: PerceptioModel, held_out: Path) -> tuple[float, float, int]:
+    """Shares of held-out prompts whose greedy, unconstrained generation has a well-formed span.
+
+    Two readings: the evaluation's strict one (one [D_START], n codes, one [D_END], and no depth
+    token or marker anywhere else in the answer) and the issue's ([D_START], exactly n codes,
+    [D_END], whatever follows).
+    """
     import webdataset as wds
 
     from perceptio.evaluate.metrics import PerceptionVocabulary, depth_span
@@ -141,7 +147,7 @@ def well_formed_rate(model: PerceptioModel, held_out: Path) -> tuple[float, int]
     examples = [example for raw in wds.tarfile_samples([{"url": str(p)} for p in sorted(held_out.glob("*.tar"))])
                 for example in expand_sample(raw, templates)[:1]]  # one prompt per held-out image
     model.eval()
-    good = 0
+    strict = spans = 0
     with torch.inference_mode():
         for example in examples:
             image = example.decode()["image"]
@@ -151,8 +157,13 @@ def well_formed_rate(model: PerceptioModel, held_out: Path) -> tuple[float, int]
             output = model.adapter.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
                                                   pixel_values=pixel_values, max_new_tokens=model.config.num_depth_tokens + 24,
                                                   do_sample=False, eos_token_id=end_of_turn, pad_token_id=end_of_turn)
-            good += depth_span(output[0, input_ids.shape[1]:].tolist(), vocabulary)[0]
-    return good / len(examples), len(examples)
+            answer = output[0, input_ids.shape[1]:].tolist()
+            well_formed, codes = depth_span(answer, vocabulary)
+            strict += well_formed
+            if model.d_start_id in answer:
+                after_codes = answer.index(model.d_start_id) + 1 + len(codes)
+                spans += len(codes) == vocabulary.num_depth_tokens and answer[after_codes:after_codes + 1] == [model.d_end_id]
+    return strict / len(examples), spans / len(examples), len(examples)
 
 
 def span_rate(folder: Path, shards: Path, tokenizer: Path, steps: int) -> None:
@@ -178,19 +189,27 @@ def report_run(run: Path, held_out: Path, tokenizer: Path) -> None:
         first, last = statistics.mean(r[term] for r in rows[:20]), statistics.mean(r[term] for r in rows[-20:])
         print(f"  {term:13s} first 20 steps {first:8.4f}   last 20 steps {last:8.4f}   ratio {last / first:6.3f}")
     torch.manual_seed(0)  # as perceptio-train --seed 0 builds its starting point
-    untrained, count = well_formed_rate(PerceptioModel.from_config(PerceptioConfig(model="tiny", tokenizer=str(tokenizer))),
-                                        held_out)
-    trained, _ = well_formed_rate(PerceptioModel.from_pretrained(run / "model"), held_out)
-    print(f"well-formed depth spans, greedy on {count} held-out images: untrained {untrained:.0%}, trained {trained:.0%}")
+    untrained = well_formed_rate(PerceptioModel.from_config(PerceptioConfig(model="tiny", tokenizer=str(tokenizer))), held_out)
+    trained = well_formed_rate(PerceptioModel.from_pretrained(run / "model"), held_out)
+    print(f"greedy on {trained[2]} held-out images: [D_START] + exactly n codes + [D_END]: untrained {untrained[1]:.0%}, "
+          f"trained {trained[1]:.0%}; strict (nothing stray elsewhere): untrained {untrained[0]:.0%}, trained {trained[0]:.0%}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--span-rate", type=int, default=0, metavar="STEPS", help="also train STEPS steps and measure spans")
+    parser.add_argument("--report-run", type=Path, metavar="RUN",
+                        help="only report on an existing perceptio-train --model tiny run folder (with --held-out, --tokenizer)")
+    parser.add_argument("--held-out", type=Path, help="a folder of held-out shards (.tar) for --report-run")
     parser.add_argument("--logits-peak", choices=("full", "restricted"), help=argparse.SUPPRESS)  # the child process
-    parser.add_argument("--tokenizer", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--tokenizer", type=Path, help="the run's depth tokenizer folder, for --report-run")
     parser.add_argument("--shards", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.report_run:
+        if not (args.held_out and args.tokenizer):
+            parser.error("--report-run needs --held-out and --tokenizer")
+        report_run(args.report_run, args.held_out, args.tokenizer)
+        return
     if args.logits_peak:
         print(*logits_peak_mb(args.logits_peak, args.tokenizer, args.shards))
         return

@@ -250,8 +250,9 @@ def test_cli_defaults_are_the_configs_defaults():
     for name in ("model", "sam_model", "lora_rank", "lora_alpha", "lora_dropout", "crop_to_patches", "dtype", "max_length",
                  "lambda_m", "lambda_t", "lambda_c", "lambda_d", "lambda_r", "seg_bce", "seg_dice", "gradient_checkpointing"):
         assert params[name] == getattr(model, name), name
-    assert params["lr"] is None  # 4e-5, or a larger rate for the tiny model
-    for name in ("batch_size", "grad_accum", "weight_decay", "warmup", "grad_clip", "seed", "workers", "save_every",
+    assert params["lr"] is None and params["batch_size"] is None  # the config's, or larger for the tiny model
+    assert params["train_language_model"] is None and not model.train_language_model  # LoRA, or full for tiny
+    for name in ("grad_accum", "weight_decay", "warmup", "grad_clip", "seed", "workers", "save_every",
                  "precision", "parallel", "export"):
         assert params[name] == getattr(loop, name), name
     assert params["train_vision"] == (not model.freeze_vision)
@@ -269,6 +270,11 @@ def test_cli_tiny_run_resumes_exactly(monkeypatch, shards, vqvae_dir, tmp_path):
     assert set(TERMS) <= set(json.loads(straight[0]))
     reloaded = PerceptioModel.from_pretrained(tmp_path / "model")
     assert reloaded.config.is_tiny and reloaded.config.lora_rank == 4
+    # The tiny model's defaults: every language-model weight trained, batches of TINY_BATCH_SIZE.
+    from perceptio.train.cli import TINY_BATCH_SIZE
+
+    assert reloaded.config.train_language_model
+    assert sum(json.loads(straight[0])["sources"].values()) == TINY_BATCH_SIZE
 
     # Take away the last checkpoint: --resume goes on from step 2 and must repeat steps 3 and 4 exactly.
     import shutil

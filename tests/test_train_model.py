@@ -323,3 +323,40 @@ def test_untied_output_rows_train_and_merge(vqvae_dir, tmp_path, monkeypatch):
         expected = model.eval()(batch).terms
         reloaded = PerceptioModel.from_pretrained(model.save_pretrained(tmp_path / "merged", merged=True)).eval()
         assert torch.allclose(reloaded(batch).terms["llm"], expected["llm"], atol=1e-5)
+
+
+def test_full_fine_tuning_overfits_one_example_so_greedy_decoding_writes_its_span(vqvae_dir, tmp_path):
+    """The TINY model trained fully must reproduce a training target under plain greedy decoding.
+
+    Guards the whole path from training to generation (prompt layout, image inputs, the new tokens'
+    rows, the output head): a mismatch anywhere, or a model too constrained to learn (LoRA on the
+    frozen random TINY model echoes its input token), leaves the span malformed.
+    """
+    model = build(vqvae_dir, train_language_model=True, use_segmentation=False, use_depth_recon=False)
+    language_model = model.adapter.language_model()
+    assert all(param.requires_grad for param in language_model.parameters())
+    assert not any("lora" in name for name, _ in model.named_parameters())
+    parts = example_parts()
+    # Distinct codes: each is followed by one token, so the span is learnable in a few steps.
+    parts["target"] = f"{SEG}{depth_span(np.random.default_rng(0).permutation(128)[:100])} {DESCRIPTION}"
+    example = model.encode_example(**parts)
+    batch = model.collate([example])
+    optimizer = torch.optim.AdamW([param for param in model.parameters() if param.requires_grad], lr=1e-2)
+    for _ in range(120):
+        model(batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    target = example["labels"][example["labels"] != -100].tolist()
+    prompt = example["input_ids"][: len(example["input_ids"]) - len(target)][None]
+
+    def greedy(trained: PerceptioModel) -> list[int]:
+        with torch.inference_mode():
+            output = trained.eval().adapter.model.generate(
+                input_ids=prompt, attention_mask=torch.ones_like(prompt), pixel_values=example["pixel_values"],
+                max_new_tokens=len(target) + 8, do_sample=False, pad_token_id=trained.tokenizer.pad_token_id,
+                eos_token_id=trained.tokenizer.convert_tokens_to_ids(trained.adapter.end_of_turn()))
+        return output[0, prompt.shape[1]:].tolist()
+
+    assert greedy(model) == target
+    reloaded = PerceptioModel.from_pretrained(model.save_pretrained(tmp_path / "export"))
+    assert reloaded.config.train_language_model and greedy(reloaded) == target

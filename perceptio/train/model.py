@@ -2,7 +2,8 @@
 
 Pieces (paper-notes.md): a transformers vision-language model (InternVL by default, reached through
 :mod:`perceptio.train.adapter`) with the perception tokens of :mod:`perceptio.tokens` added, LoRA on
-its language model and trainable rows for the new tokens; a SAM2 mask decoder prompted by the
+its language model and trainable rows for the new tokens (or, with ``train_language_model``, every
+weight of the language model: the default for the random TINY model); a SAM2 mask decoder prompted by the
 ``[SEG]`` hidden state (:mod:`perceptio.train.sam`); the frozen depth VQ-VAE whose ``decode_soft``
 gives L_DepthRecon. :mod:`perceptio.train.losses` defines the four losses.
 
@@ -59,6 +60,11 @@ class PerceptioConfig:
     lora_rank: int = 256  # the paper's
     lora_alpha: int = 512  # scaling alpha / r = 2, the LISA / Sa2VA convention (the paper gives none)
     lora_dropout: float = 0.05
+    # Full fine-tuning of the language model (every weight, the whole embedding and output head)
+    # instead of LoRA + new-token rows. For the TINY random-weight model (perceptio-train turns it on
+    # for --model tiny): its frozen random layers and tied head keep echoing the current input token,
+    # which a low-rank update does not undo in a short run.
+    train_language_model: bool = False
     freeze_vision: bool = True
     crop_to_patches: bool = False  # one 448 tile (256 image tokens); True: InternVL's dynamic tiling
     gradient_checkpointing: bool = False
@@ -158,8 +164,13 @@ class PerceptioModel(nn.Module):
             vlm.resize_token_embeddings(len(tokenizer))
         vlm.requires_grad_(False)
         adapter = adapter_for(vlm, tokenizer, config.crop_to_patches)
-        # peft injects its layers in place: the adapter's model is the trained one either way.
-        wrapped = _apply_lora(vlm, config, adapter, tokenizer.convert_tokens_to_ids(new_tokens)) if apply_lora else vlm
+        wrapped = vlm
+        if apply_lora and config.train_language_model:
+            adapter.language_model().requires_grad_(True)
+            adapter.output_head().requires_grad_(True)  # the same weight as the embedding when tied
+        elif apply_lora:
+            # peft injects its layers in place: the adapter's model is the trained one either way.
+            wrapped = _apply_lora(vlm, config, adapter, tokenizer.convert_tokens_to_ids(new_tokens))
         if not config.freeze_vision:
             for module in adapter.vision_modules():
                 module.requires_grad_(True)
