@@ -7,11 +7,16 @@ readers, the teacher and the tokenizer say on their own.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -167,6 +172,56 @@ def test_resume_redoes_only_unfinished_shards_byte_identically(refcoco_run, worl
     assert not list(out.glob(".*"))
     with pytest.raises(PerceptioError, match="samples_per_shard"):
         curate(_request(world, models, out, samples_per_shard=3))
+
+
+def _processes_in_session(session_id: int) -> list[str]:
+    """``ps`` lines of the live processes of one session (Ray's raylet and workers inherit it)."""
+    listing = subprocess.run(["ps", "-eww", "-o", "sid=,pid=,stat=,args="], capture_output=True, text=True, check=True).stdout
+    return [line for line in listing.splitlines()
+            if int(line.split()[0]) == session_id and not line.split()[2].startswith("Z")]
+
+
+@pytest.mark.slow
+def test_a_killed_command_resumes_byte_identically(ray_two_cpus, world, models, tmp_path):
+    # One image per shard, so that the run is killed with some shards finished and others not.
+    reference = curate(_request(world, models, tmp_path / "reference", samples_per_shard=1, batch_size=1,
+                                teacher=TeacherSpec(source="gt", depth_dir=str(world / "depth"))))
+    out = tmp_path / "shards"
+    command = [str(Path(sys.executable).parent / "perceptio-curate"), "refcoco", "--data-root", str(world),
+               "--out", str(out), "--tokenizer", str(models["tokenizer"]), "--depth-source", "gt",
+               "--samples-per-shard", "1", "--batch-size", "1", "--num-cpus", "2", "--no-progress"]
+    # Its own embedded Ray, not the one of this test process.
+    env = {name: value for name, value in os.environ.items() if name != "RAY_ADDRESS"}
+    run = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    running: list[str] = []
+    try:
+        deadline = time.monotonic() + 120
+        while not list(out.glob("*_stats.json")) and run.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.001)  # the markers of 12 one-image shards land within ~0.1-0.3 s
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGSTOP)  # freeze the run where it is, to see what it had started
+            running = _processes_in_session(run.pid)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(run.pid, signal.SIGKILL)  # the driver and the embedded Ray it started, at once
+        run.communicate()
+    finished = {path: (path.stat().st_ino, path.stat().st_mtime_ns) for path in out.glob("*_stats.json")}
+    assert running and 0 < len(finished) < len(reference.shards), (
+        f"no kill window: {len(finished)} of {len(reference.shards)} shards were finished when the run was killed")
+    assert any("raylet" in line for line in running)  # so that the check below looks at Ray's processes
+    # Nothing of the killed run survives it: its raylet takes the workers down with it.
+    deadline = time.monotonic() + 30
+    while _processes_in_session(run.pid) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert _processes_in_session(run.pid) == []
+
+    rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    written = re.search(r"(\d+) shards in .* \((\d+) written by this run\)", rerun.stdout)
+    assert written and (int(written[1]), int(written[2])) == (len(reference.shards), len(reference.shards) - len(finished))
+    assert {path: (path.stat().st_ino, path.stat().st_mtime_ns) for path in finished} == finished
+    assert _digests(out) == _digests(reference.out)
+    assert not list(out.glob(".*"))
 
 
 def test_ade20k_with_ground_truth_depth(ray_two_cpus, world, models, tmp_path):
