@@ -6,7 +6,8 @@ same comparison runs where ground truth is known, with the same perceptio comman
 1. a training world and a held-out world (another seed) of the built-in synthetic world;
 2. ``perceptio-tokenize fit`` on the training world's ground-truth depth;
 3. ``perceptio-curate refcoco`` and ``ade20k`` shards of the training world (ground-truth depth);
-4. ``perceptio-train --model tiny`` twice with the same seed, steps and settings: full Perceptio, and
+4. ``perceptio-train --model tiny`` twice with the same seed, steps, batch size and the trainer's
+   settings for the tiny model (every language-model weight trained, lr 1e-2): full Perceptio, and
    ``--no-depth-tokens``;
 5. HardBLINK-style questions (3, 4, 5 points on distinct objects, true depth decides) on the held-out
    world (:mod:`perceptio.evaluate.synth_blink`), scored by ``perceptio-evaluate hardblink``, and
@@ -15,7 +16,7 @@ same comparison runs where ground truth is known, with the same perceptio comman
 
 Writes OUT/ablation.json (every number, counts, timings, training curves) and OUT/ablation.md (the
 README table) and prints the table. ``--quick`` is a smoke run of the whole path for ``make demo``
-(a few steps; its numbers mean nothing).
+(a few small steps; its numbers mean nothing).
 
     .venv/bin/python benchmarks/ablation.py --out ablation-out          # the measured run (< 30 min)
     .venv/bin/python benchmarks/ablation.py --out demo-out/ablation --quick
@@ -34,6 +35,8 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
+from perceptio.train.cli import TINY_BATCH_SIZE
+
 BIN = Path(sys.executable).parent
 MODELS = {"full": [], "no_depth_tokens": ["--no-depth-tokens"]}
 # What a run writes under --out; an earlier run's copies are removed first (the worlds are replaced
@@ -48,15 +51,14 @@ class AblationConfig:
     seed: int = 0
     tokenizer_steps: int = 300
     train_steps: int = 300
-    lora_rank: int = 16
-    lr: float = 1e-3
+    batch_size: int = TINY_BATCH_SIZE  # the trainer's default for the tiny model; --quick makes steps light
     mix: str = "refcoco=1,ade20k=1"  # questions are one per ADE image: give them half the steps
     questions_per_variant: int = 30
     refseg_limit: int = 60
     threads: int = 1  # the tiny model decodes fastest on one thread of a busy CPU
 
 
-QUICK = AblationConfig(world_images=40, heldout_images=16, tokenizer_steps=20, train_steps=4, lora_rank=4,
+QUICK = AblationConfig(world_images=40, heldout_images=16, tokenizer_steps=20, train_steps=4, batch_size=2,
                        questions_per_variant=2, refseg_limit=2)
 
 
@@ -117,8 +119,7 @@ def train_and_evaluate(config: AblationConfig, out: Path, name: str, flags: list
     started = time.perf_counter()
     run([str(BIN / "perceptio-train"), "--shards", str(out / "shards" / "refcoco"), "--shards", str(out / "shards" / "ade20k"),
          "--mix", config.mix, "--model", "tiny", "--tokenizer", str(out / "tokenizer"), "--steps", str(config.train_steps),
-         "--seed", str(config.seed), "--lr", str(config.lr), "--lora-rank", str(config.lora_rank),
-         "--lora-alpha", str(2 * config.lora_rank), "--train-vision", "--workers", "0", "--out", str(run_dir),
+         "--seed", str(config.seed), "--batch-size", str(config.batch_size), "--workers", "0", "--out", str(run_dir),
          "--no-progress", *flags], out / "logs" / f"train-{name}.log")
     timings[f"train_{name}_s"] = time.perf_counter() - started
 
