@@ -34,6 +34,14 @@ JSON_HELP = "Print the results as JSON on stdout instead of a table."
 OUT_HELP = "Also write the results as JSON to this file."
 TOKENS_HELP = "Most tokens to generate per sample (the depth span alone takes 102)."
 THREADS_HELP = "CPU threads for torch (default: torch's choice); 1 is fastest for the tiny model on a busy CPU."
+# Options the benchmark commands share (typer reads a default's OptionInfo; one object serves all).
+CHECKPOINT_OPTION = typer.Option(..., help=CHECKPOINT_HELP)
+SHARDS_OPTION = typer.Option(..., help="Shard folder(s) of perceptio-curate (repeat for several).")
+LIMIT_OPTION = typer.Option(None, help=LIMIT_HELP)
+TOKENS_OPTION = typer.Option(160, help=TOKENS_HELP)
+THREADS_OPTION = typer.Option(None, help=THREADS_HELP)
+JSON_OPTION = typer.Option(False, "--json", help=JSON_HELP)
+OUT_OPTION = typer.Option(None, help=OUT_HELP)
 
 
 @contextmanager
@@ -100,14 +108,14 @@ def _checkpoint_info(checkpoint: Path, predictor: Any) -> dict[str, str]:
 
 @app.command()
 def refseg(
-    checkpoint: Path = typer.Option(..., help=CHECKPOINT_HELP),
-    shards: list[Path] = typer.Option(..., help="Shard folder(s) of perceptio-curate (repeat for several)."),
+    checkpoint: Path = CHECKPOINT_OPTION,
+    shards: list[Path] = SHARDS_OPTION,
     split: str = typer.Option("val", help="Split to evaluate (val, testA, testB, test)."),
-    limit: Optional[int] = typer.Option(None, help=LIMIT_HELP),
-    max_new_tokens: int = typer.Option(160, help=TOKENS_HELP),
-    threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
-    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
-    out: Optional[Path] = typer.Option(None, help=OUT_HELP),
+    limit: Optional[int] = LIMIT_OPTION,
+    max_new_tokens: int = TOKENS_OPTION,
+    threads: Optional[int] = THREADS_OPTION,
+    as_json: bool = JSON_OPTION,
+    out: Optional[Path] = OUT_OPTION,
 ) -> None:
     """Referring segmentation: cIoU, gIoU and precision@0.5 per dataset and split (every sentence one sample)."""
     from perceptio.evaluate.benchmarks import evaluate_items, read_shard_items, refseg_record
@@ -142,14 +150,14 @@ def refseg(
 
 @app.command()
 def hardblink(
-    checkpoint: Path = typer.Option(..., help=CHECKPOINT_HELP),
+    checkpoint: Path = CHECKPOINT_OPTION,
     data: Path = typer.Option(..., help="HardBLINK folder (images/, questions/, answers/)."),
     variants: str = typer.Option("3,4,5", help="Point counts to evaluate, comma-separated."),
-    limit: Optional[int] = typer.Option(None, help=LIMIT_HELP),
-    max_new_tokens: int = typer.Option(160, help=TOKENS_HELP),
-    threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
-    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
-    out: Optional[Path] = typer.Option(None, help=OUT_HELP),
+    limit: Optional[int] = LIMIT_OPTION,
+    max_new_tokens: int = TOKENS_OPTION,
+    threads: Optional[int] = THREADS_OPTION,
+    as_json: bool = JSON_OPTION,
+    out: Optional[Path] = OUT_OPTION,
 ) -> None:
     """HardBLINK relative depth ("which point is closest"): accuracy per point count and their mean."""
     from perceptio.evaluate.benchmarks import evaluate_items, hardblink_record
@@ -188,14 +196,14 @@ def hardblink(
 
 @app.command()
 def depth(
-    checkpoint: Path = typer.Option(..., help=CHECKPOINT_HELP),
-    shards: list[Path] = typer.Option(..., help="Shard folder(s) of perceptio-curate (repeat for several)."),
+    checkpoint: Path = CHECKPOINT_OPTION,
+    shards: list[Path] = SHARDS_OPTION,
     split: str = typer.Option("val", help="Split to evaluate."),
-    limit: Optional[int] = typer.Option(None, help=LIMIT_HELP),
-    max_new_tokens: int = typer.Option(160, help=TOKENS_HELP),
-    threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
-    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
-    out: Optional[Path] = typer.Option(None, help=OUT_HELP),
+    limit: Optional[int] = LIMIT_OPTION,
+    max_new_tokens: int = TOKENS_OPTION,
+    threads: Optional[int] = THREADS_OPTION,
+    as_json: bool = JSON_OPTION,
+    out: Optional[Path] = OUT_OPTION,
 ) -> None:
     """Depth tokens: well-formed span rate, token accuracy and decoded depth against the teacher (one sample per image)."""
     from perceptio.evaluate.benchmarks import depth_record, evaluate_items, read_shard_items
@@ -250,12 +258,12 @@ def synth_blink(
 
 @app.command()
 def predict(
-    checkpoint: Path = typer.Option(..., help=CHECKPOINT_HELP),
+    checkpoint: Path = CHECKPOINT_OPTION,
     image: Path = typer.Option(..., help="Image file to ask about."),
     prompt: str = typer.Option(..., help="What to ask, e.g. 'Please segment the object described as \"the red cube\".'"),
     out: Path = typer.Option(..., help="Picture to write (PNG): the mask, the depth and the answer."),
-    max_new_tokens: int = typer.Option(160, help=TOKENS_HELP),
-    threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
+    max_new_tokens: int = TOKENS_OPTION,
+    threads: Optional[int] = THREADS_OPTION,
     as_json: bool = typer.Option(False, "--json", help="Print the answer, span and mask facts as JSON."),
 ) -> None:
     """One image and prompt -> one picture with the predicted mask, the decoded depth and the answer."""
