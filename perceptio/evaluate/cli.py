@@ -106,6 +106,19 @@ def _checkpoint_info(checkpoint: Path, predictor: Any) -> dict[str, str]:
     return {"path": str(checkpoint), "identity": predictor.identity}
 
 
+def _predict_all(
+    label: str, items: list, group: ProcessGroup, checkpoint: Path, max_new_tokens: int, threads: Optional[int],
+    record: Callable[[Any, Any], dict], sample_id: Callable[[Any], str],
+) -> tuple[Any, list[dict] | None]:
+    """Load the model, score this process's share of ``items``, gather; records on rank 0 only."""
+    from perceptio.evaluate.benchmarks import evaluate_items
+
+    predictor = _load_predictor(checkpoint, max_new_tokens, threads)
+    with progress_bar(label, _share(items, group), group) as advance:
+        records = evaluate_items(items, lambda item: record(predictor, item), group, sample_id, advance)
+    return predictor, records if group.is_main else None
+
+
 @app.command()
 def refseg(
     checkpoint: Path = CHECKPOINT_OPTION,
@@ -118,17 +131,16 @@ def refseg(
     out: Optional[Path] = OUT_OPTION,
 ) -> None:
     """Referring segmentation: cIoU, gIoU and precision@0.5 per dataset and split (every sentence one sample)."""
-    from perceptio.evaluate.benchmarks import evaluate_items, read_shard_items, refseg_record
+    from perceptio.evaluate.benchmarks import read_shard_items, refseg_record
     from perceptio.evaluate.metrics import refseg_scores_by_group
 
     group = init_process_group()
     items = _limited([item for item in read_shard_items(shards, split) if item.mask_rle is not None], limit)
     if not items:
         raise PerceptioError(f"no referring expressions in split {split!r} of {', '.join(map(str, shards))}")
-    predictor = _load_predictor(checkpoint, max_new_tokens, threads)
-    with progress_bar(f"refseg {split}", _share(items, group), group) as advance:
-        records = evaluate_items(items, lambda item: refseg_record(predictor, item), group, lambda item: item.id, advance)
-    if not group.is_main:
+    predictor, records = _predict_all(f"refseg {split}", items, group, checkpoint, max_new_tokens, threads,
+                                      refseg_record, lambda item: item.id)
+    if records is None:
         return
     scores = refseg_scores_by_group(records)
     results = {
@@ -160,7 +172,7 @@ def hardblink(
     out: Optional[Path] = OUT_OPTION,
 ) -> None:
     """HardBLINK relative depth ("which point is closest"): accuracy per point count and their mean."""
-    from perceptio.evaluate.benchmarks import evaluate_items, hardblink_record
+    from perceptio.evaluate.benchmarks import hardblink_record
     from perceptio.evaluate.hardblink import load_hardblink, score_hardblink
 
     try:
@@ -169,12 +181,9 @@ def hardblink(
         raise PerceptioError(f"--variants {variants!r} is not a comma-separated list of point counts") from None
     group = init_process_group()
     questions = _limited(load_hardblink(data, chosen), limit)
-    predictor = _load_predictor(checkpoint, max_new_tokens, threads)
-    with progress_bar("hardblink", _share(questions, group), group) as advance:
-        records = evaluate_items(
-            questions, lambda question: hardblink_record(predictor, question), group, lambda q: q.sample_id, advance
-        )
-    if not group.is_main:
+    predictor, records = _predict_all("hardblink", questions, group, checkpoint, max_new_tokens, threads,
+                                      hardblink_record, lambda question: question.sample_id)
+    if records is None:
         return
     scores = score_hardblink(records)
     results = {
@@ -206,17 +215,16 @@ def depth(
     out: Optional[Path] = OUT_OPTION,
 ) -> None:
     """Depth tokens: well-formed span rate, token accuracy and decoded depth against the teacher (one sample per image)."""
-    from perceptio.evaluate.benchmarks import depth_record, evaluate_items, read_shard_items
+    from perceptio.evaluate.benchmarks import depth_record, read_shard_items
     from perceptio.evaluate.metrics import depth_token_scores
 
     group = init_process_group()
     items = _limited(read_shard_items(shards, split, per_image=True), limit)
     if not items:
         raise PerceptioError(f"no samples in split {split!r} of {', '.join(map(str, shards))}")
-    predictor = _load_predictor(checkpoint, max_new_tokens, threads)
-    with progress_bar(f"depth {split}", _share(items, group), group) as advance:
-        records = evaluate_items(items, lambda item: depth_record(predictor, item), group, lambda item: item.id, advance)
-    if not group.is_main:
+    predictor, records = _predict_all(f"depth {split}", items, group, checkpoint, max_new_tokens, threads,
+                                      depth_record, lambda item: item.id)
+    if records is None:
         return
     scores = depth_token_scores(records)
     results = {
