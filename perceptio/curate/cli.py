@@ -42,12 +42,16 @@ def synth(
     workers: int = typer.Option(
         2, "--workers", min=1, help="Processes that render images in parallel (the output does not depend on it)."
     ),
+    conversations: bool = typer.Option(
+        False, "--conversations", help="Also write LLaVA-1.5 conversations (llava/) and GranD-f grounded captions (GranDf/)."
+    ),
 ) -> None:
     """Write the synthetic world (RGB, metric depth, instances) in the RefCOCO/+/g and ADE20k layouts.
 
     Files follow docs/architecture.md: the REFER layout (images/mscoco/..., refcoco/, refcoco+/,
     refcocog/), ADEChallengeData2016/, depth/ and instances/ (16-bit PNG per image stem), and
-    world.json (cameras, objects, which refs are deliberately ambiguous or duplicated).
+    world.json (cameras, objects, which refs are deliberately ambiguous or duplicated). With
+    --conversations, llava/synth_{split}.json and GranDf/annotations/train/GranDf_HA_GCG_{split}.json too.
     """
     from perceptio.curate.synth.world import check_out_dir, generate_world  # numpy-heavy: import when used
 
@@ -69,6 +73,11 @@ def synth(
     for split, count in summary.ade_images.items():
         table.add_row(f"ADE20k {split}", str(count), "-", "-")
     Console().print(table)
+    if conversations:
+        from perceptio.curate.synth.conversations import write_conversations
+
+        written = write_conversations(out)
+        typer.echo(f"conversations: LLaVA {written.llava}, GranD-f {written.grandf}")
 
 
 from perceptio.curate.commands import register as _register_dataset_commands  # noqa: E402  (refcoco, refcoco+, refcocog, ade20k)
