@@ -84,6 +84,23 @@ def test_one_span_by_default_and_never_opened_past_max_length():
     assert processor_for(vocab, max_spans=None, max_length=13)(prompt, logits)[0, vocab.d_start_id] == 0
 
 
+def test_spans_in_the_prompt_do_not_count():
+    vocab = vocabulary(4)
+    earlier_turn = [1, vocab.d_start_id, *vocab.depth_token_ids[:4], vocab.d_end_id, 2]
+    logits = torch.zeros(1, BASE_VOCAB + len(special_tokens()))
+    history = torch.tensor([earlier_turn])
+    # Counted from the start, the earlier turn's span uses up the one span; counted from the
+    # generated part (nothing yet), a new span may open.
+    assert processor_for(vocab)(history, logits)[0, vocab.d_start_id] == float("-inf")
+    assert processor_for(vocab, prompt_length=len(earlier_turn))(history, logits)[0, vocab.d_start_id] == 0
+    # An open span in the generated part is still followed through to its end, and then closed.
+    generated = torch.tensor([earlier_turn + [vocab.d_start_id, *vocab.depth_token_ids[:4]]])
+    after = processor_for(vocab, prompt_length=len(earlier_turn))(generated, logits)
+    assert torch.isfinite(after[0]).nonzero().flatten().tolist() == [vocab.d_end_id]
+    done = torch.tensor([earlier_turn + [vocab.d_start_id, *vocab.depth_token_ids[:4], vocab.d_end_id]])
+    assert processor_for(vocab, prompt_length=len(earlier_turn))(done, logits)[0, vocab.d_start_id] == float("-inf")
+
+
 def test_markers_must_not_be_depth_tokens():
     with pytest.raises(ValueError):
         PerceptionFormatProcessor([5, 6], d_start_id=5, d_end_id=7, num_depth_tokens=2)

@@ -2,7 +2,8 @@
 
 Once ``[D_START]`` is emitted, exactly n depth tokens follow and then ``[D_END]``; depth tokens and
 ``[D_END]`` appear nowhere else. By default a sequence holds at most one span (the format is
-``[SEG] [D_START] d_1..d_n [D_END] answer``). Use it with ``generate``::
+``[SEG] [D_START] d_1..d_n [D_END] answer``). Only the generated part counts: given the prompt's
+length, spans written in earlier turns of a conversation neither block nor open a span. Use it with ``generate``::
 
     processor = PerceptionFormatProcessor(depth_token_ids, d_start_id, d_end_id, num_depth_tokens=100)
     model.generate(..., logits_processor=LogitsProcessorList([processor]))
@@ -30,6 +31,7 @@ class PerceptionFormatProcessor(LogitsProcessor):
         max_spans: how many spans a sequence may hold (None: unlimited).
         max_length: the total length generation stops at, when known: a span is not opened where it
             could not be closed before it.
+        prompt_length: the (padded) prompt width; tokens before it are history, not counted.
     """
 
     def __init__(
@@ -40,6 +42,7 @@ class PerceptionFormatProcessor(LogitsProcessor):
         num_depth_tokens: int,
         max_spans: int | None = 1,
         max_length: int | None = None,
+        prompt_length: int = 0,
     ):
         if not depth_token_ids:
             raise ValueError("depth_token_ids is empty")
@@ -53,6 +56,7 @@ class PerceptionFormatProcessor(LogitsProcessor):
         self.num_depth_tokens = int(num_depth_tokens)
         self.max_spans = max_spans
         self.max_length = max_length
+        self.prompt_length = int(prompt_length)
 
     def _depth_lookup(self, vocab_size: int, device: torch.device) -> torch.Tensor:
         # The vocabulary may be wider than the largest token id (padded embedding tables).
@@ -66,8 +70,10 @@ class PerceptionFormatProcessor(LogitsProcessor):
         lookup = self._depth_lookup(vocab_size, input_ids.device)
         is_depth = lookup[input_ids.clamp(min=0, max=lookup.numel() - 1)] & (input_ids >= 0)
         positions = torch.arange(1, input_ids.shape[1] + 1, device=input_ids.device).expand_as(input_ids)
-        last_start = torch.where(input_ids == self.d_start_id, positions, 0).max(dim=1).values
-        last_end = torch.where(input_ids == self.d_end_id, positions, 0).max(dim=1).values
+        # amax over an empty generated part (the first step) would fail: a zero column keeps it defined.
+        zero = torch.zeros(input_ids.shape[0], 1, dtype=torch.long, device=input_ids.device)
+        last_start = torch.cat([zero, torch.where(input_ids == self.d_start_id, positions, 0)], dim=1).max(dim=1).values
+        last_end = torch.cat([zero, torch.where(input_ids == self.d_end_id, positions, 0)], dim=1).max(dim=1).values
         inside = last_start > last_end
         # Depth tokens after the last [D_START]: positions are 1-based, so `positions > last_start`.
         written = (is_depth & (positions > last_start.unsqueeze(1))).sum(dim=1)
@@ -76,7 +82,9 @@ class PerceptionFormatProcessor(LogitsProcessor):
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
         vocab_size = scores.shape[-1]
-        inside, written, closed = self.span_state(input_ids, vocab_size)
+        if input_ids.shape[1] < self.prompt_length:
+            raise ValueError(f"input_ids has {input_ids.shape[1]} positions, fewer than the prompt's {self.prompt_length}")
+        inside, written, closed = self.span_state(input_ids[:, self.prompt_length :], vocab_size)
         is_depth = self._depth_lookup(vocab_size, scores.device)[:vocab_size]
         token_ids = torch.arange(vocab_size, device=scores.device)
         only_depth = is_depth.unsqueeze(0)

@@ -98,6 +98,7 @@ class Predictor:
             # A model trained without depth tokens must not start a span it never learned to close.
             max_spans=1 if self.model.config.use_depth_tokens else 0,
             max_length=prompt_length + self.max_new_tokens,
+            prompt_length=prompt_length,
         )
 
     @torch.inference_mode()
