@@ -236,3 +236,17 @@ def test_masked_label_inside_a_span_is_an_error():
     spans = losses.find_depth_spans(labels, D_START, D_END)
     with pytest.raises(ValueError, match="no supervised logits"):
         losses.depth_token_loss(supervised, supervised.token_nll(), spans)
+
+
+def test_each_seg_is_paired_in_order_with_its_own_mask():
+    seg, ignore = 7, losses.IGNORE_INDEX
+    labels = torch.tensor([
+        [ignore, 3, seg, 4, seg, 5, seg],  # three [SEG]s, two masks: the third pairs with nothing
+        [ignore, ignore, 3, 4, 5, 6, 2],  # no [SEG]
+        [ignore, seg, 3, ignore, ignore, ignore, ignore],  # one [SEG], two masks (second cut off)
+    ])
+    rows, positions, masks = losses.seg_pairs(labels, seg, torch.tensor([2, 0, 2]))
+    assert list(zip(rows.tolist(), positions.tolist(), masks.tolist())) == [(0, 2, 0), (0, 4, 1), (2, 1, 0)]
+    # A [SEG] in the prompt (ignored label) is not a target and is never paired.
+    rows, _, _ = losses.seg_pairs(torch.tensor([[ignore, ignore]]), seg, torch.tensor([1]))
+    assert rows.numel() == 0

@@ -195,6 +195,20 @@ def depth_recon_loss(
     return per_sample.sum() / batch
 
 
+def seg_pairs(labels: torch.Tensor, seg_token_id: int, mask_counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(row, position, mask index) of every ``[SEG]`` in ``labels`` (B, T) that has a mask.
+
+    The k-th ``[SEG]`` of a row is paired with the row's k-th mask (a grounded caption's phrases in
+    order). A row's ``[SEG]`` beyond its ``mask_counts`` (curation rejects such samples) and masks
+    whose ``[SEG]`` was cut off by ``max_length`` pair with nothing and are left out.
+    """
+    is_seg = labels == seg_token_id
+    rank = is_seg.long().cumsum(dim=1) - 1
+    paired = is_seg & (rank < mask_counts.to(labels.device).view(-1, 1))
+    rows, positions = paired.nonzero(as_tuple=True)  # row-major: each row's [SEG]s in order
+    return rows, positions, rank[rows, positions]
+
+
 def segmentation_losses(mask_logits: torch.Tensor, gt_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(sigmoid CE, DICE) averaged over the given masks (M, H, W); zeros when M = 0."""
     if mask_logits.shape[0] == 0:
