@@ -27,12 +27,12 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
+from pycocotools import mask as mask_utils
 
 from perceptio.curate.synth.layout import WORLD_FILE
 from perceptio.curate.synth.scene import SHAPES, image_rng
 from perceptio.errors import PerceptioError
 from perceptio.io import write_text_atomic
-from perceptio.shards import mask_to_rle
 
 LLAVA_DIR = PurePosixPath("llava")
 GRANDF_DIR = PurePosixPath("GranDf/annotations/train")
@@ -50,6 +50,12 @@ class ConversationSummary:
     llava: dict[str, int]  # split -> records
     grandf: dict[str, int]  # split -> captions
     files: list[Path]
+
+
+def _rle(mask: np.ndarray) -> dict[str, Any]:
+    """Compressed COCO RLE with a str ``counts``, as GranD-f's ``rle_masks`` hold them."""
+    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    return {"size": [int(rle["size"][0]), int(rle["size"][1])], "counts": rle["counts"].decode("ascii")}
 
 
 def _plural(shape: str) -> str:
@@ -148,7 +154,7 @@ def grounded_record(record: dict[str, Any], instances: np.ndarray) -> dict[str, 
             caption += " and " if position == len(phrases) - 1 else ", "
         start = len(caption)
         caption += text
-        masks = [mask_to_rle(instances == obj["instance"]) for obj in members]
+        masks = [_rle(instances == obj["instance"]) for obj in members]
         groundings[text] = {"token_positives": [start, len(caption)], "rle_masks": masks}
     return {"file_name": record["file"], "caption": caption + ".", "groundings": groundings}
 
