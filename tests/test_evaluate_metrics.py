@@ -143,3 +143,17 @@ def test_decoded_depth_scores_ignore_scale_and_shift_but_not_structure():
     assert affine["abs_rel"] == pytest.approx(0, abs=1e-9)
     unrelated = decoded_depth_scores(np.clip(rng.normal(0, 0.5, (32, 32)), -1, 1), teacher)
     assert unrelated["abs_rel"] > 0.1 and unrelated["delta1"] < 1.0
+
+
+def test_exact_match_ignores_case_punctuation_and_articles():
+    from perceptio.evaluate.metrics import conversation_scores, exact_match
+
+    assert exact_match("The blue cube.", "blue cube") and exact_match(" 3 ", "3")
+    assert not exact_match("blue cube", "red cube") and not exact_match("left", "left of it")
+    scores = conversation_scores([
+        {"key": "a", "turn": 1, "prediction": "red", "reference": "Red"},
+        {"key": "a", "turn": 3, "prediction": "2", "reference": "3"},
+        {"key": "b", "turn": 1, "prediction": "left", "reference": "left"},
+    ])
+    assert (scores.answers, scores.conversations) == (3, 2)
+    assert scores.exact_match == pytest.approx(2 / 3) and scores.all_turns_right == 0.5

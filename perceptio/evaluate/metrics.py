@@ -205,3 +205,45 @@ def depth_token_scores(records: Iterable[dict[str, Any]]) -> DepthTokenScores:
         abs_rel=float(np.mean([record["abs_rel"] for record in formed])) if formed else None,
         delta1=float(np.mean([record["delta1"] for record in formed])) if formed else None,
     )
+
+
+# ------------------------------------------------------------------------------- conversations
+_ARTICLES = {"a", "an", "the"}
+
+
+def normalise_answer(text: str) -> str:
+    """Lower case, punctuation and articles dropped, whitespace collapsed (the VQA convention)."""
+    kept = "".join(character if character.isalnum() or character.isspace() else " " for character in text.lower())
+    return " ".join(word for word in kept.split() if word not in _ARTICLES)
+
+
+def exact_match(prediction: str, reference: str) -> bool:
+    """Whether the answers agree after :func:`normalise_answer` ("The blue cube." == "blue cube")."""
+    return normalise_answer(prediction) == normalise_answer(reference)
+
+
+@dataclass(frozen=True)
+class ConversationScores:
+    answers: int  # assistant turns scored
+    exact_match: float  # share of answers that match their reference
+    conversations: int
+    all_turns_right: float  # share of conversations with every answer right
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def conversation_scores(records: Iterable[dict[str, Any]]) -> ConversationScores:
+    """Scores of ``{"key", "turn", "prediction", "reference"}`` records (one per assistant turn)."""
+    by_conversation: dict[str, list[bool]] = defaultdict(list)
+    for record in records:
+        by_conversation[record["key"]].append(exact_match(record["prediction"], record["reference"]))
+    answers = [right for rights in by_conversation.values() for right in rights]
+    if not answers:
+        raise PerceptioError("no conversation turn to score")
+    return ConversationScores(
+        answers=len(answers),
+        exact_match=sum(answers) / len(answers),
+        conversations=len(by_conversation),
+        all_turns_right=sum(all(rights) for rights in by_conversation.values()) / len(by_conversation),
+    )
