@@ -25,13 +25,13 @@ import pytest
 import torch
 import webdataset as wds
 
-from perceptio.curate.ade20k import ADE20kDataset
 from perceptio.curate.commands import CurationRequest, curate
 from perceptio.curate.distributor import DEFAULT_DEPTH_MODEL, RayConfig, TeacherSpec
-from perceptio.curate.refer import ReferDataset
-from perceptio.curate.synth import generate_world
 from perceptio.errors import PerceptioError
 from perceptio.shards import ShardSample, rle_to_mask, sample_key
+from perceptio.sources.ade20k import ADE20kDataset
+from perceptio.sources.refer import ReferDataset
+from perceptio.sources.synth import generate_world
 from perceptio.tokenize.cache import DepthCache
 from perceptio.tokenize.teacher import DEFAULT_DEPTH_MODEL as TEACHER_DEFAULT
 from perceptio.tokenize.teacher import OracleTeacher, PipelineTeacher

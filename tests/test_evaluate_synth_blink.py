@@ -14,7 +14,7 @@ from perceptio.evaluate.synth_blink import SynthBlinkConfig, baselines, build_qu
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    from perceptio.curate.synth import generate_world
+    from perceptio.sources.synth import generate_world
 
     root = tmp_path_factory.mktemp("world") / "world"
     generate_world(root, images=6, seed=3, workers=1)

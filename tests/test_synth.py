@@ -20,8 +20,8 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
-from perceptio.curate.synth import generate_world
 from perceptio.errors import PerceptioError
+from perceptio.sources.synth import generate_world
 
 IMAGES = 20  # 15 COCO + 5 ADE20k images: every split, ambiguous and duplicate refs appear
 SEED = 3
@@ -366,8 +366,8 @@ def test_same_seed_same_bytes_whatever_the_workers_and_other_seeds_differ(world:
 
 
 def test_rebuilding_a_single_image_gives_the_same_files(world: Path, meta: dict) -> None:
-    from perceptio.curate.synth.scene import SceneConfig
-    from perceptio.curate.synth.world import build_image
+    from perceptio.sources.synth.scene import SceneConfig
+    from perceptio.sources.synth.world import build_image
 
     image = meta["images"][7]
     result = build_image(image["index"], seed=SEED, config=SceneConfig())
@@ -431,7 +431,7 @@ def test_cli_writes_a_world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
 
 def test_refer_reader_reads_the_world_as_written(world: Path, meta: dict) -> None:
     refer = pytest.importorskip(
-        "perceptio.curate.refer", reason="the REFER reader (perceptio/curate/refer.py) is not there yet"
+        "perceptio.sources.refer", reason="the REFER reader (perceptio/sources/refer.py) is not there yet"
     )
     images = {image.get("image_id"): image for image in meta["images"]}
     for dataset, split_by in REFER_FILES:

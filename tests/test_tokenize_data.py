@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from perceptio.errors import PerceptioError
-from perceptio.curate.synth import generate_world
+from perceptio.sources.synth import generate_world
 from perceptio.tokenize.data import DepthSource, is_held_out, list_images, split_held_out
 from perceptio.tokenize.teacher import OracleTeacher
 

@@ -68,14 +68,14 @@ class CurationSummary:
 def _read_dataset(request: CurationRequest) -> tuple[str, dict[str, list], list]:
     """(dataset name, images per split, reader problems) for the requested splits."""
     if request.dataset == ADE20K:
-        from perceptio.curate.ade20k import SPLIT_ALIASES, ADE20kDataset
+        from perceptio.sources.ade20k import SPLIT_ALIASES, ADE20kDataset
 
         reader = ADE20kDataset(request.data_root)
         splits = [SPLIT_ALIASES.get(split, split) for split in request.splits or reader.splits]
         return ADE20K, {split: ade_images(reader, split) for split in splits}, reader.problems
     if request.dataset not in REFER_DATASETS:
         raise PerceptioError(f"unknown dataset {request.dataset!r}; expected one of {', '.join([*REFER_DATASETS, ADE20K])}")
-    from perceptio.curate.refer import ReferDataset
+    from perceptio.sources.refer import ReferDataset
 
     reader = ReferDataset(request.data_root, request.dataset, request.split_by or REFER_DATASETS[request.dataset])
     splits = request.splits or reader.splits
@@ -252,7 +252,7 @@ def _run(dataset: str, data_root: Path, out: Path, tokenizer: Path, split: Optio
 
 def _command(dataset: str):
     """The Typer command for one dataset (the four differ only in the dataset and --split-by help)."""
-    from perceptio.curate.refer import SPLIT_BYS
+    from perceptio.sources.refer import SPLIT_BYS
 
     split_by_help = (
         f"REFER split scheme: {' or '.join(SPLIT_BYS[dataset])} [default: {REFER_DATASETS[dataset]}]"

@@ -33,7 +33,7 @@ class RefItem:
     category_id: int
     category: str
     bbox: tuple[float, float, float, float]
-    segmentation: Any  # COCO polygons or RLE, rasterised by perceptio.curate.masks in a worker
+    segmentation: Any  # COCO polygons or RLE, rasterised by perceptio.sources.masks in a worker
     sentences: tuple[SentenceItem, ...]
 
 

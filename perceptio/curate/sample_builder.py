@@ -29,10 +29,10 @@ from perceptio.curate.filters import (
     review_refs,
 )
 from perceptio.curate.marked_points import MarkedPointsConfig, draw_marked, make_question
-from perceptio.curate.masks import MALFORMED, parse_segmentation, segmentation_to_mask
 from perceptio.curate.plan import ImageItem
-from perceptio.curate.problems import BadImage, decode_image
 from perceptio.shards import ShardSample, mask_to_rle, rle_to_mask
+from perceptio.sources.masks import MALFORMED, parse_segmentation, segmentation_to_mask
+from perceptio.sources.problems import BadImage, decode_image
 
 KEPT = "kept"
 REJECTED = "rejected"
@@ -84,14 +84,14 @@ class BuiltImage:
 
 @functools.lru_cache(maxsize=4)
 def _ade_reader(root: str) -> Any:
-    from perceptio.curate.ade20k import ADE20kDataset
+    from perceptio.sources.ade20k import ADE20kDataset
 
     return ADE20kDataset(root)
 
 
 def _read_ade_segmentation(item: ImageItem) -> bytes:
     """The class map's PNG bytes verbatim, after the reader has checked it against the image."""
-    from perceptio.curate.ade20k import AdeSample
+    from perceptio.sources.ade20k import AdeSample
 
     image_path, seg_path = Path(item.image_path), Path(str(item.seg_path))
     reader = _ade_reader(str(image_path.parents[2]))  # .../ADEChallengeData2016/images/<split>/<file>

@@ -25,6 +25,7 @@ import perceptio
 from perceptio.curate.plan import ShardPlan
 from perceptio.curate.sample_builder import KEPT, BuiltImage
 from perceptio.errors import PerceptioError
+from perceptio.io import atomic_path
 from perceptio.shards import ShardWriter
 
 MANIFEST = "manifest.parquet"
@@ -84,7 +85,6 @@ def write_rows(path: Path, rows: Sequence[dict[str, Any]]) -> None:
 
 
 def write_table(path: Path, table: pa.Table) -> None:
-    from perceptio.tokenize.atomic import atomic_path  # perceptio.tokenize imports torch: only when writing
 
     with atomic_path(path) as temporary:
         pq.write_table(table, temporary)
@@ -92,7 +92,6 @@ def write_table(path: Path, table: pa.Table) -> None:
 
 
 def write_json(path: Path, value: Any) -> None:
-    from perceptio.tokenize.atomic import atomic_path
 
     with atomic_path(path) as temporary:
         temporary.write_text(json.dumps(value, indent=2, sort_keys=True) + "\n", encoding="utf-8")

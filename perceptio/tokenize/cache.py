@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from perceptio.errors import PerceptioError
-from perceptio.tokenize.atomic import atomic_path, write_text_atomic
+from perceptio.io import atomic_path, write_text_atomic
 from perceptio.tokenize.teacher import DepthTeacher
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")

@@ -24,7 +24,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from perceptio.errors import PerceptioError, run_cli
-from perceptio.tokenize.atomic import atomic_path, write_text_atomic
+from perceptio.io import atomic_path, write_text_atomic
 from perceptio.tokenize.cache import DepthCache, default_cache_dir
 from perceptio.tokenize.data import DepthSource, list_images, split_held_out
 from perceptio.tokenize.fit import FitConfig, evaluate, train

@@ -16,9 +16,9 @@ from typing import Iterator, Sequence
 import numpy as np
 from PIL import Image
 
-from perceptio.curate.ade20k import ADE20kDataset
-from perceptio.curate.refer import ReferDataset
 from perceptio.errors import PerceptioError
+from perceptio.sources.ade20k import ADE20kDataset
+from perceptio.sources.refer import ReferDataset
 from perceptio.tokenize.cache import DepthCache
 from perceptio.tokenize.teacher import DepthTeacher, OracleTeacher
 

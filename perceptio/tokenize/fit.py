@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from perceptio.errors import PerceptioError
-from perceptio.tokenize.atomic import atomic_path
+from perceptio.io import atomic_path
 from perceptio.tokenize.metrics import codebook_usage, depth_metrics
 from perceptio.tokenize.vqvae import DepthVQVAE, DepthVQVAEConfig
 

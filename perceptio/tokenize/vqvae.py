@@ -36,7 +36,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from perceptio.errors import PerceptioError
-from perceptio.tokenize.atomic import atomic_path, write_text_atomic
+from perceptio.io import atomic_path, write_text_atomic
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
