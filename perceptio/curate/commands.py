@@ -18,8 +18,6 @@ from perceptio.curate.distributor import DEFAULT_DEPTH_MODEL, RayConfig, Teacher
 from perceptio.curate.plan import ShardPlan, ade_images, plan_shards, refer_images
 from perceptio.curate.sample_builder import BuildConfig
 from perceptio.curate.writer import (
-    DATASET_JSON,
-    MANIFEST,
     ShardSetWriter,
     check_resumable,
     is_done,
@@ -27,6 +25,8 @@ from perceptio.curate.writer import (
     write_manifest,
 )
 from perceptio.errors import PerceptioError
+from perceptio.shards import DATASET_INFO_NAME, MANIFEST_NAME, ManifestRow
+from perceptio.sources.problems import Problem
 
 REFER_DATASETS = {"refcoco": "unc", "refcoco+": "unc", "refcocog": "umd"}  # dataset -> default --split-by
 ADE20K = "ade20k"
@@ -82,15 +82,8 @@ def _read_dataset(request: CurationRequest) -> tuple[str, dict[str, list], list]
     return reader.name, {split: refer_images(reader, split) for split in splits}, reader.problems
 
 
-def _problem_rows(dataset: str, problems: list) -> list[dict[str, Any]]:
-    return [
-        {"shard": None, "key": None, "dataset": dataset, "split": None, "image_id": None,
-         "ref_id": problem.id if isinstance(problem.id, int) and problem.kind != "unknown_image" else None,
-         "ann_id": None, "category": None, "sentences": 0, "status": "rejected", "reason": problem.kind,
-         "detail": str(problem), "mask_area": None, "depth_median": None, "depth_rank": None, "description": None}
-        for problem in problems
-        if problem.kind not in _GEOMETRY_PROBLEMS
-    ]
+def _problem_rows(dataset: str, problems: list[Problem]) -> list[ManifestRow]:
+    return [ManifestRow.from_problem(dataset, problem) for problem in problems if problem.kind not in _GEOMETRY_PROBLEMS]
 
 
 def _tokenizer_identity(tokenizer_dir: Path) -> dict[str, Any]:
@@ -115,7 +108,7 @@ def _tokenizer_identity(tokenizer_dir: Path) -> dict[str, Any]:
 def _prepare_out(out: Path, dataset: str, overwrite: bool) -> None:
     """Create ``out``; with ``overwrite`` remove this dataset's previous results; refuse a foreign folder."""
     out.mkdir(parents=True, exist_ok=True)
-    previous = out / DATASET_JSON
+    previous = out / DATASET_INFO_NAME
     if previous.is_file():
         import json
 
@@ -123,7 +116,7 @@ def _prepare_out(out: Path, dataset: str, overwrite: bool) -> None:
         if other not in (None, dataset):
             raise PerceptioError(f"{out} holds curated {other}; give {dataset} its own --out folder")
     if overwrite:
-        for path in [*out.glob(f"{dataset}-*"), *out.glob(f".{dataset}-*"), out / MANIFEST, previous]:
+        for path in [*out.glob(f"{dataset}-*"), *out.glob(f".{dataset}-*"), out / MANIFEST_NAME, previous]:
             path.unlink(missing_ok=True)
 
 

@@ -30,13 +30,9 @@ from perceptio.curate.filters import (
 )
 from perceptio.curate.marked_points import MarkedPointsConfig, draw_marked, make_question
 from perceptio.curate.plan import ImageItem
-from perceptio.shards import ShardSample, mask_to_rle, rle_to_mask
+from perceptio.shards import KEPT, REJECTED, ManifestRow, ShardSample, mask_to_rle, rle_to_mask
 from perceptio.sources.masks import MALFORMED, parse_segmentation, segmentation_to_mask
 from perceptio.sources.problems import BadImage, decode_image
-
-KEPT = "kept"
-REJECTED = "rejected"
-
 
 @dataclass(frozen=True)
 class BuildConfig:
@@ -78,7 +74,7 @@ class BuiltImage:
 
     key: str
     sample: ShardSample | None
-    rows: list[dict[str, Any]]
+    rows: list[ManifestRow]  # without the shard name, which the writer fills in
     seconds: dict[str, float]
 
 
@@ -137,25 +133,23 @@ def prepare(item: ImageItem, config: BuildConfig) -> PreparedImage:
     return prepared
 
 
-def _row(item: ImageItem, ref_index: int | None, reason: str | None, **measured: Any) -> dict[str, Any]:
+def _row(item: ImageItem, ref_index: int | None, reason: str | None, **measured: Any) -> ManifestRow:
+    """The manifest row of one ref (or of the image, for ``ref_index`` None); ``measured`` for kept refs."""
     ref = item.refs[ref_index] if ref_index is not None else None
-    return {
-        "key": item.key,
-        "dataset": item.dataset,
-        "split": item.split,
-        "image_id": item.image_id,
-        "ref_id": ref.ref_id if ref else None,
-        "ann_id": ref.ann_id if ref else None,
-        "category": ref.category if ref else None,
-        "sentences": len(ref.sentences) if ref else 0,
-        "status": REJECTED if reason else KEPT,
-        "reason": reason_code(reason) if reason else None,
-        "detail": reason,
-        "mask_area": measured.get("mask_area"),
-        "depth_median": measured.get("depth_median"),
-        "depth_rank": measured.get("depth_rank"),
-        "description": measured.get("description"),
-    }
+    return ManifestRow(
+        key=item.key,
+        dataset=item.dataset,
+        split=item.split,
+        image_id=item.image_id,
+        ref_id=ref.ref_id if ref else None,
+        ann_id=ref.ann_id if ref else None,
+        category=ref.category if ref else None,
+        sentences=len(ref.sentences) if ref else 0,
+        status=REJECTED if reason else KEPT,
+        reason=reason_code(reason) if reason else None,
+        detail=reason,
+        **measured,
+    )
 
 
 def _seed(item: ImageItem) -> int:
