@@ -239,7 +239,5 @@ def assemble(prepared: PreparedImage, depth: DepthResult | None, config: BuildCo
 
 
 def image_for_teacher(prepared: PreparedImage) -> Image.Image:
-    """A PIL image for the teacher; ``filename`` lets the ground-truth teacher find the depth file."""
-    image = Image.fromarray(prepared.pixels)
-    image.filename = prepared.item.image_path  # type: ignore[attr-defined]
-    return image
+    """The decoded RGB pixels as a PIL image, for a model teacher."""
+    return Image.fromarray(prepared.pixels)
