@@ -227,11 +227,12 @@ def test_ade20k_with_ground_truth_depth(ray_two_cpus, world, models, tmp_path):
     reader = ADE20kDataset(world)
     tokenizer = DepthVQVAE.from_pretrained(models["tokenizer"])
     oracle = OracleTeacher(world / "depth")
-    expected = {sample.image_id: sample for split in reader.splits for sample in reader.samples(split)}
+    expected = {(sample.split, sample.image_id): sample for split in reader.splits for sample in reader.samples(split)}
     samples = _samples(out)
-    assert len(samples) == len(expected) == summary.info["splits"]["training"]["samples"]
+    assert len(samples) == len(expected) == sum(split["samples"] for split in summary.info["splits"].values())
+    assert set(summary.info["splits"]) == {"training", "validation"}
     for sample in samples:
-        source = expected[sample.meta["image_id"]]
+        source = expected[(sample.meta["split"], sample.meta["image_id"])]
         assert sample.seg_png == source.annotation_path.read_bytes()
         depth = oracle.predict_paths([source.image_path])
         np.testing.assert_array_equal(sample.depth_tokens, tokenizer.encode(depth)[0].numpy())
