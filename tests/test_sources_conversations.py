@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from perceptio.curate.masks import segmentation_to_mask
-from perceptio.curate.problems import BadImage
+from perceptio.sources.masks import segmentation_to_mask
+from perceptio.sources.problems import BadImage
 from perceptio.errors import PerceptioError
 from perceptio.sources.grandf import GrandfDataset
 from perceptio.sources.llava import LlavaDataset

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from perceptio.curate.masks import segmentation_to_mask
-from perceptio.curate.synth import generate_world
-from perceptio.curate.synth.conversations import write_conversations
+from perceptio.sources.masks import segmentation_to_mask
+from perceptio.sources.synth import generate_world
+from perceptio.sources.synth.conversations import write_conversations
 from perceptio.sources.grandf import GrandfDataset
 from perceptio.sources.llava import LlavaDataset
 

@@ -53,7 +53,7 @@ def synth(
     world.json (cameras, objects, which refs are deliberately ambiguous or duplicated). With
     --conversations, llava/synth_{split}.json and GranDf/annotations/train/GranDf_HA_GCG_{split}.json too.
     """
-    from perceptio.curate.synth.world import check_out_dir, generate_world  # numpy-heavy: import when used
+    from perceptio.sources.synth.world import check_out_dir, generate_world  # numpy-heavy: import when used
 
     check_out_dir(out)  # before the progress bar, so that bad input is a single line
 
@@ -74,7 +74,7 @@ def synth(
         table.add_row(f"ADE20k {split}", str(count), "-", "-")
     Console().print(table)
     if conversations:
-        from perceptio.curate.synth.conversations import write_conversations
+        from perceptio.sources.synth.conversations import write_conversations
 
         written = write_conversations(out)
         typer.echo(f"conversations: LLaVA {written.llava}, GranD-f {written.grandf}")

@@ -35,7 +35,7 @@ from typing import Any
 
 from PIL import Image
 
-from perceptio.curate.problems import Problem, decode_image
+from perceptio.sources.problems import Problem, decode_image
 from perceptio.errors import PerceptioError
 from perceptio.sources.jsonfile import load_json_list
 

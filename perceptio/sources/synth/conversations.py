@@ -29,8 +29,8 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from perceptio.curate.synth.layout import WORLD_FILE
-from perceptio.curate.synth.scene import SHAPES, image_rng
+from perceptio.sources.synth.layout import WORLD_FILE
+from perceptio.sources.synth.scene import SHAPES, image_rng
 from perceptio.errors import PerceptioError
 from perceptio.io import write_text_atomic
 
