@@ -21,3 +21,12 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip("../shared/data is not present (it is only in the team's checkouts)")
     return SHARED_DATA
+
+
+# ------------------------------------------------------------------------------------ train fixtures
+@pytest.fixture(scope="session")
+def vqvae_dir(tmp_path_factory) -> Path:
+    """The small random-weight depth VQ-VAE of ``tests.train_factory``, written once per session."""
+    from tests.train_factory import write_tiny_tokenizer
+
+    return write_tiny_tokenizer(tmp_path_factory.mktemp("vqvae"))

@@ -23,7 +23,7 @@ from perceptio.train.data import (
     plan_mix,
 )
 from perceptio.train.config import StreamConfig
-from tests.train_factory import make_sample, write_shards, write_tiny_tokenizer
+from tests.train_factory import make_sample, write_shards
 
 
 class FakeProcessor:
@@ -183,7 +183,7 @@ def test_resumed_loader_continues_with_the_same_batches(mixed_shards):
         ResumableLoader(config, FakeProcessor(), num_workers=1, state=state)
 
 
-def test_expanded_examples_train_on_the_target_only(tmp_path):
+def test_expanded_examples_train_on_the_target_only(vqvae_dir):
     """Through the tiny model's encode_example: labels hold exactly the target (+ end of turn)."""
     import torch
 
@@ -191,7 +191,7 @@ def test_expanded_examples_train_on_the_target_only(tmp_path):
     from perceptio.train.model import PerceptioModel
 
     torch.manual_seed(0)
-    model = PerceptioModel.from_config(PerceptioConfig(model="tiny", tokenizer=str(write_tiny_tokenizer(tmp_path)), lora_rank=4))
+    model = PerceptioModel.from_config(PerceptioConfig(model="tiny", tokenizer=str(vqvae_dir), lora_rank=4))
     templates = PromptTemplates.load()
     for sample in (make_sample("refcoco-unc", "train", 3, refs=1, sentences=1), make_sample("ade20k", "training", 5, question=True)):
         (example,) = expand_sample({"__key__": sample.key, **sample.to_members()}, templates)

@@ -25,7 +25,7 @@ from perceptio.train.checkpoint import latest_checkpoint
 from perceptio.train.config import StreamConfig, TrainConfig
 from perceptio.train.data import parse_mix
 from perceptio.train.loop import lr_factor, train
-from tests.train_factory import write_shards, write_tiny_tokenizer
+from tests.train_factory import write_shards
 
 
 @dataclass
@@ -219,11 +219,6 @@ def test_two_processes_with_uneven_shards_stay_in_step_and_resume(shards, tmp_pa
 
 
 # --------------------------------------------------------------------- the CLI on the tiny model
-@pytest.fixture(scope="module")
-def vqvae_dir(tmp_path_factory):
-    return write_tiny_tokenizer(tmp_path_factory.mktemp("vqvae"))
-
-
 def perceptio_train(monkeypatch, *args: str) -> int:
     from perceptio.train.cli import main
 

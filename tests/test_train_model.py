@@ -11,21 +11,12 @@ from PIL import Image
 
 from perceptio.errors import PerceptioError
 from perceptio.tokens import D_START, SEG, depth_span
-from perceptio.tokenize.vqvae import DepthVQVAE, DepthVQVAEConfig
 from perceptio.train.config import PerceptioConfig
 from perceptio.train.model import TERMS, PerceptioModel
 from perceptio.train.processor import IMAGENET_MEAN, IMAGENET_STD, PerceptioProcessor
 
 PROMPT = "Segment the red box and describe it."
 DESCRIPTION = "a red box on the left"
-
-
-@pytest.fixture(scope="module")
-def vqvae_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("vqvae")
-    DepthVQVAE(DepthVQVAEConfig(input_pool=8, hidden_channels=(4, 4), code_dim=8, num_res_blocks=1)).save_pretrained(folder)
-    return folder
 
 
 def build(vqvae_dir, **changes) -> PerceptioModel:

@@ -16,14 +16,13 @@ from perceptio.train.config import PerceptioConfig, StreamConfig
 from perceptio.train.data import ResumableLoader
 from perceptio.train.model import PerceptioModel
 from perceptio.train.processor import PROCESSOR_NAME, PerceptioProcessor
-from tests.train_factory import write_shards, write_tiny_tokenizer
+from tests.train_factory import write_shards
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
+def model(vqvae_dir):
     torch.manual_seed(0)
-    tokenizer = write_tiny_tokenizer(tmp_path_factory.mktemp("vqvae"))
-    return PerceptioModel.from_config(PerceptioConfig(model="tiny", tokenizer=str(tokenizer), lora_rank=4, lora_alpha=8))
+    return PerceptioModel.from_config(PerceptioConfig(model="tiny", tokenizer=str(vqvae_dir), lora_rank=4, lora_alpha=8))
 
 
 def examples() -> list[dict]:
