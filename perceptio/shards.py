@@ -5,10 +5,14 @@ the evaluator and ``perceptio-inspect`` read it. docs/shard-format.md describes 
 
 Members of a sample with key ``{dataset}_{split}_{image_id:012d}``:
 
-- ``jpg``: the original image bytes, verbatim.
+- ``jpg``: the original image bytes, verbatim (absent for a text-only conversation).
 - ``depth.npy``: float16 (320, 320), the teacher's depth under the tokenizer's normalisation.
 - ``depth_tokens.npy``: int16 (n,), codebook indices in [0, K).
-- ``json``: metadata (see :data:`META_FIELDS` and :data:`REF_FIELDS`).
+- ``json``: metadata (see :data:`META_TYPES` and :data:`REF_TYPES`).
+
+The two depth members are absent when a sample was curated without a depth teacher (LLaVA and
+GranD-f conversations by default); its json then has ``teacher`` and ``tokenizer`` null.
+:func:`required_members` says which members a sample's json promises.
 - ``seg.png`` (ADE20k only): the 8-bit class map.
 - ``marked.jpg`` (ADE20k only): the image with the question's points drawn.
 
@@ -54,8 +58,10 @@ META_TYPES: dict[str, type] = {
     "height": int,
     "teacher": str,  # teacher identity, e.g. "depth-anything/Depth-Anything-V2-Small-hf" or "gt:<root>"
     "tokenizer": str,  # tokenizer identity: "<name>@<sha256 prefix>"
-    "refs": list,  # list of ref dicts (REF_TYPES); empty for ADE20k
+    "refs": list,  # list of ref dicts (REF_TYPES); empty for ADE20k and conversations
 }
+# Null in a sample without depth members (teacher, tokenizer) or without an image (the other three).
+NULLABLE_META = ("file_name", "width", "height", "teacher", "tokenizer")
 # Fields of each entry of ``refs``.
 REF_TYPES: dict[str, type] = {
     "ref_id": int,
@@ -77,8 +83,25 @@ QUESTION_TYPES: dict[str, type] = {
     "answer": str,  # "B"
     "point_depths": list,  # normalised depth per point, larger = nearer
 }
+# LLaVA-style samples carry ``conversation``: [{"role": "user" | "assistant", "text": str}, ...],
+# alternating from the user and ending with an answer; the image (if any) leads the first user turn.
+CONVERSATION_FIELD = "conversation"
+# GranD-f-style samples carry ``grounded_caption``: {"caption": str, "phrases": [{"text", "start", "end",
+# "mask"}]}, phrases in caption order, ``mask`` a COCO RLE like a ref's; the n-th phrase's [SEG] is
+# the n-th [SEG] of the target.
+GROUNDED_FIELD = "grounded_caption"
+PHRASE_TYPES: dict[str, type] = {"text": str, "start": int, "end": int, "mask": dict}
+# Both carry ``source_id``: the record's own id in the distributed file (image_id is its position).
+SOURCE_ID_FIELD = "source_id"
 DEPTH_SIZE = 320
 MEMBER_ORDER = ("jpg", "depth.npy", "depth_tokens.npy", "json", "seg.png", "marked.jpg")
+
+
+def required_members(meta: dict[str, Any]) -> tuple[str, ...]:
+    """The members a sample with this json must have (``seg.png`` and ``marked.jpg`` aside)."""
+    image = ("jpg",) if meta.get("file_name") is not None else ()
+    depth = ("depth.npy", "depth_tokens.npy") if meta.get("teacher") is not None else ()
+    return (*image, *depth, "json")
 
 
 def sample_key(dataset: str, split: str, image_id: int) -> str:
@@ -121,9 +144,9 @@ class ShardSample:
     """One image of one dataset split, as stored in a shard."""
 
     key: str
-    jpg: bytes
-    depth: np.ndarray  # float16 (320, 320)
-    depth_tokens: np.ndarray  # int16 (n,)
+    jpg: bytes | None  # None: a text-only conversation
+    depth: np.ndarray | None  # float16 (320, 320); None: curated without a depth teacher
+    depth_tokens: np.ndarray | None  # int16 (n,); None with depth
     meta: dict[str, Any]
     seg_png: bytes | None = None
     marked_jpg: bytes | None = None
@@ -132,12 +155,12 @@ class ShardSample:
     def to_members(self) -> dict[str, bytes]:
         import json
 
-        members = {
-            "jpg": self.jpg,
-            "depth.npy": npy_bytes(np.asarray(self.depth, dtype=np.float16)),
-            "depth_tokens.npy": npy_bytes(np.asarray(self.depth_tokens, dtype=np.int16)),
-            "json": json.dumps(self.meta, sort_keys=True, separators=(",", ":")).encode("utf-8"),
-        }
+        members = {"json": json.dumps(self.meta, sort_keys=True, separators=(",", ":")).encode("utf-8")}
+        if self.jpg is not None:
+            members["jpg"] = self.jpg
+        if self.depth is not None and self.depth_tokens is not None:
+            members["depth.npy"] = npy_bytes(np.asarray(self.depth, dtype=np.float16))
+            members["depth_tokens.npy"] = npy_bytes(np.asarray(self.depth_tokens, dtype=np.int16))
         if self.seg_png is not None:
             members["seg.png"] = self.seg_png
         if self.marked_jpg is not None:
@@ -153,9 +176,9 @@ class ShardSample:
         known = set(MEMBER_ORDER)
         return cls(
             key=key,
-            jpg=members["jpg"],
-            depth=npy_load(members["depth.npy"]),
-            depth_tokens=npy_load(members["depth_tokens.npy"]),
+            jpg=members.get("jpg"),
+            depth=npy_load(members["depth.npy"]) if "depth.npy" in members else None,
+            depth_tokens=npy_load(members["depth_tokens.npy"]) if "depth_tokens.npy" in members else None,
             meta=json.loads(members["json"]),
             seg_png=members.get("seg.png"),
             marked_jpg=members.get("marked.jpg"),

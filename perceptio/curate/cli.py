@@ -82,5 +82,8 @@ def synth(
 
 from perceptio.curate.commands import register as _register_dataset_commands  # noqa: E402  (refcoco, refcoco+, refcocog, ade20k)
 
+from perceptio.curate.conversations import register as _register_conversation_commands  # noqa: E402  (llava, grandf)
+
 _register_dataset_commands(app)
+_register_conversation_commands(app)
 main = run_cli(app)

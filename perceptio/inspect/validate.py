@@ -9,6 +9,7 @@ appears twice, and a tar cut short.
 from __future__ import annotations
 
 import io
+import json
 import math
 import tarfile
 from collections import Counter
@@ -20,21 +21,25 @@ import numpy as np
 from perceptio.errors import PerceptioError
 from perceptio.inspect.folder import ShardFolder, recorded_tokenizer
 from perceptio.shards import (
+    CONVERSATION_FIELD,
     DEPTH_SIZE,
+    GROUNDED_FIELD,
     KEPT,
     META_TYPES,
+    NULLABLE_META,
+    PHRASE_TYPES,
     QUESTION_FIELD,
     QUESTION_TYPES,
     REF_TYPES,
     ShardFile,
     ShardSample,
     iter_members,
+    required_members,
     rle_to_mask,
     sample_key,
 )
 from perceptio.tokens import DEFAULT_NUM_CODES, DEFAULT_NUM_DEPTH_TOKENS
 
-REQUIRED_MEMBERS = ("jpg", "depth.npy", "depth_tokens.npy", "json")
 ADE_MEMBERS = ("seg.png", "marked.jpg")
 # The tokenizer's normalisation maps depth into [-1, 1]; float16 rounding stays well inside this.
 DEPTH_RANGE_LIMIT = 1.001
@@ -93,7 +98,7 @@ class Report:
 
 
 def _type_problems(
-    where: str, record: Any, types: dict[str, type], problem: Callable[[str, str], None]
+    where: str, record: Any, types: dict[str, type], problem: Callable[[str, str], None], nullable: tuple[str, ...] = ()
 ) -> bool:
     """Report missing and mistyped fields; True when ``record`` is usable (a dict with every field)."""
     if not isinstance(record, dict):
@@ -104,6 +109,8 @@ def _type_problems(
         if name not in record:
             problem("json-schema", f"{where} lacks {name!r}")
             usable = False
+        elif record[name] is None and name in nullable:
+            continue
         elif not isinstance(record[name], expected) or isinstance(record[name], bool):
             problem("json-schema", f"{where}.{name} is {type(record[name]).__name__}, expected {expected.__name__}")
             usable = False
@@ -128,7 +135,11 @@ def check_sample(
     def problem(kind: str, message: str) -> None:
         problems.append(Finding(shard.path.name, key, kind, message))
 
-    missing = [name for name in REQUIRED_MEMBERS if name not in members]
+    try:
+        promised = json.loads(members["json"]) if "json" in members else {}
+    except ValueError:
+        promised = {}
+    missing = [name for name in required_members(promised if isinstance(promised, dict) else {}) if name not in members]
     if missing:
         problem("missing-member", f"no {', '.join(missing)} member")
         return problems, None
@@ -139,7 +150,7 @@ def check_sample(
         return problems, None
 
     meta = sample.meta
-    meta_ok = _type_problems("json", meta, META_TYPES, problem)
+    meta_ok = _type_problems("json", meta, META_TYPES, problem, NULLABLE_META)
     if meta_ok:
         try:
             expected_key = sample_key(meta["dataset"], meta["split"], meta["image_id"])
@@ -153,14 +164,17 @@ def check_sample(
         if expect.tokenizer and meta["tokenizer"] != expect.tokenizer:
             problem("tokenizer", f"tokens from {meta['tokenizer']}, the folder's tokenizer is {expect.tokenizer}")
 
+    image_size = None
     try:
-        image_size = _image_size(sample.jpg)
+        image_size = _image_size(sample.jpg) if sample.jpg is not None else None
     except Exception as error:  # PIL raises many types for broken image data
         problem("image", f"jpg does not decode: {error}")
-        image_size = None
     if meta_ok and image_size and image_size != (meta["width"], meta["height"]):
         problem("image", f"jpg is {image_size[0]}x{image_size[1]}, json says {meta['width']}x{meta['height']}")
-
+    if meta_ok:
+        _check_conversation(sample, meta, problem)
+    if sample.depth is None or sample.depth_tokens is None:
+        return problems, sample
     depth = sample.depth
     if depth.dtype != np.float16:
         problem("depth-dtype", f"depth is {depth.dtype}, expected float16")
@@ -189,6 +203,26 @@ def check_sample(
         if meta["dataset"].startswith("ade20k"):
             _check_ade(sample, meta, image_size, problem)
     return problems, sample
+
+
+def _check_conversation(sample: ShardSample, meta: dict[str, Any], problem: Callable[[str, str], None]) -> None:
+    """A conversation alternates from the user and ends with an answer; phrase masks fit the image."""
+    turns = meta.get(CONVERSATION_FIELD)
+    if turns is not None:
+        roles = [turn.get("role") if isinstance(turn, dict) else None for turn in turns] if isinstance(turns, list) else []
+        expected = ["user" if position % 2 == 0 else "assistant" for position in range(len(roles))]
+        if not roles or roles != expected or roles[-1] != "assistant":
+            problem("conversation", f"turns are {roles}, expected user/assistant alternating and ending with an answer")
+    grounded = meta.get(GROUNDED_FIELD)
+    if grounded is not None:
+        phrases = grounded.get("phrases") if isinstance(grounded, dict) else None
+        if not isinstance(phrases, list) or not phrases:
+            problem("grounded", "grounded_caption has no phrases")
+            return
+        for position, phrase in enumerate(phrases):
+            where = f"grounded_caption.phrases[{position}]"
+            if _type_problems(where, phrase, PHRASE_TYPES, problem) and phrase["mask"].get("size") != [meta["height"], meta["width"]]:
+                problem("rle-size", f"{where} mask is {phrase['mask'].get('size')} (h, w), the image is {[meta['height'], meta['width']]}")
 
 
 def _check_ref(where: str, ref: Any, image_hw: tuple[int, int], problem: Callable[[str, str], None]) -> None:

@@ -1,0 +1,248 @@
+"""``perceptio-curate llava|grandf``: LLaVA-1.5 conversations and GranD-f grounded captions into shards.
+
+The same shard contract, resume, manifest and ``dataset.json`` as the perception datasets
+(:mod:`perceptio.curate.commands`): one sample per record, keyed by the record's position in the
+file (``{dataset}_{split}_{position:012d}``, since record ids are not unique integers), with the
+record's own id as ``source_id``. The paper trains on these without perception tokens, so no depth
+teacher runs (``--depth-source none``): samples have no depth members and a text-only record no
+``jpg`` (perceptio/shards.py). Every record is decoded in this process; there is no model stage to
+distribute.
+
+Rejected (one manifest row each, with the reason): what the readers refuse (``empty_conversation``,
+``bad_turns``, ``placeholder_mismatch``, ``no_phrases``, ``phrase_mismatch``, ``bad_record``, listed
+as rejected by the reader), images that are missing, corrupt or of another size than stated
+(``missing_image``, ``corrupt_image``, ``size_mismatch``), and GranD-f phrases whose mask does not
+fit the image (``invalid_mask``) or covers no pixel (``empty_mask``): a ``[SEG]`` without its mask
+would teach the segmentation head nothing true.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from perceptio.curate.commands import _prepare_out, _progress
+from perceptio.curate.plan import plan_shards
+from perceptio.curate.sample_builder import BuiltImage
+from perceptio.curate.writer import ShardSetWriter, check_resumable, is_done, write_dataset_json, write_manifest
+from perceptio.errors import PerceptioError
+from perceptio.shards import (
+    CONVERSATION_FIELD,
+    GROUNDED_FIELD,
+    KEPT,
+    REJECTED,
+    SOURCE_ID_FIELD,
+    ManifestRow,
+    ShardSample,
+    mask_to_rle,
+    sample_key,
+)
+from perceptio.sources.masks import MALFORMED, parse_segmentation, segmentation_to_mask
+from perceptio.sources.problems import BadImage, decode_image
+
+LLAVA, GRANDF = "llava", "grandf"
+DEPTH_SOURCES = ("none",)  # a depth teacher for these datasets is not built yet
+
+
+@dataclass(frozen=True)
+class ConversationItem:
+    """One record, everything needed to build its sample without the reader."""
+
+    dataset: str  # "llava" or "grandf-<subset>"
+    split: str
+    image_id: int  # the record's position in its file
+    source_id: str
+    image_path: str | None  # None: a text-only conversation
+    file_name: str | None
+    width: int | None = None  # as the annotations state it (checked against the image), else None
+    height: int | None = None
+    turns: tuple[tuple[str, str], ...] = ()  # LLaVA: (role, text)
+    caption: str | None = None  # GranD-f
+    phrases: tuple[Any, ...] = ()  # GranD-f: perceptio.sources.grandf.Phrase
+
+    @property
+    def key(self) -> str:
+        return sample_key(self.dataset, self.split, self.image_id)
+
+
+@dataclass
+class ConversationRequest:
+    """Everything one ``perceptio-curate llava|grandf`` run needs."""
+
+    kind: str  # LLAVA or GRANDF
+    json: Path
+    images: Path
+    out: Path
+    split: str | None = None  # LLaVA: default "train"; GranD-f: default from the file name
+    samples_per_shard: int = 1000
+    depth_source: str = "none"
+    overwrite: bool = False
+    progress: bool = True
+    settings: dict[str, Any] = field(default_factory=dict)  # filled by curate_conversations
+
+
+def read_items(request: ConversationRequest) -> tuple[str, str, list[ConversationItem], list[Any]]:
+    """(dataset name, split, items, reader problems) of the request's file."""
+    if request.kind == LLAVA:
+        from perceptio.sources.llava import LlavaDataset
+
+        reader = LlavaDataset(request.json, request.images)
+        split = request.split or "train"
+        items = [
+            ConversationItem(LLAVA, split, conversation.index, conversation.id,
+                             str(reader.image_path(conversation)) if conversation.image else None, conversation.image,
+                             turns=tuple((turn.role, turn.text) for turn in conversation.turns))
+            for conversation in reader.conversations
+        ]
+        return LLAVA, split, items, reader.problems
+    if request.kind == GRANDF:
+        from perceptio.sources.grandf import GrandfDataset
+
+        data = GrandfDataset(request.json, request.images, request.split)
+        items = [
+            ConversationItem(data.name, data.split, caption.index, caption.id, str(data.image_path(caption)),
+                             caption.file_name, caption.width, caption.height, caption=caption.caption,
+                             phrases=caption.phrases)
+            for caption in data.captions
+        ]
+        return data.name, data.split, items, data.problems
+    raise PerceptioError(f"unknown conversation dataset {request.kind!r}; expected {LLAVA} or {GRANDF}")
+
+
+def _phrase_masks(item: ConversationItem, height: int, width: int) -> tuple[list[dict[str, Any]], int, str | None]:
+    """The json phrases with their RLE masks and their total area, or the reason the sample is rejected."""
+    phrases, area = [], 0
+    for phrase in item.phrases:
+        parsed = parse_segmentation(phrase.segmentation, height, width)
+        malformed = [issue.detail for issue in parsed.issues if issue.kind == MALFORMED]
+        if malformed or not parsed.usable:
+            detail = (malformed or [issue.detail for issue in parsed.issues] or ["no part"])[0]
+            return [], 0, f"invalid_mask: phrase {phrase.text!r}: {detail}"
+        mask = segmentation_to_mask(phrase.segmentation, height, width)
+        if not mask.any():
+            return [], 0, f"empty_mask: phrase {phrase.text!r} covers no pixel"
+        phrases.append({"text": phrase.text, "start": phrase.start, "end": phrase.end, "mask": mask_to_rle(mask)})
+        area += int(np.count_nonzero(mask))
+    return phrases, area, None
+
+
+def build_sample(item: ConversationItem) -> BuiltImage:
+    """The shard sample and manifest row of one record (a pure function of the item and its image)."""
+    started = time.perf_counter()
+    answers = sum(role == "assistant" for role, _ in item.turns) or len(item.phrases)
+
+    def row(reason: str | None, mask_area: int | None = None) -> ManifestRow:
+        return ManifestRow(key=item.key, dataset=item.dataset, split=item.split, image_id=item.image_id,
+                           sentences=answers, status=REJECTED if reason else KEPT,
+                           reason=reason.split(":", 1)[0] if reason else None, detail=reason, mask_area=mask_area)
+
+    def built(sample: ShardSample | None, reason: str | None, mask_area: int | None = None) -> BuiltImage:
+        return BuiltImage(item.key, sample, [row(reason, mask_area)], {"build": time.perf_counter() - started})
+
+    jpg, width, height = None, None, None
+    if item.image_path is not None:
+        stated = (item.width, item.height) if item.width and item.height else None
+        try:
+            image = decode_image(Path(item.image_path), item.source_id, stated)
+        except BadImage as bad:
+            return built(None, f"{bad.problem.kind}: {bad.problem.reason}")
+        jpg = Path(item.image_path).read_bytes()
+        width, height = image.size
+    meta: dict[str, Any] = {
+        "dataset": item.dataset, "split": item.split, "image_id": item.image_id, "file_name": item.file_name,
+        "width": width, "height": height, "teacher": None, "tokenizer": None, "refs": [],
+        SOURCE_ID_FIELD: item.source_id,
+    }
+    mask_area = None
+    if item.caption is not None:
+        assert width is not None and height is not None  # GranD-f records always have an image
+        phrases, mask_area, reason = _phrase_masks(item, height, width)
+        if reason is not None:
+            return built(None, reason)
+        meta[GROUNDED_FIELD] = {"caption": item.caption, "phrases": phrases}
+    else:
+        meta[CONVERSATION_FIELD] = [{"role": role, "text": text} for role, text in item.turns]
+    return built(ShardSample(item.key, jpg, None, None, meta), None, mask_area)
+
+
+def curate_conversations(request: ConversationRequest) -> dict[str, Any]:
+    """Curate one LLaVA or GranD-f file into ``request.out``; finished shards are kept (resume). Returns dataset.json."""
+    if request.depth_source not in DEPTH_SOURCES:
+        raise PerceptioError(f"--depth-source {request.depth_source!r} is not available for {request.kind}; "
+                             f"use {' or '.join(DEPTH_SOURCES)} (the paper trains on these without perception tokens)")
+    name, split, items, problems = read_items(request)
+    shards = plan_shards({split: items}, request.samples_per_shard) if items else []
+    settings = {"dataset": name, "splits": [split], "samples_per_shard": request.samples_per_shard, "batch_size": None,
+                "tokenizer": None, "teacher_source": request.depth_source, "build": None}
+    _prepare_out(request.out, name, request.overwrite)
+    done = {shard.name for shard in shards if is_done(request.out, shard.name)}
+    check_resumable(request.out, sorted(done), settings)
+    todo = [shard for shard in shards if shard.name not in done]
+    writer = ShardSetWriter(request.out, todo, settings, None)
+    started = time.perf_counter()
+    try:
+        with _progress(request.progress) as progress:
+            task = progress.add_task(f"curate {name}", total=sum(len(shard.images) for shard in todo), rate=0.0,
+                                     written=0, rejected=0)
+            for shard in todo:
+                for position, item in enumerate(shard.images):
+                    writer.add(shard.name, position, build_sample(item), None, 0.0)
+                    progress.update(task, completed=writer.images_done, written=writer.samples_written,
+                                    rejected=writer.refs_rejected,
+                                    rate=writer.images_done / max(1e-9, time.perf_counter() - started))
+    except BaseException:
+        writer.abort()
+        raise
+    reader_rows = [ManifestRow.from_problem(name, problem) for problem in problems]
+    manifest = write_manifest(request.out, shards, reader_rows)
+    return write_dataset_json(request.out, shards, manifest, {"identity": None}, settings)
+
+
+# ----------------------------------------------------------------------------------- Typer
+
+
+def _command(kind: str):
+    """The Typer command of one conversation dataset."""
+    import typer
+
+    json_help = ("llava_v1_5_mix665k.json (or any file in its format)" if kind == LLAVA
+                 else "a GranD-f GCG file as distributed, e.g. GranDf/annotations/train/GranDf_HA_GCG_train.json")
+    images_help = ("the images root the records' 'image' paths are relative to" if kind == LLAVA
+                   else "the folder the records' file names are relative to (GranDf_HA_images/train, coco_2014/train2014, ...)")
+    split_help = "split name of the shards [default: train]" if kind == LLAVA else "split name [default: from the file name]"
+
+    def command(
+        json_file: Path = typer.Option(..., "--json", help=json_help),
+        images: Path = typer.Option(..., "--images", help=images_help),
+        out: Path = typer.Option(..., "--out", help="output folder for the shards of this one dataset"),
+        split: str = typer.Option(None, "--split", help=split_help),
+        samples_per_shard: int = typer.Option(ConversationRequest.samples_per_shard, "--samples-per-shard", help="records per shard"),
+        depth_source: str = typer.Option(ConversationRequest.depth_source, "--depth-source", help="'none': no depth members (as the paper uses these datasets)"),
+        overwrite: bool = typer.Option(ConversationRequest.overwrite, "--overwrite", help="discard this dataset's earlier shards instead of resuming"),
+        progress: bool = typer.Option(ConversationRequest.progress, "--progress/--no-progress", help="show the live progress display"),
+    ) -> None:
+        info = curate_conversations(ConversationRequest(kind, json_file, images, out, split, samples_per_shard,
+                                                        depth_source, overwrite, progress))
+        for split_name, counts in info["splits"].items():
+            rejects = ", ".join(f"{reason} {count}" for reason, count in counts["rejects"].items()) or "none"
+            typer.echo(f"{info['settings']['dataset']} {split_name}: {counts['samples']} samples from {counts['images']} "
+                       f"records, rejected: {rejects}")
+        by_reader = ", ".join(f"{reason} {count}" for reason, count in info["rejected_by_reader"].items()) or "none"
+        typer.echo(f"rejected by the reader: {by_reader}; {len(info['shards'])} shards in {out}")
+
+    command.__doc__ = (
+        "Curate LLaVA-1.5 conversations (multi-turn, with or without an image) into shards without depth members."
+        if kind == LLAVA else
+        "Curate GranD-f grounded captions (phrases tied to masks, stored as COCO RLE) into shards without depth members."
+    )
+    return command
+
+
+def register(app: Any) -> None:
+    """Add the llava and grandf commands to the ``perceptio-curate`` app."""
+    for kind in (LLAVA, GRANDF):
+        app.command(kind)(_command(kind))

@@ -1,0 +1,117 @@
+"""``perceptio-curate llava|grandf``: the hand-written samples and the synthetic world's files into shards."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from perceptio.curate.conversations import GRANDF, LLAVA, ConversationRequest, curate_conversations
+from perceptio.errors import PerceptioError
+from perceptio.inspect.folder import ShardFolder
+from perceptio.inspect.validate import Expectations, validate
+from perceptio.shards import iter_members, iter_shard, list_shards, rle_to_mask
+from perceptio.sources.synth.conversations import write_conversations
+
+DATA = Path(__file__).parent / "data"
+
+
+def _jpeg(path: Path, size: tuple[int, int] = (16, 12)) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, (10, 200, 90)).save(path, format="JPEG")
+
+
+def _request(kind: str, json_file: Path, images: Path, out: Path, **options) -> ConversationRequest:
+    return ConversationRequest(kind, json_file, images, out, progress=False, **options)
+
+
+def _clean(out: Path) -> bool:
+    report = validate(ShardFolder.open(out), Expectations())
+    assert report.problems == []
+    return report.ok
+
+
+def _manifest(out: Path) -> list[dict]:
+    return pq.read_table(out / "manifest.parquet").to_pylist()
+
+
+def test_llava_sample_file_to_shards(tmp_path: Path) -> None:
+    images = tmp_path / "images"
+    _jpeg(images / "coco/train2017/000000033471.jpg")
+    _jpeg(images / "gqa/images/2354786.jpg", (20, 14))
+    (images / "textvqa/train_images").mkdir(parents=True)
+    (images / "textvqa/train_images/0badc0de.jpg").write_bytes(b"\xff\xd8 broken")
+    out = tmp_path / "shards"
+    info = curate_conversations(_request(LLAVA, DATA / "llava/llava_v1_5_mix665k_sample.json", images, out))
+    assert info["splits"]["train"]["samples"] == 3
+    assert info["splits"]["train"]["rejects"] == {"corrupt_image": 1, "missing_image": 1}
+    assert info["rejected_by_reader"] == {"bad_record": 1, "bad_turns": 2, "empty_conversation": 2, "placeholder_mismatch": 4}
+    [shard] = list_shards(out)
+    members = dict(iter_members(shard.path))
+    by_source = {json.loads(m["json"])["source_id"]: m for m in members.values()}
+    assert set(by_source) == {"000000033471", "i6IyJda_0", "2354786"}
+    text_only = by_source["i6IyJda_0"]
+    assert set(text_only) == {"json"}  # no image, no depth members
+    assert set(by_source["000000033471"]) == {"jpg", "json"}
+    bus = json.loads(by_source["000000033471"]["json"])
+    assert [turn["role"] for turn in bus["conversation"]] == ["user", "assistant", "user", "assistant"]
+    assert bus["teacher"] is None and (bus["width"], bus["height"]) == (16, 12)
+    assert by_source["2354786"]["jpg"] == (images / "gqa/images/2354786.jpg").read_bytes()  # verbatim
+    rows = _manifest(out)
+    assert len(rows) == 3 + 2 + 9
+    assert {row["reason"] for row in rows if row["status"] == "rejected" and row["shard"]} == {"missing_image", "corrupt_image"}
+    assert _clean(out)
+
+
+def test_grandf_sample_file_to_shards_and_bad_masks_rejected(tmp_path: Path) -> None:
+    images = tmp_path / "images"
+    _jpeg(images / "sa_10010541.jpg")
+    out = tmp_path / "shards"
+    info = curate_conversations(_request(GRANDF, DATA / "grandf/GranDf_HA_GCG_train.json", images, out))
+    assert info["settings"]["dataset"] == "grandf-ha" and info["splits"]["train"]["samples"] == 1
+    [sample] = list(iter_shard(list_shards(out)[0].path))
+    assert sample.key == "grandf-ha_train_000000000000" and sample.depth is None
+    phrases = sample.meta["grounded_caption"]["phrases"]
+    assert [p["text"] for p in phrases] == ["A red box", "two blue balls"]
+    box = rle_to_mask(phrases[0]["mask"])
+    assert box.shape == (12, 16) and box[2:6, 1:5].all() and box.sum() == 16
+    assert rle_to_mask(phrases[1]["mask"]).sum() == 30 + 15
+    assert _clean(out)
+    # The same annotation on an image of another size: the masks do not fit it.
+    _jpeg(images / "sa_10010541.jpg", (20, 12))
+    other = tmp_path / "other"
+    info = curate_conversations(_request(GRANDF, DATA / "grandf/GranDf_HA_GCG_train.json", images, other))
+    assert info["splits"]["train"]["samples"] == 0 and info["splits"]["train"]["rejects"] == {"invalid_mask": 1}
+
+
+def test_synthetic_world_conversations_curate_resume_identically(synth_world: Path, tmp_path: Path) -> None:
+    import shutil
+
+    world = tmp_path / "world"
+    shutil.copytree(synth_world, world)
+    write_conversations(world)
+    llava_out, grandf_out = tmp_path / "llava", tmp_path / "grandf"
+    curate_conversations(_request(LLAVA, world / "llava/synth_train.json", world, llava_out, samples_per_shard=4))
+    curate_conversations(_request(GRANDF, world / "GranDf/annotations/train/GranDf_HA_GCG_train.json", world, grandf_out))
+    assert _clean(llava_out) and _clean(grandf_out)
+    samples = [sample for shard in list_shards(grandf_out) for sample in iter_shard(shard.path)]
+    assert samples and all(len(s.meta["grounded_caption"]["phrases"]) >= 1 for s in samples)
+    first = {shard.path.name: hashlib.sha256(shard.path.read_bytes()).hexdigest() for shard in list_shards(llava_out)}
+    shard = list_shards(llava_out)[1]
+    shard.stats_path.unlink()  # as if the run had been killed before this shard was finished
+    shard.path.write_bytes(b"half")
+    curate_conversations(_request(LLAVA, world / "llava/synth_train.json", world, llava_out, samples_per_shard=4))
+    again = {shard.path.name: hashlib.sha256(shard.path.read_bytes()).hexdigest() for shard in list_shards(llava_out)}
+    assert again == first and _clean(llava_out)
+
+
+def test_no_depth_teacher_yet_and_unknown_kinds_are_one_line_errors(tmp_path: Path) -> None:
+    with pytest.raises(PerceptioError, match="depth-source"):
+        curate_conversations(_request(LLAVA, DATA / "llava/llava_v1_5_mix665k_sample.json", tmp_path, tmp_path / "o",
+                                      depth_source="model"))
+    with pytest.raises(PerceptioError, match="unknown conversation dataset"):
+        curate_conversations(_request("sharegpt", DATA / "llava/llava_v1_5_mix665k_sample.json", tmp_path, tmp_path / "o"))
