@@ -73,7 +73,7 @@ def loss_overhead(shards: Path, tokenizer: Path, repeats: int = 5) -> float:
     import webdataset as wds
 
     raw = next(iter(wds.tarfile_samples([{"url": str(sorted(shards.glob("refcoco-unc-*.tar"))[0])}])))
-    batch = model.processor.collate([model.processor.encode_example(**example.decode()) for example in expand_sample(raw, templates)[:2]])
+    batch = model.processor.collate([model.processor.encode_conversation(**example.decode()) for example in expand_sample(raw, templates)[:2]])
 
     def llm_only() -> torch.Tensor:
         hidden = model.adapter.last_hidden_state(batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
@@ -103,7 +103,7 @@ def logits_peak_mb(mode: str, tokenizer: Path, shards: Path) -> tuple[float, int
 
     raw = next(iter(wds.tarfile_samples([{"url": str(sorted(shards.glob("refcoco-unc-*.tar"))[0])}])))
     examples = expand_sample(raw, PromptTemplates.load())[:2]
-    batch = model.processor.collate([model.processor.encode_example(**example.decode()) for example in examples])
+    batch = model.processor.collate([model.processor.encode_conversation(**example.decode()) for example in examples])
     with torch.no_grad():
         hidden = model.adapter.last_hidden_state(batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
     hidden = hidden.detach().requires_grad_(True)

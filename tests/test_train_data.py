@@ -29,8 +29,8 @@ from tests.train_factory import make_sample, write_shards
 class FakeProcessor:
     """Stands in for the model's processor: keeps what the data layer is responsible for."""
 
-    def encode_example(self, image, prompt, target, mask, depth):
-        return {"prompt": prompt, "target": target, "has_mask": mask is not None, "depth_shape": depth.shape}
+    def encode_conversation(self, image, turns, masks, depth):
+        return {"prompt": turns[-2].text, "target": turns[-1].text, "has_mask": bool(masks), "depth_shape": depth.shape}
 
     def collate(self, encoded):
         return encoded
@@ -102,7 +102,7 @@ def test_expansion_one_example_per_sentence_and_questions():
     without_depth = expand_sample(raw, templates, use_depth_tokens=False)
     assert all(D_START not in e.target and e.target.startswith(SEG) for e in without_depth)
     decoded = examples[0].decode()
-    assert decoded["image"].size == (64, 48) and decoded["mask"].shape == (48, 64)
+    assert decoded["image"].size == (64, 48) and [mask.shape for mask in decoded["masks"]] == [(48, 64)]
     assert decoded["depth"].dtype == np.float32 and decoded["depth"].shape == (320, 320)
 
 
@@ -195,7 +195,7 @@ def test_expanded_examples_train_on_the_target_only(vqvae_dir):
     templates = PromptTemplates.load()
     for sample in (make_sample("refcoco-unc", "train", 3, refs=1, sentences=1), make_sample("ade20k", "training", 5, question=True)):
         (example,) = expand_sample({"__key__": sample.key, **sample.to_members()}, templates)
-        encoded = model.processor.encode_example(**example.decode())
+        encoded = model.processor.encode_conversation(**example.decode())
         labels, input_ids = encoded["labels"], encoded["input_ids"]
         supervised = labels != -100
         first = int(supervised.nonzero()[0])

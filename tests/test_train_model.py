@@ -91,7 +91,7 @@ def test_image_tensors_match_a_manual_preprocessing(model):
     side = model.segmenter.image_size
     sam = (np.asarray(image.resize((side, side), Image.Resampling.BILINEAR), dtype=np.float64) / 255 - mean) / std
     assert np.allclose(example["sam_pixel_values"].numpy().transpose(1, 2, 0), sam, atol=1e-5)
-    assert example["gt_mask"].shape == (side // 4, side // 4) and not example["has_mask"]
+    assert example["gt_masks"].shape == (0, side // 4, side // 4) and example["num_masks"] == 0
 
 
 def test_tiling_is_an_option(model):

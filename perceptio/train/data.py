@@ -8,14 +8,15 @@ The path of one example, from disk to the model:
    epoch the stream's shard list is shuffled with a seed shared by all ranks, then split by node and
    by worker (the slicing of ``webdataset.split_by_node`` then ``webdataset.split_by_worker``, done
    with explicit ids because a resumed run renumbers its workers, see :class:`ShardStream`).
-3. ``webdataset.tarfile_samples`` reads the tars; :func:`expand_sample` turns one image sample
-   into examples (one per (ref, sentence), or one marked-point question for ADE20k) with the
-   templates of ``manifests/prompts.json``; ``webdataset.shuffle`` mixes them in a seeded buffer.
+3. ``webdataset.tarfile_samples`` reads the tars; :func:`expand_sample` turns one sample into
+   examples (one per (ref, sentence), one marked-point question for ADE20k, one conversation for
+   LLaVA, one grounded caption for GranD-f) with the templates of ``manifests/prompts.json``;
+   ``webdataset.shuffle`` mixes them in a seeded buffer.
 4. A seeded draw picks the stream of each example in proportion to its weight, so a stream's share
    does not depend on its size. Streams repeat endlessly (epoch after epoch, reshuffled), so every
    rank makes exactly as many steps as asked and no rank waits for another at an epoch's end.
-5. Only then are images decoded and the processor's ``encode_example`` run (it tokenises and
-   masks the prompt out of the labels); DataLoader workers get the processor
+5. Only then are images decoded and the processor's ``encode_conversation`` run (it lays the
+   turns out with the chat template and labels the answers only); DataLoader workers get the processor
    (:class:`perceptio.train.processor.PerceptioProcessor`), never the model.
 
 Exact resume: a reader's position is (draws made, and per stream the epoch and the examples taken
@@ -40,8 +41,9 @@ import webdataset as wds
 
 from perceptio.errors import PerceptioError
 from perceptio.recipes import load_recipe
-from perceptio.shards import QUESTION_FIELD, ShardFile, list_shards, npy_load, rle_to_mask
+from perceptio.shards import CONVERSATION_FIELD, GROUNDED_FIELD, QUESTION_FIELD, ShardFile, list_shards, npy_load, rle_to_mask
 from perceptio.tokens import SEG, depth_span
+from perceptio.train.chat import ASSISTANT, USER, Turn, as_turns
 from perceptio.train.config import StreamConfig
 
 DEFAULT_SPLITS = ("train", "training")  # COCO-style and ADE20k-style names of the training split
@@ -53,7 +55,7 @@ class EncodeCollate(Protocol):
     It travels to every DataLoader worker, so it must pickle small: no model weights.
     """
 
-    def encode_example(self, image: Any, prompt: str, target: str, mask: Any, depth: Any) -> dict[str, torch.Tensor]: ...
+    def encode_conversation(self, image: Any, turns: Sequence[Turn], masks: Sequence[Any], depth: Any) -> dict[str, torch.Tensor]: ...
     def collate(self, examples: list[dict[str, torch.Tensor]]) -> dict[str, Any]: ...
 
 
@@ -146,6 +148,7 @@ class PromptTemplates:
     grounding_target: str
     question_prompts: tuple[str, ...]
     question_target: str
+    caption_prompts: tuple[str, ...]
 
     @classmethod
     def load(cls, name: str = "prompts.json") -> "PromptTemplates":
@@ -155,6 +158,7 @@ class PromptTemplates:
             recipe["grounding"]["target"],
             tuple(recipe["depth_question"]["prompts"]),
             recipe["depth_question"]["target"],
+            tuple(recipe["grounded_caption"]["prompts"]),
         )
 
 
@@ -162,22 +166,50 @@ class PromptTemplates:
 class Example:
     """One training example, still undecoded (cheap to skip when a resumed run fast-forwards)."""
 
-    key: str  # "{sample key}/ref{ref_id}/sent{sent_id}" or "{sample key}/question"
+    key: str  # "{sample key}/ref{ref_id}/sent{sent_id}", "{sample key}/question" or the sample key
     source: str  # the sample's json "dataset", e.g. "refcoco-unc"
-    prompt: str
-    target: str
-    image_bytes: bytes
-    mask_rle: dict[str, Any] | None
-    depth_bytes: bytes  # depth.npy, float16 (320, 320)
+    turns: tuple[Turn, ...]  # user, assistant, ...: a single question and answer for perception data
+    image_bytes: bytes | None  # None: a text-only conversation
+    mask_rles: tuple[dict[str, Any], ...]  # the targets of the answers' [SEG]s, in order
+    depth_bytes: bytes | None  # depth.npy, float16 (320, 320); None for samples without depth
+
+    @property
+    def prompt(self) -> str:
+        """The last question (the only one of a perception example)."""
+        return self.turns[-2].text
+
+    @property
+    def target(self) -> str:
+        """The last answer."""
+        return self.turns[-1].text
+
+    @property
+    def mask_rle(self) -> dict[str, Any] | None:
+        """The first [SEG]'s mask (the only one of a referring example)."""
+        return self.mask_rles[0] if self.mask_rles else None
 
     def decode(self) -> dict[str, Any]:
-        """Keyword arguments of the processor's ``encode_example``."""
+        """Keyword arguments of the processor's ``encode_conversation``."""
         from PIL import Image
 
-        image = Image.open(io.BytesIO(self.image_bytes)).convert("RGB")
-        mask = rle_to_mask(self.mask_rle) if self.mask_rle is not None else None
-        depth = npy_load(self.depth_bytes).astype(np.float32)
-        return {"image": image, "prompt": self.prompt, "target": self.target, "mask": mask, "depth": depth}
+        image = Image.open(io.BytesIO(self.image_bytes)).convert("RGB") if self.image_bytes is not None else None
+        depth = npy_load(self.depth_bytes).astype(np.float32) if self.depth_bytes is not None else None
+        return {"image": image, "turns": list(self.turns), "masks": [rle_to_mask(rle) for rle in self.mask_rles],
+                "depth": depth}
+
+
+def _single(key: str, source: str, prompt: str, target: str, image: bytes, mask: dict[str, Any] | None,
+            depth: bytes | None) -> Example:
+    return Example(key, source, (Turn(USER, prompt), Turn(ASSISTANT, target)), image, (mask,) if mask else (), depth)
+
+
+def grounded_target(caption: str, phrases: Sequence[dict[str, Any]]) -> str:
+    """The caption with a ``[SEG]`` right after each phrase, in order (GLaMM's interleaved masks)."""
+    parts, position = [], 0
+    for phrase in phrases:
+        parts += [caption[position:phrase["end"]], f" {SEG}"]
+        position = phrase["end"]
+    return "".join(parts) + caption[position:]
 
 
 def _pick(options: Sequence[str], key: str) -> str:
@@ -189,20 +221,22 @@ def expand_sample(raw: dict[str, Any], templates: PromptTemplates, use_depth_tok
     """The training examples of one shard sample (a webdataset dict of member bytes).
 
     Grounding samples give one example per (ref, sentence); ADE20k samples with a marked-point
-    question give one example on the marked image. Without depth tokens the span is left out.
+    question give one example on the marked image; a LLaVA conversation is one example of all its
+    turns; a GranD-f grounded caption one example whose answer holds a [SEG] per phrase. Without
+    depth tokens the span is left out.
     """
     key = raw["__key__"]
     meta = json.loads(raw["json"])
-    depth = depth_span(npy_load(raw["depth_tokens.npy"]).tolist()) if use_depth_tokens else ""
+    source = meta["dataset"]
+    has_depth = "depth_tokens.npy" in raw
+    depth = depth_span(npy_load(raw["depth_tokens.npy"]).tolist()) if use_depth_tokens and has_depth else ""
     examples = []
     for ref in meta.get("refs", []):
         for sentence in ref["sentences"]:
             example_key = f"{key}/ref{ref['ref_id']}/sent{sentence['sent_id']}"
             prompt = _pick(templates.grounding_prompts, example_key).format(expression=sentence["sent"])
             target = templates.grounding_target.format(seg=SEG, depth=depth, description=ref.get("description", ""))
-            examples.append(
-                Example(example_key, meta["dataset"], prompt, target.strip(), raw["jpg"], ref["mask"], raw["depth.npy"])
-            )
+            examples.append(_single(example_key, source, prompt, target.strip(), raw["jpg"], ref["mask"], raw.get("depth.npy")))
     question = meta.get(QUESTION_FIELD)
     if question is not None:
         if "marked.jpg" not in raw:
@@ -210,7 +244,17 @@ def expand_sample(raw: dict[str, Any], templates: PromptTemplates, use_depth_tok
         example_key = f"{key}/question"
         prompt = _pick(templates.question_prompts, example_key).format(question=question["text"])
         target = templates.question_target.format(depth=depth, answer=question["answer"])
-        examples.append(Example(example_key, meta["dataset"], prompt, target, raw["marked.jpg"], None, raw["depth.npy"]))
+        examples.append(_single(example_key, source, prompt, target, raw["marked.jpg"], None, raw.get("depth.npy")))
+    conversation = meta.get(CONVERSATION_FIELD)
+    if conversation is not None:
+        examples.append(Example(key, source, tuple(as_turns(conversation)), raw.get("jpg"), (), raw.get("depth.npy")))
+    grounded = meta.get(GROUNDED_FIELD)
+    if grounded is not None:
+        prompt = _pick(templates.caption_prompts, key)
+        target = grounded_target(grounded["caption"], grounded["phrases"])
+        masks = tuple(phrase["mask"] for phrase in grounded["phrases"])
+        examples.append(Example(key, source, (Turn(USER, prompt), Turn(ASSISTANT, target)), raw["jpg"], masks,
+                                raw.get("depth.npy")))
     return examples
 
 
@@ -364,7 +408,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         reader = ExampleReader(self.streams, slot, self.config, self.reader_states.get(worker))
         while True:
             examples = [next(reader) for _ in range(self.batch_size)]
-            inputs = self.processor.collate([self.processor.encode_example(**example.decode()) for example in examples])
+            inputs = self.processor.collate([self.processor.encode_conversation(**example.decode()) for example in examples])
             yield Batch(inputs, [e.key for e in examples], [e.source for e in examples], worker, reader.state())
 
 

@@ -154,6 +154,8 @@ class PerceptioModel(nn.Module):
         config = self.config
         input_ids, labels = batch["input_ids"], batch["labels"]
         pixel_values = batch["pixel_values"].to(self._dtype())
+        # A batch of text-only conversations has no tile at all.
+        pixel_values = pixel_values if pixel_values.shape[0] else None
         hidden = self.adapter.last_hidden_state(input_ids, batch["attention_mask"], pixel_values)
         supervised = losses.SupervisedLogits.from_hidden(hidden, labels, self.adapter.output_head())
         token_nll = supervised.token_nll()
@@ -186,19 +188,18 @@ class PerceptioModel(nn.Module):
         return PerceptioOutput(loss=loss, terms={name: value.detach() for name, value in terms.items()})
 
     def _segmentation_terms(self, batch: dict[str, Any], hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """L_SegRecon terms for samples with a mask and a [SEG] target (its own hidden state prompts SAM2)."""
-        is_seg = batch["labels"] == self.seg_token_id
-        chosen = torch.nonzero(is_seg.any(dim=1) & batch["has_mask"].bool()).flatten()
-        if len(chosen) == 0:
+        """L_SegRecon over every [SEG] target paired with a mask: the k-th [SEG] of a sample with its
+        k-th mask, each prompting SAM2 with its own hidden state; averaged over all pairs."""
+        rows, positions, mask_index = losses.seg_pairs(batch["labels"], self.seg_token_id, batch["num_masks"])
+        if len(rows) == 0:
             # Keep every trainable segmenter parameter in the graph so that DDP sees a gradient
             # (zero) for each of them on every rank, without find_unused_parameters.
             anchor = sum(param.sum() for param in self.segmenter.parameters() if param.requires_grad) * 0.0
             return anchor, anchor
-        seg_position = is_seg[chosen].float().argmax(dim=1)  # first [SEG] of each chosen sample
-        seg_hidden = hidden[chosen, seg_position]
-        sam_pixels = batch["sam_pixel_values"][chosen].to(self._dtype())
-        mask_logits = self.segmenter(sam_pixels, seg_hidden)
-        return losses.segmentation_losses(mask_logits, batch["gt_mask"][chosen])
+        images, image_index = torch.unique(rows, return_inverse=True)  # each image through SAM2's encoder once
+        sam_pixels = batch["sam_pixel_values"][images].to(self._dtype())
+        mask_logits = self.segmenter(sam_pixels, hidden[rows, positions], image_index)
+        return losses.segmentation_losses(mask_logits, batch["gt_masks"][rows, mask_index])
 
     def _dtype(self) -> torch.dtype:
         return self.adapter.model.dtype

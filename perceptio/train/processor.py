@@ -24,7 +24,7 @@ import os
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -34,6 +34,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from perceptio.errors import PerceptioError
 from perceptio.io import write_text_atomic
 from perceptio.tokens import D_END, D_START, SEG
+from perceptio.train.chat import ASSISTANT, USER, Turn, as_turns, lay_out, messages_for
 from perceptio.train.losses import IGNORE_INDEX
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -96,17 +97,34 @@ class PerceptioProcessor:
         """The image as the vision tower's input: (tiles, 3, H, W) float."""
         return self.image_processor(image.convert("RGB"), return_tensors="pt")["pixel_values"]
 
-    def prompt_text(self, prompt: str, num_tiles: int) -> str:
-        """The full model input before the answer: chat markup, image placeholders, the user prompt."""
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+    def _render(self, messages: list[dict[str, Any]], add_generation_prompt: bool) -> str:
         template = self.tokenizer.chat_template or INTERNVL_CHAT_TEMPLATE
-        text = self.tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False, add_generation_prompt=True)
+        return self.tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
+                                                  add_generation_prompt=add_generation_prompt)
+
+    def _image_expander(self, num_tiles: int) -> Callable[[str], str]:
+        """Replaces the template's one image placeholder by the image markup of ``num_tiles`` tiles."""
         context = self.tokenizer.context_image_token
         image = (self.tokenizer.start_image_token + context * (self.settings.tokens_per_tile * num_tiles)
                  + self.tokenizer.end_image_token)
-        if text.count(context) != 1:
-            raise PerceptioError(f"the chat template placed {text.count(context)} image placeholders, expected 1")
-        return text.replace(context, image)
+
+        def expand(text: str) -> str:
+            if text.count(context) != 1:
+                raise PerceptioError(f"the chat template placed {text.count(context)} image placeholders, expected 1")
+            return text.replace(context, image)
+
+        return expand
+
+    def conversation_prompt(self, turns: Sequence[Any], num_tiles: int | None) -> str:
+        """The model input before the next answer: the turns so far (ending with the user's), laid out
+        by the chat template, the image (``num_tiles`` tiles; None: no image) in the first user turn."""
+        history = as_turns(turns)
+        text = self._render(messages_for(history, num_tiles is not None), True)
+        return self._image_expander(num_tiles)(text) if num_tiles is not None else text
+
+    def prompt_text(self, prompt: str, num_tiles: int) -> str:
+        """The full model input before the answer to a single question about an image."""
+        return self.conversation_prompt([Turn(USER, prompt)], num_tiles)
 
     def end_of_turn(self) -> str:
         """The text that closes the assistant's answer (appended to every target)."""
@@ -154,26 +172,40 @@ class PerceptioProcessor:
         mask: np.ndarray | None = None,
         depth: np.ndarray | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Tensors of one training example; prompt positions are masked out of ``labels``.
+        """One question and its answer about an image (see :meth:`encode_conversation`)."""
+        masks = [mask] if mask is not None else []
+        return self.encode_conversation(image, [Turn(USER, prompt), Turn(ASSISTANT, target)], masks, depth)
 
-        The target is written with every perception token (``[SEG] [D_START] ... [D_END] text``);
-        the ablations remove what they switch off (the depth span without depth tokens, ``[SEG]``
-        without segmentation), so data code does not depend on them.
+    def encode_conversation(
+        self,
+        image: Image.Image | None,
+        turns: Sequence[Any],
+        masks: Sequence[np.ndarray] = (),
+        depth: np.ndarray | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Tensors of one training example of any number of turns, with or without an image.
+
+        The chat template lays the turns out (:mod:`perceptio.train.chat`); ``labels`` hold every
+        answer and its end-of-turn marker and nothing else. Answers are written with every perception
+        token (``[SEG] [D_START] ... [D_END] text``); the ablations remove what they switch off, so
+        data code does not depend on them. ``masks`` are the targets of the ``[SEG]`` tokens of the
+        answers, in order (a grounded caption has one per phrase).
         """
         settings = self.settings
-        target = self.ablated_target(target)
-        pixel_values = self.pixel_values(image)
-        prompt_ids = self.token_ids(self.prompt_text(prompt, num_tiles=pixel_values.shape[0]))
-        target_ids = self.token_ids(target + self.end_of_turn())
-        if len(prompt_ids) >= settings.max_length:
-            raise PerceptioError(f"the prompt alone has {len(prompt_ids)} tokens, over max_length {settings.max_length}")
-        # Only the target's tail can be cut (a depth span may lose its [D_END]: it then counts as invalid).
-        input_ids = (prompt_ids + target_ids)[: settings.max_length]
-        labels = ([IGNORE_INDEX] * len(prompt_ids) + target_ids)[: settings.max_length]
+        turns = [Turn(turn.role, self.ablated_target(turn.text)) if turn.role == ASSISTANT else turn
+                 for turn in as_turns(turns)]
+        pixel_values = self.pixel_values(image) if image is not None else None
+        expand = self._image_expander(pixel_values.shape[0]) if pixel_values is not None else None
+        input_ids, labels = lay_out(turns, self._render, self.token_ids, self.end_of_turn(), expand)
+        first_answer = next(position for position, label in enumerate(labels) if label != IGNORE_INDEX)
+        if first_answer >= settings.max_length:
+            raise PerceptioError(f"the prompt alone has {first_answer} tokens, over max_length {settings.max_length}")
+        # Only answers' tails can be cut (a depth span may lose its [D_END]: it then counts as invalid).
         example = {
-            "input_ids": torch.tensor(input_ids),
-            "labels": torch.tensor(labels),
-            "pixel_values": pixel_values,
+            "input_ids": torch.tensor(input_ids[: settings.max_length]),
+            "labels": torch.tensor(labels[: settings.max_length]),
+            # No tile for a text-only example: the batch's tiles are concatenated (see collate).
+            "pixel_values": pixel_values if pixel_values is not None else torch.zeros(0, 3, settings.image_size, settings.image_size),
             "depth_target": torch.zeros(settings.depth_size, settings.depth_size),
             "has_depth": torch.tensor(depth is not None),
         }
@@ -184,14 +216,17 @@ class PerceptioProcessor:
                     f"depth target has shape {depth.shape}, expected ({settings.depth_size}, {settings.depth_size})")
             example["depth_target"] = torch.from_numpy(depth)
         if settings.sam_image_size is not None:
-            example["sam_pixel_values"] = self.sam_pixel_values(image)
-            size = settings.mask_size
-            example["gt_mask"] = self.mask_target(mask) if mask is not None else torch.zeros(size, size)
-            example["has_mask"] = torch.tensor(mask is not None)
+            size, side = settings.mask_size, settings.sam_image_size
+            if masks and image is None:
+                raise PerceptioError("masks were given for an example without an image")
+            example["sam_pixel_values"] = self.sam_pixel_values(image) if image is not None else torch.zeros(3, side, side)
+            example["gt_masks"] = (torch.stack([self.mask_target(mask) for mask in masks]) if len(masks)
+                                   else torch.zeros(0, size, size))
+            example["num_masks"] = torch.tensor(len(masks))
         return example
 
     def collate(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
-        """Right-pad token sequences, concatenate image tiles, stack the rest; lists stay lists."""
+        """Right-pad token sequences and mask stacks, concatenate image tiles, stack the rest; lists stay lists."""
         if not examples:
             raise ValueError("collate needs at least one example")
         length = max(len(example["input_ids"]) for example in examples)
@@ -203,6 +238,10 @@ class PerceptioProcessor:
                 batch[key] = torch.stack([_right_pad(value, length, fill) for value in values])
             elif key == "pixel_values":
                 batch[key] = torch.cat(values)  # InternVL takes every tile of the batch in one tensor
+            elif key == "gt_masks":  # (masks, M, M) per example: padded to the batch's most masks
+                most = max(value.shape[0] for value in values)
+                batch[key] = torch.stack([torch.cat([value, value.new_zeros(most - value.shape[0], *value.shape[1:])])
+                                          for value in values])
             elif isinstance(values[0], torch.Tensor):
                 batch[key] = torch.stack(values)
             else:

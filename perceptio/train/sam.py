@@ -57,10 +57,17 @@ class SamSegmenter(nn.Module):
         features[-1] = features[-1] + self.sam.no_memory_embedding.view(1, -1, 1, 1)
         return features
 
-    def forward(self, sam_pixel_values: torch.Tensor, seg_hidden: torch.Tensor) -> torch.Tensor:
-        """Mask logits (B, M, M) from images (B, 3, S, S) and [SEG] hidden states (B, D)."""
+    def forward(self, sam_pixel_values: torch.Tensor, seg_hidden: torch.Tensor,
+                image_index: torch.Tensor | None = None) -> torch.Tensor:
+        """Mask logits (N, M, M) from images (B, 3, S, S) and [SEG] hidden states (N, D).
+
+        ``image_index`` (N,) says which image each [SEG] is about (default: the n-th), so an image
+        with several [SEG]s (a grounded caption) is encoded once.
+        """
         features = self.image_features(sam_pixel_values)
-        batch = sam_pixel_values.shape[0]
+        if image_index is not None:
+            features = [feature[image_index] for feature in features]
+        batch = seg_hidden.shape[0]
         sparse = self.projector(seg_hidden).view(batch, 1, 1, -1)
         embedding = features[-1]
         dense = self.sam.prompt_encoder.no_mask_embed.weight.view(1, -1, 1, 1).expand(batch, -1, *embedding.shape[-2:])
