@@ -194,3 +194,26 @@ def test_bad_input_is_one_line_and_exit_code_2(evaluate, checkpoint, val_shards,
     done = evaluate(*filled)
     assert done.returncode == 2
     assert message in done.stderr and "Traceback" not in done.stderr
+
+
+def test_conversation_command_scores_every_answer_after_its_history(evaluate, checkpoint, tmp_path):
+    from perceptio.curate.conversations import LLAVA, ConversationRequest, curate_conversations
+
+    images = tmp_path / "images"
+    for name in ("coco/train2017/000000033471.jpg", "gqa/images/2354786.jpg"):
+        (images / name).parent.mkdir(parents=True, exist_ok=True)
+        image().save(images / name, format="JPEG")
+    shards = tmp_path / "llava"
+    sample_file = Path(__file__).parent / "data/llava/llava_v1_5_mix665k_sample.json"
+    curate_conversations(ConversationRequest(LLAVA, sample_file, images, shards, split="val", progress=False))
+    done = evaluate("conversation", "--checkpoint", str(checkpoint), "--shards", str(shards), "--max-new-tokens", "3",
+                    "--json")
+    assert done.returncode == 0, done.stderr
+    results = json.loads(done.stdout)
+    # Three conversations kept by curation: the bus (two answers), the text-only one and the GQA one.
+    assert results["scores"]["answers"] == 4 and results["scores"]["conversations"] == 3
+    first, second = results["examples"][:2]
+    assert (first["turn"], second["turn"]) == (1, 3) and first["key"] == second["key"]
+    assert second["reference"] == "An advertisement for a local bakery."
+    assert all(record["exact_match"] == (record["prediction"].lower() == record["reference"].lower())
+               for record in results["examples"])

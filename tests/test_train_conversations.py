@@ -132,3 +132,15 @@ def test_two_mask_grounded_caption_pairs_each_seg_with_its_mask(model: Perceptio
     assert float(first_only) != pytest.approx(float(dice), rel=1e-3)  # not the first [SEG]'s loss alone
     output.loss.backward()
     assert model.segmenter.projector[0].weight.grad.abs().sum() > 0
+
+
+def test_generation_prompt_is_the_training_context_of_each_answer(model: PerceptioModel) -> None:
+    """What the predictor feeds before answer k is token for token what training put before it."""
+    processor = model.processor
+    for image in (picture(), None):
+        encoded = processor.encode_conversation(image, TURNS)
+        ids, labels = encoded["input_ids"].tolist(), encoded["labels"].tolist()
+        tiles = encoded["pixel_values"].shape[0] if image is not None else None
+        for (start, _), answer in zip(runs(labels), range(1, len(TURNS), 2)):
+            prompt = processor.token_ids(processor.conversation_prompt(TURNS[:answer], tiles))
+            assert prompt == ids[:start]

@@ -38,7 +38,7 @@ class PredictionLike(Protocol):
 class PredictorLike(Protocol):
     identity: str
 
-    def predict(self, image: Image.Image, prompt: str) -> PredictionLike: ...
+    def predict(self, image: Image.Image | None, prompt: Any) -> PredictionLike: ...
 
 
 @dataclass(frozen=True)
@@ -69,7 +69,8 @@ def read_shard_items(shard_dirs: Sequence[str | Path], split: str, per_image: bo
     items: list[ShardItem] = []
     for shard in find_shards(list(shard_dirs), splits=(split,)):
         for raw in wds.tarfile_samples([{"url": str(shard.path)}]):
-            teacher_codes = tuple(int(code) for code in npy_load(raw["depth_tokens.npy"]).tolist())
+            codes = npy_load(raw["depth_tokens.npy"]).tolist() if "depth_tokens.npy" in raw else []
+            teacher_codes = tuple(int(code) for code in codes)
             examples = expand_sample(raw, templates, use_depth_tokens=True)
             for example in examples[:1] if per_image else examples:
                 items.append(
@@ -77,6 +78,53 @@ def read_shard_items(shard_dirs: Sequence[str | Path], split: str, per_image: bo
                               example.mask_rle, example.depth_bytes, teacher_codes)
                 )
     return items
+
+
+@dataclass(frozen=True)
+class ConversationTurnItem:
+    """One answer of a held-out conversation: the gold turns before it, and the reference."""
+
+    id: str  # "{sample key}/turn{k}"
+    key: str  # the conversation's sample key
+    dataset: str
+    split: str
+    turn: int  # position of the answer among the turns (1, 3, ...)
+    history: tuple[Any, ...]  # the turns before the answer, ending with the user's question
+    reference: str
+    image_bytes: bytes | None
+
+    def image(self) -> Image.Image | None:
+        return Image.open(io.BytesIO(self.image_bytes)).convert("RGB") if self.image_bytes is not None else None
+
+
+def read_conversation_items(shard_dirs: Sequence[str | Path], split: str) -> list[ConversationTurnItem]:
+    """Every answer of every conversation sample of the split's shards, in file order."""
+    import webdataset as wds
+
+    from perceptio.train.data import PromptTemplates, expand_sample, find_shards
+
+    templates = PromptTemplates.load()
+    items: list[ConversationTurnItem] = []
+    for shard in find_shards(list(shard_dirs), splits=(split,)):
+        for raw in wds.tarfile_samples([{"url": str(shard.path)}]):
+            for example in expand_sample(raw, templates):
+                if example.mask_rles or len(example.turns) < 2:  # grounded captions are scored as masks, not text
+                    continue
+                for turn in range(1, len(example.turns), 2):
+                    items.append(ConversationTurnItem(f"{example.key}/turn{turn}", example.key, example.source,
+                                                      shard.split, turn, example.turns[:turn],
+                                                      example.turns[turn].text, example.image_bytes))
+    return items
+
+
+def conversation_record(predictor: PredictorLike, item: ConversationTurnItem) -> dict[str, Any]:
+    """The generated answer to one question of a conversation, the earlier turns given as they were."""
+    from perceptio.evaluate.metrics import exact_match
+
+    prediction = predictor.predict(item.image(), list(item.history))
+    return {"id": item.id, "key": item.key, "dataset": item.dataset, "split": item.split, "turn": item.turn,
+            "prediction": prediction.text, "reference": item.reference,
+            "exact_match": exact_match(prediction.text, item.reference)}
 
 
 def evaluate_items(

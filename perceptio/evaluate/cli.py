@@ -23,7 +23,7 @@ from perceptio.evaluate.distributed import ProcessGroup, init_process_group
 from perceptio.io import write_text_atomic
 
 app = typer.Typer(
-    help="Evaluate a Perceptio checkpoint: refseg (cIoU/gIoU), hardblink (relative depth), depth tokens, predict.",
+    help="Evaluate a Perceptio checkpoint: refseg (cIoU/gIoU), hardblink (relative depth), depth tokens, conversations, predict.",
     no_args_is_help=True,
     add_completion=False,
 )
@@ -155,6 +155,46 @@ def refseg(
     for name, score in scores.items():
         table.add_row(name, str(score.expressions), percent(score.ciou), percent(score.giou),
                       percent(score.precision_at_50), str(score.missing_seg))
+    report(results, table, as_json, out)
+
+
+@app.command()
+def conversation(
+    checkpoint: Path = CHECKPOINT_OPTION,
+    shards: list[Path] = SHARDS_OPTION,
+    split: str = typer.Option("val", help="Split of the conversation shards (perceptio-curate llava) to evaluate."),
+    limit: Optional[int] = LIMIT_OPTION,
+    max_new_tokens: int = typer.Option(256, help="Most tokens per answer: conversations answer at length."),
+    threads: Optional[int] = THREADS_OPTION,
+    as_json: bool = JSON_OPTION,
+    out: Optional[Path] = OUT_OPTION,
+) -> None:
+    """Held-out conversations: exact match of every answer (lower case, no punctuation or articles),
+    each generated after the conversation's earlier turns as they were written."""
+    from perceptio.evaluate.benchmarks import conversation_record, read_conversation_items
+    from perceptio.evaluate.metrics import conversation_scores
+
+    group = init_process_group()
+    items = _limited(read_conversation_items(shards, split), limit)
+    if not items:
+        raise PerceptioError(f"no conversation in split {split!r} of {', '.join(map(str, shards))}")
+    predictor, records = _predict_all(f"conversation {split}", items, group, checkpoint, max_new_tokens, threads,
+                                      conversation_record, lambda item: item.id)
+    if records is None:
+        return
+    scores = conversation_scores(records)
+    results = {
+        "benchmark": "conversation",
+        "checkpoint": _checkpoint_info(checkpoint, predictor),
+        "data": {"shards": [str(path) for path in shards], "split": split, "answers": len(records), "limit": limit},
+        "processes": group.world_size,
+        "scores": scores.as_dict(),
+        "examples": records[:5],
+    }
+    table = Table(title=_header(results))
+    for column in ("answers", "exact match", "conversations", "all answers right"):
+        table.add_column(column)
+    table.add_row(str(scores.answers), percent(scores.exact_match), str(scores.conversations), percent(scores.all_turns_right))
     report(results, table, as_json, out)
 
 

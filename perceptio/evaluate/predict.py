@@ -1,8 +1,10 @@
 """Inference: from one image and prompt, one generated sequence -> the mask, the depth map, the answer.
 
-1. The prompt is laid out as in training (the model's adapter: chat markup and image tokens) and
-   the answer generated greedily under :class:`PerceptionFormatProcessor`, so a depth span, when
-   the model writes one, is always ``[D_START]`` + exactly n depth tokens + ``[D_END]``.
+1. The prompt (one question, or a conversation's earlier turns and the next question) is laid out
+   as in training (the processor's chat template and image tokens; no image for a text-only
+   conversation) and the answer generated greedily under :class:`PerceptionFormatProcessor`, so a
+   depth span, when the model writes one, is always ``[D_START]`` + exactly n depth tokens +
+   ``[D_END]``; spans in the earlier turns do not count.
 2. Mask: the language model's last hidden state at the generated ``[SEG]`` token (the state the
    trainer supervises, at the position where ``[SEG]`` is the input) prompts the SAM2 mask decoder;
    its logits are upsampled bilinearly to the image's size and thresholded at probability 0.5.
@@ -17,6 +19,7 @@ import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -26,6 +29,7 @@ from transformers import LogitsProcessorList
 from perceptio.errors import PerceptioError
 from perceptio.evaluate.decoding import PerceptionFormatProcessor
 from perceptio.evaluate.metrics import PerceptionVocabulary, depth_span
+from perceptio.train.chat import USER, Turn
 
 # Room for [SEG], the 102-token depth span and a short answer; a caller can ask for more.
 DEFAULT_MAX_NEW_TOKENS = 160
@@ -102,18 +106,25 @@ class Predictor:
         )
 
     @torch.inference_mode()
-    def predict(self, image: Image.Image, prompt: str) -> Prediction:
+    def predict(self, image: Image.Image | None, prompt: str | Sequence[Any]) -> Prediction:
+        """The answer to ``prompt``: one question, or a conversation's turns so far (ending with the
+        user's, as :class:`perceptio.train.chat.Turn` or ``{"role", "text"}``); ``image`` None: text only."""
         model = self.model
-        image = image.convert("RGB")
         processor = model.processor
-        pixel_values = processor.pixel_values(image).to(self.device, model.adapter.model.dtype)
-        prompt_text = processor.prompt_text(prompt, num_tiles=pixel_values.shape[0])
+        turns = [Turn(USER, prompt)] if isinstance(prompt, str) else prompt
+        pixel_values = None
+        if image is not None:
+            image = image.convert("RGB")
+            pixel_values = processor.pixel_values(image).to(self.device, model.adapter.model.dtype)
+        prompt_text = processor.conversation_prompt(turns, pixel_values.shape[0] if pixel_values is not None else None)
         input_ids = torch.tensor([processor.token_ids(prompt_text)], device=self.device)
         attention_mask = torch.ones_like(input_ids)
+        # No pixel_values at all for a text-only prompt: an explicit None sends generate down the image path.
+        image_inputs = {"pixel_values": pixel_values} if pixel_values is not None else {}
         output = model.adapter.model.generate(
             input_ids=input_ids,
             attention_mask=attention_mask,
-            pixel_values=pixel_values,
+            **image_inputs,
             max_new_tokens=self.max_new_tokens,
             do_sample=False,
             logits_processor=LogitsProcessorList([self._processor(input_ids.shape[1])]),
@@ -125,7 +136,7 @@ class Predictor:
         return Prediction(
             text=model.processor.tokenizer.decode(generated, skip_special_tokens=True).strip(),
             token_ids=generated,
-            mask=self._mask(image, output, pixel_values, len(input_ids[0]), generated),
+            mask=self._mask(image, output, pixel_values, len(input_ids[0]), generated) if image is not None else None,
             depth=self._depth(codes) if well_formed else None,
             depth_codes=codes,
             well_formed=well_formed,
