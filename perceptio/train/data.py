@@ -50,16 +50,6 @@ SHARD_NAME = re.compile(r"^(?P<dataset>.+)-(?P<split>[^-]+)-(?P<index>\d{6})\.ta
 DEFAULT_SPLITS = ("train", "training")  # COCO-style and ADE20k-style names of the training split
 
 
-class EncodeCollate(Protocol):
-    """What the readers need to turn examples into a batch (``PerceptioProcessor`` provides it).
-
-    It travels to every DataLoader worker, so it must pickle small: no model weights.
-    """
-
-    def encode_example(self, image: Any, prompt: str, target: str, mask: Any, depth: Any) -> dict[str, torch.Tensor]: ...
-    def collate(self, examples: list[dict[str, torch.Tensor]]) -> dict[str, Any]: ...
-
-
 # ---------------------------------------------------------------------------------------- shards
 @dataclass(frozen=True)
 class ShardFile:
@@ -350,6 +340,16 @@ class Batch:
     sources: list[str]
     worker: int  # logical reader id within this rank
     reader_state: dict[str, Any] = field(default_factory=dict)  # the reader's position after this batch
+
+
+class EncodeCollate(Protocol):
+    """What the readers need to turn examples into a batch (``PerceptioProcessor`` provides it).
+
+    It travels to every DataLoader worker, so it must pickle small: no model weights.
+    """
+
+    def encode_example(self, image: Any, prompt: str, target: str, mask: Any, depth: Any) -> dict[str, torch.Tensor]: ...
+    def collate(self, examples: list[dict[str, torch.Tensor]]) -> dict[str, Any]: ...
 
 
 class ShardStream(torch.utils.data.IterableDataset):
