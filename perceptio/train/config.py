@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from perceptio.errors import PerceptioError
+from perceptio.shards import TRAINING_SPLITS
 from perceptio.tokens import DEFAULT_NUM_DEPTH_TOKENS
 
 TINY = "tiny"  # the model id of the built-in random-weight TINY model (perceptio.train.tiny)
@@ -82,7 +83,7 @@ class StreamConfig:
 
     shards: list[Path]
     mix: dict[str, float] | None = None
-    splits: tuple[str, ...] = ("train", "training")  # COCO-style and ADE20k-style names of the training split
+    splits: tuple[str, ...] = TRAINING_SPLITS
     seed: int = 0
     shuffle_buffer: int = 1000
     shuffle_initial: int = 100

@@ -41,26 +41,23 @@ import webdataset as wds
 
 from perceptio.errors import PerceptioError
 from perceptio.recipes import load_recipe
-from perceptio.shards import CONVERSATION_FIELD, GROUNDED_FIELD, QUESTION_FIELD, ShardFile, list_shards, npy_load, rle_to_mask
+from perceptio.shards import (
+    CONVERSATION_FIELD,
+    GROUNDED_FIELD,
+    QUESTION_FIELD,
+    TRAINING_SPLITS,
+    ShardFile,
+    list_shards,
+    npy_load,
+    rle_to_mask,
+)
 from perceptio.tokens import SEG, depth_span
 from perceptio.train.chat import ASSISTANT, USER, Turn, as_turns
 from perceptio.train.config import StreamConfig
 
-DEFAULT_SPLITS = ("train", "training")  # COCO-style and ADE20k-style names of the training split
-
-
-class EncodeCollate(Protocol):
-    """What the readers need to turn examples into a batch (``PerceptioProcessor`` provides it).
-
-    It travels to every DataLoader worker, so it must pickle small: no model weights.
-    """
-
-    def encode_conversation(self, image: Any, turns: Sequence[Turn], masks: Sequence[Any], depth: Any) -> dict[str, torch.Tensor]: ...
-    def collate(self, examples: list[dict[str, torch.Tensor]]) -> dict[str, Any]: ...
-
 
 # ---------------------------------------------------------------------------------------- shards
-def find_shards(dirs: Sequence[str | os.PathLike[str]], splits: Sequence[str] = DEFAULT_SPLITS) -> list[ShardFile]:
+def find_shards(dirs: Sequence[str | os.PathLike[str]], splits: Sequence[str] = TRAINING_SPLITS) -> list[ShardFile]:
     """Every shard of ``splits`` in ``dirs`` (not recursive), sorted by path."""
     found: list[ShardFile] = []
     for directory in map(Path, dirs):
@@ -381,6 +378,16 @@ class Batch:
     sources: list[str]
     worker: int  # logical reader id within this rank
     reader_state: dict[str, Any] = field(default_factory=dict)  # the reader's position after this batch
+
+
+class EncodeCollate(Protocol):
+    """What the readers need to turn examples into a batch (``PerceptioProcessor`` provides it).
+
+    It travels to every DataLoader worker, so it must pickle small: no model weights.
+    """
+
+    def encode_conversation(self, image: Any, turns: Sequence[Turn], masks: Sequence[Any], depth: Any) -> dict[str, torch.Tensor]: ...
+    def collate(self, examples: list[dict[str, torch.Tensor]]) -> dict[str, Any]: ...
 
 
 class ShardStream(torch.utils.data.IterableDataset):
