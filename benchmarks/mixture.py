@@ -1,0 +1,168 @@
+"""The paper's data-mixture claim in miniature: perception data, conversations, or both?
+
+The paper trains on RefCOCO/+/g and ADE20k perception data *mixed* with LLaVA-1.5 instructions and
+GranD-f grounded conversations, so that the model keeps its general abilities while it gains
+perception. Here the same comparison runs on the synthetic world, with the commands a user runs:
+
+1. the training world and a held-out world (another seed), their HardBLINK-style questions, the
+   depth tokenizer and the refcoco/ade20k shards, exactly as ``benchmarks/ablation.py`` makes them;
+2. both worlds' conversations (``perceptio-curate synth --conversations``'s files): the training
+   world's LLaVA and GranD-f files curated with ``perceptio-curate llava|grandf``, the held-out
+   world's LLaVA file curated as the held-out conversation set (images never trained on);
+3. ``perceptio-train --model tiny`` three times with the same seed, steps and batch size:
+   perception only (``refcoco=1,ade20k=1``), conversations only (``llava=1``) and the mixture
+   (``refcoco=1,ade20k=1,llava=2,grandf=0.5``, the issue's example weights);
+4. each scored on held-out conversation exact match (``perceptio-evaluate conversation``),
+   RefCOCO-style val cIoU (``refseg``) and the held-out HardBLINK questions (``hardblink``).
+
+Writes OUT/mixture.json (every number, timings, training curves) and OUT/mixture.md (the README
+table). ``--quick`` is a smoke run of the whole path (its numbers mean nothing).
+
+    .venv/bin/python benchmarks/mixture.py --out mixture-out
+    .venv/bin/python benchmarks/mixture.py --out mixture-out --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).parent))
+from ablation import PRODUCTS, AblationConfig, build_data, curve, evaluate_json, run  # noqa: E402
+
+from perceptio.train.config import TrainConfig  # noqa: E402
+
+BIN = Path(sys.executable).parent
+ARMS = {  # name -> (shard folders, mix)
+    "perception": (("refcoco", "ade20k"), "refcoco=1,ade20k=1"),
+    "conversations": (("llava",), "llava=1"),
+    "mixture": (("refcoco", "ade20k", "llava", "grandf"), "refcoco=1,ade20k=1,llava=2,grandf=0.5"),
+}
+LABELS = {"perception": "perception only", "conversations": "conversations only", "mixture": "mixture"}
+
+
+@dataclass(frozen=True)
+class MixtureConfig:
+    world_images: int = 240
+    heldout_images: int = 80
+    seed: int = 0
+    tokenizer_steps: int = 300
+    train_steps: int = 300
+    batch_size: int = TrainConfig.TINY_DEFAULTS["batch_size"]
+    questions_per_variant: int = 30
+    refseg_limit: int = 60
+    conversation_limit: int = 120  # held-out answers scored
+    threads: int = 1
+
+
+QUICK = MixtureConfig(world_images=40, heldout_images=16, tokenizer_steps=20, train_steps=4, batch_size=2,
+                      questions_per_variant=2, refseg_limit=2, conversation_limit=4)
+
+
+def build_conversations(out: Path, timings: dict[str, float]) -> dict[str, Any]:
+    from perceptio.sources.synth.conversations import write_conversations
+
+    started = time.perf_counter()
+    counts = {"train_world": asdict(write_conversations(out / "world")),
+              "heldout_world": asdict(write_conversations(out / "heldout-world"))}
+    curate = str(BIN / "perceptio-curate")
+    common = ["--samples-per-shard", "50", "--no-progress", "--overwrite"]
+    run([curate, "llava", "--json", str(out / "world/llava/synth_train.json"), "--images", str(out / "world"),
+         "--out", str(out / "shards/llava"), *common], out / "logs/curate-llava.log")
+    run([curate, "grandf", "--json", str(out / "world/GranDf/annotations/train/GranDf_HA_GCG_train.json"),
+         "--images", str(out / "world"), "--out", str(out / "shards/grandf"), *common], out / "logs/curate-grandf.log")
+    # Every conversation of the held-out world is a held-out conversation.
+    run([curate, "llava", "--json", str(out / "heldout-world/llava/synth_train.json"), "--images",
+         str(out / "heldout-world"), "--split", "val", "--out", str(out / "shards/llava-heldout"), *common],
+        out / "logs/curate-llava-heldout.log")
+    timings["conversations_s"] = time.perf_counter() - started
+    return {name: {"llava": value["llava"], "grandf": value["grandf"]} for name, value in counts.items()}
+
+
+def train_and_evaluate(config: MixtureConfig, out: Path, name: str, timings: dict[str, float]) -> dict[str, Any]:
+    folders, mix = ARMS[name]
+    run_dir = out / "runs" / name
+    shards = [argument for folder in folders for argument in ("--shards", str(out / "shards" / folder))]
+    started = time.perf_counter()
+    run([str(BIN / "perceptio-train"), *shards, "--mix", mix, "--model", "tiny", "--tokenizer", str(out / "tokenizer"),
+         "--steps", str(config.train_steps), "--seed", str(config.seed), "--batch-size", str(config.batch_size),
+         "--workers", "0", "--out", str(run_dir), "--no-progress"], out / "logs" / f"train-{name}.log")
+    timings[f"train_{name}_s"] = time.perf_counter() - started
+
+    started = time.perf_counter()
+    common = ["--checkpoint", str(run_dir / "model"), "--threads", str(config.threads)]
+    talk = evaluate_json(["conversation", *common, "--shards", str(out / "shards/llava-heldout"), "--split", "val",
+                          "--limit", str(config.conversation_limit), "--max-new-tokens", "24"],
+                         out / "results" / f"conversation-{name}.json", out / "logs" / f"conversation-{name}.log")
+    refseg = evaluate_json(["refseg", *common, "--shards", str(out / "shards/refcoco"), "--split", "val",
+                            "--limit", str(config.refseg_limit)],
+                           out / "results" / f"refseg-{name}.json", out / "logs" / f"refseg-{name}.log")
+    blink = evaluate_json(["hardblink", *common, "--data", str(out / "heldout-blink")],
+                          out / "results" / f"hardblink-{name}.json", out / "logs" / f"hardblink-{name}.log")
+    timings[f"evaluate_{name}_s"] = time.perf_counter() - started
+    return {"conversation": talk["scores"], "conversation_examples": talk["examples"], "refseg": refseg["scores"],
+            "hardblink": blink["scores"], "checkpoint": blink["checkpoint"]["identity"],
+            "curve": curve(run_dir / "metrics.jsonl")}
+
+
+def table(results: dict[str, Any]) -> str:
+    """The README table: one row per training arm."""
+    from perceptio.evaluate.cli import percent
+
+    config = results["config"]
+    lines = [f"| training data ({config['train_steps']} steps x batch {config['batch_size']}, same seed) | mix | "
+             "held-out conversation exact match | refseg val cIoU | HardBLINK (synthetic, mean) |",
+             "| --- | --- | --- | --- | --- |"]
+    for name, model in results["models"].items():
+        ciou = next(iter(model["refseg"].values()))["ciou"]
+        lines.append(f"| {LABELS[name]} | `{ARMS[name][1]}` | {percent(model['conversation']['exact_match'])} "
+                     f"(n={model['conversation']['answers']}) | {percent(ciou)} | {percent(model['hardblink']['average'])} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("mixture-out"), help="work folder (worlds, shards, runs, results)")
+    parser.add_argument("--quick", action="store_true", help="a smoke run of every step (numbers mean nothing)")
+    parser.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated subset of {', '.join(ARMS)}")
+    for option in fields(MixtureConfig):
+        parser.add_argument(f"--{option.name.replace('_', '-')}", type=type(option.default), dest=option.name,
+                            help=f"default {option.default} (quick: {getattr(QUICK, option.name)})")
+    arguments = parser.parse_args()
+    overrides = {option.name: getattr(arguments, option.name) for option in fields(MixtureConfig)
+                 if getattr(arguments, option.name) is not None}
+    config = replace(QUICK if arguments.quick else MixtureConfig(), **overrides)
+    out = arguments.out
+    out.mkdir(parents=True, exist_ok=True)
+    for product in PRODUCTS:
+        shutil.rmtree(out / product, ignore_errors=True)
+
+    started = time.perf_counter()
+    timings: dict[str, float] = {}
+    print(f"mixture ({'quick' if arguments.quick else 'measured'}): {asdict(config)}", flush=True)
+    data_config = AblationConfig(world_images=config.world_images, heldout_images=config.heldout_images, seed=config.seed,
+                                 tokenizer_steps=config.tokenizer_steps, questions_per_variant=config.questions_per_variant)
+    data = build_data(data_config, out, timings)
+    data["conversations"] = build_conversations(out, timings)
+    print(f"data: {json.dumps(data)}", flush=True)
+    models = {}
+    for name in arguments.arms.split(","):
+        print(f"training and evaluating: {name}", flush=True)
+        models[name] = train_and_evaluate(config, out, name, timings)
+    timings["total_s"] = time.perf_counter() - started
+    results = {"config": asdict(config), "quick": arguments.quick, "data": data, "models": models, "timings": timings}
+    (out / "mixture.json").write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+    markdown = table(results)
+    (out / "mixture.md").write_text(markdown + "\n")
+    print(markdown)
+    print(f"\ntimings (s): {json.dumps({k: round(v, 1) for k, v in timings.items()})}")
+
+
+if __name__ == "__main__":
+    main()
