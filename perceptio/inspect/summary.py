@@ -120,7 +120,8 @@ def summarise_split(
         )
         for sample in read_shard(shard):
             try:
-                tokens = np.asarray(sample.depth_tokens, dtype=np.int64).ravel()
+                # Conversations curated without a depth teacher have no tokens: they count as none.
+                tokens = np.asarray(sample.depth_tokens if sample.depth_tokens is not None else [], dtype=np.int64).ravel()
                 refs = sample.meta.get("refs") or []
                 sample_areas = [mask_area_fraction(ref["mask"]) for ref in refs if "mask" in ref]
                 sample_words = [expression_words(sentence) for ref in refs for sentence in ref.get("sentences") or []]
