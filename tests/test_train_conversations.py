@@ -144,3 +144,37 @@ def test_generation_prompt_is_the_training_context_of_each_answer(model: Percept
         for (start, _), answer in zip(runs(labels), range(1, len(TURNS), 2)):
             prompt = processor.token_ids(processor.conversation_prompt(TURNS[:answer], tiles))
             assert prompt == ids[:start]
+
+
+def test_all_families_mix_by_weight_into_trainable_batches(model: PerceptioModel, synth_world, tmp_path) -> None:
+    """refcoco, llava and grandf shards in one weighted mix: every family drawn, every batch trains."""
+    import shutil
+    from collections import Counter
+    from itertools import islice
+
+    from perceptio.curate.conversations import GRANDF, LLAVA, ConversationRequest, curate_conversations
+    from perceptio.sources.synth.conversations import write_conversations
+    from perceptio.train.config import StreamConfig
+    from perceptio.train.data import ExampleReader, ReaderSlot, ResumableLoader, parse_mix, plan_streams
+    from tests.train_factory import write_shards
+
+    world = tmp_path / "world"
+    shutil.copytree(synth_world, world)
+    write_conversations(world)
+    shards = tmp_path / "shards"
+    write_shards(shards / "refcoco", "refcoco-unc", shards=1, images_per_shard=3)
+    for kind, source in ((LLAVA, "llava/synth_train.json"), (GRANDF, "GranDf/annotations/train/GranDf_HA_GCG_train.json")):
+        curate_conversations(ConversationRequest(kind, world / source, world, shards / kind, progress=False))
+    config = StreamConfig(shards=[shards / "refcoco", shards / "llava", shards / "grandf"],
+                          mix=parse_mix("refcoco=1,llava=2,grandf=0.5"), shuffle_buffer=4, shuffle_initial=2)
+    streams = plan_streams(config)
+    assert {stream.name: stream.datasets for stream in streams} == {
+        "grandf": ("grandf-ha",), "llava": ("llava",), "refcoco": ("refcoco-unc",)}
+    drawn = Counter(example.source for example in islice(ExampleReader(streams, ReaderSlot(), config), 350))
+    assert drawn["llava"] > drawn["refcoco-unc"] > drawn["grandf-ha"] > 0  # weights 2 : 1 : 0.5
+    loader = ResumableLoader(config, model.processor, batch_size=4)
+    for _ in range(2):
+        batch = next(loader)
+        output = model(batch.inputs)
+        assert torch.isfinite(output.loss)
+        output.loss.backward()
