@@ -18,7 +18,8 @@ perception. Here the same comparison runs on the synthetic world, with the comma
 Writes OUT/mixture.json (every number, timings, training curves) and OUT/mixture.md (the README
 table). ``--quick`` is a smoke run of the whole path (its numbers mean nothing).
 
-    .venv/bin/python benchmarks/mixture.py --out mixture-out
+    .venv/bin/python benchmarks/mixture.py --out mixture-out [--parallel]
+    .venv/bin/python benchmarks/mixture.py --out mixture-out --reuse-data --train-steps 150 --parallel
     .venv/bin/python benchmarks/mixture.py --out mixture-out --quick
 """
 
@@ -29,6 +30,7 @@ import json
 import shutil
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -131,6 +133,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("mixture-out"), help="work folder (worlds, shards, runs, results)")
     parser.add_argument("--quick", action="store_true", help="a smoke run of every step (numbers mean nothing)")
     parser.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated subset of {', '.join(ARMS)}")
+    parser.add_argument("--reuse-data", action="store_true",
+                        help="keep the worlds, tokenizer and shards already in --out (made by an earlier run with the same data settings)")
+    parser.add_argument("--parallel", action="store_true",
+                        help="train and evaluate the arms at the same time (one process each; on a shared CPU they get more of it)")
     for option in fields(MixtureConfig):
         parser.add_argument(f"--{option.name.replace('_', '-')}", type=type(option.default), dest=option.name,
                             help=f"default {option.default} (quick: {getattr(QUICK, option.name)})")
@@ -140,21 +146,27 @@ def main() -> None:
     config = replace(QUICK if arguments.quick else MixtureConfig(), **overrides)
     out = arguments.out
     out.mkdir(parents=True, exist_ok=True)
-    for product in PRODUCTS:
+    for product in ("runs", "results") if arguments.reuse_data else PRODUCTS:
         shutil.rmtree(out / product, ignore_errors=True)
 
     started = time.perf_counter()
     timings: dict[str, float] = {}
     print(f"mixture ({'quick' if arguments.quick else 'measured'}): {asdict(config)}", flush=True)
-    data_config = AblationConfig(world_images=config.world_images, heldout_images=config.heldout_images, seed=config.seed,
-                                 tokenizer_steps=config.tokenizer_steps, questions_per_variant=config.questions_per_variant)
-    data = build_data(data_config, out, timings)
-    data["conversations"] = build_conversations(out, timings)
+    if arguments.reuse_data:
+        data = json.loads((out / "data.json").read_text())
+    else:
+        data_config = AblationConfig(world_images=config.world_images, heldout_images=config.heldout_images,
+                                     seed=config.seed, tokenizer_steps=config.tokenizer_steps,
+                                     questions_per_variant=config.questions_per_variant)
+        data = build_data(data_config, out, timings)
+        data["conversations"] = build_conversations(out, timings)
+        (out / "data.json").write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
     print(f"data: {json.dumps(data)}", flush=True)
-    models = {}
-    for name in arguments.arms.split(","):
-        print(f"training and evaluating: {name}", flush=True)
-        models[name] = train_and_evaluate(config, out, name, timings)
+    names = arguments.arms.split(",")
+    print(f"training and evaluating: {', '.join(names)}{' in parallel' if arguments.parallel else ''}", flush=True)
+    with ThreadPoolExecutor(max_workers=len(names) if arguments.parallel else 1) as pool:
+        futures = {name: pool.submit(train_and_evaluate, config, out, name, timings) for name in names}
+        models = {name: future.result() for name, future in futures.items()}
     timings["total_s"] = time.perf_counter() - started
     results = {"config": asdict(config), "quick": arguments.quick, "data": data, "models": models, "timings": timings}
     (out / "mixture.json").write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
