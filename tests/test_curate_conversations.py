@@ -115,3 +115,15 @@ def test_no_depth_teacher_yet_and_unknown_kinds_are_one_line_errors(tmp_path: Pa
                                       depth_source="model"))
     with pytest.raises(PerceptioError, match="unknown conversation dataset"):
         curate_conversations(_request("sharegpt", DATA / "llava/llava_v1_5_mix665k_sample.json", tmp_path, tmp_path / "o"))
+
+
+def test_text_holding_a_perception_token_is_rejected() -> None:
+    from perceptio.curate.conversations import ConversationItem, build_sample
+
+    item = ConversationItem("llava", "train", 7, "x", None, None,
+                            turns=(("user", "Where is it?"), ("assistant", "Here [SEG] it is.")))
+    built = build_sample(item)
+    assert built.sample is None and built.rows[0].reason == "reserved_token" and "[SEG]" in built.rows[0].detail
+    clean = build_sample(ConversationItem("llava", "train", 8, "y", None, None,
+                                          turns=(("user", "Where is it?"), ("assistant", "On the left."))))
+    assert clean.sample is not None and clean.sample.jpg is None and clean.rows[0].status == "kept"

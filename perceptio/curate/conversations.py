@@ -13,7 +13,8 @@ Rejected (one manifest row each, with the reason): what the readers refuse (``em
 as rejected by the reader), images that are missing, corrupt or of another size than stated
 (``missing_image``, ``corrupt_image``, ``size_mismatch``), and GranD-f phrases whose mask does not
 fit the image (``invalid_mask``) or covers no pixel (``empty_mask``): a ``[SEG]`` without its mask
-would teach the segmentation head nothing true.
+would teach the segmentation head nothing true. For the same reason a text that already holds a
+perception token (``[SEG]``, ``[D_START]``, a depth code) is rejected as ``reserved_token``.
 """
 
 from __future__ import annotations
@@ -43,8 +44,12 @@ from perceptio.shards import (
 )
 from perceptio.sources.masks import MALFORMED, parse_segmentation, segmentation_to_mask
 from perceptio.sources.problems import BadImage, decode_image
+from perceptio.tokens import special_tokens
 
 LLAVA, GRANDF = "llava", "grandf"
+# Text that already holds a perception token would put a [SEG] without a mask (or a depth span
+# without depth) into a target; the tokenizer reads these strings as the special tokens.
+RESERVED = tuple(special_tokens())
 DEPTH_SOURCES = ("none",)  # a depth teacher for these datasets is not built yet
 
 
@@ -143,6 +148,10 @@ def build_sample(item: ConversationItem) -> BuiltImage:
     def built(sample: ShardSample | None, reason: str | None, mask_area: int | None = None) -> BuiltImage:
         return BuiltImage(item.key, sample, [row(reason, mask_area)], {"build": time.perf_counter() - started})
 
+    texts = [text for _, text in item.turns] + ([item.caption] if item.caption is not None else [])
+    reserved = next((token for token in RESERVED for text in texts if token in text), None)
+    if reserved is not None:
+        return built(None, f"reserved_token: the text holds {reserved}, which only the model's perception output may")
     jpg, width, height = None, None, None
     if item.image_path is not None:
         stated = (item.width, item.height) if item.width and item.height else None
