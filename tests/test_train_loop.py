@@ -39,10 +39,10 @@ class ToyOutput:
 class ToyProcessor:
     """The processor interface: a few numbers per example."""
 
-    def encode_example(self, image, prompt, target, mask, depth):
+    def encode_conversation(self, image, turns, masks, depth):
         pixels = np.asarray(image, dtype=np.float32) / 255.0
-        features = torch.tensor([*pixels.mean(axis=(0, 1)), len(prompt) / 100.0])
-        has_mask = float(mask is not None)
+        features = torch.tensor([*pixels.mean(axis=(0, 1)), len(turns[0].text) / 100.0])
+        has_mask = float(len(masks) > 0)
         return {"features": features, "target": torch.tensor([float(depth.mean()), has_mask])}
 
     def collate(self, examples):
