@@ -60,11 +60,12 @@ class MixtureConfig:
     questions_per_variant: int = 30
     refseg_limit: int = 60
     conversation_limit: int = 120  # held-out answers scored
+    hardblink_limit: int = 0  # questions scored (0: all)
     threads: int = 1
 
 
 QUICK = MixtureConfig(world_images=40, heldout_images=16, tokenizer_steps=20, train_steps=4, batch_size=2,
-                      questions_per_variant=2, refseg_limit=2, conversation_limit=4)
+                      questions_per_variant=2, refseg_limit=2, conversation_limit=4, hardblink_limit=0)
 
 
 def build_conversations(out: Path, timings: dict[str, float]) -> dict[str, Any]:
@@ -105,7 +106,8 @@ def train_and_evaluate(config: MixtureConfig, out: Path, name: str, timings: dic
     refseg = evaluate_json(["refseg", *common, "--shards", str(out / "shards/refcoco"), "--split", "val",
                             "--limit", str(config.refseg_limit)],
                            out / "results" / f"refseg-{name}.json", out / "logs" / f"refseg-{name}.log")
-    blink = evaluate_json(["hardblink", *common, "--data", str(out / "heldout-blink")],
+    blink_limit = ["--limit", str(config.hardblink_limit)] if config.hardblink_limit else []
+    blink = evaluate_json(["hardblink", *common, "--data", str(out / "heldout-blink"), *blink_limit],
                           out / "results" / f"hardblink-{name}.json", out / "logs" / f"hardblink-{name}.log")
     timings[f"evaluate_{name}_s"] = time.perf_counter() - started
     return {"conversation": talk["scores"], "conversation_examples": talk["examples"], "refseg": refseg["scores"],
