@@ -27,7 +27,7 @@ from perceptio.curate.masks import segment_masks
 from perceptio.errors import PerceptioError
 from perceptio.shards import ShardSample, sample_key
 from perceptio.tokens import D_START
-from perceptio.train.data import PromptTemplates, expand_sample
+from perceptio.train.data import PromptTemplates, StreamConfig, expand_sample
 
 STUFF = frozenset({1, 2})  # wall, floor
 
@@ -160,5 +160,7 @@ def test_one_example_per_question_with_its_target_and_its_marks():
     assert all(e.target == "(B)" for e in expand_sample(raw, templates, use_depth_tokens=False, question_targets="depth"))
     with pytest.raises(PerceptioError, match="question targets"):
         expand_sample(raw, templates, question_targets="sometimes")
+    with pytest.raises(PerceptioError, match="question targets"):
+        StreamConfig([], question_targets="sometimes")
     assert expand_sample(_ade_sample([]), templates) == []
     json.dumps(questions)  # the fields are plain json

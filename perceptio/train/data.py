@@ -300,6 +300,10 @@ class StreamConfig:
     question_targets: str = "recorded"  # see QUESTION_TARGETS
     prompts: str = "prompts.json"
 
+    def __post_init__(self) -> None:
+        if self.question_targets not in QUESTION_TARGETS:
+            raise PerceptioError(f"question targets must be one of {', '.join(QUESTION_TARGETS)}, not {self.question_targets!r}")
+
 
 def _rng(seed: int, *parts: object) -> random.Random:
     # String seeds are hashed with SHA-512 by `random`, identical in every process and run.
