@@ -54,6 +54,7 @@ def test_questions_are_decided_by_true_depth_on_distinct_objects(world, tmp_path
             assert question["object_areas"] == [areas[instance] for instance in hit]
             ordered = sorted(true_depths)
             assert all(far / near >= 1.05 for near, far in zip(ordered, ordered[1:]))
+            assert ordered[1] / ordered[0] >= 1.25, "the answer is clear: the nearest is 25% nearer than the next"
             with Image.open(tmp_path / "images" / f"blink{variant}pointscenter" / question["image"]) as marked:
                 assert marked.size == (record["camera"]["width"], record["camera"]["height"])
     assert len(load_hardblink(tmp_path)) == sum(counts.values())

@@ -56,6 +56,9 @@ class MarkedPointsConfig:
     # Nearness gap between any two points. Curation's nearness is the tokenizer's normalised
     # inverse depth in [-1, 1]; the synthetic benchmark passes -log(depth), where 0.049 = 5%.
     min_gap: float = 0.1
+    # The nearest point must be nearer than every other by at least this (same units): how clear the
+    # answer itself is. 0 = min_gap alone.
+    min_answer_gap: float = 0.0
     erosion_px: int = 3  # points keep this distance from their object's visible border
     min_object_pixels: int = 120
     border_px: int = 12  # keep circles and labels inside the image
@@ -170,7 +173,7 @@ def _draw_set(regions: Sequence[ObjectRegion], nearness: NearnessFn, count: int,
             return None
         points.append(MarkedPoint(x, y, value, int(index)))
     values = sorted(point.nearness for point in points)
-    if any(b - a < config.min_gap for a, b in zip(values, values[1:])):
+    if any(b - a < config.min_gap for a, b in zip(values, values[1:])) or values[-1] - values[-2] < config.min_answer_gap:
         return None
     if any(np.hypot(p.x - q.x, p.y - q.y) < config.min_distance_px for i, p in enumerate(points) for q in points[i + 1:]):
         return None

@@ -20,6 +20,7 @@ from rich.table import Table
 
 from perceptio.errors import PerceptioError, run_cli
 from perceptio.evaluate.distributed import ProcessGroup, init_process_group
+from perceptio.evaluate.synth_blink import SynthBlinkConfig
 
 app = typer.Typer(
     help="Evaluate a Perceptio checkpoint: refseg (cIoU/gIoU), hardblink (relative depth), depth tokens, predict.",
@@ -244,6 +245,9 @@ def depth(
     report(results, table, as_json, out)
 
 
+SYNTH_BLINK_DEFAULTS = SynthBlinkConfig()
+
+
 @app.command("synth-blink")
 def synth_blink(
     world: Path = typer.Option(..., help="A synthetic world (perceptio-curate synth); use one the model was not trained on."),
@@ -252,6 +256,7 @@ def synth_blink(
     questions_per_image: int = typer.Option(1, help="Questions per image and point count, each on its own objects and points."),
     hard: bool = typer.Option(False, "--hard/--easy", help="Balance the split so that the lowest point and the point on the largest object are nearest only as often as chance."),
     seed: int = typer.Option(0, help="Seed of the choice of objects, points and letters."),
+    min_answer_gap: float = typer.Option(SYNTH_BLINK_DEFAULTS.min_answer_gap, help="How much nearer (relative depth) the nearest point is than the next."),
     tokenizer: Optional[Path] = typer.Option(None, help="Depth tokenizer folder: also report the answer read from the ground-truth depth tokens (the ceiling)."),
     as_json: bool = JSON_OPTION,
     json_out: Optional[Path] = typer.Option(None, "--json-out", help="Also write the counts and scores as JSON to this file."),
@@ -262,7 +267,9 @@ def synth_blink(
 
     if questions_per_image < 1:
         raise PerceptioError(f"--questions-per-image must be at least 1, not {questions_per_image}")
-    config = SynthBlinkConfig(seed=seed, hard=hard, questions_per_image=questions_per_image)
+    if min_answer_gap < 0:
+        raise PerceptioError(f"--min-answer-gap must be at least 0, not {min_answer_gap}")
+    config = SynthBlinkConfig(seed=seed, hard=hard, questions_per_image=questions_per_image, min_answer_gap=min_answer_gap)
     counts = build_questions(world, out, config, limit_per_variant=per_variant)
     if not any(counts.values()):
         raise PerceptioError(f"{world} gave no question (too few visible objects per image)")
@@ -272,7 +279,7 @@ def synth_blink(
 
         scores["gt_token_ceiling"] = token_ceiling(out, world, DepthVQVAE.from_pretrained(tokenizer))
     results = {"benchmark": "synth-blink", "world": str(world), "out": str(out), "split": "hard" if hard else "easy",
-               "seed": seed, "questions": {str(v): n for v, n in counts.items()},
+               "seed": seed, "min_answer_gap": min_answer_gap, "questions": {str(v): n for v, n in counts.items()},
                "scores": {name: {str(v): value for v, value in by_variant.items()} for name, by_variant in scores.items()}}
     variants = [variant for variant, count in counts.items() if count]
     table = Table(title=f"synthetic HardBLINK ({results['split']}) in {out}: accuracy % per point count")
