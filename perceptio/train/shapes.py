@@ -204,11 +204,13 @@ def is_shape(model_id: str) -> bool:
 
 
 def shape_for(model_id: str, kind: str) -> PublishedShape:
-    """The shape named by ``shape:<name>``; a PerceptioError names the known ones otherwise."""
+    """The shape named by ``shape:<name>`` (or by the hub id it mirrors); a PerceptioError names the
+    known ones otherwise."""
     from perceptio.errors import PerceptioError
 
     name = model_id[len(SHAPE_PREFIX):] if is_shape(model_id) else model_id
-    shape = SHAPES.get(name)
+    by_hub_id = {value.hub_id: value for value in SHAPES.values()}
+    shape = SHAPES.get(name) or by_hub_id.get(name)
     if shape is None or shape.kind != kind:
         known = ", ".join(SHAPE_PREFIX + key for key, value in SHAPES.items() if value.kind == kind)
         raise PerceptioError(f"unknown {kind} shape {model_id!r}; known: {known}")
