@@ -42,7 +42,7 @@ def test_pairs_count_only_clear_depth_differences_and_keep_the_order():
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> Path:
-    from perceptio.curate.synth import generate_world
+    from perceptio.sources.synth import generate_world
 
     root = tmp_path_factory.mktemp("pairs") / "world"
     generate_world(root, images=8, seed=11, workers=1)
@@ -69,7 +69,7 @@ def test_ade20k_segments_when_present(shared_data: Path):
     root = shared_data / "ade20k"
     if not (root / "objectInfo150.csv").is_file():
         pytest.skip("no ADE20k samples in ../shared/data")
-    from perceptio.curate.ade20k import ADE20kDataset
+    from perceptio.sources.ade20k import ADE20kDataset
 
     dataset = ADE20kDataset(root)
     stuff = {ade_class.idx for ade_class in dataset.classes if ade_class.stuff}
