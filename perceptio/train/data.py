@@ -9,8 +9,8 @@ The path of one example, from disk to the model:
    by worker (the slicing of ``webdataset.split_by_node`` then ``webdataset.split_by_worker``, done
    with explicit ids because a resumed run renumbers its workers, see :class:`ShardStream`).
 3. ``webdataset.tarfile_samples`` reads the tars; :func:`expand_sample` turns one sample into
-   examples (one per (ref, sentence), one marked-point question for ADE20k, one conversation for
-   LLaVA, one grounded caption for GranD-f) with the templates of ``manifests/prompts.json``;
+   examples (one per (ref, sentence), one per marked-point question for ADE20k, one conversation
+   for LLaVA, one grounded caption for GranD-f) with the templates of ``manifests/prompts.json``;
    ``webdataset.shuffle`` mixes them in a seeded buffer.
 4. A seeded draw picks the stream of each example in proportion to its weight, so a stream's share
    does not depend on its size. Streams repeat endlessly (epoch after epoch, reshuffled), so every
@@ -45,7 +45,7 @@ from perceptio.shards import (
     CONVERSATION_FIELD,
     GROUNDED_FIELD,
     QUESTION_FIELD,
-    TRAINING_SPLITS,
+    QUESTIONS_FIELD,
     ShardFile,
     list_shards,
     npy_load,
@@ -53,7 +53,7 @@ from perceptio.shards import (
 )
 from perceptio.tokens import SEG, depth_span
 from perceptio.train.chat import ASSISTANT, USER, Turn, as_turns
-from perceptio.train.config import StreamConfig
+from perceptio.train.config import QUESTION_TARGETS, TRAINING_SPLITS, StreamConfig
 
 
 # ---------------------------------------------------------------------------------------- shards
@@ -145,6 +145,8 @@ class PromptTemplates:
     grounding_target: str
     question_prompts: tuple[str, ...]
     question_target: str
+    direct_question_prompts: tuple[str, ...]
+    direct_question_target: str
     caption_prompts: tuple[str, ...]
 
     @classmethod
@@ -155,6 +157,8 @@ class PromptTemplates:
             recipe["grounding"]["target"],
             tuple(recipe["depth_question"]["prompts"]),
             recipe["depth_question"]["target"],
+            tuple(recipe["direct_question"]["prompts"]),
+            recipe["direct_question"]["target"],
             tuple(recipe["grounded_caption"]["prompts"]),
         )
 
@@ -163,12 +167,14 @@ class PromptTemplates:
 class Example:
     """One training example, still undecoded (cheap to skip when a resumed run fast-forwards)."""
 
-    key: str  # "{sample key}/ref{ref_id}/sent{sent_id}", "{sample key}/question" or the sample key
+    key: str  # "{sample key}/ref{ref_id}/sent{sent_id}", "{sample key}/q{i}[/{variant}]", "{sample key}/question" or the sample key
     source: str  # the sample's json "dataset", e.g. "refcoco-unc"
     turns: tuple[Turn, ...]  # user, assistant, ...: a single question and answer for perception data
     image_bytes: bytes | None  # None: a text-only conversation
     mask_rles: tuple[dict[str, Any], ...]  # the targets of the answers' [SEG]s, in order
     depth_bytes: bytes | None  # depth.npy, float16 (320, 320); None for samples without depth
+    # Points and letters drawn on the image when it is decoded (marked-point questions).
+    marks: tuple[tuple[tuple[int, int], ...], tuple[str, ...]] | None = None
 
     @property
     def prompt(self) -> str:
@@ -185,19 +191,30 @@ class Example:
         """The first [SEG]'s mask (the only one of a referring example)."""
         return self.mask_rles[0] if self.mask_rles else None
 
-    def decode(self) -> dict[str, Any]:
-        """Keyword arguments of the processor's ``encode_conversation``."""
+    def image(self) -> Any:
+        """The decoded RGB image, with the question's marks drawn when it has some; None without one."""
         from PIL import Image
 
-        image = Image.open(io.BytesIO(self.image_bytes)).convert("RGB") if self.image_bytes is not None else None
+        if self.image_bytes is None:
+            return None
+        image = Image.open(io.BytesIO(self.image_bytes)).convert("RGB")
+        if self.marks is not None:
+            from perceptio.curate.marked_points import draw_marks
+
+            image = draw_marks(image, *self.marks)
+        return image
+
+    def decode(self) -> dict[str, Any]:
+        """Keyword arguments of the processor's ``encode_conversation``."""
         depth = npy_load(self.depth_bytes).astype(np.float32) if self.depth_bytes is not None else None
-        return {"image": image, "turns": list(self.turns), "masks": [rle_to_mask(rle) for rle in self.mask_rles],
+        return {"image": self.image(), "turns": list(self.turns), "masks": [rle_to_mask(rle) for rle in self.mask_rles],
                 "depth": depth}
 
 
 def _single(key: str, source: str, prompt: str, target: str, image: bytes, mask: dict[str, Any] | None,
-            depth: bytes | None) -> Example:
-    return Example(key, source, (Turn(USER, prompt), Turn(ASSISTANT, target)), image, (mask,) if mask else (), depth)
+            depth: bytes | None, marks: tuple[tuple[tuple[int, int], ...], tuple[str, ...]] | None = None) -> Example:
+    return Example(key, source, (Turn(USER, prompt), Turn(ASSISTANT, target)), image, (mask,) if mask else (), depth,
+                   marks)
 
 
 def grounded_target(caption: str, phrases: Sequence[dict[str, Any]]) -> str:
@@ -214,14 +231,41 @@ def _pick(options: Sequence[str], key: str) -> str:
     return options[zlib.crc32(key.encode("utf-8")) % len(options)]
 
 
-def expand_sample(raw: dict[str, Any], templates: PromptTemplates, use_depth_tokens: bool = True) -> list[Example]:
+def _question_variants(question: dict[str, Any], question_targets: str, use_depth_tokens: bool) -> list[str]:
+    if not use_depth_tokens:
+        return ["direct"]
+    if question_targets == "both":
+        return ["direct", "depth"]
+    if question_targets == "recorded":
+        return [question.get("target", "depth")]  # one-question shards predate the field: depth first
+    return [question_targets]
+
+
+def _question_example(key: str, source: str, question: dict[str, Any], variant: str, depth: str,
+                      templates: PromptTemplates, image_bytes: bytes, depth_bytes: bytes | None,
+                      marks: tuple[tuple[tuple[int, int], ...], tuple[str, ...]] | None) -> Example:
+    if variant == "direct":
+        prompts, target = templates.direct_question_prompts, templates.direct_question_target
+    else:
+        prompts, target = templates.question_prompts, templates.question_target
+    prompt = _pick(prompts, key).format(question=question["text"])
+    return _single(key, source, prompt, target.format(depth=depth, answer=question["answer"]), image_bytes, None,
+                   depth_bytes, marks)
+
+
+def expand_sample(raw: dict[str, Any], templates: PromptTemplates, use_depth_tokens: bool = True,
+                  question_targets: str = "recorded") -> list[Example]:
     """The training examples of one shard sample (a webdataset dict of member bytes).
 
-    Grounding samples give one example per (ref, sentence); ADE20k samples with a marked-point
-    question give one example on the marked image; a LLaVA conversation is one example of all its
-    turns; a GranD-f grounded caption one example whose answer holds a [SEG] per phrase. Without
-    depth tokens the span is left out.
+    Grounding samples give one example per (ref, sentence). ADE20k samples give one example per
+    marked-point question of ``questions`` (the image with that question's points drawn at load
+    time), written as ``question_targets`` says (see :data:`QUESTION_TARGETS`); samples of the
+    older one-question format give one example on their ``marked.jpg``. Without depth tokens the
+    span is left out and every question is answered directly. A LLaVA conversation is one example
+    of all its turns; a GranD-f grounded caption one example whose answer holds a [SEG] per phrase.
     """
+    if question_targets not in QUESTION_TARGETS:
+        raise PerceptioError(f"question targets must be one of {', '.join(QUESTION_TARGETS)}, not {question_targets!r}")
     key = raw["__key__"]
     meta = json.loads(raw["json"])
     source = meta["dataset"]
@@ -234,14 +278,24 @@ def expand_sample(raw: dict[str, Any], templates: PromptTemplates, use_depth_tok
             prompt = _pick(templates.grounding_prompts, example_key).format(expression=sentence["sent"])
             target = templates.grounding_target.format(seg=SEG, depth=depth, description=ref.get("description", ""))
             examples.append(_single(example_key, source, prompt, target.strip(), raw["jpg"], ref["mask"], raw.get("depth.npy")))
+    questions = meta.get(QUESTIONS_FIELD)
+    if questions is not None:
+        for index, question in enumerate(questions):
+            variants = _question_variants(question, question_targets, use_depth_tokens)
+            marks = (tuple((int(x), int(y)) for x, y in question["points"]), tuple(question["labels"]))
+            for variant in variants:
+                example_key = f"{key}/q{index}" + (f"/{variant}" if len(variants) > 1 else "")
+                examples.append(_question_example(example_key, source, question, variant, depth, templates,
+                                                  raw["jpg"], raw.get("depth.npy"), marks))
+        return examples
     question = meta.get(QUESTION_FIELD)
     if question is not None:
         if "marked.jpg" not in raw:
             raise PerceptioError(f"sample {key} has a question but no marked.jpg ({raw.get('__url__')})")
-        example_key = f"{key}/question"
-        prompt = _pick(templates.question_prompts, example_key).format(question=question["text"])
-        target = templates.question_target.format(depth=depth, answer=question["answer"])
-        examples.append(_single(example_key, source, prompt, target, raw["marked.jpg"], None, raw.get("depth.npy")))
+        for variant in _question_variants(question, question_targets, use_depth_tokens):
+            suffix = f"/{variant}" if question_targets == "both" and use_depth_tokens else ""
+            examples.append(_question_example(f"{key}/question{suffix}", source, question, variant, depth,
+                                              templates, raw["marked.jpg"], raw.get("depth.npy"), None))
     conversation = meta.get(CONVERSATION_FIELD)
     if conversation is not None:
         examples.append(Example(key, source, tuple(as_turns(conversation)), raw.get("jpg"), (), raw.get("depth.npy")))
@@ -292,7 +346,7 @@ class _StreamReader:
         return iter(wds.shuffle(self.config.shuffle_buffer, self.config.shuffle_initial, rng=buffer_rng)(examples))
 
     def _checked_expand(self, raw: dict[str, Any]) -> list[Example]:
-        examples = expand_sample(raw, self.templates, self.config.use_depth_tokens)
+        examples = expand_sample(raw, self.templates, self.config.use_depth_tokens, self.config.question_targets)
         for example in examples:
             if mix_key_for(example.source, [self.stream.name]) is None:
                 raise PerceptioError(
