@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import importlib
 import json
 import multiprocessing
 import os
@@ -78,16 +77,6 @@ SMOKE_SIZES = Sizes(
     unit_images=3, pool_workers=2, vlm="tiny", sam="tiny", train_batches=(1, 2), timed_steps=1,
     generate_batches=(1, 2), new_tokens=4,
 )
-
-
-def first_module(*names: str) -> Any:
-    """The first of ``names`` that imports (the readers move to perceptio.sources in the re-layer)."""
-    for name in names:
-        try:
-            return importlib.import_module(name)
-        except ModuleNotFoundError:
-            continue
-    raise ModuleNotFoundError(f"none of {names}")
 
 
 def failure(where: str, error: BaseException) -> dict[str, str]:
@@ -141,9 +130,8 @@ def mixed_size_units(root: Path, sizes: Sizes) -> list[Any]:
     from perceptio.curate.distributor import WorkUnit
     from perceptio.curate.plan import refer_images
 
-    synth = first_module("perceptio.sources.synth", "perceptio.curate.synth")
-    scene = first_module("perceptio.sources.synth.scene", "perceptio.curate.synth.scene")
-    refer = first_module("perceptio.sources.refer", "perceptio.curate.refer")
+    from perceptio.sources import refer, synth
+    from perceptio.sources.synth import scene
     per_size = []
     for index, (width, height) in enumerate(sizes.image_sizes):
         world = root / f"world-{width}x{height}"
@@ -186,7 +174,7 @@ def bench_curate(sizes: Sizes, root: Path) -> dict[str, Any]:
                                "world_seconds": time.perf_counter() - started, "pool_workers": sizes.pool_workers}
     build = BuildConfig()
     # Decoded images for the bare teacher, made by the same prepare function.
-    prepared = [pickle.loads(_prepare_unit({"payload": pickle.dumps(unit)}, build)["payload"])[1] for unit in units]
+    prepared = [pickle.loads(_prepare_unit({"payload": pickle.dumps(unit)}, build)["payload"]).prepared for unit in units]
     batches = [[image_for_teacher(one) for one in unit if one.problem is None] for unit in prepared]
     usable = [[one for one in unit if one.problem is None] for unit in prepared]
     context = multiprocessing.get_context("spawn")  # no fork after CUDA is initialised
@@ -206,7 +194,7 @@ def bench_curate(sizes: Sizes, root: Path) -> dict[str, Any]:
                 # Steady state: the same pool and worker, everything warm.
                 warm_s, samples = timed(lambda: run_pipeline(units, pool, worker, build))
             entry["steady_seconds"], entry["samples"] = warm_s, samples
-            teacher, vqvae = worker.teacher, worker.tokenizer
+            teacher, vqvae = worker.source.teacher, worker.tokenizer
             teacher_s, raw = timed(lambda: [teacher.predict(batch) for batch in batches])
             tokenizer_s, _ = timed(lambda: [vqvae.encode_normalized(vqvae.normalize(maps)) for maps in raw])
             model_stage_s, _ = timed(lambda: [worker.predict(batch) for batch in usable])
@@ -235,7 +223,8 @@ def bench_curate(sizes: Sizes, root: Path) -> dict[str, Any]:
 def build_model(sizes: Sizes, root: Path) -> Any:
     """The PerceptioModel of the issue: InternVL3-1B shape, SAM2.1-large shape, paper VQ-VAE."""
     from perceptio.tokenize.vqvae import DepthVQVAE
-    from perceptio.train.model import PerceptioConfig, PerceptioModel
+    from perceptio.train.config import PerceptioConfig
+    from perceptio.train.model import PerceptioModel
 
     tokenizer_dir = root / "vqvae-train"
     torch.manual_seed(0)
@@ -257,12 +246,13 @@ def example_batch(model: Any, batch_size: int) -> dict[str, Any]:
         mask = np.zeros((480, 640), dtype=np.uint8)
         mask[100 + index * 10:300, 200:400] = 1
         codes = rng.integers(0, 128, 100)
-        depth = rng.uniform(-1, 1, (model.depth_size, model.depth_size)).astype(np.float32)
-        examples.append(model.encode_example(
+        side = model.processor.settings.depth_size
+        depth = rng.uniform(-1, 1, (side, side)).astype(np.float32)
+        examples.append(model.processor.encode_example(
             Image.fromarray(pixels), f"Please segment the red sphere on the left, number {index}, and describe its depth.",
             f"{SEG} {depth_span(codes)} It is the nearest of the three spheres.", mask=mask, depth=depth,
         ))
-    return model.collate(examples)
+    return model.processor.collate(examples)
 
 
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -376,8 +366,8 @@ def bench_generate(sizes: Sizes, model: Any, device: torch.device) -> dict[str, 
     prompts, pixels = [], []
     for index in range(largest):
         image = Image.fromarray(rng.integers(0, 256, (480, 640, 3), dtype=np.uint8))
-        values = model.adapter.pixel_values(image)
-        text = model.adapter.prompt_text("Please segment " + "the small red sphere " * (1 + index % 4) + "and give its depth.",
+        values = model.processor.pixel_values(image)
+        text = model.processor.prompt_text("Please segment " + "the small red sphere " * (1 + index % 4) + "and give its depth.",
                                          num_tiles=values.shape[0])
         prompts.append(tokenizer(text, add_special_tokens=False)["input_ids"])
         pixels.append(values)
