@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import dataclasses
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Any, Optional
 import typer
 
 from perceptio.curate.distributor import RayConfig, TeacherSpec, WorkUnit, ray_session, run_units
+from perceptio.curate.placement import Placement, place
 from perceptio.curate.plan import ShardPlan, ade_images, plan_shards, refer_images
 from perceptio.curate.sample_builder import BuildConfig
 from perceptio.curate.writer import (
@@ -25,6 +27,7 @@ from perceptio.curate.writer import (
     write_manifest,
 )
 from perceptio.errors import PerceptioError
+from perceptio.progress import ProgressLog
 from perceptio.shards import DATASET_INFO_NAME, MANIFEST_NAME, ManifestRow
 from perceptio.sources.problems import Problem
 from perceptio.tokenize.cache import default_cache_dir
@@ -130,19 +133,16 @@ def _units(shards: list[ShardPlan], batch_size: int) -> list[WorkUnit]:
     ]
 
 
-def _progress(enabled: bool):
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+def _placement(request: CurationRequest) -> Placement:
+    """Where the models run on the cluster Ray reached, said on stderr in one line (+ a warning)."""
+    import ray
 
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("images  {task.fields[rate]:.1f} img/s  {task.fields[written]} written  {task.fields[rejected]} rejected"),
-        TimeRemainingColumn(),
-        console=Console(stderr=True),
-        disable=not enabled,
-    )
+    resources = ray.cluster_resources()
+    placement = place(request.ray, request.teacher, resources.get("GPU", 0.0), resources.get("CPU", 0.0))
+    print(placement.summary, file=sys.stderr, flush=True)
+    if placement.warning:
+        print(f"warning: {placement.warning}", file=sys.stderr, flush=True)
+    return placement
 
 
 def curate(request: CurationRequest) -> CurationSummary:
@@ -177,20 +177,19 @@ def curate(request: CurationRequest) -> CurationSummary:
     started = time.perf_counter()
     first_result_s = None
     try:
-        with _progress(request.progress) as progress:
-            task = progress.add_task(f"curate {name}", total=total, rate=0.0, written=0, rejected=0)
+        with ProgressLog(f"curate {name}", total, unit="images", enabled=request.progress) as progress:
             if todo:
                 with ray_session(request.ray):
+                    placement = _placement(request)
                     for result in run_units(_units(todo, request.batch_size), request.build, teacher,
-                                            request.tokenizer, request.ray):
+                                            request.tokenizer, placement.config):
                         if first_result_s is None:
                             first_result_s = time.perf_counter() - started
                         for offset, built in enumerate(result.built):
                             writer.add(result.shard, result.first_position + offset, built, result.teacher,
                                        result.model_seconds / max(1, len(result.built)))
-                        progress.update(task, completed=writer.images_done, written=writer.samples_written,
-                                        rejected=writer.refs_rejected,
-                                        rate=writer.images_done / max(1e-9, time.perf_counter() - started))
+                        progress.update(writer.images_done, written=writer.samples_written,
+                                        rejected=writer.refs_rejected)
     except BaseException:
         writer.abort()
         raise
@@ -240,8 +239,9 @@ def _command(dataset: str):
         batch_size: int = typer.Option(CurationRequest.batch_size, "--batch-size", help="images per teacher/tokenizer forward pass"),
         ray_address: Optional[str] = typer.Option(RayConfig.address, "--ray-address", help="attach to this Ray cluster (e.g. 'auto' or ray://host:10001); default: an embedded local Ray"),
         num_cpus: Optional[int] = typer.Option(RayConfig.num_cpus, "--num-cpus", help="CPUs of the embedded local Ray [default: all cores]"),
-        model_workers: int = typer.Option(RayConfig.model_workers, "--model-workers", help="most model actors (one teacher + tokenizer each); the pool grows up to this"),
-        num_gpus_per_worker: float = typer.Option(RayConfig.num_gpus_per_worker, "--num-gpus-per-worker", help="GPUs per model actor (0: CPU; 0.5: two actors share a GPU)"),
+        model_workers: Optional[int] = typer.Option(RayConfig.model_workers, "--model-workers", min=1, help="most model actors (one teacher + tokenizer each); the pool grows up to this [default: GPUs x actors per GPU, or 1 without GPUs]", show_default=False),
+        num_gpus_per_worker: Optional[float] = typer.Option(RayConfig.num_gpus_per_worker, "--num-gpus-per-worker", min=0.0, help="GPUs per model actor (0: CPU, with a warning when GPUs exist; 0.5: two actors share a GPU) [default: every GPU Ray finds, --actors-per-gpu actors each]", show_default=False),
+        actors_per_gpu: Optional[int] = typer.Option(RayConfig.actors_per_gpu, "--actors-per-gpu", min=1, help="model actors per GPU when --num-gpus-per-worker is not given [default: from the teacher's size: 1 Large, 2 Base, 4 Small]", show_default=False),
         captioner: str = typer.Option(BuildConfig.captioner, "--captioner", help="description writer: 'attributes' or package.module:ClassName"),
         overwrite: bool = typer.Option(CurationRequest.overwrite, "--overwrite", help="discard this dataset's earlier shards instead of resuming"),
         progress: bool = typer.Option(CurationRequest.progress, "--progress/--no-progress", help="show the live progress display"),
@@ -263,7 +263,7 @@ def _command(dataset: str):
             samples_per_shard=samples_per_shard,
             batch_size=batch_size,
             ray=RayConfig(address=ray_address, num_cpus=num_cpus, model_workers=model_workers,
-                          num_gpus_per_worker=num_gpus_per_worker),
+                          num_gpus_per_worker=num_gpus_per_worker, actors_per_gpu=actors_per_gpu),
             build=BuildConfig(captioner=captioner),
             overwrite=overwrite,
             progress=progress,
