@@ -272,3 +272,11 @@ def test_cli_tiny_run_resumes_exactly(monkeypatch, shards, vqvae_dir, tmp_path):
         return [{k: v for k, v in json.loads(line).items() if k not in ("data_s", "step_s")} for line in lines]
 
     assert losses(resumed) == losses(straight)
+
+
+def test_a_log_that_is_not_a_terminal_gets_plain_progress_lines(shards, tmp_path, capsys):
+    train(ToyModel(), stream(shards), TrainConfig(out=tmp_path / "run", steps=3, batch_size=2, workers=0, lr=1e-2))
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("train: ")]
+    assert lines, "no plain progress line"
+    last = lines[-1]
+    assert last.startswith("train: 3/3 steps (100%) | loss ") and " examples/s | ETA 0:00:00" in last

@@ -46,7 +46,7 @@ def train_command(
     train_vision: bool = typer.Option(not PerceptioConfig.freeze_vision, "--train-vision", help="Train the vision tower too (frozen by default).", rich_help_panel=PANEL_MODEL),
     crop_to_patches: bool = typer.Option(PerceptioConfig.crop_to_patches, "--crop-to-patches", help="InternVL's dynamic tiling (default: one 448 tile, 256 image tokens).", rich_help_panel=PANEL_MODEL),
     gradient_checkpointing: bool = typer.Option(PerceptioConfig.gradient_checkpointing, "--gradient-checkpointing", help="Recompute activations in the backward pass: less memory, ~30% more time.", rich_help_panel=PANEL_MODEL),
-    dtype: str = typer.Option(PerceptioConfig.dtype, "--dtype", help="Weights of the base models: float32 or bfloat16.", rich_help_panel=PANEL_MODEL),
+    dtype: str = typer.Option(PerceptioConfig.dtype, "--dtype", help="Storage of the frozen base weights: auto (bfloat16 on a GPU, float32 on the CPU), bfloat16 or float32. Trainable weights are always float32 (with bf16 autocast).", rich_help_panel=PANEL_MODEL),
     max_length: int = typer.Option(PerceptioConfig.max_length, "--max-length", min=16, help="Longest token sequence; longer examples lose their tail.", rich_help_panel=PANEL_MODEL),
     out: Path = typer.Option(TrainConfig.out, "--out", help="Run folder: metrics.jsonl, checkpoints/step-NNNNNN/, model/ (the export).", rich_help_panel=PANEL_LOOP),
     steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Optimizer steps (every rank makes exactly this many; required unless --plan).", show_default=False, rich_help_panel=PANEL_LOOP),

@@ -39,7 +39,11 @@ class PerceptioConfig:
     freeze_vision: bool = True
     crop_to_patches: bool = False  # one 448 tile (256 image tokens); True: InternVL's dynamic tiling
     gradient_checkpointing: bool = False
-    dtype: str = "float32"  # weights of the base models: float32 | bfloat16
+    # Storage of the *frozen* base weights: auto (bfloat16 on a GPU, float32 on the CPU) | bfloat16 |
+    # float32. Trainable weights (LoRA, new token rows, SAM2 decoder, [SEG] projector) are always
+    # float32: AdamW's updates at lr 4e-5 would mostly round away in bf16. The loop runs bf16
+    # autocast wherever bf16 weights are present, so frozen bf16 and trainable fp32 mix.
+    dtype: str = "auto"
     max_length: int = 8192  # the paper's maximum sequence length; longer examples lose their tail
     num_depth_tokens: int = DEFAULT_NUM_DEPTH_TOKENS  # n
     lambda_m: float = 0.3

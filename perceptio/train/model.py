@@ -108,9 +108,7 @@ class PerceptioModel(nn.Module):
         apply_lora: bool,
         segmenter_state: dict[str, torch.Tensor] | None = None,
     ) -> "PerceptioModel":
-        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(config.dtype)
-        if dtype is None:
-            raise PerceptioError(f"dtype must be float32 or bfloat16, not {config.dtype!r}")
+        dtype = frozen_weight_dtype(config.dtype, torch.cuda.is_available())
         if depth_vqvae is None and config.use_depth_tokens:
             depth_vqvae = _load_depth_vqvae(config)
         if depth_vqvae is not None:
@@ -142,7 +140,12 @@ class PerceptioModel(nn.Module):
             segmenter = SamSegmenter(_load_sam(config, dtype), vlm.config.get_text_config().hidden_size)
             if segmenter_state is not None:
                 segmenter.projector.load_state_dict(segmenter_state)
-        return cls(config, wrapped, adapter, segmenter, depth_vqvae)
+        model = cls(config, wrapped, adapter, segmenter, depth_vqvae)
+        # Master weights in fp32 (LoRA, token rows, decoder, projector), whatever the frozen ones are.
+        for parameter in model.parameters():
+            if parameter.requires_grad and parameter.dtype != torch.float32:
+                parameter.data = parameter.data.float()
+        return model
 
     @property
     def is_tiny(self) -> bool:
@@ -273,6 +276,16 @@ class PerceptioModel(nn.Module):
         config.sam_model = str(folder / SAM_DIR)
         projector = load_file(folder / PROJECTOR_NAME) if (folder / PROJECTOR_NAME).is_file() else None
         return cls._build(config, depth_vqvae=None, apply_lora=False, segmenter_state=projector)
+
+
+def frozen_weight_dtype(name: str, cuda_available: bool) -> torch.dtype:
+    """The storage dtype of the frozen base weights for ``PerceptioConfig.dtype``."""
+    if name == "auto":
+        return torch.bfloat16 if cuda_available else torch.float32
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(name)
+    if dtype is None:
+        raise PerceptioError(f"dtype must be auto, float32 or bfloat16, not {name!r}")
+    return dtype
 
 
 def _load_vlm(config: PerceptioConfig, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
