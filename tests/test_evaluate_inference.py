@@ -217,3 +217,15 @@ def test_batched_generation_equals_one_by_one_token_for_token(predictor, monkeyp
             assert many.mask is not None and many.mask.shape == one.mask.shape
             assert (many.mask != one.mask).mean() < 1e-3  # one forward for all rows: float noise at most
             np.testing.assert_allclose(many.depth, one.depth, atol=1e-5)
+
+
+def test_batch_size_changes_nothing_but_speed_and_progress_is_a_plain_line(evaluate, checkpoint, val_shards):
+    runs = {}
+    for batch_size in ("1", "3"):
+        done = evaluate("depth", "--checkpoint", str(checkpoint), "--shards", str(val_shards), "--max-new-tokens", "4",
+                        "--batch-size", batch_size, "--dtype", "float32", "--json")
+        assert done.returncode == 0, done.stderr
+        runs[batch_size] = json.loads(done.stdout)
+        # stderr is not a terminal here: the progress is one plain line at the end, no bar.
+        assert "depth val: 2/2 samples (100%)" in done.stderr and "\x1b[" not in done.stderr
+    assert runs["1"]["scores"] == runs["3"]["scores"]

@@ -77,14 +77,16 @@ class Predictor:
         return self.model.depth_token_ids.device
 
     @classmethod
-    def from_checkpoint(cls, folder: str | Path, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS) -> "Predictor":
-        """Load an exported model onto this process's GPU (``LOCAL_RANK`` under torchrun) or the CPU."""
+    def from_checkpoint(cls, folder: str | Path, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+                        dtype: str | None = None) -> "Predictor":
+        """Load an exported model onto this process's GPU (``LOCAL_RANK`` under torchrun) or the CPU;
+        ``dtype``: storage of the frozen weights (auto: bf16 on a GPU), as in training."""
         from perceptio.train.model import PerceptioModel
 
         folder = Path(folder)
         if not folder.is_dir():
             raise PerceptioError(f"checkpoint folder not found: {folder}")
-        model = PerceptioModel.from_pretrained(folder)
+        model = PerceptioModel.from_pretrained(folder, dtype=dtype)
         if torch.cuda.is_available():
             model = model.to(torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))))
         return cls(model, checkpoint_identity(folder), max_new_tokens)

@@ -258,8 +258,9 @@ class PerceptioModel(nn.Module):
             save_file(_contiguous(self.segmenter.projector.state_dict()), staging / PROJECTOR_NAME)
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike) -> "PerceptioModel":
-        """Load a folder written by :meth:`save_pretrained` (either format)."""
+    def from_pretrained(cls, directory: str | os.PathLike, dtype: str | None = None) -> "PerceptioModel":
+        """Load a folder written by :meth:`save_pretrained` (either format); ``dtype`` overrides the
+        saved storage dtype of the frozen weights (``PerceptioConfig.dtype``)."""
         folder = Path(directory)
         record_path = folder / CONFIG_NAME
         if not record_path.is_file():
@@ -267,6 +268,8 @@ class PerceptioModel(nn.Module):
         record = json.loads(record_path.read_text())
         config = PerceptioConfig.from_dict(record["config"])
         config.tokenizer = str(folder / DEPTH_DIR) if (folder / DEPTH_DIR).is_dir() else ""
+        if dtype is not None:
+            config.dtype = dtype
         if record["format"] == "adapter":
             model = cls._build(config, depth_vqvae=None, apply_lora=True)
             model.load_trainable_state_dict(load_file(folder / TRAINABLE_NAME))
