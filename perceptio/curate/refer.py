@@ -6,6 +6,7 @@ Layout under ``data_root`` (as ``lichengunc/refer`` expects it)::
     refcoco+/instances.json refcoco+/refs(unc).p
     refcocog/instances.json refcocog/refs(umd).p refcocog/refs(google).p
     images/mscoco/images/train2014/COCO_train2014_{image_id:012d}.jpg
+    (or the folder recorded in perceptio-data.json by ``perceptio-curate download --images-dir``)
 
 ``instances.json`` is COCO (``images``, ``annotations``, ``categories``); ``refs(<split_by>).p`` is a
 Python 2 pickle of a list of refs, loaded here with a restricted unpickler (safe_pickle.py).
@@ -43,12 +44,12 @@ from perceptio.curate.problems import BadImage, Problem, decode_image, percent_t
 from perceptio.curate.safe_pickle import load_plain_pickle
 from perceptio.errors import PerceptioError
 from perceptio.recipes import load_recipe
+from perceptio.sources.data_root import coco_image_dir
 
 # The five (dataset, split_by) pairs that the REFER data provides.
 SPLIT_BYS = {"refcoco": ("unc", "google"), "refcoco+": ("unc",), "refcocog": ("umd", "google")}
 # Official split order; any other split found in a file is listed after these, alphabetically.
 SPLIT_ORDER = ("train", "val", "test", "testA", "testB", "testC")
-IMAGE_DIR = Path("images", "mscoco", "images", "train2014")
 COUNTS_RECIPE = "refer_counts.json"
 REF_KEYS = ("ref_id", "ann_id", "image_id", "category_id", "split", "sentences")
 
@@ -126,9 +127,11 @@ class ReferDataset:
         self.dataset = dataset
         self.split_by = split_by
         self.name = f"{dataset}-{split_by}"
-        self.image_dir = self.data_root / IMAGE_DIR
+        self.image_dir = coco_image_dir(self.data_root)
         if not self.image_dir.is_dir():
-            raise PerceptioError(f"image folder {self.image_dir} not found (REFER keeps COCO train2014 there)")
+            raise PerceptioError(
+                f"image folder {self.image_dir} not found (COCO train2014: perceptio-curate download coco2014, or --images-dir)"
+            )
         self.problems: list[Problem] = []
         self._unusable_annotations: set[int] = set()
 
