@@ -389,3 +389,15 @@ def test_plain_progress_lines_report_bytes_per_second():
         advance(1_000_000)
     lines = buffer.getvalue().splitlines()
     assert lines[-1].startswith("refcoco: 2.0 MB of 4.0 MB (50%), ") and lines[-1].endswith(" MB/s")
+
+
+def test_a_part_left_by_a_killed_run_is_resumed(world, server, tmp_path):
+    base, served = server
+    manifests, root = tmp_path / "manifests", tmp_path / "data"
+    _serve_world(world, base, served, manifests, publish_refcoco=True)
+    body = served.files["/refcoco.zip"]
+    (root / ".downloads").mkdir(parents=True)
+    (root / ".downloads" / "refcoco.zip.part").write_bytes(body[:1000])
+    Downloader(root, FAST, manifests, log=lambda line: None).run(["refcoco"])
+    assert served.requests == [("/refcoco.zip", "bytes=1000-")]
+    assert (root / "refcoco" / "instances.json").is_file()

@@ -415,6 +415,8 @@ class Downloader:
                 complete.unlink()
         if not verified:
             part = staging / f"{spec.basename}.part"
+            if part.is_file():  # left by an interrupted run
+                self.log(f"{spec.name}: resuming after {part.stat().st_size:,} bytes from an earlier run")
             fetch(spec, part, self.options, progress, self.log, accept)
             os.replace(part, complete)
         size = complete.stat().st_size
