@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import http.client
+import importlib.metadata
 import json
 import os
 import shutil
@@ -232,10 +233,8 @@ class _MirrorFailed(Exception):
 
 def _user_agent() -> str:
     try:
-        from importlib.metadata import version
-
-        return f"perceptio/{version('perceptio')}"
-    except Exception:  # noqa: BLE001  (not installed: a checkout on PYTHONPATH)
+        return f"perceptio/{importlib.metadata.version('perceptio')}"
+    except importlib.metadata.PackageNotFoundError:  # a checkout on PYTHONPATH, not installed
         return "perceptio"
 
 
