@@ -23,9 +23,9 @@ from pathlib import Path
 
 import pytest
 
-from perceptio.curate.ade20k import ADE20kDataset
-from perceptio.curate.refer import ReferDataset
-from perceptio.curate.synth.world import generate_world
+from perceptio.sources.ade20k import ADE20kDataset
+from perceptio.sources.refer import ReferDataset
+from perceptio.sources.synth.world import generate_world
 from perceptio.errors import PerceptioError
 from perceptio.sources.archives import extract
 from perceptio.sources.download import LOCK_FILE, Downloader, DownloadOptions
