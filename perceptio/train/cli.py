@@ -33,7 +33,7 @@ def train_command(
     mix: Optional[str] = typer.Option(None, "--mix", help="Weighted mix, e.g. 'refcoco=1,refcocog=1,ade20k=0.5': each example's dataset is drawn with probability weight/sum. A name matches a sample's json 'dataset' exactly ('refcoco-unc') or by its family before the first dash ('refcoco' takes refcoco-unc and refcoco-google, not refcoco+ or refcocog); the exact name wins. Datasets not named are left out. Default: every dataset found, weight 1.", rich_help_panel=PANEL_DATA),
     splits: str = typer.Option("train,training", "--splits", help="Comma-separated shard splits to train on (the split part of {dataset}-{split}-{index}.tar).", rich_help_panel=PANEL_DATA),
     shuffle_buffer: int = typer.Option(1000, "--shuffle-buffer", min=1, help="Examples held per stream and reader for shuffling.", rich_help_panel=PANEL_DATA),
-    workers: int = typer.Option(2, "--workers", min=0, help="DataLoader worker processes per rank (0: read in the training process). Every dataset needs at least ranks x workers shards.", rich_help_panel=PANEL_DATA),
+    workers: int = typer.Option(2, "--workers", min=0, help="DataLoader worker processes per rank (0: read in the training process). A dataset with fewer shards than ranks x workers is shared sample by sample.", rich_help_panel=PANEL_DATA),
     model: str = typer.Option("OpenGVLab/InternVL3-1B-hf", "--model", help="Base vision-language model: 'tiny' (built-in random-weight TINY model for tests and demos), a hub id or a local folder (transformers format).", rich_help_panel=PANEL_MODEL),
     sam_model: str = typer.Option("facebook/sam2.1-hiera-tiny", "--sam-model", help="SAM2 in transformers format (hub id or folder); ignored with --model tiny.", rich_help_panel=PANEL_MODEL),
     tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="Depth VQ-VAE folder from perceptio-tokenize (frozen; its decoder gives L_DepthRecon).", rich_help_panel=PANEL_MODEL),
@@ -81,7 +81,7 @@ def train_command(
     """
     import torch
 
-    from perceptio.train.data import StreamConfig, parse_mix, plan_streams
+    from perceptio.train.data import StreamConfig, parse_mix, plan_streams, sample_split_notes
     from perceptio.train.loop import TrainConfig, join_processes, train
     from perceptio.train.model import PerceptioConfig, PerceptioModel
 
@@ -117,6 +117,8 @@ def train_command(
     streams = plan_streams(stream, processes.world_size, workers)
     console.print("streams: " + ", ".join(f"{s.name} x{s.weight:g} ({len(s.shards)} shards: {', '.join(s.datasets)})"
                                           for s in streams))
+    for note in sample_split_notes(streams, processes.world_size, workers):
+        console.print(note)
     if model_config.is_tiny:
         console.print("[yellow]TINY model: random weights, for tests and demos only[/yellow]")
     torch.manual_seed(seed)  # every rank builds the same new weights (LoRA, projector) from the seed
