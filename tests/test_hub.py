@@ -62,3 +62,53 @@ def test_push_folder_creates_the_repo_and_uploads_one_commit(tmp_path, monkeypat
     assert [name for name, _ in calls] == ["init", "create_repo", "upload_folder"]
     assert calls[1][1]["private"] is True and calls[1][1]["exist_ok"] is True
     assert calls[2][1]["folder_path"] == str(tmp_path) and calls[2][1]["repo_id"] == "org/tok"
+
+
+def test_depth_tokenizer_loads_from_a_hub_id_and_pushes(tmp_path, monkeypatch):
+    import json
+
+    import huggingface_hub
+    import torch
+
+    from perceptio.tokenize.config import MODEL_TYPE
+    from perceptio.tokenize.vqvae import DepthVQVAE, DepthVQVAEConfig
+
+    torch.manual_seed(0)
+    tokenizer = DepthVQVAE(DepthVQVAEConfig())
+    saved = tmp_path / "saved"
+    tokenizer.save_pretrained(saved)
+    assert json.loads((saved / "config.json").read_text())["model_type"] == MODEL_TYPE
+    files = {name: (saved / name).read_bytes() for name in ("config.json", "model.safetensors")}
+    cache = tmp_path / "hub-cache"
+    fake_hub_cache(cache, "perceptio/depth-tokenizer", files)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    loaded = DepthVQVAE.from_pretrained("perceptio/depth-tokenizer")
+    assert loaded.identity == tokenizer.identity  # model_type does not enter the identity
+
+    uploaded: dict[str, object] = {}
+
+    class FakeApi:
+        def __init__(self, token=None):
+            pass
+
+        def create_repo(self, repo_id, **kwargs):
+            uploaded["repo"] = repo_id
+
+        def upload_folder(self, **kwargs):
+            folder = Path(kwargs["folder_path"])
+            uploaded["files"] = sorted(path.name for path in folder.iterdir())
+            uploaded["card"] = (folder / "README.md").read_text()
+            return type("Commit", (), {"commit_url": "https://huggingface.co/org/tok/commit/1"})()
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    assert tokenizer.push_to_hub("org/tok").endswith("/commit/1")
+    assert uploaded["repo"] == "org/tok" and uploaded["files"] == ["README.md", "config.json", "model.safetensors"]
+    assert tokenizer.identity in str(uploaded["card"])
+
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    (other / "model.safetensors").write_bytes(files["model.safetensors"])
+    with pytest.raises(PerceptioError, match="not a depth tokenizer"):
+        DepthVQVAE.from_pretrained(other)

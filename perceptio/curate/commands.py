@@ -28,9 +28,11 @@ from perceptio.curate.writer import (
     write_manifest,
 )
 from perceptio.errors import PerceptioError
+from perceptio.hub import looks_like_repo_id, resolve_folder
 from perceptio.shards import DATASET_INFO_NAME, ManifestRow, ShardFile, manifest_path, meta_folder
 from perceptio.sources.problems import Problem
 from perceptio.tokenize.cache import default_cache_dir
+from perceptio.tokenize.config import TOKENIZER_FILES
 
 REFER_DATASETS = {"refcoco": "unc", "refcoco+": "unc", "refcocog": "umd"}  # dataset -> default --split-by
 ADE20K = "ade20k"
@@ -186,8 +188,9 @@ def curate(request: CurationRequest) -> CurationSummary:
         raise PerceptioError("--split-by applies to RefCOCO/+/g only")
     if request.batch_size < 1:
         raise PerceptioError(f"--batch-size must be >= 1, got {request.batch_size}")
-    if not request.tokenizer.is_dir():
+    if not request.tokenizer.is_dir() and not looks_like_repo_id(str(request.tokenizer)):
         raise PerceptioError(f"tokenizer folder {request.tokenizer} not found (train one with perceptio-tokenize)")
+    request.tokenizer = resolve_folder(request.tokenizer, allow_patterns=TOKENIZER_FILES)  # a hub id: its cached snapshot
     request.teacher.check()
     name, images_by_split, problems = _read_dataset(request)
     shards = plan_shards(images_by_split, request.samples_per_shard)
@@ -269,7 +272,7 @@ def _command(dataset: str):
     def command(
         data_root: Path = typer.Option(..., "--data-root", help="dataset root (REFER layout, or a folder holding ADEChallengeData2016)"),
         out: Path = typer.Option(..., "--out", help="Shards folder: this dataset goes to OUT/{dataset}-{split-by} (ade20k: OUT/ade20k), or to OUT itself when it is already that folder."),
-        tokenizer: Path = typer.Option(..., "--tokenizer", help="depth tokenizer folder (perceptio-tokenize fit)"),
+        tokenizer: Path = typer.Option(..., "--tokenizer", help="depth tokenizer: a folder (perceptio-tokenize fit) or a hub id"),
         split: Optional[list[str]] = typer.Option(None, "--split", help="official split to curate (repeatable); default all, each into its own shards"),
         split_by: Optional[str] = typer.Option(None, "--split-by", help=split_by_help),
         depth_model: str = typer.Option(TeacherSpec.model, "--depth-model", help="Depth Anything model (hub id or local folder) used as the depth teacher"),

@@ -36,7 +36,7 @@ def train_command(
     workers: int = typer.Option(2, "--workers", min=0, help="DataLoader worker processes per rank (0: read in the training process). A dataset with fewer shards than ranks x workers is shared sample by sample.", rich_help_panel=PANEL_DATA),
     model: str = typer.Option("OpenGVLab/InternVL3-1B-hf", "--model", help="Base vision-language model: 'tiny' (built-in random-weight TINY model for tests and demos), a hub id or a local folder (transformers format).", rich_help_panel=PANEL_MODEL),
     sam_model: str = typer.Option("facebook/sam2.1-hiera-tiny", "--sam-model", help="SAM2 in transformers format (hub id or folder); ignored with --model tiny.", rich_help_panel=PANEL_MODEL),
-    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="Depth VQ-VAE folder from perceptio-tokenize (frozen; its decoder gives L_DepthRecon).", rich_help_panel=PANEL_MODEL),
+    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="Depth VQ-VAE: a folder from perceptio-tokenize or a hub id (frozen; its decoder gives L_DepthRecon).", rich_help_panel=PANEL_MODEL),
     lora_rank: int = typer.Option(256, "--lora-rank", min=1, help="LoRA rank on the language model (the paper's 256).", rich_help_panel=PANEL_MODEL),
     lora_alpha: int = typer.Option(512, "--lora-alpha", min=1, help="LoRA alpha (scale alpha/rank).", rich_help_panel=PANEL_MODEL),
     lora_dropout: float = typer.Option(0.05, "--lora-dropout", min=0.0, max=1.0, help="Dropout on the LoRA branch.", rich_help_panel=PANEL_MODEL),

@@ -32,6 +32,7 @@ from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Sam2Model
 
 from perceptio.errors import PerceptioError
+from perceptio.hub import looks_like_repo_id
 from perceptio.shards import DEPTH_SIZE
 from perceptio.tokens import D_END, D_START, DEFAULT_NUM_CODES, DEFAULT_NUM_DEPTH_TOKENS, SEG, depth_token, special_tokens
 from perceptio.train import losses
@@ -431,7 +432,7 @@ def _load_depth_vqvae(config: PerceptioConfig) -> nn.Module | None:
         if config.use_depth_recon:
             raise PerceptioError("a depth tokenizer folder (--tokenizer) is needed for the depth tokens and L_DepthRecon")
         return None
-    if not Path(config.tokenizer).is_dir():
+    if not Path(config.tokenizer).is_dir() and not looks_like_repo_id(config.tokenizer):
         raise PerceptioError(f"depth tokenizer folder {config.tokenizer} does not exist")
     from perceptio.tokenize import DepthVQVAE
 
