@@ -81,9 +81,17 @@ class TrainConfig:
         for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise PerceptioError(f"--{name} must be one of {', '.join(allowed)}, not {getattr(self, name)!r}")
+        # A second run into the same folder would silently rewrite metrics.jsonl next to the first
+        # run's checkpoints: continuing needs --resume, starting over another --out.
+        previous = [name for name in RUN_FILES if (Path(self.out) / name).exists()]
+        if previous and not self.resume:
+            raise PerceptioError(
+                f"{self.out} already holds a run ({', '.join(previous)}): pass --resume to continue it, or choose another --out"
+            )
 
 
 CHOICES = {"precision": ("auto", "bf16", "fp32"), "parallel": ("ddp", "fsdp"), "export": ("adapter", "merged", "none")}
+RUN_FILES = ("metrics.jsonl", "checkpoints", "model")  # what a run writes into --out
 
 
 @dataclass
