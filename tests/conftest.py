@@ -91,3 +91,12 @@ def make_tiny_depth_anything() -> Callable[[Path], Path]:
 def tiny_depth_anything(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One tiny random Depth Anything for the session, in a folder named ``depth-anything``."""
     return _save_tiny_depth_anything(tmp_path_factory.mktemp("models") / "depth-anything")
+
+
+# ------------------------------------------------------------------------------------ train fixtures
+@pytest.fixture(scope="session")
+def vqvae_dir(tmp_path_factory) -> Path:
+    """The small random-weight depth VQ-VAE of ``tests.train_factory``, written once per session."""
+    from tests.train_factory import write_tiny_tokenizer
+
+    return write_tiny_tokenizer(tmp_path_factory.mktemp("vqvae"))
