@@ -48,6 +48,16 @@ def resolve_folder(
         raise PerceptioError(f"{name} is not a local folder and could not be fetched from the hub{offline}: {first_line}") from error
 
 
+def resolved_commit(name_or_path: str, revision: str | None = None, filename: str = "config.json") -> str:
+    """The commit a hub id (at ``revision``) resolves to, from its cached ``filename``; "" for a local folder."""
+    if Path(name_or_path).is_dir() or not looks_like_repo_id(name_or_path):
+        return ""
+    from huggingface_hub import hf_hub_download
+
+    # The cache keeps files under snapshots/<commit>/: the folder's name is the commit.
+    return Path(hf_hub_download(name_or_path, filename, revision=revision)).parent.name
+
+
 def push_folder(
     folder: str | os.PathLike[str],
     repo_id: str,

@@ -27,6 +27,10 @@ class PerceptioConfig:
     # remote-code checkpoints; InternVL3-8B-hf is the larger drop-in).
     model: str = "OpenGVLab/InternVL3-1B-hf"
     sam_model: str = "facebook/sam2.1-hiera-tiny"  # transformers-format SAM 2.1 Hiera-T
+    # Hub revisions (branch, tag or commit) of the two base models; "" = the default branch, and the
+    # commit a hub load resolved to is recorded here so that an exported model reloads the same bases.
+    model_revision: str = ""
+    sam_revision: str = ""
     tokenizer: str = ""  # depth VQ-VAE folder (perceptio-tokenize)
     lora_rank: int = 256  # the paper's
     lora_alpha: int = 512  # scaling alpha / r = 2, the LISA / Sa2VA convention (the paper gives none)
