@@ -154,7 +154,7 @@ def test_fewer_shards_than_readers_are_shared_sample_by_sample(mixed_shards):
     config = StreamConfig([mixed_shards], mix={"refcocog": 1.0}, shuffle_buffer=1, shuffle_initial=1)
     streams = plan_mix(find_shards(config.shards), config.mix)  # 2 shards for 2 ranks x 2 workers
     (note,) = sample_split_notes(streams, world_size=2, num_workers=2)
-    assert "'refcocog': 2 shard(s)" in note and "every 4th sample" in note and "--samples-per-shard" in note
+    assert "'refcocog': 2 shard(s)" in note and "keeps one sample in 4" in note and "--samples-per-shard" in note
     assert sample_split_notes(streams, world_size=1, num_workers=2) == []
     per_reader = []
     for rank in range(2):

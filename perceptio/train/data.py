@@ -315,7 +315,7 @@ def sample_split_notes(streams: Sequence[Stream], world_size: int, num_workers: 
     readers = world_size * max(num_workers, 1)
     return [
         f"stream {stream.name!r}: {len(stream.shards)} shard(s) for {world_size} rank(s) x {max(num_workers, 1)} "
-        f"loader worker(s) = {readers} readers: each reader reads them all and keeps every {readers}th sample "
+        f"loader worker(s) = {readers} readers: each reader reads them all and keeps one sample in {readers} "
         "(more shards, via perceptio-curate --samples-per-shard, avoid the repeated reading)"
         for stream in streams
         if splits_samples(stream, readers)
