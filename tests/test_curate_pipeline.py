@@ -105,9 +105,8 @@ def test_shards_match_the_reader_teacher_and_tokenizer(refcoco_run, world, model
         # depth of this very image (not of a batch neighbour), and the tokens encode it.
         image = reader.load_image(image_id)
         depth = cache.predict(teacher, [image], [sample.jpg])
-        # (Not equality: the cache stores float16, coarse for this random teacher's ~1e-7 outputs;
-        # another image's depth correlates at ~0.1.)
-        assert np.corrcoef(depth[0].ravel(), teacher.predict([image])[0].ravel())[0, 1] > 0.9
+        # Equal up to the cache's float16 rounding; another image's depth correlates at ~0.1.
+        np.testing.assert_allclose(depth[0], teacher.predict([image])[0], rtol=2e-3, atol=1e-3)
         assert sample.depth.dtype == np.float16 and sample.depth.shape == (320, 320)
         assert sample.depth_tokens.dtype == np.int16 and sample.depth_tokens.shape == (100,)
         np.testing.assert_array_equal(sample.depth_tokens, tokenizer.encode(depth)[0].numpy())
@@ -192,7 +191,8 @@ def test_a_killed_command_resumes_byte_identically(ray_two_cpus, world, models, 
     run = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     running: list[str] = []
     try:
-        deadline = time.monotonic() + 120
+        # Generous: the loop ends at the first marker; a loaded machine needs long to start Ray.
+        deadline = time.monotonic() + 600
         while not list(meta_folder(out).glob("*_stats.json")) and run.poll() is None and time.monotonic() < deadline:
             time.sleep(0.001)  # the markers of 12 one-image shards land within ~0.1-0.3 s
         if run.poll() is None:

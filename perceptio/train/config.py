@@ -12,10 +12,11 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from perceptio.errors import PerceptioError
-from perceptio.shards import TRAINING_SPLITS
 from perceptio.tokens import DEFAULT_NUM_DEPTH_TOKENS
 
 TINY = "tiny"  # the model id of the built-in random-weight TINY model (perceptio.train.tiny)
+# The training split's name in COCO-style ("train") and ADE20k-style ("training") datasets.
+TRAINING_SPLITS = ("train", "training")
 
 
 @dataclass

@@ -40,9 +40,9 @@ import webdataset as wds
 
 from perceptio.errors import PerceptioError
 from perceptio.recipes import load_recipe
-from perceptio.shards import QUESTION_FIELD, TRAINING_SPLITS, ShardFile, dataset_folders, list_shards, npy_load, rle_to_mask
+from perceptio.shards import QUESTION_FIELD, ShardFile, dataset_folders, list_shards, npy_load, rle_to_mask
 from perceptio.tokens import SEG, depth_span
-from perceptio.train.config import StreamConfig
+from perceptio.train.config import TRAINING_SPLITS, StreamConfig
 
 
 # ---------------------------------------------------------------------------------------- shards
