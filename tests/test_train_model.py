@@ -298,6 +298,7 @@ def test_adapter_export_is_a_peft_folder_and_the_heads_load_on_their_own(vqvae_d
     folder = model.save_pretrained(tmp_path / "export")
     for name in ("adapter_config.json", "adapter_model.safetensors", "heads.safetensors", "heads_config.json", "trainable.safetensors"):
         assert (folder / name).is_file(), name
+    assert json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"] == "tiny"
 
     # The ecosystem's way: the base model with the new tokens, then PeftModel.from_pretrained(base, folder).
     tokenizer = tiny_text_tokenizer()

@@ -253,6 +253,9 @@ class PerceptioModel(nn.Module):
         mask decoder). trainable.safetensors keeps everything for an exact reload; these repeat the
         same tensors in the formats other tools read."""
         if hasattr(self.vlm, "peft_config"):
+            for peft_config in self.vlm.peft_config.values():  # adapter_config.json names the exact base
+                peft_config.base_model_name_or_path = self.config.model
+                peft_config.revision = self.config.model_revision or None
             self.vlm.save_pretrained(staging)
         if self.segmenter is not None:
             heads = {name: param.detach() for name, param in self.segmenter.named_parameters() if param.requires_grad}
