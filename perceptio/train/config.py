@@ -82,6 +82,11 @@ class PerceptioConfig:
         return self.model == TINY
 
 
+# How marked-point questions are taught: as each records (half direct, half with the depth span
+# first, by a stable hash of its key), all one way, or each question both ways.
+QUESTION_TARGETS = ("recorded", "direct", "depth", "both")
+
+
 @dataclass
 class StreamConfig:
     """What to read and how to mix and shuffle it (see :mod:`perceptio.train.data`)."""
@@ -93,7 +98,12 @@ class StreamConfig:
     shuffle_buffer: int = 1000
     shuffle_initial: int = 100
     use_depth_tokens: bool = True
+    question_targets: str = "recorded"  # see QUESTION_TARGETS
     prompts: str = "prompts.json"
+
+    def __post_init__(self) -> None:
+        if self.question_targets not in QUESTION_TARGETS:
+            raise PerceptioError(f"question targets must be one of {', '.join(QUESTION_TARGETS)}, not {self.question_targets!r}")
 
 
 CHOICES = {"precision": ("auto", "bf16", "fp32"), "parallel": ("ddp", "fsdp"), "export": ("adapter", "merged", "none")}
