@@ -19,6 +19,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "perceptio"
 LAYERS = {
     "__init__": 0,
     "errors": 0,
+    "hub": 0,
     "io": 0,
     "progress": 0,
     "recipes": 0,
@@ -34,6 +35,7 @@ LAYERS = {
 # Modules that must import neither torch nor transformers; one not yet written is skipped.
 TORCH_FREE = [
     "perceptio.errors",
+    "perceptio.hub",
     "perceptio.io",
     "perceptio.progress",
     "perceptio.recipes",
@@ -42,6 +44,8 @@ TORCH_FREE = [
     "perceptio.sources.refer",
     "perceptio.sources.ade20k",
     "perceptio.sources.synth",
+    "perceptio.sources.download",
+    "perceptio.sources.archives",
     "perceptio.tokenize",
     "perceptio.tokenize.config",
     "perceptio.tokenize.cache",

@@ -35,10 +35,10 @@ def train_command(
     mix: Optional[str] = typer.Option(None, "--mix", help="Weighted mix, e.g. 'refcoco=1,refcocog=1,ade20k=0.5': each example's dataset is drawn with probability weight/sum. A name matches a sample's json 'dataset' exactly ('refcoco-unc') or by its family before the first dash ('refcoco' takes refcoco-unc and refcoco-google, not refcoco+ or refcocog); the exact name wins. Datasets not named are left out. Default: every dataset found, weight 1.", rich_help_panel=PANEL_DATA),
     splits: str = typer.Option(",".join(StreamConfig.splits), "--splits", help="Comma-separated shard splits to train on (the split part of {dataset}-{split}-{index}.tar).", rich_help_panel=PANEL_DATA),
     shuffle_buffer: int = typer.Option(StreamConfig.shuffle_buffer, "--shuffle-buffer", min=1, help="Examples held per stream and reader for shuffling.", rich_help_panel=PANEL_DATA),
-    workers: int = typer.Option(TrainConfig.workers, "--workers", min=0, help="DataLoader worker processes per rank (0: read in the training process). Every dataset needs at least ranks x workers shards.", rich_help_panel=PANEL_DATA),
+    workers: int = typer.Option(TrainConfig.workers, "--workers", min=0, help="DataLoader worker processes per rank (0: read in the training process). A dataset with fewer shards than ranks x workers is shared sample by sample.", rich_help_panel=PANEL_DATA),
     model: str = typer.Option(PerceptioConfig.model, "--model", help="Base vision-language model: 'tiny' (built-in random-weight TINY model for tests and demos), a hub id or a local folder (transformers format).", rich_help_panel=PANEL_MODEL),
     sam_model: str = typer.Option(PerceptioConfig.sam_model, "--sam-model", help="SAM2 in transformers format (hub id or folder); ignored with --model tiny.", rich_help_panel=PANEL_MODEL),
-    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="Depth VQ-VAE folder from perceptio-tokenize (frozen; its decoder gives L_DepthRecon).", rich_help_panel=PANEL_MODEL),
+    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="Depth VQ-VAE: a folder from perceptio-tokenize or a hub id (frozen; its decoder gives L_DepthRecon).", rich_help_panel=PANEL_MODEL),
     lora_rank: int = typer.Option(PerceptioConfig.lora_rank, "--lora-rank", min=1, help="LoRA rank on the language model (the paper's 256).", rich_help_panel=PANEL_MODEL),
     lora_alpha: int = typer.Option(PerceptioConfig.lora_alpha, "--lora-alpha", min=1, help="LoRA alpha (scale alpha/rank).", rich_help_panel=PANEL_MODEL),
     lora_dropout: float = typer.Option(PerceptioConfig.lora_dropout, "--lora-dropout", min=0.0, max=1.0, help="Dropout on the LoRA branch.", rich_help_panel=PANEL_MODEL),
@@ -71,6 +71,7 @@ def train_command(
     seg_bce: float = typer.Option(PerceptioConfig.seg_bce, "--seg-bce", min=0.0, help="Weight of the mask's sigmoid cross-entropy in L_SegRecon.", rich_help_panel=PANEL_LOSS),
     seg_dice: float = typer.Option(PerceptioConfig.seg_dice, "--seg-dice", min=0.0, help="Weight of the mask's DICE loss in L_SegRecon.", rich_help_panel=PANEL_LOSS),
     depth_tokens: bool = typer.Option(PerceptioConfig.use_depth_tokens, "--depth-tokens/--no-depth-tokens", help="Ablation: without depth tokens the targets have no depth span (and the depth losses are off).", rich_help_panel=PANEL_LOSS),
+    question_targets: str = typer.Option(StreamConfig.question_targets, "--question-targets", help="Marked-point questions: as each records ('recorded': half direct, half depth span first), all 'direct', all 'depth', or 'both' (two examples each).", rich_help_panel=PANEL_LOSS),
     segmentation: bool = typer.Option(PerceptioConfig.use_segmentation, "--segmentation/--no-segmentation", help="Ablation: without [SEG] and the SAM2 head.", rich_help_panel=PANEL_LOSS),
     depth_recon: bool = typer.Option(PerceptioConfig.use_depth_recon, "--depth-recon/--no-depth-recon", help="Ablation: without L_DepthRecon.", rich_help_panel=PANEL_LOSS),
     depth_loss: bool = typer.Option(PerceptioConfig.use_depth_loss, "--depth-loss/--no-depth-loss", help="Ablation: without L_depth (marker, token, count).", rich_help_panel=PANEL_LOSS),
@@ -95,14 +96,14 @@ def train_command(
         raise PerceptioError("--shards and --steps are required (or --plan to print the memory plan only)")
     import torch
 
-    from perceptio.train.data import parse_mix, plan_streams
+    from perceptio.train.data import parse_mix, plan_streams, sample_split_notes
     from perceptio.train.loop import join_processes, train
     from perceptio.train.model import PerceptioModel
 
     split_names = tuple(name.strip() for name in splits.split(",") if name.strip())
     stream = StreamConfig(list(shards), mix=parse_mix(mix) if mix else None, splits=split_names, seed=seed,
                           shuffle_buffer=shuffle_buffer, shuffle_initial=min(StreamConfig.shuffle_initial, shuffle_buffer),
-                          use_depth_tokens=depth_tokens)
+                          use_depth_tokens=depth_tokens, question_targets=question_targets)
     model_config = PerceptioConfig.for_model(
         model=model, sam_model=sam_model, tokenizer=str(tokenizer) if tokenizer else "", lora_rank=lora_rank,
         lora_alpha=lora_alpha, lora_dropout=lora_dropout,
@@ -126,6 +127,8 @@ def train_command(
     streams = plan_streams(stream, processes.world_size, workers)
     console.print("streams: " + ", ".join(f"{s.name} x{s.weight:g} ({len(s.shards)} shards: {', '.join(s.datasets)})"
                                           for s in streams))
+    for note in sample_split_notes(streams, processes.world_size, workers):
+        console.print(note)
     if model_config.is_tiny:
         console.print("[yellow]TINY model: random weights, for tests and demos only[/yellow]")
     torch.manual_seed(seed)  # every rank builds the same new weights (LoRA, projector) from the seed

@@ -9,7 +9,7 @@ The path of one example, from disk to the model:
    by worker (the slicing of ``webdataset.split_by_node`` then ``webdataset.split_by_worker``, done
    with explicit ids because a resumed run renumbers its workers, see :class:`ShardStream`).
 3. ``webdataset.tarfile_samples`` reads the tars; :func:`expand_sample` turns one image sample
-   into examples (one per (ref, sentence), or one marked-point question for ADE20k) with the
+   into examples (one per (ref, sentence), or one per marked-point question for ADE20k) with the
    templates of ``manifests/prompts.json``; ``webdataset.shuffle`` mixes them in a seeded buffer.
 4. A seeded draw picks the stream of each example in proportion to its weight, so a stream's share
    does not depend on its size. Streams repeat endlessly (epoch after epoch, reshuffled), so every
@@ -40,19 +40,20 @@ import webdataset as wds
 
 from perceptio.errors import PerceptioError
 from perceptio.recipes import load_recipe
-from perceptio.shards import QUESTION_FIELD, ShardFile, list_shards, npy_load, rle_to_mask
+from perceptio.shards import QUESTION_FIELD, QUESTIONS_FIELD, ShardFile, dataset_folders, list_shards, npy_load, rle_to_mask
 from perceptio.tokens import SEG, depth_span
-from perceptio.train.config import TRAINING_SPLITS, StreamConfig
+from perceptio.train.config import QUESTION_TARGETS, TRAINING_SPLITS, StreamConfig
 
 
 # ---------------------------------------------------------------------------------------- shards
 def find_shards(dirs: Sequence[str | os.PathLike[str]], splits: Sequence[str] = TRAINING_SPLITS) -> list[ShardFile]:
-    """Every shard of ``splits`` in ``dirs`` (not recursive), sorted by path."""
+    """Every shard of ``splits`` in ``dirs``, each a dataset's folder or their parent, sorted by path."""
     found: list[ShardFile] = []
     for directory in map(Path, dirs):
         if not directory.is_dir():
             raise PerceptioError(f"shard folder {directory} does not exist")
-        found += list_shards(directory, splits)
+        for folder in dataset_folders(directory):
+            found += list_shards(folder, splits)
     if not found:
         raise PerceptioError(
             f"no shards of split(s) {', '.join(splits)} in {', '.join(map(str, dirs))} "
@@ -134,6 +135,8 @@ class PromptTemplates:
     grounding_target: str
     question_prompts: tuple[str, ...]
     question_target: str
+    direct_question_prompts: tuple[str, ...]
+    direct_question_target: str
 
     @classmethod
     def load(cls, name: str = "prompts.json") -> "PromptTemplates":
@@ -143,6 +146,8 @@ class PromptTemplates:
             recipe["grounding"]["target"],
             tuple(recipe["depth_question"]["prompts"]),
             recipe["depth_question"]["target"],
+            tuple(recipe["direct_question"]["prompts"]),
+            recipe["direct_question"]["target"],
         )
 
 
@@ -150,22 +155,32 @@ class PromptTemplates:
 class Example:
     """One training example, still undecoded (cheap to skip when a resumed run fast-forwards)."""
 
-    key: str  # "{sample key}/ref{ref_id}/sent{sent_id}" or "{sample key}/question"
+    key: str  # "{sample key}/ref{ref_id}/sent{sent_id}", "{sample key}/q{i}[/{variant}]" or "{sample key}/question"
     source: str  # the sample's json "dataset", e.g. "refcoco-unc"
     prompt: str
     target: str
     image_bytes: bytes
     mask_rle: dict[str, Any] | None
     depth_bytes: bytes  # depth.npy, float16 (320, 320)
+    # Points and letters drawn on the image when it is decoded (marked-point questions).
+    marks: tuple[tuple[tuple[int, int], ...], tuple[str, ...]] | None = None
 
-    def decode(self) -> dict[str, Any]:
-        """Keyword arguments of the processor's ``encode_example``."""
+    def image(self) -> Any:
+        """The decoded RGB image, with the question's marks drawn when it has some."""
         from PIL import Image
 
         image = Image.open(io.BytesIO(self.image_bytes)).convert("RGB")
+        if self.marks is not None:
+            from perceptio.curate.marked_points import draw_marks
+
+            image = draw_marks(image, *self.marks)
+        return image
+
+    def decode(self) -> dict[str, Any]:
+        """Keyword arguments of the processor's ``encode_example``."""
         mask = rle_to_mask(self.mask_rle) if self.mask_rle is not None else None
         depth = npy_load(self.depth_bytes).astype(np.float32)
-        return {"image": image, "prompt": self.prompt, "target": self.target, "mask": mask, "depth": depth}
+        return {"image": self.image(), "prompt": self.prompt, "target": self.target, "mask": mask, "depth": depth}
 
 
 def _pick(options: Sequence[str], key: str) -> str:
@@ -173,12 +188,40 @@ def _pick(options: Sequence[str], key: str) -> str:
     return options[zlib.crc32(key.encode("utf-8")) % len(options)]
 
 
-def expand_sample(raw: dict[str, Any], templates: PromptTemplates, use_depth_tokens: bool = True) -> list[Example]:
+def _question_variants(question: dict[str, Any], question_targets: str, use_depth_tokens: bool) -> list[str]:
+    if not use_depth_tokens:
+        return ["direct"]
+    if question_targets == "both":
+        return ["direct", "depth"]
+    if question_targets == "recorded":
+        return [question.get("target", "depth")]  # one-question shards predate the field: depth first
+    return [question_targets]
+
+
+def _question_example(key: str, source: str, question: dict[str, Any], variant: str, depth: str,
+                      templates: PromptTemplates, image_bytes: bytes, depth_bytes: bytes,
+                      marks: tuple[tuple[tuple[int, int], ...], tuple[str, ...]] | None) -> Example:
+    if variant == "direct":
+        prompts, target = templates.direct_question_prompts, templates.direct_question_target
+    else:
+        prompts, target = templates.question_prompts, templates.question_target
+    prompt = _pick(prompts, key).format(question=question["text"])
+    return Example(key, source, prompt, target.format(depth=depth, answer=question["answer"]), image_bytes, None,
+                   depth_bytes, marks)
+
+
+def expand_sample(raw: dict[str, Any], templates: PromptTemplates, use_depth_tokens: bool = True,
+                  question_targets: str = "recorded") -> list[Example]:
     """The training examples of one shard sample (a webdataset dict of member bytes).
 
-    Grounding samples give one example per (ref, sentence); ADE20k samples with a marked-point
-    question give one example on the marked image. Without depth tokens the span is left out.
+    Grounding samples give one example per (ref, sentence). ADE20k samples give one example per
+    marked-point question of ``questions`` (the image with that question's points drawn at load
+    time), written as ``question_targets`` says (see :data:`QUESTION_TARGETS`); samples of the
+    older one-question format give one example on their ``marked.jpg``. Without depth tokens the
+    span is left out and every question is answered directly.
     """
+    if question_targets not in QUESTION_TARGETS:
+        raise PerceptioError(f"question targets must be one of {', '.join(QUESTION_TARGETS)}, not {question_targets!r}")
     key = raw["__key__"]
     meta = json.loads(raw["json"])
     depth = depth_span(npy_load(raw["depth_tokens.npy"]).tolist()) if use_depth_tokens else ""
@@ -191,14 +234,24 @@ def expand_sample(raw: dict[str, Any], templates: PromptTemplates, use_depth_tok
             examples.append(
                 Example(example_key, meta["dataset"], prompt, target.strip(), raw["jpg"], ref["mask"], raw["depth.npy"])
             )
+    questions = meta.get(QUESTIONS_FIELD)
+    if questions is not None:
+        for index, question in enumerate(questions):
+            variants = _question_variants(question, question_targets, use_depth_tokens)
+            marks = (tuple((int(x), int(y)) for x, y in question["points"]), tuple(question["labels"]))
+            for variant in variants:
+                example_key = f"{key}/q{index}" + (f"/{variant}" if len(variants) > 1 else "")
+                examples.append(_question_example(example_key, meta["dataset"], question, variant, depth, templates,
+                                                  raw["jpg"], raw["depth.npy"], marks))
+        return examples
     question = meta.get(QUESTION_FIELD)
     if question is not None:
         if "marked.jpg" not in raw:
             raise PerceptioError(f"sample {key} has a question but no marked.jpg ({raw.get('__url__')})")
-        example_key = f"{key}/question"
-        prompt = _pick(templates.question_prompts, example_key).format(question=question["text"])
-        target = templates.question_target.format(depth=depth, answer=question["answer"])
-        examples.append(Example(example_key, meta["dataset"], prompt, target, raw["marked.jpg"], None, raw["depth.npy"]))
+        for variant in _question_variants(question, question_targets, use_depth_tokens):
+            suffix = f"/{variant}" if question_targets == "both" and use_depth_tokens else ""
+            examples.append(_question_example(f"{key}/question{suffix}", meta["dataset"], question, variant, depth,
+                                              templates, raw["marked.jpg"], raw["depth.npy"], None))
     return examples
 
 
@@ -232,14 +285,22 @@ class _StreamReader:
     def _epoch_examples(self) -> Iterator[Example]:
         order = list(self.stream.shards)
         _rng(self.config.seed, "shards", self.stream.name, self.epoch).shuffle(order)
-        mine = order[self.slot.rank :: self.slot.world_size][self.slot.worker :: self.slot.num_workers]
-        samples = wds.tarfile_samples([{"url": str(path)} for path in mine])
+        readers = self.slot.world_size * self.slot.num_workers
+        if splits_samples(self.stream, readers):
+            # Too few shards to give each reader its own: every reader reads them all and keeps
+            # every readers-th sample, so the readers still see disjoint samples.
+            reader = self.slot.rank * self.slot.num_workers + self.slot.worker
+            every = wds.tarfile_samples([{"url": str(path)} for path in order])
+            samples = (raw for position, raw in enumerate(every) if position % readers == reader)
+        else:
+            mine = order[self.slot.rank :: self.slot.world_size][self.slot.worker :: self.slot.num_workers]
+            samples = wds.tarfile_samples([{"url": str(path)} for path in mine])
         examples = (example for raw in samples for example in self._checked_expand(raw))
         buffer_rng = _rng(self.config.seed, "buffer", self.stream.name, self.epoch, self.slot.rank, self.slot.worker)
         return iter(wds.shuffle(self.config.shuffle_buffer, self.config.shuffle_initial, rng=buffer_rng)(examples))
 
     def _checked_expand(self, raw: dict[str, Any]) -> list[Example]:
-        examples = expand_sample(raw, self.templates, self.config.use_depth_tokens)
+        examples = expand_sample(raw, self.templates, self.config.use_depth_tokens, self.config.question_targets)
         for example in examples:
             if mix_key_for(example.source, [self.stream.name]) is None:
                 raise PerceptioError(
@@ -296,23 +357,26 @@ class ExampleReader:
         }
 
 
-def check_enough_shards(streams: Sequence[Stream], world_size: int, num_workers: int) -> None:
-    """Every reader needs at least one shard of every stream, or it would have nothing to draw."""
+def splits_samples(stream: Stream, readers: int) -> bool:
+    """Whether ``stream`` is split among readers sample by sample (fewer shards than readers)."""
+    return len(stream.shards) < readers
+
+
+def sample_split_notes(streams: Sequence[Stream], world_size: int, num_workers: int) -> list[str]:
+    """One line per stream with fewer shards than readers: how it is shared instead."""
     readers = world_size * max(num_workers, 1)
-    for stream in streams:
-        if len(stream.shards) < readers:
-            raise PerceptioError(
-                f"stream {stream.name!r} has {len(stream.shards)} shard(s) but {world_size} rank(s) x "
-                f"{max(num_workers, 1)} loader worker(s) = {readers} readers each need one: write smaller "
-                "shards (perceptio-curate --shard-size) or use fewer --workers"
-            )
+    return [
+        f"stream {stream.name!r}: {len(stream.shards)} shard(s) for {world_size} rank(s) x {max(num_workers, 1)} "
+        f"loader worker(s) = {readers} readers: each reader reads them all and keeps one sample in {readers} "
+        "(more shards, via perceptio-curate --samples-per-shard, avoid the repeated reading)"
+        for stream in streams
+        if splits_samples(stream, readers)
+    ]
 
 
 def plan_streams(config: StreamConfig, world_size: int = 1, num_workers: int = 0) -> list[Stream]:
-    """The weighted streams of ``config``, checked to feed every reader (cheap: reads no tar)."""
-    streams = plan_mix(find_shards(config.shards, config.splits), config.mix)
-    check_enough_shards(streams, world_size, num_workers)
-    return streams
+    """The weighted streams of ``config`` (cheap: reads no tar)."""
+    return plan_mix(find_shards(config.shards, config.splits), config.mix)
 
 
 # ---------------------------------------------------------------------------------------- batches
