@@ -86,4 +86,7 @@ from perceptio.curate.conversations import register as _register_conversation_co
 
 _register_dataset_commands(app)
 _register_conversation_commands(app)
+from perceptio.curate.download_command import register as _register_download  # noqa: E402
+
+_register_download(app)
 main = run_cli(app)

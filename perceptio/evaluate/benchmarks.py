@@ -38,7 +38,7 @@ class PredictionLike(Protocol):
 class PredictorLike(Protocol):
     identity: str
 
-    def predict(self, image: Image.Image | None, prompt: Any) -> PredictionLike: ...
+    def predict_batch(self, images: Sequence[Image.Image | None], prompts: Sequence[Any]) -> list[PredictionLike]: ...
 
 
 @dataclass(frozen=True)
@@ -117,11 +117,14 @@ def read_conversation_items(shard_dirs: Sequence[str | Path], split: str) -> lis
     return items
 
 
-def conversation_record(predictor: PredictorLike, item: ConversationTurnItem) -> dict[str, Any]:
-    """The generated answer to one question of a conversation, the earlier turns given as they were."""
+def conversation_query(item: ConversationTurnItem) -> tuple[Image.Image | None, list[Any]]:
+    """The image (None for a text-only conversation) and the turns before the answer, as they were written."""
+    return item.image(), list(item.history)
+
+
+def conversation_score(item: ConversationTurnItem, prediction: PredictionLike) -> dict[str, Any]:
     from perceptio.evaluate.metrics import exact_match
 
-    prediction = predictor.predict(item.image(), list(item.history))
     return {"id": item.id, "key": item.key, "dataset": item.dataset, "split": item.split, "turn": item.turn,
             "prediction": prediction.text, "reference": item.reference,
             "exact_match": exact_match(prediction.text, item.reference)}
@@ -129,24 +132,34 @@ def conversation_record(predictor: PredictorLike, item: ConversationTurnItem) ->
 
 def evaluate_items(
     items: Sequence[Item],
-    evaluate_one: Callable[[Item], dict[str, Any]],
+    predictor: PredictorLike,
+    query: Callable[[Item], tuple[Image.Image, str]],
+    score: Callable[[Item, Any], dict[str, Any]],
     group: ProcessGroup,
     item_id: Callable[[Item], str],
-    advance: Callable[[], None] = lambda: None,
+    batch_size: int = 1,
+    advance: Callable[[int], None] = lambda done: None,
 ) -> list[dict[str, Any]]:
-    """This rank's share evaluated, then every rank's records gathered once each in item order."""
+    """This rank's share generated ``batch_size`` items at a time and scored, then every rank's
+    records gathered once each in item order."""
     records = []
-    for item in group.take(items):
-        records.append(evaluate_one(item))
-        advance()
+    share = group.take(items)
+    for start in range(0, len(share), batch_size):
+        chunk = share[start : start + batch_size]
+        images, prompts = zip(*(query(item) for item in chunk))
+        records.extend(score(item, prediction) for item, prediction in zip(chunk, predictor.predict_batch(images, prompts)))
+        advance(len(chunk))
     return gather_records(records, group, order=[item_id(item) for item in items])
 
 
-def refseg_record(predictor: PredictorLike, item: ShardItem) -> dict[str, Any]:
+def shard_query(item: ShardItem) -> tuple[Image.Image, str]:
+    return item.image(), item.prompt
+
+
+def refseg_score(item: ShardItem, prediction: PredictionLike) -> dict[str, Any]:
     if item.mask_rle is None:
         raise PerceptioError(f"sample {item.id} has no mask to score")
     truth = rle_to_mask(item.mask_rle)
-    prediction = predictor.predict(item.image(), item.prompt)
     missing = prediction.mask is None
     mask = np.zeros_like(truth) if missing else prediction.mask
     overlap = mask_overlap(mask, truth)
@@ -154,8 +167,7 @@ def refseg_record(predictor: PredictorLike, item: ShardItem) -> dict[str, Any]:
             "union": overlap.union, "missing_seg": missing}
 
 
-def depth_record(predictor: PredictorLike, item: ShardItem) -> dict[str, Any]:
-    prediction = predictor.predict(item.image(), item.prompt)
+def depth_score(item: ShardItem, prediction: PredictionLike) -> dict[str, Any]:
     record: dict[str, Any] = {
         "id": item.id, "dataset": item.dataset, "split": item.split, "well_formed": prediction.well_formed,
         "token_accuracy": token_accuracy(prediction.depth_codes, item.teacher_codes),
@@ -173,8 +185,11 @@ def hardblink_prompt(question_text: str) -> str:
     return PromptTemplates.load().question_prompts[0].format(question=question_text)
 
 
-def hardblink_record(predictor: PredictorLike, question: HardBlinkQuestion) -> dict[str, Any]:
+def hardblink_query(question: HardBlinkQuestion) -> tuple[Image.Image, str]:
     with Image.open(question.image_path) as image:
-        prediction = predictor.predict(image.convert("RGB"), hardblink_prompt(question.text))
+        return image.convert("RGB"), hardblink_prompt(question.text)
+
+
+def hardblink_score(question: HardBlinkQuestion, prediction: PredictionLike) -> dict[str, Any]:
     return {"id": question.sample_id, "variant": question.variant, "answer": question.answer,
             "choice": parse_choice(prediction.text, question.variant), "reply": prediction.text}

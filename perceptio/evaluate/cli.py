@@ -9,19 +9,18 @@ gathered once per sample and only rank 0 reports.
 from __future__ import annotations
 
 import json
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 from perceptio.errors import PerceptioError, run_cli
 from perceptio.evaluate.distributed import ProcessGroup, init_process_group
 from perceptio.evaluate.synth_blink import SynthBlinkConfig
 from perceptio.io import write_text_atomic
+from perceptio.progress import ProgressLog
 
 app = typer.Typer(
     help="Evaluate a Perceptio checkpoint: refseg (cIoU/gIoU), hardblink (relative depth), depth tokens, conversations, predict.",
@@ -44,18 +43,8 @@ TOKENS_OPTION = typer.Option(160, help=TOKENS_HELP)
 THREADS_OPTION = typer.Option(None, help=THREADS_HELP)
 JSON_OPTION = typer.Option(False, "--json", help=JSON_HELP)
 OUT_OPTION = typer.Option(None, help=OUT_HELP)
-
-
-@contextmanager
-def progress_bar(description: str, total: int, group: ProcessGroup) -> Iterator[Callable[[], None]]:
-    """A rich progress bar over this rank's share (drawn by rank 0 only); yields ``advance``."""
-    if not group.is_main:
-        yield lambda: None
-        return
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=console) as progress:
-        task = progress.add_task(description, total=total)
-        yield lambda: progress.advance(task)
+BATCH_OPTION = typer.Option(1, "--batch-size", min=1, help="Samples generated together (left-padded prompts, the format constraint per row; the same tokens as one at a time). 8-16 on a GPU.")
+DTYPE_OPTION = typer.Option("auto", "--dtype", help="Storage of the frozen weights: auto (bfloat16 on a GPU, float32 on the CPU), bfloat16 or float32.")
 
 
 def _limited(items: Sequence[Any], limit: Optional[int]) -> list[Any]:
@@ -89,7 +78,7 @@ def _header(results: dict[str, Any]) -> str:
     return f"{results['benchmark']} | {checkpoint['identity']} | {results['processes']} process(es)"
 
 
-def _load_predictor(checkpoint: Path, max_new_tokens: int, threads: Optional[int]):
+def _load_predictor(checkpoint: Path, max_new_tokens: int, threads: Optional[int], dtype: str = "auto"):
     import torch
 
     from perceptio.evaluate.predict import Predictor
@@ -98,7 +87,7 @@ def _load_predictor(checkpoint: Path, max_new_tokens: int, threads: Optional[int
         if threads < 1:
             raise PerceptioError(f"--threads must be at least 1, not {threads}")
         torch.set_num_threads(threads)
-    return Predictor.from_checkpoint(checkpoint, max_new_tokens=max_new_tokens)
+    return Predictor.from_checkpoint(checkpoint, max_new_tokens=max_new_tokens, dtype=dtype)
 
 
 def _checkpoint_info(checkpoint: Path, predictor: Any) -> dict[str, str]:
@@ -107,14 +96,16 @@ def _checkpoint_info(checkpoint: Path, predictor: Any) -> dict[str, str]:
 
 def _predict_all(
     label: str, items: list, group: ProcessGroup, checkpoint: Path, max_new_tokens: int, threads: Optional[int],
-    record: Callable[[Any, Any], dict], sample_id: Callable[[Any], str],
+    query: Callable[[Any], Any], score: Callable[[Any, Any], dict], sample_id: Callable[[Any], str],
+    batch_size: int = 1, dtype: str = "auto",
 ) -> tuple[Any, list[dict] | None]:
     """Load the model, score this process's share of ``items``, gather; records on rank 0 only."""
     from perceptio.evaluate.benchmarks import evaluate_items
 
-    predictor = _load_predictor(checkpoint, max_new_tokens, threads)
-    with progress_bar(label, _share(items, group), group) as advance:
-        records = evaluate_items(items, lambda item: record(predictor, item), group, sample_id, advance)
+    predictor = _load_predictor(checkpoint, max_new_tokens, threads, dtype)
+    with ProgressLog(label, _share(items, group), unit="samples", enabled=group.is_main) as progress:
+        records = evaluate_items(items, predictor, query, score, group, sample_id, batch_size,
+                                 lambda done: progress.update(progress.completed + done))
     return predictor, records if group.is_main else None
 
 
@@ -126,11 +117,13 @@ def refseg(
     limit: Optional[int] = LIMIT_OPTION,
     max_new_tokens: int = TOKENS_OPTION,
     threads: Optional[int] = THREADS_OPTION,
+    batch_size: int = BATCH_OPTION,
+    dtype: str = DTYPE_OPTION,
     as_json: bool = JSON_OPTION,
     out: Optional[Path] = OUT_OPTION,
 ) -> None:
     """Referring segmentation: cIoU, gIoU and precision@0.5 per dataset and split (every sentence one sample)."""
-    from perceptio.evaluate.benchmarks import read_shard_items, refseg_record
+    from perceptio.evaluate.benchmarks import read_shard_items, refseg_score, shard_query
     from perceptio.evaluate.metrics import refseg_scores_by_group
 
     group = init_process_group()
@@ -138,7 +131,7 @@ def refseg(
     if not items:
         raise PerceptioError(f"no referring expressions in split {split!r} of {', '.join(map(str, shards))}")
     predictor, records = _predict_all(f"refseg {split}", items, group, checkpoint, max_new_tokens, threads,
-                                      refseg_record, lambda item: item.id)
+                                      shard_query, refseg_score, lambda item: item.id, batch_size, dtype)
     if records is None:
         return
     scores = refseg_scores_by_group(records)
@@ -167,12 +160,14 @@ def conversation(
     limit: Optional[int] = LIMIT_OPTION,
     max_new_tokens: int = typer.Option(256, help="Most tokens per answer: conversations answer at length."),
     threads: Optional[int] = THREADS_OPTION,
+    batch_size: int = BATCH_OPTION,
+    dtype: str = DTYPE_OPTION,
     as_json: bool = JSON_OPTION,
     out: Optional[Path] = OUT_OPTION,
 ) -> None:
     """Held-out conversations: exact match of every answer (lower case, no punctuation or articles),
     each generated after the conversation's earlier turns as they were written."""
-    from perceptio.evaluate.benchmarks import conversation_record, read_conversation_items
+    from perceptio.evaluate.benchmarks import conversation_query, conversation_score, read_conversation_items
     from perceptio.evaluate.metrics import conversation_scores
 
     group = init_process_group()
@@ -180,7 +175,7 @@ def conversation(
     if not items:
         raise PerceptioError(f"no conversation in split {split!r} of {', '.join(map(str, shards))}")
     predictor, records = _predict_all(f"conversation {split}", items, group, checkpoint, max_new_tokens, threads,
-                                      conversation_record, lambda item: item.id)
+                                      conversation_query, conversation_score, lambda item: item.id, batch_size, dtype)
     if records is None:
         return
     scores = conversation_scores(records)
@@ -207,11 +202,13 @@ def hardblink(
     limit: Optional[int] = LIMIT_OPTION,
     max_new_tokens: int = TOKENS_OPTION,
     threads: Optional[int] = THREADS_OPTION,
+    batch_size: int = BATCH_OPTION,
+    dtype: str = DTYPE_OPTION,
     as_json: bool = JSON_OPTION,
     out: Optional[Path] = OUT_OPTION,
 ) -> None:
     """HardBLINK relative depth ("which point is closest"): accuracy per point count and their mean."""
-    from perceptio.evaluate.benchmarks import hardblink_record
+    from perceptio.evaluate.benchmarks import hardblink_query, hardblink_score
     from perceptio.evaluate.hardblink import load_hardblink, score_hardblink
 
     try:
@@ -221,7 +218,8 @@ def hardblink(
     group = init_process_group()
     questions = _limited(load_hardblink(data, chosen), limit)
     predictor, records = _predict_all("hardblink", questions, group, checkpoint, max_new_tokens, threads,
-                                      hardblink_record, lambda question: question.sample_id)
+                                      hardblink_query, hardblink_score, lambda question: question.sample_id,
+                                      batch_size, dtype)
     if records is None:
         return
     scores = score_hardblink(records)
@@ -250,11 +248,13 @@ def depth(
     limit: Optional[int] = LIMIT_OPTION,
     max_new_tokens: int = TOKENS_OPTION,
     threads: Optional[int] = THREADS_OPTION,
+    batch_size: int = BATCH_OPTION,
+    dtype: str = DTYPE_OPTION,
     as_json: bool = JSON_OPTION,
     out: Optional[Path] = OUT_OPTION,
 ) -> None:
     """Depth tokens: well-formed span rate, token accuracy and decoded depth against the teacher (one sample per image)."""
-    from perceptio.evaluate.benchmarks import depth_record, read_shard_items
+    from perceptio.evaluate.benchmarks import depth_score, read_shard_items, shard_query
     from perceptio.evaluate.metrics import depth_token_scores
 
     group = init_process_group()
@@ -262,7 +262,7 @@ def depth(
     if not items:
         raise PerceptioError(f"no samples in split {split!r} of {', '.join(map(str, shards))}")
     predictor, records = _predict_all(f"depth {split}", items, group, checkpoint, max_new_tokens, threads,
-                                      depth_record, lambda item: item.id)
+                                      shard_query, depth_score, lambda item: item.id, batch_size, dtype)
     if records is None:
         return
     scores = depth_token_scores(records)
@@ -336,6 +336,7 @@ def predict(
     prompt: str = typer.Option(..., help="What to ask, e.g. 'Please segment the object described as \"the red cube\".'"),
     out: Path = typer.Option(..., help="Picture to write (PNG): the mask, the depth and the answer."),
     max_new_tokens: int = TOKENS_OPTION,
+    dtype: str = DTYPE_OPTION,
     threads: Optional[int] = THREADS_OPTION,
     as_json: bool = typer.Option(False, "--json", help="Print the answer, span and mask facts as JSON."),
 ) -> None:
@@ -352,7 +353,7 @@ def predict(
             picture = opened.convert("RGB")
     except (UnidentifiedImageError, OSError) as error:
         raise PerceptioError(f"cannot read image {image}: {error}") from None
-    predictor = _load_predictor(checkpoint, max_new_tokens, threads)
+    predictor = _load_predictor(checkpoint, max_new_tokens, threads, dtype)
     prediction = predictor.predict(picture, prompt)
     notes = f"{predictor.identity}; depth span {'well formed' if prediction.well_formed else 'missing or malformed'}"
     save_png(render_prediction(picture, prediction.mask, prediction.depth, prompt, prediction.text, notes), out)

@@ -80,14 +80,16 @@ class Predictor:
         return self.model.depth_token_ids.device
 
     @classmethod
-    def from_checkpoint(cls, folder: str | Path, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS) -> "Predictor":
-        """Load an exported model onto this process's GPU (``LOCAL_RANK`` under torchrun) or the CPU."""
+    def from_checkpoint(cls, folder: str | Path, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+                        dtype: str | None = None) -> "Predictor":
+        """Load an exported model onto this process's GPU (``LOCAL_RANK`` under torchrun) or the CPU;
+        ``dtype``: storage of the frozen weights (auto: bf16 on a GPU), as in training."""
         from perceptio.train.model import PerceptioModel
 
         folder = Path(folder)
         if not folder.is_dir():
             raise PerceptioError(f"checkpoint folder not found: {folder}")
-        model = PerceptioModel.from_pretrained(folder)
+        model = PerceptioModel.from_pretrained(folder, dtype=dtype)
         if torch.cuda.is_available():
             model = model.to(torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))))
         return cls(model, checkpoint_identity(folder), max_new_tokens)
@@ -105,54 +107,94 @@ class Predictor:
             prompt_length=prompt_length,
         )
 
-    @torch.inference_mode()
     def predict(self, image: Image.Image | None, prompt: str | Sequence[Any]) -> Prediction:
         """The answer to ``prompt``: one question, or a conversation's turns so far (ending with the
         user's, as :class:`perceptio.train.chat.Turn` or ``{"role", "text"}``); ``image`` None: text only."""
+        return self.predict_batch([image], [prompt])[0]
+
+    @torch.inference_mode()
+    def predict_batch(self, images: Sequence[Image.Image | None], prompts: Sequence[str | Sequence[Any]]) -> list[Prediction]:
+        """Generate for several (image, prompt) pairs at once: prompts left-padded, greedy, the
+        format constraint applied per row; the same tokens as one call per pair. A prompt is a
+        question or a conversation's turns so far; an image may be None (a text-only conversation)."""
         model = self.model
         processor = model.processor
-        turns = [Turn(USER, prompt)] if isinstance(prompt, str) else prompt
-        pixel_values = None
-        if image is not None:
-            image = image.convert("RGB")
-            pixel_values = processor.pixel_values(image).to(self.device, model.adapter.model.dtype)
-        prompt_text = processor.conversation_prompt(turns, pixel_values.shape[0] if pixel_values is not None else None)
-        input_ids = torch.tensor([processor.token_ids(prompt_text)], device=self.device)
-        attention_mask = torch.ones_like(input_ids)
-        # No pixel_values at all for a text-only prompt: an explicit None sends generate down the image path.
-        image_inputs = {"pixel_values": pixel_values} if pixel_values is not None else {}
-        output = model.adapter.model.generate(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            **image_inputs,
-            max_new_tokens=self.max_new_tokens,
-            do_sample=False,
-            logits_processor=LogitsProcessorList([self._processor(input_ids.shape[1])]),
-            eos_token_id=self.end_of_turn_id,
-            pad_token_id=self.pad_id,
-        )
-        generated = output[0, input_ids.shape[1] :].tolist()
-        well_formed, codes = depth_span(generated, self.vocabulary)
-        return Prediction(
-            text=model.processor.tokenizer.decode(generated, skip_special_tokens=True).strip(),
-            token_ids=generated,
-            mask=self._mask(image, output, pixel_values, len(input_ids[0]), generated) if image is not None else None,
-            depth=self._depth(codes) if well_formed else None,
-            depth_codes=codes,
-            well_formed=well_formed,
-        )
+        pictures = [image.convert("RGB") if image is not None else None for image in images]
+        tiles = [processor.pixel_values(picture) if picture is not None else None for picture in pictures]
+        prompt_ids = [processor.token_ids(processor.conversation_prompt(
+                          [Turn(USER, prompt)] if isinstance(prompt, str) else prompt,
+                          len(values) if values is not None else None))
+                      for prompt, values in zip(prompts, tiles)]
+        width = max(len(ids) for ids in prompt_ids)
+        input_ids = torch.tensor([[self.pad_id] * (width - len(ids)) + ids for ids in prompt_ids], device=self.device)
+        attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in prompt_ids], device=self.device)
+        present = [values for values in tiles if values is not None]
+        # No pixel_values at all for text-only prompts: an explicit None sends generate down the image path.
+        image_inputs = {"pixel_values": torch.cat(present).to(self.device, self._pixel_dtype())} if present else {}
+        with self._autocast():
+            output = model.adapter.model.generate(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                **image_inputs,
+                max_new_tokens=self.max_new_tokens,
+                do_sample=False,
+                logits_processor=LogitsProcessorList([self._processor(width)]),
+                eos_token_id=self.end_of_turn_id,
+                pad_token_id=self.pad_id,
+            )
+        generated = [self._until_end(row[width:].tolist()) for row in output]
+        sequences = [ids + tokens for ids, tokens in zip(prompt_ids, generated)]
+        masks = self._masks(pictures, tiles, sequences, prompt_ids, generated)
+        predictions = []
+        for tokens, mask in zip(generated, masks):
+            well_formed, codes = depth_span(tokens, self.vocabulary)
+            predictions.append(Prediction(
+                text=processor.tokenizer.decode(tokens, skip_special_tokens=True).strip(),
+                token_ids=tokens,
+                mask=mask,
+                depth=self._depth(codes) if well_formed else None,
+                depth_codes=codes,
+                well_formed=well_formed,
+            ))
+        return predictions
 
-    def _mask(self, image: Image.Image, sequence: torch.Tensor, pixel_values: torch.Tensor, prompt_length: int,
-              generated: list[int]) -> np.ndarray | None:
+    def _until_end(self, tokens: list[int]) -> list[int]:
+        """A row's new tokens up to its end-of-turn (rows that finish early are padded after it)."""
+        return tokens[: tokens.index(self.end_of_turn_id) + 1] if self.end_of_turn_id in tokens else tokens
+
+    def _pixel_dtype(self) -> torch.dtype:
+        return next(self.model.adapter.vision_modules()[0].parameters()).dtype
+
+    def _autocast(self):
+        """bf16 autocast where bf16 weights are present (frozen bf16 beside fp32 trained weights)."""
+        holds_bf16 = any(parameter.dtype == torch.bfloat16 for parameter in self.model.parameters())
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=holds_bf16)
+
+    def _masks(self, pictures: list[Image.Image | None], tiles: list[torch.Tensor | None], sequences: list[list[int]],
+               prompt_ids: list[list[int]], generated: list[list[int]]) -> list[np.ndarray | None]:
+        """Masks of the rows that generated [SEG]: their unpadded sequences, right-padded into one
+        forward (causal attention: the padding after a row changes nothing before it)."""
         model = self.model
-        if model.segmenter is None or model.seg_token_id not in generated:
-            return None
-        position = prompt_length + generated.index(model.seg_token_id)
-        hidden = model.adapter.last_hidden_state(sequence, torch.ones_like(sequence), pixel_values)
-        seg_hidden = hidden[:, position]
-        sam_pixels = model.processor.sam_pixel_values(image)[None].to(seg_hidden.device, seg_hidden.dtype)
-        masks = model.segmenter.predict_masks(sam_pixels, seg_hidden, size=(image.height, image.width))
-        return masks[0].cpu().numpy().astype(np.uint8)
+        rows = [row for row, tokens in enumerate(generated)
+                if model.segmenter is not None and model.seg_token_id in tokens and pictures[row] is not None]
+        masks: list[np.ndarray | None] = [None] * len(generated)
+        if not rows:
+            return masks
+        width = max(len(sequences[row]) for row in rows)
+        ids = torch.tensor([sequences[row] + [self.pad_id] * (width - len(sequences[row])) for row in rows], device=self.device)
+        attention = torch.tensor([[1] * len(sequences[row]) + [0] * (width - len(sequences[row])) for row in rows],
+                                 device=self.device)
+        pixel_values = torch.cat([tiles[row] for row in rows]).to(self.device, self._pixel_dtype())
+        with self._autocast():
+            hidden = model.adapter.last_hidden_state(ids, attention, pixel_values)
+            for index, row in enumerate(rows):
+                position = len(prompt_ids[row]) + generated[row].index(model.seg_token_id)
+                seg_hidden = hidden[index : index + 1, position]
+                picture = pictures[row]
+                sam_pixels = model.processor.sam_pixel_values(picture)[None].to(seg_hidden.device, self._pixel_dtype())
+                predicted = model.segmenter.predict_masks(sam_pixels, seg_hidden, size=(picture.height, picture.width))
+                masks[row] = predicted[0].cpu().numpy().astype(np.uint8)
+        return masks
 
     def _depth(self, codes: list[int]) -> np.ndarray | None:
         vqvae = self.model.depth_vqvae

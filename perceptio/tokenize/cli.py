@@ -157,7 +157,11 @@ def _render_metrics(title: str, rows: dict[str, dict[str, float]]) -> None:
 @app.command()
 def fit(
     data_root: Path = DATA_ROOT_OPTION,
-    dataset: Dataset = DATASET_OPTION,
+    datasets: list[Dataset] = typer.Option(
+        [Dataset.synth], "--dataset",
+        help="Whose images (repeat for several: one tokenizer for all of them; images they share count once): "
+        "REFER train images, ADE20k training images, or the whole synthetic world.",
+    ),
     out: Path = typer.Option(..., "--out", help="Tokenizer folder to write (and to resume from)."),
     depth_model: str = DEPTH_MODEL_OPTION,
     depth_source: DepthSourceName = DEPTH_SOURCE_OPTION,
@@ -174,9 +178,10 @@ def fit(
     seed: int = typer.Option(FitConfig.seed, "--seed", help="Seed of every random draw of the fit."),
     threads: int = THREADS_OPTION,
 ) -> None:
-    """Fit a depth tokenizer on a dataset's teacher depth, evaluate it on held-out images, save it to --out."""
+    """Fit a depth tokenizer on the teacher depth of one or more datasets, evaluate it on held-out images, save it to --out."""
     _set_threads(threads)
-    paths = list_images(data_root, dataset.value)
+    names = list(dict.fromkeys(dataset.value for dataset in datasets))
+    paths = sorted({path for name in names for path in list_images(data_root, name)})
     if max_images is not None:
         paths = paths[:max_images]
     train_paths, held_out_paths = split_held_out(paths, held_out_fraction)
@@ -185,7 +190,8 @@ def fit(
     fit_config = FitConfig(steps=steps, batch_size=batch_size, learning_rate=learning_rate, seed=seed)
     out.mkdir(parents=True, exist_ok=True)
     record = {
-        "dataset": dataset.value,
+        "dataset": "+".join(names),
+        "datasets": names,
         "data_root": str(data_root.resolve()),
         "teacher": source.teacher.identity,
         "depth_source": depth_source.value,
@@ -216,7 +222,7 @@ def fit(
     if held_out_paths:
         depths = _depths_with_progress(source, held_out_paths, teacher_batch_size, "teacher depth (held out)", list)
         results["held-out"] = evaluate(model, [depth for batch in depths for depth in batch])
-        _render_metrics(f"{out}: held-out reconstruction ({dataset.value})", {"held-out": results["held-out"]})
+        _render_metrics(f"{out}: held-out reconstruction ({' + '.join(names)})", {"held-out": results["held-out"]})
     write_text_atomic(out / METRICS_RECORD, json.dumps({"identity": model.identity, **results}, indent=2) + "\n")
     usage = results["train codebook"]
     console.print(f"codes used on train: {usage['codes_used']}/{num_codes}, perplexity {usage['perplexity']:.1f}")

@@ -28,6 +28,10 @@ class PerceptioConfig:
     # remote-code checkpoints; InternVL3-8B-hf is the larger drop-in).
     model: str = "OpenGVLab/InternVL3-1B-hf"
     sam_model: str = "facebook/sam2.1-hiera-tiny"  # transformers-format SAM 2.1 Hiera-T
+    # Hub revisions (branch, tag or commit) of the two base models; "" = the default branch, and the
+    # commit a hub load resolved to is recorded here so that an exported model reloads the same bases.
+    model_revision: str = ""
+    sam_revision: str = ""
     tokenizer: str = ""  # depth VQ-VAE folder (perceptio-tokenize)
     lora_rank: int = 256  # the paper's
     lora_alpha: int = 512  # scaling alpha / r = 2, the LISA / Sa2VA convention (the paper gives none)
@@ -40,7 +44,11 @@ class PerceptioConfig:
     freeze_vision: bool = True
     crop_to_patches: bool = False  # one 448 tile (256 image tokens); True: InternVL's dynamic tiling
     gradient_checkpointing: bool = False
-    dtype: str = "float32"  # weights of the base models: float32 | bfloat16
+    # Storage of the *frozen* base weights: auto (bfloat16 on a GPU, float32 on the CPU) | bfloat16 |
+    # float32. Trainable weights (LoRA, new token rows, SAM2 decoder, [SEG] projector) are always
+    # float32: AdamW's updates at lr 4e-5 would mostly round away in bf16. The loop runs bf16
+    # autocast wherever bf16 weights are present, so frozen bf16 and trainable fp32 mix.
+    dtype: str = "auto"
     max_length: int = 8192  # the paper's maximum sequence length; longer examples lose their tail
     num_depth_tokens: int = DEFAULT_NUM_DEPTH_TOKENS  # n
     lambda_m: float = 0.3
@@ -103,6 +111,7 @@ class StreamConfig:
 
 
 CHOICES = {"precision": ("auto", "bf16", "fp32"), "parallel": ("ddp", "fsdp"), "export": ("adapter", "merged", "none")}
+RUN_FILES = ("metrics.jsonl", "checkpoints", "model")  # what a run writes into --out
 
 
 @dataclass
@@ -147,3 +156,10 @@ class TrainConfig:
         for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise PerceptioError(f"--{name} must be one of {', '.join(allowed)}, not {getattr(self, name)!r}")
+        # A second run into the same folder would silently rewrite metrics.jsonl next to the first
+        # run's checkpoints: continuing needs --resume, starting over another --out.
+        previous = [name for name in RUN_FILES if (Path(self.out) / name).exists()]
+        if previous and not self.resume:
+            raise PerceptioError(
+                f"{self.out} already holds a run ({', '.join(previous)}): pass --resume to continue it, or choose another --out"
+            )
