@@ -14,7 +14,7 @@ from perceptio.curate.conversations import GRANDF, LLAVA, ConversationRequest, c
 from perceptio.errors import PerceptioError
 from perceptio.inspect.folder import ShardFolder
 from perceptio.inspect.validate import Expectations, validate
-from perceptio.shards import iter_members, iter_shard, list_shards, rle_to_mask
+from perceptio.shards import iter_members, manifest_path, iter_shard, list_shards, rle_to_mask
 from perceptio.sources.synth.conversations import write_conversations
 
 DATA = Path(__file__).parent / "data"
@@ -36,7 +36,7 @@ def _clean(out: Path) -> bool:
 
 
 def _manifest(out: Path) -> list[dict]:
-    return pq.read_table(out / "manifest.parquet").to_pylist()
+    return pq.read_table(manifest_path(out)).to_pylist()
 
 
 def test_llava_sample_file_to_shards(tmp_path: Path) -> None:
@@ -45,7 +45,7 @@ def test_llava_sample_file_to_shards(tmp_path: Path) -> None:
     _jpeg(images / "gqa/images/2354786.jpg", (20, 14))
     (images / "textvqa/train_images").mkdir(parents=True)
     (images / "textvqa/train_images/0badc0de.jpg").write_bytes(b"\xff\xd8 broken")
-    out = tmp_path / "shards"
+    out = tmp_path / "shards" / "llava"  # the dataset's own folder (an OUT parent gets OUT/llava)
     info = curate_conversations(_request(LLAVA, DATA / "llava/llava_v1_5_mix665k_sample.json", images, out))
     assert info["splits"]["train"]["samples"] == 3
     assert info["splits"]["train"]["rejects"] == {"corrupt_image": 1, "missing_image": 1}
@@ -70,7 +70,7 @@ def test_llava_sample_file_to_shards(tmp_path: Path) -> None:
 def test_grandf_sample_file_to_shards_and_bad_masks_rejected(tmp_path: Path) -> None:
     images = tmp_path / "images"
     _jpeg(images / "sa_10010541.jpg")
-    out = tmp_path / "shards"
+    out = tmp_path / "shards" / "grandf-ha"
     info = curate_conversations(_request(GRANDF, DATA / "grandf/GranDf_HA_GCG_train.json", images, out))
     assert info["settings"]["dataset"] == "grandf-ha" and info["splits"]["train"]["samples"] == 1
     [sample] = list(iter_shard(list_shards(out)[0].path))
@@ -94,7 +94,7 @@ def test_synthetic_world_conversations_curate_resume_identically(synth_world: Pa
     world = tmp_path / "world"
     shutil.copytree(synth_world, world)
     write_conversations(world)
-    llava_out, grandf_out = tmp_path / "llava", tmp_path / "grandf"
+    llava_out, grandf_out = tmp_path / "llava", tmp_path / "grandf-ha"
     curate_conversations(_request(LLAVA, world / "llava/synth_train.json", world, llava_out, samples_per_shard=4))
     curate_conversations(_request(GRANDF, world / "GranDf/annotations/train/GranDf_HA_GCG_train.json", world, grandf_out))
     assert _clean(llava_out) and _clean(grandf_out)

@@ -26,11 +26,13 @@ from typing import Any
 
 import numpy as np
 
-from perceptio.curate.commands import _prepare_out, _progress
+import perceptio
+from perceptio.curate.commands import _prepare_out, _write_interop_files, dataset_out
 from perceptio.curate.plan import plan_shards
 from perceptio.curate.sample_builder import BuiltImage
 from perceptio.curate.writer import ShardSetWriter, check_resumable, is_done, write_dataset_json, write_manifest
 from perceptio.errors import PerceptioError
+from perceptio.progress import ProgressLog
 from perceptio.shards import (
     CONVERSATION_FIELD,
     GROUNDED_FIELD,
@@ -179,7 +181,8 @@ def build_sample(item: ConversationItem) -> BuiltImage:
 
 
 def curate_conversations(request: ConversationRequest) -> dict[str, Any]:
-    """Curate one LLaVA or GranD-f file into ``request.out``; finished shards are kept (resume). Returns dataset.json."""
+    """Curate one LLaVA or GranD-f file into ``request.out``/NAME (as the other datasets: ``OUT`` itself when it
+    already is that dataset's folder); finished shards are kept (resume). Returns dataset.json."""
     if request.depth_source not in DEPTH_SOURCES:
         raise PerceptioError(f"--depth-source {request.depth_source!r} is not available for {request.kind}; "
                              f"use {' or '.join(DEPTH_SOURCES)} (the paper trains on these without perception tokens)")
@@ -187,28 +190,28 @@ def curate_conversations(request: ConversationRequest) -> dict[str, Any]:
     shards = plan_shards({split: items}, request.samples_per_shard) if items else []
     settings = {"dataset": name, "splits": [split], "samples_per_shard": request.samples_per_shard, "batch_size": None,
                 "tokenizer": None, "teacher_source": request.depth_source, "build": None}
-    _prepare_out(request.out, name, request.overwrite)
-    done = {shard.name for shard in shards if is_done(request.out, shard.name)}
-    check_resumable(request.out, sorted(done), settings)
+    out = dataset_out(request.out, name)
+    _prepare_out(out, name, request.overwrite)
+    done = {shard.name for shard in shards if is_done(out, shard.name)}
+    check_resumable(out, sorted(done), settings)
     todo = [shard for shard in shards if shard.name not in done]
-    writer = ShardSetWriter(request.out, todo, settings, None)
-    started = time.perf_counter()
+    writer = ShardSetWriter(out, todo, settings, None)
     try:
-        with _progress(request.progress) as progress:
-            task = progress.add_task(f"curate {name}", total=sum(len(shard.images) for shard in todo), rate=0.0,
-                                     written=0, rejected=0)
+        with ProgressLog(f"curate {name}", sum(len(shard.images) for shard in todo), unit="records",
+                         enabled=request.progress) as progress:
             for shard in todo:
                 for position, item in enumerate(shard.images):
                     writer.add(shard.name, position, build_sample(item), None, 0.0)
-                    progress.update(task, completed=writer.images_done, written=writer.samples_written,
-                                    rejected=writer.refs_rejected,
-                                    rate=writer.images_done / max(1e-9, time.perf_counter() - started))
+                    progress.update(writer.images_done, written=writer.samples_written, rejected=writer.refs_rejected)
     except BaseException:
         writer.abort()
         raise
     reader_rows = [ManifestRow.from_problem(name, problem) for problem in problems]
-    manifest = write_manifest(request.out, shards, reader_rows)
-    return write_dataset_json(request.out, shards, manifest, {"identity": None}, settings)
+    file_metadata = {"dataset": name, "tokenizer": None, "teacher": None, "perceptio_version": perceptio.__version__}
+    manifest = write_manifest(out, shards, reader_rows, file_metadata)
+    info = write_dataset_json(out, shards, manifest, {"identity": None}, settings)
+    _write_interop_files(out, shards, info)
+    return info
 
 
 # ----------------------------------------------------------------------------------- Typer
