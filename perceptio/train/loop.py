@@ -62,6 +62,10 @@ class TrainConfig:
     batch_size: int = 1
     grad_accum: int = 1
     lr: float = 4e-5
+    # Learning rate of the segmentation head ([SEG] projector, SAM2 decoder, and SAM2's encoder when
+    # trained); None: the same as ``lr``. The tiny model's language model needs lr 1e-2, at which the
+    # SAM2 decoder stalls (tests/test_train_learns.py); the paper uses one rate for all.
+    head_lr: float | None = None
     weight_decay: float = 0.0
     warmup: float = 0.05  # share of the steps with a linear warm-up
     grad_clip: float = 1.0
@@ -131,6 +135,19 @@ def lr_factor(step: int, total_steps: int, warmup: float) -> float:
         return (step + 1) / warmup_steps
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+HEAD_PREFIX = "segmenter."
+
+
+def parameter_groups(model: torch.nn.Module, config: TrainConfig) -> list[dict[str, Any]]:
+    """The trainable parameters in AdamW groups: the model's, and the segmentation head's at ``head_lr``."""
+    body, head = [], []
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            (head if name.startswith(HEAD_PREFIX) else body).append(parameter)
+    head_lr = config.lr if config.head_lr is None else config.head_lr
+    return [group for group in ({"params": body, "lr": config.lr}, {"params": head, "lr": head_lr}) if group["params"]]
 
 
 def seed_everything(seed: int) -> None:
@@ -203,7 +220,7 @@ def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimize
 
 def run_settings(config: TrainConfig, data: StreamConfig, processes: Processes) -> dict[str, Any]:
     """The settings a resumed run must share with the original to continue it exactly."""
-    keep = ("steps", "batch_size", "grad_accum", "lr", "weight_decay", "warmup", "grad_clip", "seed", "workers", "parallel")
+    keep = ("steps", "batch_size", "grad_accum", "lr", "head_lr", "weight_decay", "warmup", "grad_clip", "seed", "workers", "parallel")
     settings = {key: value for key, value in asdict(config).items() if key in keep}
     settings.update(world_size=processes.world_size, mix=data.mix, seed_data=data.seed, splits=list(data.splits),
                     use_depth_tokens=data.use_depth_tokens, shards=sorted(map(str, data.shards)))
@@ -281,7 +298,7 @@ def train(model: TrainableModel, data: StreamConfig, config: TrainConfig) -> Tra
         model.load_trainable_state_dict(resumed.trainable)
     net = wrap_for_processes(model, config, processes)
     trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(parameter_groups(model, config), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, config.steps, config.warmup))
     use_bf16 = config.precision == "bf16" or (config.precision == "auto" and processes.device.type == "cuda")

@@ -66,6 +66,8 @@ class PerceptioConfig:
     # which a low-rank update does not undo in a short run.
     train_language_model: bool = False
     freeze_vision: bool = True
+    # SAM2's image encoder is frozen in the paper (pretrained); a miniature built from scratch trains it.
+    freeze_sam_encoder: bool = True
     crop_to_patches: bool = False  # one 448 tile (256 image tokens); True: InternVL's dynamic tiling
     gradient_checkpointing: bool = False
     dtype: str = "float32"  # weights of the base models: float32 | bfloat16
@@ -179,7 +181,8 @@ class PerceptioModel(nn.Module):
             vlm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         segmenter = None
         if config.use_segmentation:
-            segmenter = SamSegmenter(_load_sam(config, dtype), vlm.config.get_text_config().hidden_size)
+            segmenter = SamSegmenter(_load_sam(config, dtype), vlm.config.get_text_config().hidden_size,
+                                     train_encoder=not config.freeze_sam_encoder)
             if segmenter_state is not None:
                 segmenter.projector.load_state_dict(segmenter_state)
         return cls(config, wrapped, adapter, segmenter, depth_vqvae)
