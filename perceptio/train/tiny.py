@@ -22,6 +22,7 @@ Everything is built from a fixed seed, so two builds are identical.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -106,7 +107,7 @@ class TinySize:
 
 
 def tiny_internvl(tokenizer: PreTrainedTokenizerFast, vocab_size: int | None = None,
-                  size: TinySize = TinySize()) -> InternVLForConditionalGeneration:
+                  size: TinySize = TinySize(), seed: int = TINY_SEED) -> InternVLForConditionalGeneration:
     """A random InternVL with InternVL's image layout (256 tokens per 448 tile at the default size)."""
     vision = {
         "model_type": "internvl_vision",
@@ -139,12 +140,12 @@ def tiny_internvl(tokenizer: PreTrainedTokenizerFast, vocab_size: int | None = N
         tie_word_embeddings=True,
     )
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(TINY_SEED)
+        torch.manual_seed(seed)
         model = InternVLForConditionalGeneration(config)
     return model
 
 
-def tiny_sam2(dimensions: TinySize = TinySize()) -> Sam2Model:
+def tiny_sam2(dimensions: TinySize = TinySize(), seed: int = TINY_SEED + 1) -> Sam2Model:
     """A random 4-block SAM2 at a 256-pixel input (64x64 masks) by default."""
     size = dimensions.sam_image_size
     stages = list(dimensions.sam_stage_widths)
@@ -169,6 +170,29 @@ def tiny_sam2(dimensions: TinySize = TinySize()) -> Sam2Model:
         mask_decoder_config={"hidden_size": width, "mlp_dim": 2 * width, "num_attention_heads": 2, "iou_head_hidden_dim": width},
     )
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(TINY_SEED + 1)
+        torch.manual_seed(seed)
         model = Sam2Model(config)
     return model
+
+
+VLM_FOLDER, SAM_FOLDER = "vlm", "sam2"
+
+
+def save_miniature(out: str | Path, size: TinySize = TinySize(), seed: int = TINY_SEED) -> tuple[Path, Path]:
+    """Write a tiny InternVL (with its tokenizer) and a tiny SAM2 as ordinary ``save_pretrained``
+    folders, ``out/vlm`` and ``out/sam2``: ``perceptio-train --model out/vlm --sam-model out/sam2``
+    loads them exactly as it loads real checkpoints. The same ``size`` and ``seed`` give the same weights.
+    Each folder is written atomically (a failed run leaves none half-written)."""
+    from perceptio.io import atomic_directory
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = tiny_text_tokenizer()
+    vlm = tiny_internvl(tokenizer, size=size, seed=seed)
+    vlm.config.perceptio_tiny = True  # labelled as the random tiny family wherever it is reported
+    with atomic_directory(out / VLM_FOLDER) as staging:
+        vlm.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+    with atomic_directory(out / SAM_FOLDER) as staging:
+        tiny_sam2(size, seed=seed + 1).save_pretrained(staging)
+    return out / VLM_FOLDER, out / SAM_FOLDER
