@@ -10,7 +10,8 @@ Members of a sample with key ``{dataset}_{split}_{image_id:012d}``:
 - ``depth_tokens.npy``: int16 (n,), codebook indices in [0, K).
 - ``json``: metadata (see :data:`META_FIELDS` and :data:`REF_FIELDS`).
 - ``seg.png`` (ADE20k only): the 8-bit class map.
-- ``marked.jpg`` (ADE20k only): the image with the question's points drawn.
+- ``marked.jpg`` (ADE20k only): the image with the first question's points drawn (a preview; the
+  trainer draws every question's points on ``jpg`` when it loads the example).
 
 Tars are written deterministically (fixed member order, mtime, owner and mode), to a temporary name
 that is renamed when complete, so a re-run produces byte-identical files and a killed run leaves no
@@ -52,8 +53,13 @@ REF_FIELDS = (
     "description",  # one attribute-focused sentence about the object
     "depth",  # {"median": float normalised depth inside the mask, "rank": int, 0 = nearest object}
 )
-# ADE20k samples carry ``question``: {"text", "points": [[x, y], ...], "labels": ["A", ...],
-# "answer": "B", "point_depths": [float, ...]} (normalised depth, larger = nearer).
+# ADE20k samples carry ``questions``: a list of {"text", "points": [[x, y], ...], "labels": ["A", ...],
+# "answer": "B", "point_depths": [float, ...] (normalised depth, larger = nearer), "object_areas":
+# [pixels of each point's object], "object_bases": [lowest row of each point's object], "target":
+# "direct" | "depth" (how the trainer writes the answer: the letter alone, or the depth span first)},
+# each on points of distinct objects (perceptio/curate/marked_points.py). ``question`` is the first of
+# them (null when there is none), the field of the older one-question format.
+QUESTIONS_FIELD = "questions"
 QUESTION_FIELD = "question"
 
 DEPTH_SIZE = 320

@@ -24,10 +24,12 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import webdataset as wds
+from PIL import Image
 
 from perceptio.curate.ade20k import ADE20kDataset
 from perceptio.curate.commands import CurationRequest, curate
 from perceptio.curate.distributor import DEFAULT_DEPTH_MODEL, RayConfig, TeacherSpec
+from perceptio.curate.marked_points import MarkedPointsConfig
 from perceptio.curate.refer import ReferDataset
 from perceptio.curate.synth import generate_world
 from perceptio.errors import PerceptioError
@@ -240,12 +242,19 @@ def test_ade20k_with_ground_truth_depth(ray_two_cpus, world, models, tmp_path):
         depth = oracle.predict_paths([source.image_path])
         np.testing.assert_array_equal(sample.depth_tokens, tokenizer.encode(depth)[0].numpy())
         assert sample.meta["teacher"] == oracle.identity
-        question = sample.meta["question"]
-        assert 2 <= len(question["points"]) <= 5 and question["text"].endswith("closest to the camera?")
-        # The answer is the point whose ground-truth depth is nearest (largest inverse depth).
+        questions = sample.meta["questions"]
+        assert questions and len(questions) <= MarkedPointsConfig().questions_per_image
+        assert sample.meta["question"] == questions[0]
+        instances = np.asarray(Image.open(world / "instances" / f"{source.image_path.stem}.png"))
         inverse = depth[0]
-        nearest = max(range(len(question["points"])), key=lambda i: inverse[question["points"][i][1], question["points"][i][0]])
-        assert question["labels"][nearest] == question["answer"]
+        for question in questions:
+            assert 2 <= len(question["points"]) <= 5 and question["text"].endswith("closest to the camera?")
+            # Points sit on distinct objects (never floor, wall or sky), one per object.
+            hit = [int(instances[y, x]) for x, y in question["points"]]
+            assert 0 not in hit and len(set(hit)) == len(hit)
+            # The answer is the point whose ground-truth depth is nearest (largest inverse depth).
+            nearest = max(range(len(question["points"])), key=lambda i: inverse[question["points"][i][1], question["points"][i][0]])
+            assert question["labels"][nearest] == question["answer"]
         assert sample.marked_jpg is not None and sample.marked_jpg[:2] == b"\xff\xd8"
 
 

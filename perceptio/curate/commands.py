@@ -15,6 +15,7 @@ from typing import Any, Optional
 import typer
 
 from perceptio.curate.distributor import DEFAULT_DEPTH_MODEL, RayConfig, TeacherSpec, WorkUnit, ray_session, run_units
+from perceptio.curate.marked_points import MarkedPointsConfig
 from perceptio.curate.plan import ShardPlan, ade_images, plan_shards, refer_images
 from perceptio.curate.sample_builder import BuildConfig
 from perceptio.curate.writer import (
@@ -212,9 +213,11 @@ def curate(request: CurationRequest) -> CurationSummary:
 def _run(dataset: str, data_root: Path, out: Path, tokenizer: Path, split: Optional[list[str]], split_by: Optional[str],
          depth_model: str, depth_source: str, cache_dir: Optional[Path], samples_per_shard: int, batch_size: int,
          ray_address: Optional[str], num_cpus: Optional[int], model_workers: int, num_gpus_per_worker: float,
-         captioner: str, overwrite: bool, progress: bool) -> None:
+         captioner: str, questions_per_image: int, hard_questions: bool, overwrite: bool, progress: bool) -> None:
     if dataset == ADE20K and split_by:
         raise PerceptioError("--split-by applies to RefCOCO/+/g only")
+    if questions_per_image < 0:
+        raise PerceptioError(f"--questions-per-image must be at least 0, got {questions_per_image}")
     if depth_source not in ("model", "gt"):
         raise PerceptioError(f"--depth-source must be 'model' or 'gt', got {depth_source!r}")
     from perceptio.tokenize.cache import default_cache_dir  # imports torch: not at --help time
@@ -236,7 +239,8 @@ def _run(dataset: str, data_root: Path, out: Path, tokenizer: Path, split: Optio
         batch_size=batch_size,
         ray=RayConfig(address=ray_address, num_cpus=num_cpus, model_workers=model_workers,
                       num_gpus_per_worker=num_gpus_per_worker),
-        build=BuildConfig(captioner=captioner),
+        build=BuildConfig(captioner=captioner, marked_points=MarkedPointsConfig(
+            questions_per_image=questions_per_image, balanced=hard_questions)),
         overwrite=overwrite,
         progress=progress,
     )
@@ -275,11 +279,14 @@ def _command(dataset: str):
         model_workers: int = typer.Option(1, "--model-workers", help="most model actors (one teacher + tokenizer each); the pool grows up to this"),
         num_gpus_per_worker: float = typer.Option(0.0, "--num-gpus-per-worker", help="GPUs per model actor (0: CPU; 0.5: two actors share a GPU)"),
         captioner: str = typer.Option("attributes", "--captioner", help="description writer: 'attributes' or package.module:ClassName"),
+        questions_per_image: int = typer.Option(MarkedPointsConfig.questions_per_image, "--questions-per-image", help="ADE20k: marked-point questions per image (2-5 points on distinct objects each)"),
+        hard_questions: bool = typer.Option(MarkedPointsConfig.balanced, "--hard-questions/--any-questions", help="ADE20k: balance the questions so that neither 'the lowest point' nor 'the largest object' is nearest more often than chance"),
         overwrite: bool = typer.Option(False, "--overwrite", help="discard this dataset's earlier shards instead of resuming"),
         progress: bool = typer.Option(True, "--progress/--no-progress", help="show the live progress display"),
     ) -> None:
         _run(dataset, data_root, out, tokenizer, split, split_by, depth_model, depth_source, cache_dir, samples_per_shard,
-             batch_size, ray_address, num_cpus, model_workers, num_gpus_per_worker, captioner, overwrite, progress)
+             batch_size, ray_address, num_cpus, model_workers, num_gpus_per_worker, captioner, questions_per_image,
+             hard_questions, overwrite, progress)
 
     title = "ADE20k scenes" if dataset == ADE20K else dataset.replace("refcoco", "RefCOCO")
     command.__doc__ = (
