@@ -38,14 +38,23 @@ import resource
 import shutil
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, fields, replace
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ siblings: miniature, plot
 
-BIN = Path(sys.executable).parent
+
+def command(module: str) -> list[str]:
+    """A perceptio console command through this interpreter (works where no console script is installed)."""
+    return [sys.executable, "-c", f"from perceptio.{module} import main; main()"]
+
+
+TOKENIZE, CURATE, TRAIN, EVALUATE = (command(m) for m in ("tokenize.cli", "curate.cli", "train.cli", "evaluate.cli"))
 
 
 @dataclass(frozen=True)
@@ -84,6 +93,8 @@ class AblationConfig:
     refseg_limit: int = 150  # held-out referring expressions scored
     miniature: bool = True  # False: the built-in --model tiny (frozen random encoders)
     threads: int = 1  # torch threads per process: one is fastest for these models on a busy CPU
+    parallel: int = 1  # (seed, arm) runs at a time (one per free core; on a GPU machine several share the GPU)
+    workers: int = 0  # loader worker processes per training run (0: decode in the training process)
 
 
 QUICK = AblationConfig(world_images=40, heldout_images=16, tokenizer_steps=20, questions_per_image=2, train_steps=4,
@@ -91,47 +102,49 @@ QUICK = AblationConfig(world_images=40, heldout_images=16, tokenizer_steps=20, q
 
 
 # ------------------------------------------------------------------------------------ running
-def cpu_seconds() -> float:
-    """User + system CPU time of this process's finished children (every perceptio command)."""
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
-
-
 class Timer:
-    """Wall and CPU seconds per stage."""
+    """Wall and CPU seconds per stage; CPU time is summed over the commands a stage ran (each
+    measured with ``os.wait4``, so runs in parallel threads are told apart)."""
 
     def __init__(self) -> None:
         self.stages: dict[str, dict[str, float]] = {}
+        self._local = threading.local()
 
-    def stage(self, name: str):
-        timer = self
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        self._local.cpu, started = 0.0, time.perf_counter()
+        yield
+        self.stages[name] = {"wall_s": time.perf_counter() - started, "cpu_s": self._local.cpu}
 
-        class _Stage:
-            def __enter__(self):
-                self.wall, self.cpu = time.perf_counter(), cpu_seconds()
+    def add_cpu(self, seconds: float) -> None:
+        self._local.cpu = getattr(self._local, "cpu", 0.0) + seconds
 
-            def __exit__(self, *exc):
-                timer.stages[name] = {"wall_s": time.perf_counter() - self.wall, "cpu_s": cpu_seconds() - self.cpu}
-
-        return _Stage()
+    def total(self) -> dict[str, float]:
+        return {"cpu_s": sum(stage["cpu_s"] for stage in self.stages.values())}
 
 
-def run(command: list[str], log: Path, threads: int) -> None:
+TIMER = Timer()
+
+
+def run(arguments: list[str], log: Path, threads: int) -> None:
     """Run one perceptio command into ``log``; a failure stops the ablation, naming the log."""
     log.parent.mkdir(parents=True, exist_ok=True)
     environment = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": str(threads),
-                   "RAY_USAGE_STATS_ENABLED": "0"}
+                   "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
     with open(log, "w") as handle:
-        handle.write("$ " + " ".join(command) + "\n")
+        handle.write("$ " + " ".join(arguments) + "\n")
         handle.flush()
-        done = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, env=environment)
-    if done.returncode != 0:
+        process = subprocess.Popen(arguments, stdout=handle, stderr=subprocess.STDOUT, env=environment)
+        _, status, usage = os.wait4(process.pid, 0)
+        process.returncode = os.waitstatus_to_exitcode(status)
+    TIMER.add_cpu(usage.ru_utime + usage.ru_stime)
+    if process.returncode != 0:
         tail = log.read_text().splitlines()[-15:]
-        raise SystemExit(f"failed ({done.returncode}): {' '.join(command)}\n  see {log}\n" + "\n".join(tail))
+        raise SystemExit(f"failed ({process.returncode}): {' '.join(arguments)}\n  see {log}\n" + "\n".join(tail))
 
 
 def evaluate_json(arguments: list[str], out: Path, log: Path, threads: int) -> dict[str, Any]:
-    run([str(BIN / "perceptio-evaluate"), *arguments, "--out", str(out)], log, threads)
+    run([*EVALUATE, *arguments, "--out", str(out)], log, threads)
     return json.loads(out.read_text())
 
 
@@ -142,20 +155,22 @@ def read_curve(metrics: Path) -> list[dict[str, float]]:
 
 
 # ------------------------------------------------------------------------------------ stages
-def build_data(config: AblationConfig, out: Path, timer: Timer) -> dict[str, Any]:
+def build_data(config: AblationConfig, out: Path, timer: Timer = TIMER) -> dict[str, Any]:
     """Worlds, tokenizer, training shards, held-out shards and the HARD held-out question split."""
     from perceptio.curate.synth import generate_world
 
     with timer.stage("worlds"):
+        before = _own_cpu()
         generate_world(out / "world", images=config.world_images, seed=config.world_seed, workers=2)
         generate_world(out / "heldout-world", images=config.heldout_images, seed=config.world_seed + 1000, workers=2)
+        timer.add_cpu(_own_cpu() - before)
     with timer.stage("tokenizer"):
-        run([str(BIN / "perceptio-tokenize"), "fit", "--data-root", str(out / "world"), "--dataset", "synth",
+        run([*TOKENIZE, "fit", "--data-root", str(out / "world"), "--dataset", "synth",
              "--depth-source", "gt", "--out", str(out / "tokenizer"), "--steps", str(config.tokenizer_steps),
              "--cache-dir", str(out / "depth-cache"), "--seed", str(config.world_seed), "--threads", str(config.threads)],
             out / "logs" / "tokenize.log", config.threads)
     with timer.stage("curation"):
-        curate = [str(BIN / "perceptio-curate")]
+        curate = CURATE
         common = ["--tokenizer", str(out / "tokenizer"), "--depth-source", "gt", "--samples-per-shard", "50",
                   "--num-cpus", "2", "--no-progress", "--overwrite", "--cache-dir", str(out / "depth-cache")]
         run([*curate, "refcoco", "--data-root", str(out / "world"), "--out", str(out / "shards" / "refcoco"), *common],
@@ -169,9 +184,15 @@ def build_data(config: AblationConfig, out: Path, timer: Timer) -> dict[str, Any
     return {"hard_split": blink}
 
 
+def _own_cpu() -> float:
+    """CPU seconds of this process and its reaped children (the world's rendering pool)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 def _synth_blink(config: AblationConfig, out: Path) -> Path:
     target = out / "results" / "synth-blink.json"
-    run([str(BIN / "perceptio-evaluate"), "synth-blink", "--world", str(out / "heldout-world"), "--out",
+    run([*EVALUATE, "synth-blink", "--world", str(out / "heldout-world"), "--out",
          str(out / "heldout-blink"), "--hard", "--per-variant", str(config.hard_per_variant), "--questions-per-image",
          str(config.hard_questions_per_image), "--seed", str(config.world_seed), "--tokenizer", str(out / "tokenizer"),
          "--json-out", str(target)], out / "logs" / "synth-blink.log", config.threads)
@@ -188,18 +209,19 @@ def model_flags(config: AblationConfig, out: Path, seed: int) -> list[str]:
 
     from perceptio.train.tiny import save_miniature
 
-    vlm, sam = save_miniature(out / "miniature" / f"seed{seed}", MINIATURE, seed=seed)
+    folder = out / "miniature" / f"seed{seed}"
+    vlm, sam = (folder / "vlm", folder / "sam2") if (folder / "sam2").is_dir() else save_miniature(folder, MINIATURE, seed=seed)
     return ["--model", str(vlm), "--sam-model", str(sam), "--train-vision", "--train-sam-encoder", *shared]
 
 
-def train_and_evaluate(config: AblationConfig, out: Path, seed: int, name: str, timer: Timer) -> dict[str, Any]:
+def train_and_evaluate(config: AblationConfig, out: Path, seed: int, name: str, timer: Timer = TIMER) -> dict[str, Any]:
     arm = ARMS[name]
     tag = f"{name}-seed{seed}"
     run_dir = out / "runs" / tag
     with timer.stage(f"train_{tag}"):
-        run([str(BIN / "perceptio-train"), "--shards", str(out / "shards" / "refcoco"), "--shards", str(out / "shards" / "ade20k"),
+        run([*TRAIN, "--shards", str(out / "shards" / "refcoco"), "--shards", str(out / "shards" / "ade20k"),
              "--mix", config.mix, "--tokenizer", str(out / "tokenizer"), "--steps", str(config.train_steps),
-             "--seed", str(seed), "--workers", "0", "--out", str(run_dir), "--no-progress", "--export", "adapter",
+             "--seed", str(seed), "--workers", str(config.workers), "--out", str(run_dir), "--no-progress", "--export", "adapter",
              *model_flags(config, out, seed), *arm.flags], out / "logs" / f"train-{tag}.log", config.threads)
     common = ["--checkpoint", str(run_dir / "model"), "--threads", str(config.threads)]
     with timer.stage(f"evaluate_{tag}"):
@@ -298,6 +320,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("ablation-out"), help="work folder (worlds, shards, runs, results)")
     parser.add_argument("--quick", action="store_true", help="a smoke run of every step for make demo (numbers mean nothing)")
+    parser.add_argument("--reuse-data", action="store_true", help="keep OUT's worlds, tokenizer, shards and questions (ablation-data.json) and train again")
     for option in fields(AblationConfig):  # every setting can be overridden, e.g. --train-steps 100
         kind = (lambda text: text.lower() in ("1", "true", "yes")) if isinstance(option.default, bool) else type(option.default)
         parser.add_argument(f"--{option.name.replace('_', '-')}", type=kind, dest=option.name,
@@ -313,23 +336,31 @@ def main() -> None:
     seeds = [int(seed) for seed in config.seeds.split(",") if seed.strip()]
     out = arguments.out
     out.mkdir(parents=True, exist_ok=True)
-    for product in PRODUCTS:
+    data_record = out / "ablation-data.json"
+    reuse = arguments.reuse_data and data_record.is_file()
+    for product in PRODUCTS if not reuse else ("miniature", "runs", "logs"):
         shutil.rmtree(out / product, ignore_errors=True)
 
-    timer = Timer()
-    started, cpu_started = time.perf_counter(), cpu_seconds()
+    timer = TIMER
+    started = time.perf_counter()
     label = "SMOKE RUN (quick; numbers mean nothing)" if arguments.quick else "measured run"
     print(f"ablation, {label}: {asdict(config)}", flush=True)
-    data = build_data(config, out, timer)
+    if reuse:
+        data = json.loads(data_record.read_text())
+        print(f"reusing the data of {data_record}", flush=True)
+    else:
+        data = build_data(config, out, timer)
+        data_record.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
     print(f"hard split: {data['hard_split']['questions']} questions", flush=True)
-    models = {}
-    for seed in seeds:
-        for name in arms:
-            print(f"seed {seed}: training and evaluating {name}", flush=True)
-            models[f"{name}-seed{seed}"] = train_and_evaluate(config, out, seed, name, timer)
+    runs = [(seed, name) for seed in seeds for name in arms]
+    for seed in seeds:  # base models first: parallel runs of one seed share its folder
+        model_flags(config, out, seed)
+    with ThreadPoolExecutor(max_workers=config.parallel) as pool:
+        futures = {run_id: pool.submit(train_and_evaluate, config, out, run_id[0], run_id[1]) for run_id in runs}
+        models = {f"{name}-seed{seed}": futures[(seed, name)].result() for seed, name in runs}
     results = {"config": asdict(config), "quick": arguments.quick, "arms": arms, "seeds": seeds, "data": data,
                "models": models, "timings": timer.stages,
-               "total": {"wall_s": time.perf_counter() - started, "cpu_s": cpu_seconds() - cpu_started}}
+               "total": {"wall_s": time.perf_counter() - started, **timer.total()}}
     results["summary"] = summarise(results)
     (out / "ablation.json").write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
     markdown = ("**SMOKE RUN: numbers mean nothing.**\n\n" if arguments.quick else "") + table(results)
