@@ -320,6 +320,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("ablation-out"), help="work folder (worlds, shards, runs, results)")
     parser.add_argument("--quick", action="store_true", help="a smoke run of every step for make demo (numbers mean nothing)")
+    parser.add_argument("--data-only", action="store_true", help="build the data (worlds, tokenizer, shards, hard split) and stop")
     parser.add_argument("--reuse-data", action="store_true", help="keep OUT's worlds, tokenizer, shards and questions (ablation-data.json) and train again")
     for option in fields(AblationConfig):  # every setting can be overridden, e.g. --train-steps 100
         kind = (lambda text: text.lower() in ("1", "true", "yes")) if isinstance(option.default, bool) else type(option.default)
@@ -351,7 +352,10 @@ def main() -> None:
     else:
         data = build_data(config, out, timer)
         data_record.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    print(f"hard split: {data['hard_split']['questions']} questions", flush=True)
+    print(f"hard split: {json.dumps(data['hard_split']['questions'])} questions; cues and ceiling: "
+          f"{json.dumps(data['hard_split']['scores'])}", flush=True)
+    if arguments.data_only:
+        return
     runs = [(seed, name) for seed in seeds for name in arms]
     for seed in seeds:  # base models first: parallel runs of one seed share its folder
         model_flags(config, out, seed)
