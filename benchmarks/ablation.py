@@ -83,6 +83,9 @@ class AblationConfig:
     arms: str = "full,no_depth_tokens,direct_depth_elsewhere"
     tokenizer_steps: int = 300
     questions_per_image: int = 8  # marked-point questions per ADE-layout training image
+    # Balance the training questions too (no height or size shortcut to learn): a model that
+    # answers them must read depth, from the picture or from its own tokens.
+    hard_training_questions: bool = True
     train_steps: int = 600
     batch_size: int = 8
     lr: float = 1e-2
@@ -176,7 +179,8 @@ def build_data(config: AblationConfig, out: Path, timer: Timer = TIMER) -> dict[
         run([*curate, "refcoco", "--data-root", str(out / "world"), "--out", str(out / "shards" / "refcoco"), *common],
             out / "logs" / "curate-refcoco.log", config.threads)
         run([*curate, "ade20k", "--data-root", str(out / "world"), "--out", str(out / "shards" / "ade20k"),
-             "--questions-per-image", str(config.questions_per_image), *common], out / "logs" / "curate-ade20k.log", config.threads)
+             "--questions-per-image", str(config.questions_per_image),
+             "--hard-questions" if config.hard_training_questions else "--any-questions", *common], out / "logs" / "curate-ade20k.log", config.threads)
         run([*curate, "refcoco", "--data-root", str(out / "heldout-world"), "--out", str(out / "heldout-shards" / "refcoco"),
              *common], out / "logs" / "curate-heldout.log", config.threads)
     with timer.stage("hard_split"):

@@ -255,7 +255,8 @@ def test_cli_defaults_are_the_configs_defaults():
     for name in ("grad_accum", "weight_decay", "warmup", "grad_clip", "seed", "workers", "save_every",
                  "precision", "parallel", "export"):
         assert params[name] == getattr(loop, name), name
-    assert params["train_vision"] == (not model.freeze_vision)
+    assert params["train_vision"] is None and model.freeze_vision  # frozen, or trained for the tiny model
+    assert params["train_sam_encoder"] is None and model.freeze_sam_encoder
 
 
 @pytest.mark.slow

@@ -42,8 +42,8 @@ def train_command(
     lora_alpha: int = typer.Option(512, "--lora-alpha", min=1, help="LoRA alpha (scale alpha/rank).", rich_help_panel=PANEL_MODEL),
     lora_dropout: float = typer.Option(0.05, "--lora-dropout", min=0.0, max=1.0, help="Dropout on the LoRA branch.", rich_help_panel=PANEL_MODEL),
     train_language_model: Optional[bool] = typer.Option(None, "--train-language-model/--lora", help="Fine-tune every weight of the language model instead of LoRA + the new tokens' rows. Default: on for --model tiny (random weights: LoRA on a frozen random model learns too slowly to write well-formed spans in a short run), LoRA otherwise.", show_default=False, rich_help_panel=PANEL_MODEL),
-    train_vision: bool = typer.Option(False, "--train-vision", help="Train the vision tower too (frozen by default).", rich_help_panel=PANEL_MODEL),
-    train_sam_encoder: bool = typer.Option(False, "--train-sam-encoder", help="Train SAM2's image encoder too (frozen by default, as in the paper; a miniature trained from scratch needs it).", rich_help_panel=PANEL_MODEL),
+    train_vision: Optional[bool] = typer.Option(None, "--train-vision/--freeze-vision", help="Train the vision tower (and projector). Default: frozen, as in the paper; trained for --model tiny, whose random encoders must learn to see (README, 'Perceptio in miniature').", show_default=False, rich_help_panel=PANEL_MODEL),
+    train_sam_encoder: Optional[bool] = typer.Option(None, "--train-sam-encoder/--freeze-sam-encoder", help="Train SAM2's image encoder. Default: frozen, as in the paper; trained for --model tiny.", show_default=False, rich_help_panel=PANEL_MODEL),
     crop_to_patches: bool = typer.Option(False, "--crop-to-patches", help="InternVL's dynamic tiling (default: one 448 tile, 256 image tokens).", rich_help_panel=PANEL_MODEL),
     gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing", help="Recompute activations in the backward pass: less memory, ~30% more time.", rich_help_panel=PANEL_MODEL),
     dtype: str = typer.Option("float32", "--dtype", help="Weights of the base models: float32 or bfloat16.", rich_help_panel=PANEL_MODEL),
@@ -96,8 +96,7 @@ def train_command(
     model_config = PerceptioConfig(
         model=model, sam_model=sam_model, tokenizer=str(tokenizer) if tokenizer else "", lora_rank=lora_rank,
         lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-        train_language_model=bool(train_language_model), freeze_vision=not train_vision,
-        freeze_sam_encoder=not train_sam_encoder,
+        train_language_model=bool(train_language_model),
         crop_to_patches=crop_to_patches, gradient_checkpointing=gradient_checkpointing, dtype=dtype,
         max_length=max_length, lambda_m=lambda_m, lambda_t=lambda_t, lambda_c=lambda_c, lambda_d=lambda_d,
         lambda_r=lambda_r, seg_bce=seg_bce, seg_dice=seg_dice, use_depth_tokens=depth_tokens,
@@ -108,6 +107,9 @@ def train_command(
         model_config.train_language_model = model_config.is_tiny
     if lr is None:
         lr = TINY_LR if model_config.is_tiny else TrainConfig.lr
+    # Random weights must learn to see: the tiny model trains its encoders unless told otherwise.
+    model_config.freeze_vision = not (model_config.is_tiny if train_vision is None else train_vision)
+    model_config.freeze_sam_encoder = not (model_config.is_tiny if train_sam_encoder is None else train_sam_encoder)
     if head_lr is None and model_config.is_tiny:
         head_lr = TINY_HEAD_LR
     if batch_size is None:
