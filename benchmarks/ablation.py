@@ -48,6 +48,8 @@ from typing import Any, Iterator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ siblings: miniature, plot
 
+from perceptio.train.config import TrainConfig  # noqa: E402 (torch-free)
+
 
 def command(module: str) -> list[str]:
     """A perceptio console command through this interpreter (works where no console script is installed)."""
@@ -87,9 +89,9 @@ class AblationConfig:
     # answers them must read depth, from the picture or from its own tokens.
     hard_training_questions: bool = True
     train_steps: int = 600
-    batch_size: int = 8
-    lr: float = 1e-2
-    head_lr: float = 1e-3
+    batch_size: int = TrainConfig.TINY_DEFAULTS["batch_size"]  # the tiny model's defaults, for the miniature too
+    lr: float = TrainConfig.TINY_DEFAULTS["lr"]
+    head_lr: float = TrainConfig.TINY_DEFAULTS["head_lr"]
     mix: str = "refcoco=1,ade20k=1"
     hard_per_variant: int = 100  # held-out HARD questions per point count (3, 4, 5)
     hard_questions_per_image: int = 4
@@ -160,7 +162,7 @@ def read_curve(metrics: Path) -> list[dict[str, float]]:
 # ------------------------------------------------------------------------------------ stages
 def build_data(config: AblationConfig, out: Path, timer: Timer = TIMER) -> dict[str, Any]:
     """Worlds, tokenizer, training shards, held-out shards and the HARD held-out question split."""
-    from perceptio.curate.synth import generate_world
+    from perceptio.sources.synth import generate_world
 
     with timer.stage("worlds"):
         before = _own_cpu()

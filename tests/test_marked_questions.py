@@ -23,7 +23,7 @@ from perceptio.curate.marked_points import (
     object_regions,
     window_nearness,
 )
-from perceptio.curate.masks import segment_masks
+from perceptio.sources.masks import segment_masks
 from perceptio.errors import PerceptioError
 from perceptio.shards import ShardSample, sample_key
 from perceptio.tokens import D_START

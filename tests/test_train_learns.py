@@ -21,9 +21,9 @@ from perceptio.evaluate.metrics import mask_overlap, token_accuracy
 from perceptio.evaluate.predict import Predictor
 from perceptio.tokenize.vqvae import DepthVQVAE, DepthVQVAEConfig
 from perceptio.tokens import SEG, depth_span
-from perceptio.train.cli import TINY_HEAD_LR, TINY_LR
-from perceptio.train.loop import TrainConfig, parameter_groups
-from perceptio.train.model import PerceptioConfig, PerceptioModel
+from perceptio.train.config import PerceptioConfig, TrainConfig
+from perceptio.train.loop import parameter_groups
+from perceptio.train.model import PerceptioModel
 
 QUESTION = "Which point is closest to the camera? Write the depth of the scene first, then answer with the letter."
 
@@ -49,10 +49,10 @@ def disc_image(seed: int, width: int = 160, height: int = 120) -> tuple[Image.Im
 
 def fit(model: PerceptioModel, examples: list[dict], steps: int) -> None:
     """The trainer's optimiser on a fixed batch (no schedule: these are overfitting checks)."""
-    config = TrainConfig(out=Path("unused"), steps=steps, lr=TINY_LR, head_lr=TINY_HEAD_LR)
+    config = TrainConfig.for_model(True, steps=steps)  # the tiny model's lr, head lr and clipping
     optimizer = torch.optim.AdamW(parameter_groups(model, config), lr=config.lr)
     trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
-    batch = model.collate(examples)
+    batch = model.processor.collate(examples)
     model.train()
     for _ in range(steps):
         loss = model(batch).loss
@@ -73,7 +73,7 @@ def test_one_mask_is_learned_through_the_whole_path(vqvae_dir):
     model = tiny(vqvae_dir, use_depth_tokens=False, use_depth_recon=False, use_depth_loss=False)
     image, mask = disc_image(0)
     prompt = 'Please segment the object described as "the red disc".'
-    fit(model, [model.encode_example(image, prompt, f"{SEG} a red disc", mask, None)], steps=150)
+    fit(model, [model.processor.encode_example(image, prompt, f"{SEG} a red disc", mask, None)], steps=150)
 
     prediction = Predictor(model, "overfit", max_new_tokens=8).predict(image, prompt)
     assert prediction.text == "a red disc"
@@ -90,7 +90,7 @@ def test_depth_spans_and_letters_are_learned(vqvae_dir):
         image, _ = disc_image(seed)
         codes = rng.integers(0, 128, 100).tolist()
         depth = rng.uniform(-1, 1, (320, 320)).astype(np.float32)
-        cases.append((image, codes, letter, model.encode_example(image, QUESTION, f"{depth_span(codes)}({letter})", None, depth)))
+        cases.append((image, codes, letter, model.processor.encode_example(image, QUESTION, f"{depth_span(codes)}({letter})", None, depth)))
     fit(model, [case[-1] for case in cases], steps=250)
 
     predictor = Predictor(model, "overfit", max_new_tokens=110)

@@ -140,5 +140,5 @@ def hardblink_record(predictor: PredictorLike, question: HardBlinkQuestion, styl
     record = {"id": question.sample_id, "variant": question.variant, "answer": question.answer,
               "choice": parse_choice(prediction.text, question.variant), "reply": prediction.text}
     if reader is not None:
-        record.update(reader.columns(question.row, prediction.depth_codes, prediction.well_formed))
+        record.update(reader.columns(question.row, prediction.depth_codes, prediction.well_formed, style == "depth"))
     return record

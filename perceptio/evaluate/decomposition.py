@@ -47,21 +47,24 @@ class TokenReader:
             self._truth[source] = [int(code) for code in self.tokenizer.encode(depth)[0].reshape(-1).tolist()]
         return self._truth[source]
 
-    def columns(self, row: dict[str, Any], codes: Sequence[int], well_formed: bool) -> dict[str, Any]:
-        """(a), (b) and the token accuracy of one question; empty when its points are not recorded."""
+    def columns(self, row: dict[str, Any], codes: Sequence[int], well_formed: bool, asked_for_tokens: bool = True) -> dict[str, Any]:
+        """(a), and (b) with the token accuracy when the model was asked to write its span, of one
+        question; empty when the question does not record its points."""
         from perceptio.evaluate.depth_answer import answer_from_codes
 
         if "points" not in row or "labels" not in row:
             return {}
         size = (int(row["image_width"]), int(row["image_height"]))
         points, labels = row["points"], row["labels"]
-        record: dict[str, Any] = {"well_formed": bool(well_formed), "token_choice": None, "token_accuracy": None}
-        if well_formed:
+        record: dict[str, Any] = {}
+        if asked_for_tokens:
+            record.update(well_formed=bool(well_formed), token_choice=None, token_accuracy=None)
+        if asked_for_tokens and well_formed:
             record["token_choice"] = answer_from_codes(self.tokenizer, list(codes), points, labels, size)
         truth = self.truth_codes(row)
         if truth is not None:
             record["truth_choice"] = answer_from_codes(self.tokenizer, truth, points, labels, size)
-            if well_formed:
+            if asked_for_tokens and well_formed:
                 record["token_accuracy"] = token_accuracy(list(codes), truth)
         return record
 
@@ -80,7 +83,7 @@ def decomposition_scores(records: Iterable[dict[str, Any]]) -> dict[str, Any]:
             entry[column] = (float(np.mean([record[column] == record["answer"] for record in present]))
                              if present and len(present) == len(group) else None)
         formed = [record for record in group if record.get("well_formed")]
-        entry["well_formed"] = len(formed) / len(group) if group and "well_formed" in group[0] else None
+        entry["well_formed"] = len(formed) / len(group) if group and "well_formed" in group[0] else None  # None: asked directly
         accuracies = [record["token_accuracy"] for record in formed if record.get("token_accuracy") is not None]
         entry["token_accuracy"] = float(np.mean(accuracies)) if accuracies else None
         scores[name] = entry
