@@ -1,20 +1,21 @@
 # Two entry points: `make demo` (the main job end to end on the synthetic world) and `make test`.
-# Both bootstrap .venv idempotently: torch==2.13.0 first, so that no dependency pulls another build.
+# Both bootstrap .venv idempotently, with the exact builds of constraints.txt (pyproject.toml keeps ranges).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.perceptio-installed
 DEMO := demo-out
+# Where the +cpu torch build of constraints.txt is published (empty: only the configured indexes).
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
 .PHONY: demo test bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e ".[test]"
+	$(BIN)/python -m pip install -q -c constraints.txt $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)) -e ".[test]"
 	touch $(STAMP)
 
 test: $(STAMP)

@@ -69,12 +69,12 @@ REF_TYPES: dict[str, type] = {
     "description": str,  # one attribute-focused sentence about the object
     "depth": dict,  # {"median": float normalised depth inside the mask, "rank": int, 0 = nearest object}
 }
-# ADE20k samples carry ``questions``: a list of {"text", "points": [[x, y], ...], "labels": ["A", ...],
-# "answer": "B", "point_depths": [float, ...] (normalised depth, larger = nearer), "object_areas":
-# [pixels of each point's object], "object_bases": [lowest row of each point's object], "target":
-# "direct" | "depth" (how the trainer writes the answer: the letter alone, or the depth span first)},
-# each on points of distinct objects (perceptio/curate/marked_points.py). ``question`` is the first of
-# them (None when no question could be asked of the image), the field of the older one-question format.
+# ADE20k samples carry ``questions``: a list of marked-point questions, each on points of distinct
+# objects (perceptio/curate/marked_points.py), with the QUESTION_TYPES fields plus "object_areas"
+# (pixels of each point's object), "object_bases" (lowest row of each point's object) and "target":
+# "direct" | "depth" (how the trainer writes the answer: the letter alone, or the depth span first).
+# ``question`` is the first of them (None when no question could be asked of the image), the field
+# of the older one-question format.
 QUESTIONS_FIELD = "questions"
 QUESTION_FIELD = "question"
 QUESTION_TYPES: dict[str, type] = {
@@ -275,6 +275,34 @@ SHARD_NAME = re.compile(r"^(?P<dataset>.+)-(?P<split>[^-]+)-(?P<index>\d{6})\.ta
 STATS_SUFFIX = "_stats.json"  # NAME_stats.json: the shard's counts and settings, written last
 MANIFEST_NAME = "manifest.parquet"  # every shard's rows, then the refs the readers rejected
 DATASET_INFO_NAME = "dataset.json"  # command, versions, teacher and tokenizer identity, counts
+# Side tables (NAME.parquet, NAME_stats.json, manifest.parquet, wids indexes) live in this subfolder:
+# Hugging Face datasets' file discovery skips "__" folders, so it sees the tars as the data.
+META_DIR = "__meta__"
+
+
+def meta_folder(folder: str | os.PathLike[str]) -> Path:
+    return Path(folder) / META_DIR
+
+
+def manifest_path(folder: str | os.PathLike[str]) -> Path:
+    return meta_folder(folder) / MANIFEST_NAME
+
+
+def holds_shards(folder: Path) -> bool:
+    return any(ShardFile.parse(path) is not None for path in folder.glob("*.tar"))
+
+
+def dataset_folders(location: str | os.PathLike[str]) -> list[Path]:
+    """The shard folders at ``location``: itself when it holds shards, else each subfolder that does.
+
+    Curation writes one folder per dataset (``shards/refcoco-unc/``, ``shards/ade20k/``), so every
+    command that reads shards accepts either one of them or their parent.
+    """
+    location = Path(location)
+    if not location.is_dir() or holds_shards(location):
+        return [location]
+    children = sorted(child for child in location.iterdir() if child.is_dir() and holds_shards(child))
+    return children or [location]
 KEPT = "kept"  # the status of a kept ref (or a kept ADE20k image) in the parquet tables
 REJECTED = "rejected"
 
@@ -308,11 +336,11 @@ class ShardFile:
 
     @property
     def stats_path(self) -> Path:
-        return self.path.with_name(f"{self.name}{STATS_SUFFIX}")
+        return meta_folder(self.path.parent) / f"{self.name}{STATS_SUFFIX}"
 
     @property
     def table_path(self) -> Path:
-        return self.path.with_name(f"{self.name}.parquet")
+        return meta_folder(self.path.parent) / f"{self.name}.parquet"
 
     @property
     def done(self) -> bool:
@@ -384,13 +412,17 @@ class ManifestRow:
     depth_median: float | None = _column("float64")
     depth_rank: int | None = _column("int32")
     description: str | None = _column("string")
+    width: int | None = _column("int32")  # of the image
+    height: int | None = _column("int32")
+    bbox: list[float] | None = _column("list<float64>")  # COCO [x, y, w, h] of the ref's annotation
+    sentence_texts: list[str] | None = _column("list<string>")  # the ref's expressions
 
     @classmethod
     def from_problem(cls, dataset: str, problem: Problem) -> "ManifestRow":
         """The row of a ref or image a dataset reader rejected before planning."""
         # An unknown image's id is an image id, not a ref id.
         ref_id = problem.id if isinstance(problem.id, int) and problem.kind != "unknown_image" else None
-        return cls(dataset=dataset, ref_id=ref_id, status=REJECTED, reason=problem.kind, detail=str(problem))
+        return cls(dataset=dataset, split=problem.split, ref_id=ref_id, status=REJECTED, reason=problem.kind, detail=str(problem))
 
     def as_dict(self) -> dict[str, Any]:
         return {column.name: getattr(self, column.name) for column in dataclasses.fields(self)}
@@ -400,7 +432,11 @@ def manifest_schema() -> "pa.Schema":
     """The pyarrow schema of :class:`ManifestRow` (pyarrow is imported only by those who write or read tables)."""
     import pyarrow as pa
 
-    return pa.schema([(column.name, getattr(pa, column.metadata["arrow"])()) for column in dataclasses.fields(ManifestRow)])
+    def arrow_type(name: str) -> "pa.DataType":
+        inner = name.removeprefix("list<").removesuffix(">")
+        return pa.list_(getattr(pa, inner)()) if inner != name else getattr(pa, name)()
+
+    return pa.schema([(column.name, arrow_type(column.metadata["arrow"])) for column in dataclasses.fields(ManifestRow)])
 
 
 def manifest_table(rows: Sequence[ManifestRow]) -> "pa.Table":

@@ -19,9 +19,9 @@ TOKENIZER=${TOKENIZER:-$OUT/tokenizer}
 echo "== curation: RefCOCO (unc) and ADE20k of the world into $OUT/shards"
 # Ground-truth depth as the teacher: the demo reaches no model hub. Drop --depth-source gt (and
 # pass --depth-model) to run Depth Anything V2 instead.
-$BIN/perceptio-curate refcoco --data-root "$OUT/world" --out "$OUT/shards/refcoco-unc" --tokenizer "$TOKENIZER" \
+$BIN/perceptio-curate refcoco --data-root "$OUT/world" --out "$OUT/shards" --tokenizer "$TOKENIZER" \
     --depth-source gt --samples-per-shard 64 --batch-size 8 --num-cpus 2
-$BIN/perceptio-curate ade20k --data-root "$OUT/world" --out "$OUT/shards/ade20k" --tokenizer "$TOKENIZER" \
+$BIN/perceptio-curate ade20k --data-root "$OUT/world" --out "$OUT/shards" --tokenizer "$TOKENIZER" \
     --depth-source gt --samples-per-shard 64 --batch-size 8 --num-cpus 2
 
 # --- stage: inspect (runs after curation; SHARDS is the parent of the per-dataset shard folders) ---
@@ -39,9 +39,9 @@ $BIN/perceptio-inspect grid "$SHARDS" --n 16 --out "$OUT/inspect/grid.png"
 # --- stage: training (after curation; the TINY random-weight model, a short run on the demo shards) ---
 RUN=$OUT/train
 echo "== training: TINY model, 60 steps on $SHARDS (metrics, checkpoint and export in $RUN)"
-# One loader worker: each dataset of the demo has a single training shard, and every reader needs one.
-$BIN/perceptio-train --shards "$SHARDS/refcoco-unc" --shards "$SHARDS/ade20k" --model tiny --tokenizer "$TOKENIZER" \
-    --mix refcoco=1,ade20k=0.5 --steps 60 --save-every 30 --workers 1 --out "$RUN"
+# Default loader settings: a dataset with fewer shards than readers is shared sample by sample.
+$BIN/perceptio-train --shards "$SHARDS" --model tiny --tokenizer "$TOKENIZER" \
+    --mix refcoco=1,ade20k=0.5 --steps 60 --save-every 30 --out "$RUN"
 
 # --- stage: evaluation (after training; CHECKPOINT is the model folder perceptio-train exported) ---
 CHECKPOINT=${CHECKPOINT:-$OUT/train/model}

@@ -30,7 +30,7 @@ from perceptio.curate.commands import CurationRequest, curate
 from perceptio.curate.distributor import RayConfig, TeacherSpec
 from perceptio.curate.marked_points import MarkedPointsConfig
 from perceptio.errors import PerceptioError
-from perceptio.shards import ShardSample, rle_to_mask, sample_key
+from perceptio.shards import ShardSample, manifest_path, meta_folder, rle_to_mask, sample_key
 from perceptio.sources.ade20k import ADE20kDataset
 from perceptio.sources.refer import ReferDataset
 from perceptio.tokenize.cache import DepthCache
@@ -91,7 +91,7 @@ def test_shards_match_the_reader_teacher_and_tokenizer(refcoco_run, world, model
     reader = ReferDataset(world, "refcoco", "unc")
     tokenizer = DepthVQVAE.from_pretrained(models["tokenizer"])
     teacher = PipelineTeacher(str(models["teacher"]))
-    cache = DepthCache(out.parent / f"{out.name}-cache")
+    cache = DepthCache(out.parent.parent / f"{out.parent.name}-cache")  # the request named the parent
     samples = _samples(out)
     assert samples and all(sample.key == sample_key("refcoco-unc", sample.meta["split"], sample.meta["image_id"]) for sample in samples)
     for sample in samples:
@@ -117,7 +117,7 @@ def test_shards_match_the_reader_teacher_and_tokenizer(refcoco_run, world, model
     assert cache.misses == 0
 
     # Every ref of every split is accounted for exactly once: kept in a shard or rejected with a reason.
-    manifest = pq.read_table(out / "manifest.parquet").to_pylist()
+    manifest = pq.read_table(manifest_path(out)).to_pylist()
     rows = {row["ref_id"]: row for row in manifest if row["shard"]}
     assert len(rows) == sum(row["shard"] is not None for row in manifest) == len(reader.refs)
     kept_in_shards = {ref["ref_id"] for sample in samples for ref in sample.meta["refs"]}
@@ -129,7 +129,7 @@ def test_rejections_are_the_worlds_ambiguous_duplicate_and_corrupt_refs(refcoco_
     reader = ReferDataset(world, "refcoco", "unc")
     marked = json.loads((world / "world.json").read_text())["refs"]["refcoco"]
     on_corrupt = {ref.ref_id for ref in reader.refs if ref.image_id == CORRUPT_IMAGE_ID}
-    manifest = pq.read_table(refcoco_run.out / "manifest.parquet").to_pylist()
+    manifest = pq.read_table(manifest_path(refcoco_run.out)).to_pylist()
     rejected = {}
     for row in manifest:
         if row["status"] == "rejected":
@@ -147,7 +147,7 @@ def test_rejections_are_the_worlds_ambiguous_duplicate_and_corrupt_refs(refcoco_
 
 def _digests(out: Path) -> dict[str, str]:
     return {path.name: hashlib.sha256(path.read_bytes()).hexdigest()
-            for path in sorted(out.iterdir()) if path.suffix in (".tar", ".parquet")}
+            for path in sorted([*out.iterdir(), *meta_folder(out).iterdir()]) if path.suffix in (".tar", ".parquet")}
 
 
 def test_resume_redoes_only_unfinished_shards_byte_identically(refcoco_run, world, models, tmp_path):
@@ -156,9 +156,10 @@ def test_resume_redoes_only_unfinished_shards_byte_identically(refcoco_run, worl
     shutil.copytree(refcoco_run.out, out)
     names = refcoco_run.shards
     # Shard 0 killed after its tar, before its marker; shard 2 killed mid-tar (a temporary file only).
-    (out / f"{names[0]}_stats.json").unlink()
-    for suffix in (".tar", ".parquet", "_stats.json"):
-        (out / f"{names[2]}{suffix}").unlink()
+    (meta_folder(out) / f"{names[0]}_stats.json").unlink()
+    (out / f"{names[2]}.tar").unlink()
+    for suffix in (".parquet", "_stats.json"):
+        (meta_folder(out) / f"{names[2]}{suffix}").unlink()
     (out / f".{names[2]}.tar.tmp").write_bytes(b"half a tar")
     untouched = (out / f"{names[1]}.tar").stat().st_mtime_ns
     # A fresh cache: the redone shards are computed by the teacher again, not read back.
@@ -166,7 +167,7 @@ def test_resume_redoes_only_unfinished_shards_byte_identically(refcoco_run, worl
     assert summary.redone == [names[0], names[2]]
     assert _digests(out) == original
     assert (out / f"{names[1]}.tar").stat().st_mtime_ns == untouched
-    assert not list(out.glob(".*"))
+    assert not list(out.glob(".*")) and not list(meta_folder(out).glob(".*"))
     with pytest.raises(PerceptioError, match="samples_per_shard"):
         curate(_request(world, models, out, samples_per_shard=3))
 
@@ -183,9 +184,9 @@ def test_a_killed_command_resumes_byte_identically(ray_two_cpus, world, models, 
     # One image per shard, so that the run is killed with some shards finished and others not.
     reference = curate(_request(world, models, tmp_path / "reference", samples_per_shard=1, batch_size=1,
                                 teacher=TeacherSpec(source="gt", depth_dir=str(world / "depth"))))
-    out = tmp_path / "shards"
+    out = tmp_path / "shards" / "refcoco-unc"  # --out names the parent: the dataset gets its folder
     command = [str(Path(sys.executable).parent / "perceptio-curate"), "refcoco", "--data-root", str(world),
-               "--out", str(out), "--tokenizer", str(models["tokenizer"]), "--depth-source", "gt",
+               "--out", str(out.parent), "--tokenizer", str(models["tokenizer"]), "--depth-source", "gt",
                "--samples-per-shard", "1", "--batch-size", "1", "--num-cpus", "2", "--no-progress"]
     # Its own embedded Ray, not the one of this test process.
     env = {name: value for name, value in os.environ.items() if name != "RAY_ADDRESS"}
@@ -194,7 +195,7 @@ def test_a_killed_command_resumes_byte_identically(ray_two_cpus, world, models, 
     try:
         # Generous: the loop ends at the first marker; a loaded machine needs long to start Ray.
         deadline = time.monotonic() + 600
-        while not list(out.glob("*_stats.json")) and run.poll() is None and time.monotonic() < deadline:
+        while not list(meta_folder(out).glob("*_stats.json")) and run.poll() is None and time.monotonic() < deadline:
             time.sleep(0.001)  # the markers of 12 one-image shards land within ~0.1-0.3 s
         if run.poll() is None:
             os.killpg(run.pid, signal.SIGSTOP)  # freeze the run where it is, to see what it had started
@@ -203,7 +204,7 @@ def test_a_killed_command_resumes_byte_identically(ray_two_cpus, world, models, 
         with contextlib.suppress(ProcessLookupError):
             os.killpg(run.pid, signal.SIGKILL)  # the driver and the embedded Ray it started, at once
         run.communicate()
-    finished = {path: (path.stat().st_ino, path.stat().st_mtime_ns) for path in out.glob("*_stats.json")}
+    finished = {path: (path.stat().st_ino, path.stat().st_mtime_ns) for path in meta_folder(out).glob("*_stats.json")}
     assert running and 0 < len(finished) < len(reference.shards), (
         f"no kill window: {len(finished)} of {len(reference.shards)} shards were finished when the run was killed")
     assert any("raylet" in line for line in running)  # so that the check below looks at Ray's processes
@@ -219,7 +220,7 @@ def test_a_killed_command_resumes_byte_identically(ray_two_cpus, world, models, 
     assert written and (int(written[1]), int(written[2])) == (len(reference.shards), len(reference.shards) - len(finished))
     assert {path: (path.stat().st_ino, path.stat().st_mtime_ns) for path in finished} == finished
     assert _digests(out) == _digests(reference.out)
-    assert not list(out.glob(".*"))
+    assert not list(out.glob(".*")) and not list(meta_folder(out).glob(".*"))
 
 
 def test_ade20k_with_ground_truth_depth(ray_two_cpus, world, models, tmp_path):
@@ -230,7 +231,8 @@ def test_ade20k_with_ground_truth_depth(ray_two_cpus, world, models, tmp_path):
     tokenizer = DepthVQVAE.from_pretrained(models["tokenizer"])
     oracle = OracleTeacher(world / "depth")
     expected = {(sample.split, sample.image_id): sample for split in reader.splits for sample in reader.samples(split)}
-    samples = _samples(out)
+    assert summary.out == out / "ade20k"
+    samples = _samples(summary.out)
     assert len(samples) == len(expected) == sum(split["samples"] for split in summary.info["splits"].values())
     assert set(summary.info["splits"]) == {"training", "validation"}
     for sample in samples:
@@ -262,3 +264,53 @@ def test_command_line_contract(models, tmp_path):
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "missing" in result.stderr
     result = subprocess.run([command[0], "refcocog", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "--split-by" in result.stdout and "umd" in result.stdout
+
+
+# ------------------------------------------------------------------ the shard folder for other tools
+
+
+def test_out_names_the_parent_and_side_tables_sit_in_meta(refcoco_run):
+    out = refcoco_run.out
+    assert out.name == "refcoco-unc" and [child.name for child in out.parent.iterdir() if child.is_dir()] == ["refcoco-unc"]
+    top = {path.suffix for path in out.iterdir() if path.is_file()}
+    assert top == {".tar", ".json", ".md"}  # tars, dataset.json, the dataset card; no parquet beside the tars
+    assert manifest_path(out).is_file() and len(list(meta_folder(out).glob("*_stats.json"))) == len(refcoco_run.shards)
+
+
+def test_hugging_face_datasets_and_webdataset_read_the_shards(refcoco_run, tmp_path):
+    datasets = pytest.importorskip("datasets")
+    out = refcoco_run.out
+    expected = {split: counts["samples"] for split, counts in refcoco_run.info["splits"].items()}
+    assert {"testA", "testB"} <= set(expected)
+    files = {split: sorted(str(path) for path in out.glob(f"refcoco-unc-{split}-*.tar")) for split in expected}
+    explicit = datasets.load_dataset("webdataset", data_files=files, cache_dir=str(tmp_path / "hf-explicit"))
+    whole_folder = datasets.load_dataset(str(out), cache_dir=str(tmp_path / "hf-folder"))  # via the dataset card
+    for loaded in (explicit, whole_folder):
+        assert {split: loaded[split].num_rows for split in loaded} == expected
+        row = loaded["testA"][0]
+        assert set(row) >= {"jpg", "depth.npy", "depth_tokens.npy", "json"} and row["json"]["split"] == "testA"
+    plain = [sample["__key__"] for sample in wds.WebDataset(files["testB"], shardshuffle=False)]
+    assert len(plain) == expected["testB"] and all(key.startswith("refcoco-unc_testB_") for key in plain)
+
+
+def test_wids_indexes_list_every_shard_with_its_count(refcoco_run):
+    out = refcoco_run.out
+    for split, counts in refcoco_run.info["splits"].items():
+        index_path = meta_folder(out) / f"refcoco-unc-{split}.wids.json"
+        index = json.loads(index_path.read_text())
+        assert index["__kind__"] == "wids-shard-index-v1" and index["wids_version"] == 1
+        assert sum(shard["nsamples"] for shard in index["shardlist"]) == counts["samples"]
+        for shard in index["shardlist"]:  # wids resolves urls against the index's folder
+            tar = (index_path.parent / shard["url"]).resolve()
+            assert tar.is_file() and tar.stat().st_size == shard["filesize"]
+            assert len({raw["__key__"] for raw in wds.tarfile_samples([{"url": str(tar)}])}) == shard["nsamples"]
+
+
+def test_manifest_rows_carry_what_users_query(refcoco_run):
+    table = pq.read_table(manifest_path(refcoco_run.out))
+    metadata = json.loads(table.schema.metadata[b"perceptio"])
+    assert metadata["tokenizer"] == refcoco_run.info["tokenizer"]["identity"]
+    assert metadata["teacher"] == refcoco_run.info["teacher"]["identity"] and metadata["perceptio_version"]
+    kept = [row for row in table.to_pylist() if row["status"] == "kept"]
+    assert kept and all(row["width"] and row["height"] and len(row["bbox"]) == 4 and row["sentence_texts"] for row in kept)
+    assert all(len(row["sentence_texts"]) == row["sentences"] for row in kept)

@@ -194,3 +194,38 @@ def test_bad_input_is_one_line_and_exit_code_2(evaluate, checkpoint, val_shards,
     done = evaluate(*filled)
     assert done.returncode == 2
     assert message in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("forced", [False, True], ids=["free", "seg-then-depth"])
+def test_batched_generation_equals_one_by_one_token_for_token(predictor, monkeypatch, forced):
+    model = predictor.model
+    if forced:  # every row writes [SEG] and a span, so masks and depth are compared too
+        original = predictor._processor
+        monkeypatch.setattr(predictor, "_processor",
+                            lambda length: ChoosesSegThenDepth(original(length), length, model.seg_token_id))
+    rng = np.random.default_rng(3)
+    pictures = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in ((64, 48), (40, 72), (96, 32))]
+    prompts = ["Please segment the red cube.", "Which point is closest to the camera? (A) (B) (C) (D)",
+               "Please segment the object described as \"the small green sphere on the far left\"."]
+    single = [predictor.predict(picture, prompt) for picture, prompt in zip(pictures, prompts)]
+    batched = predictor.predict_batch(pictures, prompts)
+    assert len({len(model.processor.token_ids(model.processor.prompt_text(p, 1))) for p in prompts}) == 3  # padding used
+    for one, many in zip(single, batched):
+        assert many.token_ids == one.token_ids
+        assert many.text == one.text and many.well_formed == one.well_formed and many.depth_codes == one.depth_codes
+        if forced:
+            assert many.mask is not None and many.mask.shape == one.mask.shape
+            assert (many.mask != one.mask).mean() < 1e-3  # one forward for all rows: float noise at most
+            np.testing.assert_allclose(many.depth, one.depth, atol=1e-5)
+
+
+def test_batch_size_changes_nothing_but_speed_and_progress_is_a_plain_line(evaluate, checkpoint, val_shards):
+    runs = {}
+    for batch_size in ("1", "3"):
+        done = evaluate("depth", "--checkpoint", str(checkpoint), "--shards", str(val_shards), "--max-new-tokens", "4",
+                        "--batch-size", batch_size, "--dtype", "float32", "--json")
+        assert done.returncode == 0, done.stderr
+        runs[batch_size] = json.loads(done.stdout)
+        # stderr is not a terminal here: the progress is one plain line at the end, no bar.
+        assert "depth val: 2/2 samples (100%)" in done.stderr and "\x1b[" not in done.stderr
+    assert runs["1"]["scores"] == runs["3"]["scores"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import os
 import sys
 import tarfile
@@ -18,7 +19,18 @@ from typer.testing import CliRunner
 
 from perceptio.inspect.cli import app
 from perceptio.inspect.render import REF_COLOURS
-from perceptio.shards import KEPT, REJECTED, ManifestRow, ShardSample, ShardWriter, mask_to_rle, sample_key
+from perceptio.shards import (
+    KEPT,
+    META_DIR,
+    REJECTED,
+    ManifestRow,
+    ShardSample,
+    ShardWriter,
+    manifest_path,
+    mask_to_rle,
+    meta_folder,
+    sample_key,
+)
 
 WIDTH, HEIGHT = 160, 120
 TOKENIZER_ID = "test-vqvae@000000000000"
@@ -154,10 +166,10 @@ def write_folder(root: Path, layout: dict[tuple[str, str], list[list[int]]], see
                     writer.write(item.sample)
                     built[item.sample.key] = item
                     rows += _rows(name, item)
-            write_rows(root / f"{name}.parquet", rows)
+            write_rows(meta_folder(root) / f"{name}.parquet", rows)
             manifest += rows
-            (root / f"{name}_stats.json").write_text(json.dumps({"shard": name, "samples": len(image_ids)}))
-    write_rows(root / "manifest.parquet", manifest)
+            (meta_folder(root) / f"{name}_stats.json").write_text(json.dumps({"shard": name, "samples": len(image_ids)}))
+    write_rows(manifest_path(root), manifest)
     info = {"tokenizer": {"identity": TOKENIZER_ID}, "shards": names}
     (root / "dataset.json").write_text(json.dumps(info))
     return built
@@ -278,11 +290,11 @@ CORRUPTIONS = {
         lambda root: _edit_key1_json(root, lambda meta: meta["refs"].pop()), "table-mismatch", SHARD0, KEY1,
     ),
     "done marker counts other samples": (
-        lambda root: (root / f"{TRAIN0}_stats.json").write_text(json.dumps({"samples": 5})), "marker-mismatch", SHARD0, None,
+        lambda root: (meta_folder(root) / f"{TRAIN0}_stats.json").write_text(json.dumps({"samples": 5})), "marker-mismatch", SHARD0, None,
     ),
-    "damaged manifest": (lambda root: _cut(root / "manifest.parquet", 0.5), "unreadable", "manifest.parquet", None),
+    "damaged manifest": (lambda root: _cut(manifest_path(root), 0.5), "unreadable", "manifest.parquet", None),
     "temporary file of a killed run": (lambda root: (root / STRAY).write_bytes(b"half"), "stray-file", STRAY, None),
-    "missing done marker": (lambda root: (root / f"{TRAIN0}_stats.json").unlink(), "no-done-marker", SHARD0, None),
+    "missing done marker": (lambda root: (meta_folder(root) / f"{TRAIN0}_stats.json").unlink(), "no-done-marker", SHARD0, None),
     "duplicate key across shards": (_duplicate_first_shard, "duplicate-key", "refcoco-unc-train-000005.tar", KEY1),
     "manifest lists a missing sample": (
         lambda root: rewrite_shard(root / SHARD0, lambda key, members: members if key == KEY1 else {}),
@@ -327,8 +339,9 @@ def test_summary_counts_and_distributions(shards):
         assert summary["token_histogram"] == expected_histogram.tolist()
         assert summary["codes_used"] == int((expected_histogram > 0).sum())
         assert summary["tokens_per_sample"] == {"min": 100, "max": 100}
-        suffixes = (".tar", ".parquet", "_stats.json")
-        names = [f"{dataset}-{split}-{index:06d}{suffix}" for index in range(len(shard_ids)) for suffix in suffixes]
+        names = [name for index in range(len(shard_ids)) for name in (
+            f"{dataset}-{split}-{index:06d}.tar", f"{META_DIR}/{dataset}-{split}-{index:06d}.parquet",
+            f"{META_DIR}/{dataset}-{split}-{index:06d}_stats.json")]
         assert summary["disk_bytes"] == sum((root / name).stat().st_size for name in names)
         areas = [mask.mean() for item in items for mask in item.masks]
         if areas:
@@ -343,7 +356,7 @@ def test_summary_works_from_the_tars_alone(shards):
     root, built = shards
     for path in root.iterdir():
         if path.suffix != ".tar":
-            path.unlink()
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
     result = invoke("summary", root, "--json")
     assert result.exit_code == 0, result.output
     splits = json_of(result)["splits"]
@@ -594,7 +607,8 @@ def test_real_ade20k_images_validate_and_render(shared_data, tmp_path):
                 "width": width, "height": height, "teacher": "test", "tokenizer": TOKENIZER_ID, "refs": [], "question": None,
             }  # fmt: skip
             writer.write(ShardSample(sample_key("ade20k", "validation", image_id), jpg, depth, np.zeros(100, np.int16), meta, seg_png=seg))
-    (root / "ade20k-validation-000000_stats.json").write_text(json.dumps({"samples": 3}))
+    meta_folder(root).mkdir()
+    (meta_folder(root) / "ade20k-validation-000000_stats.json").write_text(json.dumps({"samples": 3}))
     report = invoke("validate", root, "--json")
     assert report.exit_code == 0, report.stdout
     shown = invoke("show", root, "--index", "0", "--out", tmp_path / "real.png", "--json")

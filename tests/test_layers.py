@@ -1,7 +1,7 @@
 """The package's layers as docs/architecture.md draws them, checked on the source.
 
 Stages import only stages below them: sources -> shards.py -> tokenize -> curate -> (inspect, train)
--> evaluate, over a foundation (errors, io, recipes, tokens) that everyone may import. inspect and
+-> evaluate, over a foundation (errors, io, progress, recipes, tokens) that everyone may import. inspect and
 train sit side by side and import neither each other. Function-level (lazy) imports count too: they
 are dependencies all the same.
 """
@@ -19,7 +19,9 @@ PACKAGE = Path(__file__).resolve().parents[1] / "perceptio"
 LAYERS = {
     "__init__": 0,
     "errors": 0,
+    "hub": 0,
     "io": 0,
+    "progress": 0,
     "recipes": 0,
     "tokens": 0,
     "sources": 1,
@@ -33,13 +35,17 @@ LAYERS = {
 # Modules that must import neither torch nor transformers; one not yet written is skipped.
 TORCH_FREE = [
     "perceptio.errors",
+    "perceptio.hub",
     "perceptio.io",
+    "perceptio.progress",
     "perceptio.recipes",
     "perceptio.tokens",
     "perceptio.shards",
     "perceptio.sources.refer",
     "perceptio.sources.ade20k",
     "perceptio.sources.synth",
+    "perceptio.sources.download",
+    "perceptio.sources.archives",
     "perceptio.tokenize",
     "perceptio.tokenize.config",
     "perceptio.tokenize.cache",

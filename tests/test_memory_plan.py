@@ -69,3 +69,27 @@ def test_bad_settings_are_one_line():
         memory_plan.plan(PlanRequest(strategy="zero3"))
     with pytest.raises(PerceptioError, match="unknown internvl shape"):
         memory_plan.plan(PlanRequest(model="shape:internvl3-2b"))
+
+
+def test_perceptio_train_plan_prints_counts_and_recommendations(capsys, monkeypatch):
+    from perceptio.train import cli
+
+    monkeypatch.setattr("sys.argv", ["perceptio-train", "--plan", "--model", "OpenGVLab/InternVL3-8B-hf",
+                                     "--sam-model", "facebook/sam2.1-hiera-large", "--batch-size", "2"])
+    with pytest.raises(SystemExit) as exit_code:
+        cli.main()
+    assert exit_code.value.code == 0
+    out = capsys.readouterr().out
+    counts = memory_plan.count_parameters("shape:internvl3-8b", "shape:sam2.1-hiera-large", 256)
+    assert f"{counts.trainable:,} trainable" in out and f"LoRA {counts.lora:,}" in out
+    assert "batch 2 x 512 tokens" in out and "1x24GB  does not fit" in out
+
+
+def test_perceptio_train_without_shards_and_without_plan_is_one_line(capsys, monkeypatch):
+    from perceptio.train import cli
+
+    monkeypatch.setattr("sys.argv", ["perceptio-train", "--model", "tiny"])
+    with pytest.raises(SystemExit) as exit_code:
+        cli.main()
+    assert exit_code.value.code == 2
+    assert "--shards and --steps are required" in capsys.readouterr().err

@@ -213,6 +213,9 @@ def test_bad_input_is_reported_with_ids(refcoco):
         ("missing_image", 3),
     }
     assert [ref.ref_id for ref in refcoco.refs] == [101, 102, 103, 105, 106, 110, 111]
+    # A dropped ref keeps the split its file gave it, so the manifest can count rejects per split.
+    splits = {problem.id: problem.split for problem in refcoco.problems if problem.kind in ("unusable_annotation", "unknown_annotation", "bad_ref")}
+    assert splits == {104: "val", 107: "testB", 108: "train", 109: "train"}
 
 
 def test_missing_and_truncated_images_are_kept_and_fail_on_load(refcoco):

@@ -163,3 +163,16 @@ def test_fit_with_a_depth_model_goes_through_the_cache(world: Path, tiny_depth_a
     assert sum(images_seen) == IMAGES  # the second fit read every map from the cache
     first, second = (json.loads((tmp_path / name / "fit.json").read_text()) for name in ("first", "second"))
     assert first["teacher"] == second["teacher"] and first["teacher"].startswith("depth-anything@")
+
+
+def test_fit_on_several_datasets_uses_the_union_of_their_images(synth_world: Path, tmp_path: Path) -> None:
+    out = tmp_path / "tok"
+    run("fit", "--data-root", str(synth_world), "--dataset", "refcoco", "--dataset", "ade20k", "--dataset", "refcoco",
+        "--depth-source", "gt", "--out", str(out), "--held-out", "0.25", *SMALL_FIT)
+    record = json.loads((out / "fit.json").read_text())
+    assert record["datasets"] == ["refcoco", "ade20k"] and record["dataset"] == "refcoco+ade20k"
+    union = sorted(set(list_images(synth_world, "refcoco")) | set(list_images(synth_world, "ade20k")))
+    _, held_out = split_held_out(union, 0.25)
+    assert record["train_images"] + len(record["held_out_images"]) == len(union)
+    assert record["held_out_images"] == [path.name for path in held_out]
+    assert any(name.startswith("ADE_") for name in record["held_out_images"] + [p.name for p in union])

@@ -21,6 +21,7 @@ from perceptio.train.data import (
     find_shards,
     parse_mix,
     plan_mix,
+    sample_split_notes,
 )
 from perceptio.train.config import StreamConfig
 from tests.train_factory import make_sample, write_shards
@@ -149,10 +150,32 @@ def test_uneven_shards_give_every_rank_endless_disjoint_streams(mixed_shards):
         assert len(list(islice(loader, 20))) == 20
 
 
-def test_too_few_shards_for_the_readers_is_a_clear_error(mixed_shards):
-    config = StreamConfig([mixed_shards], mix={"refcocog": 1.0})  # 2 shards
-    with pytest.raises(PerceptioError, match=r"'refcocog' has 2 shard\(s\) but 2 rank\(s\) x 2 loader worker\(s\) = 4"):
-        ResumableLoader(config, FakeProcessor(), num_workers=2, world_size=2)
+def test_fewer_shards_than_readers_are_shared_sample_by_sample(mixed_shards):
+    config = StreamConfig([mixed_shards], mix={"refcocog": 1.0}, shuffle_buffer=1, shuffle_initial=1)
+    streams = plan_mix(find_shards(config.shards), config.mix)  # 2 shards for 2 ranks x 2 workers
+    (note,) = sample_split_notes(streams, world_size=2, num_workers=2)
+    assert "'refcocog': 2 shard(s)" in note and "keeps one sample in 4" in note and "--samples-per-shard" in note
+    assert sample_split_notes(streams, world_size=1, num_workers=2) == []
+    per_reader = []
+    for rank in range(2):
+        for worker in range(2):
+            reader = ExampleReader(streams, ReaderSlot(rank=rank, world_size=2, worker=worker, num_workers=2), config)
+            examples = [(next(reader).key, reader.state()["streams"]["refcocog"]["epoch"]) for _ in range(60)]
+            per_reader.append({key.split("/", 1)[0] for key, epoch in examples if epoch == 0})
+    images = {raw["__key__"] for p in find_shards([mixed_shards]) if p.dataset == "refcocog-umd"
+              for raw in wds.tarfile_samples([{"url": str(p.path)}])}
+    assert all(a.isdisjoint(b) for i, a in enumerate(per_reader) for b in per_reader[i + 1 :])
+    assert set().union(*per_reader) == images
+    loader = ResumableLoader(config, FakeProcessor(), batch_size=2, num_workers=2, world_size=2)
+    assert len(list(islice(loader, 4))) == 4
+
+
+def test_a_parent_folder_finds_every_dataset_below_it(tmp_path):
+    write_shards(tmp_path / "refcoco-unc", "refcoco-unc", shards=2, images_per_shard=2)
+    write_shards(tmp_path / "ade20k", "ade20k", split="training", shards=1, images_per_shard=2, question=True)
+    (tmp_path / "notes").mkdir()  # a folder without shards is not a dataset
+    assert Counter(shard.dataset for shard in find_shards([tmp_path])) == {"refcoco-unc": 2, "ade20k": 1}
+    assert [shard.dataset for shard in find_shards([tmp_path / "ade20k"])] == ["ade20k"]
 
 
 def test_sample_dataset_must_match_its_file_name(tmp_path):

@@ -142,11 +142,16 @@ def test_nan_stops_the_run_naming_step_and_keys_and_saves_nothing(shards, tmp_pa
 
 
 def test_checkpoint_folder_appears_whole_or_not_at_all(shards, tmp_path, monkeypatch):
-    result = run(shards, tmp_path, 2)
+    result = run(shards, tmp_path, 2, save_every=1)
     assert result.checkpoint.name == "step-000002" and (tmp_path / "model" / "config.json").is_file()
     names = {p.name for p in result.checkpoint.iterdir()}
     assert names == {"trainable.safetensors", "optimizer.pt", "scheduler.pt", "rng.pt", "trainer_state.json"}
-    before = {p.name: p.read_bytes() for p in result.checkpoint.iterdir()}
+    # Resume from step 1 and fail while saving step 2 again: nothing of the new step-000002 appears.
+    import shutil
+
+    shutil.rmtree(result.checkpoint)
+    first = tmp_path / "checkpoints" / "step-000001"
+    before = {p.name: p.read_bytes() for p in first.iterdir()}
 
     def failing_save(obj, path, *args, **kwargs):
         if str(path).endswith("scheduler.pt"):
@@ -156,10 +161,10 @@ def test_checkpoint_folder_appears_whole_or_not_at_all(shards, tmp_path, monkeyp
     failing_save.__wrapped__ = torch.save
     monkeypatch.setattr(checkpoint_module.torch, "save", failing_save)
     with pytest.raises(OSError, match="disk full"):
-        run(shards, tmp_path, 2)  # the same step: it would replace step-000002
+        run(shards, tmp_path, 2, save_every=1, resume=True)
     monkeypatch.undo()
-    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-000002"]
-    assert {p.name: p.read_bytes() for p in result.checkpoint.iterdir()} == before
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-000001"]
+    assert {p.name: p.read_bytes() for p in first.iterdir()} == before
 
     with pytest.raises(RuntimeError):
         with atomic_directory(tmp_path / "fresh") as folder:
@@ -244,7 +249,7 @@ def test_cli_reports_bad_input_in_one_line(monkeypatch, capsys, shards, tmp_path
 
 
 @pytest.mark.slow
-def test_cli_tiny_run_resumes_exactly(monkeypatch, shards, vqvae_dir, tmp_path):
+def test_cli_tiny_run_resumes_exactly(monkeypatch, capsys, shards, vqvae_dir, tmp_path):
     from perceptio.train.model import TERMS, PerceptioModel
 
     args = ["--shards", str(shards), "--model", "tiny", "--tokenizer", str(vqvae_dir), "--lora-rank", "4", "--lora-alpha", "8",
@@ -261,6 +266,14 @@ def test_cli_tiny_run_resumes_exactly(monkeypatch, shards, vqvae_dir, tmp_path):
     assert reloaded.config.train_language_model
     assert sum(json.loads(straight[0])["sources"].values()) == TrainConfig.TINY_DEFAULTS["batch_size"]
 
+    # The same command again without --resume refuses in one line instead of rewriting metrics.jsonl.
+    capsys.readouterr()
+    assert perceptio_train(monkeypatch, *args) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: {tmp_path} already holds a run (metrics.jsonl, checkpoints, model): pass --resume to continue it, "
+        "or choose another --out")
+    assert (tmp_path / "metrics.jsonl").read_text().splitlines() == straight
+
     # Take away the last checkpoint: --resume goes on from step 2 and must repeat steps 3 and 4 exactly.
     import shutil
 
@@ -272,3 +285,11 @@ def test_cli_tiny_run_resumes_exactly(monkeypatch, shards, vqvae_dir, tmp_path):
         return [{k: v for k, v in json.loads(line).items() if k not in ("data_s", "step_s")} for line in lines]
 
     assert losses(resumed) == losses(straight)
+
+
+def test_a_log_that_is_not_a_terminal_gets_plain_progress_lines(shards, tmp_path, capsys):
+    train(ToyModel(), stream(shards), TrainConfig(out=tmp_path / "run", steps=3, batch_size=2, workers=0, lr=1e-2))
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("train: ")]
+    assert lines, "no plain progress line"
+    last = lines[-1]
+    assert last.startswith("train: 3/3 steps (100%) | loss ") and " examples/s | ETA 0:00:00" in last

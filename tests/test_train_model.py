@@ -279,6 +279,52 @@ def test_export_adapter_and_merged_reload_to_the_same_losses(vqvae_dir, tmp_path
     assert AutoTokenizer.from_pretrained(tmp_path / "export" / "vlm").convert_tokens_to_ids(SEG) == model.seg_token_id
 
 
+def test_adapter_export_is_a_peft_folder_and_the_heads_load_on_their_own(vqvae_dir, tmp_path):
+    import json
+
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    from perceptio.tokens import special_tokens
+    from perceptio.train.sam import SamSegmenter
+    from perceptio.train.tiny import tiny_internvl, tiny_sam2, tiny_text_tokenizer
+
+    model = build(vqvae_dir)
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():  # as if trained (LoRA's B starts at zero)
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(torch.randn(param.shape, generator=generator) * 0.05)
+    folder = model.save_pretrained(tmp_path / "export")
+    for name in ("adapter_config.json", "adapter_model.safetensors", "heads.safetensors", "heads_config.json", "trainable.safetensors"):
+        assert (folder / name).is_file(), name
+    assert json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"] == "tiny"
+
+    # The ecosystem's way: the base model with the new tokens, then PeftModel.from_pretrained(base, folder).
+    tokenizer = tiny_text_tokenizer()
+    base = tiny_internvl(tokenizer)  # the same seeded random weights the model was built on
+    tokenizer.add_tokens(special_tokens(model.depth_vqvae.config.num_codes), special_tokens=True)
+    if len(tokenizer) > base.get_input_embeddings().weight.shape[0]:
+        base.resize_token_embeddings(len(tokenizer))
+    peft_model = PeftModel.from_pretrained(base, folder).eval()
+    ids = tokenizer(f"{PROMPT} {SEG} {depth_span(np.arange(100) % 128)}", return_tensors="pt")["input_ids"]
+    model.eval()
+    with torch.no_grad():
+        theirs = peft_model(input_ids=ids).logits
+        ours = model.vlm(input_ids=ids).logits
+    assert torch.allclose(theirs, ours, atol=1e-4)
+
+    # The heads: a fresh SAM2 segmenter takes heads.safetensors and equals the trained one.
+    heads_config = json.loads((folder / "heads_config.json").read_text())
+    segmenter = SamSegmenter(tiny_sam2(), heads_config["text_hidden_size"])
+    missing, unexpected = segmenter.load_state_dict(load_file(folder / "heads.safetensors"), strict=False)
+    assert not unexpected and sorted(heads_config["tensors"]) == sorted(load_file(folder / "heads.safetensors"))
+    trained = {name: param for name, param in model.segmenter.named_parameters() if param.requires_grad}
+    for name, param in segmenter.named_parameters():
+        if name in trained:
+            assert torch.equal(param, trained[name]), name
+
+
 def test_bad_inputs_are_one_line_errors(vqvae_dir, tmp_path):
     with pytest.raises(PerceptioError, match="does not exist"):
         build(tmp_path / "missing")
@@ -352,3 +398,28 @@ def test_full_fine_tuning_overfits_one_example_so_greedy_decoding_writes_its_spa
     assert greedy(model) == target
     reloaded = PerceptioModel.from_pretrained(model.save_pretrained(tmp_path / "export"))
     assert reloaded.config.train_language_model and greedy(reloaded) == target
+
+
+def test_the_base_models_hub_commit_is_recorded_and_used(vqvae_dir, tmp_path, monkeypatch):
+    """A hub id resolves to a commit of the standard cache; the config records it for the export."""
+    import huggingface_hub
+
+    from perceptio.train.model import _load_vlm
+    from perceptio.train.tiny import tiny_internvl, tiny_text_tokenizer
+    from tests.test_hub import fake_hub_cache
+
+    saved = tmp_path / "saved"
+    tokenizer = tiny_text_tokenizer()
+    tiny_internvl(tokenizer).save_pretrained(saved)
+    tokenizer.save_pretrained(saved)
+    commit = "89abcdef0123456789abcdef0123456789abcdef"
+    cache = tmp_path / "hub"
+    fake_hub_cache(cache, "org/tiny-vlm", {path.name: path.read_bytes() for path in saved.iterdir()}, commit=commit)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    config = PerceptioConfig(model="org/tiny-vlm")
+    _load_vlm(config, torch.float32)
+    assert config.model_revision == commit
+    # An explicit revision is the one loaded: a commit the cache does not hold is an error, not another base.
+    with pytest.raises(PerceptioError, match="cannot load the vision-language model"):
+        _load_vlm(PerceptioConfig(model="org/tiny-vlm", model_revision="0" * 40), torch.float32)

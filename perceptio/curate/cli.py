@@ -74,4 +74,7 @@ def synth(
 from perceptio.curate.commands import register as _register_dataset_commands  # noqa: E402  (refcoco, refcoco+, refcocog, ade20k)
 
 _register_dataset_commands(app)
+from perceptio.curate.download_command import register as _register_download  # noqa: E402
+
+_register_download(app)
 main = run_cli(app)

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import dataclasses
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,21 +15,28 @@ from typing import Any, Optional
 
 import typer
 
+import perceptio
 from perceptio.curate.distributor import RayConfig, TeacherSpec, WorkUnit, ray_session, run_units
+from perceptio.curate.interop import write_dataset_card, write_wids_indexes
 from perceptio.curate.marked_points import MarkedPointsConfig
+from perceptio.curate.placement import Placement, place
 from perceptio.curate.plan import ShardPlan, ade_images, plan_shards, refer_images
 from perceptio.curate.sample_builder import BuildConfig
 from perceptio.curate.writer import (
     ShardSetWriter,
     check_resumable,
     is_done,
+    read_stats,
     write_dataset_json,
     write_manifest,
 )
 from perceptio.errors import PerceptioError
-from perceptio.shards import DATASET_INFO_NAME, MANIFEST_NAME, ManifestRow
+from perceptio.hub import looks_like_repo_id, resolve_folder
+from perceptio.progress import ProgressLog
+from perceptio.shards import DATASET_INFO_NAME, ManifestRow, ShardFile, manifest_path, meta_folder
 from perceptio.sources.problems import Problem
 from perceptio.tokenize.cache import default_cache_dir
+from perceptio.tokenize.config import TOKENIZER_FILES
 
 REFER_DATASETS = {"refcoco": "unc", "refcoco+": "unc", "refcocog": "umd"}  # dataset -> default --split-by
 ADE20K = "ade20k"
@@ -108,6 +116,23 @@ def _tokenizer_identity(tokenizer_dir: Path) -> dict[str, Any]:
     }
 
 
+def dataset_out(out: Path, dataset: str) -> Path:
+    """``OUT/DATASET``, so that several datasets curated into one ``--out`` each get a folder; ``OUT``
+    itself when it already is that dataset's folder (named after it, or holding its dataset.json)."""
+    info = out / DATASET_INFO_NAME
+    if out.name == dataset:
+        return out
+    if info.is_file():
+        import json
+
+        try:
+            if json.loads(info.read_text(encoding="utf-8")).get("settings", {}).get("dataset") == dataset:
+                return out
+        except ValueError:
+            pass  # not ours to judge here: _prepare_out reads it again
+    return out / dataset
+
+
 def _prepare_out(out: Path, dataset: str, overwrite: bool) -> None:
     """Create ``out``; with ``overwrite`` remove this dataset's previous results; refuse a foreign folder."""
     out.mkdir(parents=True, exist_ok=True)
@@ -119,8 +144,22 @@ def _prepare_out(out: Path, dataset: str, overwrite: bool) -> None:
         if other not in (None, dataset):
             raise PerceptioError(f"{out} holds curated {other}; give {dataset} its own --out folder")
     if overwrite:
-        for path in [*out.glob(f"{dataset}-*"), *out.glob(f".{dataset}-*"), out / MANIFEST_NAME, previous]:
+        meta = meta_folder(out)
+        for path in [*out.glob(f"{dataset}-*"), *out.glob(f".{dataset}-*"), *meta.glob(f"{dataset}-*"),
+                     *meta.glob(f".{dataset}-*"), manifest_path(out), previous]:
             path.unlink(missing_ok=True)
+
+
+def _write_interop_files(out: Path, shards: list[ShardPlan], info: dict[str, Any]) -> None:
+    """The dataset card (Hugging Face ``load_dataset(out)``) and one wids index per split."""
+    files = [ShardFile.parse(out / f"{shard.name}.tar") for shard in shards]
+    files = [shard for shard in files if shard is not None]
+    counts = {shard.name: read_stats(out, shard.name)["samples"] for shard in files}
+    description = (f"Perceptio shards of {info['settings']['dataset']}: one sample per image (jpg, depth.npy, "
+                   f"depth_tokens.npy, json); tokenizer {info['tokenizer']['identity']}, teacher "
+                   f"{info['teacher']['identity']}, perceptio {info['perceptio_version']}.")
+    write_dataset_card(out, files, description)
+    write_wids_indexes(out, meta_folder(out), files, counts)
 
 
 def _units(shards: list[ShardPlan], batch_size: int) -> list[WorkUnit]:
@@ -131,29 +170,28 @@ def _units(shards: list[ShardPlan], batch_size: int) -> list[WorkUnit]:
     ]
 
 
-def _progress(enabled: bool):
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+def _placement(request: CurationRequest) -> Placement:
+    """Where the models run on the cluster Ray reached, said on stderr in one line (+ a warning)."""
+    import ray
 
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("images  {task.fields[rate]:.1f} img/s  {task.fields[written]} written  {task.fields[rejected]} rejected"),
-        TimeRemainingColumn(),
-        console=Console(stderr=True),
-        disable=not enabled,
-    )
+    resources = ray.cluster_resources()
+    placement = place(request.ray, request.teacher, resources.get("GPU", 0.0), resources.get("CPU", 0.0))
+    print(placement.summary, file=sys.stderr, flush=True)
+    if placement.warning:
+        print(f"warning: {placement.warning}", file=sys.stderr, flush=True)
+    return placement
 
 
 def curate(request: CurationRequest) -> CurationSummary:
-    """Curate one dataset into ``request.out``; finished shards of an earlier run are kept (resume)."""
+    """Curate one dataset into ``request.out``/NAME (:func:`dataset_out`); finished shards of an earlier
+    run are kept (resume)."""
     if request.dataset == ADE20K and request.split_by:
         raise PerceptioError("--split-by applies to RefCOCO/+/g only")
     if request.batch_size < 1:
         raise PerceptioError(f"--batch-size must be >= 1, got {request.batch_size}")
-    if not request.tokenizer.is_dir():
+    if not request.tokenizer.is_dir() and not looks_like_repo_id(str(request.tokenizer)):
         raise PerceptioError(f"tokenizer folder {request.tokenizer} not found (train one with perceptio-tokenize)")
+    request.tokenizer = resolve_folder(request.tokenizer, allow_patterns=TOKENIZER_FILES)  # a hub id: its cached snapshot
     request.teacher.check()
     name, images_by_split, problems = _read_dataset(request)
     shards = plan_shards(images_by_split, request.samples_per_shard)
@@ -168,39 +206,42 @@ def curate(request: CurationRequest) -> CurationSummary:
         "teacher_source": teacher.source if teacher.source == "gt" else f"model:{teacher.model}",
         "build": dataclasses.asdict(request.build),
     }
-    _prepare_out(request.out, name, request.overwrite)
-    done = [shard.name for shard in shards if is_done(request.out, shard.name)]
-    expected_teacher = check_resumable(request.out, done, settings)
+    out = dataset_out(request.out, name)
+    _prepare_out(out, name, request.overwrite)
+    done = [shard.name for shard in shards if is_done(out, shard.name)]
+    expected_teacher = check_resumable(out, done, settings)
     todo = [shard for shard in shards if shard.name not in set(done)]
 
-    writer = ShardSetWriter(request.out, todo, settings, expected_teacher)
+    writer = ShardSetWriter(out, todo, settings, expected_teacher)
     total = sum(len(shard.images) for shard in todo)
     started = time.perf_counter()
     first_result_s = None
     try:
-        with _progress(request.progress) as progress:
-            task = progress.add_task(f"curate {name}", total=total, rate=0.0, written=0, rejected=0)
+        with ProgressLog(f"curate {name}", total, unit="images", enabled=request.progress) as progress:
             if todo:
                 with ray_session(request.ray):
+                    placement = _placement(request)
                     for result in run_units(_units(todo, request.batch_size), request.build, teacher,
-                                            request.tokenizer, request.ray):
+                                            request.tokenizer, placement.config):
                         if first_result_s is None:
                             first_result_s = time.perf_counter() - started
                         for offset, built in enumerate(result.built):
                             writer.add(result.shard, result.first_position + offset, built, result.teacher,
                                        result.model_seconds / max(1, len(result.built)))
-                        progress.update(task, completed=writer.images_done, written=writer.samples_written,
-                                        rejected=writer.refs_rejected,
-                                        rate=writer.images_done / max(1e-9, time.perf_counter() - started))
+                        progress.update(writer.images_done, written=writer.samples_written,
+                                        rejected=writer.refs_rejected)
     except BaseException:
         writer.abort()
         raise
     if writer.open:
         raise PerceptioError(f"the pipeline stopped early; unfinished shards: {', '.join(sorted(writer.open))}")
-    manifest = write_manifest(request.out, shards, _problem_rows(name, problems))
+    file_metadata = {"dataset": name, "tokenizer": tokenizer["identity"], "teacher": writer.teacher,
+                     "perceptio_version": perceptio.__version__}
+    manifest = write_manifest(out, shards, _problem_rows(name, problems), file_metadata)
     seconds = time.perf_counter() - started
-    info = write_dataset_json(request.out, shards, manifest, tokenizer, settings)
-    return CurationSummary(request.out, [shard.name for shard in shards], [shard.name for shard in todo], info, total,
+    info = write_dataset_json(out, shards, manifest, tokenizer, settings)
+    _write_interop_files(out, shards, info)
+    return CurationSummary(out, [shard.name for shard in shards], [shard.name for shard in todo], info, total,
                            seconds, first_result_s)
 
 
@@ -230,8 +271,8 @@ def _command(dataset: str):
 
     def command(
         data_root: Path = typer.Option(..., "--data-root", help="dataset root (REFER layout, or a folder holding ADEChallengeData2016)"),
-        out: Path = typer.Option(..., "--out", help="output folder for the shards of this one dataset"),
-        tokenizer: Path = typer.Option(..., "--tokenizer", help="depth tokenizer folder (perceptio-tokenize fit)"),
+        out: Path = typer.Option(..., "--out", help="Shards folder: this dataset goes to OUT/{dataset}-{split-by} (ade20k: OUT/ade20k), or to OUT itself when it is already that folder."),
+        tokenizer: Path = typer.Option(..., "--tokenizer", help="depth tokenizer: a folder (perceptio-tokenize fit) or a hub id"),
         split: Optional[list[str]] = typer.Option(None, "--split", help="official split to curate (repeatable); default all, each into its own shards"),
         split_by: Optional[str] = typer.Option(None, "--split-by", help=split_by_help),
         depth_model: str = typer.Option(TeacherSpec.model, "--depth-model", help="Depth Anything model (hub id or local folder) used as the depth teacher"),
@@ -241,11 +282,12 @@ def _command(dataset: str):
         batch_size: int = typer.Option(CurationRequest.batch_size, "--batch-size", help="images per teacher/tokenizer forward pass"),
         ray_address: Optional[str] = typer.Option(RayConfig.address, "--ray-address", help="attach to this Ray cluster (e.g. 'auto' or ray://host:10001); default: an embedded local Ray"),
         num_cpus: Optional[int] = typer.Option(RayConfig.num_cpus, "--num-cpus", help="CPUs of the embedded local Ray [default: all cores]"),
-        model_workers: int = typer.Option(RayConfig.model_workers, "--model-workers", help="most model actors (one teacher + tokenizer each); the pool grows up to this"),
-        num_gpus_per_worker: float = typer.Option(RayConfig.num_gpus_per_worker, "--num-gpus-per-worker", help="GPUs per model actor (0: CPU; 0.5: two actors share a GPU)"),
+        model_workers: Optional[int] = typer.Option(RayConfig.model_workers, "--model-workers", min=1, help="most model actors (one teacher + tokenizer each); the pool grows up to this [default: GPUs x actors per GPU, or 1 without GPUs]", show_default=False),
+        num_gpus_per_worker: Optional[float] = typer.Option(RayConfig.num_gpus_per_worker, "--num-gpus-per-worker", min=0.0, help="GPUs per model actor (0: CPU, with a warning when GPUs exist; 0.5: two actors share a GPU) [default: every GPU Ray finds, --actors-per-gpu actors each]", show_default=False),
+        actors_per_gpu: Optional[int] = typer.Option(RayConfig.actors_per_gpu, "--actors-per-gpu", min=1, help="model actors per GPU when --num-gpus-per-worker is not given [default: from the teacher's size: 1 Large, 2 Base, 4 Small]", show_default=False),
         captioner: str = typer.Option(BuildConfig.captioner, "--captioner", help="description writer: 'attributes' or package.module:ClassName"),
         questions_per_image: int = typer.Option(MarkedPointsConfig.questions_per_image, "--questions-per-image", min=0, help="ADE20k: marked-point questions per image (2-5 points on distinct objects each)"),
-        hard_questions: bool = typer.Option(MarkedPointsConfig.balanced, "--hard-questions/--any-questions", help="ADE20k: balance the questions so that neither 'the lowest point' nor 'the largest object' is nearest more often than chance"),
+        hard_questions: bool = typer.Option(MarkedPointsConfig.balanced, "--hard-questions/--any-questions", help="ADE20k: balance each image's questions so that the lowest point, the largest object and the object reaching lowest are nearest about as often as chance"),
         overwrite: bool = typer.Option(CurationRequest.overwrite, "--overwrite", help="discard this dataset's earlier shards instead of resuming"),
         progress: bool = typer.Option(CurationRequest.progress, "--progress/--no-progress", help="show the live progress display"),
     ) -> None:
@@ -266,7 +308,7 @@ def _command(dataset: str):
             samples_per_shard=samples_per_shard,
             batch_size=batch_size,
             ray=RayConfig(address=ray_address, num_cpus=num_cpus, model_workers=model_workers,
-                          num_gpus_per_worker=num_gpus_per_worker),
+                          num_gpus_per_worker=num_gpus_per_worker, actors_per_gpu=actors_per_gpu),
             build=BuildConfig(captioner=captioner, marked_points=MarkedPointsConfig(
                 questions_per_image=questions_per_image, balanced=hard_questions)),
             overwrite=overwrite,

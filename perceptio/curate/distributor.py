@@ -94,8 +94,10 @@ class RayConfig:
 
     address: str | None = None  # None: an embedded local Ray; else attach to this cluster
     num_cpus: int | None = None  # CPUs of the embedded local Ray (None: this machine's cores)
-    model_workers: int = 1  # upper bound of the model actor pool (it starts with one)
-    num_gpus_per_worker: float = 0.0
+    # None: resolved from the cluster by perceptio.curate.placement.place (GPUs used when found).
+    model_workers: int | None = None  # upper bound of the model actor pool (it starts with one)
+    num_gpus_per_worker: float | None = None  # GPUs per model actor; 0: CPU
+    actors_per_gpu: int | None = None  # model actors sharing one GPU (None: from the teacher's size)
     cpus_per_model_worker: float = 0.5
     cpus_per_task: float = 0.25
     torch_threads: int = 0  # threads per model actor; 0: the node's cores / model_workers
@@ -286,8 +288,8 @@ def _model_stage(dataset: Any, teacher: TeacherSpec, tokenizer_dir: str, config:
     return dataset.map(
         DepthWorker,
         fn_constructor_kwargs={"teacher": teacher, "tokenizer_dir": tokenizer_dir, "torch_threads": config.torch_threads,
-                               "model_workers": config.model_workers},
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, config.model_workers)),
+                               "model_workers": config.model_workers or 1},
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, config.model_workers or 1)),
         num_cpus=config.cpus_per_model_worker,
         num_gpus=config.num_gpus_per_worker or None,
         # An actor that dies fails the run at once instead of being restarted forever (a model that

@@ -56,6 +56,9 @@ class MarkedPointsConfig:
     # Nearness gap between any two points. Curation's nearness is the tokenizer's normalised
     # inverse depth in [-1, 1]; the synthetic benchmark passes -log(depth), where 0.049 = 5%.
     min_gap: float = 0.1
+    # The nearest point must be nearer than every other by at least this (same units): how clear the
+    # answer itself is. 0 = min_gap alone.
+    min_answer_gap: float = 0.0
     erosion_px: int = 3  # points keep this distance from their object's visible border
     min_object_pixels: int = 120
     border_px: int = 12  # keep circles and labels inside the image
@@ -170,7 +173,7 @@ def _draw_set(regions: Sequence[ObjectRegion], nearness: NearnessFn, count: int,
             return None
         points.append(MarkedPoint(x, y, value, int(index)))
     values = sorted(point.nearness for point in points)
-    if any(b - a < config.min_gap for a, b in zip(values, values[1:])):
+    if any(b - a < config.min_gap for a, b in zip(values, values[1:])) or values[-1] - values[-2] < config.min_answer_gap:
         return None
     if any(np.hypot(p.x - q.x, p.y - q.y) < config.min_distance_px for i, p in enumerate(points) for q in points[i + 1:]):
         return None
@@ -215,12 +218,6 @@ def cue_combinations(count: int) -> list[tuple[Target, float]]:
         share = math.prod(1 / count if ok else (count - 1) / count for ok in (lowest_ok, largest_ok, base_ok))
         combinations.append((Target(lowest_ok, largest_ok, base_ok), share))
     return combinations
-
-
-def draw_target(rng: np.random.Generator, count: int) -> Target:
-    """A wish drawn with chance's shares (:func:`cue_combinations`)."""
-    combinations = cue_combinations(count)
-    return combinations[int(rng.choice(len(combinations), p=[share for _, share in combinations]))][0]
 
 
 class CueBalancer:
@@ -302,18 +299,30 @@ def make_questions(regions: Sequence[ObjectRegion], nearness: NearnessFn, key: s
                    config: MarkedPointsConfig) -> list[dict[str, Any]]:
     """Up to ``config.questions_per_image`` questions about one image, deterministic in ``seed``.
 
-    Each question draws its own point count (``min_points``..``max_points``) and point set; with
-    ``config.balanced`` it also draws a wish with chance's shares (:func:`draw_target`) and is only
-    asked when its points grant it, so that over many images no cue beats chance by much (exactly
-    balanced sets need the whole split at once: :class:`CueBalancer`). A question whose points
-    cannot be found (too few objects, no depth contrast, a wish this image cannot grant) is left out.
+    Each question draws its own point count (``min_points``..``max_points``) and point set. With
+    ``config.balanced`` the image keeps a :class:`CueBalancer` per point count: of the cue outcomes
+    its objects offer, each question takes the one lagging most behind chance's share among the
+    image's questions so far, and none when every offered outcome is already over its share. An
+    image whose cues always tell the answer then gives one question, not ``questions_per_image``,
+    so the cues lose most of their pull (the rates are measured, not exact: an exact balance needs
+    the whole split at once, as :mod:`perceptio.evaluate.synth_blink` does). A question whose points
+    cannot be found (too few objects, no depth contrast) is left out.
     """
     rng = np.random.default_rng(seed)
+    balancers: dict[int, CueBalancer] = {}
     questions = []
-    for index in range(config.questions_per_image):
+    for _ in range(config.questions_per_image):
         count = int(rng.integers(config.min_points, config.max_points + 1))
-        target = draw_target(rng, count) if config.balanced else Target()
-        points = choose_points(regions, nearness, count, rng, config, target)
+        if config.balanced:
+            balancer = balancers.setdefault(count, CueBalancer(count))
+            offered = point_sets_by_outcome(regions, nearness, count, rng, config)
+            target = balancer.pick(offered)
+            if target is None:
+                continue
+            balancer.add(target)
+            points: list[MarkedPoint] | None = offered[target]
+        else:
+            points = choose_points(regions, nearness, count, rng, config)
         if points is None:
             continue
         record = question_record(points, regions, rng)
@@ -347,3 +356,15 @@ def draw_marked(image: Image.Image, points: Sequence[Sequence[int]], labels: Seq
     buffer = io.BytesIO()
     draw_marks(image, points, labels).save(buffer, format="JPEG", quality=95)
     return buffer.getvalue()
+
+
+def cue_rates(questions: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """How often each single cue names the answer over questions with the fields of :func:`question_record`,
+    against chance (the mean of 1/points); e.g. to check curated training questions."""
+    cues = {"lowest_point": lambda q: [y for _, y in q["points"]], "largest_object": lambda q: q["object_areas"],
+            "lowest_object_base": lambda q: q["object_bases"]}
+    rates = {"chance": float(np.mean([1 / len(q["points"]) for q in questions])) if questions else float("nan")}
+    for name, values in cues.items():
+        hits = [q["labels"][int(np.argmax(values(q)))] == q["answer"] for q in questions]
+        rates[name] = float(np.mean(hits)) if hits else float("nan")
+    return rates

@@ -156,10 +156,13 @@ def _row(item: ImageItem, ref_index: int | None, reason: str | None, **measured:
         ann_id=ref.ann_id if ref else None,
         category=ref.category if ref else None,
         sentences=len(ref.sentences) if ref else 0,
+        bbox=[float(value) for value in ref.bbox] if ref and ref.bbox is not None else None,
+        sentence_texts=[sentence.sent or sentence.raw for sentence in ref.sentences] if ref else None,
         status=REJECTED if reason else KEPT,
         reason=reason_code(reason) if reason else None,
         detail=reason,
-        **measured,
+        # The decoded image's size when there is one (ADE20k states none), else the dataset's.
+        **{"width": item.width, "height": item.height, **measured},
     )
 
 
@@ -215,7 +218,7 @@ def assemble(prepared: PreparedImage, depth: DepthResult | None, config: BuildCo
     for index, ref in enumerate(item.refs):
         reason = prepared.reasons[index]
         if reason is not None:
-            rows.append(_row(item, index, reason))
+            rows.append(_row(item, index, reason, width=width, height=height))
             continue
         mask = object_masks[ref.ann_id]
         measured = attributes[ref.ann_id]
@@ -233,7 +236,7 @@ def assemble(prepared: PreparedImage, depth: DepthResult | None, config: BuildCo
             "depth": region_depth,
         })
         rows.append(_row(item, index, None, mask_area=int(mask.sum()), depth_median=region_depth["median"],
-                         depth_rank=measured.depth_rank, description=description))
+                         depth_rank=measured.depth_rank, description=description, width=width, height=height))
 
     marked_jpg = None
     if item.seg_path is not None and prepared.seg_png is not None:
@@ -244,7 +247,7 @@ def assemble(prepared: PreparedImage, depth: DepthResult | None, config: BuildCo
         meta["question"] = questions[0] if questions else None
         if questions:
             marked_jpg = draw_marked(Image.fromarray(pixels), questions[0]["points"], questions[0]["labels"])
-        rows.append(_row(item, None, None))
+        rows.append(_row(item, None, None, width=width, height=height))
     elif not kept:
         timings["assemble"] = time.perf_counter() - started
         return BuiltImage(item.key, None, rows, timings)

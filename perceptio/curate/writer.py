@@ -3,7 +3,8 @@
 For each shard ``NAME`` the writer produces, in this order and each under a temporary name first:
 ``NAME.tar`` (via :class:`perceptio.shards.ShardWriter`), ``NAME.parquet`` (one row per ref, kept
 or rejected, with status and reason; one row per image for ADE20k), and ``NAME_stats.json`` (counts,
-settings, timings), the "shard done" marker. A shard without its marker is unfinished: a re-run
+settings, timings), the "shard done" marker; the side tables go to ``__meta__/`` (see
+:data:`perceptio.shards.META_DIR`). A shard without its marker is unfinished: a re-run
 deletes whatever it left and redoes it. Everything but the timings in the stats is a function of
 the inputs, so a resumed run ends with the same tars and parquets as an uninterrupted one.
 """
@@ -30,12 +31,13 @@ from perceptio.io import atomic_path, write_text_atomic
 from perceptio.shards import (
     DATASET_INFO_NAME,
     KEPT,
-    MANIFEST_NAME,
     STATS_SUFFIX,
     ManifestRow,
     ShardWriter,
+    manifest_path,
     manifest_schema,
     manifest_table,
+    meta_folder,
 )
 
 # Settings that change shard bytes: a resumed run must use the same ones as the finished shards.
@@ -46,11 +48,11 @@ def tar_path(out: Path, name: str) -> Path:
 
 
 def parquet_path(out: Path, name: str) -> Path:
-    return out / f"{name}.parquet"
+    return meta_folder(out) / f"{name}.parquet"
 
 
 def stats_path(out: Path, name: str) -> Path:
-    return out / f"{name}{STATS_SUFFIX}"
+    return meta_folder(out) / f"{name}{STATS_SUFFIX}"
 
 
 def is_done(out: Path, name: str) -> bool:
@@ -61,7 +63,7 @@ def clear_unfinished(out: Path, name: str) -> None:
     """Remove what a killed run may have left of shard ``name`` (final names and temporary files)."""
     for path in (tar_path(out, name), parquet_path(out, name)):
         path.unlink(missing_ok=True)
-    for temporary in out.glob(f".{name}*"):
+    for temporary in [*out.glob(f".{name}*"), *meta_folder(out).glob(f".{name}*")]:
         temporary.unlink(missing_ok=True)
 
 
@@ -191,13 +193,21 @@ class ShardSetWriter:
         self.open.clear()
 
 
-def write_manifest(out: Path, shards: Sequence[ShardPlan], extra_rows: Sequence[ManifestRow]) -> pa.Table:
-    """``manifest.parquet``: every shard's rows in plan order, then rows for refs no shard holds."""
+MANIFEST_METADATA_KEY = b"perceptio"
+
+
+def write_manifest(out: Path, shards: Sequence[ShardPlan], extra_rows: Sequence[ManifestRow],
+                   metadata: dict[str, Any] | None = None) -> pa.Table:
+    """``manifest.parquet``: every shard's rows in plan order, then rows for refs no shard holds;
+    ``metadata`` (dataset, tokenizer and teacher identity, perceptio version) goes into the file's
+    schema metadata under ``perceptio``, as json."""
     schema = manifest_schema()
     tables = [pq.read_table(parquet_path(out, shard.name), schema=schema) for shard in shards]
     tables.append(manifest_table(extra_rows))
     manifest = pa.concat_tables(tables)
-    write_table(out / MANIFEST_NAME, manifest)
+    if metadata is not None:
+        manifest = manifest.replace_schema_metadata({MANIFEST_METADATA_KEY: json.dumps(metadata, sort_keys=True)})
+    write_table(manifest_path(out), manifest)
     return manifest
 
 

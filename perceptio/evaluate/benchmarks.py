@@ -39,7 +39,7 @@ class PredictionLike(Protocol):
 class PredictorLike(Protocol):
     identity: str
 
-    def predict(self, image: Image.Image, prompt: str) -> PredictionLike: ...
+    def predict_batch(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> list[PredictionLike]: ...
 
 
 @dataclass(frozen=True)
@@ -82,24 +82,34 @@ def read_shard_items(shard_dirs: Sequence[str | Path], split: str, per_image: bo
 
 def evaluate_items(
     items: Sequence[Item],
-    evaluate_one: Callable[[Item], dict[str, Any]],
+    predictor: PredictorLike,
+    query: Callable[[Item], tuple[Image.Image, str]],
+    score: Callable[[Item, Any], dict[str, Any]],
     group: ProcessGroup,
     item_id: Callable[[Item], str],
-    advance: Callable[[], None] = lambda: None,
+    batch_size: int = 1,
+    advance: Callable[[int], None] = lambda done: None,
 ) -> list[dict[str, Any]]:
-    """This rank's share evaluated, then every rank's records gathered once each in item order."""
+    """This rank's share generated ``batch_size`` items at a time and scored, then every rank's
+    records gathered once each in item order."""
     records = []
-    for item in group.take(items):
-        records.append(evaluate_one(item))
-        advance()
+    share = group.take(items)
+    for start in range(0, len(share), batch_size):
+        chunk = share[start : start + batch_size]
+        images, prompts = zip(*(query(item) for item in chunk))
+        records.extend(score(item, prediction) for item, prediction in zip(chunk, predictor.predict_batch(images, prompts)))
+        advance(len(chunk))
     return gather_records(records, group, order=[item_id(item) for item in items])
 
 
-def refseg_record(predictor: PredictorLike, item: ShardItem) -> dict[str, Any]:
+def shard_query(item: ShardItem) -> tuple[Image.Image, str]:
+    return item.image(), item.prompt
+
+
+def refseg_score(item: ShardItem, prediction: PredictionLike) -> dict[str, Any]:
     if item.mask_rle is None:
         raise PerceptioError(f"sample {item.id} has no mask to score")
     truth = rle_to_mask(item.mask_rle)
-    prediction = predictor.predict(item.image(), item.prompt)
     missing = prediction.mask is None
     mask = np.zeros_like(truth) if missing else prediction.mask
     overlap = mask_overlap(mask, truth)
@@ -107,8 +117,7 @@ def refseg_record(predictor: PredictorLike, item: ShardItem) -> dict[str, Any]:
             "union": overlap.union, "missing_seg": missing}
 
 
-def depth_record(predictor: PredictorLike, item: ShardItem) -> dict[str, Any]:
-    prediction = predictor.predict(item.image(), item.prompt)
+def depth_score(item: ShardItem, prediction: PredictionLike) -> dict[str, Any]:
     record: dict[str, Any] = {
         "id": item.id, "dataset": item.dataset, "split": item.split, "well_formed": prediction.well_formed,
         "token_accuracy": token_accuracy(prediction.depth_codes, item.teacher_codes),
@@ -132,11 +141,14 @@ def hardblink_prompt(question_text: str, style: str = "depth") -> str:
     return prompts[0].format(question=question_text)
 
 
-def hardblink_record(predictor: PredictorLike, question: HardBlinkQuestion, style: str = "depth",
-                     reader: TokenReader | None = None) -> dict[str, Any]:
-    """The letter the model wrote; with a ``reader``, the decomposition columns too (decomposition.py)."""
+def hardblink_query(question: HardBlinkQuestion, style: str = "depth") -> tuple[Image.Image, str]:
     with Image.open(question.image_path) as image:
-        prediction = predictor.predict(image.convert("RGB"), hardblink_prompt(question.text, style))
+        return image.convert("RGB"), hardblink_prompt(question.text, style)
+
+
+def hardblink_score(question: HardBlinkQuestion, prediction: PredictionLike, reader: TokenReader | None = None,
+                    style: str = "depth") -> dict[str, Any]:
+    """The letter the model wrote; with a ``reader``, the decomposition columns too (decomposition.py)."""
     record = {"id": question.sample_id, "variant": question.variant, "answer": question.answer,
               "choice": parse_choice(prediction.text, question.variant), "reply": prediction.text}
     if reader is not None:

@@ -9,18 +9,18 @@ gathered once per sample and only rank 0 reports.
 from __future__ import annotations
 
 import json
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 from perceptio.errors import PerceptioError, run_cli
 from perceptio.evaluate.distributed import ProcessGroup, init_process_group
+from perceptio.evaluate.synth_blink import SynthBlinkConfig
 from perceptio.io import write_text_atomic
+from perceptio.progress import ProgressLog
 
 app = typer.Typer(
     help="Evaluate a Perceptio checkpoint: refseg (cIoU/gIoU), hardblink (relative depth), depth tokens, predict.",
@@ -43,18 +43,8 @@ TOKENS_OPTION = typer.Option(160, help=TOKENS_HELP)
 THREADS_OPTION = typer.Option(None, help=THREADS_HELP)
 JSON_OPTION = typer.Option(False, "--json", help=JSON_HELP)
 OUT_OPTION = typer.Option(None, help=OUT_HELP)
-
-
-@contextmanager
-def progress_bar(description: str, total: int, group: ProcessGroup) -> Iterator[Callable[[], None]]:
-    """A rich progress bar over this rank's share (drawn by rank 0 only); yields ``advance``."""
-    if not group.is_main:
-        yield lambda: None
-        return
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=console) as progress:
-        task = progress.add_task(description, total=total)
-        yield lambda: progress.advance(task)
+BATCH_OPTION = typer.Option(1, "--batch-size", min=1, help="Samples generated together (left-padded prompts, the format constraint per row; the same tokens as one at a time). 8-16 on a GPU.")
+DTYPE_OPTION = typer.Option("auto", "--dtype", help="Storage of the frozen weights: auto (bfloat16 on a GPU, float32 on the CPU), bfloat16 or float32.")
 
 
 def _limited(items: Sequence[Any], limit: Optional[int]) -> list[Any]:
@@ -88,7 +78,7 @@ def _header(results: dict[str, Any]) -> str:
     return f"{results['benchmark']} | {checkpoint['identity']} | {results['processes']} process(es)"
 
 
-def _load_predictor(checkpoint: Path, max_new_tokens: int, threads: Optional[int]):
+def _load_predictor(checkpoint: Path, max_new_tokens: int, threads: Optional[int], dtype: str = "auto"):
     import torch
 
     from perceptio.evaluate.predict import Predictor
@@ -97,7 +87,7 @@ def _load_predictor(checkpoint: Path, max_new_tokens: int, threads: Optional[int
         if threads < 1:
             raise PerceptioError(f"--threads must be at least 1, not {threads}")
         torch.set_num_threads(threads)
-    return Predictor.from_checkpoint(checkpoint, max_new_tokens=max_new_tokens)
+    return Predictor.from_checkpoint(checkpoint, max_new_tokens=max_new_tokens, dtype=dtype)
 
 
 def _checkpoint_info(checkpoint: Path, predictor: Any) -> dict[str, str]:
@@ -106,14 +96,16 @@ def _checkpoint_info(checkpoint: Path, predictor: Any) -> dict[str, str]:
 
 def _predict_all(
     label: str, items: list, group: ProcessGroup, checkpoint: Path, max_new_tokens: int, threads: Optional[int],
-    record: Callable[[Any, Any], dict], sample_id: Callable[[Any], str],
+    query: Callable[[Any], Any], score: Callable[[Any, Any], dict], sample_id: Callable[[Any], str],
+    batch_size: int = 1, dtype: str = "auto",
 ) -> tuple[Any, list[dict] | None]:
     """Load the model, score this process's share of ``items``, gather; records on rank 0 only."""
     from perceptio.evaluate.benchmarks import evaluate_items
 
-    predictor = _load_predictor(checkpoint, max_new_tokens, threads)
-    with progress_bar(label, _share(items, group), group) as advance:
-        records = evaluate_items(items, lambda item: record(predictor, item), group, sample_id, advance)
+    predictor = _load_predictor(checkpoint, max_new_tokens, threads, dtype)
+    with ProgressLog(label, _share(items, group), unit="samples", enabled=group.is_main) as progress:
+        records = evaluate_items(items, predictor, query, score, group, sample_id, batch_size,
+                                 lambda done: progress.update(progress.completed + done))
     return predictor, records if group.is_main else None
 
 
@@ -125,11 +117,13 @@ def refseg(
     limit: Optional[int] = LIMIT_OPTION,
     max_new_tokens: int = TOKENS_OPTION,
     threads: Optional[int] = THREADS_OPTION,
+    batch_size: int = BATCH_OPTION,
+    dtype: str = DTYPE_OPTION,
     as_json: bool = JSON_OPTION,
     out: Optional[Path] = OUT_OPTION,
 ) -> None:
     """Referring segmentation: cIoU, gIoU and precision@0.5 per dataset and split (every sentence one sample)."""
-    from perceptio.evaluate.benchmarks import read_shard_items, refseg_record
+    from perceptio.evaluate.benchmarks import read_shard_items, refseg_score, shard_query
     from perceptio.evaluate.metrics import refseg_scores_by_group
 
     group = init_process_group()
@@ -137,7 +131,7 @@ def refseg(
     if not items:
         raise PerceptioError(f"no referring expressions in split {split!r} of {', '.join(map(str, shards))}")
     predictor, records = _predict_all(f"refseg {split}", items, group, checkpoint, max_new_tokens, threads,
-                                      refseg_record, lambda item: item.id)
+                                      shard_query, refseg_score, lambda item: item.id, batch_size, dtype)
     if records is None:
         return
     scores = refseg_scores_by_group(records)
@@ -169,6 +163,8 @@ def hardblink(
     limit: Optional[int] = LIMIT_OPTION,
     max_new_tokens: int = TOKENS_OPTION,
     threads: Optional[int] = THREADS_OPTION,
+    batch_size: int = BATCH_OPTION,
+    dtype: str = DTYPE_OPTION,
     as_json: bool = JSON_OPTION,
     out: Optional[Path] = OUT_OPTION,
 ) -> None:
@@ -178,7 +174,7 @@ def hardblink(
     (a) the answer read from the ground-truth tokens (with --world), (b) the answer read from the
     tokens the model generated, (c) the letter it wrote, and the token accuracy of its spans.
     """
-    from perceptio.evaluate.benchmarks import ANSWER_STYLES, hardblink_record
+    from perceptio.evaluate.benchmarks import ANSWER_STYLES, hardblink_query, hardblink_score
     from perceptio.evaluate.decomposition import TokenReader, decomposition_scores
     from perceptio.evaluate.hardblink import load_hardblink, score_hardblink
 
@@ -192,7 +188,7 @@ def hardblink(
         raise PerceptioError(f"--world {world} is not a synthetic world (no depth/ folder)")
     group = init_process_group()
     questions = _limited(load_hardblink(data, chosen), limit)
-    predictor = _load_predictor(checkpoint, max_new_tokens, threads)
+    predictor = _load_predictor(checkpoint, max_new_tokens, threads, dtype)
     model = predictor.model
     style = answer if answer != "auto" else ("depth" if model.config.use_depth_tokens else "direct")
     vqvae = model.depth_vqvae
@@ -203,9 +199,11 @@ def hardblink(
     reader = TokenReader(vqvae, world) if vqvae is not None and any("points" in q.row for q in questions) else None
     from perceptio.evaluate.benchmarks import evaluate_items
 
-    with progress_bar("hardblink", _share(questions, group), group) as advance:
-        records = evaluate_items(questions, lambda question: hardblink_record(predictor, question, style, reader), group,
-                                 lambda question: question.sample_id, advance)
+    with ProgressLog("hardblink", _share(questions, group), unit="samples", enabled=group.is_main) as progress:
+        records = evaluate_items(questions, predictor, lambda question: hardblink_query(question, style),
+                                 lambda question, prediction: hardblink_score(question, prediction, reader, style),
+                                 group, lambda question: question.sample_id, batch_size,
+                                 lambda done: progress.update(progress.completed + done))
     if not group.is_main:
         return
     scores = score_hardblink(records)
@@ -244,11 +242,13 @@ def depth(
     limit: Optional[int] = LIMIT_OPTION,
     max_new_tokens: int = TOKENS_OPTION,
     threads: Optional[int] = THREADS_OPTION,
+    batch_size: int = BATCH_OPTION,
+    dtype: str = DTYPE_OPTION,
     as_json: bool = JSON_OPTION,
     out: Optional[Path] = OUT_OPTION,
 ) -> None:
     """Depth tokens: well-formed span rate, token accuracy and decoded depth against the teacher (one sample per image)."""
-    from perceptio.evaluate.benchmarks import depth_record, read_shard_items
+    from perceptio.evaluate.benchmarks import depth_score, read_shard_items, shard_query
     from perceptio.evaluate.metrics import depth_token_scores
 
     group = init_process_group()
@@ -256,7 +256,7 @@ def depth(
     if not items:
         raise PerceptioError(f"no samples in split {split!r} of {', '.join(map(str, shards))}")
     predictor, records = _predict_all(f"depth {split}", items, group, checkpoint, max_new_tokens, threads,
-                                      depth_record, lambda item: item.id)
+                                      shard_query, depth_score, lambda item: item.id, batch_size, dtype)
     if records is None:
         return
     scores = depth_token_scores(records)
@@ -277,6 +277,9 @@ def depth(
     report(results, table, as_json, out)
 
 
+SYNTH_BLINK_DEFAULTS = SynthBlinkConfig()
+
+
 @app.command("synth-blink")
 def synth_blink(
     world: Path = typer.Option(..., help="A synthetic world (perceptio-curate synth); use one the model was not trained on."),
@@ -285,6 +288,7 @@ def synth_blink(
     questions_per_image: int = typer.Option(1, help="Questions per image and point count, each on its own objects and points."),
     hard: bool = typer.Option(False, "--hard/--easy", help="Balance the split so that the lowest point and the point on the largest object are nearest only as often as chance."),
     seed: int = typer.Option(0, help="Seed of the choice of objects, points and letters."),
+    min_answer_gap: float = typer.Option(SYNTH_BLINK_DEFAULTS.min_answer_gap, help="How much nearer (relative depth) the nearest point is than the next."),
     tokenizer: Optional[Path] = typer.Option(None, help="Depth tokenizer folder: also report the answer read from the ground-truth depth tokens (the ceiling)."),
     as_json: bool = JSON_OPTION,
     json_out: Optional[Path] = typer.Option(None, "--json-out", help="Also write the counts and scores as JSON to this file."),
@@ -295,7 +299,9 @@ def synth_blink(
 
     if questions_per_image < 1:
         raise PerceptioError(f"--questions-per-image must be at least 1, not {questions_per_image}")
-    config = SynthBlinkConfig(seed=seed, hard=hard, questions_per_image=questions_per_image)
+    if min_answer_gap < 0:
+        raise PerceptioError(f"--min-answer-gap must be at least 0, not {min_answer_gap}")
+    config = SynthBlinkConfig(seed=seed, hard=hard, questions_per_image=questions_per_image, min_answer_gap=min_answer_gap)
     counts = build_questions(world, out, config, limit_per_variant=per_variant)
     if not any(counts.values()):
         raise PerceptioError(f"{world} gave no question (too few visible objects per image)")
@@ -305,7 +311,7 @@ def synth_blink(
 
         scores["gt_token_ceiling"] = token_ceiling(out, world, DepthVQVAE.from_pretrained(tokenizer))
     results = {"benchmark": "synth-blink", "world": str(world), "out": str(out), "split": "hard" if hard else "easy",
-               "seed": seed, "questions": {str(v): n for v, n in counts.items()},
+               "seed": seed, "min_answer_gap": min_answer_gap, "questions": {str(v): n for v, n in counts.items()},
                "scores": {name: {str(v): value for v, value in by_variant.items()} for name, by_variant in scores.items()}}
     variants = [variant for variant, count in counts.items() if count]
     table = Table(title=f"synthetic HardBLINK ({results['split']}) in {out}: accuracy % per point count")
@@ -324,6 +330,7 @@ def predict(
     prompt: str = typer.Option(..., help="What to ask, e.g. 'Please segment the object described as \"the red cube\".'"),
     out: Path = typer.Option(..., help="Picture to write (PNG): the mask, the depth and the answer."),
     max_new_tokens: int = TOKENS_OPTION,
+    dtype: str = DTYPE_OPTION,
     threads: Optional[int] = THREADS_OPTION,
     as_json: bool = typer.Option(False, "--json", help="Print the answer, span and mask facts as JSON."),
 ) -> None:
@@ -340,7 +347,7 @@ def predict(
             picture = opened.convert("RGB")
     except (UnidentifiedImageError, OSError) as error:
         raise PerceptioError(f"cannot read image {image}: {error}") from None
-    predictor = _load_predictor(checkpoint, max_new_tokens, threads)
+    predictor = _load_predictor(checkpoint, max_new_tokens, threads, dtype)
     prediction = predictor.predict(picture, prompt)
     notes = f"{predictor.identity}; depth span {'well formed' if prediction.well_formed else 'missing or malformed'}"
     save_png(render_prediction(picture, prediction.mask, prediction.depth, prompt, prediction.text, notes), out)

@@ -17,6 +17,7 @@ import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -76,14 +77,16 @@ class Predictor:
         return self.model.depth_token_ids.device
 
     @classmethod
-    def from_checkpoint(cls, folder: str | Path, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS) -> "Predictor":
-        """Load an exported model onto this process's GPU (``LOCAL_RANK`` under torchrun) or the CPU."""
+    def from_checkpoint(cls, folder: str | Path, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+                        dtype: str | None = None) -> "Predictor":
+        """Load an exported model onto this process's GPU (``LOCAL_RANK`` under torchrun) or the CPU;
+        ``dtype``: storage of the frozen weights (auto: bf16 on a GPU), as in training."""
         from perceptio.train.model import PerceptioModel
 
         folder = Path(folder)
         if not folder.is_dir():
             raise PerceptioError(f"checkpoint folder not found: {folder}")
-        model = PerceptioModel.from_pretrained(folder)
+        model = PerceptioModel.from_pretrained(folder, dtype=dtype)
         if torch.cuda.is_available():
             model = model.to(torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))))
         return cls(model, checkpoint_identity(folder), max_new_tokens)
@@ -100,47 +103,87 @@ class Predictor:
             max_length=prompt_length + self.max_new_tokens,
         )
 
-    @torch.inference_mode()
     def predict(self, image: Image.Image, prompt: str) -> Prediction:
-        model = self.model
-        image = image.convert("RGB")
-        processor = model.processor
-        pixel_values = processor.pixel_values(image).to(self.device, model.adapter.model.dtype)
-        prompt_text = processor.prompt_text(prompt, num_tiles=pixel_values.shape[0])
-        input_ids = torch.tensor([processor.token_ids(prompt_text)], device=self.device)
-        attention_mask = torch.ones_like(input_ids)
-        output = model.adapter.model.generate(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            pixel_values=pixel_values,
-            max_new_tokens=self.max_new_tokens,
-            do_sample=False,
-            logits_processor=LogitsProcessorList([self._processor(input_ids.shape[1])]),
-            eos_token_id=self.end_of_turn_id,
-            pad_token_id=self.pad_id,
-        )
-        generated = output[0, input_ids.shape[1] :].tolist()
-        well_formed, codes = depth_span(generated, self.vocabulary)
-        return Prediction(
-            text=model.processor.tokenizer.decode(generated, skip_special_tokens=True).strip(),
-            token_ids=generated,
-            mask=self._mask(image, output, pixel_values, len(input_ids[0]), generated),
-            depth=self._depth(codes) if well_formed else None,
-            depth_codes=codes,
-            well_formed=well_formed,
-        )
+        return self.predict_batch([image], [prompt])[0]
 
-    def _mask(self, image: Image.Image, sequence: torch.Tensor, pixel_values: torch.Tensor, prompt_length: int,
-              generated: list[int]) -> np.ndarray | None:
+    @torch.inference_mode()
+    def predict_batch(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> list[Prediction]:
+        """Generate for several (image, prompt) pairs at once: prompts left-padded, greedy, the
+        format constraint applied per row; the same tokens as one call per pair."""
         model = self.model
-        if model.segmenter is None or model.seg_token_id not in generated:
-            return None
-        position = prompt_length + generated.index(model.seg_token_id)
-        hidden = model.adapter.last_hidden_state(sequence, torch.ones_like(sequence), pixel_values)
-        seg_hidden = hidden[:, position]
-        sam_pixels = model.processor.sam_pixel_values(image)[None].to(seg_hidden.device, seg_hidden.dtype)
-        masks = model.segmenter.predict_masks(sam_pixels, seg_hidden, size=(image.height, image.width))
-        return masks[0].cpu().numpy().astype(np.uint8)
+        processor = model.processor
+        pictures = [image.convert("RGB") for image in images]
+        tiles = [processor.pixel_values(picture) for picture in pictures]
+        prompt_ids = [processor.token_ids(processor.prompt_text(prompt, num_tiles=len(values)))
+                      for prompt, values in zip(prompts, tiles)]
+        width = max(len(ids) for ids in prompt_ids)
+        input_ids = torch.tensor([[self.pad_id] * (width - len(ids)) + ids for ids in prompt_ids], device=self.device)
+        attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in prompt_ids], device=self.device)
+        pixel_values = torch.cat(tiles).to(self.device, self._pixel_dtype())
+        with self._autocast():
+            output = model.adapter.model.generate(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                pixel_values=pixel_values,
+                max_new_tokens=self.max_new_tokens,
+                do_sample=False,
+                logits_processor=LogitsProcessorList([self._processor(width)]),
+                eos_token_id=self.end_of_turn_id,
+                pad_token_id=self.pad_id,
+            )
+        generated = [self._until_end(row[width:].tolist()) for row in output]
+        sequences = [ids + tokens for ids, tokens in zip(prompt_ids, generated)]
+        masks = self._masks(pictures, tiles, sequences, prompt_ids, generated)
+        predictions = []
+        for tokens, mask in zip(generated, masks):
+            well_formed, codes = depth_span(tokens, self.vocabulary)
+            predictions.append(Prediction(
+                text=processor.tokenizer.decode(tokens, skip_special_tokens=True).strip(),
+                token_ids=tokens,
+                mask=mask,
+                depth=self._depth(codes) if well_formed else None,
+                depth_codes=codes,
+                well_formed=well_formed,
+            ))
+        return predictions
+
+    def _until_end(self, tokens: list[int]) -> list[int]:
+        """A row's new tokens up to its end-of-turn (rows that finish early are padded after it)."""
+        return tokens[: tokens.index(self.end_of_turn_id) + 1] if self.end_of_turn_id in tokens else tokens
+
+    def _pixel_dtype(self) -> torch.dtype:
+        return next(self.model.adapter.vision_modules()[0].parameters()).dtype
+
+    def _autocast(self):
+        """bf16 autocast where bf16 weights are present (frozen bf16 beside fp32 trained weights)."""
+        holds_bf16 = any(parameter.dtype == torch.bfloat16 for parameter in self.model.parameters())
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=holds_bf16)
+
+    def _masks(self, pictures: list[Image.Image], tiles: list[torch.Tensor], sequences: list[list[int]],
+               prompt_ids: list[list[int]], generated: list[list[int]]) -> list[np.ndarray | None]:
+        """Masks of the rows that generated [SEG]: their unpadded sequences, right-padded into one
+        forward (causal attention: the padding after a row changes nothing before it)."""
+        model = self.model
+        rows = [row for row, tokens in enumerate(generated)
+                if model.segmenter is not None and model.seg_token_id in tokens]
+        masks: list[np.ndarray | None] = [None] * len(generated)
+        if not rows:
+            return masks
+        width = max(len(sequences[row]) for row in rows)
+        ids = torch.tensor([sequences[row] + [self.pad_id] * (width - len(sequences[row])) for row in rows], device=self.device)
+        attention = torch.tensor([[1] * len(sequences[row]) + [0] * (width - len(sequences[row])) for row in rows],
+                                 device=self.device)
+        pixel_values = torch.cat([tiles[row] for row in rows]).to(self.device, self._pixel_dtype())
+        with self._autocast():
+            hidden = model.adapter.last_hidden_state(ids, attention, pixel_values)
+            for index, row in enumerate(rows):
+                position = len(prompt_ids[row]) + generated[row].index(model.seg_token_id)
+                seg_hidden = hidden[index : index + 1, position]
+                picture = pictures[row]
+                sam_pixels = model.processor.sam_pixel_values(picture)[None].to(seg_hidden.device, self._pixel_dtype())
+                predicted = model.segmenter.predict_masks(sam_pixels, seg_hidden, size=(picture.height, picture.width))
+                masks[row] = predicted[0].cpu().numpy().astype(np.uint8)
+        return masks
 
     def _depth(self, codes: list[int]) -> np.ndarray | None:
         vqvae = self.model.depth_vqvae

@@ -5,7 +5,8 @@ For a world written by :func:`perceptio.sources.synth.generate_world`, each ques
 closest to the camera; the renderer's depth at the marked pixels decides the answer. The points
 come from :mod:`perceptio.curate.marked_points`, the construction curation uses for training
 questions: each point lies inside its object's eroded mask, points are at least
-``min_distance_px`` apart and their true depths differ pairwise by at least ``min_relative_gap``.
+``min_distance_px`` apart, their true depths differ pairwise by at least ``min_relative_gap`` and
+the nearest is nearer than the next by at least ``min_answer_gap``.
 
 Two splits:
 
@@ -64,6 +65,9 @@ class SynthBlinkConfig:
     erosion_px: int = 3  # points keep this distance from their object's visible border
     min_distance_px: float = 24.0
     min_relative_gap: float = 0.05  # true depths of any two points differ by at least 5%
+    # ... and the nearest point is nearer than the next by at least 25%: at smaller gaps the 10x10
+    # depth tokens of a fitted tokenizer cannot tell the two apart (the ceiling drops towards chance).
+    min_answer_gap: float = 0.25
     attempts: int = 200
     questions_per_image: int = 1  # per point count, each on its own draw of objects and points
     hard: bool = False  # balance the lowest-point and largest-object cues to chance
@@ -72,6 +76,7 @@ class SynthBlinkConfig:
     def marked_points(self) -> MarkedPointsConfig:
         # Nearness is -log(depth): a relative depth gap of 5% is an absolute gap of log(1.05).
         return MarkedPointsConfig(min_distance_px=self.min_distance_px, min_gap=math.log1p(self.min_relative_gap),
+                                  min_answer_gap=math.log1p(self.min_answer_gap),
                                   erosion_px=self.erosion_px, min_object_pixels=self.min_object_pixels,
                                   attempts=self.attempts, balanced=self.hard)
 

@@ -19,8 +19,10 @@ import numpy as np
 from perceptio.errors import PerceptioError
 from perceptio.shards import (
     DATASET_INFO_NAME,
-    MANIFEST_NAME,
     ShardFile,
+    dataset_folders,
+    manifest_path,
+    meta_folder,
     ShardSample,
     iter_shard,
     read_parquet_rows,
@@ -47,7 +49,7 @@ class ShardFolder:
             root, candidates = location, sorted(location.glob("*.tar"))
         else:
             raise PerceptioError(f"{location} is neither a shard folder nor a .tar file")
-        shards, strays = [], sorted(root.glob(".*.tmp"))
+        shards, strays = [], sorted([*root.glob(".*.tmp"), *meta_folder(root).glob(".*.tmp")])
         for path in candidates:
             shard = ShardFile.parse(path)
             if shard is None:
@@ -68,8 +70,8 @@ class ShardFolder:
                 dataset_info = json.loads(info_path.read_text())
             except ValueError as error:
                 raise PerceptioError(f"{info_path} is not valid json: {error}") from error
-        manifest_path = root / MANIFEST_NAME
-        return cls(root, shards, dataset_info, manifest_path if manifest_path.is_file() else None, strays)
+        manifest = manifest_path(root)
+        return cls(root, shards, dataset_info, manifest if manifest.is_file() else None, strays)
 
     def groups(self) -> dict[tuple[str, str], list[ShardFile]]:
         grouped: dict[tuple[str, str], list[ShardFile]] = defaultdict(list)
@@ -93,12 +95,7 @@ class ShardFolder:
 def open_folders(location: str | Path) -> list[ShardFolder]:
     """The shard folder at ``location``, or each shard folder directly under it (curation writes one
     folder per dataset, so ``SHARDS/`` may hold ``refcoco/``, ``ade20k/``, ...)."""
-    location = Path(location)
-    if location.is_dir() and not any(location.glob("*.tar")):
-        children = sorted(child for child in location.iterdir() if child.is_dir() and any(child.glob("*.tar")))
-        if children:
-            return [ShardFolder.open(child) for child in children]
-    return [ShardFolder.open(location)]
+    return [ShardFolder.open(folder) for folder in dataset_folders(location)]
 
 
 def find_sample(

@@ -26,6 +26,7 @@ from perceptio.shards import (
     QUESTION_FIELD,
     QUESTIONS_FIELD,
     QUESTION_TYPES,
+    QUESTIONS_FIELD,
     REF_TYPES,
     ShardFile,
     ShardSample,

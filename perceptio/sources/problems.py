@@ -24,6 +24,7 @@ class Problem:
     kind: str
     id: int | str
     reason: str
+    split: str | None = None  # the split of the dropped ref, when the input said it
 
     def __str__(self) -> str:
         return f"{self.kind} {self.id}: {self.reason}"

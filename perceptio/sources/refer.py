@@ -6,6 +6,7 @@ Layout under ``data_root`` (as ``lichengunc/refer`` expects it)::
     refcoco+/instances.json refcoco+/refs(unc).p
     refcocog/instances.json refcocog/refs(umd).p refcocog/refs(google).p
     images/mscoco/images/train2014/COCO_train2014_{image_id:012d}.jpg
+    (or the folder recorded in perceptio-data.json by ``perceptio-curate download --images-dir``)
 
 ``instances.json`` is COCO (``images``, ``annotations``, ``categories``); ``refs(<split_by>).p`` is a
 Python 2 pickle of a list of refs, loaded here with a restricted unpickler (safe_pickle.py).
@@ -40,6 +41,7 @@ from PIL import Image
 
 from perceptio.errors import PerceptioError
 from perceptio.recipes import load_recipe
+from perceptio.sources.data_root import coco_image_dir
 from perceptio.sources.masks import parse_segmentation, segmentation_to_mask
 from perceptio.sources.problems import BadImage, Problem, decode_image, percent_text
 from perceptio.sources.safe_pickle import load_plain_pickle
@@ -48,7 +50,6 @@ from perceptio.sources.safe_pickle import load_plain_pickle
 SPLIT_BYS = {"refcoco": ("unc", "google"), "refcoco+": ("unc",), "refcocog": ("umd", "google")}
 # Official split order; any other split found in a file is listed after these, alphabetically.
 SPLIT_ORDER = ("train", "val", "test", "testA", "testB", "testC")
-IMAGE_DIR = Path("images", "mscoco", "images", "train2014")
 COUNTS_RECIPE = "refer_counts.json"
 REF_KEYS = ("ref_id", "ann_id", "image_id", "category_id", "split", "sentences")
 
@@ -126,9 +127,11 @@ class ReferDataset:
         self.dataset = dataset
         self.split_by = split_by
         self.name = f"{dataset}-{split_by}"
-        self.image_dir = self.data_root / IMAGE_DIR
+        self.image_dir = coco_image_dir(self.data_root)
         if not self.image_dir.is_dir():
-            raise PerceptioError(f"image folder {self.image_dir} not found (REFER keeps COCO train2014 there)")
+            raise PerceptioError(
+                f"image folder {self.image_dir} not found (COCO train2014: perceptio-curate download coco2014, or --images-dir)"
+            )
         self.problems: list[Problem] = []
         self._unusable_annotations: set[int] = set()
 
@@ -154,8 +157,8 @@ class ReferDataset:
 
     # -- loading -------------------------------------------------------------------------------
 
-    def _report(self, kind: str, item_id: int | str, reason: str) -> None:
-        self.problems.append(Problem(kind, item_id, reason))
+    def _report(self, kind: str, item_id: int | str, reason: str, split: Any = None) -> None:
+        self.problems.append(Problem(kind, item_id, reason, str(split) if split is not None else None))
 
     def _index_images(self, images: list[dict[str, Any]]) -> dict[int, ImageInfo]:
         indexed = {}
@@ -193,33 +196,35 @@ class ReferDataset:
         if not isinstance(raw, dict) or any(key not in raw for key in REF_KEYS):
             missing = [key for key in REF_KEYS if not isinstance(raw, dict) or key not in raw]
             ref_id = raw.get("ref_id", f"#{position}") if isinstance(raw, dict) else f"#{position}"
-            self._report("bad_ref", ref_id, f"ref lacks {', '.join(missing)}; dropped")
+            split = raw.get("split") if isinstance(raw, dict) else None
+            self._report("bad_ref", ref_id, f"ref lacks {', '.join(missing)}; dropped", split)
             return None
         try:
             return self._checked_ref(raw)
         except (KeyError, TypeError, ValueError, AttributeError) as error:
-            self._report("bad_ref", raw["ref_id"], f"malformed ref ({type(error).__name__}: {error}); dropped")
+            self._report("bad_ref", raw["ref_id"], f"malformed ref ({type(error).__name__}: {error}); dropped", raw["split"])
             return None
 
     def _checked_ref(self, raw: dict[str, Any]) -> Ref | None:
         ref_id, ann_id, image_id = int(raw["ref_id"]), int(raw["ann_id"]), int(raw["image_id"])
+        split = raw["split"]
         ann = self.annotations.get(ann_id)
         if ann is None:
             if ann_id in self._unusable_annotations:
-                self._report("unusable_annotation", ref_id, f"annotation {ann_id} has nothing to draw; ref dropped")
+                self._report("unusable_annotation", ref_id, f"annotation {ann_id} has nothing to draw; ref dropped", split)
             else:
-                self._report("unknown_annotation", ref_id, f"annotation {ann_id} is not in instances.json; ref dropped")
+                self._report("unknown_annotation", ref_id, f"annotation {ann_id} is not in instances.json; ref dropped", split)
             return None
         if image_id not in self.images:
-            self._report("unknown_image", ref_id, f"image {image_id} is not in instances.json; ref dropped")
+            self._report("unknown_image", ref_id, f"image {image_id} is not in instances.json; ref dropped", split)
             return None
         if int(ann["image_id"]) != image_id:
             why = f"annotation {ann_id} is on image {ann['image_id']}, the ref says {image_id}; ref dropped"
-            self._report("image_mismatch", ref_id, why)
+            self._report("image_mismatch", ref_id, why, split)
             return None
         sentences = [_sentence(sentence) for sentence in raw["sentences"]]
         file_name = self.images[image_id].file_name
-        return Ref(ref_id, ann_id, image_id, int(raw["category_id"]), str(raw["split"]), file_name, sentences)
+        return Ref(ref_id, ann_id, image_id, int(raw["category_id"]), str(split), file_name, sentences)
 
     def _report_missing_images(self) -> None:
         # One directory listing instead of a stat per image: train2014 holds ~83k files.

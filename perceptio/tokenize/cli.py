@@ -26,9 +26,9 @@ from rich.table import Table
 from perceptio.errors import PerceptioError, run_cli
 from perceptio.io import atomic_path, write_text_atomic
 from perceptio.tokenize.cache import DepthCache, default_cache_dir
-from perceptio.tokenize.data import DepthSource, list_images, split_held_out
+from perceptio.tokenize.data import DepthSource, MaskSource, list_images, split_held_out
 from perceptio.tokenize.config import DEPTH_SOURCES, DepthDataConfig, DepthVQVAEConfig, FitConfig
-from perceptio.tokenize.fit import evaluate, train
+from perceptio.tokenize.fit import evaluate, evaluate_pairs, train
 from perceptio.tokenize.metrics import codebook_usage
 from perceptio.tokenize.teacher import (
     DEFAULT_DEPTH_ENCODING,
@@ -157,7 +157,11 @@ def _render_metrics(title: str, rows: dict[str, dict[str, float]]) -> None:
 @app.command()
 def fit(
     data_root: Path = DATA_ROOT_OPTION,
-    dataset: Dataset = DATASET_OPTION,
+    datasets: list[Dataset] = typer.Option(
+        [Dataset.synth], "--dataset",
+        help="Whose images (repeat for several: one tokenizer for all of them; images they share count once): "
+        "REFER train images, ADE20k training images, or the whole synthetic world.",
+    ),
     out: Path = typer.Option(..., "--out", help="Tokenizer folder to write (and to resume from)."),
     depth_model: str = DEPTH_MODEL_OPTION,
     depth_source: DepthSourceName = DEPTH_SOURCE_OPTION,
@@ -174,9 +178,10 @@ def fit(
     seed: int = typer.Option(FitConfig.seed, "--seed", help="Seed of every random draw of the fit."),
     threads: int = THREADS_OPTION,
 ) -> None:
-    """Fit a depth tokenizer on a dataset's teacher depth, evaluate it on held-out images, save it to --out."""
+    """Fit a depth tokenizer on the teacher depth of one or more datasets, evaluate it on held-out images, save it to --out."""
     _set_threads(threads)
-    paths = list_images(data_root, dataset.value)
+    names = list(dict.fromkeys(dataset.value for dataset in datasets))
+    paths = sorted({path for name in names for path in list_images(data_root, name)})
     if max_images is not None:
         paths = paths[:max_images]
     train_paths, held_out_paths = split_held_out(paths, held_out_fraction)
@@ -185,7 +190,8 @@ def fit(
     fit_config = FitConfig(steps=steps, batch_size=batch_size, learning_rate=learning_rate, seed=seed)
     out.mkdir(parents=True, exist_ok=True)
     record = {
-        "dataset": dataset.value,
+        "dataset": "+".join(names),
+        "datasets": names,
         "data_root": str(data_root.resolve()),
         "teacher": source.teacher.identity,
         "depth_source": depth_source.value,
@@ -216,7 +222,7 @@ def fit(
     if held_out_paths:
         depths = _depths_with_progress(source, held_out_paths, teacher_batch_size, "teacher depth (held out)", list)
         results["held-out"] = evaluate(model, [depth for batch in depths for depth in batch])
-        _render_metrics(f"{out}: held-out reconstruction ({dataset.value})", {"held-out": results["held-out"]})
+        _render_metrics(f"{out}: held-out reconstruction ({' + '.join(names)})", {"held-out": results["held-out"]})
     write_text_atomic(out / METRICS_RECORD, json.dumps({"identity": model.identity, **results}, indent=2) + "\n")
     usage = results["train codebook"]
     console.print(f"codes used on train: {usage['codes_used']}/{num_codes}, perplexity {usage['perplexity']:.1f}")
@@ -237,29 +243,51 @@ def eval_command(
     device: Optional[str] = DEVICE_OPTION,
     teacher_batch_size: int = TEACHER_BATCH_OPTION,
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    pairs: bool = typer.Option(True, "--pairs/--no-pairs", help="Also score object-pair order: of the object pairs (synth instances, REFER ref masks, ADE20k thing segments) whose teacher depths differ by > 5%, the share whose order the reconstruction keeps."),
     threads: int = THREADS_OPTION,
 ) -> None:
-    """Score a tokenizer's round trip (AbsRel, RMSE, delta<1.25 after scale-and-shift; codebook use)."""
+    """Score a tokenizer's round trip (AbsRel, RMSE, delta<1.25 after scale-and-shift; codebook use)
+    and, on a dataset, the near/far order of its object pairs."""
     _set_threads(threads)
     model = DepthVQVAE.from_pretrained(tokenizer, device=device)
     rows: dict[str, dict[str, float]] = {}
+    pair_rows: dict[str, dict[str, Any]] = {}
     if data_root is not None:
         paths = list_images(data_root, dataset.value)
         if split is HeldOut.held_out:
             fraction = _recorded_held_out_fraction(tokenizer)
             paths = split_held_out(paths, fraction)[1]
         source = _make_source(depth_source, depth_model, data_root, cache_dir, device, teacher_batch_size)
-        depths = _depths_with_progress(source, paths, teacher_batch_size, f"teacher depth ({split.value})", list)
-        rows[f"{dataset.value} {split.value}"] = evaluate(model, [depth for batch in depths for depth in batch])
+        depths = [depth for batch in _depths_with_progress(source, paths, teacher_batch_size, f"teacher depth ({split.value})", list)
+                  for depth in batch]
+        name = f"{dataset.value} {split.value}"
+        rows[name] = evaluate(model, depths)
+        mask_source = MaskSource(data_root, dataset.value) if pairs else None
+        if mask_source is not None and not mask_source.available:
+            progress_console.print(f"no object masks under {data_root} (no instances/): object pairs not scored")
+        elif mask_source is not None:
+            pair_rows[name] = evaluate_pairs(model, depths, (mask_source.masks(path) for path in paths))
     if depth_png:
         for path in depth_png:
             rows[path.name] = evaluate(model, [inverse_depth_from_metres(read_depth_png(path, depth_encoding))])
     if not rows:
         raise PerceptioError("nothing to evaluate: give --data-root and/or --depth-png")
     if as_json:
-        typer.echo(json.dumps({"identity": model.identity, **rows}, indent=2))
+        typer.echo(json.dumps({"identity": model.identity, **rows, **({"object_pairs": pair_rows} if pair_rows else {})}, indent=2))
     else:
         _render_metrics(f"{model.identity}", rows)
+        if pair_rows:
+            _render_pairs(pair_rows)
+
+
+def _render_pairs(rows: dict[str, dict[str, Any]]) -> None:
+    table = Table(title="object pairs whose depths differ by > 5%: share whose near/far order is kept")
+    for column in ("set", "images", "pairs", "decoded", "normalised input", "lower is nearer"):
+        table.add_column(column, justify="right" if column != "set" else "left")
+    for name, values in rows.items():
+        shares = [values[key] for key in ("decoded", "normalised input", "lower is nearer")]
+        table.add_row(name, str(values["images"]), str(values["pairs"]), *("-" if v is None else f"{v:.1%}" for v in shares))
+    console.print(table)
 
 
 def _recorded_held_out_fraction(tokenizer: Path) -> float:

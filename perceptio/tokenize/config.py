@@ -15,6 +15,10 @@ from perceptio.errors import PerceptioError
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+# ``model_type`` in config.json, as transformers configs carry one: what kind of folder this is.
+MODEL_TYPE = "perceptio-depth-vqvae"
+# What a tokenizer folder (or hub repository) holds.
+TOKENIZER_FILES = (CONFIG_NAME, WEIGHTS_NAME, "*.json", "README.md")
 NORMALIZATIONS = ("robust-minmax-inverse-depth",)
 DEFAULT_DEPTH_MODEL = "depth-anything/Depth-Anything-V2-Small-hf"
 DEPTH_SOURCES = ("model", "gt")  # Depth Anything through the depth cache, or DATA_ROOT/depth ground truth

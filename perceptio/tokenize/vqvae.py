@@ -23,8 +23,9 @@ import hashlib
 import json
 import math
 import os
-from pathlib import Path
+import tempfile
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Iterator, NamedTuple, Sequence
 
 import numpy as np
@@ -34,8 +35,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from perceptio.errors import PerceptioError
+from perceptio.hub import push_folder, resolve_folder
 from perceptio.io import atomic_path, write_text_atomic
-from perceptio.tokenize.config import CONFIG_NAME, WEIGHTS_NAME, DepthVQVAEConfig
+from perceptio.tokenize.config import CONFIG_NAME, MODEL_TYPE, TOKENIZER_FILES, WEIGHTS_NAME, DepthVQVAEConfig
 
 PERCENTILE_STRIDE = 4
 
@@ -311,24 +313,52 @@ class DepthVQVAE(nn.Module):
         state = {key: tensor.detach().cpu().contiguous() for key, tensor in self.state_dict().items()}
         with atomic_path(directory / WEIGHTS_NAME) as temporary:
             save_file(state, str(temporary), metadata={"format": "pt"})
-        write_text_atomic(directory / CONFIG_NAME, json.dumps(self.config.to_dict(), indent=2) + "\n")
+        # model_type is written beside the config fields, not among them: the identity stays a
+        # function of the fields and the weights alone.
+        saved = {"model_type": MODEL_TYPE, **self.config.to_dict()}
+        write_text_atomic(directory / CONFIG_NAME, json.dumps(saved, indent=2) + "\n")
 
     @classmethod
     def from_pretrained(
-        cls, directory: str | os.PathLike[str], device: str | torch.device | None = None
+        cls, name_or_path: str | os.PathLike[str], device: str | torch.device | None = None, revision: str | None = None
     ) -> "DepthVQVAE":
-        """Load a tokenizer saved by :meth:`save_pretrained`, in eval mode."""
-        directory = Path(directory)
+        """Load a tokenizer saved by :meth:`save_pretrained` (a folder, or a hub id fetched into the
+        standard Hugging Face cache; ``revision``: a branch, tag or commit), in eval mode."""
+        directory = resolve_folder(name_or_path, revision=revision, allow_patterns=TOKENIZER_FILES)
         config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
         if not config_path.is_file() or not weights_path.is_file():
             raise PerceptioError(f"{directory}: not a depth tokenizer (need {CONFIG_NAME} and {WEIGHTS_NAME})")
         try:
-            config = DepthVQVAEConfig.from_dict(json.loads(config_path.read_text(encoding="utf-8")))
+            values = json.loads(config_path.read_text(encoding="utf-8"))
+            model_type = values.pop("model_type", MODEL_TYPE)  # folders saved before model_type existed have none
+            if model_type != MODEL_TYPE:
+                raise PerceptioError(f"{config_path}: model_type {model_type!r} is not a depth tokenizer ({MODEL_TYPE})")
+            config = DepthVQVAEConfig.from_dict(values)
         except (json.JSONDecodeError, TypeError) as error:
             raise PerceptioError(f"{config_path}: unreadable tokenizer config ({error})") from error
         model = cls(config)
         model.load_state_dict(load_file(str(weights_path)))
         return model.to(device or "cpu").eval()
+
+    def push_to_hub(
+        self, repo_id: str, *, private: bool | None = None, token: str | None = None, commit_message: str | None = None
+    ) -> str:
+        """Save into a temporary folder with a model card and upload it as one commit; return its URL."""
+        with tempfile.TemporaryDirectory(prefix="perceptio-tokenizer-") as folder:
+            self.save_pretrained(folder)
+            write_text_atomic(Path(folder) / "README.md", self._model_card(repo_id))
+            return push_folder(folder, repo_id, commit_message=commit_message or f"Upload {self.identity}",
+                               private=private, token=token)
+
+    def _model_card(self, repo_id: str) -> str:
+        config = self.config
+        return (
+            f"---\ntags:\n- perceptio\n- depth\n- vq-vae\n---\n\n# {repo_id}\n\n"
+            f"A perceptio depth tokenizer ({MODEL_TYPE}, identity `{self.identity}`): a {config.grid_size}x"
+            f"{config.grid_size} grid of codes from a codebook of {config.num_codes}, normalisation "
+            f"`{config.normalization}` (percentiles {config.low_percentile:g} / {config.high_percentile:g}).\n\n"
+            f"```python\nfrom perceptio.tokenize import DepthVQVAE\ntokenizer = DepthVQVAE.from_pretrained(\"{repo_id}\")\n```\n"
+        )
 
 
 def _as_maps(depth: DepthInput) -> torch.Tensor | list[torch.Tensor]:

@@ -14,8 +14,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from perceptio.errors import run_cli
+from perceptio.errors import PerceptioError, run_cli
 from perceptio.train.config import PerceptioConfig, StreamConfig, TrainConfig
+from perceptio.train.memory_plan import PlanRequest, render
 
 app = typer.Typer(
     help="Train a vision-language model to write [SEG] [D_START] d_1..d_100 [D_END] answer, from shards.",
@@ -25,18 +26,19 @@ app = typer.Typer(
 
 TINY = TrainConfig.TINY_DEFAULTS
 PANEL_DATA, PANEL_MODEL, PANEL_LOOP, PANEL_LOSS = "Data", "Model", "Optimisation and runs", "Losses and ablations"
+PANEL_PLAN = "Memory plan"
 
 
 @app.command()
 def train_command(
-    shards: List[Path] = typer.Option(..., "--shards", help="Shard folder from perceptio-curate; repeat the option for several folders.", rich_help_panel=PANEL_DATA),
+    shards: Optional[List[Path]] = typer.Option(None, "--shards", help="Shard folder from perceptio-curate; repeat the option for several folders (required unless --plan).", show_default=False, rich_help_panel=PANEL_DATA),
     mix: Optional[str] = typer.Option(None, "--mix", help="Weighted mix, e.g. 'refcoco=1,refcocog=1,ade20k=0.5': each example's dataset is drawn with probability weight/sum. A name matches a sample's json 'dataset' exactly ('refcoco-unc') or by its family before the first dash ('refcoco' takes refcoco-unc and refcoco-google, not refcoco+ or refcocog); the exact name wins. Datasets not named are left out. Default: every dataset found, weight 1.", rich_help_panel=PANEL_DATA),
     splits: str = typer.Option(",".join(StreamConfig.splits), "--splits", help="Comma-separated shard splits to train on (the split part of {dataset}-{split}-{index}.tar).", rich_help_panel=PANEL_DATA),
     shuffle_buffer: int = typer.Option(StreamConfig.shuffle_buffer, "--shuffle-buffer", min=1, help="Examples held per stream and reader for shuffling.", rich_help_panel=PANEL_DATA),
-    workers: int = typer.Option(TrainConfig.workers, "--workers", min=0, help="DataLoader worker processes per rank (0: read in the training process). Every dataset needs at least ranks x workers shards.", rich_help_panel=PANEL_DATA),
+    workers: int = typer.Option(TrainConfig.workers, "--workers", min=0, help="DataLoader worker processes per rank (0: read in the training process). A dataset with fewer shards than ranks x workers is shared sample by sample.", rich_help_panel=PANEL_DATA),
     model: str = typer.Option(PerceptioConfig.model, "--model", help="Base vision-language model: 'tiny' (built-in random-weight TINY model for tests and demos), a hub id or a local folder (transformers format).", rich_help_panel=PANEL_MODEL),
     sam_model: str = typer.Option(PerceptioConfig.sam_model, "--sam-model", help="SAM2 in transformers format (hub id or folder); ignored with --model tiny.", rich_help_panel=PANEL_MODEL),
-    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="Depth VQ-VAE folder from perceptio-tokenize (frozen; its decoder gives L_DepthRecon).", rich_help_panel=PANEL_MODEL),
+    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="Depth VQ-VAE: a folder from perceptio-tokenize or a hub id (frozen; its decoder gives L_DepthRecon).", rich_help_panel=PANEL_MODEL),
     lora_rank: int = typer.Option(PerceptioConfig.lora_rank, "--lora-rank", min=1, help="LoRA rank on the language model (the paper's 256).", rich_help_panel=PANEL_MODEL),
     lora_alpha: int = typer.Option(PerceptioConfig.lora_alpha, "--lora-alpha", min=1, help="LoRA alpha (scale alpha/rank).", rich_help_panel=PANEL_MODEL),
     lora_dropout: float = typer.Option(PerceptioConfig.lora_dropout, "--lora-dropout", min=0.0, max=1.0, help="Dropout on the LoRA branch.", rich_help_panel=PANEL_MODEL),
@@ -44,11 +46,11 @@ def train_command(
     train_vision: Optional[bool] = typer.Option(None, "--train-vision/--freeze-vision", help="Train the vision tower (and projector). Default: frozen, as in the paper; trained for --model tiny, whose random encoders must learn to see (README, 'Perceptio in miniature').", show_default=False, rich_help_panel=PANEL_MODEL),
     train_sam_encoder: Optional[bool] = typer.Option(None, "--train-sam-encoder/--freeze-sam-encoder", help="Train SAM2's image encoder. Default: frozen, as in the paper; trained for --model tiny.", show_default=False, rich_help_panel=PANEL_MODEL),
     crop_to_patches: bool = typer.Option(PerceptioConfig.crop_to_patches, "--crop-to-patches", help="InternVL's dynamic tiling (default: one 448 tile, 256 image tokens).", rich_help_panel=PANEL_MODEL),
-    gradient_checkpointing: bool = typer.Option(PerceptioConfig.gradient_checkpointing, "--gradient-checkpointing", help="Recompute activations in the backward pass: less memory, ~30% more time.", rich_help_panel=PANEL_MODEL),
-    dtype: str = typer.Option(PerceptioConfig.dtype, "--dtype", help="Weights of the base models: float32 or bfloat16.", rich_help_panel=PANEL_MODEL),
+    gradient_checkpointing: bool = typer.Option(PerceptioConfig.gradient_checkpointing, "--gradient-checkpointing", help="Recompute activations in the backward pass: keeps each decoder layer's input only (1B at batch 4 x 512 tokens: activations 6.1 -> 0.4 GiB by --plan), at the cost of a second forward through the language model.", rich_help_panel=PANEL_MODEL),
+    dtype: str = typer.Option(PerceptioConfig.dtype, "--dtype", help="Storage of the frozen base weights: auto (bfloat16 on a GPU, float32 on the CPU), bfloat16 or float32. Trainable weights are always float32 (with bf16 autocast).", rich_help_panel=PANEL_MODEL),
     max_length: int = typer.Option(PerceptioConfig.max_length, "--max-length", min=16, help="Longest token sequence; longer examples lose their tail.", rich_help_panel=PANEL_MODEL),
     out: Path = typer.Option(TrainConfig.out, "--out", help="Run folder: metrics.jsonl, checkpoints/step-NNNNNN/, model/ (the export).", rich_help_panel=PANEL_LOOP),
-    steps: int = typer.Option(..., "--steps", min=1, help="Optimizer steps (every rank makes exactly this many).", rich_help_panel=PANEL_LOOP),
+    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Optimizer steps (every rank makes exactly this many; required unless --plan).", show_default=False, rich_help_panel=PANEL_LOOP),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help=f"Examples per micro-batch and rank. Default: {TrainConfig.batch_size}; {TINY['batch_size']} with --model tiny (a step of it takes a fraction of a second, and batches of 1 are too noisy for it to learn to write 100 codes in 200 steps).", show_default=False, rich_help_panel=PANEL_LOOP),
     grad_accum: int = typer.Option(TrainConfig.grad_accum, "--grad-accum", min=1, help="Micro-batches per optimizer step (the paper: 8).", rich_help_panel=PANEL_LOOP),
     lr: Optional[float] = typer.Option(None, "--lr", min=0.0, help=f"Peak AdamW learning rate. Default: the paper's {TrainConfig.lr:g}; {TINY['lr']:g} with --model tiny, whose random weights must move far in a short run.", rich_help_panel=PANEL_LOOP),
@@ -75,6 +77,9 @@ def train_command(
     segmentation: bool = typer.Option(PerceptioConfig.use_segmentation, "--segmentation/--no-segmentation", help="Ablation: without [SEG] and the SAM2 head.", rich_help_panel=PANEL_LOSS),
     depth_recon: bool = typer.Option(PerceptioConfig.use_depth_recon, "--depth-recon/--no-depth-recon", help="Ablation: without L_DepthRecon.", rich_help_panel=PANEL_LOSS),
     depth_loss: bool = typer.Option(PerceptioConfig.use_depth_loss, "--depth-loss/--no-depth-loss", help="Ablation: without L_depth (marker, token, count).", rich_help_panel=PANEL_LOSS),
+    plan: bool = typer.Option(False, "--plan", help="Print exact parameter counts and the estimated memory per GPU for --model/--sam-model (hub ids of the published models or shape:NAME), --lora-rank, --batch-size, --gradient-checkpointing, --parallel, --precision, --plan-gpus and --plan-tokens, with a recommended setting for 1x24GB, 1x80GB and 8x80GB; trains nothing.", rich_help_panel=PANEL_PLAN),
+    plan_gpus: int = typer.Option(1, "--plan-gpus", min=1, help="GPUs to plan for (--plan).", rich_help_panel=PANEL_PLAN),
+    plan_tokens: int = typer.Option(PlanRequest.sequence_length, "--plan-tokens", min=1, help="Tokens per example to plan for (--plan): 256 per 448 tile + prompt + the ~104-token target.", rich_help_panel=PANEL_PLAN),
 ) -> None:
     """Train on shards: weighted mix, shuffled, one example per (ref, sentence) or ADE20k question.
 
@@ -82,9 +87,18 @@ def train_command(
 
     Several processes: torchrun --nproc-per-node N $(which perceptio-train) ...
     """
+    if plan:
+        typer.echo(render(PlanRequest(
+            model=model, sam_model=sam_model, lora_rank=lora_rank, batch_size=batch_size or 1,
+            sequence_length=plan_tokens, gradient_checkpointing=gradient_checkpointing, gpus=plan_gpus,
+            strategy=parallel, precision={"auto": "bf16-mixed", "bf16": "bf16-mixed"}.get(precision, precision),
+        )))
+        return
+    if not shards or steps is None:
+        raise PerceptioError("--shards and --steps are required (or --plan to print the memory plan only)")
     import torch
 
-    from perceptio.train.data import parse_mix, plan_streams
+    from perceptio.train.data import parse_mix, plan_streams, sample_split_notes
     from perceptio.train.loop import join_processes, train
     from perceptio.train.model import PerceptioModel
 
@@ -117,6 +131,8 @@ def train_command(
     streams = plan_streams(stream, processes.world_size, workers)
     console.print("streams: " + ", ".join(f"{s.name} x{s.weight:g} ({len(s.shards)} shards: {', '.join(s.datasets)})"
                                           for s in streams))
+    for note in sample_split_notes(streams, processes.world_size, workers):
+        console.print(note)
     if model_config.is_tiny:
         console.print("[yellow]TINY model: random weights, for tests and demos only[/yellow]")
     torch.manual_seed(seed)  # every rank builds the same new weights (LoRA, projector) from the seed

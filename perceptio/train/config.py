@@ -28,6 +28,10 @@ class PerceptioConfig:
     # remote-code checkpoints; InternVL3-8B-hf is the larger drop-in).
     model: str = "OpenGVLab/InternVL3-1B-hf"
     sam_model: str = "facebook/sam2.1-hiera-tiny"  # transformers-format SAM 2.1 Hiera-T
+    # Hub revisions (branch, tag or commit) of the two base models; "" = the default branch, and the
+    # commit a hub load resolved to is recorded here so that an exported model reloads the same bases.
+    model_revision: str = ""
+    sam_revision: str = ""
     tokenizer: str = ""  # depth VQ-VAE folder (perceptio-tokenize)
     lora_rank: int = 256  # the paper's
     lora_alpha: int = 512  # scaling alpha / r = 2, the LISA / Sa2VA convention (the paper gives none)
@@ -43,7 +47,11 @@ class PerceptioConfig:
     freeze_sam_encoder: bool = True
     crop_to_patches: bool = False  # one 448 tile (256 image tokens); True: InternVL's dynamic tiling
     gradient_checkpointing: bool = False
-    dtype: str = "float32"  # weights of the base models: float32 | bfloat16
+    # Storage of the *frozen* base weights: auto (bfloat16 on a GPU, float32 on the CPU) | bfloat16 |
+    # float32. Trainable weights (LoRA, new token rows, SAM2 decoder, [SEG] projector) are always
+    # float32: AdamW's updates at lr 4e-5 would mostly round away in bf16. The loop runs bf16
+    # autocast wherever bf16 weights are present, so frozen bf16 and trainable fp32 mix.
+    dtype: str = "auto"
     max_length: int = 8192  # the paper's maximum sequence length; longer examples lose their tail
     num_depth_tokens: int = DEFAULT_NUM_DEPTH_TOKENS  # n
     lambda_m: float = 0.3
@@ -84,6 +92,11 @@ class PerceptioConfig:
         return self.model == TINY
 
 
+# How marked-point questions are taught: as each records (half direct, half with the depth span
+# first, by a stable hash of its key), all one way, or each question both ways.
+QUESTION_TARGETS = ("recorded", "direct", "depth", "both")
+
+
 @dataclass
 class StreamConfig:
     """What to read and how to mix and shuffle it (see :mod:`perceptio.train.data`)."""
@@ -95,18 +108,16 @@ class StreamConfig:
     shuffle_buffer: int = 1000
     shuffle_initial: int = 100
     use_depth_tokens: bool = True
+    question_targets: str = "recorded"  # see QUESTION_TARGETS
     prompts: str = "prompts.json"
-    # How marked-point questions are taught: as each question records (half direct, half with the
-    # depth span first), all one way, or each question both ways (perceptio.train.data).
-    question_targets: str = "recorded"
-    QUESTION_TARGETS: ClassVar[tuple[str, ...]] = ("recorded", "direct", "depth", "both")
 
     def __post_init__(self) -> None:
-        if self.question_targets not in self.QUESTION_TARGETS:
-            raise PerceptioError(f"question targets must be one of {', '.join(self.QUESTION_TARGETS)}, not {self.question_targets!r}")
+        if self.question_targets not in QUESTION_TARGETS:
+            raise PerceptioError(f"question targets must be one of {', '.join(QUESTION_TARGETS)}, not {self.question_targets!r}")
 
 
 CHOICES = {"precision": ("auto", "bf16", "fp32"), "parallel": ("ddp", "fsdp"), "export": ("adapter", "merged", "none")}
+RUN_FILES = ("metrics.jsonl", "checkpoints", "model")  # what a run writes into --out
 
 
 @dataclass
@@ -156,3 +167,10 @@ class TrainConfig:
         for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise PerceptioError(f"--{name} must be one of {', '.join(allowed)}, not {getattr(self, name)!r}")
+        # A second run into the same folder would silently rewrite metrics.jsonl next to the first
+        # run's checkpoints: continuing needs --resume, starting over another --out.
+        previous = [name for name in RUN_FILES if (Path(self.out) / name).exists()]
+        if previous and not self.resume:
+            raise PerceptioError(
+                f"{self.out} already holds a run ({', '.join(previous)}): pass --resume to continue it, or choose another --out"
+            )

@@ -40,19 +40,20 @@ import webdataset as wds
 
 from perceptio.errors import PerceptioError
 from perceptio.recipes import load_recipe
-from perceptio.shards import QUESTION_FIELD, QUESTIONS_FIELD, ShardFile, list_shards, npy_load, rle_to_mask
+from perceptio.shards import QUESTION_FIELD, QUESTIONS_FIELD, ShardFile, dataset_folders, list_shards, npy_load, rle_to_mask
 from perceptio.tokens import SEG, depth_span
-from perceptio.train.config import TRAINING_SPLITS, StreamConfig
+from perceptio.train.config import QUESTION_TARGETS, TRAINING_SPLITS, StreamConfig
 
 
 # ---------------------------------------------------------------------------------------- shards
 def find_shards(dirs: Sequence[str | os.PathLike[str]], splits: Sequence[str] = TRAINING_SPLITS) -> list[ShardFile]:
-    """Every shard of ``splits`` in ``dirs`` (not recursive), sorted by path."""
+    """Every shard of ``splits`` in ``dirs``, each a dataset's folder or their parent, sorted by path."""
     found: list[ShardFile] = []
     for directory in map(Path, dirs):
         if not directory.is_dir():
             raise PerceptioError(f"shard folder {directory} does not exist")
-        found += list_shards(directory, splits)
+        for folder in dataset_folders(directory):
+            found += list_shards(folder, splits)
     if not found:
         raise PerceptioError(
             f"no shards of split(s) {', '.join(splits)} in {', '.join(map(str, dirs))} "
@@ -126,11 +127,6 @@ def plan_mix(shards: Sequence[ShardFile], mix: dict[str, float] | None) -> list[
 
 
 # -------------------------------------------------------------------------------------- examples
-# How marked-point questions are taught: as each question records (half direct, half with the
-# depth span first, by a stable hash of its key), all one way, or each question both ways.
-QUESTION_TARGETS = StreamConfig.QUESTION_TARGETS
-
-
 @dataclass(frozen=True)
 class PromptTemplates:
     """The templates of ``manifests/prompts.json``."""
@@ -289,8 +285,16 @@ class _StreamReader:
     def _epoch_examples(self) -> Iterator[Example]:
         order = list(self.stream.shards)
         _rng(self.config.seed, "shards", self.stream.name, self.epoch).shuffle(order)
-        mine = order[self.slot.rank :: self.slot.world_size][self.slot.worker :: self.slot.num_workers]
-        samples = wds.tarfile_samples([{"url": str(path)} for path in mine])
+        readers = self.slot.world_size * self.slot.num_workers
+        if splits_samples(self.stream, readers):
+            # Too few shards to give each reader its own: every reader reads them all and keeps
+            # every readers-th sample, so the readers still see disjoint samples.
+            reader = self.slot.rank * self.slot.num_workers + self.slot.worker
+            every = wds.tarfile_samples([{"url": str(path)} for path in order])
+            samples = (raw for position, raw in enumerate(every) if position % readers == reader)
+        else:
+            mine = order[self.slot.rank :: self.slot.world_size][self.slot.worker :: self.slot.num_workers]
+            samples = wds.tarfile_samples([{"url": str(path)} for path in mine])
         examples = (example for raw in samples for example in self._checked_expand(raw))
         buffer_rng = _rng(self.config.seed, "buffer", self.stream.name, self.epoch, self.slot.rank, self.slot.worker)
         return iter(wds.shuffle(self.config.shuffle_buffer, self.config.shuffle_initial, rng=buffer_rng)(examples))
@@ -353,23 +357,26 @@ class ExampleReader:
         }
 
 
-def check_enough_shards(streams: Sequence[Stream], world_size: int, num_workers: int) -> None:
-    """Every reader needs at least one shard of every stream, or it would have nothing to draw."""
+def splits_samples(stream: Stream, readers: int) -> bool:
+    """Whether ``stream`` is split among readers sample by sample (fewer shards than readers)."""
+    return len(stream.shards) < readers
+
+
+def sample_split_notes(streams: Sequence[Stream], world_size: int, num_workers: int) -> list[str]:
+    """One line per stream with fewer shards than readers: how it is shared instead."""
     readers = world_size * max(num_workers, 1)
-    for stream in streams:
-        if len(stream.shards) < readers:
-            raise PerceptioError(
-                f"stream {stream.name!r} has {len(stream.shards)} shard(s) but {world_size} rank(s) x "
-                f"{max(num_workers, 1)} loader worker(s) = {readers} readers each need one: write smaller "
-                "shards (perceptio-curate --shard-size) or use fewer --workers"
-            )
+    return [
+        f"stream {stream.name!r}: {len(stream.shards)} shard(s) for {world_size} rank(s) x {max(num_workers, 1)} "
+        f"loader worker(s) = {readers} readers: each reader reads them all and keeps one sample in {readers} "
+        "(more shards, via perceptio-curate --samples-per-shard, avoid the repeated reading)"
+        for stream in streams
+        if splits_samples(stream, readers)
+    ]
 
 
 def plan_streams(config: StreamConfig, world_size: int = 1, num_workers: int = 0) -> list[Stream]:
-    """The weighted streams of ``config``, checked to feed every reader (cheap: reads no tar)."""
-    streams = plan_mix(find_shards(config.shards, config.splits), config.mix)
-    check_enough_shards(streams, world_size, num_workers)
-    return streams
+    """The weighted streams of ``config`` (cheap: reads no tar)."""
+    return plan_mix(find_shards(config.shards, config.splits), config.mix)
 
 
 # ---------------------------------------------------------------------------------------- batches

@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 from perceptio.errors import PerceptioError
+from perceptio.progress import ProgressLog
 from perceptio.train.checkpoint import (
     Checkpoint,
     checkpoint_path,
@@ -212,13 +213,6 @@ class MetricsLog:
                 handle.write(json.dumps(record) + "\n")
 
 
-def progress_bar(enabled: bool) -> Any:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    return Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                    TextColumn("{task.fields[terms]}"), disable=not enabled)
-
-
 def read_step(names: list[str], totals: torch.Tensor, grad_norm: torch.Tensor, step: int, keys: list[str],
               processes: Processes) -> tuple[dict[str, float], float]:
     """The step's loss terms (averaged over ranks) and gradient norm, read with one host sync.
@@ -270,7 +264,9 @@ def train(model: TrainableModel, data: StreamConfig, config: TrainConfig) -> Tra
     optimizer = torch.optim.AdamW(parameter_groups(model, config), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, config.steps, config.warmup))
-    use_bf16 = config.precision == "bf16" or (config.precision == "auto" and processes.device.type == "cuda")
+    # bf16 autocast on GPUs, and wherever frozen weights are stored in bf16 (trainable ones are fp32).
+    holds_bf16 = any(parameter.dtype == torch.bfloat16 for parameter in model.parameters())
+    use_bf16 = config.precision == "bf16" or (config.precision == "auto" and (processes.device.type == "cuda" or holds_bf16))
     first_step, loader_state, last_checkpoint = 0, None, None
     if resumed is not None:
         load_optimizer_state(model, optimizer, resumed.optimizer_state, config, processes)
@@ -285,8 +281,9 @@ def train(model: TrainableModel, data: StreamConfig, config: TrainConfig) -> Tra
     metrics = MetricsLog(out / "metrics.jsonl", first_step, processes.is_main)
     history: list[dict[str, Any]] = []
     net.train()
-    with progress_bar(processes.is_main and config.progress) as bar:
-        task = bar.add_task("train", total=config.steps, completed=first_step, terms="")
+    examples_per_step = config.batch_size * config.grad_accum * processes.world_size
+    with ProgressLog("train", config.steps, unit="steps", rate_unit="examples", rate_scale=examples_per_step,
+                     enabled=processes.is_main and config.progress, completed=first_step) as progress:
         for step in range(first_step, config.steps):
             step_start = time.perf_counter()
             data_seconds = 0.0
@@ -329,8 +326,7 @@ def train(model: TrainableModel, data: StreamConfig, config: TrainConfig) -> Tra
                       "step_s": time.perf_counter() - step_start, "sources": sources}
             metrics.write(record)
             history.append(record)
-            bar.update(task, advance=1, terms=" ".join(f"{k} {v:.3f}" for k, v in record.items()
-                                                       if k in means))
+            progress.update(step + 1, loss=means["loss"])
 
             if (config.save_every and (step + 1) % config.save_every == 0) or step + 1 == config.steps:
                 last_checkpoint = save_training_state(step + 1, model, optimizer, scheduler, loader, settings,

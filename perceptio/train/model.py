@@ -31,6 +31,7 @@ from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Sam2Model
 
 from perceptio.errors import PerceptioError
+from perceptio.hub import looks_like_repo_id, resolved_commit
 from perceptio.io import atomic_directory, write_text_atomic
 from perceptio.shards import DEPTH_SIZE
 from perceptio.tokens import D_END, D_START, DEFAULT_NUM_CODES, SEG, depth_token, special_tokens
@@ -43,6 +44,9 @@ from perceptio.train.sam import SamSegmenter
 CONFIG_NAME = "perceptio.json"
 TRAINABLE_NAME = "trainable.safetensors"
 PROJECTOR_NAME = "seg_projector.safetensors"
+# The adapter export in the ecosystem's formats, beside trainable.safetensors: PEFT's own files
+# (PeftModel.from_pretrained(base, folder) loads them) and the segmentation head on its own.
+HEADS_NAME, HEADS_CONFIG_NAME = "heads.safetensors", "heads_config.json"
 VLM_DIR, SAM_DIR, DEPTH_DIR = "vlm", "sam2", "depth_tokenizer"
 TERMS = ("llm", "seg_bce", "seg_dice", "depth_marker", "depth_token", "depth_count", "depth_recon")
 
@@ -108,9 +112,7 @@ class PerceptioModel(nn.Module):
         apply_lora: bool,
         segmenter_state: dict[str, torch.Tensor] | None = None,
     ) -> "PerceptioModel":
-        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(config.dtype)
-        if dtype is None:
-            raise PerceptioError(f"dtype must be float32 or bfloat16, not {config.dtype!r}")
+        dtype = frozen_weight_dtype(config.dtype, torch.cuda.is_available())
         if depth_vqvae is None and config.use_depth_tokens:
             depth_vqvae = _load_depth_vqvae(config)
         if depth_vqvae is not None:
@@ -143,7 +145,12 @@ class PerceptioModel(nn.Module):
                                      train_encoder=not config.freeze_sam_encoder)
             if segmenter_state is not None:
                 segmenter.projector.load_state_dict(segmenter_state)
-        return cls(config, wrapped, adapter, segmenter, depth_vqvae)
+        model = cls(config, wrapped, adapter, segmenter, depth_vqvae)
+        # Master weights in fp32 (LoRA, token rows, decoder, projector), whatever the frozen ones are.
+        for parameter in model.parameters():
+            if parameter.requires_grad and parameter.dtype != torch.float32:
+                parameter.data = parameter.data.float()
+        return model
 
     @property
     def is_tiny(self) -> bool:
@@ -240,8 +247,32 @@ class PerceptioModel(nn.Module):
                 self._save_merged(staging)
             else:
                 save_file(_contiguous(self.trainable_state_dict()), staging / TRAINABLE_NAME)
+                self._save_ecosystem_files(staging)
             write_text_atomic(staging / CONFIG_NAME, json.dumps(record, indent=2, sort_keys=True))
         return Path(directory)
+
+    def _save_ecosystem_files(self, staging: Path) -> None:
+        """PEFT's adapter_config.json + adapter_model.safetensors (LoRA and the new tokens' rows; only
+        when LoRA is on) and heads.safetensors + heads_config.json (the [SEG] projector and the SAM2
+        mask decoder). trainable.safetensors keeps everything for an exact reload; these repeat the
+        same tensors in the formats other tools read."""
+        if hasattr(self.vlm, "peft_config"):
+            for peft_config in self.vlm.peft_config.values():  # adapter_config.json names the exact base
+                peft_config.base_model_name_or_path = self.config.model
+                peft_config.revision = self.config.model_revision or None
+            self.vlm.save_pretrained(staging)
+        if self.segmenter is not None:
+            heads = {name: param.detach() for name, param in self.segmenter.named_parameters() if param.requires_grad}
+            save_file(_contiguous(heads), staging / HEADS_NAME)
+            heads_config = {
+                "sam_model": self.config.sam_model,
+                "sam_revision": self.config.sam_revision,
+                "text_hidden_size": self.vlm.config.get_text_config().hidden_size if hasattr(self.vlm, "config") else None,
+                "tensors": sorted(heads),
+                "load": "perceptio.train.sam.SamSegmenter(Sam2Model.from_pretrained(sam_model, revision=sam_revision), "
+                        "text_hidden_size).load_state_dict(heads, strict=False)",
+            }
+            write_text_atomic(staging / HEADS_CONFIG_NAME, json.dumps(heads_config, indent=2, sort_keys=True))
 
     def _save_merged(self, staging: Path) -> None:
         """LoRA and token rows merged into a plain VLM folder (a copy: the live model keeps training)."""
@@ -256,8 +287,9 @@ class PerceptioModel(nn.Module):
             save_file(_contiguous(self.segmenter.projector.state_dict()), staging / PROJECTOR_NAME)
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike) -> "PerceptioModel":
-        """Load a folder written by :meth:`save_pretrained` (either format)."""
+    def from_pretrained(cls, directory: str | os.PathLike, dtype: str | None = None) -> "PerceptioModel":
+        """Load a folder written by :meth:`save_pretrained` (either format); ``dtype`` overrides the
+        saved storage dtype of the frozen weights (``PerceptioConfig.dtype``)."""
         folder = Path(directory)
         record_path = folder / CONFIG_NAME
         if not record_path.is_file():
@@ -265,15 +297,27 @@ class PerceptioModel(nn.Module):
         record = json.loads(record_path.read_text())
         config = PerceptioConfig.from_dict(record["config"])
         config.tokenizer = str(folder / DEPTH_DIR) if (folder / DEPTH_DIR).is_dir() else ""
+        if dtype is not None:
+            config.dtype = dtype
         if record["format"] == "adapter":
             model = cls._build(config, depth_vqvae=None, apply_lora=True)
             model.load_trainable_state_dict(load_file(folder / TRAINABLE_NAME))
             return model
         # Merged: the folder's own VLM and SAM2 are the base models; no LoRA left to train.
-        config.model = str(folder / VLM_DIR)
-        config.sam_model = str(folder / SAM_DIR)
+        config.model, config.model_revision = str(folder / VLM_DIR), ""
+        config.sam_model, config.sam_revision = str(folder / SAM_DIR), ""
         projector = load_file(folder / PROJECTOR_NAME) if (folder / PROJECTOR_NAME).is_file() else None
         return cls._build(config, depth_vqvae=None, apply_lora=False, segmenter_state=projector)
+
+
+def frozen_weight_dtype(name: str, cuda_available: bool) -> torch.dtype:
+    """The storage dtype of the frozen base weights for ``PerceptioConfig.dtype``."""
+    if name == "auto":
+        return torch.bfloat16 if cuda_available else torch.float32
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(name)
+    if dtype is None:
+        raise PerceptioError(f"dtype must be auto, float32 or bfloat16, not {name!r}")
+    return dtype
 
 
 def _load_vlm(config: PerceptioConfig, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -287,11 +331,14 @@ def _load_vlm(config: PerceptioConfig, dtype: torch.dtype) -> tuple[PreTrainedMo
         return shapes.build(shape).to(dtype), shapes.shaped_tokenizer(shape)
     from transformers import AutoModelForImageTextToText, AutoTokenizer
 
+    revision = config.model_revision or None
     try:
-        tokenizer = AutoTokenizer.from_pretrained(config.model)
-        vlm = AutoModelForImageTextToText.from_pretrained(config.model, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(config.model, revision=revision)
+        vlm = AutoModelForImageTextToText.from_pretrained(config.model, dtype=dtype, revision=revision)
     except (OSError, ValueError) as error:
         raise PerceptioError(f"cannot load the vision-language model {config.model!r}: {error}") from error
+    # Record the commit a hub id resolved to: an export then names exactly the base it was trained on.
+    config.model_revision = config.model_revision or resolved_commit(config.model)
     return vlm, tokenizer
 
 
@@ -303,9 +350,11 @@ def _load_sam(config: PerceptioConfig, dtype: torch.dtype) -> Sam2Model:
     if shapes.is_shape(config.sam_model):
         return shapes.build(shapes.shape_for(config.sam_model, "sam2")).to(dtype)
     try:
-        return Sam2Model.from_pretrained(config.sam_model, dtype=dtype)
+        sam = Sam2Model.from_pretrained(config.sam_model, dtype=dtype, revision=config.sam_revision or None)
     except (OSError, ValueError) as error:
         raise PerceptioError(f"cannot load SAM2 {config.sam_model!r}: {error}") from error
+    config.sam_revision = config.sam_revision or resolved_commit(config.sam_model)
+    return sam
 
 
 def _load_depth_vqvae(config: PerceptioConfig) -> nn.Module | None:
@@ -313,7 +362,7 @@ def _load_depth_vqvae(config: PerceptioConfig) -> nn.Module | None:
         if config.use_depth_recon:
             raise PerceptioError("a depth tokenizer folder (--tokenizer) is needed for the depth tokens and L_DepthRecon")
         return None
-    if not Path(config.tokenizer).is_dir():
+    if not Path(config.tokenizer).is_dir() and not looks_like_repo_id(config.tokenizer):
         raise PerceptioError(f"depth tokenizer folder {config.tokenizer} does not exist")
     from perceptio.tokenize import DepthVQVAE
 

@@ -258,7 +258,7 @@ def shaped_tokenizer(shape: PublishedShape) -> Any:
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
-    from perceptio.train.adapter import INTERNVL_CHAT_TEMPLATE
+    from perceptio.train.processor import INTERNVL_CHAT_TEMPLATE
     from perceptio.train.tiny import IM_END, IM_START, IMAGE_MARKUP, PAD, tiny_text_tokenizer
 
     text = shape.config["text_config"]

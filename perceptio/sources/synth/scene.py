@@ -60,7 +60,7 @@ class SceneConfig:
     # Every object's dimensions are its shape's base ranges times a scale drawn log-uniformly from
     # this range: the apparent size then varies more with the object than with its distance.
     object_scale: tuple[float, float] = (0.35, 2.6)
-    lifted_fraction: float = 0.3  # share of objects that float above the floor ...
+    lifted_fraction: float = 0.5  # share of objects that float above the floor ...
     lift_m: tuple[float, float] = (0.3, 1.2)  # ... by this much (the bottom's height)
     wall_clearance_m: float = 0.4  # objects end at least this far in front of the wall
     # Smallest visible area of an object, as a fraction of the image (0.003 = 330 px at 384x288).
