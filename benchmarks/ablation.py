@@ -1,25 +1,32 @@
-"""The proof on the synthetic world: does writing depth tokens help relative depth?
+"""The depth-token ablation on the synthetic world, where the true depth is known (issue 11).
 
-The paper's central ablation: removing the depth tokens drops HardBLINK from 71.0 to 45.2. Here the
-same comparison runs where ground truth is known, with the same perceptio commands a user runs:
+The paper's central claim: writing depth tokens before answering helps relative depth (HardBLINK
+71.0 with, 45.2 without). Here the same comparison runs with the perceptio commands a user runs,
+every arm with the same seed, steps, batch, data and learning rates:
 
-1. a training world and a held-out world (another seed) of the built-in synthetic world;
-2. ``perceptio-tokenize fit`` on the training world's ground-truth depth;
-3. ``perceptio-curate refcoco`` and ``ade20k`` shards of the training world (ground-truth depth);
-4. ``perceptio-train --model tiny`` twice with the same seed, steps, batch size and the trainer's
-   settings for the tiny model (every language-model weight trained, lr 1e-2): full Perceptio, and
-   ``--no-depth-tokens``;
-5. HardBLINK-style questions (3, 4, 5 points on distinct objects, true depth decides) on the held-out
-   world (:mod:`perceptio.evaluate.synth_blink`), scored by ``perceptio-evaluate hardblink``, and
-   RefCOCO-style val cIoU by ``perceptio-evaluate refseg``;
-6. baselines: chance, and "the point lowest in the image is the nearest".
+- ``full``: marked-point questions answered after writing the depth span; grounding targets
+  ``[SEG] span description``;
+- ``no_depth_tokens``: no depth span anywhere (questions answered directly);
+- ``direct_depth_elsewhere``: questions answered directly, the depth span still taught on the
+  grounding samples (depth supervision elsewhere: the paper's mix without the span before the answer);
+- ``no_depth_recon`` (optional): ``full`` without L_DepthRecon.
 
-Writes OUT/ablation.json (every number, counts, timings, training curves) and OUT/ablation.md (the
-README table) and prints the table. ``--quick`` is a smoke run of the whole path for ``make demo``
-(a few small steps; its numbers mean nothing).
+Steps: a training world and a held-out world (another seed); ``perceptio-tokenize fit`` on the
+training world's ground-truth depth; ``perceptio-curate refcoco`` and ``ade20k`` (many marked-point
+questions per image, both target variants recorded); the held-out world's refcoco shards and a HARD
+synthetic HardBLINK split (the lowest point and the largest object are nearest only at chance);
+the miniature base models (benchmarks/miniature.py, every part trained); then per seed and arm
+``perceptio-train`` and ``perceptio-evaluate hardblink`` (with the decomposition: (a) the answer read
+from the ground-truth tokens, (b) from the tokens the model wrote, (c) the letter it wrote, and the
+token accuracy of its spans) and ``perceptio-evaluate refseg`` on the held-out world.
 
-    .venv/bin/python benchmarks/ablation.py --out ablation-out          # the measured run (< 30 min)
-    .venv/bin/python benchmarks/ablation.py --out demo-out/ablation --quick
+Writes OUT/ablation.json (every number, per-question hits, curves, wall and CPU times),
+OUT/ablation.md (the README table, with 95% bootstrap intervals over questions and seeds) and
+OUT/ablation.png (training curves), and prints the table.
+
+    .venv/bin/python benchmarks/ablation.py --out ablation-out                   # one seed, all arms
+    .venv/bin/python benchmarks/ablation.py --out ablation-out --seeds 0,1,2     # the full run
+    .venv/bin/python benchmarks/ablation.py --out demo-out/ablation --quick      # smoke run (numbers mean nothing)
 """
 
 from __future__ import annotations
@@ -27,174 +34,351 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, fields, replace
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
-from perceptio.train.config import TrainConfig
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ siblings: miniature, plot
 
-BIN = Path(sys.executable).parent
-MODELS = {"full": [], "no_depth_tokens": ["--no-depth-tokens"]}
-# What a run writes under --out; an earlier run's copies are removed first (the worlds are replaced
-# by generate_world itself), so that nothing resumes from stale files.
-PRODUCTS = ("tokenizer", "depth-cache", "shards", "heldout-blink", "runs", "results", "logs")
+from perceptio.train.config import TrainConfig  # noqa: E402 (torch-free)
+
+
+def command(module: str) -> list[str]:
+    """A perceptio console command through this interpreter (works where no console script is installed)."""
+    return [sys.executable, "-c", f"from perceptio.{module} import main; main()"]
+
+
+TOKENIZE, CURATE, TRAIN, EVALUATE = (command(m) for m in ("tokenize.cli", "curate.cli", "train.cli", "evaluate.cli"))
+
+
+@dataclass(frozen=True)
+class Arm:
+    flags: tuple[str, ...]  # perceptio-train options
+    answer: str  # how hardblink asks: "depth" (write the span, then the letter) or "direct"
+    label: str
+
+
+ARMS = {
+    "full": Arm(("--question-targets", "depth"), "depth", "full (span, then letter)"),
+    "no_depth_tokens": Arm(("--no-depth-tokens",), "direct", "without depth tokens"),
+    "direct_depth_elsewhere": Arm(("--question-targets", "direct"), "direct", "direct answers, depth span on grounding only"),
+    "no_depth_recon": Arm(("--question-targets", "depth", "--no-depth-recon"), "depth", "full without L_DepthRecon"),
+}
+# What a run writes under --out; an earlier run's copies are removed first, so nothing stale is read.
+PRODUCTS = ("tokenizer", "depth-cache", "shards", "heldout-shards", "heldout-blink", "miniature", "runs", "results", "logs")
 
 
 @dataclass(frozen=True)
 class AblationConfig:
     world_images: int = 240
-    heldout_images: int = 80
-    seed: int = 0
+    heldout_images: int = 120
+    world_seed: int = 0  # the held-out world uses world_seed + 1000
+    seeds: str = "0"  # training seeds, comma-separated (model weights and data order)
+    arms: str = "full,no_depth_tokens,direct_depth_elsewhere"
     tokenizer_steps: int = 300
-    train_steps: int = 300
-    batch_size: int = TrainConfig.TINY_DEFAULTS["batch_size"]  # the trainer's default for the tiny model; --quick makes steps light
-    mix: str = "refcoco=1,ade20k=1"  # questions are one per ADE image: give them half the steps
-    questions_per_variant: int = 30
-    refseg_limit: int = 60
-    threads: int = 1  # the tiny model decodes fastest on one thread of a busy CPU
+    questions_per_image: int = 8  # marked-point questions per ADE-layout training image
+    # Balance the training questions too (no height or size shortcut to learn): a model that
+    # answers them must read depth, from the picture or from its own tokens.
+    hard_training_questions: bool = True
+    train_steps: int = 600
+    batch_size: int = TrainConfig.TINY_DEFAULTS["batch_size"]  # the tiny model's defaults, for the miniature too
+    lr: float = TrainConfig.TINY_DEFAULTS["lr"]
+    head_lr: float = TrainConfig.TINY_DEFAULTS["head_lr"]
+    mix: str = "refcoco=1,ade20k=1"
+    hard_per_variant: int = 100  # held-out HARD questions per point count (3, 4, 5)
+    hard_questions_per_image: int = 4
+    refseg_limit: int = 150  # held-out referring expressions scored
+    miniature: bool = True  # False: the built-in --model tiny (frozen random encoders)
+    threads: int = 1  # torch threads per process: one is fastest for these models on a busy CPU
+    parallel: int = 1  # (seed, arm) runs at a time (one per free core; on a GPU machine several share the GPU)
+    workers: int = 0  # loader worker processes per training run (0: decode in the training process)
 
 
-QUICK = AblationConfig(world_images=40, heldout_images=16, tokenizer_steps=20, train_steps=4, batch_size=2,
-                       questions_per_variant=2, refseg_limit=2)
+QUICK = AblationConfig(world_images=40, heldout_images=16, tokenizer_steps=20, questions_per_image=2, train_steps=4,
+                       batch_size=2, hard_per_variant=4, hard_questions_per_image=1, refseg_limit=4)
 
 
-def run(command: list[str], log: Path) -> None:
-    """Run one perceptio command; its output goes to ``log``; a failure stops the ablation, naming the log."""
+# ------------------------------------------------------------------------------------ running
+class Timer:
+    """Wall and CPU seconds per stage; CPU time is summed over the commands a stage ran (each
+    measured with ``os.wait4``, so runs in parallel threads are told apart)."""
+
+    def __init__(self) -> None:
+        self.stages: dict[str, dict[str, float]] = {}
+        self._local = threading.local()
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        self._local.cpu, started = 0.0, time.perf_counter()
+        yield
+        self.stages[name] = {"wall_s": time.perf_counter() - started, "cpu_s": self._local.cpu}
+
+    def add_cpu(self, seconds: float) -> None:
+        self._local.cpu = getattr(self._local, "cpu", 0.0) + seconds
+
+    def total(self) -> dict[str, float]:
+        return {"cpu_s": sum(stage["cpu_s"] for stage in self.stages.values())}
+
+
+TIMER = Timer()
+
+
+def run(arguments: list[str], log: Path, threads: int) -> None:
+    """Run one perceptio command into ``log``; a failure stops the ablation, naming the log."""
     log.parent.mkdir(parents=True, exist_ok=True)
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": str(threads),
+                   "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
     with open(log, "w") as handle:
-        handle.write("$ " + " ".join(command) + "\n")
+        handle.write("$ " + " ".join(arguments) + "\n")
         handle.flush()
-        done = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT,
-                              env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
-    if done.returncode != 0:
+        process = subprocess.Popen(arguments, stdout=handle, stderr=subprocess.STDOUT, env=environment)
+        _, status, usage = os.wait4(process.pid, 0)
+        process.returncode = os.waitstatus_to_exitcode(status)
+    TIMER.add_cpu(usage.ru_utime + usage.ru_stime)
+    if process.returncode != 0:
         tail = log.read_text().splitlines()[-15:]
-        raise SystemExit(f"failed ({done.returncode}): {' '.join(command)}\n  see {log}\n" + "\n".join(tail))
+        raise SystemExit(f"failed ({process.returncode}): {' '.join(arguments)}\n  see {log}\n" + "\n".join(tail))
 
 
-def evaluate_json(arguments: list[str], out: Path, log: Path) -> dict[str, Any]:
-    run([str(BIN / "perceptio-evaluate"), *arguments, "--out", str(out)], log)
+def evaluate_json(arguments: list[str], out: Path, log: Path, threads: int) -> dict[str, Any]:
+    run([*EVALUATE, *arguments, "--out", str(out)], log, threads)
     return json.loads(out.read_text())
 
 
-def curve(metrics: Path, points: int = 10) -> list[dict[str, float]]:
-    """``points`` evenly spaced lines of a run's metrics.jsonl (step, total loss and each term)."""
-    lines = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-    chosen = sorted({round(i * (len(lines) - 1) / max(points - 1, 1)) for i in range(points)})
+def read_curve(metrics: Path) -> list[dict[str, float]]:
     keep = ("step", "loss", "llm", "seg_bce", "seg_dice", "depth_token", "depth_recon")
-    return [{key: lines[i][key] for key in keep if key in lines[i]} for i in chosen]
+    lines = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    return [{key: line[key] for key in keep if key in line} for line in lines]
 
 
-def build_data(config: AblationConfig, out: Path, timings: dict[str, float]) -> dict[str, Any]:
-    from perceptio.evaluate.synth_blink import SynthBlinkConfig, build_questions
+# ------------------------------------------------------------------------------------ stages
+def build_data(config: AblationConfig, out: Path, timer: Timer = TIMER) -> dict[str, Any]:
+    """Worlds, tokenizer, training shards, held-out shards and the HARD held-out question split."""
     from perceptio.sources.synth import generate_world
 
-    started = time.perf_counter()
-    generate_world(out / "world", images=config.world_images, seed=config.seed, workers=2)
-    generate_world(out / "heldout-world", images=config.heldout_images, seed=config.seed + 1000, workers=2)
-    counts = build_questions(out / "heldout-world", out / "heldout-blink", SynthBlinkConfig(seed=config.seed),
-                             limit_per_variant=config.questions_per_variant)
-    timings["worlds_and_questions_s"] = time.perf_counter() - started
+    with timer.stage("worlds"):
+        before = _own_cpu()
+        generate_world(out / "world", images=config.world_images, seed=config.world_seed, workers=2)
+        generate_world(out / "heldout-world", images=config.heldout_images, seed=config.world_seed + 1000, workers=2)
+        timer.add_cpu(_own_cpu() - before)
+    with timer.stage("tokenizer"):
+        run([*TOKENIZE, "fit", "--data-root", str(out / "world"), "--dataset", "synth",
+             "--depth-source", "gt", "--out", str(out / "tokenizer"), "--steps", str(config.tokenizer_steps),
+             "--cache-dir", str(out / "depth-cache"), "--seed", str(config.world_seed), "--threads", str(config.threads)],
+            out / "logs" / "tokenize.log", config.threads)
+    with timer.stage("curation"):
+        curate = CURATE
+        common = ["--tokenizer", str(out / "tokenizer"), "--depth-source", "gt", "--samples-per-shard", "50",
+                  "--num-cpus", "2", "--no-progress", "--overwrite", "--cache-dir", str(out / "depth-cache")]
+        run([*curate, "refcoco", "--data-root", str(out / "world"), "--out", str(out / "shards" / "refcoco"), *common],
+            out / "logs" / "curate-refcoco.log", config.threads)
+        run([*curate, "ade20k", "--data-root", str(out / "world"), "--out", str(out / "shards" / "ade20k"),
+             "--questions-per-image", str(config.questions_per_image),
+             "--hard-questions" if config.hard_training_questions else "--any-questions", *common], out / "logs" / "curate-ade20k.log", config.threads)
+        run([*curate, "refcoco", "--data-root", str(out / "heldout-world"), "--out", str(out / "heldout-shards" / "refcoco"),
+             *common], out / "logs" / "curate-heldout.log", config.threads)
+    with timer.stage("hard_split"):
+        blink = json.loads(_synth_blink(config, out).read_text())
+    return {"hard_split": blink}
 
-    started = time.perf_counter()
-    run([str(BIN / "perceptio-tokenize"), "fit", "--data-root", str(out / "world"), "--dataset", "synth",
-         "--depth-source", "gt", "--out", str(out / "tokenizer"), "--steps", str(config.tokenizer_steps),
-         "--cache-dir", str(out / "depth-cache"), "--seed", str(config.seed)], out / "logs" / "tokenize.log")
-    timings["tokenizer_s"] = time.perf_counter() - started
 
-    started = time.perf_counter()
-    for dataset in ("refcoco", "ade20k"):
-        run([str(BIN / "perceptio-curate"), dataset, "--data-root", str(out / "world"), "--out", str(out / "shards" / dataset),
-             "--tokenizer", str(out / "tokenizer"), "--depth-source", "gt", "--samples-per-shard", "50",
-             "--num-cpus", "2", "--no-progress", "--overwrite"], out / "logs" / f"curate-{dataset}.log")
-    timings["curation_s"] = time.perf_counter() - started
-    return {"questions": counts}
+def _own_cpu() -> float:
+    """CPU seconds of this process and its reaped children (the world's rendering pool)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
-def train_and_evaluate(config: AblationConfig, out: Path, name: str, flags: list[str], timings: dict[str, float]) -> dict[str, Any]:
-    run_dir = out / "runs" / name
-    started = time.perf_counter()
-    run([str(BIN / "perceptio-train"), "--shards", str(out / "shards" / "refcoco"), "--shards", str(out / "shards" / "ade20k"),
-         "--mix", config.mix, "--model", "tiny", "--tokenizer", str(out / "tokenizer"), "--steps", str(config.train_steps),
-         "--seed", str(config.seed), "--batch-size", str(config.batch_size), "--workers", "0", "--out", str(run_dir),
-         "--no-progress", *flags], out / "logs" / f"train-{name}.log")
-    timings[f"train_{name}_s"] = time.perf_counter() - started
+def _synth_blink(config: AblationConfig, out: Path) -> Path:
+    target = out / "results" / "synth-blink.json"
+    run([*EVALUATE, "synth-blink", "--world", str(out / "heldout-world"), "--out",
+         str(out / "heldout-blink"), "--hard", "--per-variant", str(config.hard_per_variant), "--questions-per-image",
+         str(config.hard_questions_per_image), "--seed", str(config.world_seed), "--tokenizer", str(out / "tokenizer"),
+         "--json-out", str(target)], out / "logs" / "synth-blink.log", config.threads)
+    return target
 
-    started = time.perf_counter()
+
+def model_flags(config: AblationConfig, out: Path, seed: int) -> list[str]:
+    """The base models and the trainer settings every arm shares."""
+    shared = ["--lr", str(config.lr), "--head-lr", str(config.head_lr), "--batch-size", str(config.batch_size),
+              "--train-language-model"]
+    if not config.miniature:
+        return ["--model", "tiny", *shared]
+    from miniature import MINIATURE
+
+    from perceptio.train.tiny import save_miniature
+
+    folder = out / "miniature" / f"seed{seed}"
+    vlm, sam = (folder / "vlm", folder / "sam2") if (folder / "sam2").is_dir() else save_miniature(folder, MINIATURE, seed=seed)
+    return ["--model", str(vlm), "--sam-model", str(sam), "--train-vision", "--train-sam-encoder", *shared]
+
+
+def train_and_evaluate(config: AblationConfig, out: Path, seed: int, name: str, timer: Timer = TIMER) -> dict[str, Any]:
+    arm = ARMS[name]
+    tag = f"{name}-seed{seed}"
+    run_dir = out / "runs" / tag
+    with timer.stage(f"train_{tag}"):
+        run([*TRAIN, "--shards", str(out / "shards" / "refcoco"), "--shards", str(out / "shards" / "ade20k"),
+             "--mix", config.mix, "--tokenizer", str(out / "tokenizer"), "--steps", str(config.train_steps),
+             "--seed", str(seed), "--workers", str(config.workers), "--out", str(run_dir), "--no-progress", "--export", "adapter",
+             *model_flags(config, out, seed), *arm.flags], out / "logs" / f"train-{tag}.log", config.threads)
     common = ["--checkpoint", str(run_dir / "model"), "--threads", str(config.threads)]
-    blink = evaluate_json(["hardblink", *common, "--data", str(out / "heldout-blink")],
-                          out / "results" / f"hardblink-{name}.json", out / "logs" / f"hardblink-{name}.log")
-    refseg = evaluate_json(["refseg", *common, "--shards", str(out / "shards" / "refcoco"), "--split", "val",
-                            "--limit", str(config.refseg_limit)],
-                           out / "results" / f"refseg-{name}.json", out / "logs" / f"refseg-{name}.log")
-    timings[f"evaluate_{name}_s"] = time.perf_counter() - started
-    return {"hardblink": blink["scores"], "refseg": refseg["scores"], "refseg_expressions": refseg["data"]["expressions"],
-            "checkpoint": blink["checkpoint"]["identity"], "curve": curve(run_dir / "metrics.jsonl")}
+    with timer.stage(f"evaluate_{tag}"):
+        blink = evaluate_json(["hardblink", *common, "--data", str(out / "heldout-blink"), "--answer", arm.answer,
+                               "--world", str(out / "heldout-world"), "--tokenizer", str(out / "tokenizer")],
+                              out / "results" / f"hardblink-{tag}.json", out / "logs" / f"hardblink-{tag}.log", config.threads)
+        refseg = evaluate_json(["refseg", *common, "--shards", str(out / "heldout-shards" / "refcoco"), "--split", "train",
+                                "--limit", str(config.refseg_limit)],
+                               out / "results" / f"refseg-{tag}.json", out / "logs" / f"refseg-{tag}.log", config.threads)
+    scores = next(iter(refseg["scores"].values()))
+    return {"hardblink": blink["scores"], "replies": blink["replies"], "refseg": scores,
+            "checkpoint": blink["checkpoint"]["identity"], "curve": read_curve(run_dir / "metrics.jsonl")}
+
+
+# ------------------------------------------------------------------------------------ report
+def hits(model: dict[str, Any], key: str) -> list[float]:
+    """Per-question 0/1 of one decomposition column, in question order (None counts as a miss)."""
+    return [float(reply[key] is not None and reply[key] == reply["answer"]) for reply in model["replies"]]
+
+
+def summarise(results: dict[str, Any]) -> dict[str, Any]:
+    """Per arm: the letter's accuracy (c), the answer read from its tokens (b), token accuracy, and
+    bootstrap intervals over questions and seeds; the full-minus-no-depth difference, paired."""
+    from perceptio.evaluate.stats import bootstrap_difference, bootstrap_mean
+
+    arms = results["arms"]
+    summary: dict[str, Any] = {}
+    for name in arms:
+        runs = [results["models"][f"{name}-seed{seed}"] for seed in results["seeds"]]
+        letter = [hits(run, "choice") for run in runs]
+        entry = {"letter": bootstrap_mean(letter).to_dict(),
+                 "refseg_ciou": [run["refseg"]["ciou"] for run in runs],
+                 "letter_per_seed": [sum(h) / len(h) for h in letter]}
+        if ARMS[name].answer == "depth":
+            entry["from_tokens"] = bootstrap_mean([hits(run, "token_choice") for run in runs]).to_dict()
+            accuracies = [run["hardblink"]["decomposition"]["token_accuracy"] for run in runs]
+            entry["token_accuracy"] = [a for a in accuracies]
+        summary[name] = entry
+    if "full" in arms and "no_depth_tokens" in arms:
+        full = [hits(results["models"][f"full-seed{seed}"], "choice") for seed in results["seeds"]]
+        none = [hits(results["models"][f"no_depth_tokens-seed{seed}"], "choice") for seed in results["seeds"]]
+        summary["full_minus_no_depth_tokens"] = bootstrap_difference(full, none).to_dict()
+    return summary
+
+
+def _ci(interval: dict[str, float]) -> str:
+    return f"{100 * interval['mean']:.1f} [{100 * interval['low']:.1f}, {100 * interval['high']:.1f}]"
 
 
 def table(results: dict[str, Any]) -> str:
-    """The README table: relative-depth accuracy per point count, their mean, and refseg cIoU."""
-    from perceptio.evaluate.cli import percent
-
-    counts = results["data"]["questions"]
-    variants = sorted(int(v) for v in counts)
-    header = "| | " + " | ".join(f"{v} points (n={counts[v]})" for v in variants) + " | mean | refseg val cIoU |"
-    lines = [header, "|" + " --- |" * (len(variants) + 3)]
-    baselines = results["baselines"]
-    for name, label in (("chance", "chance"), ("lower_is_nearer", "\"lower in the image is nearer\"")):
-        accuracy = {int(k): v for k, v in baselines[name].items()}
-        mean = sum(accuracy.values()) / len(accuracy)
-        lines.append(f"| {label} | " + " | ".join(percent(accuracy.get(v)) for v in variants) + f" | {percent(mean)} | - |")
-    for name, label in (("full", "tiny Perceptio, full"), ("no_depth_tokens", "tiny Perceptio, without depth tokens")):
-        model = results["models"][name]
-        accuracy = {int(k): v for k, v in model["hardblink"]["accuracy"].items()}
-        ciou = next(iter(model["refseg"].values()))["ciou"]
-        lines.append(f"| {label} | " + " | ".join(percent(accuracy.get(v)) for v in variants)
-                     + f" | {percent(model['hardblink']['average'])} | {percent(ciou)} |")
+    """The README table: hard HardBLINK accuracy with intervals, the decomposition, refseg cIoU."""
+    summary, blink = results["summary"], results["data"]["hard_split"]
+    questions = sum(int(n) for n in blink["questions"].values())
+    lines = [f"Hard synthetic HardBLINK, {questions} held-out questions ({', '.join(f'{v} points: {n}' for v, n in blink['questions'].items())}); "
+             f"seeds {', '.join(map(str, results['seeds']))}; {results['config']['train_steps']} steps. "
+             "Accuracy %, mean over seeds [95% bootstrap interval over questions and seeds].", "",
+             "| | (c) letter written | (b) answer read from its tokens | token accuracy % | held-out refseg cIoU % |",
+             "| --- | --- | --- | --- | --- |"]
+    scores = blink["scores"]
+    for name, by_variant in scores.items():
+        values = list(by_variant.values())
+        mean = sum(values) / len(values)
+        label = "(a) answer read from the ground-truth tokens" if name == "gt_token_ceiling" else f"heuristic: {name}"
+        lines.append(f"| {label} | {100 * mean:.1f} (mean over point counts) | | | |")
+    for name in results["arms"]:
+        entry = summary[name]
+        tokens = _ci(entry["from_tokens"]) if "from_tokens" in entry else "-"
+        accuracy = ("/".join(f"{100 * a:.1f}" for a in entry["token_accuracy"] if a is not None)
+                    if "token_accuracy" in entry else "-")
+        ciou = "/".join(f"{100 * c:.1f}" for c in entry["refseg_ciou"])
+        lines.append(f"| {ARMS[name].label} | {_ci(entry['letter'])} | {tokens} | {accuracy} | {ciou} |")
+    if "full_minus_no_depth_tokens" in summary:
+        lines += ["", f"full minus without depth tokens (letter, paired): {_ci(summary['full_minus_no_depth_tokens'])} points"]
     return "\n".join(lines)
+
+
+def plot(results: dict[str, Any], out: Path) -> Path:
+    from plot import Series, line_charts, smooth
+
+    panels: dict[str, list[Series]] = {"total loss": [], "L_LLM": [], "mask DICE": [], "depth token CE": []}
+    keys = {"total loss": "loss", "L_LLM": "llm", "mask DICE": "seg_dice", "depth token CE": "depth_token"}
+    for name in results["arms"]:
+        for seed in results["seeds"]:
+            curve = results["models"][f"{name}-seed{seed}"]["curve"]
+            window = max(1, len(curve) // 30)
+            for panel, key in keys.items():
+                if key == "depth_token" and ARMS[name].answer != "depth" and name != "direct_depth_elsewhere":
+                    continue
+                steps = [point["step"] for point in curve]
+                panels[panel].append(Series(f"{name} seed {seed}", steps, smooth([point.get(key, 0.0) for point in curve], window)))
+    quick = " (SMOKE RUN: numbers mean nothing)" if results["quick"] else ""
+    return line_charts(panels, out, f"training curves, moving average{quick}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("ablation-out"), help="work folder (worlds, shards, runs, results)")
     parser.add_argument("--quick", action="store_true", help="a smoke run of every step for make demo (numbers mean nothing)")
+    parser.add_argument("--data-only", action="store_true", help="build the data (worlds, tokenizer, shards, hard split) and stop")
+    parser.add_argument("--reuse-data", action="store_true", help="keep OUT's worlds, tokenizer, shards and questions (ablation-data.json) and train again")
     for option in fields(AblationConfig):  # every setting can be overridden, e.g. --train-steps 100
-        parser.add_argument(f"--{option.name.replace('_', '-')}", type=type(option.default), dest=option.name,
+        kind = (lambda text: text.lower() in ("1", "true", "yes")) if isinstance(option.default, bool) else type(option.default)
+        parser.add_argument(f"--{option.name.replace('_', '-')}", type=kind, dest=option.name,
                             help=f"default {option.default} (quick: {getattr(QUICK, option.name)})")
     arguments = parser.parse_args()
     overrides = {option.name: getattr(arguments, option.name) for option in fields(AblationConfig)
                  if getattr(arguments, option.name) is not None}
     config = replace(QUICK if arguments.quick else AblationConfig(), **overrides)
+    arms = [name.strip() for name in config.arms.split(",") if name.strip()]
+    unknown = [name for name in arms if name not in ARMS]
+    if unknown:
+        raise SystemExit(f"unknown arm(s) {unknown}; known: {', '.join(ARMS)}")
+    seeds = [int(seed) for seed in config.seeds.split(",") if seed.strip()]
     out = arguments.out
     out.mkdir(parents=True, exist_ok=True)
-    for product in PRODUCTS:
+    data_record = out / "ablation-data.json"
+    reuse = arguments.reuse_data and data_record.is_file()
+    for product in PRODUCTS if not reuse else ("miniature", "runs", "logs"):
         shutil.rmtree(out / product, ignore_errors=True)
 
+    timer = TIMER
     started = time.perf_counter()
-    timings: dict[str, float] = {}
-    print(f"ablation ({'quick' if arguments.quick else 'measured'}): {asdict(config)}", flush=True)
-    data = build_data(config, out, timings)
-    print(f"questions per point count: {data['questions']}", flush=True)
-    from perceptio.evaluate.synth_blink import baselines
-
-    models = {}
-    for name, flags in MODELS.items():
-        print(f"training and evaluating: {name}", flush=True)
-        models[name] = train_and_evaluate(config, out, name, flags, timings)
-    timings["total_s"] = time.perf_counter() - started
-    results = {"config": asdict(config), "quick": arguments.quick, "data": data,
-               "baselines": baselines(out / "heldout-blink"), "models": models, "timings": timings}
+    label = "SMOKE RUN (quick; numbers mean nothing)" if arguments.quick else "measured run"
+    print(f"ablation, {label}: {asdict(config)}", flush=True)
+    if reuse:
+        data = json.loads(data_record.read_text())
+        print(f"reusing the data of {data_record}", flush=True)
+    else:
+        data = build_data(config, out, timer)
+        data_record.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    print(f"hard split: {json.dumps(data['hard_split']['questions'])} questions; cues and ceiling: "
+          f"{json.dumps(data['hard_split']['scores'])}", flush=True)
+    if arguments.data_only:
+        return
+    runs = [(seed, name) for seed in seeds for name in arms]
+    for seed in seeds:  # base models first: parallel runs of one seed share its folder
+        model_flags(config, out, seed)
+    with ThreadPoolExecutor(max_workers=config.parallel) as pool:
+        futures = {run_id: pool.submit(train_and_evaluate, config, out, run_id[0], run_id[1]) for run_id in runs}
+        models = {f"{name}-seed{seed}": futures[(seed, name)].result() for seed, name in runs}
+    results = {"config": asdict(config), "quick": arguments.quick, "arms": arms, "seeds": seeds, "data": data,
+               "models": models, "timings": timer.stages,
+               "total": {"wall_s": time.perf_counter() - started, **timer.total()}}
+    results["summary"] = summarise(results)
     (out / "ablation.json").write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
-    markdown = table(results)
+    markdown = ("**SMOKE RUN: numbers mean nothing.**\n\n" if arguments.quick else "") + table(results)
     (out / "ablation.md").write_text(markdown + "\n")
     print(markdown)
-    print("\ntraining curves (total loss):")
-    for name, model in models.items():
-        print(f"  {name}: " + ", ".join(f"{point['step']}: {point['loss']:.3f}" for point in model["curve"]))
-    print(f"\ntimings (s): {json.dumps({k: round(v, 1) for k, v in timings.items()})}")
+    print(f"\ncurves: {plot(results, out / 'ablation.png')}")
+    print(f"time: {json.dumps({k: {m: round(v, 1) for m, v in t.items()} for k, t in timer.stages.items()})}")
+    print(f"total: {results['total']['wall_s']:.0f} s wall, {results['total']['cpu_s']:.0f} s CPU (children)")
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -16,6 +17,24 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+# `make test` must end within its time budget on 2 cores, so slow tests run last and only while the
+# budget (seconds since the session started, PERCEPTIO_TEST_BUDGET_S) lasts; `make test-slow` runs
+# them all. Unset, every test runs.
+_SESSION_START = time.monotonic()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if os.environ.get("PERCEPTIO_TEST_BUDGET_S"):
+        items.sort(key=lambda item: item.get_closest_marker("slow") is not None)  # stable: order kept
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    budget = os.environ.get("PERCEPTIO_TEST_BUDGET_S")
+    if budget and item.get_closest_marker("slow") is not None:
+        spent = time.monotonic() - _SESSION_START
+        if spent > float(budget):
+            pytest.skip(f"slow test: make test's budget of {float(budget):.0f} s is spent ({spent:.0f} s); run make test-slow")
 
 
 @pytest.fixture(scope="session")

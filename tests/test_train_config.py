@@ -27,3 +27,13 @@ def test_tiny_defaults_fill_only_what_is_unset():
     assert PerceptioConfig.for_model(model="tiny", train_language_model=None).train_language_model
     assert not PerceptioConfig.for_model(model="tiny", train_language_model=False).train_language_model
     assert not PerceptioConfig.for_model(train_language_model=None).train_language_model  # LoRA for real models
+
+
+def test_tiny_model_trains_its_encoders_and_head_at_its_own_rate():
+    tiny = PerceptioConfig.for_model(model="tiny", freeze_vision=None, freeze_sam_encoder=None)
+    assert not tiny.freeze_vision and not tiny.freeze_sam_encoder  # random encoders must learn to see
+    assert PerceptioConfig.for_model(model="tiny", freeze_vision=True).freeze_vision
+    real = PerceptioConfig.for_model(freeze_vision=None, freeze_sam_encoder=None)
+    assert real.freeze_vision and real.freeze_sam_encoder  # the paper's frozen encoders
+    assert TrainConfig.for_model(True, steps=3, head_lr=None).head_lr == TrainConfig.TINY_DEFAULTS["head_lr"]
+    assert TrainConfig.for_model(False, steps=3, head_lr=None).head_lr is None  # the same rate as lr

@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image
 
 from perceptio.errors import PerceptioError
+from perceptio.evaluate.decomposition import TokenReader
 from perceptio.evaluate.distributed import ProcessGroup, gather_records
 from perceptio.evaluate.hardblink import HardBlinkQuestion, parse_choice
 from perceptio.evaluate.metrics import decoded_depth_scores, mask_overlap, token_accuracy
@@ -177,19 +178,30 @@ def depth_score(item: ShardItem, prediction: PredictionLike) -> dict[str, Any]:
     return record
 
 
+ANSWER_STYLES = ("depth", "direct")
+
+
 @lru_cache(maxsize=None)
-def hardblink_prompt(question_text: str) -> str:
-    """The trainer's marked-point prompt around a HardBLINK question (its first template)."""
+def hardblink_prompt(question_text: str, style: str = "depth") -> str:
+    """The trainer's marked-point prompt around a HardBLINK question (the first template of the
+    style): ``depth`` asks for the depth span before the letter, ``direct`` for the letter alone."""
     from perceptio.train.data import PromptTemplates
 
-    return PromptTemplates.load().question_prompts[0].format(question=question_text)
+    templates = PromptTemplates.load()
+    prompts = templates.question_prompts if style == "depth" else templates.direct_question_prompts
+    return prompts[0].format(question=question_text)
 
 
-def hardblink_query(question: HardBlinkQuestion) -> tuple[Image.Image, str]:
+def hardblink_query(question: HardBlinkQuestion, style: str = "depth") -> tuple[Image.Image, str]:
     with Image.open(question.image_path) as image:
-        return image.convert("RGB"), hardblink_prompt(question.text)
+        return image.convert("RGB"), hardblink_prompt(question.text, style)
 
 
-def hardblink_score(question: HardBlinkQuestion, prediction: PredictionLike) -> dict[str, Any]:
-    return {"id": question.sample_id, "variant": question.variant, "answer": question.answer,
-            "choice": parse_choice(prediction.text, question.variant), "reply": prediction.text}
+def hardblink_score(question: HardBlinkQuestion, prediction: PredictionLike, reader: TokenReader | None = None,
+                    style: str = "depth") -> dict[str, Any]:
+    """The letter the model wrote; with a ``reader``, the decomposition columns too (decomposition.py)."""
+    record = {"id": question.sample_id, "variant": question.variant, "answer": question.answer,
+              "choice": parse_choice(prediction.text, question.variant), "reply": prediction.text}
+    if reader is not None:
+        record.update(reader.columns(question.row, prediction.depth_codes, prediction.well_formed, style == "depth"))
+    return record

@@ -199,6 +199,9 @@ def hardblink(
     checkpoint: Path = CHECKPOINT_OPTION,
     data: Path = typer.Option(..., help="HardBLINK folder (images/, questions/, answers/)."),
     variants: str = typer.Option("3,4,5", help="Point counts to evaluate, comma-separated."),
+    answer: str = typer.Option("auto", help="How to ask: 'depth' (write the depth span, then the letter), 'direct' (the letter alone), or 'auto' (depth when the model was trained with depth tokens)."),
+    world: Optional[Path] = typer.Option(None, help="The synthetic world the questions were drawn from (perceptio-evaluate synth-blink): adds (a), the answer read from its ground-truth depth tokens, and the token accuracy of the generated spans."),
+    tokenizer: Optional[Path] = typer.Option(None, help="Depth tokenizer folder for the decomposition (default: the checkpoint's own; needed for a model trained without depth tokens)."),
     limit: Optional[int] = LIMIT_OPTION,
     max_new_tokens: int = TOKENS_OPTION,
     threads: Optional[int] = THREADS_OPTION,
@@ -207,35 +210,68 @@ def hardblink(
     as_json: bool = JSON_OPTION,
     out: Optional[Path] = OUT_OPTION,
 ) -> None:
-    """HardBLINK relative depth ("which point is closest"): accuracy per point count and their mean."""
-    from perceptio.evaluate.benchmarks import hardblink_query, hardblink_score
+    """HardBLINK relative depth ("which point is closest"): accuracy per point count and their mean.
+
+    On questions that record their points (the synthetic split) it also reports the decomposition:
+    (a) the answer read from the ground-truth tokens (with --world), (b) the answer read from the
+    tokens the model generated, (c) the letter it wrote, and the token accuracy of its spans.
+    """
+    from perceptio.evaluate.benchmarks import ANSWER_STYLES, hardblink_query, hardblink_score
+    from perceptio.evaluate.decomposition import TokenReader, decomposition_scores
     from perceptio.evaluate.hardblink import load_hardblink, score_hardblink
 
     try:
         chosen = tuple(int(part) for part in variants.split(",") if part.strip())
     except ValueError:
         raise PerceptioError(f"--variants {variants!r} is not a comma-separated list of point counts") from None
+    if answer not in ("auto", *ANSWER_STYLES):
+        raise PerceptioError(f"--answer must be auto, depth or direct, not {answer!r}")
+    if world is not None and not (world / "depth").is_dir():
+        raise PerceptioError(f"--world {world} is not a synthetic world (no depth/ folder)")
     group = init_process_group()
     questions = _limited(load_hardblink(data, chosen), limit)
-    predictor, records = _predict_all("hardblink", questions, group, checkpoint, max_new_tokens, threads,
-                                      hardblink_query, hardblink_score, lambda question: question.sample_id,
-                                      batch_size, dtype)
-    if records is None:
+    predictor = _load_predictor(checkpoint, max_new_tokens, threads, dtype)
+    model = predictor.model
+    style = answer if answer != "auto" else ("depth" if model.config.use_depth_tokens else "direct")
+    vqvae = model.depth_vqvae
+    if tokenizer is not None:
+        from perceptio.tokenize import DepthVQVAE
+
+        vqvae = DepthVQVAE.from_pretrained(tokenizer)
+    reader = TokenReader(vqvae, world) if vqvae is not None and any("points" in q.row for q in questions) else None
+    from perceptio.evaluate.benchmarks import evaluate_items
+
+    with ProgressLog("hardblink", _share(questions, group), unit="samples", enabled=group.is_main) as progress:
+        records = evaluate_items(questions, predictor, lambda question: hardblink_query(question, style),
+                                 lambda question, prediction: hardblink_score(question, prediction, reader, style),
+                                 group, lambda question: question.sample_id, batch_size,
+                                 lambda done: progress.update(progress.completed + done))
+    if not group.is_main:
         return
     scores = score_hardblink(records)
     results = {
         "benchmark": "hardblink",
         "checkpoint": _checkpoint_info(checkpoint, predictor),
-        "data": {"root": str(data), "questions": len(records), "limit": limit},
+        "data": {"root": str(data), "questions": len(records), "limit": limit, "answer": style,
+                 "world": str(world) if world else None},
         "processes": group.world_size,
-        "scores": scores.to_dict(),
+        "scores": {**scores.to_dict(), "decomposition": decomposition_scores(records) if reader is not None else None},
         "replies": records,
     }
-    table = Table(title=_header(results))
-    for column in ("points", "questions", "accuracy", "unparsed"):
+    decomposition = results["scores"]["decomposition"]
+    table = Table(title=_header(results) + f" | asked: {style}")
+    columns = ["points", "questions", "(c) letter %", "unparsed"]
+    if decomposition:
+        columns += ["(b) from its tokens %", "(a) from true tokens %", "well-formed %", "token accuracy %"]
+    for column in columns:
         table.add_column(column)
     for variant, accuracy in scores.accuracy.items():
-        table.add_row(str(variant), str(scores.questions[variant]), percent(accuracy), str(scores.unparsed[variant]))
+        row = [str(variant), str(scores.questions[variant]), percent(accuracy), str(scores.unparsed[variant])]
+        if decomposition:
+            parts = decomposition["by_variant"][str(variant)]
+            row += [percent(parts["token_choice"]), percent(parts["truth_choice"]), percent(parts["well_formed"]),
+                    percent(parts["token_accuracy"])]
+        table.add_row(*row)
     table.add_row("average", str(len(records)), percent(scores.average), "")
     report(results, table, as_json, out)
 

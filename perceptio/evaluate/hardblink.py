@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import re
 import string
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -32,6 +32,8 @@ class HardBlinkQuestion:
     image_path: Path
     text: str
     answer: str  # the correct letter, e.g. "B"
+    # The whole question line: the synthetic split also records the points, letters and image size.
+    row: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     @property
     def sample_id(self) -> str:
@@ -78,7 +80,7 @@ def load_hardblink(root: str | Path, variants: Sequence[int] = VARIANTS) -> list
             answer = parse_choice(answers[question_id], variant)
             if answer is None:
                 raise PerceptioError(f"{answers_path}: unreadable answer {answers[question_id]!r} for question {question_id}")
-            questions.append(HardBlinkQuestion(variant, int(question_id), image_path, row["text"], answer))
+            questions.append(HardBlinkQuestion(variant, int(question_id), image_path, row["text"], answer, row))
     return questions
 
 

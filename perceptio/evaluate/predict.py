@@ -63,7 +63,7 @@ class Predictor:
 
     def __init__(self, model, identity: str, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS):
         self.model = model.eval()
-        self.identity = identity + (" (tiny)" if model.config.is_tiny else "")
+        self.identity = identity + (" (tiny)" if model.is_tiny else "")
         self.max_new_tokens = max_new_tokens
         self.vocabulary = PerceptionVocabulary(
             depth_token_ids=tuple(int(token) for token in model.depth_token_ids.tolist()),

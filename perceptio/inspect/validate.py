@@ -29,6 +29,7 @@ from perceptio.shards import (
     NULLABLE_META,
     PHRASE_TYPES,
     QUESTION_FIELD,
+    QUESTIONS_FIELD,
     QUESTION_TYPES,
     QUESTIONS_FIELD,
     REF_TYPES,

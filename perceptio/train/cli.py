@@ -43,7 +43,8 @@ def train_command(
     lora_alpha: int = typer.Option(PerceptioConfig.lora_alpha, "--lora-alpha", min=1, help="LoRA alpha (scale alpha/rank).", rich_help_panel=PANEL_MODEL),
     lora_dropout: float = typer.Option(PerceptioConfig.lora_dropout, "--lora-dropout", min=0.0, max=1.0, help="Dropout on the LoRA branch.", rich_help_panel=PANEL_MODEL),
     train_language_model: Optional[bool] = typer.Option(None, "--train-language-model/--lora", help="Fine-tune every weight of the language model instead of LoRA + the new tokens' rows. Default: on for --model tiny (random weights: LoRA on a frozen random model learns too slowly to write well-formed spans in a short run), LoRA otherwise.", show_default=False, rich_help_panel=PANEL_MODEL),
-    train_vision: bool = typer.Option(not PerceptioConfig.freeze_vision, "--train-vision", help="Train the vision tower too (frozen by default).", rich_help_panel=PANEL_MODEL),
+    train_vision: Optional[bool] = typer.Option(None, "--train-vision/--freeze-vision", help="Train the vision tower (and projector). Default: frozen, as in the paper; trained for --model tiny, whose random encoders must learn to see (README, 'Perceptio in miniature').", show_default=False, rich_help_panel=PANEL_MODEL),
+    train_sam_encoder: Optional[bool] = typer.Option(None, "--train-sam-encoder/--freeze-sam-encoder", help="Train SAM2's image encoder. Default: frozen, as in the paper; trained for --model tiny.", show_default=False, rich_help_panel=PANEL_MODEL),
     crop_to_patches: bool = typer.Option(PerceptioConfig.crop_to_patches, "--crop-to-patches", help="InternVL's dynamic tiling (default: one 448 tile, 256 image tokens).", rich_help_panel=PANEL_MODEL),
     gradient_checkpointing: bool = typer.Option(PerceptioConfig.gradient_checkpointing, "--gradient-checkpointing", help="Recompute activations in the backward pass: keeps each decoder layer's input only (1B at batch 4 x 512 tokens: activations 6.1 -> 0.4 GiB by --plan), at the cost of a second forward through the language model.", rich_help_panel=PANEL_MODEL),
     dtype: str = typer.Option(PerceptioConfig.dtype, "--dtype", help="Storage of the frozen base weights: auto (bfloat16 on a GPU, float32 on the CPU), bfloat16 or float32. Trainable weights are always float32 (with bf16 autocast).", rich_help_panel=PANEL_MODEL),
@@ -53,6 +54,7 @@ def train_command(
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help=f"Examples per micro-batch and rank. Default: {TrainConfig.batch_size}; {TINY['batch_size']} with --model tiny (a step of it takes a fraction of a second, and batches of 1 are too noisy for it to learn to write 100 codes in 200 steps).", show_default=False, rich_help_panel=PANEL_LOOP),
     grad_accum: int = typer.Option(TrainConfig.grad_accum, "--grad-accum", min=1, help="Micro-batches per optimizer step (the paper: 8).", rich_help_panel=PANEL_LOOP),
     lr: Optional[float] = typer.Option(None, "--lr", min=0.0, help=f"Peak AdamW learning rate. Default: the paper's {TrainConfig.lr:g}; {TINY['lr']:g} with --model tiny, whose random weights must move far in a short run.", rich_help_panel=PANEL_LOOP),
+    head_lr: Optional[float] = typer.Option(None, "--head-lr", min=0.0, help=f"Peak learning rate of the segmentation head ([SEG] projector, SAM2 decoder; SAM2 encoder with --train-sam-encoder). Default: --lr; {TINY['head_lr']:g} with --model tiny (its decoder stalls at the tiny lr).", show_default=False, rich_help_panel=PANEL_LOOP),
     weight_decay: float = typer.Option(TrainConfig.weight_decay, "--weight-decay", min=0.0, help="AdamW weight decay.", rich_help_panel=PANEL_LOOP),
     warmup: float = typer.Option(TrainConfig.warmup, "--warmup", min=0.0, max=1.0, help="Share of the steps with a linear warm-up; a cosine to zero follows.", rich_help_panel=PANEL_LOOP),
     grad_clip: float = typer.Option(TrainConfig.grad_clip, "--grad-clip", min=0.0, help="Clip the gradient's global norm to this.", rich_help_panel=PANEL_LOOP),
@@ -107,7 +109,9 @@ def train_command(
     model_config = PerceptioConfig.for_model(
         model=model, sam_model=sam_model, tokenizer=str(tokenizer) if tokenizer else "", lora_rank=lora_rank,
         lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-        train_language_model=train_language_model, freeze_vision=not train_vision,
+        train_language_model=train_language_model,
+        freeze_vision=None if train_vision is None else not train_vision,
+        freeze_sam_encoder=None if train_sam_encoder is None else not train_sam_encoder,
         crop_to_patches=crop_to_patches, gradient_checkpointing=gradient_checkpointing, dtype=dtype,
         max_length=max_length, lambda_m=lambda_m, lambda_t=lambda_t, lambda_c=lambda_c, lambda_d=lambda_d,
         lambda_r=lambda_r, seg_bce=seg_bce, seg_dice=seg_dice, use_depth_tokens=depth_tokens,
@@ -115,7 +119,7 @@ def train_command(
         use_depth_loss=depth_loss and depth_tokens,
     )
     config = TrainConfig.for_model(model_config.is_tiny, out=out, steps=steps, batch_size=batch_size,
-                                   grad_accum=grad_accum, lr=lr, weight_decay=weight_decay, warmup=warmup,
+                                   grad_accum=grad_accum, lr=lr, head_lr=head_lr, weight_decay=weight_decay, warmup=warmup,
                                    grad_clip=grad_clip, seed=seed, workers=workers, save_every=save_every,
                                    precision=precision, parallel=parallel, resume=resume, export=export,
                                    progress=progress)

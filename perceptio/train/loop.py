@@ -104,6 +104,19 @@ def lr_factor(step: int, total_steps: int, warmup: float) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
+HEAD_PREFIX = "segmenter."
+
+
+def parameter_groups(model: torch.nn.Module, config: TrainConfig) -> list[dict[str, Any]]:
+    """The trainable parameters in AdamW groups: the model's, and the segmentation head's at ``head_lr``."""
+    body, head = [], []
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            (head if name.startswith(HEAD_PREFIX) else body).append(parameter)
+    head_lr = config.lr if config.head_lr is None else config.head_lr
+    return [group for group in ({"params": body, "lr": config.lr}, {"params": head, "lr": head_lr}) if group["params"]]
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -175,7 +188,7 @@ def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimize
 
 def run_settings(config: TrainConfig, data: StreamConfig, processes: Processes) -> dict[str, Any]:
     """The settings a resumed run must share with the original to continue it exactly."""
-    keep = ("steps", "batch_size", "grad_accum", "lr", "weight_decay", "warmup", "grad_clip", "seed", "workers", "parallel")
+    keep = ("steps", "batch_size", "grad_accum", "lr", "head_lr", "weight_decay", "warmup", "grad_clip", "seed", "workers", "parallel")
     settings = {key: value for key, value in asdict(config).items() if key in keep}
     settings.update(world_size=processes.world_size, mix=data.mix, seed_data=data.seed, splits=list(data.splits),
                     use_depth_tokens=data.use_depth_tokens, shards=sorted(map(str, data.shards)))
@@ -248,7 +261,7 @@ def train(model: TrainableModel, data: StreamConfig, config: TrainConfig) -> Tra
         model.load_trainable_state_dict(resumed.trainable)
     net = wrap_for_processes(model, config, processes)
     trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(parameter_groups(model, config), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, config.steps, config.warmup))
     # bf16 autocast on GPUs, and wherever frozen weights are stored in bf16 (trainable ones are fp32).

@@ -141,7 +141,8 @@ class PerceptioModel(nn.Module):
             vlm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         segmenter = None
         if config.use_segmentation:
-            segmenter = SamSegmenter(_load_sam(config, dtype), vlm.config.get_text_config().hidden_size)
+            segmenter = SamSegmenter(_load_sam(config, dtype), vlm.config.get_text_config().hidden_size,
+                                     train_encoder=not config.freeze_sam_encoder)
             if segmenter_state is not None:
                 segmenter.projector.load_state_dict(segmenter_state)
         model = cls(config, wrapped, adapter, segmenter, depth_vqvae)

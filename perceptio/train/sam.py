@@ -20,11 +20,12 @@ from transformers import Sam2Model
 
 
 class SamSegmenter(nn.Module):
-    """Frozen SAM2 image encoder + trainable mask decoder + the [SEG] projection MLP."""
+    """SAM2 image encoder (frozen unless ``train_encoder``) + trainable mask decoder + the [SEG] projection MLP."""
 
-    def __init__(self, sam: Sam2Model, text_hidden_size: int):
+    def __init__(self, sam: Sam2Model, text_hidden_size: int, train_encoder: bool = False):
         super().__init__()
         self.sam = sam
+        self.train_encoder = train_encoder
         prompt_size = sam.config.prompt_encoder_config.hidden_size
         self.projector = nn.Sequential(
             nn.Linear(text_hidden_size, text_hidden_size),
@@ -33,6 +34,9 @@ class SamSegmenter(nn.Module):
         )
         sam.requires_grad_(False)
         sam.mask_decoder.requires_grad_(True)
+        if train_encoder:
+            sam.vision_encoder.requires_grad_(True)
+            sam.no_memory_embedding.requires_grad_(True)
         # Nothing supervises the IoU and object-score predictions (there is no point or box prompt
         # to score); left trainable they would get no gradient, which DDP rejects.
         sam.mask_decoder.iou_prediction_head.requires_grad_(False)
@@ -47,7 +51,7 @@ class SamSegmenter(nn.Module):
 
     def image_features(self, sam_pixel_values: torch.Tensor) -> list[torch.Tensor]:
         """SAM2's multi-scale features (B, C, h, w), high resolution first, ready for the decoder."""
-        with torch.no_grad():
+        with torch.set_grad_enabled(self.train_encoder and torch.is_grad_enabled()):
             encoded = self.sam.vision_encoder(sam_pixel_values, return_dict=True)
         features = list(encoded.fpn_hidden_states)
         # The two high-resolution convolutions belong to the (trained) decoder: outside no_grad.

@@ -21,6 +21,9 @@ Everything is built from a fixed seed, so two builds are identical.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
+
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
@@ -85,24 +88,43 @@ def tiny_text_tokenizer(vocab_size: int = 600) -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def tiny_internvl(tokenizer: PreTrainedTokenizerFast, vocab_size: int | None = None) -> InternVLForConditionalGeneration:
-    """A random 2-layer InternVL whose image layout matches the real one (256 tokens per 448 tile)."""
+@dataclass(frozen=True)
+class TinySize:
+    """Widths and depths of a tiny InternVL + SAM2 (defaults: the built-in ``--model tiny``).
+
+    ``benchmarks/miniature.py`` builds wider ones and saves them as ordinary model folders.
+    """
+
+    vision_width: int = 16
+    vision_layers: int = 1
+    image_size: int = 448  # InternVL tile side; 448 / 14 patches / pixel shuffle 0.5 -> 256 image tokens
+    text_width: int = 32
+    text_layers: int = 2
+    text_heads: int = 2
+    sam_stage_widths: tuple[int, int, int, int] = (8, 16, 32, 64)
+    sam_width: int = 32  # SAM2 neck, prompt encoder and mask decoder
+    sam_image_size: int = TINY_SAM_IMAGE_SIZE
+
+
+def tiny_internvl(tokenizer: PreTrainedTokenizerFast, vocab_size: int | None = None,
+                  size: TinySize = TinySize(), seed: int = TINY_SEED) -> InternVLForConditionalGeneration:
+    """A random InternVL with InternVL's image layout (256 tokens per 448 tile at the default size)."""
     vision = {
         "model_type": "internvl_vision",
-        "hidden_size": 16,
-        "num_hidden_layers": 1,
+        "hidden_size": size.vision_width,
+        "num_hidden_layers": size.vision_layers,
         "num_attention_heads": 2,
-        "intermediate_size": 32,
-        "image_size": [448, 448],
+        "intermediate_size": 2 * size.vision_width,
+        "image_size": [size.image_size, size.image_size],
         "patch_size": [14, 14],
     }
     text = {
         "model_type": "qwen2",
-        "hidden_size": 32,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 2,
+        "hidden_size": size.text_width,
+        "num_hidden_layers": size.text_layers,
+        "num_attention_heads": size.text_heads,
         "num_key_value_heads": 1,
-        "intermediate_size": 64,
+        "intermediate_size": 2 * size.text_width,
         "vocab_size": max(vocab_size or 0, len(tokenizer)),
         "max_position_embeddings": 4096,
         "tie_word_embeddings": True,
@@ -114,38 +136,63 @@ def tiny_internvl(tokenizer: PreTrainedTokenizerFast, vocab_size: int | None = N
         vision_config=vision,
         text_config=text,
         image_token_id=tokenizer.context_image_token_id,
-        image_seq_length=256,
+        image_seq_length=(size.image_size // 28) ** 2,
         tie_word_embeddings=True,
     )
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(TINY_SEED)
+        torch.manual_seed(seed)
         model = InternVLForConditionalGeneration(config)
     return model
 
 
-def tiny_sam2() -> Sam2Model:
-    """A random 4-block SAM2 at a 256-pixel input (64x64 masks)."""
-    size = TINY_SAM_IMAGE_SIZE
+def tiny_sam2(dimensions: TinySize = TinySize(), seed: int = TINY_SEED + 1) -> Sam2Model:
+    """A random 4-block SAM2 at a 256-pixel input (64x64 masks) by default."""
+    size = dimensions.sam_image_size
+    stages = list(dimensions.sam_stage_widths)
+    width = dimensions.sam_width
     config = Sam2Config(
         vision_config={
             "backbone_config": {
                 "model_type": "sam2_hiera_det_model",
-                "hidden_size": 8,
+                "hidden_size": stages[0],
                 "image_size": [size, size],
-                "embed_dim_per_stage": [8, 16, 32, 64],
+                "embed_dim_per_stage": stages,
                 "blocks_per_stage": [1, 1, 1, 1],
                 "num_attention_heads_per_stage": [1, 1, 1, 1],
                 "window_size_per_stage": [8, 4, 4, 4],
                 "global_attention_blocks": [],
             },
-            "backbone_channel_list": [64, 32, 16, 8],
+            "backbone_channel_list": stages[::-1],
             "backbone_feature_sizes": [[size // 4, size // 4], [size // 8, size // 8], [size // 16, size // 16]],
-            "fpn_hidden_size": 32,
+            "fpn_hidden_size": width,
         },
-        prompt_encoder_config={"hidden_size": 32, "image_size": size},
-        mask_decoder_config={"hidden_size": 32, "mlp_dim": 64, "num_attention_heads": 2, "iou_head_hidden_dim": 32},
+        prompt_encoder_config={"hidden_size": width, "image_size": size},
+        mask_decoder_config={"hidden_size": width, "mlp_dim": 2 * width, "num_attention_heads": 2, "iou_head_hidden_dim": width},
     )
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(TINY_SEED + 1)
+        torch.manual_seed(seed)
         model = Sam2Model(config)
     return model
+
+
+VLM_FOLDER, SAM_FOLDER = "vlm", "sam2"
+
+
+def save_miniature(out: str | Path, size: TinySize = TinySize(), seed: int = TINY_SEED) -> tuple[Path, Path]:
+    """Write a tiny InternVL (with its tokenizer) and a tiny SAM2 as ordinary ``save_pretrained``
+    folders, ``out/vlm`` and ``out/sam2``: ``perceptio-train --model out/vlm --sam-model out/sam2``
+    loads them exactly as it loads real checkpoints. The same ``size`` and ``seed`` give the same weights.
+    Each folder is written atomically (a failed run leaves none half-written)."""
+    from perceptio.io import atomic_directory
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = tiny_text_tokenizer()
+    vlm = tiny_internvl(tokenizer, size=size, seed=seed)
+    vlm.config.perceptio_tiny = True  # labelled as the random tiny family wherever it is reported
+    with atomic_directory(out / VLM_FOLDER) as staging:
+        vlm.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+    with atomic_directory(out / SAM_FOLDER) as staging:
+        tiny_sam2(size, seed=seed + 1).save_pretrained(staging)
+    return out / VLM_FOLDER, out / SAM_FOLDER
