@@ -4,8 +4,9 @@ The paper trains on RefCOCO/+/g and ADE20k perception data *mixed* with LLaVA-1.
 GranD-f grounded conversations, so that the model keeps its general abilities while it gains
 perception. Here the same comparison runs on the synthetic world, with the commands a user runs:
 
-1. the training world and a held-out world (another seed), their HardBLINK-style questions, the
-   depth tokenizer and the refcoco/ade20k shards, exactly as ``benchmarks/ablation.py`` makes them;
+1. the training world and a held-out world (another seed), the hard HardBLINK-style split, the
+   depth tokenizer and the refcoco/ade20k shards, and the model (its miniature VLM + SAM2 and trainer
+   settings), exactly as ``benchmarks/ablation.py`` makes them;
 2. both worlds' conversations (``perceptio-curate synth --conversations``'s files): the training
    world's LLaVA and GranD-f files curated with ``perceptio-curate llava|grandf``, the held-out
    world's LLaVA file curated as the held-out conversation set (images never trained on);
@@ -36,11 +37,20 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
-from ablation import PRODUCTS, AblationConfig, build_data, curve, evaluate_json, run  # noqa: E402
+from ablation import (  # noqa: E402
+    CURATE,
+    PRODUCTS,
+    TRAIN,
+    AblationConfig,
+    build_data,
+    evaluate_json,
+    model_flags,
+    read_curve,
+    run,
+)
 
 from perceptio.train.config import TrainConfig  # noqa: E402
 
-BIN = Path(sys.executable).parent
 ARMS = {  # name -> (shard folders, mix)
     "perception": (("refcoco", "ade20k"), "refcoco=1,ade20k=1"),
     "conversations": (("llava",), "llava=1"),
@@ -57,7 +67,7 @@ class MixtureConfig:
     tokenizer_steps: int = 300
     train_steps: int = 300
     batch_size: int = TrainConfig.TINY_DEFAULTS["batch_size"]
-    questions_per_variant: int = 30
+    hard_per_variant: int = 30  # held-out HardBLINK questions per point count
     refseg_limit: int = 60
     conversation_limit: int = 120  # held-out answers scored
     hardblink_limit: int = 0  # questions scored (0: all)
@@ -65,25 +75,33 @@ class MixtureConfig:
 
 
 QUICK = MixtureConfig(world_images=40, heldout_images=16, tokenizer_steps=20, train_steps=4, batch_size=2,
-                      questions_per_variant=2, refseg_limit=2, conversation_limit=4, hardblink_limit=0)
+                      hard_per_variant=4, refseg_limit=2, conversation_limit=4, hardblink_limit=0)
 
 
-def build_conversations(out: Path, timings: dict[str, float]) -> dict[str, Any]:
+def data_config(config: MixtureConfig) -> AblationConfig:
+    """The ablation's data stage and model (its miniature VLM + SAM2 and trainer settings) at these sizes."""
+    return AblationConfig(world_images=config.world_images, heldout_images=config.heldout_images,
+                          world_seed=config.seed, tokenizer_steps=config.tokenizer_steps,
+                          hard_per_variant=config.hard_per_variant, batch_size=config.batch_size,
+                          refseg_limit=config.refseg_limit, threads=config.threads)
+
+
+def build_conversations(config: MixtureConfig, out: Path, timings: dict[str, float]) -> dict[str, Any]:
     from perceptio.sources.synth.conversations import write_conversations
 
     started = time.perf_counter()
     counts = {"train_world": asdict(write_conversations(out / "world")),
               "heldout_world": asdict(write_conversations(out / "heldout-world"))}
-    curate = str(BIN / "perceptio-curate")
     common = ["--samples-per-shard", "50", "--no-progress", "--overwrite"]
-    run([curate, "llava", "--json", str(out / "world/llava/synth_train.json"), "--images", str(out / "world"),
-         "--out", str(out / "shards/llava"), *common], out / "logs/curate-llava.log")
-    run([curate, "grandf", "--json", str(out / "world/GranDf/annotations/train/GranDf_HA_GCG_train.json"),
-         "--images", str(out / "world"), "--out", str(out / "shards/grandf"), *common], out / "logs/curate-grandf.log")
+    threads = config.threads
+    run([*CURATE, "llava", "--json", str(out / "world/llava/synth_train.json"), "--images", str(out / "world"),
+         "--out", str(out / "shards/llava"), *common], out / "logs/curate-llava.log", threads)
+    run([*CURATE, "grandf", "--json", str(out / "world/GranDf/annotations/train/GranDf_HA_GCG_train.json"),
+         "--images", str(out / "world"), "--out", str(out / "shards/grandf"), *common], out / "logs/curate-grandf.log", threads)
     # Every conversation of the held-out world is a held-out conversation.
-    run([curate, "llava", "--json", str(out / "heldout-world/llava/synth_train.json"), "--images",
+    run([*CURATE, "llava", "--json", str(out / "heldout-world/llava/synth_train.json"), "--images",
          str(out / "heldout-world"), "--split", "val", "--out", str(out / "shards/llava-heldout"), *common],
-        out / "logs/curate-llava-heldout.log")
+        out / "logs/curate-llava-heldout.log", threads)
     timings["conversations_s"] = time.perf_counter() - started
     return {name: {"llava": value["llava"], "grandf": value["grandf"]} for name, value in counts.items()}
 
@@ -93,26 +111,27 @@ def train_and_evaluate(config: MixtureConfig, out: Path, name: str, timings: dic
     run_dir = out / "runs" / name
     shards = [argument for folder in folders for argument in ("--shards", str(out / "shards" / folder))]
     started = time.perf_counter()
-    run([str(BIN / "perceptio-train"), *shards, "--mix", mix, "--model", "tiny", "--tokenizer", str(out / "tokenizer"),
-         "--steps", str(config.train_steps), "--seed", str(config.seed), "--batch-size", str(config.batch_size),
-         "--workers", "0", "--out", str(run_dir), "--no-progress"], out / "logs" / f"train-{name}.log")
+    run([*TRAIN, *shards, "--mix", mix, "--tokenizer", str(out / "tokenizer"), "--steps", str(config.train_steps),
+         "--seed", str(config.seed), "--workers", "0", "--out", str(run_dir), "--no-progress",
+         *model_flags(data_config(config), out, config.seed)], out / "logs" / f"train-{name}.log", config.threads)
     timings[f"train_{name}_s"] = time.perf_counter() - started
 
     started = time.perf_counter()
     common = ["--checkpoint", str(run_dir / "model"), "--threads", str(config.threads)]
     talk = evaluate_json(["conversation", *common, "--shards", str(out / "shards/llava-heldout"), "--split", "val",
                           "--limit", str(config.conversation_limit), "--max-new-tokens", "24"],
-                         out / "results" / f"conversation-{name}.json", out / "logs" / f"conversation-{name}.log")
-    refseg = evaluate_json(["refseg", *common, "--shards", str(out / "shards/refcoco"), "--split", "val",
+                         out / "results" / f"conversation-{name}.json", out / "logs" / f"conversation-{name}.log",
+                         config.threads)
+    refseg = evaluate_json(["refseg", *common, "--shards", str(out / "heldout-shards" / "refcoco"), "--split", "train",
                             "--limit", str(config.refseg_limit)],
-                           out / "results" / f"refseg-{name}.json", out / "logs" / f"refseg-{name}.log")
+                           out / "results" / f"refseg-{name}.json", out / "logs" / f"refseg-{name}.log", config.threads)
     blink_limit = ["--limit", str(config.hardblink_limit)] if config.hardblink_limit else []
     blink = evaluate_json(["hardblink", *common, "--data", str(out / "heldout-blink"), *blink_limit],
-                          out / "results" / f"hardblink-{name}.json", out / "logs" / f"hardblink-{name}.log")
+                          out / "results" / f"hardblink-{name}.json", out / "logs" / f"hardblink-{name}.log", config.threads)
     timings[f"evaluate_{name}_s"] = time.perf_counter() - started
     return {"conversation": talk["scores"], "conversation_examples": talk["examples"], "refseg": refseg["scores"],
             "hardblink": blink["scores"], "checkpoint": blink["checkpoint"]["identity"],
-            "curve": curve(run_dir / "metrics.jsonl")}
+            "curve": read_curve(run_dir / "metrics.jsonl")}
 
 
 def table(results: dict[str, Any]) -> str:
@@ -121,7 +140,7 @@ def table(results: dict[str, Any]) -> str:
 
     config = results["config"]
     lines = [f"| training data ({config['train_steps']} steps x batch {config['batch_size']}, same seed) | mix | "
-             "held-out conversation exact match | refseg val cIoU | HardBLINK (synthetic, mean) |",
+             "held-out conversation exact match | refseg cIoU (held-out world) | HardBLINK (synthetic hard split, mean) |",
              "| --- | --- | --- | --- | --- |"]
     for name, model in results["models"].items():
         ciou = next(iter(model["refseg"].values()))["ciou"]
@@ -157,11 +176,8 @@ def main() -> None:
     if arguments.reuse_data:
         data = json.loads((out / "data.json").read_text())
     else:
-        data_config = AblationConfig(world_images=config.world_images, heldout_images=config.heldout_images,
-                                     seed=config.seed, tokenizer_steps=config.tokenizer_steps,
-                                     questions_per_variant=config.questions_per_variant)
-        data = build_data(data_config, out, timings)
-        data["conversations"] = build_conversations(out, timings)
+        data = build_data(data_config(config), out)
+        data["conversations"] = build_conversations(config, out, timings)
         (out / "data.json").write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
     print(f"data: {json.dumps(data)}", flush=True)
     names = arguments.arms.split(",")
