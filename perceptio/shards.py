@@ -24,7 +24,7 @@ import os
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, BinaryIO, Iterator
 
 import numpy as np
 
@@ -203,16 +203,22 @@ class ShardWriter:
 END_OF_ARCHIVE = b"\0" * 1024
 
 
-def iter_members(path: str | os.PathLike[str]) -> Iterator[tuple[str, dict[str, bytes]]]:
+def iter_members(source: str | os.PathLike[str] | BinaryIO) -> Iterator[tuple[str, dict[str, bytes]]]:
     """(key, raw members by extension) in stored order, with the standard library alone.
 
-    A key met again after another one comes out again (a duplicate is the caller's to judge).
-    Raises ``tarfile.TarError``/``EOFError``/``OSError`` on a damaged tar, and ``EOFError`` when the
-    tar lacks its end-of-archive marker (cut short exactly between members).
+    ``source`` is a path or a seekable binary file object (e.g. an object-store file from
+    :func:`perceptio.fs.open_input`). A key met again after another one comes out again (a duplicate
+    is the caller's to judge). Raises ``tarfile.TarError``/``EOFError``/``OSError`` on a damaged
+    tar, and ``EOFError`` when the tar lacks its end-of-archive marker (cut short exactly between
+    members).
     """
+    if isinstance(source, (str, os.PathLike)):
+        with open(source, "rb") as handle:
+            yield from iter_members(handle)
+        return
     current_key: str | None = None
     members: dict[str, bytes] = {}
-    with tarfile.open(path, "r") as tar:
+    with tarfile.open(fileobj=source, mode="r") as tar:
         for info in tar:
             if not info.isfile():
                 continue
@@ -226,10 +232,10 @@ def iter_members(path: str | os.PathLike[str]) -> Iterator[tuple[str, dict[str, 
         end = tar.offset
     if current_key is not None:
         yield current_key, members
-    with open(path, "rb") as handle:
-        handle.seek(end)
-        if handle.read(len(END_OF_ARCHIVE)) != END_OF_ARCHIVE:
-            raise EOFError(f"{path}: no end-of-archive marker after byte {end}: the tar was cut short")
+    source.seek(end)
+    if source.read(len(END_OF_ARCHIVE)) != END_OF_ARCHIVE:
+        name = getattr(source, "name", "the tar")
+        raise EOFError(f"{name}: no end-of-archive marker after byte {end}: the tar was cut short")
 
 
 def iter_shard(path: str | os.PathLike[str]) -> Iterator[ShardSample]:

@@ -33,6 +33,7 @@ def train_command(
     mix: Optional[str] = typer.Option(None, "--mix", help="Weighted mix, e.g. 'refcoco=1,refcocog=1,ade20k=0.5': each example's dataset is drawn with probability weight/sum. A name matches a sample's json 'dataset' exactly ('refcoco-unc') or by its family before the first dash ('refcoco' takes refcoco-unc and refcoco-google, not refcoco+ or refcocog); the exact name wins. Datasets not named are left out. Default: every dataset found, weight 1.", rich_help_panel=PANEL_DATA),
     splits: str = typer.Option("train,training", "--splits", help="Comma-separated shard splits to train on (the split part of {dataset}-{split}-{index}.tar).", rich_help_panel=PANEL_DATA),
     shuffle_buffer: int = typer.Option(1000, "--shuffle-buffer", min=1, help="Examples held per stream and reader for shuffling.", rich_help_panel=PANEL_DATA),
+    max_bad_samples: str = typer.Option("0.01", "--max-bad-samples", help="Bad samples (unreadable tar, a member that does not decode or is missing) are skipped with a warning and counted (skipped_samples in metrics.jsonl); past this many the run writes a checkpoint and stops. A count (100), a share of the samples read (0.01 or 1%; at least one is always allowed), or 0 to stop at the first.", rich_help_panel=PANEL_DATA),
     workers: int = typer.Option(2, "--workers", min=0, help="DataLoader worker processes per rank (0: read in the training process). Every dataset needs at least ranks x workers shards.", rich_help_panel=PANEL_DATA),
     model: str = typer.Option("OpenGVLab/InternVL3-1B-hf", "--model", help="Base vision-language model: 'tiny' (built-in random-weight TINY model for tests and demos), a hub id or a local folder (transformers format).", rich_help_panel=PANEL_MODEL),
     sam_model: str = typer.Option("facebook/sam2.1-hiera-tiny", "--sam-model", help="SAM2 in transformers format (hub id or folder); ignored with --model tiny.", rich_help_panel=PANEL_MODEL),
@@ -108,7 +109,7 @@ def train_command(
     config = TrainConfig(out=out, steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
                          weight_decay=weight_decay, warmup=warmup, grad_clip=grad_clip, seed=seed, workers=workers,
                          save_every=save_every, precision=precision, parallel=parallel, resume=resume, export=export,
-                         progress=progress)
+                         progress=progress, max_bad_samples=max_bad_samples)
 
     config.check()
     processes = join_processes()
@@ -128,10 +129,12 @@ def train_command(
         table = Table(title=f"{'TINY model, ' if model_config.is_tiny else ''}steps {first['step']}..{last['step']}")
         for column in ("term", "first step", "last step"):
             table.add_column(column)
-        for name in [key for key in last if key not in ("step", "lr", "grad_norm", "data_s", "step_s", "sources")]:
+        for name in [key for key in last if key not in ("step", "lr", "grad_norm", "data_s", "step_s", "sources",
+                                                        "skipped_samples")]:
             table.add_row(name, f"{first[name]:.4f}", f"{last[name]:.4f}")
         Console().print(table)
-        console.print(f"metrics: {result.metrics}\ncheckpoint: {result.checkpoint}\nmodel: {result.model}")
+        console.print(f"skipped samples: {last['skipped_samples']} (see the warnings above)\n"
+                      f"metrics: {result.metrics}\ncheckpoint: {result.checkpoint}\nmodel: {result.model}")
 
 
 main = run_cli(app)

@@ -8,7 +8,8 @@ The path of one example, from disk to the model:
    epoch the stream's shard list is shuffled with a seed shared by all ranks, then split by node and
    by worker (the slicing of ``webdataset.split_by_node`` then ``webdataset.split_by_worker``, done
    with explicit ids because a resumed run renumbers its workers, see :class:`ShardStream`).
-3. ``webdataset.tarfile_samples`` reads the tars; :func:`expand_sample` turns one image sample
+3. :func:`perceptio.train.bad_data.read_shards` reads the tars, skipping and counting what does not
+   read or decode (see bad_data.py); :func:`expand_sample` turns one image sample
    into examples (one per (ref, sentence), or one marked-point question for ADE20k) with the
    templates of ``manifests/prompts.json``; ``webdataset.shuffle`` mixes them in a seeded buffer.
 4. A seeded draw picks the stream of each example in proportion to its weight, so a stream's share
@@ -40,6 +41,7 @@ import webdataset as wds
 
 from perceptio.errors import PerceptioError
 from perceptio.recipes import load_recipe
+from perceptio.train.bad_data import SkipCounter, guarded, read_shards
 from perceptio.shards import QUESTION_FIELD, npy_load, rle_to_mask
 from perceptio.tokens import SEG, depth_span
 
@@ -252,24 +254,30 @@ class _StreamReader:
     """The endless, reshuffled example sequence of one stream for one reader."""
 
     def __init__(self, stream: Stream, slot: ReaderSlot, config: StreamConfig, templates: PromptTemplates,
-                 epoch: int = 0, taken: int = 0):
+                 epoch: int = 0, taken: int = 0, read: int | None = None, skipped: int | None = None):
         self.stream, self.slot, self.config, self.templates = stream, slot, config, templates
         self.epoch, self.taken = epoch, 0
+        self.bad = SkipCounter(quiet=True)  # the replay meets the bad samples the original run reported
         self._examples = self._epoch_examples()
         for _ in range(taken):  # fast-forward: no image is decoded on the way
             next(self)
+        # The counts of earlier epochs are not replayed: take them from the checkpoint.
+        self.bad.quiet = False
+        self.bad.read = read if read is not None else self.bad.read
+        self.bad.skipped = skipped if skipped is not None else self.bad.skipped
 
     def _epoch_examples(self) -> Iterator[Example]:
         order = list(self.stream.shards)
         _rng(self.config.seed, "shards", self.stream.name, self.epoch).shuffle(order)
         mine = order[self.slot.rank :: self.slot.world_size][self.slot.worker :: self.slot.num_workers]
-        samples = wds.tarfile_samples([{"url": str(path)} for path in mine])
+        samples = read_shards([str(path) for path in mine], self.bad)
         examples = (example for raw in samples for example in self._checked_expand(raw))
         buffer_rng = _rng(self.config.seed, "buffer", self.stream.name, self.epoch, self.slot.rank, self.slot.worker)
         return iter(wds.shuffle(self.config.shuffle_buffer, self.config.shuffle_initial, rng=buffer_rng)(examples))
 
     def _checked_expand(self, raw: dict[str, Any]) -> list[Example]:
-        examples = expand_sample(raw, self.templates, self.config.use_depth_tokens)
+        examples = guarded(lambda sample: expand_sample(sample, self.templates, self.config.use_depth_tokens),
+                           raw, self.bad)
         for example in examples:
             if mix_key_for(example.source, [self.stream.name]) is None:
                 raise PerceptioError(
@@ -322,7 +330,8 @@ class ExampleReader:
     def state(self) -> dict[str, Any]:
         return {
             "draws": self.draws,
-            "streams": {r.stream.name: {"epoch": r.epoch, "taken": r.taken} for r in self._readers},
+            "streams": {r.stream.name: {"epoch": r.epoch, "taken": r.taken, "read": r.bad.read,
+                                        "skipped": r.bad.skipped} for r in self._readers},
         }
 
 
@@ -423,6 +432,12 @@ class ResumableLoader:
         self.reader_states[batch.worker] = batch.reader_state
         self.next_worker = (batch.worker + 1) % self.num_readers
         return batch
+
+    def bad_samples(self) -> tuple[int, int]:
+        """(skipped, read) samples of this rank's readers, up to the last batch taken."""
+        positions = [position for state in self.reader_states.values() for position in state["streams"].values()]
+        return (sum(position.get("skipped", 0) for position in positions),
+                sum(position.get("read", 0) for position in positions))
 
     def state_dict(self) -> dict[str, Any]:
         return {

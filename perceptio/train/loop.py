@@ -39,6 +39,7 @@ from perceptio.train.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from perceptio.train.bad_data import BadSampleLimit
 from perceptio.train.data import Batch, ResumableLoader, StreamConfig
 
 
@@ -73,6 +74,7 @@ class TrainConfig:
     resume: bool = False
     export: str = "adapter"  # adapter | merged | none
     progress: bool = True
+    max_bad_samples: str = "0.01"  # skipped samples tolerated: a count, or a share of those read (bad_data.py)
 
     def check(self) -> None:
         """Refuse impossible settings (cheap: call it before loading a model)."""
@@ -81,6 +83,7 @@ class TrainConfig:
         for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise PerceptioError(f"--{name} must be one of {', '.join(allowed)}, not {getattr(self, name)!r}")
+        BadSampleLimit.parse(self.max_bad_samples)
 
 
 CHOICES = {"precision": ("auto", "bf16", "fp32"), "parallel": ("ddp", "fsdp"), "export": ("adapter", "merged", "none")}
@@ -244,6 +247,14 @@ def mean_across_processes(values: dict[str, float], processes: Processes) -> dic
     return {name: float(total) / processes.world_size for name, total in zip(names, stacked.tolist())}
 
 
+def sum_across_processes(values: tuple[int, ...], processes: Processes) -> tuple[int, ...]:
+    if not processes.distributed:
+        return values
+    summed = torch.tensor(values, dtype=torch.int64, device=processes.device)
+    dist.all_reduce(summed)
+    return tuple(int(value) for value in summed.tolist())
+
+
 def stop_if_not_finite(loss: torch.Tensor, terms: dict[str, torch.Tensor], step: int, batch: Batch,
                        processes: Processes) -> None:
     """Every rank learns whether any rank saw a NaN/Inf, so all stop together (no rank left waiting)."""
@@ -299,6 +310,7 @@ def train(model: TrainableModel, data: StreamConfig, config: TrainConfig) -> Tra
     metrics = MetricsLog(out / "metrics.jsonl", first_step, processes.is_main)
     history: list[dict[str, Any]] = []
     net.train()
+    bad_limit = BadSampleLimit.parse(config.max_bad_samples)
     with progress_bar(processes.is_main and config.progress) as bar:
         task = bar.add_task("train", total=config.steps, completed=first_step, terms="")
         for step in range(first_step, config.steps):
@@ -335,10 +347,11 @@ def train(model: TrainableModel, data: StreamConfig, config: TrainConfig) -> Tra
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
 
-            # Log what this step did (losses averaged over ranks).
+            # Log what this step did (losses averaged over ranks, skipped samples summed).
+            skipped, read = sum_across_processes(loader.bad_samples(), processes)
             record = {"step": step + 1, "lr": lr, **mean_across_processes(totals, processes),
                       "grad_norm": float(grad_norm), "data_s": data_seconds,
-                      "step_s": time.perf_counter() - step_start, "sources": sources}
+                      "step_s": time.perf_counter() - step_start, "sources": sources, "skipped_samples": skipped}
             metrics.write(record)
             history.append(record)
             bar.update(task, advance=1, terms=" ".join(f"{k} {v:.3f}" for k, v in record.items()
@@ -347,6 +360,14 @@ def train(model: TrainableModel, data: StreamConfig, config: TrainConfig) -> Tra
             if (config.save_every and (step + 1) % config.save_every == 0) or step + 1 == config.steps:
                 last_checkpoint = save_training_state(step + 1, model, optimizer, scheduler, loader, settings,
                                                       checkpoints, config, processes)
+            if bad_limit.exceeded(skipped, read):  # every rank sees the same sums: all stop together
+                if last_checkpoint != checkpoint_path(checkpoints, step + 1):
+                    last_checkpoint = save_training_state(step + 1, model, optimizer, scheduler, loader, settings,
+                                                          checkpoints, config, processes)
+                raise PerceptioError(
+                    f"{skipped} of {read} samples read were bad, more than --max-bad-samples {config.max_bad_samples} "
+                    f"allows; stopped after step {step + 1} with checkpoint {last_checkpoint} (the warnings name "
+                    "the files: fix or remove them, or raise the limit, then --resume)")
 
     exported = export_model(model, out / "model", config, processes)
     if processes.distributed:
