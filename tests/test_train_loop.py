@@ -253,7 +253,7 @@ def test_cli_defaults_are_the_configs_defaults():
     assert params["lr"] is None and params["batch_size"] is None  # the config's, or larger for the tiny model
     assert params["train_language_model"] is None and not model.train_language_model  # LoRA, or full for tiny
     for name in ("grad_accum", "weight_decay", "warmup", "grad_clip", "seed", "workers", "save_every",
-                 "precision", "parallel", "export", "max_bad_samples"):
+                 "precision", "parallel", "export", "max_bad_samples", "keep_last"):
         assert params[name] == getattr(loop, name), name
     assert params["train_vision"] == (not model.freeze_vision)
 

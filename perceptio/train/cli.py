@@ -57,6 +57,7 @@ def train_command(
     grad_clip: float = typer.Option(1.0, "--grad-clip", min=0.0, help="Clip the gradient's global norm to this.", rich_help_panel=PANEL_LOOP),
     seed: int = typer.Option(0, "--seed", help="Seed of the model's new weights, the data order and dropout; the same seed gives the same run.", rich_help_panel=PANEL_LOOP),
     save_every: int = typer.Option(0, "--save-every", min=0, help="Write a checkpoint every N steps (0: only after the last step).", rich_help_panel=PANEL_LOOP),
+    keep_last: int = typer.Option(0, "--keep-last", min=0, help="Keep only the newest N checkpoints (0: keep all).", rich_help_panel=PANEL_LOOP),
     resume: bool = typer.Option(False, "--resume", help="Go on exactly from the newest checkpoint in OUT/checkpoints (same options, same number of processes).", rich_help_panel=PANEL_LOOP),
     precision: str = typer.Option("auto", "--precision", help="auto (bf16 autocast on GPUs, fp32 on CPU), bf16 or fp32.", rich_help_panel=PANEL_LOOP),
     parallel: str = typer.Option("ddp", "--parallel", help="Under torchrun: ddp (replicate the model) or fsdp (shard it; for 8B-size models).", rich_help_panel=PANEL_LOOP),
@@ -109,7 +110,7 @@ def train_command(
     config = TrainConfig(out=out, steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
                          weight_decay=weight_decay, warmup=warmup, grad_clip=grad_clip, seed=seed, workers=workers,
                          save_every=save_every, precision=precision, parallel=parallel, resume=resume, export=export,
-                         progress=progress, max_bad_samples=max_bad_samples)
+                         progress=progress, max_bad_samples=max_bad_samples, keep_last=keep_last)
 
     config.check()
     processes = join_processes()
@@ -123,6 +124,9 @@ def train_command(
     torch.manual_seed(seed)  # every rank builds the same new weights (LoRA, projector) from the seed
     perceptio_model = PerceptioModel.from_config(model_config)
     result = train(perceptio_model, stream, config)
+    if result.stopped:
+        console.print(result.stopped, soft_wrap=True, markup=False, highlight=False)  # one line, copyable
+        return
 
     if processes.is_main and result.history:
         first, last = result.history[0], result.history[-1]

@@ -42,6 +42,7 @@ import webdataset as wds
 from perceptio.errors import PerceptioError
 from perceptio.recipes import load_recipe
 from perceptio.train.bad_data import SkipCounter, guarded, read_shards
+from perceptio.train.preemption import ignore_stop_signals
 from perceptio.shards import QUESTION_FIELD, npy_load, rle_to_mask
 from perceptio.tokens import SEG, depth_span
 
@@ -419,6 +420,7 @@ class ResumableLoader:
         # (a resumed run starts iterating at another point of the RNG stream than the original).
         self._loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=num_workers,
                                                    prefetch_factor=2 if num_workers else None,
+                                                   worker_init_fn=ignore_stop_signals if num_workers else None,
                                                    generator=torch.Generator().manual_seed(config.seed))
         self._iterator: Iterator[Batch] | None = None
 

@@ -15,12 +15,13 @@ with the model's own ``save_pretrained``.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Any, Iterator, Protocol
 
@@ -29,18 +30,21 @@ import torch
 import torch.distributed as dist
 
 from perceptio.errors import PerceptioError
+from perceptio.recipes import load_recipe
 from perceptio.train.checkpoint import (
     Checkpoint,
     atomic_directory,
     checkpoint_path,
     latest_checkpoint,
     load_checkpoint,
+    prune_checkpoints,
     rng_state,
     save_checkpoint,
     set_rng_state,
 )
 from perceptio.train.bad_data import BadSampleLimit
 from perceptio.train.data import Batch, ResumableLoader, StreamConfig
+from perceptio.train.preemption import StopRequest, resume_command
 
 
 class TrainableModel(Protocol):
@@ -75,6 +79,7 @@ class TrainConfig:
     export: str = "adapter"  # adapter | merged | none
     progress: bool = True
     max_bad_samples: str = "0.01"  # skipped samples tolerated: a count, or a share of those read (bad_data.py)
+    keep_last: int = 0  # checkpoints kept (the newest); 0: all
 
     def check(self) -> None:
         """Refuse impossible settings (cheap: call it before loading a model)."""
@@ -96,6 +101,7 @@ class TrainResult:
     checkpoint: Path | None
     model: Path | None
     history: list[dict[str, Any]] = field(default_factory=list)  # this process's metric lines
+    stopped: str | None = None  # why and where a signal stopped the run before its last step, and how to go on
 
 
 # ------------------------------------------------------------------------------------- set-up
@@ -204,13 +210,27 @@ def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimize
         optimizer.load_state_dict(state)
 
 
-def run_settings(config: TrainConfig, data: StreamConfig, processes: Processes) -> dict[str, Any]:
-    """The settings a resumed run must share with the original to continue it exactly."""
+def run_settings(config: TrainConfig, data: StreamConfig, processes: Processes, model: Any = None) -> dict[str, Any]:
+    """The settings a resumed run must share with the original to continue it exactly.
+
+    Everything that changes the data (shards, mix, splits, seeds, shuffling, the prompt templates'
+    content), the model (its config) or the numbers (precision as resolved on this device).
+    """
     keep = ("steps", "batch_size", "grad_accum", "lr", "weight_decay", "warmup", "grad_clip", "seed", "workers", "parallel")
     settings = {key: value for key, value in asdict(config).items() if key in keep}
+    prompts = json.dumps(load_recipe(data.prompts), sort_keys=True).encode("utf-8")
+    model_config = getattr(model, "config", None)
     settings.update(world_size=processes.world_size, mix=data.mix, seed_data=data.seed, splits=list(data.splits),
-                    use_depth_tokens=data.use_depth_tokens, shards=sorted(map(str, data.shards)))
+                    use_depth_tokens=data.use_depth_tokens, shards=sorted(map(str, data.shards)),
+                    shuffle_buffer=data.shuffle_buffer, shuffle_initial=data.shuffle_initial,
+                    prompts=f"{data.prompts}@{hashlib.sha256(prompts).hexdigest()[:12]}",
+                    precision="bf16" if uses_bf16(config, processes) else "fp32",
+                    model=json.loads(json.dumps(asdict(model_config), default=str)) if is_dataclass(model_config) else None)
     return settings
+
+
+def uses_bf16(config: TrainConfig, processes: Processes) -> bool:
+    return config.precision == "bf16" or (config.precision == "auto" and processes.device.type == "cuda")
 
 
 # ------------------------------------------------------------------------------------- metrics
@@ -247,6 +267,10 @@ def mean_across_processes(values: dict[str, float], processes: Processes) -> dic
     return {name: float(total) / processes.world_size for name, total in zip(names, stacked.tolist())}
 
 
+class NonFiniteError(PerceptioError):
+    """A NaN or Inf loss or gradient: nothing is saved from that state."""
+
+
 def sum_across_processes(values: tuple[int, ...], processes: Processes) -> tuple[int, ...]:
     if not processes.distributed:
         return values
@@ -265,9 +289,9 @@ def stop_if_not_finite(loss: torch.Tensor, terms: dict[str, torch.Tensor], step:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     if bad:
         shown = ", ".join(f"{name}={float(values[name].detach().float().mean()):g}" for name in bad)
-        raise PerceptioError(f"non-finite loss at step {step + 1} ({shown}) on rank {processes.rank}; batch keys: {batch.keys}")
+        raise NonFiniteError(f"non-finite loss at step {step + 1} ({shown}) on rank {processes.rank}; batch keys: {batch.keys}")
     if flag.item():
-        raise PerceptioError(f"non-finite loss at step {step + 1} on another rank; stopped without saving")
+        raise NonFiniteError(f"non-finite loss at step {step + 1} on another rank; stopped without saving")
 
 
 # ------------------------------------------------------------------------------------- the loop
@@ -277,7 +301,7 @@ def train(model: TrainableModel, data: StreamConfig, config: TrainConfig) -> Tra
     processes = join_processes()
     out = Path(config.out)
     checkpoints = out / "checkpoints"
-    settings = run_settings(config, data, processes)
+    settings = run_settings(config, data, processes, model)
 
     # Start fresh, or exactly where the newest checkpoint stopped: weights first (before any
     # sharding), then the optimizer and schedule built over the wrapped model's parameters.
@@ -295,7 +319,7 @@ def train(model: TrainableModel, data: StreamConfig, config: TrainConfig) -> Tra
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, config.steps, config.warmup))
-    use_bf16 = config.precision == "bf16" or (config.precision == "auto" and processes.device.type == "cuda")
+    use_bf16 = uses_bf16(config, processes)
     first_step, loader_state, last_checkpoint = 0, None, None
     if resumed is not None:
         load_optimizer_state(model, optimizer, resumed.optimizer_state, config, processes)
@@ -311,44 +335,63 @@ def train(model: TrainableModel, data: StreamConfig, config: TrainConfig) -> Tra
     history: list[dict[str, Any]] = []
     net.train()
     bad_limit = BadSampleLimit.parse(config.max_bad_samples)
-    with progress_bar(processes.is_main and config.progress) as bar:
+    stopped = None
+
+    def checkpoint_now(done: int, **states: Any) -> None:
+        nonlocal last_checkpoint
+        if last_checkpoint != checkpoint_path(checkpoints, done):
+            last_checkpoint = save_training_state(done, model, optimizer, scheduler, loader, settings, checkpoints,
+                                                  config, processes, **states)
+
+    with progress_bar(processes.is_main and config.progress) as bar, StopRequest() as stop:
         task = bar.add_task("train", total=config.steps, completed=first_step, terms="")
         for step in range(first_step, config.steps):
             step_start = time.perf_counter()
             data_seconds = 0.0
             totals: dict[str, float] = {}
             sources: dict[str, int] = {}
+            before = {"loader_state": loader.state_dict(), "rng": rng_state()}  # for a checkpoint after a crash
 
-            # Forward and backward over the micro-batches; DDP syncs gradients on the last one only.
-            for micro in range(config.grad_accum):
-                wait_start = time.perf_counter()
-                batch = next(loader)
-                data_seconds += time.perf_counter() - wait_start
-                last_micro = micro == config.grad_accum - 1
-                sync = contextlib.nullcontext() if last_micro or not hasattr(net, "no_sync") else net.no_sync()
-                with sync:
-                    with torch.autocast(processes.device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                        output = net(to_device(batch.inputs, processes.device))
-                    stop_if_not_finite(output.loss, output.terms, step, batch, processes)
-                    (output.loss / config.grad_accum).backward()
-                for name, value in {"loss": output.loss, **output.terms}.items():
-                    totals[name] = totals.get(name, 0.0) + float(value.detach().float()) / config.grad_accum
-                for source in batch.sources:
-                    sources[source] = sources.get(source, 0) + 1
+            try:
+                # Forward and backward over the micro-batches; DDP syncs gradients on the last one only.
+                for micro in range(config.grad_accum):
+                    wait_start = time.perf_counter()
+                    batch = next(loader)
+                    data_seconds += time.perf_counter() - wait_start
+                    last_micro = micro == config.grad_accum - 1
+                    sync = contextlib.nullcontext() if last_micro or not hasattr(net, "no_sync") else net.no_sync()
+                    with sync:
+                        with torch.autocast(processes.device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                            output = net(to_device(batch.inputs, processes.device))
+                        stop_if_not_finite(output.loss, output.terms, step, batch, processes)
+                        (output.loss / config.grad_accum).backward()
+                    for name, value in {"loss": output.loss, **output.terms}.items():
+                        totals[name] = totals.get(name, 0.0) + float(value.detach().float()) / config.grad_accum
+                    for source in batch.sources:
+                        sources[source] = sources.get(source, 0) + 1
 
-            # One optimizer step, unless the gradients are not finite.
-            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip)
-            if hasattr(grad_norm, "full_tensor"):  # FSDP returns a sharded tensor
-                grad_norm = grad_norm.full_tensor()
-            if not torch.isfinite(grad_norm):
-                raise PerceptioError(f"non-finite gradient norm at step {step + 1}; last batch keys: {batch.keys}")
+                # One optimizer step, unless the gradients are not finite.
+                grad_norm = torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip)
+                if hasattr(grad_norm, "full_tensor"):  # FSDP returns a sharded tensor
+                    grad_norm = grad_norm.full_tensor()
+                if not torch.isfinite(grad_norm):
+                    raise NonFiniteError(f"non-finite gradient norm at step {step + 1}; last batch keys: {batch.keys}")
+            except Exception as error:
+                # The weights are still those of the last finished step: keep that progress, with the
+                # loader and generators as they were when this step began, so --resume redoes it
+                # exactly. Not after a NaN (nothing is saved from that state), and not under torchrun,
+                # where the other ranks may be waiting in a collective and cannot join a save.
+                if step > first_step and not processes.distributed and not isinstance(error, NonFiniteError):
+                    checkpoint_now(step, **before)
+                raise
             lr = optimizer.param_groups[0]["lr"]
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
 
-            # Log what this step did (losses averaged over ranks, skipped samples summed).
-            skipped, read = sum_across_processes(loader.bad_samples(), processes)
+            # Log what this step did (losses averaged over ranks, skipped samples and stop requests summed).
+            skipped, read, stops = sum_across_processes((*loader.bad_samples(), int(stop.received is not None)),
+                                                        processes)
             record = {"step": step + 1, "lr": lr, **mean_across_processes(totals, processes),
                       "grad_norm": float(grad_norm), "data_s": data_seconds,
                       "step_s": time.perf_counter() - step_start, "sources": sources, "skipped_samples": skipped}
@@ -358,17 +401,21 @@ def train(model: TrainableModel, data: StreamConfig, config: TrainConfig) -> Tra
                                                        if k in totals))
 
             if (config.save_every and (step + 1) % config.save_every == 0) or step + 1 == config.steps:
-                last_checkpoint = save_training_state(step + 1, model, optimizer, scheduler, loader, settings,
-                                                      checkpoints, config, processes)
+                checkpoint_now(step + 1)
             if bad_limit.exceeded(skipped, read):  # every rank sees the same sums: all stop together
-                if last_checkpoint != checkpoint_path(checkpoints, step + 1):
-                    last_checkpoint = save_training_state(step + 1, model, optimizer, scheduler, loader, settings,
-                                                          checkpoints, config, processes)
+                checkpoint_now(step + 1)
                 raise PerceptioError(
                     f"{skipped} of {read} samples read were bad, more than --max-bad-samples {config.max_bad_samples} "
                     f"allows; stopped after step {step + 1} with checkpoint {last_checkpoint} (the warnings name "
                     "the files: fix or remove them, or raise the limit, then --resume)")
+            if stops and step + 1 < config.steps:
+                checkpoint_now(step + 1)
+                stopped = (f"stopped by {stop.name} after step {step + 1} of {config.steps}; checkpoint "
+                           f"{last_checkpoint}; to go on, run the same command with --resume: {resume_command()}")
+                break
 
+    if stopped is not None:
+        return TrainResult(step + 1, out / "metrics.jsonl", last_checkpoint, None, history, stopped)
     exported = export_model(model, out / "model", config, processes)
     if processes.distributed:
         dist.barrier()
@@ -386,10 +433,14 @@ def gather(value: Any, processes: Processes) -> list[Any]:
 
 def save_training_state(step: int, model: TrainableModel, optimizer: torch.optim.Optimizer,
                         scheduler: Any, loader: ResumableLoader, settings: dict[str, Any], root: Path,
-                        config: TrainConfig, processes: Processes) -> Path:
-    """Gather every rank's loader position and RNG state; the main rank writes the folder."""
-    loader_states = gather(loader.state_dict(), processes)
-    rng_states = gather(rng_state(), processes)
+                        config: TrainConfig, processes: Processes, loader_state: dict[str, Any] | None = None,
+                        rng: dict[str, Any] | None = None) -> Path:
+    """Gather every rank's loader position and RNG state (now, or as given); the main rank writes the folder.
+
+    Then, with ``--keep-last N``, the main rank deletes all but the newest N checkpoints.
+    """
+    loader_states = gather(loader_state if loader_state is not None else loader.state_dict(), processes)
+    rng_states = gather(rng if rng is not None else rng_state(), processes)
     if sharded(config, processes):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
@@ -402,6 +453,8 @@ def save_training_state(step: int, model: TrainableModel, optimizer: torch.optim
     if processes.is_main:
         save_checkpoint(path, trainable, optimizer_state, scheduler.state_dict(),
                         Checkpoint(step, settings, loader_states, rng_states))
+        if config.keep_last:
+            prune_checkpoints(root, config.keep_last)
     if processes.distributed:
         dist.barrier()
     return path
