@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import posixpath
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -143,6 +144,17 @@ def atomic_output(location: Location) -> Iterator[Path]:
         temporary = Path(folder) / posixpath.basename(path)
         yield temporary
         fs.put_file(str(temporary), path)
+    fs.invalidate_cache(posixpath.dirname(path))
+
+
+def upload(local_file: Path, location: Location) -> None:
+    """Copy a finished local file to ``location`` (one put on an object store, a rename-in locally)."""
+    if not is_remote(location):
+        with atomic_path(local_path(location)) as temporary:
+            shutil.copyfile(local_file, temporary)
+        return
+    fs, path = filesystem(location)
+    fs.put_file(str(local_file), path)
     fs.invalidate_cache(posixpath.dirname(path))
 
 

@@ -32,6 +32,11 @@ def test_write_list_read_remove(remote, tmp_path, request):
     with fs.open_input(fs.join(root, "a.tar")) as handle:
         handle.seek(8)
         assert handle.read() == b"\x00\x00"
+    staged = tmp_path / "staged.bin"
+    staged.write_bytes(b"uploaded")
+    fs.upload(staged, fs.join(root, "c.bin"))
+    assert fs.read_bytes(fs.join(root, "c.bin")) == b"uploaded"
+    fs.remove(fs.join(root, "c.bin"))
     fs.remove(fs.join(root, "a.tar"))
     fs.remove(fs.join(root, "missing.tar"))
     assert fs.list_names(root) == ["b.json"]
