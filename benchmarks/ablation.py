@@ -89,8 +89,8 @@ def curve(metrics: Path, points: int = 10) -> list[dict[str, float]]:
 
 
 def build_data(config: AblationConfig, out: Path, timings: dict[str, float]) -> dict[str, Any]:
-    from perceptio.curate.synth import generate_world
     from perceptio.evaluate.synth_blink import SynthBlinkConfig, build_questions
+    from perceptio.sources.synth import generate_world
 
     started = time.perf_counter()
     generate_world(out / "world", images=config.world_images, seed=config.seed, workers=2)

@@ -134,8 +134,8 @@ def main() -> None:
 
     import ray
 
-    from perceptio.curate.refer import ReferDataset
-    from perceptio.curate.synth import generate_world
+    from perceptio.sources.refer import ReferDataset
+    from perceptio.sources.synth import generate_world
     from perceptio.tokenize.teacher import PipelineTeacher
     from perceptio.tokenize.vqvae import DepthVQVAE
 

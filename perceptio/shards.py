@@ -15,47 +15,68 @@ Members of a sample with key ``{dataset}_{split}_{image_id:012d}``:
 Tars are written deterministically (fixed member order, mtime, owner and mode), to a temporary name
 that is renamed when complete, so a re-run produces byte-identical files and a killed run leaves no
 half-written shard under a final name.
+
+The folder around the tars is defined here too: the shard file name ``{dataset}-{split}-{index:06d}.tar``
+(:data:`SHARD_NAME`, :class:`ShardFile`, :func:`list_shards`), its side files (``NAME.parquet``, one
+:class:`ManifestRow` per ref, and ``NAME_stats.json``, the done marker), the folder's
+``manifest.parquet`` (:func:`manifest_schema`) and ``dataset.json``, and the row statuses
+:data:`KEPT` / :data:`REJECTED`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import io
+import json
 import os
+import re
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Iterator
+from typing import TYPE_CHECKING, Any, BinaryIO, Iterator, Sequence
 
 import numpy as np
 
-# Top-level json fields of every sample.
-META_FIELDS = (
-    "dataset",  # e.g. "refcoco-unc", "refcocog-umd", "ade20k"
-    "split",  # official split name, e.g. "train", "val", "testA"
-    "image_id",  # int
-    "file_name",  # image file name as in the dataset
-    "width",
-    "height",
-    "teacher",  # teacher identity, e.g. "depth-anything/Depth-Anything-V2-Small-hf" or "gt:<root>"
-    "tokenizer",  # tokenizer identity: "<name>@<sha256 prefix>"
-    "refs",  # list of ref dicts (REF_FIELDS); empty for ADE20k
-)
-# Fields of each entry of ``refs``.
-REF_FIELDS = (
-    "ref_id",
-    "ann_id",
-    "category_id",
-    "category",
-    "bbox",  # [x, y, w, h] as in COCO
-    "mask",  # COCO RLE of the merged mask: {"size": [h, w], "counts": str}
-    "sentences",  # [{"sent_id": int, "raw": str, "sent": str}]
-    "description",  # one attribute-focused sentence about the object
-    "depth",  # {"median": float normalised depth inside the mask, "rank": int, 0 = nearest object}
-)
-# ADE20k samples carry ``question``: {"text", "points": [[x, y], ...], "labels": ["A", ...],
-# "answer": "B", "point_depths": [float, ...]} (normalised depth, larger = nearer).
-QUESTION_FIELD = "question"
+from perceptio.errors import PerceptioError
+from perceptio.io import FILE_MODE
+from perceptio.sources.problems import Problem
 
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+# Top-level json fields of every sample, with their json types.
+META_TYPES: dict[str, type] = {
+    "dataset": str,  # e.g. "refcoco-unc", "refcocog-umd", "ade20k"
+    "split": str,  # official split name, e.g. "train", "val", "testA"
+    "image_id": int,
+    "file_name": str,  # image file name as in the dataset
+    "width": int,
+    "height": int,
+    "teacher": str,  # teacher identity, e.g. "depth-anything/Depth-Anything-V2-Small-hf" or "gt:<root>"
+    "tokenizer": str,  # tokenizer identity: "<name>@<sha256 prefix>"
+    "refs": list,  # list of ref dicts (REF_TYPES); empty for ADE20k
+}
+# Fields of each entry of ``refs``.
+REF_TYPES: dict[str, type] = {
+    "ref_id": int,
+    "ann_id": int,
+    "category_id": int,
+    "category": str,
+    "bbox": list,  # [x, y, w, h] as in COCO
+    "mask": dict,  # COCO RLE of the merged mask: {"size": [h, w], "counts": str}
+    "sentences": list,  # [{"sent_id": int, "raw": str, "sent": str}]
+    "description": str,  # one attribute-focused sentence about the object
+    "depth": dict,  # {"median": float normalised depth inside the mask, "rank": int, 0 = nearest object}
+}
+# ADE20k samples carry ``question`` (None when no question could be asked of the image).
+QUESTION_FIELD = "question"
+QUESTION_TYPES: dict[str, type] = {
+    "text": str,
+    "points": list,  # [[x, y], ...]
+    "labels": list,  # ["A", ...]
+    "answer": str,  # "B"
+    "point_depths": list,  # normalised depth per point, larger = nearer
+}
 DEPTH_SIZE = 320
 MEMBER_ORDER = ("jpg", "depth.npy", "depth_tokens.npy", "json", "seg.png", "marked.jpg")
 
@@ -182,6 +203,7 @@ class ShardWriter:
         self._tar.close()
         with open(self.tmp_path, "rb") as handle:
             os.fsync(handle.fileno())
+        os.chmod(self.tmp_path, FILE_MODE)  # whatever the umask: shards are for the whole team
         os.replace(self.tmp_path, self.path)
         return self.path
 
@@ -242,3 +264,145 @@ def iter_shard(path: str | os.PathLike[str]) -> Iterator[ShardSample]:
     """Read a shard's samples in stored order (no webdataset needed); errors as :func:`iter_members`."""
     for key, members in iter_members(path):
         yield ShardSample.from_members(key, members)
+
+
+# ------------------------------------------------------------------------------- the shard folder
+
+# ``{dataset}-{split}-{index:06d}.tar``: dataset names contain dashes ("refcoco-unc"), split names do
+# not, so the split is the last field before the index.
+SHARD_NAME = re.compile(r"^(?P<dataset>.+)-(?P<split>[^-]+)-(?P<index>\d{6})\.tar$")
+STATS_SUFFIX = "_stats.json"  # NAME_stats.json: the shard's counts and settings, written last
+MANIFEST_NAME = "manifest.parquet"  # every shard's rows, then the refs the readers rejected
+DATASET_INFO_NAME = "dataset.json"  # command, versions, teacher and tokenizer identity, counts
+KEPT = "kept"  # the status of a kept ref (or a kept ADE20k image) in the parquet tables
+REJECTED = "rejected"
+
+
+def shard_name(dataset: str, split: str, index: int) -> str:
+    """The shard's name without ``.tar``; the stem of all its files."""
+    return f"{dataset}-{split}-{index:06d}"
+
+
+@dataclass(frozen=True)
+class ShardFile:
+    """One tar of a shard folder, what its name says, and where its side files are."""
+
+    path: Path
+    dataset: str  # from the file name; every sample's json "dataset" must agree
+    split: str
+    index: int
+
+    @classmethod
+    def parse(cls, path: str | os.PathLike[str]) -> "ShardFile | None":
+        """The shard a path names, or None when the name does not follow :data:`SHARD_NAME`."""
+        path = Path(path)
+        match = SHARD_NAME.match(path.name)
+        if match is None:
+            return None
+        return cls(path, match["dataset"], match["split"], int(match["index"]))
+
+    @property
+    def name(self) -> str:
+        return self.path.name[: -len(".tar")]
+
+    @property
+    def stats_path(self) -> Path:
+        return self.path.with_name(f"{self.name}{STATS_SUFFIX}")
+
+    @property
+    def table_path(self) -> Path:
+        return self.path.with_name(f"{self.name}.parquet")
+
+    @property
+    def done(self) -> bool:
+        return self.stats_path.is_file()
+
+    def stats(self) -> dict[str, Any] | None:
+        """The done marker's content, or None when the shard has none (or it is not json)."""
+        try:
+            return json.loads(self.stats_path.read_text())
+        except (OSError, ValueError):
+            return None
+
+    def table(self) -> list[dict[str, Any]] | None:
+        """The rows curation wrote for this shard, or None when there is no table."""
+        return read_parquet_rows(self.table_path) if self.table_path.is_file() else None
+
+    def may_hold(self, key: str) -> bool:
+        """Whether a sample key can be in this shard (keys start with ``{dataset}_{split}_``)."""
+        return self.split == "?" or key.startswith(f"{self.dataset}_{self.split}_")
+
+    def count(self) -> int:
+        """How many samples the shard holds, from the tar headers alone (no member is read)."""
+        try:
+            with tarfile.open(self.path, "r") as tar:
+                return len({Path(info.name).name.partition(".")[0] for info in tar if info.isfile()})
+        except (tarfile.TarError, EOFError, OSError) as error:
+            raise PerceptioError(f"cannot read {self.path}: {error} (run `perceptio-inspect validate`)") from error
+
+
+def list_shards(folder: str | os.PathLike[str], splits: Sequence[str] | None = None) -> list[ShardFile]:
+    """The shards directly in ``folder`` (all, or those of ``splits``), sorted by path."""
+    shards = (ShardFile.parse(path) for path in sorted(Path(folder).glob("*.tar")))
+    return [shard for shard in shards if shard is not None and (splits is None or shard.split in splits)]
+
+
+def read_parquet_rows(path: Path) -> list[dict[str, Any]]:
+    """A parquet table as a list of dicts; a damaged file is a one-line :class:`PerceptioError`."""
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(path).to_pylist()
+    except Exception as error:  # pyarrow raises several types for a damaged file
+        raise PerceptioError(f"cannot read {path}: {error}") from error
+
+
+def _column(arrow_type: str, default: Any = None) -> Any:
+    """A manifest column: its pyarrow type name travels in the field's metadata."""
+    return field(default=default, metadata={"arrow": arrow_type})
+
+
+@dataclass(frozen=True)
+class ManifestRow:
+    """One row of a shard's parquet table and of ``manifest.parquet``: a ref (or an ADE20k image)
+    that was kept or rejected, and why. Field order is column order."""
+
+    shard: str | None = _column("string")  # None: rejected by the reader, before any shard
+    key: str | None = _column("string")
+    dataset: str | None = _column("string")
+    split: str | None = _column("string")
+    image_id: int | None = _column("int64")
+    ref_id: int | None = _column("int64")
+    ann_id: int | None = _column("int64")
+    category: str | None = _column("string")
+    sentences: int = _column("int32", 0)
+    status: str = _column("string", KEPT)  # KEPT or REJECTED
+    reason: str | None = _column("string")  # a short reason code
+    detail: str | None = _column("string")  # the full reason
+    mask_area: int | None = _column("int64")
+    depth_median: float | None = _column("float64")
+    depth_rank: int | None = _column("int32")
+    description: str | None = _column("string")
+
+    @classmethod
+    def from_problem(cls, dataset: str, problem: Problem) -> "ManifestRow":
+        """The row of a ref or image a dataset reader rejected before planning."""
+        # An unknown image's id is an image id, not a ref id.
+        ref_id = problem.id if isinstance(problem.id, int) and problem.kind != "unknown_image" else None
+        return cls(dataset=dataset, ref_id=ref_id, status=REJECTED, reason=problem.kind, detail=str(problem))
+
+    def as_dict(self) -> dict[str, Any]:
+        return {column.name: getattr(self, column.name) for column in dataclasses.fields(self)}
+
+
+def manifest_schema() -> "pa.Schema":
+    """The pyarrow schema of :class:`ManifestRow` (pyarrow is imported only by those who write or read tables)."""
+    import pyarrow as pa
+
+    return pa.schema([(column.name, getattr(pa, column.metadata["arrow"])()) for column in dataclasses.fields(ManifestRow)])
+
+
+def manifest_table(rows: Sequence[ManifestRow]) -> "pa.Table":
+    import pyarrow as pa
+
+    return pa.Table.from_pylist([row.as_dict() for row in rows], schema=manifest_schema())

@@ -1,10 +1,12 @@
-"""Shared test setup: no network, and the real sample data in ../shared/data when present."""
+"""Shared test setup: no network, the real sample data in ../shared/data when present, and what
+several test modules need built once per session (the synthetic world, a tiny Depth Anything)."""
 
 from __future__ import annotations
 
 import os
 import urllib.request
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -22,6 +24,74 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip("../shared/data is not present (it is only in the team's checkouts)")
     return SHARED_DATA
+
+
+# The shared synthetic world: every split of RefCOCO/+/g and ADE20k, ambiguous and duplicate refs.
+SYNTH_IMAGES = 20  # 15 COCO + 5 ADE20k images (the 20th is the first ADE20k validation image)
+SYNTH_SEED = 3
+
+
+@pytest.fixture(scope="session")
+def synth_world_args() -> dict[str, int]:
+    """How :func:`synth_world` was generated (for tests that regenerate it)."""
+    return {"images": SYNTH_IMAGES, "seed": SYNTH_SEED}
+
+
+@pytest.fixture(scope="session")
+def synth_world(tmp_path_factory: pytest.TempPathFactory, synth_world_args: dict[str, int]) -> Path:
+    """One synthetic world for the whole session. Read it, never change it: copy it first."""
+    from perceptio.sources.synth import generate_world
+
+    root = tmp_path_factory.mktemp("synth") / "world"
+    generate_world(root, workers=1, **synth_world_args)
+    return root
+
+
+def _save_tiny_depth_anything(folder: Path) -> Path:
+    """A Depth Anything V2 model with a 4-layer, 32-wide DINOv2 backbone and random weights."""
+    from transformers import DepthAnythingConfig, DepthAnythingForDepthEstimation, Dinov2Config
+    from transformers.models.dpt.image_processing_pil_dpt import DPTImageProcessorPil
+
+    backbone = Dinov2Config(
+        image_size=56,
+        patch_size=14,
+        hidden_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        intermediate_size=64,
+        out_features=["stage1", "stage2", "stage3", "stage4"],
+        reshape_hidden_states=False,
+    )
+    config = DepthAnythingConfig(
+        backbone_config=backbone,
+        reassemble_hidden_size=32,
+        neck_hidden_sizes=[8, 16, 32, 32],
+        fusion_hidden_size=16,
+        head_hidden_size=8,
+    )
+    DepthAnythingForDepthEstimation(config).save_pretrained(folder)
+    # The real model's preprocessing, scaled down: keep the aspect ratio, sides a multiple of 14.
+    DPTImageProcessorPil(
+        size={"height": 56, "width": 56},
+        keep_aspect_ratio=True,
+        ensure_multiple_of=14,
+        resample=3,
+        image_mean=[0.485, 0.456, 0.406],
+        image_std=[0.229, 0.224, 0.225],
+    ).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def make_tiny_depth_anything() -> Callable[[Path], Path]:
+    """Save a new tiny random Depth Anything into a folder (each call draws new weights)."""
+    return _save_tiny_depth_anything
+
+
+@pytest.fixture(scope="session")
+def tiny_depth_anything(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One tiny random Depth Anything for the session, in a folder named ``depth-anything``."""
+    return _save_tiny_depth_anything(tmp_path_factory.mktemp("models") / "depth-anything")
 
 
 @pytest.fixture

@@ -25,20 +25,15 @@ import pytest
 import torch
 import webdataset as wds
 
-from perceptio.curate.ade20k import ADE20kDataset
 from perceptio.curate.commands import CurationRequest, curate
-from perceptio.curate.distributor import DEFAULT_DEPTH_MODEL, RayConfig, TeacherSpec
-from perceptio.curate.refer import ReferDataset
-from perceptio.curate.synth import generate_world
+from perceptio.curate.distributor import RayConfig, TeacherSpec
 from perceptio.errors import PerceptioError
 from perceptio.shards import ShardSample, rle_to_mask, sample_key
+from perceptio.sources.ade20k import ADE20kDataset
+from perceptio.sources.refer import ReferDataset
 from perceptio.tokenize.cache import DepthCache
-from perceptio.tokenize.teacher import DEFAULT_DEPTH_MODEL as TEACHER_DEFAULT
 from perceptio.tokenize.teacher import OracleTeacher, PipelineTeacher
 from perceptio.tokenize.vqvae import DepthVQVAE, DepthVQVAEConfig
-
-sys.path.insert(0, str(Path(__file__).parent))
-from test_tokenize_teacher import save_tiny_depth_anything  # noqa: E402
 
 CORRUPT_IMAGE_ID = 3
 
@@ -55,20 +50,21 @@ def ray_two_cpus():
 
 
 @pytest.fixture(scope="session")
-def world(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("world")
-    generate_world(root, images=16, seed=0, workers=1)
+def world(synth_world: Path, tmp_path_factory) -> Path:
+    """The session's world, copied so that one of its images can be broken."""
+    root = tmp_path_factory.mktemp("curate") / "world"
+    shutil.copytree(synth_world, root)
     image = root / "images/mscoco/images/train2014" / f"COCO_train2014_{CORRUPT_IMAGE_ID:012d}.jpg"
     image.write_bytes(image.read_bytes()[:2000])  # a truncated JPEG, as a broken download leaves it
     return root
 
 
 @pytest.fixture(scope="session")
-def models(tmp_path_factory) -> dict[str, Path]:
+def models(tmp_path_factory, tiny_depth_anything: Path) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("models")
     torch.manual_seed(0)
     DepthVQVAE(DepthVQVAEConfig(code_dim=16, hidden_channels=(8, 16, 16), num_res_blocks=1)).save_pretrained(folder / "tok")
-    return {"tokenizer": folder / "tok", "teacher": save_tiny_depth_anything(folder / "teacher")}
+    return {"tokenizer": folder / "tok", "teacher": tiny_depth_anything}
 
 
 def _request(world: Path, models: dict[str, Path], out: Path, dataset: str = "refcoco", **changes) -> CurationRequest:
@@ -231,11 +227,12 @@ def test_ade20k_with_ground_truth_depth(ray_two_cpus, world, models, tmp_path):
     reader = ADE20kDataset(world)
     tokenizer = DepthVQVAE.from_pretrained(models["tokenizer"])
     oracle = OracleTeacher(world / "depth")
-    expected = {sample.image_id: sample for split in reader.splits for sample in reader.samples(split)}
+    expected = {(sample.split, sample.image_id): sample for split in reader.splits for sample in reader.samples(split)}
     samples = _samples(out)
-    assert len(samples) == len(expected) == summary.info["splits"]["training"]["samples"]
+    assert len(samples) == len(expected) == sum(split["samples"] for split in summary.info["splits"].values())
+    assert set(summary.info["splits"]) == {"training", "validation"}
     for sample in samples:
-        source = expected[sample.meta["image_id"]]
+        source = expected[(sample.meta["split"], sample.meta["image_id"])]
         assert sample.seg_png == source.annotation_path.read_bytes()
         depth = oracle.predict_paths([source.image_path])
         np.testing.assert_array_equal(sample.depth_tokens, tokenizer.encode(depth)[0].numpy())
@@ -250,7 +247,6 @@ def test_ade20k_with_ground_truth_depth(ray_two_cpus, world, models, tmp_path):
 
 
 def test_command_line_contract(models, tmp_path):
-    assert DEFAULT_DEPTH_MODEL == TEACHER_DEFAULT
     command = [str(Path(sys.executable).parent / "perceptio-curate"), "refcoco", "--data-root", str(tmp_path / "missing"),
                "--out", str(tmp_path / "out"), "--tokenizer", str(models["tokenizer"]), "--depth-source", "gt"]
     result = subprocess.run(command, capture_output=True, text=True)

@@ -186,3 +186,25 @@ def test_marked_points_avoid_depth_edges():
     assert len(chosen) >= 20
     # Every window (x - w .. x + w) lies inside one stripe.
     assert all(config.window_px <= x % 10 <= 9 - config.window_px for x, _, _ in chosen)
+
+
+def test_the_depth_source_is_checked_where_the_teacher_is_described(tmp_path):
+    from perceptio.curate.distributor import TeacherSpec
+
+    with pytest.raises(PerceptioError, match="--depth-source must be one of model, gt"):
+        TeacherSpec(source="midas")
+    with pytest.raises(PerceptioError, match="ground-truth depth"):
+        TeacherSpec(source="gt", depth_dir=str(tmp_path / "depth")).check()
+
+
+def test_manifest_rows_of_reader_problems():
+    from perceptio.shards import REJECTED, ManifestRow, manifest_table
+    from perceptio.sources.problems import Problem
+
+    ref = ManifestRow.from_problem("refcoco-unc", Problem("unknown_annotation", 7, "ann 9 is not in instances.json"))
+    image = ManifestRow.from_problem("refcoco-unc", Problem("unknown_image", 12, "no such image"))
+    assert (ref.ref_id, ref.status, ref.reason, ref.shard) == (7, REJECTED, "unknown_annotation", None)
+    assert image.ref_id is None and image.detail == "unknown_image 12: no such image"
+    table = manifest_table([ref, image])
+    assert table.column_names == [name for name in ManifestRow.__dataclass_fields__]
+    assert table.to_pylist()[0] == ref.as_dict()

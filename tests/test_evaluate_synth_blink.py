@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,18 +13,14 @@ from perceptio.evaluate.hardblink import load_hardblink
 from perceptio.evaluate.synth_blink import SynthBlinkConfig, baselines, build_questions, lower_is_nearer, object_point
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    from perceptio.curate.synth import generate_world
-
-    root = tmp_path_factory.mktemp("world") / "world"
-    generate_world(root, images=6, seed=3, workers=1)
-    return root
+@pytest.fixture(scope="session")
+def world(synth_world: Path) -> Path:
+    return synth_world  # tests/conftest.py builds it once per session
 
 
 def test_questions_are_decided_by_true_depth_on_distinct_objects(world, tmp_path):
     counts = build_questions(world, tmp_path, SynthBlinkConfig(seed=1))
-    assert counts[3] >= 3, "a six-image world should give several 3-point questions"
+    assert counts[3] >= 3, "the session's world should give several 3-point questions"
     records = {record["stem"]: record for record in json.loads((world / "world.json").read_text())["images"]}
     for variant in (3, 4, 5):
         questions = [json.loads(line) for line in (tmp_path / "questions" / f"blink_{variant}pointscenter_questions.jsonl").read_text().splitlines()]

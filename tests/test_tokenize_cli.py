@@ -143,12 +143,10 @@ def test_parse_codes_reads_numbers_and_tokens() -> None:
         parse_codes("3 four")
 
 
-def test_fit_with_a_depth_model_goes_through_the_cache(world: Path, tmp_path, monkeypatch) -> None:
-    from test_tokenize_teacher import save_tiny_depth_anything
-
+def test_fit_with_a_depth_model_goes_through_the_cache(world: Path, tiny_depth_anything: Path, tmp_path, monkeypatch) -> None:
     from perceptio.tokenize.teacher import PipelineTeacher
 
-    model_dir = save_tiny_depth_anything(tmp_path / "depth-anything")
+    model_dir = tiny_depth_anything
     images_seen: list[int] = []
     original_predict = PipelineTeacher.predict
 

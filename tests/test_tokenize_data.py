@@ -7,22 +7,19 @@ from pathlib import Path
 import pytest
 
 from perceptio.errors import PerceptioError
-from perceptio.curate.synth import generate_world
 from perceptio.tokenize.data import DepthSource, is_held_out, list_images, split_held_out
 from perceptio.tokenize.teacher import OracleTeacher
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("world")
-    generate_world(root, images=12, seed=0)
-    return root
+@pytest.fixture(scope="session")
+def world(synth_world: Path) -> Path:
+    return synth_world  # tests/conftest.py builds it once per session
 
 
-def test_every_dataset_lists_images_of_the_world(world: Path) -> None:
+def test_every_dataset_lists_images_of_the_world(world: Path, synth_world_args: dict) -> None:
     everything = list_images(world, "synth")
     depth_stems = {path.stem for path in (world / "depth").glob("*.png")}
-    assert {path.stem for path in everything} == depth_stems and len(everything) == 12
+    assert {path.stem for path in everything} == depth_stems and len(everything) == synth_world_args["images"]
     for dataset in ("refcoco", "refcoco+", "refcocog", "ade20k"):
         images = list_images(world, dataset)
         assert images and set(images) <= set(everything), dataset

@@ -17,54 +17,14 @@ from perceptio.tokenize.teacher import OracleTeacher, PipelineTeacher, read_dept
 SIZES = [(60, 80), (100, 50), (64, 64)]
 
 
-def save_tiny_depth_anything(folder: Path) -> Path:
-    """A Depth Anything V2 model with a 4-layer, 32-wide DINOv2 backbone and random weights."""
-    from transformers import DepthAnythingConfig, DepthAnythingForDepthEstimation, Dinov2Config
-    from transformers.models.dpt.image_processing_pil_dpt import DPTImageProcessorPil
-
-    backbone = Dinov2Config(
-        image_size=56,
-        patch_size=14,
-        hidden_size=32,
-        num_hidden_layers=4,
-        num_attention_heads=2,
-        intermediate_size=64,
-        out_features=["stage1", "stage2", "stage3", "stage4"],
-        reshape_hidden_states=False,
-    )
-    config = DepthAnythingConfig(
-        backbone_config=backbone,
-        reassemble_hidden_size=32,
-        neck_hidden_sizes=[8, 16, 32, 32],
-        fusion_hidden_size=16,
-        head_hidden_size=8,
-    )
-    DepthAnythingForDepthEstimation(config).save_pretrained(folder)
-    # The real model's preprocessing, scaled down: keep the aspect ratio, sides a multiple of 14.
-    DPTImageProcessorPil(
-        size={"height": 56, "width": 56},
-        keep_aspect_ratio=True,
-        ensure_multiple_of=14,
-        resample=3,
-        image_mean=[0.485, 0.456, 0.406],
-        image_std=[0.229, 0.224, 0.225],
-    ).save_pretrained(folder)
-    return folder
-
-
 def random_images(seed: int) -> list[Image.Image]:
     rng = np.random.default_rng(seed)
     return [Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8)) for height, width in SIZES]
 
 
 @pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory) -> Path:
-    return save_tiny_depth_anything(tmp_path_factory.mktemp("depth-anything"))
-
-
-@pytest.fixture(scope="module")
-def teacher(tiny_model_dir: Path) -> PipelineTeacher:
-    return PipelineTeacher(str(tiny_model_dir), device="cpu", batch_size=8, bf16=False)
+def teacher(tiny_depth_anything: Path) -> PipelineTeacher:
+    return PipelineTeacher(str(tiny_depth_anything), device="cpu", batch_size=8, bf16=False)
 
 
 def test_pipeline_teacher_batches_mixed_aspect_ratios(teacher: PipelineTeacher) -> None:
@@ -90,8 +50,8 @@ def test_pipeline_teacher_same_shape_batches_match_the_stock_pipeline(teacher: P
         np.testing.assert_allclose(depth, alone, rtol=1e-4, atol=1e-4 * np.abs(alone).max())
 
 
-def test_pipeline_teacher_bf16_autocast_stays_close(tiny_model_dir: Path, teacher: PipelineTeacher) -> None:
-    fast = PipelineTeacher(str(tiny_model_dir), device="cpu", bf16=True)
+def test_pipeline_teacher_bf16_autocast_stays_close(tiny_depth_anything: Path, teacher: PipelineTeacher) -> None:
+    fast = PipelineTeacher(str(tiny_depth_anything), device="cpu", bf16=True)
     assert fast.autocast and not teacher.autocast
     images = random_images(1)
     for reduced, full in zip(fast.predict(images), teacher.predict(images)):
@@ -99,9 +59,11 @@ def test_pipeline_teacher_bf16_autocast_stays_close(tiny_model_dir: Path, teache
         assert np.corrcoef(reduced.ravel(), full.ravel())[0, 1] > 0.95
 
 
-def test_pipeline_teacher_identity_follows_the_weights(tiny_model_dir: Path, teacher: PipelineTeacher, tmp_path) -> None:
-    assert teacher.identity.startswith(f"{tiny_model_dir.name}@")
-    other = PipelineTeacher(str(save_tiny_depth_anything(tmp_path / "other")), device="cpu")
+def test_pipeline_teacher_identity_follows_the_weights(
+    tiny_depth_anything: Path, teacher: PipelineTeacher, make_tiny_depth_anything, tmp_path
+) -> None:
+    assert teacher.identity.startswith(f"{tiny_depth_anything.name}@")
+    other = PipelineTeacher(str(make_tiny_depth_anything(tmp_path / "other")), device="cpu")
     assert other.identity != teacher.identity
 
 
@@ -124,8 +86,9 @@ def test_oracle_teacher_reads_millimetres_as_inverse_metres(tmp_path) -> None:
     oracle = OracleTeacher(tmp_path / "depth")
     expected = np.array([[2.0, 1.0, 0.0], [0.5, 0.25, 4.0]], dtype=np.float32)
     np.testing.assert_allclose(oracle.predict_paths([image_path])[0], expected)
-    with Image.open(image_path) as image:
-        np.testing.assert_allclose(oracle.predict([image])[0], expected)
+    np.testing.assert_allclose(oracle.predict_paths([image_path], sizes=[(3, 2)])[0], expected)
+    with pytest.raises(PerceptioError, match="differ in size"):
+        oracle.predict_paths([image_path], sizes=[(4, 2)])
     with pytest.raises(PerceptioError):
         oracle.predict_paths([tmp_path / "images" / "missing.jpg"])
     with pytest.raises(PerceptioError):

@@ -1,1 +1,1 @@
-"""Curation: dataset readers, the synthetic world, and the Ray pipeline that writes shards."""
+"""Curation: the Ray pipeline that turns a dataset (read through perceptio.sources) into shards."""

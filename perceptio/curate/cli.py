@@ -49,7 +49,7 @@ def synth(
     refcocog/), ADEChallengeData2016/, depth/ and instances/ (16-bit PNG per image stem), and
     world.json (cameras, objects, which refs are deliberately ambiguous or duplicated).
     """
-    from perceptio.curate.synth.world import check_out_dir, generate_world  # numpy-heavy: import when used
+    from perceptio.sources.synth.world import check_out_dir, generate_world  # numpy-heavy: import when used
 
     check_out_dir(out)  # before the progress bar, so that bad input is a single line
 

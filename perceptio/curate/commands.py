@@ -14,12 +14,10 @@ from typing import Any, Optional
 
 import typer
 
-from perceptio.curate.distributor import DEFAULT_DEPTH_MODEL, RayConfig, TeacherSpec, WorkUnit, ray_session, run_units
+from perceptio.curate.distributor import RayConfig, TeacherSpec, WorkUnit, ray_session, run_units
 from perceptio.curate.plan import ShardPlan, ade_images, plan_shards, refer_images
 from perceptio.curate.sample_builder import BuildConfig
 from perceptio.curate.writer import (
-    DATASET_JSON,
-    MANIFEST,
     ShardSetWriter,
     check_resumable,
     is_done,
@@ -27,6 +25,9 @@ from perceptio.curate.writer import (
     write_manifest,
 )
 from perceptio.errors import PerceptioError
+from perceptio.shards import DATASET_INFO_NAME, MANIFEST_NAME, ManifestRow
+from perceptio.sources.problems import Problem
+from perceptio.tokenize.cache import default_cache_dir
 
 REFER_DATASETS = {"refcoco": "unc", "refcoco+": "unc", "refcocog": "umd"}  # dataset -> default --split-by
 ADE20K = "ade20k"
@@ -37,7 +38,8 @@ _GEOMETRY_PROBLEMS = ("empty_segmentation", "degenerate_polygon", "malformed_seg
 
 @dataclass
 class CurationRequest:
-    """Everything one ``perceptio-curate <dataset>`` run needs."""
+    """Everything one ``perceptio-curate <dataset>`` run needs; the command's option defaults are its
+    field defaults (and those of TeacherSpec, RayConfig and BuildConfig)."""
 
     dataset: str  # "refcoco" | "refcoco+" | "refcocog" | "ade20k"
     data_root: Path
@@ -68,29 +70,22 @@ class CurationSummary:
 def _read_dataset(request: CurationRequest) -> tuple[str, dict[str, list], list]:
     """(dataset name, images per split, reader problems) for the requested splits."""
     if request.dataset == ADE20K:
-        from perceptio.curate.ade20k import SPLIT_ALIASES, ADE20kDataset
+        from perceptio.sources.ade20k import SPLIT_ALIASES, ADE20kDataset
 
         reader = ADE20kDataset(request.data_root)
         splits = [SPLIT_ALIASES.get(split, split) for split in request.splits or reader.splits]
         return ADE20K, {split: ade_images(reader, split) for split in splits}, reader.problems
     if request.dataset not in REFER_DATASETS:
         raise PerceptioError(f"unknown dataset {request.dataset!r}; expected one of {', '.join([*REFER_DATASETS, ADE20K])}")
-    from perceptio.curate.refer import ReferDataset
+    from perceptio.sources.refer import ReferDataset
 
     reader = ReferDataset(request.data_root, request.dataset, request.split_by or REFER_DATASETS[request.dataset])
     splits = request.splits or reader.splits
     return reader.name, {split: refer_images(reader, split) for split in splits}, reader.problems
 
 
-def _problem_rows(dataset: str, problems: list) -> list[dict[str, Any]]:
-    return [
-        {"shard": None, "key": None, "dataset": dataset, "split": None, "image_id": None,
-         "ref_id": problem.id if isinstance(problem.id, int) and problem.kind != "unknown_image" else None,
-         "ann_id": None, "category": None, "sentences": 0, "status": "rejected", "reason": problem.kind,
-         "detail": str(problem), "mask_area": None, "depth_median": None, "depth_rank": None, "description": None}
-        for problem in problems
-        if problem.kind not in _GEOMETRY_PROBLEMS
-    ]
+def _problem_rows(dataset: str, problems: list[Problem]) -> list[ManifestRow]:
+    return [ManifestRow.from_problem(dataset, problem) for problem in problems if problem.kind not in _GEOMETRY_PROBLEMS]
 
 
 def _tokenizer_identity(tokenizer_dir: Path) -> dict[str, Any]:
@@ -115,7 +110,7 @@ def _tokenizer_identity(tokenizer_dir: Path) -> dict[str, Any]:
 def _prepare_out(out: Path, dataset: str, overwrite: bool) -> None:
     """Create ``out``; with ``overwrite`` remove this dataset's previous results; refuse a foreign folder."""
     out.mkdir(parents=True, exist_ok=True)
-    previous = out / DATASET_JSON
+    previous = out / DATASET_INFO_NAME
     if previous.is_file():
         import json
 
@@ -123,7 +118,7 @@ def _prepare_out(out: Path, dataset: str, overwrite: bool) -> None:
         if other not in (None, dataset):
             raise PerceptioError(f"{out} holds curated {other}; give {dataset} its own --out folder")
     if overwrite:
-        for path in [*out.glob(f"{dataset}-*"), *out.glob(f".{dataset}-*"), out / MANIFEST, previous]:
+        for path in [*out.glob(f"{dataset}-*"), *out.glob(f".{dataset}-*"), out / MANIFEST_NAME, previous]:
             path.unlink(missing_ok=True)
 
 
@@ -152,6 +147,8 @@ def _progress(enabled: bool):
 
 def curate(request: CurationRequest) -> CurationSummary:
     """Curate one dataset into ``request.out``; finished shards of an earlier run are kept (resume)."""
+    if request.dataset == ADE20K and request.split_by:
+        raise PerceptioError("--split-by applies to RefCOCO/+/g only")
     if request.batch_size < 1:
         raise PerceptioError(f"--batch-size must be >= 1, got {request.batch_size}")
     if not request.tokenizer.is_dir():
@@ -209,42 +206,13 @@ def curate(request: CurationRequest) -> CurationSummary:
 # ----------------------------------------------------------------------------------- Typer
 
 
-def _run(dataset: str, data_root: Path, out: Path, tokenizer: Path, split: Optional[list[str]], split_by: Optional[str],
-         depth_model: str, depth_source: str, cache_dir: Optional[Path], samples_per_shard: int, batch_size: int,
-         ray_address: Optional[str], num_cpus: Optional[int], model_workers: int, num_gpus_per_worker: float,
-         captioner: str, overwrite: bool, progress: bool) -> None:
-    if dataset == ADE20K and split_by:
-        raise PerceptioError("--split-by applies to RefCOCO/+/g only")
-    if depth_source not in ("model", "gt"):
-        raise PerceptioError(f"--depth-source must be 'model' or 'gt', got {depth_source!r}")
-    from perceptio.tokenize.cache import default_cache_dir  # imports torch: not at --help time
-
-    request = CurationRequest(
-        dataset=dataset,
-        data_root=data_root,
-        out=out,
-        tokenizer=tokenizer,
-        teacher=TeacherSpec(
-            source=depth_source,
-            model=depth_model,
-            depth_dir=str(data_root / "depth") if depth_source == "gt" else None,
-            cache_dir=str(cache_dir or default_cache_dir()),
-        ),
-        split_by=split_by,
-        splits=list(split) if split else None,
-        samples_per_shard=samples_per_shard,
-        batch_size=batch_size,
-        ray=RayConfig(address=ray_address, num_cpus=num_cpus, model_workers=model_workers,
-                      num_gpus_per_worker=num_gpus_per_worker),
-        build=BuildConfig(captioner=captioner),
-        overwrite=overwrite,
-        progress=progress,
-    )
+def _run(request: CurationRequest) -> None:
+    """Curate and print one line per split."""
     summary = curate(request)
     splits = summary.info["splits"]
     for split_name, counts in splits.items():
         rejects = ", ".join(f"{reason} {count}" for reason, count in counts["rejects"].items()) or "none"
-        refs = f", {counts['refs_kept']} refs kept" if dataset != ADE20K else ""
+        refs = f", {counts['refs_kept']} refs kept" if request.dataset != ADE20K else ""
         typer.echo(f"{summary.info['settings']['dataset']} {split_name}: {counts['samples']} samples from "
                    f"{counts['images']} images{refs}, rejected: {rejects}")
     typer.echo(f"{len(summary.shards)} shards in {summary.out} ({len(summary.redone)} written by this run)")
@@ -252,7 +220,7 @@ def _run(dataset: str, data_root: Path, out: Path, tokenizer: Path, split: Optio
 
 def _command(dataset: str):
     """The Typer command for one dataset (the four differ only in the dataset and --split-by help)."""
-    from perceptio.curate.refer import SPLIT_BYS
+    from perceptio.sources.refer import SPLIT_BYS
 
     split_by_help = (
         f"REFER split scheme: {' or '.join(SPLIT_BYS[dataset])} [default: {REFER_DATASETS[dataset]}]"
@@ -265,21 +233,41 @@ def _command(dataset: str):
         tokenizer: Path = typer.Option(..., "--tokenizer", help="depth tokenizer folder (perceptio-tokenize fit)"),
         split: Optional[list[str]] = typer.Option(None, "--split", help="official split to curate (repeatable); default all, each into its own shards"),
         split_by: Optional[str] = typer.Option(None, "--split-by", help=split_by_help),
-        depth_model: str = typer.Option(DEFAULT_DEPTH_MODEL, "--depth-model", help="Depth Anything model (hub id or local folder) used as the depth teacher"),
-        depth_source: str = typer.Option("model", "--depth-source", help="'model' (the --depth-model teacher) or 'gt' (DATA_ROOT/depth/*.png ground truth)"),
+        depth_model: str = typer.Option(TeacherSpec.model, "--depth-model", help="Depth Anything model (hub id or local folder) used as the depth teacher"),
+        depth_source: str = typer.Option(TeacherSpec.source, "--depth-source", help="'model' (the --depth-model teacher) or 'gt' (DATA_ROOT/depth/*.png ground truth)"),
         cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="depth cache of the model teacher, shared with perceptio-tokenize [default: $PERCEPTIO_CACHE/depth or ~/.cache/perceptio/depth]"),
-        samples_per_shard: int = typer.Option(1000, "--samples-per-shard", help="images per shard"),
-        batch_size: int = typer.Option(8, "--batch-size", help="images per teacher/tokenizer forward pass"),
-        ray_address: Optional[str] = typer.Option(None, "--ray-address", help="attach to this Ray cluster (e.g. 'auto' or ray://host:10001); default: an embedded local Ray"),
-        num_cpus: Optional[int] = typer.Option(None, "--num-cpus", help="CPUs of the embedded local Ray [default: all cores]"),
-        model_workers: int = typer.Option(1, "--model-workers", help="most model actors (one teacher + tokenizer each); the pool grows up to this"),
-        num_gpus_per_worker: float = typer.Option(0.0, "--num-gpus-per-worker", help="GPUs per model actor (0: CPU; 0.5: two actors share a GPU)"),
-        captioner: str = typer.Option("attributes", "--captioner", help="description writer: 'attributes' or package.module:ClassName"),
-        overwrite: bool = typer.Option(False, "--overwrite", help="discard this dataset's earlier shards instead of resuming"),
-        progress: bool = typer.Option(True, "--progress/--no-progress", help="show the live progress display"),
+        samples_per_shard: int = typer.Option(CurationRequest.samples_per_shard, "--samples-per-shard", help="images per shard"),
+        batch_size: int = typer.Option(CurationRequest.batch_size, "--batch-size", help="images per teacher/tokenizer forward pass"),
+        ray_address: Optional[str] = typer.Option(RayConfig.address, "--ray-address", help="attach to this Ray cluster (e.g. 'auto' or ray://host:10001); default: an embedded local Ray"),
+        num_cpus: Optional[int] = typer.Option(RayConfig.num_cpus, "--num-cpus", help="CPUs of the embedded local Ray [default: all cores]"),
+        model_workers: int = typer.Option(RayConfig.model_workers, "--model-workers", help="most model actors (one teacher + tokenizer each); the pool grows up to this"),
+        num_gpus_per_worker: float = typer.Option(RayConfig.num_gpus_per_worker, "--num-gpus-per-worker", help="GPUs per model actor (0: CPU; 0.5: two actors share a GPU)"),
+        captioner: str = typer.Option(BuildConfig.captioner, "--captioner", help="description writer: 'attributes' or package.module:ClassName"),
+        overwrite: bool = typer.Option(CurationRequest.overwrite, "--overwrite", help="discard this dataset's earlier shards instead of resuming"),
+        progress: bool = typer.Option(CurationRequest.progress, "--progress/--no-progress", help="show the live progress display"),
     ) -> None:
-        _run(dataset, data_root, out, tokenizer, split, split_by, depth_model, depth_source, cache_dir, samples_per_shard,
-             batch_size, ray_address, num_cpus, model_workers, num_gpus_per_worker, captioner, overwrite, progress)
+        teacher = TeacherSpec(
+            source=depth_source,  # validated here, once (TeacherSpec.__post_init__)
+            model=depth_model,
+            depth_dir=str(data_root / "depth") if depth_source == "gt" else None,
+            cache_dir=str(cache_dir or default_cache_dir()),
+        )
+        _run(CurationRequest(
+            dataset=dataset,
+            data_root=data_root,
+            out=out,
+            tokenizer=tokenizer,
+            teacher=teacher,
+            split_by=split_by,
+            splits=list(split) if split else None,
+            samples_per_shard=samples_per_shard,
+            batch_size=batch_size,
+            ray=RayConfig(address=ray_address, num_cpus=num_cpus, model_workers=model_workers,
+                          num_gpus_per_worker=num_gpus_per_worker),
+            build=BuildConfig(captioner=captioner),
+            overwrite=overwrite,
+            progress=progress,
+        ))
 
     title = "ADE20k scenes" if dataset == ADE20K else dataset.replace("refcoco", "RefCOCO")
     command.__doc__ = (

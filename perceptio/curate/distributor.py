@@ -4,13 +4,15 @@ Rows are *work units*: the model batches of the plan (perceptio/curate/plan.py).
 
 1. ``prepare`` (tasks, fractional CPU): read and decode the images, rasterise masks, filter refs;
 2. ``depth`` (actor pool, one teacher + one tokenizer per actor, on a GPU when asked): the teacher
-   through the depth cache, then the tokenizer's normalisation and codes, once per image;
+   through the depth cache (the rule of ``perceptio.tokenize.data.DepthSource``), then the
+   tokenizer's normalisation and codes, once per image;
 3. ``assemble`` (tasks, fractional CPU): descriptions, region depth, ADE20k questions, the sample.
 
 Every resource request is fractional, so that on a 2-CPU laptop the actor never holds a whole core
 that the tasks wait for (Ray Data would otherwise stall), while on a cluster the same code spreads
 tasks over all nodes and GPU actors over the GPUs. Results come back in plan order to the driver,
-which writes the shards (perceptio/curate/writer.py).
+which writes the shards (perceptio/curate/writer.py). Between the stages a unit travels as one typed
+payload: :class:`WorkUnit`, :class:`PreparedUnit`, :class:`DepthUnit`, then :class:`UnitResult`.
 """
 
 from __future__ import annotations
@@ -30,12 +32,17 @@ import numpy as np
 
 from perceptio.curate.describe import load_captioner
 from perceptio.curate.plan import ImageItem
-from perceptio.curate.sample_builder import BuildConfig, BuiltImage, DepthResult, assemble, image_for_teacher, prepare
+from perceptio.curate.sample_builder import (
+    BuildConfig,
+    BuiltImage,
+    DepthResult,
+    PreparedImage,
+    assemble,
+    image_for_teacher,
+    prepare,
+)
 from perceptio.errors import PerceptioError
-
-# perceptio.tokenize.teacher.DEFAULT_DEPTH_MODEL, restated so that `perceptio-curate --help` does
-# not import torch (a test checks that the two agree).
-DEFAULT_DEPTH_MODEL = "depth-anything/Depth-Anything-V2-Small-hf"
+from perceptio.tokenize.config import DEFAULT_DEPTH_MODEL, DEPTH_SOURCES
 
 
 @dataclass(frozen=True)
@@ -48,6 +55,11 @@ class TeacherSpec:
     cache_dir: str | None = None  # depth cache for the model teacher (never used for "gt": reading is the cost)
     device: str | None = None  # None: cuda when the actor has a GPU, else cpu
 
+    def __post_init__(self) -> None:
+        # The one place the depth source is validated: the CLI, check() and build() rely on it.
+        if self.source not in DEPTH_SOURCES:
+            raise PerceptioError(f"--depth-source must be one of {', '.join(DEPTH_SOURCES)}, got {self.source!r}")
+
     def check(self) -> None:
         """Fail on the driver, before any actor starts, when the teacher cannot be built anywhere.
 
@@ -58,8 +70,6 @@ class TeacherSpec:
             if not self.depth_dir or not Path(self.depth_dir).is_dir():
                 raise PerceptioError(f"--depth-source gt needs ground-truth depth PNGs in {self.depth_dir}; not found")
             return
-        if self.source != "model":
-            raise PerceptioError(f"unknown depth source {self.source!r}; expected 'model' or 'gt'")
         local = Path(self.model)
         if local.exists() or self.model.startswith((".", "/", "~")):
             if not (local / "config.json").is_file():
@@ -75,9 +85,7 @@ class TeacherSpec:
 
         if self.source == "gt":
             return OracleTeacher(str(self.depth_dir))
-        if self.source == "model":
-            return PipelineTeacher(self.model, device=self.device)
-        raise PerceptioError(f"unknown depth source {self.source!r}; expected 'model' or 'gt'")
+        return PipelineTeacher(self.model, device=self.device)
 
 
 @dataclass(frozen=True)
@@ -103,12 +111,48 @@ class WorkUnit:
 
 
 @dataclass
+class PreparedUnit:
+    """A work unit after the ``prepare`` stage."""
+
+    unit: WorkUnit
+    prepared: list[PreparedImage]
+
+
+@dataclass
+class DepthUnit:
+    """A work unit after the model stage: per image its depth, None when it never reached the model."""
+
+    unit: WorkUnit
+    prepared: list[PreparedImage]
+    depths: list[DepthResult | None]
+    teacher: str | None  # None when no image of the unit reached the model
+    model_seconds: float
+
+
+@dataclass
 class UnitResult:
+    """A work unit after the ``assemble`` stage, as the writer receives it."""
+
     shard: str
     first_position: int
     built: list[BuiltImage]
     teacher: str | None  # None when no image of the unit reached the model
     model_seconds: float
+
+
+# Ray Data moves rows of plain columns; each stage's dataclass travels pickled in one column.
+PAYLOAD = "payload"
+
+
+def _row(payload: WorkUnit | PreparedUnit | DepthUnit | UnitResult) -> dict[str, bytes]:
+    return {PAYLOAD: pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL)}
+
+
+def _payload(row: dict[str, Any], expected: type) -> Any:
+    payload = pickle.loads(row[PAYLOAD])
+    if not isinstance(payload, expected):
+        raise TypeError(f"a {expected.__name__} was expected between the stages, got {type(payload).__name__}")
+    return payload
 
 
 @functools.lru_cache(maxsize=2)
@@ -117,9 +161,8 @@ def _captioner(spec: str) -> Any:
 
 
 def _prepare_unit(row: dict[str, Any], build: BuildConfig) -> dict[str, Any]:
-    unit: WorkUnit = pickle.loads(row["payload"])
-    prepared = [prepare(item, build) for item in unit.images]
-    return {"payload": pickle.dumps((unit, prepared), protocol=pickle.HIGHEST_PROTOCOL)}
+    unit: WorkUnit = _payload(row, WorkUnit)
+    return _row(PreparedUnit(unit, [prepare(item, build) for item in unit.images]))
 
 
 class DepthWorker:
@@ -129,50 +172,48 @@ class DepthWorker:
         import torch
 
         from perceptio.tokenize.cache import DepthCache
+        from perceptio.tokenize.data import DepthSource
         from perceptio.tokenize.vqvae import DepthVQVAE
 
         # Ray pins fractional actors to one thread; the model is the bottleneck, so by default the
         # actors share this node's cores (the CPU tasks are light and interleave).
         torch.set_num_threads(torch_threads or max(1, (os.cpu_count() or 1) // max(1, model_workers)))
-        self.teacher = teacher.build()
-        self.cache = DepthCache(teacher.cache_dir) if teacher.cache_dir and teacher.source == "model" else None
+        # The same teacher-or-cache rule as the tokenizer's fit (DepthSource: the oracle skips the cache).
+        self.source = DepthSource(teacher.build(), DepthCache(teacher.cache_dir) if teacher.cache_dir else None)
         device = "cuda" if torch.cuda.is_available() and teacher.source == "model" else "cpu"
         self.tokenizer = DepthVQVAE.from_pretrained(tokenizer_dir, device=teacher.device or device)
         self.tokenizer_identity = self.tokenizer.identity
 
-    def predict(self, prepared: Sequence[Any]) -> list[DepthResult]:
+    def predict(self, prepared: Sequence[PreparedImage]) -> list[DepthResult]:
         """Depth and tokens of a batch of decoded images, in one teacher call and one tokenizer call."""
-        images = [image_for_teacher(one) for one in prepared]
-        if self.cache is not None:
-            raw = self.cache.predict(self.teacher, images, [one.image_hash for one in prepared])
-        else:
-            raw = self.teacher.predict(images)
+        raw = self.source.depths([one.item.image_path for one in prepared], [image_for_teacher(one) for one in prepared],
+                                 [one.image_hash for one in prepared])
         normalized = self.tokenizer.normalize(raw)
         tokens = self.tokenizer.encode_normalized(normalized)
         return [
             DepthResult(depth.cpu().numpy().astype(np.float16), codes.cpu().numpy().astype(np.int16),
-                        self.teacher.identity, self.tokenizer_identity)
+                        self.source.teacher.identity, self.tokenizer_identity)
             for depth, codes in zip(normalized, tokens)
         ]
 
     def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
-        unit, prepared = pickle.loads(row["payload"])
+        stage: PreparedUnit = _payload(row, PreparedUnit)
+        prepared = stage.prepared
         started = time.perf_counter()
         usable = [index for index, one in enumerate(prepared) if one.problem is None]
         depths: list[DepthResult | None] = [None] * len(prepared)
         for index, result in zip(usable, self.predict([prepared[index] for index in usable]) if usable else []):
             depths[index] = result
         seconds = time.perf_counter() - started
-        teacher = self.teacher.identity if usable else None
-        return {"payload": pickle.dumps((unit, prepared, depths, teacher, seconds), protocol=pickle.HIGHEST_PROTOCOL)}
+        teacher = self.source.teacher.identity if usable else None
+        return _row(DepthUnit(stage.unit, prepared, depths, teacher, seconds))
 
 
 def _assemble_unit(row: dict[str, Any], build: BuildConfig) -> dict[str, Any]:
-    unit, prepared, depths, teacher, seconds = pickle.loads(row["payload"])
+    stage: DepthUnit = _payload(row, DepthUnit)
     captioner = _captioner(build.captioner)
-    built = [assemble(one, depth, build, captioner) for one, depth in zip(prepared, depths)]
-    result = UnitResult(unit.shard, unit.first_position, built, teacher, seconds)
-    return {"payload": pickle.dumps(result, protocol=pickle.HIGHEST_PROTOCOL)}
+    built = [assemble(one, depth, build, captioner) for one, depth in zip(stage.prepared, stage.depths)]
+    return _row(UnitResult(stage.unit.shard, stage.unit.first_position, built, stage.teacher, stage.model_seconds))
 
 
 @contextmanager
@@ -220,7 +261,7 @@ def run_units(
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "progress bars disabled"
 
-    rows = [{"payload": pickle.dumps(unit, protocol=pickle.HIGHEST_PROTOCOL)} for unit in units]
+    rows = [_row(unit) for unit in units]
     dataset = ray.data.from_items(rows, override_num_blocks=len(rows))
     dataset = dataset.map(_prepare_unit, fn_kwargs={"build": build}, num_cpus=config.cpus_per_task)
     with warnings.catch_warnings():
@@ -231,7 +272,7 @@ def run_units(
     dataset = dataset.map(_assemble_unit, fn_kwargs={"build": build}, num_cpus=config.cpus_per_task)
     try:
         for row in dataset.iter_rows():
-            yield pickle.loads(row["payload"])
+            yield _payload(row, UnitResult)
     except Exception as error:
         user_error = _find_user_error(error)
         if user_error is None:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from perceptio.errors import PerceptioError
-from perceptio.shards import sample_key
+from perceptio.shards import sample_key, shard_name
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,7 @@ class RefItem:
     category_id: int
     category: str
     bbox: tuple[float, float, float, float]
-    segmentation: Any  # COCO polygons or RLE, rasterised by perceptio.curate.masks in a worker
+    segmentation: Any  # COCO polygons or RLE, rasterised by perceptio.sources.masks in a worker
     sentences: tuple[SentenceItem, ...]
 
 
@@ -67,7 +67,7 @@ class ShardPlan:
 
     @property
     def name(self) -> str:
-        return f"{self.dataset}-{self.split}-{self.index:06d}"
+        return shard_name(self.dataset, self.split, self.index)
 
     def batches(self, batch_size: int) -> list[tuple[ImageItem, ...]]:
         return [self.images[start : start + batch_size] for start in range(0, len(self.images), batch_size)]

@@ -29,14 +29,10 @@ from perceptio.curate.filters import (
     review_refs,
 )
 from perceptio.curate.marked_points import MarkedPointsConfig, draw_marked, make_question
-from perceptio.curate.masks import MALFORMED, parse_segmentation, segmentation_to_mask
 from perceptio.curate.plan import ImageItem
-from perceptio.curate.problems import BadImage, decode_image
-from perceptio.shards import ShardSample, mask_to_rle, rle_to_mask
-
-KEPT = "kept"
-REJECTED = "rejected"
-
+from perceptio.shards import KEPT, REJECTED, ManifestRow, ShardSample, mask_to_rle, rle_to_mask
+from perceptio.sources.masks import MALFORMED, parse_segmentation, segmentation_to_mask
+from perceptio.sources.problems import BadImage, decode_image
 
 @dataclass(frozen=True)
 class BuildConfig:
@@ -78,20 +74,20 @@ class BuiltImage:
 
     key: str
     sample: ShardSample | None
-    rows: list[dict[str, Any]]
+    rows: list[ManifestRow]  # without the shard name, which the writer fills in
     seconds: dict[str, float]
 
 
 @functools.lru_cache(maxsize=4)
 def _ade_reader(root: str) -> Any:
-    from perceptio.curate.ade20k import ADE20kDataset
+    from perceptio.sources.ade20k import ADE20kDataset
 
     return ADE20kDataset(root)
 
 
 def _read_ade_segmentation(item: ImageItem) -> bytes:
     """The class map's PNG bytes verbatim, after the reader has checked it against the image."""
-    from perceptio.curate.ade20k import AdeSample
+    from perceptio.sources.ade20k import AdeSample
 
     image_path, seg_path = Path(item.image_path), Path(str(item.seg_path))
     reader = _ade_reader(str(image_path.parents[2]))  # .../ADEChallengeData2016/images/<split>/<file>
@@ -137,25 +133,23 @@ def prepare(item: ImageItem, config: BuildConfig) -> PreparedImage:
     return prepared
 
 
-def _row(item: ImageItem, ref_index: int | None, reason: str | None, **measured: Any) -> dict[str, Any]:
+def _row(item: ImageItem, ref_index: int | None, reason: str | None, **measured: Any) -> ManifestRow:
+    """The manifest row of one ref (or of the image, for ``ref_index`` None); ``measured`` for kept refs."""
     ref = item.refs[ref_index] if ref_index is not None else None
-    return {
-        "key": item.key,
-        "dataset": item.dataset,
-        "split": item.split,
-        "image_id": item.image_id,
-        "ref_id": ref.ref_id if ref else None,
-        "ann_id": ref.ann_id if ref else None,
-        "category": ref.category if ref else None,
-        "sentences": len(ref.sentences) if ref else 0,
-        "status": REJECTED if reason else KEPT,
-        "reason": reason_code(reason) if reason else None,
-        "detail": reason,
-        "mask_area": measured.get("mask_area"),
-        "depth_median": measured.get("depth_median"),
-        "depth_rank": measured.get("depth_rank"),
-        "description": measured.get("description"),
-    }
+    return ManifestRow(
+        key=item.key,
+        dataset=item.dataset,
+        split=item.split,
+        image_id=item.image_id,
+        ref_id=ref.ref_id if ref else None,
+        ann_id=ref.ann_id if ref else None,
+        category=ref.category if ref else None,
+        sentences=len(ref.sentences) if ref else 0,
+        status=REJECTED if reason else KEPT,
+        reason=reason_code(reason) if reason else None,
+        detail=reason,
+        **measured,
+    )
 
 
 def _seed(item: ImageItem) -> int:
@@ -245,7 +239,5 @@ def assemble(prepared: PreparedImage, depth: DepthResult | None, config: BuildCo
 
 
 def image_for_teacher(prepared: PreparedImage) -> Image.Image:
-    """A PIL image for the teacher; ``filename`` lets the ground-truth teacher find the depth file."""
-    image = Image.fromarray(prepared.pixels)
-    image.filename = prepared.item.image_path  # type: ignore[attr-defined]
-    return image
+    """The decoded RGB pixels as a PIL image, for a model teacher."""
+    return Image.fromarray(prepared.pixels)

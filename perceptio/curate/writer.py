@@ -10,6 +10,7 @@ the inputs, so a resumed run ends with the same tars and parquets as an uninterr
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
@@ -23,36 +24,22 @@ import pyarrow.parquet as pq
 
 import perceptio
 from perceptio.curate.plan import ShardPlan
-from perceptio.curate.sample_builder import KEPT, BuiltImage
+from perceptio.curate.sample_builder import BuiltImage
 from perceptio.errors import PerceptioError
-from perceptio.shards import ShardWriter
+from perceptio.io import atomic_path, write_text_atomic
+from perceptio.shards import (
+    DATASET_INFO_NAME,
+    KEPT,
+    MANIFEST_NAME,
+    STATS_SUFFIX,
+    ManifestRow,
+    ShardWriter,
+    manifest_schema,
+    manifest_table,
+)
 
-MANIFEST = "manifest.parquet"
-DATASET_JSON = "dataset.json"
-STATS_SUFFIX = "_stats.json"
-PUBLIC = 0o644  # as the tars: temporary files are created private, the results are for everyone
 # Settings that change shard bytes: a resumed run must use the same ones as the finished shards.
 RESUME_SETTINGS = ("dataset", "samples_per_shard", "batch_size", "tokenizer", "teacher_source", "build")
-
-ROW_SCHEMA = pa.schema([
-    ("shard", pa.string()),
-    ("key", pa.string()),
-    ("dataset", pa.string()),
-    ("split", pa.string()),
-    ("image_id", pa.int64()),
-    ("ref_id", pa.int64()),
-    ("ann_id", pa.int64()),
-    ("category", pa.string()),
-    ("sentences", pa.int32()),
-    ("status", pa.string()),
-    ("reason", pa.string()),
-    ("detail", pa.string()),
-    ("mask_area", pa.int64()),
-    ("depth_median", pa.float64()),
-    ("depth_rank", pa.int32()),
-    ("description", pa.string()),
-])
-
 
 def tar_path(out: Path, name: str) -> Path:
     return out / f"{name}.tar"
@@ -78,25 +65,18 @@ def clear_unfinished(out: Path, name: str) -> None:
         temporary.unlink(missing_ok=True)
 
 
-def write_rows(path: Path, rows: Sequence[dict[str, Any]]) -> None:
-    """Rows as parquet with the fixed schema, atomically (written to a temporary name, then renamed)."""
-    write_table(path, pa.Table.from_pylist(list(rows), schema=ROW_SCHEMA))
+def write_rows(path: Path, rows: Sequence[ManifestRow]) -> None:
+    """Rows as parquet with the manifest schema, atomically (written to a temporary name, then renamed)."""
+    write_table(path, manifest_table(rows))
 
 
 def write_table(path: Path, table: pa.Table) -> None:
-    from perceptio.tokenize.atomic import atomic_path  # perceptio.tokenize imports torch: only when writing
-
     with atomic_path(path) as temporary:
         pq.write_table(table, temporary)
-        temporary.chmod(PUBLIC)
 
 
 def write_json(path: Path, value: Any) -> None:
-    from perceptio.tokenize.atomic import atomic_path
-
-    with atomic_path(path) as temporary:
-        temporary.write_text(json.dumps(value, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        temporary.chmod(PUBLIC)
+    write_text_atomic(path, json.dumps(value, indent=2, sort_keys=True) + "\n")
 
 
 def read_stats(out: Path, name: str) -> dict[str, Any]:
@@ -131,7 +111,7 @@ class _OpenShard:
     started: float
     next_position: int = 0
     pending: dict[int, BuiltImage] = field(default_factory=dict)
-    rows: list[dict[str, Any]] = field(default_factory=list)
+    rows: list[ManifestRow] = field(default_factory=list)
     seconds: Counter = field(default_factory=Counter)
 
 
@@ -176,25 +156,25 @@ class ShardSetWriter:
         if built.sample is not None:
             shard.writer.write(built.sample)
             self.samples_written += 1
-        shard.rows += [{"shard": shard.plan.name, **row} for row in built.rows]
-        self.refs_rejected += sum(row["status"] != KEPT for row in built.rows)
+        shard.rows += [dataclasses.replace(row, shard=shard.plan.name) for row in built.rows]
+        self.refs_rejected += sum(row.status != KEPT for row in built.rows)
         self.images_done += 1
 
     def _finish(self, shard: _OpenShard) -> None:
         name = shard.plan.name
         shard.writer.close()
         write_rows(parquet_path(self.out, name), shard.rows)
-        kept = [row for row in shard.rows if row["status"] == KEPT]
+        kept = [row for row in shard.rows if row.status == KEPT]
         stats = {
             "shard": name,
             "dataset": shard.plan.dataset,
             "split": shard.plan.split,
             "images": len(shard.plan.images),
             "samples": shard.writer.count,
-            "refs_kept": sum(row["ref_id"] is not None for row in kept),
-            "refs_rejected": sum(row["status"] != KEPT for row in shard.rows),
-            "sentences": sum(row["sentences"] for row in kept),
-            "rejects": dict(sorted(Counter(row["reason"] for row in shard.rows if row["status"] != KEPT).items())),
+            "refs_kept": sum(row.ref_id is not None for row in kept),
+            "refs_rejected": sum(row.status != KEPT for row in shard.rows),
+            "sentences": sum(row.sentences for row in kept),
+            "rejects": dict(sorted(Counter(row.reason for row in shard.rows if row.status != KEPT).items())),
             "teacher": self.teacher,
             "settings": self.settings,
             "timings": {
@@ -211,12 +191,13 @@ class ShardSetWriter:
         self.open.clear()
 
 
-def write_manifest(out: Path, shards: Sequence[ShardPlan], extra_rows: Sequence[dict[str, Any]]) -> pa.Table:
+def write_manifest(out: Path, shards: Sequence[ShardPlan], extra_rows: Sequence[ManifestRow]) -> pa.Table:
     """``manifest.parquet``: every shard's rows in plan order, then rows for refs no shard holds."""
-    tables = [pq.read_table(parquet_path(out, shard.name), schema=ROW_SCHEMA) for shard in shards]
-    tables.append(pa.Table.from_pylist(list(extra_rows), schema=ROW_SCHEMA))
+    schema = manifest_schema()
+    tables = [pq.read_table(parquet_path(out, shard.name), schema=schema) for shard in shards]
+    tables.append(manifest_table(extra_rows))
     manifest = pa.concat_tables(tables)
-    write_table(out / MANIFEST, manifest)
+    write_table(out / MANIFEST_NAME, manifest)
     return manifest
 
 
@@ -248,5 +229,5 @@ def write_dataset_json(
         "rejected_by_reader": dict(sorted(unassigned.items())),
         "shards": [shard.name for shard in shards],
     }
-    write_json(out / DATASET_JSON, info)
+    write_json(out / DATASET_INFO_NAME, info)
     return info

@@ -20,6 +20,7 @@ from rich.table import Table
 
 from perceptio.errors import PerceptioError, run_cli
 from perceptio.evaluate.distributed import ProcessGroup, init_process_group
+from perceptio.io import write_text_atomic
 
 app = typer.Typer(
     help="Evaluate a Perceptio checkpoint: refseg (cIoU/gIoU), hardblink (relative depth), depth tokens, predict.",
@@ -75,9 +76,6 @@ def report(results: dict[str, Any], table: Table, as_json: bool, out: Optional[P
     """Print the table (or the JSON) and write ``out`` atomically."""
     text = json.dumps(results, indent=2, sort_keys=True)
     if out is not None:
-        from perceptio.tokenize.atomic import write_text_atomic
-
-        out.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(out, text + "\n")
     if as_json:
         typer.echo(text)

@@ -1,6 +1,6 @@
 """HardBLINK-style relative-depth questions on the synthetic world, where the true depth is known.
 
-For a world written by :func:`perceptio.curate.synth.generate_world`, each question marks 3, 4 or
+For a world written by :func:`perceptio.sources.synth.generate_world`, each question marks 3, 4 or
 5 points on distinct objects of one image (HardBLINK's red circles and letters, drawn by
 :func:`perceptio.curate.marked_points.draw_marked`) and asks which is closest to the camera; the
 renderer's depth at the marked pixels decides the answer. Points sit well inside their object

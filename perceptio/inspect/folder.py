@@ -1,15 +1,12 @@
 """A folder of curated shards as ``perceptio-inspect`` sees it: the tars and what curation wrote beside them.
 
-Curation writes ``{dataset}-{split}-{index:06d}.tar`` with ``{name}.parquet`` (one row per ref,
-kept or rejected) and ``{name}_stats.json`` (the done marker) next to it, plus ``manifest.parquet``
-and ``dataset.json`` for the whole folder. Every side file is optional here: a folder of bare tars
-(or a single tar) can still be summarised, validated and shown.
+The names of the tars and their side files are defined in :mod:`perceptio.shards`. Every side file
+is optional here: a folder of bare tars (or a single tar) can still be summarised, validated and shown.
 """
 
 from __future__ import annotations
 
 import json
-import re
 import tarfile
 from collections import defaultdict
 from dataclasses import dataclass
@@ -20,80 +17,14 @@ from typing import Any, Iterator
 import numpy as np
 
 from perceptio.errors import PerceptioError
-from perceptio.shards import ShardSample, iter_shard
-
-# Dataset names contain dashes ("refcoco-unc"), split names do not, so the split is the last field
-# before the index.
-SHARD_NAME = re.compile(r"^(?P<dataset>.+)-(?P<split>[^-]+)-(?P<index>\d{6})\.tar$")
-MANIFEST_NAME = "manifest.parquet"
-DATASET_INFO_NAME = "dataset.json"
-KEPT = "kept"  # the status of a kept ref (or a kept ADE20k image) in curation's tables
-
-
-@dataclass(frozen=True)
-class ShardFile:
-    """One tar of the folder and the names of its side files."""
-
-    path: Path
-    dataset: str
-    split: str
-    index: int
-
-    @property
-    def name(self) -> str:
-        return self.path.name[: -len(".tar")]
-
-    @property
-    def stats_path(self) -> Path:
-        return self.path.with_name(f"{self.name}_stats.json")
-
-    @property
-    def table_path(self) -> Path:
-        return self.path.with_name(f"{self.name}.parquet")
-
-    @property
-    def done(self) -> bool:
-        return self.stats_path.is_file()
-
-    def stats(self) -> dict[str, Any] | None:
-        """The done marker's content, or None when the shard has none (or it is not json)."""
-        try:
-            return json.loads(self.stats_path.read_text())
-        except (OSError, ValueError):
-            return None
-
-    def table(self) -> list[dict[str, Any]] | None:
-        """The per-ref rows curation wrote for this shard, or None when there is no table."""
-        return read_parquet_rows(self.table_path) if self.table_path.is_file() else None
-
-    def may_hold(self, key: str) -> bool:
-        """Whether a sample key can be in this shard (keys start with ``{dataset}_{split}_``)."""
-        return self.split == "?" or key.startswith(f"{self.dataset}_{self.split}_")
-
-    def count(self) -> int:
-        """How many samples the shard holds, from the tar headers alone (no member is read)."""
-        try:
-            with tarfile.open(self.path, "r") as tar:
-                return len({Path(info.name).name.partition(".")[0] for info in tar if info.isfile()})
-        except (tarfile.TarError, EOFError, OSError) as error:
-            raise PerceptioError(f"cannot read {self.path}: {error} (run `perceptio-inspect validate`)") from error
-
-
-def read_parquet_rows(path: Path) -> list[dict[str, Any]]:
-    import pyarrow.parquet as pq
-
-    try:
-        return pq.read_table(path).to_pylist()
-    except Exception as error:  # pyarrow raises several types for a damaged file
-        raise PerceptioError(f"cannot read {path}: {error}") from error
-
-
-def parse_shard_name(path: Path) -> ShardFile | None:
-    match = SHARD_NAME.match(path.name)
-    if match is None:
-        return None
-    return ShardFile(path, match["dataset"], match["split"], int(match["index"]))
-
+from perceptio.shards import (
+    DATASET_INFO_NAME,
+    MANIFEST_NAME,
+    ShardFile,
+    ShardSample,
+    iter_shard,
+    read_parquet_rows,
+)
 
 @dataclass
 class ShardFolder:
@@ -118,7 +49,7 @@ class ShardFolder:
             raise PerceptioError(f"{location} is neither a shard folder nor a .tar file")
         shards, strays = [], sorted(root.glob(".*.tmp"))
         for path in candidates:
-            shard = parse_shard_name(path)
+            shard = ShardFile.parse(path)
             if shard is None:
                 # A single tar named by hand is still inspectable; in a folder it is a stray.
                 if len(candidates) == 1 and location.is_file():

@@ -14,7 +14,8 @@ from typing import Any, Callable
 import numpy as np
 
 from perceptio.errors import PerceptioError
-from perceptio.inspect.folder import KEPT, ShardFile, ShardFolder, read_shard
+from perceptio.inspect.folder import ShardFolder, read_shard
+from perceptio.shards import KEPT, ShardFile
 
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 SPARK_BARS = "▁▂▃▄▅▆▇█"

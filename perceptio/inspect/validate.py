@@ -18,49 +18,35 @@ from typing import Any, Callable
 import numpy as np
 
 from perceptio.errors import PerceptioError
-from perceptio.inspect.folder import KEPT, ShardFile, ShardFolder, recorded_tokenizer
-from perceptio.shards import DEPTH_SIZE, QUESTION_FIELD, ShardSample, iter_members, rle_to_mask, sample_key
+from perceptio.inspect.folder import ShardFolder, recorded_tokenizer
+from perceptio.shards import (
+    DEPTH_SIZE,
+    KEPT,
+    META_TYPES,
+    QUESTION_FIELD,
+    QUESTION_TYPES,
+    REF_TYPES,
+    ShardFile,
+    ShardSample,
+    iter_members,
+    rle_to_mask,
+    sample_key,
+)
 from perceptio.tokens import DEFAULT_NUM_CODES, DEFAULT_NUM_DEPTH_TOKENS
 
 REQUIRED_MEMBERS = ("jpg", "depth.npy", "depth_tokens.npy", "json")
 ADE_MEMBERS = ("seg.png", "marked.jpg")
-# The json type of each field named in perceptio.shards (tests check that the names stay in step).
-META_TYPES: dict[str, type] = {
-    "dataset": str,
-    "split": str,
-    "image_id": int,
-    "file_name": str,
-    "width": int,
-    "height": int,
-    "teacher": str,
-    "tokenizer": str,
-    "refs": list,
-}
-REF_TYPES: dict[str, type] = {
-    "ref_id": int,
-    "ann_id": int,
-    "category_id": int,
-    "category": str,
-    "bbox": list,
-    "mask": dict,
-    "sentences": list,
-    "description": str,
-    "depth": dict,
-}
-QUESTION_TYPES: dict[str, type] = {
-    "text": str,
-    "points": list,
-    "labels": list,
-    "answer": str,
-    "point_depths": list,
-}
 # The tokenizer's normalisation maps depth into [-1, 1]; float16 rounding stays well inside this.
 DEPTH_RANGE_LIMIT = 1.001
 
 
 @dataclass(frozen=True)
-class Problem:
-    """One thing wrong, where it is, and a short kind to filter on."""
+class Finding:
+    """One thing the validator found wrong, where it is, and a short kind to filter on.
+
+    (A dataset reader's bad input is a :class:`perceptio.sources.problems.Problem`; a finding is about
+    the shards curation wrote.)
+    """
 
     shard: str  # shard file name, or the folder-level file the problem is in
     key: str | None
@@ -82,7 +68,7 @@ class Expectations:
 class Report:
     shards: int
     samples: int
-    problems: list[Problem]
+    problems: list[Finding]
 
     @classmethod
     def merged(cls, reports: list["Report"]) -> "Report":
@@ -135,12 +121,12 @@ def _image_size(data: bytes) -> tuple[int, int]:
 
 def check_sample(
     shard: ShardFile, key: str, members: dict[str, bytes], expect: Expectations
-) -> tuple[list[Problem], ShardSample | None]:
+) -> tuple[list[Finding], ShardSample | None]:
     """Every check of one sample; the decoded sample comes back when its members could be read."""
-    problems: list[Problem] = []
+    problems: list[Finding] = []
 
     def problem(kind: str, message: str) -> None:
-        problems.append(Problem(shard.path.name, key, kind, message))
+        problems.append(Finding(shard.path.name, key, kind, message))
 
     missing = [name for name in REQUIRED_MEMBERS if name not in members]
     if missing:
@@ -289,11 +275,11 @@ class Contents:
             self.refs |= {(sample.key, ref.get("ref_id")) for ref in refs if isinstance(ref, dict)}
 
 
-def _compare(shard_name: str, source: str, kind: str, listed: Contents, stored: Contents) -> list[Problem]:
+def _compare(shard_name: str, source: str, kind: str, listed: Contents, stored: Contents) -> list[Finding]:
     """What ``source`` lists as kept against what the tar holds, both ways."""
 
-    def problem(key: str, message: str) -> Problem:
-        return Problem(shard_name, key, kind, message)
+    def problem(key: str, message: str) -> Finding:
+        return Finding(shard_name, key, kind, message)
 
     problems = [problem(key, f"kept in {source}, missing from the tar") for key in sorted(listed.keys - stored.keys)]
     problems += [problem(key, f"in the tar, not kept in {source}") for key in sorted(stored.keys - listed.keys)]
@@ -305,26 +291,26 @@ def _compare(shard_name: str, source: str, kind: str, listed: Contents, stored: 
     return problems
 
 
-def _check_side_files(shard: ShardFile, stored: Contents) -> list[Problem]:
+def _check_side_files(shard: ShardFile, stored: Contents) -> list[Finding]:
     """The done marker and the per-shard table against what the tar holds."""
     name, marker = shard.path.name, shard.stats_path.name
     stats = shard.stats()
     if stats is None:
-        return [Problem(name, None, "no-done-marker", f"{marker} is missing or unreadable: the shard is unfinished")]
+        return [Finding(name, None, "no-done-marker", f"{marker} is missing or unreadable: the shard is unfinished")]
     problems = []
     if isinstance(stats.get("samples"), int) and stats["samples"] != len(stored.keys):
         message = f"{marker} counts {stats['samples']} samples, the tar holds {len(stored.keys)}"
-        problems.append(Problem(name, None, "marker-mismatch", message))
+        problems.append(Finding(name, None, "marker-mismatch", message))
     try:
         rows = shard.table()
     except PerceptioError as error:
-        return [*problems, Problem(name, None, "unreadable", str(error))]
+        return [*problems, Finding(name, None, "unreadable", str(error))]
     if rows is not None:
         problems += _compare(name, shard.table_path.name, "table-mismatch", Contents.of_rows(rows), stored)
     return problems
 
 
-def _check_manifest(folder: ShardFolder, stored_by_shard: dict[str, Contents]) -> list[Problem]:
+def _check_manifest(folder: ShardFolder, stored_by_shard: dict[str, Contents]) -> list[Finding]:
     """The manifest's kept keys and refs, shard by shard, against the tars it covers."""
     if folder.manifest_path is None:
         return []
@@ -332,13 +318,13 @@ def _check_manifest(folder: ShardFolder, stored_by_shard: dict[str, Contents]) -
     try:
         rows = folder.manifest_rows or []
     except PerceptioError as error:
-        return [Problem(manifest, None, "unreadable", str(error))]
+        return [Finding(manifest, None, "unreadable", str(error))]
     by_shard: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
         if row.get("shard"):  # rows without a shard are refs the reader rejected before sharding
             by_shard.setdefault(f"{str(row['shard']).removesuffix('.tar')}.tar", []).append(row)
     problems = [
-        Problem(manifest, None, "manifest-mismatch", f"lists shard {name}, which is not in the folder")
+        Finding(manifest, None, "manifest-mismatch", f"lists shard {name}, which is not in the folder")
         for name in sorted(set(by_shard) - set(stored_by_shard))
     ]
     covered = folder.manifest_shards()
@@ -350,8 +336,8 @@ def _check_manifest(folder: ShardFolder, stored_by_shard: dict[str, Contents]) -
 
 
 def validate(folder: ShardFolder, expect: Expectations, advance: Callable[[], None] = lambda: None) -> Report:
-    problems: list[Problem] = [
-        Problem(path.name, None, "stray-file", "not a complete shard (a temporary file or an unexpected name)")
+    problems: list[Finding] = [
+        Finding(path.name, None, "stray-file", "not a complete shard (a temporary file or an unexpected name)")
         for path in folder.strays
     ]
     first_seen: dict[str, str] = {}
@@ -365,20 +351,20 @@ def validate(folder: ShardFolder, expect: Expectations, advance: Callable[[], No
             for key, members in iter_members(shard.path):
                 total += 1
                 if key in first_seen:
-                    problems.append(Problem(name, key, "duplicate-key", f"key already in {first_seen[key]}"))
+                    problems.append(Finding(name, key, "duplicate-key", f"key already in {first_seen[key]}"))
                 first_seen.setdefault(key, name)
                 stored.keys.add(key)
                 try:
                     sample_problems, sample = check_sample(shard, key, members, expect)
                 except Exception as error:  # a validator reports whatever a sample holds; it never crashes
                     sample = None
-                    sample_problems = [Problem(name, key, "undecodable", f"{type(error).__name__}: {error}")]
+                    sample_problems = [Finding(name, key, "undecodable", f"{type(error).__name__}: {error}")]
                 problems.extend(sample_problems)
                 if sample is not None:
                     stored.add(sample)
         except (tarfile.TarError, EOFError, OSError) as error:
             last = f" after {len(stored.keys)} samples" if stored.keys else ""
-            problems.append(Problem(name, None, "truncated", f"tar is damaged{last}: {error}"))
+            problems.append(Finding(name, None, "truncated", f"tar is damaged{last}: {error}"))
         problems += _check_side_files(shard, stored)
         advance()
     problems += _check_manifest(folder, stored_by_shard)

@@ -1,22 +1,33 @@
 """Depth teacher (Depth Anything V2 or ground truth), depth cache, and the depth VQ-VAE tokenizer.
 
-The public names below are the stage's interface (docs/architecture.md, "tokenize").
+The public names below are the stage's interface (docs/architecture.md, "tokenize"). They are
+imported on first use, so that ``import perceptio.tokenize.config`` (and this package) stays
+torch-free.
 """
 
-from perceptio.tokenize.cache import DepthCache, default_cache_dir
-from perceptio.tokenize.metrics import codebook_usage, depth_metrics
-from perceptio.tokenize.teacher import DEFAULT_DEPTH_MODEL, DepthTeacher, OracleTeacher, PipelineTeacher
-from perceptio.tokenize.vqvae import DepthVQVAE, DepthVQVAEConfig
+from __future__ import annotations
 
-__all__ = [
-    "DEFAULT_DEPTH_MODEL",
-    "DepthCache",
-    "DepthTeacher",
-    "DepthVQVAE",
-    "DepthVQVAEConfig",
-    "OracleTeacher",
-    "PipelineTeacher",
-    "codebook_usage",
-    "default_cache_dir",
-    "depth_metrics",
-]
+import importlib
+from typing import Any
+
+# Public name -> the module that defines it.
+_EXPORTS = {
+    "DEFAULT_DEPTH_MODEL": "perceptio.tokenize.config",
+    "DepthVQVAEConfig": "perceptio.tokenize.config",
+    "FitConfig": "perceptio.tokenize.config",
+    "DepthCache": "perceptio.tokenize.cache",
+    "default_cache_dir": "perceptio.tokenize.cache",
+    "codebook_usage": "perceptio.tokenize.metrics",
+    "depth_metrics": "perceptio.tokenize.metrics",
+    "DepthTeacher": "perceptio.tokenize.teacher",
+    "OracleTeacher": "perceptio.tokenize.teacher",
+    "PipelineTeacher": "perceptio.tokenize.teacher",
+    "DepthVQVAE": "perceptio.tokenize.vqvae",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

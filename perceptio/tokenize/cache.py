@@ -14,14 +14,16 @@ import hashlib
 import os
 import re
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 from PIL import Image
 
 from perceptio.errors import PerceptioError
-from perceptio.tokenize.atomic import atomic_path, write_text_atomic
-from perceptio.tokenize.teacher import DepthTeacher
+from perceptio.io import atomic_path, write_text_atomic
+
+if TYPE_CHECKING:  # the protocol only: the cache itself needs no torch
+    from perceptio.tokenize.teacher import DepthTeacher
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 

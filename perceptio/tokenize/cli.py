@@ -24,20 +24,21 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from perceptio.errors import PerceptioError, run_cli
-from perceptio.tokenize.atomic import atomic_path, write_text_atomic
+from perceptio.io import atomic_path, write_text_atomic
 from perceptio.tokenize.cache import DepthCache, default_cache_dir
 from perceptio.tokenize.data import DepthSource, list_images, split_held_out
-from perceptio.tokenize.fit import FitConfig, evaluate, train
+from perceptio.tokenize.config import DEPTH_SOURCES, DepthDataConfig, DepthVQVAEConfig, FitConfig
+from perceptio.tokenize.fit import evaluate, train
 from perceptio.tokenize.metrics import codebook_usage
 from perceptio.tokenize.teacher import (
-    DEFAULT_DEPTH_MODEL,
+    DEFAULT_DEPTH_ENCODING,
     DEPTH_ENCODINGS,
     OracleTeacher,
     PipelineTeacher,
     inverse_depth_from_metres,
     read_depth_png,
 )
-from perceptio.tokenize.vqvae import DepthVQVAE, DepthVQVAEConfig
+from perceptio.tokenize.vqvae import DepthVQVAE
 from perceptio.tokens import depth_span
 
 app = typer.Typer(
@@ -60,9 +61,8 @@ class Dataset(str, Enum):
     synth = "synth"
 
 
-class DepthSourceName(str, Enum):
-    model = "model"
-    gt = "gt"
+# The choices of --depth-source, from the config's one list.
+DepthSourceName = Enum("DepthSourceName", {name: name for name in DEPTH_SOURCES}, type=str)
 
 
 class HeldOut(str, Enum):
@@ -75,10 +75,10 @@ DATASET_OPTION = typer.Option(
     Dataset.synth, "--dataset", help="Whose images: REFER train images, ADE20k training images, or the whole synthetic world."
 )
 DEPTH_MODEL_OPTION = typer.Option(
-    DEFAULT_DEPTH_MODEL, "--depth-model", help="Depth Anything hub id or local folder (used with --depth-source model)."
+    DepthDataConfig.depth_model, "--depth-model", help="Depth Anything hub id or local folder (used with --depth-source model)."
 )
 DEPTH_SOURCE_OPTION = typer.Option(
-    DepthSourceName.model,
+    DepthSourceName(DepthDataConfig.depth_source),
     "--depth-source",
     help="'model': run the depth teacher; 'gt': read DATA_ROOT/depth/{stem}.png (uint16 mm), the synthetic world's ground truth.",
 )
@@ -86,7 +86,10 @@ CACHE_OPTION = typer.Option(
     None, "--cache-dir", help="Depth cache folder shared with perceptio-curate. Default: ~/.cache/perceptio/depth."
 )
 DEVICE_OPTION = typer.Option(None, "--device", help="cuda or cpu. Default: cuda when available.")
-TEACHER_BATCH_OPTION = typer.Option(8, "--teacher-batch-size", min=1, help="Images per depth-teacher forward.")
+TEACHER_BATCH_OPTION = typer.Option(DepthDataConfig.teacher_batch_size, "--teacher-batch-size", min=1, help="Images per depth-teacher forward.")
+DEPTH_ENCODING_OPTION = typer.Option(
+    DEFAULT_DEPTH_ENCODING, "--depth-encoding", help=f"How a depth PNG stores metres: {', '.join(DEPTH_ENCODINGS)}."
+)
 TOKENIZER_OPTION = typer.Option(..., "--tokenizer", help="Tokenizer folder (config.json + model.safetensors).")
 THREADS_OPTION = typer.Option(
     0, "--threads", min=0, help="CPU threads for torch (0: torch's default). On a machine busy with other work, 1 is often fastest."
@@ -164,11 +167,11 @@ def fit(
     learning_rate: float = typer.Option(FitConfig.learning_rate, "--lr", help="Peak AdamW learning rate (cosine decay)."),
     num_codes: int = typer.Option(DepthVQVAEConfig.num_codes, "--num-codes", min=2, help="Codebook size K."),
     code_dim: int = typer.Option(DepthVQVAEConfig.code_dim, "--code-dim", min=1, help="Dimension of each code vector."),
-    held_out_fraction: float = typer.Option(0.1, "--held-out", min=0.0, max=0.9, help="Share of images held out for evaluation (by stem hash)."),
+    held_out_fraction: float = typer.Option(DepthDataConfig.held_out_fraction, "--held-out", min=0.0, max=0.9, help="Share of images held out for evaluation (by stem hash)."),
     max_images: Optional[int] = typer.Option(None, "--max-images", min=2, help="Fit on at most this many images (a fixed subset)."),
     device: Optional[str] = DEVICE_OPTION,
     teacher_batch_size: int = TEACHER_BATCH_OPTION,
-    seed: int = typer.Option(0, "--seed", help="Seed of every random draw of the fit."),
+    seed: int = typer.Option(FitConfig.seed, "--seed", help="Seed of every random draw of the fit."),
     threads: int = THREADS_OPTION,
 ) -> None:
     """Fit a depth tokenizer on a dataset's teacher depth, evaluate it on held-out images, save it to --out."""
@@ -230,7 +233,7 @@ def eval_command(
     depth_source: DepthSourceName = DEPTH_SOURCE_OPTION,
     cache_dir: Optional[Path] = CACHE_OPTION,
     depth_png: Optional[list[Path]] = typer.Option(None, "--depth-png", help="Metric depth PNG(s) to score instead of / besides a dataset."),
-    depth_encoding: str = typer.Option("mm", "--depth-encoding", help=f"How --depth-png stores metres: {', '.join(DEPTH_ENCODINGS)}."),
+    depth_encoding: str = DEPTH_ENCODING_OPTION,
     device: Optional[str] = DEVICE_OPTION,
     teacher_batch_size: int = TEACHER_BATCH_OPTION,
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
@@ -276,7 +279,7 @@ def _is_depth_png(path: Path) -> bool:
 def encode(
     source_file: Path = typer.Argument(..., exists=True, dir_okay=False, help="An RGB image (run through the teacher) or a uint16 depth PNG."),
     tokenizer: Path = TOKENIZER_OPTION,
-    depth_encoding: str = typer.Option("mm", "--depth-encoding", help=f"How a depth PNG stores metres: {', '.join(DEPTH_ENCODINGS)}."),
+    depth_encoding: str = DEPTH_ENCODING_OPTION,
     depth_model: str = DEPTH_MODEL_OPTION,
     device: Optional[str] = DEVICE_OPTION,
     span: bool = typer.Option(False, "--span", help="Print [D_START][D_k]...[D_END] instead of the code numbers."),

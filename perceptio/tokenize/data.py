@@ -11,15 +11,15 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 from PIL import Image
 
-from perceptio.curate.ade20k import ADE20kDataset
-from perceptio.curate.refer import ReferDataset
 from perceptio.errors import PerceptioError
-from perceptio.tokenize.cache import DepthCache
+from perceptio.sources.ade20k import ADE20kDataset
+from perceptio.sources.refer import ReferDataset
+from perceptio.tokenize.cache import DepthCache, content_hash
 from perceptio.tokenize.teacher import DepthTeacher, OracleTeacher
 
 # The split_by each REFER dataset's training images are read with (the splits the paper trains on).
@@ -81,27 +81,41 @@ def split_held_out(paths: Sequence[Path], fraction: float) -> tuple[list[Path], 
 class DepthSource:
     """Inverse depth for image files: the oracle reads it, a model teacher goes through the cache.
 
-    The oracle skips the cache: reading its PNG costs no more than reading a cache entry.
+    The one rule for both the tokenizer's fit and curation: the oracle skips the cache (reading its
+    PNG costs no more than reading a cache entry), a model teacher uses it when there is one.
     """
 
-    def __init__(self, teacher: DepthTeacher, cache: DepthCache | None) -> None:
+    def __init__(self, teacher: DepthTeacher | OracleTeacher, cache: DepthCache | None) -> None:
         self.teacher = teacher
         self.cache = cache
 
-    def depths(self, paths: Sequence[Path]) -> list[np.ndarray]:
+    def depths(
+        self,
+        paths: Sequence[str | os.PathLike[str]],
+        images: Sequence[Image.Image] | None = None,
+        hashes: Sequence[str] | None = None,
+    ) -> list[np.ndarray]:
+        """Depth of the images at ``paths``. A caller that has already decoded them passes ``images``
+        (RGB, checked against the oracle's sizes) and the sha256 ``hashes`` of their file bytes, so
+        that nothing is read twice."""
         if isinstance(self.teacher, OracleTeacher):
-            return self.teacher.predict_paths(paths)
-        images, contents = [], []
+            sizes = [image.size for image in images] if images is not None else None
+            return self.teacher.predict_paths(paths, sizes)
+        if images is None:
+            images, hashes = self._open(paths)
+        if self.cache is None:
+            return self.teacher.predict([image.convert("RGB") for image in images])
+        if hashes is None:
+            raise ValueError("decoded images need their file hashes to use the depth cache")
+        return self.cache.predict(self.teacher, images, hashes)
+
+    @staticmethod
+    def _open(paths: Sequence[str | os.PathLike[str]]) -> tuple[list[Image.Image], list[str]]:
+        images, hashes = [], []
         for path in paths:
             try:
-                contents.append(Path(path).read_bytes())
+                hashes.append(content_hash(Path(path).read_bytes()))
                 images.append(Image.open(path))  # lazy: only cache misses decode pixels
             except OSError as error:
                 raise PerceptioError(f"{path}: unreadable image ({error})") from error
-        if self.cache is None:
-            return self.teacher.predict([image.convert("RGB") for image in images])
-        return self.cache.predict(self.teacher, images, contents)
-
-    def iter_depths(self, paths: Sequence[Path], batch_size: int) -> Iterator[np.ndarray]:
-        for start in range(0, len(paths), batch_size):
-            yield from self.depths(paths[start : start + batch_size])
+        return images, hashes

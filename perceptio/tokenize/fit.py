@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -19,24 +18,12 @@ import torch
 import torch.nn.functional as F
 
 from perceptio.errors import PerceptioError
-from perceptio.tokenize.atomic import atomic_path
+from perceptio.io import atomic_path
+from perceptio.tokenize.config import DepthVQVAEConfig, FitConfig
 from perceptio.tokenize.metrics import codebook_usage, depth_metrics
-from perceptio.tokenize.vqvae import DepthVQVAE, DepthVQVAEConfig
+from perceptio.tokenize.vqvae import DepthVQVAE
 
 CHECKPOINT_NAME = "checkpoint.pt"
-
-
-@dataclass
-class FitConfig:
-    """How long and how fast the tokenizer trains."""
-
-    steps: int = 800
-    batch_size: int = 16
-    learning_rate: float = 2e-3
-    min_learning_rate_ratio: float = 0.05
-    warmup_steps: int = 50
-    checkpoint_every: int = 100
-    seed: int = 0
 
 
 def learning_rate(step: int, config: FitConfig) -> float:

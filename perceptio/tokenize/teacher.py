@@ -18,8 +18,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from perceptio.errors import PerceptioError
-
-DEFAULT_DEPTH_MODEL = "depth-anything/Depth-Anything-V2-Small-hf"
+from perceptio.tokenize.config import DEFAULT_DEPTH_MODEL
 
 
 class DepthTeacher(Protocol):
@@ -149,6 +148,7 @@ def _sun_millimetres(value: np.ndarray) -> np.ndarray:
 
 
 # How a uint16 depth PNG stores metres; 0 is "invalid" in all of them.
+DEFAULT_DEPTH_ENCODING = "mm"  # what the synthetic world writes
 DEPTH_ENCODINGS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "mm": lambda value: value / 1000.0,
     "tum": lambda value: value / 5000.0,
@@ -156,7 +156,7 @@ DEPTH_ENCODINGS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
 }
 
 
-def read_depth_png(path: str | os.PathLike[str], encoding: str = "mm") -> np.ndarray:
+def read_depth_png(path: str | os.PathLike[str], encoding: str = DEFAULT_DEPTH_ENCODING) -> np.ndarray:
     """A single-channel uint16 depth PNG as float32 metres (0 where invalid)."""
     if encoding not in DEPTH_ENCODINGS:
         raise PerceptioError(f"unknown depth encoding {encoding!r}; known: {', '.join(DEPTH_ENCODINGS)}")
@@ -197,21 +197,18 @@ class OracleTeacher:
     def depth_path(self, image_path: str | os.PathLike[str]) -> Path:
         return self.depth_dir / f"{Path(image_path).stem}.png"
 
-    def predict_paths(self, paths: Sequence[str | os.PathLike[str]]) -> list[np.ndarray]:
+    def predict_paths(
+        self, paths: Sequence[str | os.PathLike[str]], sizes: Sequence[tuple[int, int]] | None = None
+    ) -> list[np.ndarray]:
+        """Inverse depth of the images at ``paths``; ``sizes`` ((width, height) per image), when given,
+        must match the depth maps'. It finds depth by the image's file name, so it takes paths, not pixels."""
         depths = []
-        for path in paths:
+        for index, path in enumerate(paths):
             depth_path = self.depth_path(path)
             if not depth_path.is_file():
                 raise PerceptioError(f"{path}: no ground-truth depth at {depth_path}")
-            depths.append(inverse_depth_from_metres(read_depth_png(depth_path, "mm")))
-        return depths
-
-    def predict(self, images: list[Image.Image]) -> list[np.ndarray]:
-        paths = [getattr(image, "filename", "") for image in images]
-        if not all(paths):
-            raise PerceptioError("the ground-truth teacher needs images opened from files (it finds depth by file name)")
-        depths = self.predict_paths(paths)
-        for depth, image, path in zip(depths, images, paths):
-            if depth.shape != (image.height, image.width):
-                raise PerceptioError(f"{path}: depth {depth.shape[::-1]} and image {image.size} differ in size")
+            depth = inverse_depth_from_metres(read_depth_png(depth_path))
+            if sizes is not None and depth.shape != (sizes[index][1], sizes[index][0]):
+                raise PerceptioError(f"{path}: depth {depth.shape[::-1]} and image {tuple(sizes[index])} differ in size")
+            depths.append(depth)
         return depths

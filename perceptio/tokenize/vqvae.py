@@ -1,6 +1,6 @@
 """The depth VQ-VAE: 320x320 inverse-depth maps <-> a 10x10 grid of codes from K = 128.
 
-The tokenizer owns its input normalisation (``DepthVQVAEConfig.normalization``): callers hand it raw
+The tokenizer owns its input normalisation (``DepthVQVAEConfig.normalization``, in config.py): callers hand it raw
 relative inverse depth (the teacher's output, any size, any scale) and :meth:`DepthVQVAE.normalize`
 turns each map into the quantity the codes describe. Tokens are meaningless under another
 normalisation, so it travels in ``config.json`` with the weights.
@@ -19,12 +19,10 @@ assignments per step) from the current batch's encoder outputs, so that the whol
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import math
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from contextlib import contextmanager
 from typing import Iterator, NamedTuple, Sequence
@@ -36,68 +34,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from perceptio.errors import PerceptioError
-from perceptio.tokenize.atomic import atomic_path, write_text_atomic
+from perceptio.io import atomic_path, write_text_atomic
+from perceptio.tokenize.config import CONFIG_NAME, WEIGHTS_NAME, DepthVQVAEConfig
 
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
-NORMALIZATIONS = ("robust-minmax-inverse-depth",)
 PERCENTILE_STRIDE = 4
 
 DepthInput = np.ndarray | torch.Tensor | Sequence[np.ndarray | torch.Tensor]
-
-
-@dataclass
-class DepthVQVAEConfig:
-    """Shape, quantiser and normalisation of a depth tokenizer (saved as ``config.json``)."""
-
-    image_size: int = 320
-    grid_size: int = 10
-    num_codes: int = 128
-    code_dim: int = 32
-    # The encoder first averages input_pool x input_pool pixels (depth is smooth at the scale a
-    # 10x10 code grid can describe), then halves the resolution once per entry of hidden_channels.
-    input_pool: int = 4
-    # Small on purpose: it fits in minutes on two CPU cores and meets the reconstruction targets on
-    # the synthetic world; (32, 64, 128) with 64-dim codes costs ~3x per training step.
-    hidden_channels: tuple[int, ...] = (16, 32, 64)
-    num_res_blocks: int = 1
-    ema_decay: float = 0.99
-    commitment: float = 0.25
-    dead_code_threshold: float = 1.0
-    normalization: str = "robust-minmax-inverse-depth"
-    low_percentile: float = 2.0
-    high_percentile: float = 98.0
-    name: str = "depth-vqvae"
-
-    def __post_init__(self) -> None:
-        self.hidden_channels = tuple(int(width) for width in self.hidden_channels)
-        stride = self.input_pool * 2 ** len(self.hidden_channels)
-        if self.image_size != self.grid_size * stride:
-            raise PerceptioError(
-                f"tokenizer config: image_size {self.image_size} != grid_size {self.grid_size} x stride {stride}"
-                " (input_pool x 2^len(hidden_channels))"
-            )
-        if self.normalization not in NORMALIZATIONS:
-            raise PerceptioError(f"tokenizer config: unknown normalization {self.normalization!r}; known: {NORMALIZATIONS}")
-        if not 0 <= self.low_percentile < self.high_percentile <= 100:
-            raise PerceptioError("tokenizer config: need 0 <= low_percentile < high_percentile <= 100")
-
-    @property
-    def stride(self) -> int:
-        return self.image_size // self.grid_size
-
-    def to_dict(self) -> dict:
-        values = dataclasses.asdict(self)
-        values["hidden_channels"] = list(self.hidden_channels)
-        return values
-
-    @classmethod
-    def from_dict(cls, values: dict) -> "DepthVQVAEConfig":
-        known = {field.name for field in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise PerceptioError(f"tokenizer config: unknown fields {unknown}")
-        return cls(**values)
 
 
 class QuantizerOutput(NamedTuple):

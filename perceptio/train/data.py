@@ -29,7 +29,6 @@ import io
 import json
 import os
 import random
-import re
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,13 +40,11 @@ import webdataset as wds
 
 from perceptio.errors import PerceptioError
 from perceptio.recipes import load_recipe
+from perceptio.shards import QUESTION_FIELD, ShardFile, list_shards, npy_load, rle_to_mask
 from perceptio.train.bad_data import SkipCounter, guarded, read_shards
 from perceptio.train.preemption import ignore_stop_signals
-from perceptio.shards import QUESTION_FIELD, npy_load, rle_to_mask
 from perceptio.tokens import SEG, depth_span
 
-# `{dataset}-{split}-{index:06d}.tar`; dataset names contain dashes ("refcoco-unc"), splits do not.
-SHARD_NAME = re.compile(r"^(?P<dataset>.+)-(?P<split>[^-]+)-(?P<index>\d{6})\.tar$")
 DEFAULT_SPLITS = ("train", "training")  # COCO-style and ADE20k-style names of the training split
 
 EncodeFn = Callable[..., dict[str, torch.Tensor]]
@@ -55,23 +52,13 @@ CollateFn = Callable[[list[dict[str, torch.Tensor]]], dict[str, Any]]
 
 
 # ---------------------------------------------------------------------------------------- shards
-@dataclass(frozen=True)
-class ShardFile:
-    path: Path
-    dataset: str  # from the file name; every sample's json "dataset" must agree
-    split: str
-
-
 def find_shards(dirs: Sequence[str | os.PathLike[str]], splits: Sequence[str] = DEFAULT_SPLITS) -> list[ShardFile]:
     """Every shard of ``splits`` in ``dirs`` (not recursive), sorted by path."""
     found: list[ShardFile] = []
     for directory in map(Path, dirs):
         if not directory.is_dir():
             raise PerceptioError(f"shard folder {directory} does not exist")
-        for path in sorted(directory.glob("*.tar")):
-            match = SHARD_NAME.match(path.name)
-            if match and match["split"] in splits:
-                found.append(ShardFile(path, match["dataset"], match["split"]))
+        found += list_shards(directory, splits)
     if not found:
         raise PerceptioError(
             f"no shards of split(s) {', '.join(splits)} in {', '.join(map(str, dirs))} "

@@ -19,7 +19,7 @@ What the reader does with bad input (each case becomes a :class:`Problem` in ``.
   degenerate parts beside usable ones are skipped and reported, the ref is kept;
 - an image file that is missing: the ref is *kept* and the problem recorded, so that counts
   describe the annotation files; :meth:`ReferDataset.load_image` then raises
-  :class:`~perceptio.curate.problems.BadImage` for it, as for a truncated or corrupt JPEG.
+  :class:`~perceptio.sources.problems.BadImage` for it, as for a truncated or corrupt JPEG.
   Curation calls ``load_image`` once per image and skips (and records) the images that raise.
 
 A missing ``data_root``, annotation file or image folder, or an unreadable annotation file, is a
@@ -38,11 +38,11 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from perceptio.curate.masks import parse_segmentation, segmentation_to_mask
-from perceptio.curate.problems import BadImage, Problem, decode_image, percent_text
-from perceptio.curate.safe_pickle import load_plain_pickle
 from perceptio.errors import PerceptioError
 from perceptio.recipes import load_recipe
+from perceptio.sources.masks import parse_segmentation, segmentation_to_mask
+from perceptio.sources.problems import BadImage, Problem, decode_image, percent_text
+from perceptio.sources.safe_pickle import load_plain_pickle
 
 # The five (dataset, split_by) pairs that the REFER data provides.
 SPLIT_BYS = {"refcoco": ("unc", "google"), "refcoco+": ("unc",), "refcocog": ("umd", "google")}

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from perceptio.curate.ade20k import ADE20kDataset
-from perceptio.curate.problems import BadImage
 from perceptio.errors import PerceptioError
+from perceptio.sources.ade20k import ADE20kDataset
+from perceptio.sources.problems import BadImage
 
 CLASS_ROWS = [(1, "wall"), (2, "building;edifice"), (3, "sky")]
 

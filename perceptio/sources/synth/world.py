@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
-import shutil
 import time
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -22,8 +21,10 @@ from typing import Any, Callable
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from perceptio.curate.synth.expressions import ObjectView, ambiguous_expression, as_sentence, describe
-from perceptio.curate.synth.layout import (
+from perceptio.errors import PerceptioError
+from perceptio.io import atomic_directory
+from perceptio.sources.synth.expressions import ObjectView, ambiguous_expression, as_sentence, describe
+from perceptio.sources.synth.layout import (
     ADE_ROOT,
     REFER_SETS,
     TEST_AB_SCHEME,
@@ -32,9 +33,9 @@ from perceptio.curate.synth.layout import (
     coco_ann_id,
     plan_image,
 )
-from perceptio.curate.synth.polygons import mask_to_polygons
-from perceptio.curate.synth.render import CLASS_NAMES, Rendering, render
-from perceptio.curate.synth.scene import (
+from perceptio.sources.synth.polygons import mask_to_polygons
+from perceptio.sources.synth.render import CLASS_NAMES, Rendering, render
+from perceptio.sources.synth.scene import (
     COLOURS,
     TEST_A_SHAPE,
     Scene,
@@ -43,7 +44,7 @@ from perceptio.curate.synth.scene import (
     image_rng,
     sample_scene,
 )
-from perceptio.curate.synth.writers import (
+from perceptio.sources.synth.writers import (
     CATEGORY_ID,
     ade_class_table,
     coco_instances,
@@ -53,7 +54,6 @@ from perceptio.curate.synth.writers import (
     write_json,
     write_refs,
 )
-from perceptio.errors import PerceptioError
 
 WORLD_FORMAT = "perceptio-synth-world"
 WORLD_VERSION = 1
@@ -466,16 +466,6 @@ def _split_counts(refs: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
     return counts
 
 
-def _swap_into_place(staging: Path, out: Path) -> None:
-    if out.exists():
-        retired = out.parent / f".{out.name}.old-{os.getpid()}"
-        out.rename(retired)
-        staging.rename(out)
-        shutil.rmtree(retired)
-    else:
-        staging.rename(out)
-
-
 def generate_world(
     out: str | Path,
     images: int = 200,
@@ -493,11 +483,8 @@ def generate_world(
     check_out_dir(out)
     config = config or SceneConfig()
     workers = max(1, min(workers or os.cpu_count() or 1, images))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    try:
+    # The world is built in a hidden folder beside ``out`` and renamed over it when complete.
+    with atomic_directory(out) as staging:
         writer = _WorldWriter(staging)
         job = partial(build_image, seed=seed, config=config)
         if workers == 1:
@@ -507,10 +494,6 @@ def generate_world(
             with multiprocessing.get_context().Pool(workers) as pool:
                 _collect(pool.imap(job, range(images), chunksize=2), writer, progress)
         counts = writer.finish(seed, config)
-        _swap_into_place(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return WorldSummary(
         root=out,
         seed=seed,

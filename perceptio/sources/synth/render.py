@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from perceptio.curate.synth.scene import COLOURS, SHAPES, Scene, SceneObject
+from perceptio.sources.synth.scene import COLOURS, SHAPES, Scene, SceneObject
 
 # Class indices of the ADE20k-style label maps (0 = "other", unused by this world).
 WALL_CLASS, FLOOR_CLASS, SKY_CLASS = 1, 2, 3

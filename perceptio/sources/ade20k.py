@@ -9,7 +9,7 @@ Layout (``root`` is the ADEChallengeData2016 folder, or any folder that contains
 Images and annotations are paired by file stem. An image without an annotation, an annotation
 without an image, or a file name without a trailing number becomes a :class:`Problem` and the
 sample is left out. Pixels are checked lazily: :meth:`ADE20kDataset.load_segmentation` and
-:meth:`ADE20kDataset.load_image` raise :class:`~perceptio.curate.problems.BadImage` for a missing,
+:meth:`ADE20kDataset.load_image` raise :class:`~perceptio.sources.problems.BadImage` for a missing,
 corrupt or mismatched file (curation calls them once per sample and records what they raise).
 A missing root, class table or split folder is a :class:`~perceptio.errors.PerceptioError`.
 """
@@ -25,9 +25,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from perceptio.curate.problems import BadImage, Problem, decode_image, percent_text
 from perceptio.errors import PerceptioError
 from perceptio.recipes import load_recipe
+from perceptio.sources.problems import BadImage, Problem, decode_image, percent_text
 
 FOLDER_NAME = "ADEChallengeData2016"
 CLASS_TABLE = "objectInfo150.csv"

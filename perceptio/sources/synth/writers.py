@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from perceptio.curate.synth.render import CLASS_NAMES, STUFF_CLASSES
-from perceptio.curate.synth.scene import SHAPES
+from perceptio.sources.synth.render import CLASS_NAMES, STUFF_CLASSES
+from perceptio.sources.synth.scene import SHAPES
 
 JPEG_QUALITY = 90
 REFER_PICKLE_PROTOCOL = 2  # the protocol of the distributed refs(*).p files

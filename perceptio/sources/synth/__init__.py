@@ -6,6 +6,6 @@ polygons), ``expressions`` (referring expressions that pick out one object), ``l
 ids and splits), ``writers`` (file formats) and ``world`` (:func:`generate_world`).
 """
 
-from perceptio.curate.synth.world import WorldSummary, generate_world
+from perceptio.sources.synth.world import WorldSummary, generate_world
 
 __all__ = ["WorldSummary", "generate_world"]

@@ -10,8 +10,8 @@ import pickletools
 import pytest
 from py2pickle import python2_pickle
 
-from perceptio.curate.safe_pickle import load_plain_pickle
 from perceptio.errors import PerceptioError
+from perceptio.sources.safe_pickle import load_plain_pickle
 
 
 class _RunsCommand:

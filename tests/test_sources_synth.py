@@ -20,11 +20,9 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
-from perceptio.curate.synth import generate_world
 from perceptio.errors import PerceptioError
+from perceptio.sources.synth import generate_world
 
-IMAGES = 20  # 15 COCO + 5 ADE20k images: every split, ambiguous and duplicate refs appear
-SEED = 3
 REFER_FILES = {
     ("refcoco", "unc"): {"train", "val", "testA", "testB"},
     ("refcoco", "google"): {"train", "val", "test"},
@@ -39,10 +37,8 @@ ADE_DIR = Path("ADEChallengeData2016")
 
 
 @pytest.fixture(scope="session")
-def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("synth") / "world"
-    generate_world(root, images=IMAGES, seed=SEED, workers=1)
-    return root
+def world(synth_world: Path) -> Path:
+    return synth_world  # tests/conftest.py builds it once per session
 
 
 @pytest.fixture(scope="session")
@@ -79,10 +75,11 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
 # ------------------------------------------------------------------------------------ layout
 
 
-def test_files_are_where_the_refer_and_ade_layouts_put_them(world: Path, meta: dict) -> None:
+def test_files_are_where_the_refer_and_ade_layouts_put_them(world: Path, meta: dict, synth_world_args: dict) -> None:
     coco = [image for image in meta["images"] if image["layout"] == "coco"]
     ade = [image for image in meta["images"] if image["layout"] == "ade"]
-    assert len(coco) + len(ade) == IMAGES and len(ade) == IMAGES // 4
+    images = synth_world_args["images"]
+    assert len(coco) + len(ade) == images and len(ade) == images // 4
     for image in coco:
         stem = f"COCO_train2014_{image['image_id']:012d}"
         assert (world / COCO_DIR / f"{stem}.jpg").is_file()
@@ -354,23 +351,25 @@ def test_each_expression_picks_out_its_object_unless_marked_ambiguous(world: Pat
 # ------------------------------------------------------------------------------------ generator
 
 
-def test_same_seed_same_bytes_whatever_the_workers_and_other_seeds_differ(world: Path, tmp_path: Path) -> None:
+def test_same_seed_same_bytes_whatever_the_workers_and_other_seeds_differ(
+    world: Path, synth_world_args: dict, tmp_path: Path
+) -> None:
     again = tmp_path / "again"
-    generate_world(again, images=IMAGES, seed=SEED, workers=2)
+    generate_world(again, workers=2, **synth_world_args)
     assert all_files(again) == all_files(world)
     other = tmp_path / "other"
-    generate_world(other, images=4, seed=SEED + 1, workers=1)
+    generate_world(other, images=4, seed=synth_world_args["seed"] + 1, workers=1)
     ours, theirs = all_files(world), all_files(other)
     image = str(COCO_DIR / "COCO_train2014_000000000001.jpg")
     assert ours[image] != theirs[image] and ours["world.json"] != theirs["world.json"]
 
 
-def test_rebuilding_a_single_image_gives_the_same_files(world: Path, meta: dict) -> None:
-    from perceptio.curate.synth.scene import SceneConfig
-    from perceptio.curate.synth.world import build_image
+def test_rebuilding_a_single_image_gives_the_same_files(world: Path, meta: dict, synth_world_args: dict) -> None:
+    from perceptio.sources.synth.scene import SceneConfig
+    from perceptio.sources.synth.world import build_image
 
     image = meta["images"][7]
-    result = build_image(image["index"], seed=SEED, config=SceneConfig())
+    result = build_image(image["index"], seed=synth_world_args["seed"], config=SceneConfig())
     assert result.jpeg == (world / image["file"]).read_bytes()
     assert result.depth_png == (world / image["depth_file"]).read_bytes()
 
@@ -431,7 +430,7 @@ def test_cli_writes_a_world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
 
 def test_refer_reader_reads_the_world_as_written(world: Path, meta: dict) -> None:
     refer = pytest.importorskip(
-        "perceptio.curate.refer", reason="the REFER reader (perceptio/curate/refer.py) is not there yet"
+        "perceptio.sources.refer", reason="the REFER reader (perceptio/sources/refer.py) is not there yet"
     )
     images = {image.get("image_id"): image for image in meta["images"]}
     for dataset, split_by in REFER_FILES:

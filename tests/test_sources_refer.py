@@ -14,10 +14,10 @@ from PIL import Image
 from py2pickle import python2_pickle
 from pycocotools import mask as mask_utils
 
-from perceptio.curate import refer as refer_module
-from perceptio.curate.masks import segmentation_to_mask
-from perceptio.curate.refer import ReferDataset
 from perceptio.errors import PerceptioError
+from perceptio.sources import refer as refer_module
+from perceptio.sources.masks import segmentation_to_mask
+from perceptio.sources.refer import ReferDataset
 
 # image_id -> (width, height)
 IMAGES = {1: (40, 30), 2: (50, 40), 3: (20, 20), 4: (32, 24)}
