@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Iterator, Sequence
 
 import numpy as np
 
+from perceptio import fs
 from perceptio.errors import PerceptioError
 from perceptio.io import FILE_MODE
 from perceptio.sources.problems import Problem
@@ -287,23 +288,23 @@ def shard_name(dataset: str, split: str, index: int) -> str:
 class ShardFile:
     """One tar of a shard folder, what its name says, and where its side files are."""
 
-    path: Path
+    path: Path | str  # a local path, or the URL of a shard on an object store (perceptio.fs)
     dataset: str  # from the file name; every sample's json "dataset" must agree
     split: str
     index: int
 
     @classmethod
     def parse(cls, path: str | os.PathLike[str]) -> "ShardFile | None":
-        """The shard a path names, or None when the name does not follow :data:`SHARD_NAME`."""
-        path = Path(path)
-        match = SHARD_NAME.match(path.name)
+        """The shard a path or URL names, or None when the name does not follow :data:`SHARD_NAME`."""
+        location = path if fs.is_remote(path) else Path(path)
+        match = SHARD_NAME.match(fs.name(location))
         if match is None:
             return None
-        return cls(path, match["dataset"], match["split"], int(match["index"]))
+        return cls(location, match["dataset"], match["split"], int(match["index"]))
 
     @property
     def name(self) -> str:
-        return self.path.name[: -len(".tar")]
+        return fs.name(self.path)[: -len(".tar")]
 
     @property
     def stats_path(self) -> Path:
@@ -342,8 +343,16 @@ class ShardFile:
 
 
 def list_shards(folder: str | os.PathLike[str], splits: Sequence[str] | None = None) -> list[ShardFile]:
-    """The shards directly in ``folder`` (all, or those of ``splits``), sorted by path."""
-    shards = (ShardFile.parse(path) for path in sorted(Path(folder).glob("*.tar")))
+    """The shards directly in ``folder`` (all, or those of ``splits``), sorted by path.
+
+    ``folder`` may be an object-store URL; there a tar counts only once its done marker is there
+    too (the marker is uploaded last: the commit point of a shard), so a reader never takes a
+    shard whose upload is still under way. A local tar appears under its name only when whole.
+    """
+    names = fs.list_names(folder)
+    if fs.is_remote(folder):
+        names = [name for name in names if f"{name.removesuffix('.tar')}{STATS_SUFFIX}" in names]
+    shards = (ShardFile.parse(fs.join(folder, name)) for name in names if name.endswith(".tar"))
     return [shard for shard in shards if shard is not None and (splits is None or shard.split in splits)]
 
 

@@ -1,7 +1,7 @@
 """The package's layers as docs/architecture.md draws them, checked on the source.
 
 Stages import only stages below them: sources -> shards.py -> tokenize -> curate -> (inspect, train)
--> evaluate, over a foundation (errors, io, recipes, tokens) that everyone may import. inspect and
+-> evaluate, over a foundation (errors, io, fs, recipes, tokens) that everyone may import. inspect and
 train sit side by side and import neither each other. Function-level (lazy) imports count too: they
 are dependencies all the same.
 """
@@ -20,6 +20,7 @@ LAYERS = {
     "__init__": 0,
     "errors": 0,
     "io": 0,
+    "fs": 0,
     "recipes": 0,
     "tokens": 0,
     "sources": 1,
@@ -34,6 +35,7 @@ LAYERS = {
 TORCH_FREE = [
     "perceptio.errors",
     "perceptio.io",
+    "perceptio.fs",
     "perceptio.recipes",
     "perceptio.tokens",
     "perceptio.shards",
@@ -45,6 +47,7 @@ TORCH_FREE = [
     "perceptio.tokenize.cache",
     "perceptio.curate.cli",
     "perceptio.train.config",
+    "perceptio.train.bad_data",
 ]
 HEAVY = ("torch", "transformers")
 

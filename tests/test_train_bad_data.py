@@ -35,12 +35,12 @@ def good(image_id: int) -> tuple[str, dict[str, bytes]]:
     return sample.key, sample.to_members()
 
 
-def reader(root: Path, state=None, **options) -> ExampleReader:
+def reader(root, state=None, **options) -> ExampleReader:
     config = StreamConfig([root], shuffle_buffer=options.pop("shuffle_buffer", 1), shuffle_initial=1, **options)
     return ExampleReader(plan_mix(find_shards(config.shards), None), ReaderSlot(), config, state)
 
 
-def one_epoch(root: Path, images: int, **options) -> tuple[ExampleReader, list[str]]:
+def one_epoch(root, images: int, **options) -> tuple[ExampleReader, list[str]]:
     """The keys of the first epoch (every image of the stream read once), and the reader."""
     examples = reader(root, **options)
     taken = []
@@ -197,3 +197,22 @@ def test_the_run_stops_past_the_bound_after_a_checkpoint_and_resumes(tmp_path):
     assert lines[-1]["skipped_samples"] == 1 and lines[-1]["step"] == int(stopped.name.split("-")[1])
     result = run("3", resume=True)  # a raised limit goes on from the checkpoint
     assert result.history[-1]["step"] == 12 and result.history[-1]["skipped_samples"] >= 1
+
+
+def test_shards_on_an_object_store_are_read_once_committed(s3_bucket, tmp_path, caplog):
+    """--shards s3://...: a tar without its marker (an upload under way) is not read."""
+    from perceptio import fs
+
+    local = tmp_path / "local"
+    paths = write_shards(local, "refcoco-unc", shards=3, images_per_shard=2)
+    remote = fs.join(s3_bucket, "shards")
+    for path in paths[:2]:
+        fs.upload(path, fs.join(remote, path.name))
+        fs.write_text(fs.join(remote, path.name.replace(".tar", "_stats.json")), "{}")
+    fs.upload(paths[2], fs.join(remote, paths[2].name))  # no marker yet
+    assert [shard.path for shard in find_shards([remote])] == [fs.join(remote, path.name) for path in paths[:2]]
+    examples, keys = one_epoch(remote, 4)
+    assert {key.split("/")[0] for key in keys} == {f"refcoco-unc_train_{image_id:012d}" for image_id in range(1, 5)}
+    assert skip_lines(caplog) == []
+    with pytest.raises(PerceptioError, match="does not exist"):
+        find_shards([fs.join(s3_bucket, "nothing-here")])

@@ -14,16 +14,11 @@ from typing import Any, Optional
 
 import typer
 
-from perceptio.curate.distributor import RayConfig, TeacherSpec, WorkUnit, ray_session, run_units
+from perceptio import fs
+from perceptio.curate.distributor import RayConfig, ShardJob, TeacherSpec, ray_session, run_shards
 from perceptio.curate.plan import ShardPlan, ade_images, plan_shards, refer_images
 from perceptio.curate.sample_builder import BuildConfig
-from perceptio.curate.writer import (
-    ShardSetWriter,
-    check_resumable,
-    is_done,
-    write_dataset_json,
-    write_manifest,
-)
+from perceptio.curate.writer import check_resumable, done_shards, write_dataset_json, write_manifest
 from perceptio.errors import PerceptioError
 from perceptio.shards import DATASET_INFO_NAME, MANIFEST_NAME, ManifestRow
 from perceptio.sources.problems import Problem
@@ -43,7 +38,7 @@ class CurationRequest:
 
     dataset: str  # "refcoco" | "refcoco+" | "refcocog" | "ade20k"
     data_root: Path
-    out: Path
+    out: str | Path  # a folder, or an object-store URL such as s3://bucket/shards (perceptio.fs)
     tokenizer: Path
     teacher: TeacherSpec = field(default_factory=TeacherSpec)
     split_by: str | None = None
@@ -58,13 +53,13 @@ class CurationRequest:
 
 @dataclass
 class CurationSummary:
-    out: Path
+    out: str | Path
     shards: list[str]  # every shard of the dataset
     redone: list[str]  # the shards this run wrote (the others were finished before)
     info: dict[str, Any]  # dataset.json
     images: int  # images processed by this run
     seconds: float  # wall time of the pipeline (Ray start-up excluded when Ray was already running)
-    first_result_s: float | None  # from start until the first batch came out of the pipeline
+    first_result_s: float | None  # from start until the first shard was written
 
 
 def _read_dataset(request: CurationRequest) -> tuple[str, dict[str, list], list]:
@@ -107,27 +102,20 @@ def _tokenizer_identity(tokenizer_dir: Path) -> dict[str, Any]:
     }
 
 
-def _prepare_out(out: Path, dataset: str, overwrite: bool) -> None:
+def _prepare_out(out: str, dataset: str, overwrite: bool) -> None:
     """Create ``out``; with ``overwrite`` remove this dataset's previous results; refuse a foreign folder."""
-    out.mkdir(parents=True, exist_ok=True)
-    previous = out / DATASET_INFO_NAME
-    if previous.is_file():
-        import json
+    import json
 
-        other = json.loads(previous.read_text(encoding="utf-8")).get("settings", {}).get("dataset")
+    fs.make_dirs(out)
+    names = fs.list_names(out)
+    if DATASET_INFO_NAME in names:
+        other = json.loads(fs.read_text(fs.join(out, DATASET_INFO_NAME))).get("settings", {}).get("dataset")
         if other not in (None, dataset):
             raise PerceptioError(f"{out} holds curated {other}; give {dataset} its own --out folder")
     if overwrite:
-        for path in [*out.glob(f"{dataset}-*"), *out.glob(f".{dataset}-*"), out / MANIFEST_NAME, previous]:
-            path.unlink(missing_ok=True)
-
-
-def _units(shards: list[ShardPlan], batch_size: int) -> list[WorkUnit]:
-    return [
-        WorkUnit(shard.name, number * batch_size, batch)
-        for shard in shards
-        for number, batch in enumerate(shard.batches(batch_size))
-    ]
+        for name in names:
+            if name.startswith((f"{dataset}-", f".{dataset}-")) or name in (MANIFEST_NAME, DATASET_INFO_NAME):
+                fs.remove(fs.join(out, name))
 
 
 def _progress(enabled: bool):
@@ -167,38 +155,36 @@ def curate(request: CurationRequest) -> CurationSummary:
         "teacher_source": teacher.source if teacher.source == "gt" else f"model:{teacher.model}",
         "build": dataclasses.asdict(request.build),
     }
-    _prepare_out(request.out, name, request.overwrite)
-    done = [shard.name for shard in shards if is_done(request.out, shard.name)]
-    expected_teacher = check_resumable(request.out, done, settings)
+    out = str(request.out)
+    _prepare_out(out, name, request.overwrite)
+    done = done_shards(out, [shard.name for shard in shards])
+    expected_teacher = check_resumable(out, done, settings)
     todo = [shard for shard in shards if shard.name not in set(done)]
+    jobs = [ShardJob(shard, out, settings, expected_teacher, request.build, teacher, str(request.tokenizer),
+                     request.batch_size) for shard in todo]
 
-    writer = ShardSetWriter(request.out, todo, settings, expected_teacher)
     total = sum(len(shard.images) for shard in todo)
     started = time.perf_counter()
     first_result_s = None
-    try:
-        with _progress(request.progress) as progress:
-            task = progress.add_task(f"curate {name}", total=total, rate=0.0, written=0, rejected=0)
-            if todo:
-                with ray_session(request.ray):
-                    for result in run_units(_units(todo, request.batch_size), request.build, teacher,
-                                            request.tokenizer, request.ray):
-                        if first_result_s is None:
-                            first_result_s = time.perf_counter() - started
-                        for offset, built in enumerate(result.built):
-                            writer.add(result.shard, result.first_position + offset, built, result.teacher,
-                                       result.model_seconds / max(1, len(result.built)))
-                        progress.update(task, completed=writer.images_done, written=writer.samples_written,
-                                        rejected=writer.refs_rejected,
-                                        rate=writer.images_done / max(1e-9, time.perf_counter() - started))
-    except BaseException:
-        writer.abort()
-        raise
-    if writer.open:
-        raise PerceptioError(f"the pipeline stopped early; unfinished shards: {', '.join(sorted(writer.open))}")
-    manifest = write_manifest(request.out, shards, _problem_rows(name, problems))
+    images = samples = rejected = 0
+    teachers = {expected_teacher} - {None}
+    with _progress(request.progress) as progress:
+        task = progress.add_task(f"curate {name}", total=total, rate=0.0, written=0, rejected=0)
+        if jobs:
+            with ray_session(request.ray):
+                for finished in run_shards(jobs, request.ray):
+                    if first_result_s is None:
+                        first_result_s = time.perf_counter() - started
+                    images, samples, rejected = (images + finished.images, samples + finished.samples,
+                                                 rejected + finished.refs_rejected)
+                    teachers |= {finished.teacher} - {None}
+                    progress.update(task, completed=images, written=samples, rejected=rejected,
+                                    rate=images / max(1e-9, time.perf_counter() - started))
+    if len(teachers) > 1:  # each task checked against the finished shards; this catches a change between tasks
+        raise PerceptioError(f"shards in {out} come from different teachers {sorted(teachers)}; use --overwrite")
+    manifest = write_manifest(out, shards, _problem_rows(name, problems))
     seconds = time.perf_counter() - started
-    info = write_dataset_json(request.out, shards, manifest, tokenizer, settings)
+    info = write_dataset_json(out, shards, manifest, tokenizer, settings)
     return CurationSummary(request.out, [shard.name for shard in shards], [shard.name for shard in todo], info, total,
                            seconds, first_result_s)
 
@@ -229,7 +215,7 @@ def _command(dataset: str):
 
     def command(
         data_root: Path = typer.Option(..., "--data-root", help="dataset root (REFER layout, or a folder holding ADEChallengeData2016)"),
-        out: Path = typer.Option(..., "--out", help="output folder for the shards of this one dataset"),
+        out: str = typer.Option(..., "--out", help="output folder for the shards of this one dataset, or an object-store URL (s3://bucket/shards; gs:// with gcsfs installed)"),
         tokenizer: Path = typer.Option(..., "--tokenizer", help="depth tokenizer folder (perceptio-tokenize fit)"),
         split: Optional[list[str]] = typer.Option(None, "--split", help="official split to curate (repeatable); default all, each into its own shards"),
         split_by: Optional[str] = typer.Option(None, "--split-by", help=split_by_help),

@@ -6,23 +6,31 @@ or rejected, with status and reason; one row per image for ADE20k), and ``NAME_s
 settings, timings), the "shard done" marker. A shard without its marker is unfinished: a re-run
 deletes whatever it left and redoes it. Everything but the timings in the stats is a function of
 the inputs, so a resumed run ends with the same tars and parquets as an uninterrupted one.
+
+``--out`` may be an object store (``s3://bucket/shards``, see perceptio/fs.py): a shard task then
+writes its files in a local staging folder and uploads them, the marker last; each upload appears
+whole or not at all, and readers of an object store take only shards that have their marker.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import sys
+import tempfile
 import time
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 import perceptio
+from perceptio import fs
 from perceptio.curate.plan import ShardPlan
 from perceptio.curate.sample_builder import BuiltImage
 from perceptio.errors import PerceptioError
@@ -53,8 +61,28 @@ def stats_path(out: Path, name: str) -> Path:
     return out / f"{name}{STATS_SUFFIX}"
 
 
-def is_done(out: Path, name: str) -> bool:
-    return stats_path(out, name).is_file()
+def done_shards(out: str, names: Sequence[str]) -> list[str]:
+    """The shards of ``names`` whose done marker is in ``out`` (one listing, also on an object store)."""
+    present = set(fs.list_names(out))
+    return [name for name in names if f"{name}{STATS_SUFFIX}" in present]
+
+
+@contextmanager
+def staging_folder(out: str) -> Iterator[Path]:
+    """Where a shard task writes: ``out`` itself when local, else a temporary local folder."""
+    if not fs.is_remote(out):
+        yield fs.local_path(out)
+        return
+    with tempfile.TemporaryDirectory(prefix="perceptio-shard-") as folder:
+        yield Path(folder)
+
+
+def publish(folder: Path, out: str, name: str) -> None:
+    """Upload a shard staged in ``folder`` to a remote ``out``: tar and table first, the marker last."""
+    if not fs.is_remote(out):
+        return
+    for file_name in (f"{name}.tar", f"{name}.parquet", f"{name}{STATS_SUFFIX}"):
+        fs.upload(folder / file_name, fs.join(out, file_name))
 
 
 def clear_unfinished(out: Path, name: str) -> None:
@@ -79,14 +107,15 @@ def write_json(path: Path, value: Any) -> None:
     write_text_atomic(path, json.dumps(value, indent=2, sort_keys=True) + "\n")
 
 
-def read_stats(out: Path, name: str) -> dict[str, Any]:
+def read_stats(out: str, name: str) -> dict[str, Any]:
+    location = fs.join(out, f"{name}{STATS_SUFFIX}")
     try:
-        return json.loads(stats_path(out, name).read_text(encoding="utf-8"))
+        return json.loads(fs.read_text(location))
     except (OSError, ValueError) as error:
-        raise PerceptioError(f"{stats_path(out, name)} is unreadable ({error}); delete it to redo the shard") from error
+        raise PerceptioError(f"{location} is unreadable ({error}); delete it to redo the shard") from error
 
 
-def check_resumable(out: Path, done: Sequence[str], settings: dict[str, Any]) -> str | None:
+def check_resumable(out: str, done: Sequence[str], settings: dict[str, Any]) -> str | None:
     """The teacher identity of the finished shards, after checking they used today's settings."""
     teachers = set()
     for name in done:
@@ -95,7 +124,7 @@ def check_resumable(out: Path, done: Sequence[str], settings: dict[str, Any]) ->
         for setting in RESUME_SETTINGS:
             if previous.get(setting) != settings.get(setting):
                 raise PerceptioError(
-                    f"{stats_path(out, name)} was curated with {setting}={previous.get(setting)!r}, this run has "
+                    f"{fs.join(out, name + STATS_SUFFIX)} was curated with {setting}={previous.get(setting)!r}, this run has "
                     f"{settings.get(setting)!r}; use --overwrite to start again"
                 )
         teachers.add(stats.get("teacher"))
@@ -191,18 +220,20 @@ class ShardSetWriter:
         self.open.clear()
 
 
-def write_manifest(out: Path, shards: Sequence[ShardPlan], extra_rows: Sequence[ManifestRow]) -> pa.Table:
+def write_manifest(out: str, shards: Sequence[ShardPlan], extra_rows: Sequence[ManifestRow]) -> pa.Table:
     """``manifest.parquet``: every shard's rows in plan order, then rows for refs no shard holds."""
     schema = manifest_schema()
-    tables = [pq.read_table(parquet_path(out, shard.name), schema=schema) for shard in shards]
+    tables = [pq.read_table(pa.BufferReader(fs.read_bytes(fs.join(out, f"{shard.name}.parquet"))), schema=schema)
+              for shard in shards]
     tables.append(manifest_table(extra_rows))
     manifest = pa.concat_tables(tables)
-    write_table(out / MANIFEST_NAME, manifest)
+    with fs.atomic_output(fs.join(out, MANIFEST_NAME)) as temporary:
+        pq.write_table(manifest, temporary)
     return manifest
 
 
 def write_dataset_json(
-    out: Path, shards: Sequence[ShardPlan], manifest: pa.Table, identity: dict[str, Any], settings: dict[str, Any]
+    out: str, shards: Sequence[ShardPlan], manifest: pa.Table, identity: dict[str, Any], settings: dict[str, Any]
 ) -> dict[str, Any]:
     """``dataset.json``: command line, version, teacher/tokenizer identity, per-split counts and rejects."""
     all_stats = [read_stats(out, shard.name) for shard in shards]
@@ -229,5 +260,5 @@ def write_dataset_json(
         "rejected_by_reader": dict(sorted(unassigned.items())),
         "shards": [shard.name for shard in shards],
     }
-    write_json(out / DATASET_INFO_NAME, info)
+    fs.write_text(fs.join(out, DATASET_INFO_NAME), json.dumps(info, indent=2, sort_keys=True) + "\n")
     return info

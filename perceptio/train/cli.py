@@ -29,7 +29,7 @@ PANEL_DATA, PANEL_MODEL, PANEL_LOOP, PANEL_LOSS = "Data", "Model", "Optimisation
 
 @app.command()
 def train_command(
-    shards: List[Path] = typer.Option(..., "--shards", help="Shard folder from perceptio-curate; repeat the option for several folders.", rich_help_panel=PANEL_DATA),
+    shards: List[str] = typer.Option(..., "--shards", help="Shard folder from perceptio-curate, or an object-store URL (s3://bucket/shards; there only shards with their _stats.json marker are read); repeat the option for several folders.", rich_help_panel=PANEL_DATA),
     mix: Optional[str] = typer.Option(None, "--mix", help="Weighted mix, e.g. 'refcoco=1,refcocog=1,ade20k=0.5': each example's dataset is drawn with probability weight/sum. A name matches a sample's json 'dataset' exactly ('refcoco-unc') or by its family before the first dash ('refcoco' takes refcoco-unc and refcoco-google, not refcoco+ or refcocog); the exact name wins. Datasets not named are left out. Default: every dataset found, weight 1.", rich_help_panel=PANEL_DATA),
     splits: str = typer.Option("train,training", "--splits", help="Comma-separated shard splits to train on (the split part of {dataset}-{split}-{index}.tar).", rich_help_panel=PANEL_DATA),
     shuffle_buffer: int = typer.Option(1000, "--shuffle-buffer", min=1, help="Examples held per stream and reader for shuffling.", rich_help_panel=PANEL_DATA),

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 import webdataset as wds
 
+from perceptio import fs
 from perceptio.errors import PerceptioError
 from perceptio.recipes import load_recipe
 from perceptio.shards import QUESTION_FIELD, ShardFile, list_shards, npy_load, rle_to_mask
@@ -55,14 +56,15 @@ CollateFn = Callable[[list[dict[str, torch.Tensor]]], dict[str, Any]]
 def find_shards(dirs: Sequence[str | os.PathLike[str]], splits: Sequence[str] = DEFAULT_SPLITS) -> list[ShardFile]:
     """Every shard of ``splits`` in ``dirs`` (not recursive), sorted by path."""
     found: list[ShardFile] = []
-    for directory in map(Path, dirs):
-        if not directory.is_dir():
+    for directory in dirs:
+        if not fs.is_dir(directory):
             raise PerceptioError(f"shard folder {directory} does not exist")
         found += list_shards(directory, splits)
     if not found:
         raise PerceptioError(
             f"no shards of split(s) {', '.join(splits)} in {', '.join(map(str, dirs))} "
-            "(expected {dataset}-{split}-{index:06d}.tar files from perceptio-curate)"
+            "(expected {dataset}-{split}-{index:06d}.tar files from perceptio-curate; on an object store, "
+            "each with its NAME_stats.json marker)"
         )
     return sorted(found, key=lambda shard: str(shard.path))
 
@@ -104,7 +106,7 @@ class Stream:
 
     name: str
     weight: float
-    shards: tuple[Path, ...]
+    shards: tuple[Path | str, ...]  # local paths or object-store URLs
     datasets: tuple[str, ...]
 
 
@@ -223,7 +225,7 @@ class ReaderSlot:
 class StreamConfig:
     """What to read and how to mix and shuffle it."""
 
-    shards: list[Path]
+    shards: list[Path | str]  # shard folders: paths or object-store URLs
     mix: dict[str, float] | None = None
     splits: tuple[str, ...] = DEFAULT_SPLITS
     seed: int = 0
