@@ -30,6 +30,7 @@ import io
 import json
 import os
 import re
+import secrets
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -184,7 +185,9 @@ class ShardWriter:
 
     def __init__(self, path: str | os.PathLike[str]):
         self.path = Path(path)
-        self.tmp_path = self.path.with_name(f".{self.path.name}.tmp")
+        # Unique per writer: a shard task orphaned by a killed run may still be finishing the same
+        # shard as the task of the re-run for a moment; each renames only its own whole file.
+        self.tmp_path = self.path.with_name(f".{self.path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._tar = tarfile.open(self.tmp_path, "w", format=tarfile.GNU_FORMAT)
         self.count = 0
