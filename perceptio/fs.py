@@ -15,8 +15,8 @@ How a write becomes visible (the commit):
   Several files that belong together (a shard's tar, parquet and ``_stats.json``) are committed by
   writing the marker last; readers of an object store ignore a shard without its marker.
 
-Object-store listings are read fresh every time (fsspec caches them per process, and other
-processes, e.g. curation workers, write to the same folder).
+Object-store listings are read fresh every time (fsspec would cache them per process, while other
+processes, e.g. curation's shard tasks, write to the same folder).
 """
 
 from __future__ import annotations
@@ -59,7 +59,9 @@ def filesystem(location: Location) -> tuple[Any, str]:
     try:
         from fsspec.core import url_to_fs
 
-        return url_to_fs(_text(location))
+        # No listing cache: other processes (shard tasks, a trainer) write to the same folders, and a
+        # cached listing would hide their files even from a plain open.
+        return url_to_fs(_text(location), use_listings_cache=False)
     except (ImportError, ValueError) as error:  # fsspec names the package to install for a protocol
         raise PerceptioError(f"cannot open {location}: {error}") from error
 

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from perceptio import fs
@@ -51,8 +56,10 @@ def test_failed_write_leaves_nothing(remote, tmp_path, request):
             temporary.write_bytes(b"half")
             raise RuntimeError("killed while writing")
     assert fs.list_names(root) == []
-    # Another process's writes are seen at once (no stale listing).
+    # Another process's writes are seen at once, by a listing and by a plain read (no stale listing).
+    fs.write_text(fs.join(root, "first.json"), "0")
+    assert fs.list_names(root) == ["first.json"]
     other = fs.join(root, "other.json")
-    with fs.atomic_output(other) as temporary:
-        temporary.write_text("1")
-    assert fs.list_names(root) == ["other.json"]
+    script = f"from perceptio import fs; fs.write_text({other!r}, '1')"
+    subprocess.run([sys.executable, "-c", script], check=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    assert fs.read_text(other) == "1" and fs.list_names(root) == ["first.json", "other.json"]
