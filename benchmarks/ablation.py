@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from perceptio.train.cli import TINY_BATCH_SIZE
+from perceptio.train.config import TrainConfig
 
 BIN = Path(sys.executable).parent
 MODELS = {"full": [], "no_depth_tokens": ["--no-depth-tokens"]}
@@ -51,7 +51,7 @@ class AblationConfig:
     seed: int = 0
     tokenizer_steps: int = 300
     train_steps: int = 300
-    batch_size: int = TINY_BATCH_SIZE  # the trainer's default for the tiny model; --quick makes steps light
+    batch_size: int = TrainConfig.TINY_DEFAULTS["batch_size"]  # the trainer's default for the tiny model; --quick makes steps light
     mix: str = "refcoco=1,ade20k=1"  # questions are one per ADE image: give them half the steps
     questions_per_variant: int = 30
     refseg_limit: int = 60

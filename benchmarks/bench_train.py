@@ -29,13 +29,13 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT))  # the repository root: the tests package holds the shard factory
 
-from train_factory import write_shards, write_tiny_tokenizer  # noqa: E402
-
-from perceptio.train.data import PromptTemplates, StreamConfig, expand_sample  # noqa: E402
-from perceptio.train.loop import TrainConfig, train  # noqa: E402
-from perceptio.train.model import PerceptioConfig, PerceptioModel  # noqa: E402
+from perceptio.train.config import PerceptioConfig, StreamConfig, TrainConfig  # noqa: E402
+from perceptio.train.data import PromptTemplates, expand_sample  # noqa: E402
+from perceptio.train.loop import train  # noqa: E402
+from perceptio.train.model import PerceptioModel  # noqa: E402
+from tests.train_factory import write_shards, write_tiny_tokenizer  # noqa: E402
 
 WIDE_VOCABULARY = 150_000
 
@@ -73,7 +73,7 @@ def loss_overhead(shards: Path, tokenizer: Path, repeats: int = 5) -> float:
     import webdataset as wds
 
     raw = next(iter(wds.tarfile_samples([{"url": str(sorted(shards.glob("refcoco-unc-*.tar"))[0])}])))
-    batch = model.collate([model.encode_example(**example.decode()) for example in expand_sample(raw, templates)[:2]])
+    batch = model.processor.collate([model.processor.encode_example(**example.decode()) for example in expand_sample(raw, templates)[:2]])
 
     def llm_only() -> torch.Tensor:
         hidden = model.adapter.last_hidden_state(batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
@@ -103,7 +103,7 @@ def logits_peak_mb(mode: str, tokenizer: Path, shards: Path) -> tuple[float, int
 
     raw = next(iter(wds.tarfile_samples([{"url": str(sorted(shards.glob("refcoco-unc-*.tar"))[0])}])))
     examples = expand_sample(raw, PromptTemplates.load())[:2]
-    batch = model.collate([model.encode_example(**example.decode()) for example in examples])
+    batch = model.processor.collate([model.processor.encode_example(**example.decode()) for example in examples])
     with torch.no_grad():
         hidden = model.adapter.last_hidden_state(batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
     hidden = hidden.detach().requires_grad_(True)
@@ -142,7 +142,7 @@ def well_formed_rate(model: PerceptioModel, held_out: Path) -> tuple[float, floa
 
     vocabulary = PerceptionVocabulary(tuple(model.depth_token_ids.tolist()), model.d_start_id, model.d_end_id,
                                       model.config.num_depth_tokens)
-    end_of_turn = model.tokenizer.convert_tokens_to_ids(model.adapter.end_of_turn())
+    end_of_turn = model.tokenizer.convert_tokens_to_ids(model.processor.end_of_turn())
     templates = PromptTemplates.load()
     examples = [example for raw in wds.tarfile_samples([{"url": str(p)} for p in sorted(held_out.glob("*.tar"))])
                 for example in expand_sample(raw, templates)[:1]]  # one prompt per held-out image
@@ -151,8 +151,8 @@ def well_formed_rate(model: PerceptioModel, held_out: Path) -> tuple[float, floa
     with torch.inference_mode():
         for example in examples:
             image = example.decode()["image"]
-            pixel_values = model.adapter.pixel_values(image)
-            prompt = model.adapter.prompt_text(example.prompt, num_tiles=pixel_values.shape[0])
+            pixel_values = model.processor.pixel_values(image)
+            prompt = model.processor.prompt_text(example.prompt, num_tiles=pixel_values.shape[0])
             input_ids = torch.tensor([model.tokenizer(prompt, add_special_tokens=False)["input_ids"]])
             output = model.adapter.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
                                                   pixel_values=pixel_values, max_new_tokens=model.config.num_depth_tokens + 24,

@@ -345,6 +345,10 @@ class ShardFile:
             raise PerceptioError(f"cannot read {self.path}: {error} (run `perceptio-inspect validate`)") from error
 
 
+# The training split's name in COCO-style ("train") and ADE20k-style ("training") datasets.
+TRAINING_SPLITS = ("train", "training")
+
+
 def list_shards(folder: str | os.PathLike[str], splits: Sequence[str] | None = None) -> list[ShardFile]:
     """The shards directly in ``folder`` (all, or those of ``splits``), sorted by path.
 

@@ -94,6 +94,15 @@ def tiny_depth_anything(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return _save_tiny_depth_anything(tmp_path_factory.mktemp("models") / "depth-anything")
 
 
+# ------------------------------------------------------------------------------------ train fixtures
+@pytest.fixture(scope="session")
+def vqvae_dir(tmp_path_factory) -> Path:
+    """The small random-weight depth VQ-VAE of ``tests.train_factory``, written once per session."""
+    from tests.train_factory import write_tiny_tokenizer
+
+    return write_tiny_tokenizer(tmp_path_factory.mktemp("vqvae"))
+
+
 @pytest.fixture
 def s3_bucket(monkeypatch) -> str:
     """``s3://perceptio-test``: a bucket on a local S3-compatible server (moto) on 127.0.0.1.

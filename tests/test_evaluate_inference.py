@@ -37,7 +37,8 @@ def one_thread():
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
     from perceptio.tokenize.vqvae import DepthVQVAE, DepthVQVAEConfig
-    from perceptio.train.model import PerceptioConfig, PerceptioModel
+    from perceptio.train.config import PerceptioConfig
+    from perceptio.train.model import PerceptioModel
 
     folder = tmp_path_factory.mktemp("tiny")
     torch.manual_seed(0)

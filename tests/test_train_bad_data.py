@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 
 from perceptio.errors import PerceptioError
-from perceptio.train.bad_data import BadSampleLimit
-from perceptio.train.data import ExampleReader, ReaderSlot, ResumableLoader, StreamConfig, find_shards, plan_mix
-from train_factory import make_sample, write_shards
+from perceptio.train.config import BadSampleLimit
+from perceptio.train.config import StreamConfig
+from perceptio.train.data import ExampleReader, ReaderSlot, ResumableLoader, find_shards, plan_mix
+from tests.train_factory import make_sample, write_shards
 
 EXAMPLES_PER_IMAGE = 4  # make_sample's default: 2 refs x 2 sentences
 
@@ -133,7 +134,7 @@ def test_skipping_is_deterministic_and_resume_replays_it_quietly(tmp_path, caplo
     config = StreamConfig([tmp_path], seed=3, shuffle_buffer=5, shuffle_initial=2)
 
     def loader(state=None):
-        return ResumableLoader(config, fake_encode, lambda encoded: encoded, batch_size=3, state=state)
+        return ResumableLoader(config, TargetsOnly(), batch_size=3, state=state)
 
     straight = [batch.keys for batch in islice(loader(), 20)]  # two epochs: the bad sample twice
     straight_counts = loader_counts(loader(), 20)
@@ -149,8 +150,14 @@ def test_skipping_is_deterministic_and_resume_replays_it_quietly(tmp_path, caplo
     assert not any(example.startswith(key) for keys in straight for example in keys)
 
 
-def fake_encode(image, prompt, target, mask, depth):
-    return {"target": target}
+class TargetsOnly:
+    """A processor that keeps each example's target (what the data layer decides)."""
+
+    def encode_example(self, image, prompt, target, mask, depth):
+        return {"target": target}
+
+    def collate(self, encoded):
+        return encoded
 
 
 def loader_counts(loader: ResumableLoader, batches: int) -> tuple[int, int]:
@@ -173,8 +180,9 @@ def test_bad_sample_limit_parses_counts_and_shares():
 
 def test_the_run_stops_past_the_bound_after_a_checkpoint_and_resumes(tmp_path):
     from perceptio.train.checkpoint import latest_checkpoint
-    from perceptio.train.loop import TrainConfig, train
-    from test_train_loop import ToyModel
+    from perceptio.train.config import TrainConfig
+    from perceptio.train.loop import train
+    from tests.test_train_loop import ToyModel
 
     shards = tmp_path / "shards"
     shards.mkdir()

@@ -17,22 +17,23 @@ from perceptio.train.data import (
     PromptTemplates,
     ReaderSlot,
     ResumableLoader,
-    StreamConfig,
     expand_sample,
     find_shards,
     parse_mix,
     plan_mix,
 )
-from train_factory import make_sample, write_shards, write_tiny_tokenizer
+from perceptio.train.config import StreamConfig
+from tests.train_factory import make_sample, write_shards
 
 
-def fake_encode(image, prompt, target, mask, depth):
-    """Stands in for the model's encode_example: keeps what the data layer is responsible for."""
-    return {"prompt": prompt, "target": target, "has_mask": mask is not None, "depth_shape": depth.shape}
+class FakeProcessor:
+    """Stands in for the model's processor: keeps what the data layer is responsible for."""
 
+    def encode_example(self, image, prompt, target, mask, depth):
+        return {"prompt": prompt, "target": target, "has_mask": mask is not None, "depth_shape": depth.shape}
 
-def fake_collate(encoded):
-    return encoded
+    def collate(self, encoded):
+        return encoded
 
 
 def keys(examples):
@@ -144,14 +145,14 @@ def test_uneven_shards_give_every_rank_endless_disjoint_streams(mixed_shards):
     assert per_epoch[0].isdisjoint(per_epoch[1]) and per_epoch[0] | per_epoch[1] == all_keys
     # The same number of steps on both ranks, through the real loader.
     for rank in range(2):
-        loader = ResumableLoader(config, fake_encode, fake_collate, batch_size=2, rank=rank, world_size=2)
+        loader = ResumableLoader(config, FakeProcessor(), batch_size=2, rank=rank, world_size=2)
         assert len(list(islice(loader, 20))) == 20
 
 
 def test_too_few_shards_for_the_readers_is_a_clear_error(mixed_shards):
     config = StreamConfig([mixed_shards], mix={"refcocog": 1.0})  # 2 shards
     with pytest.raises(PerceptioError, match=r"'refcocog' has 2 shard\(s\) but 2 rank\(s\) x 2 loader worker\(s\) = 4"):
-        ResumableLoader(config, fake_encode, fake_collate, num_workers=2, world_size=2)
+        ResumableLoader(config, FakeProcessor(), num_workers=2, world_size=2)
 
 
 def test_sample_dataset_must_match_its_file_name(tmp_path):
@@ -166,7 +167,7 @@ def test_resumed_loader_continues_with_the_same_batches(mixed_shards):
     config = StreamConfig([mixed_shards], mix=parse_mix("refcoco=1,ade20k=1"), seed=5, shuffle_buffer=6, shuffle_initial=3)
 
     def loader(state=None):
-        return ResumableLoader(config, fake_encode, fake_collate, batch_size=2, num_workers=2, state=state)
+        return ResumableLoader(config, FakeProcessor(), batch_size=2, num_workers=2, state=state)
 
     def content(batches):
         return [(batch.keys, [e["target"] for e in batch.inputs]) for batch in batches]
@@ -179,26 +180,27 @@ def test_resumed_loader_continues_with_the_same_batches(mixed_shards):
     tail = content(islice(loader(state), 5))
     assert head + tail == straight
     with pytest.raises(PerceptioError, match="resume with the same"):
-        ResumableLoader(config, fake_encode, fake_collate, num_workers=1, state=state)
+        ResumableLoader(config, FakeProcessor(), num_workers=1, state=state)
 
 
-def test_expanded_examples_train_on_the_target_only(tmp_path):
+def test_expanded_examples_train_on_the_target_only(vqvae_dir):
     """Through the tiny model's encode_example: labels hold exactly the target (+ end of turn)."""
     import torch
 
-    from perceptio.train.model import PerceptioConfig, PerceptioModel
+    from perceptio.train.config import PerceptioConfig
+    from perceptio.train.model import PerceptioModel
 
     torch.manual_seed(0)
-    model = PerceptioModel.from_config(PerceptioConfig(model="tiny", tokenizer=str(write_tiny_tokenizer(tmp_path)), lora_rank=4))
+    model = PerceptioModel.from_config(PerceptioConfig(model="tiny", tokenizer=str(vqvae_dir), lora_rank=4))
     templates = PromptTemplates.load()
     for sample in (make_sample("refcoco-unc", "train", 3, refs=1, sentences=1), make_sample("ade20k", "training", 5, question=True)):
         (example,) = expand_sample({"__key__": sample.key, **sample.to_members()}, templates)
-        encoded = model.encode_example(**example.decode())
+        encoded = model.processor.encode_example(**example.decode())
         labels, input_ids = encoded["labels"], encoded["input_ids"]
         supervised = labels != -100
         first = int(supervised.nonzero()[0])
         assert not supervised[:first].any() and supervised[first:].all()  # the prompt, then the target
         assert torch.equal(labels[first:], input_ids[first:])
         target = model.tokenizer.decode(labels[first:].tolist())
-        assert target == example.target + model.adapter.end_of_turn()
+        assert target == example.target + model.processor.end_of_turn()
         assert example.prompt in model.tokenizer.decode(input_ids[:first].tolist())

@@ -20,10 +20,12 @@ from safetensors.torch import save_file
 
 from perceptio.errors import PerceptioError
 from perceptio.train import checkpoint as checkpoint_module
-from perceptio.train.checkpoint import atomic_directory, latest_checkpoint
-from perceptio.train.data import StreamConfig, parse_mix
-from perceptio.train.loop import TrainConfig, lr_factor, train
-from train_factory import write_shards, write_tiny_tokenizer
+from perceptio.io import atomic_directory
+from perceptio.train.checkpoint import latest_checkpoint
+from perceptio.train.config import StreamConfig, TrainConfig
+from perceptio.train.data import parse_mix
+from perceptio.train.loop import lr_factor, train
+from tests.train_factory import write_shards
 
 
 @dataclass
@@ -34,16 +36,8 @@ class ToyOutput:
     terms: dict[str, torch.Tensor]
 
 
-class ToyModel(torch.nn.Module):
-    """The trainer's model interface on a few linear layers; ``poison_call`` makes one forward NaN."""
-
-    def __init__(self, poison_call: int | None = None):
-        super().__init__()
-        torch.manual_seed(0)
-        self.frozen = torch.nn.Linear(4, 8).requires_grad_(False)
-        self.dropout = torch.nn.Dropout(0.2)  # makes the RNG state matter for exact resume
-        self.head = torch.nn.Linear(8, 2)
-        self.poison_call, self.calls = poison_call, 0
+class ToyProcessor:
+    """The processor interface: a few numbers per example."""
 
     def encode_example(self, image, prompt, target, mask, depth):
         pixels = np.asarray(image, dtype=np.float32) / 255.0
@@ -53,6 +47,22 @@ class ToyModel(torch.nn.Module):
 
     def collate(self, examples):
         return {name: torch.stack([e[name] for e in examples]) for name in examples[0]}
+
+
+class ToyModel(torch.nn.Module):
+    """The trainer's model interface on a few linear layers; ``poison_call`` makes one forward NaN."""
+
+    def __init__(self, poison_call: int | None = None):
+        super().__init__()
+        torch.manual_seed(0)
+        self.processor = ToyProcessor()
+        self.frozen = torch.nn.Linear(4, 8).requires_grad_(False)
+        self.dropout = torch.nn.Dropout(0.2)  # makes the RNG state matter for exact resume
+        self.head = torch.nn.Linear(8, 2)
+        self.poison_call, self.calls = poison_call, 0
+
+    def fsdp_units(self):
+        return []  # too small for blocks: FSDP shards it as one unit
 
     def forward(self, batch):
         self.calls += 1
@@ -70,8 +80,9 @@ class ToyModel(torch.nn.Module):
         self.load_state_dict(state, strict=False)
 
     def save_pretrained(self, folder, merged=False):
-        Path(folder, "config.json").write_text(json.dumps({"model_type": "toy", "merged": merged}))
-        save_file(self.trainable_state_dict(), str(Path(folder, "model.safetensors")))
+        with atomic_directory(folder) as staging:  # atomic, as the loop expects of every model
+            Path(staging, "config.json").write_text(json.dumps({"model_type": "toy", "merged": merged}))
+            save_file(self.trainable_state_dict(), str(Path(staging, "model.safetensors")))
 
 
 @pytest.fixture(scope="module")
@@ -208,11 +219,6 @@ def test_two_processes_with_uneven_shards_stay_in_step_and_resume(shards, tmp_pa
 
 
 # --------------------------------------------------------------------- the CLI on the tiny model
-@pytest.fixture(scope="module")
-def vqvae_dir(tmp_path_factory):
-    return write_tiny_tokenizer(tmp_path_factory.mktemp("vqvae"))
-
-
 def perceptio_train(monkeypatch, *args: str) -> int:
     from perceptio.train.cli import main
 
@@ -237,27 +243,6 @@ def test_cli_reports_bad_input_in_one_line(monkeypatch, capsys, shards, tmp_path
     assert code == 2 and capsys.readouterr().err.strip() == "error: --parallel must be one of ddp, fsdp, not 'zero3'"
 
 
-def test_cli_defaults_are_the_configs_defaults():
-    """The CLI spells its defaults out (so --help needs no torch); they must not drift."""
-    import typer.main
-
-    from perceptio.train.cli import app
-    from perceptio.train.loop import TrainConfig
-    from perceptio.train.model import PerceptioConfig
-
-    params = {param.name: param.default for param in typer.main.get_command(app).params}
-    model, loop = PerceptioConfig(), TrainConfig(out=Path("."), steps=1)
-    for name in ("model", "sam_model", "lora_rank", "lora_alpha", "lora_dropout", "crop_to_patches", "dtype", "max_length",
-                 "lambda_m", "lambda_t", "lambda_c", "lambda_d", "lambda_r", "seg_bce", "seg_dice", "gradient_checkpointing"):
-        assert params[name] == getattr(model, name), name
-    assert params["lr"] is None and params["batch_size"] is None  # the config's, or larger for the tiny model
-    assert params["train_language_model"] is None and not model.train_language_model  # LoRA, or full for tiny
-    for name in ("grad_accum", "weight_decay", "warmup", "grad_clip", "seed", "workers", "save_every",
-                 "precision", "parallel", "export", "max_bad_samples", "keep_last"):
-        assert params[name] == getattr(loop, name), name
-    assert params["train_vision"] == (not model.freeze_vision)
-
-
 @pytest.mark.slow
 def test_cli_tiny_run_resumes_exactly(monkeypatch, shards, vqvae_dir, tmp_path):
     from perceptio.train.model import TERMS, PerceptioModel
@@ -270,11 +255,11 @@ def test_cli_tiny_run_resumes_exactly(monkeypatch, shards, vqvae_dir, tmp_path):
     assert set(TERMS) <= set(json.loads(straight[0]))
     reloaded = PerceptioModel.from_pretrained(tmp_path / "model")
     assert reloaded.config.is_tiny and reloaded.config.lora_rank == 4
-    # The tiny model's defaults: every language-model weight trained, batches of TINY_BATCH_SIZE.
-    from perceptio.train.cli import TINY_BATCH_SIZE
+    # The tiny model's defaults: every language-model weight trained, batches of the tiny batch size.
+    from perceptio.train.config import TrainConfig
 
     assert reloaded.config.train_language_model
-    assert sum(json.loads(straight[0])["sources"].values()) == TINY_BATCH_SIZE
+    assert sum(json.loads(straight[0])["sources"].values()) == TrainConfig.TINY_DEFAULTS["batch_size"]
 
     # Take away the last checkpoint: --resume goes on from step 2 and must repeat steps 3 and 4 exactly.
     import shutil

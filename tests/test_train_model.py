@@ -11,20 +11,12 @@ from PIL import Image
 
 from perceptio.errors import PerceptioError
 from perceptio.tokens import D_START, SEG, depth_span
-from perceptio.tokenize.vqvae import DepthVQVAE, DepthVQVAEConfig
-from perceptio.train.adapter import IMAGENET_MEAN, IMAGENET_STD, InternVLAdapter
-from perceptio.train.model import TERMS, PerceptioConfig, PerceptioModel
+from perceptio.train.config import PerceptioConfig
+from perceptio.train.model import TERMS, PerceptioModel
+from perceptio.train.processor import IMAGENET_MEAN, IMAGENET_STD, PerceptioProcessor
 
 PROMPT = "Segment the red box and describe it."
 DESCRIPTION = "a red box on the left"
-
-
-@pytest.fixture(scope="module")
-def vqvae_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("vqvae")
-    DepthVQVAE(DepthVQVAEConfig(input_pool=8, hidden_channels=(4, 4), code_dim=8, num_res_blocks=1)).save_pretrained(folder)
-    return folder
 
 
 def build(vqvae_dir, **changes) -> PerceptioModel:
@@ -58,9 +50,9 @@ def example_parts(seed: int = 0) -> dict:
 
 def mixed_batch(model: PerceptioModel) -> dict:
     """A grounding example (mask, depth, full span) and a question answered directly (no span, no mask)."""
-    grounding = model.encode_example(**example_parts())
-    question = model.encode_example(picture(seed=1), "Which point is closest to the camera?", "(B)", None, None)
-    return model.collate([grounding, question])
+    grounding = model.processor.encode_example(**example_parts())
+    question = model.processor.encode_example(picture(seed=1), "Which point is closest to the camera?", "(B)", None, None)
+    return model.processor.collate([grounding, question])
 
 
 def weighted_total(config: PerceptioConfig, terms: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -74,7 +66,7 @@ def weighted_total(config: PerceptioConfig, terms: dict[str, torch.Tensor]) -> t
 
 
 def test_prompt_layout_is_internvl_processors(model):
-    example = model.encode_example(**example_parts())
+    example = model.processor.encode_example(**example_parts())
     tokenizer = model.tokenizer
     prompt_length = int((example["labels"] == -100).sum())
     expected_prompt = (
@@ -90,7 +82,7 @@ def test_prompt_layout_is_internvl_processors(model):
 
 def test_image_tensors_match_a_manual_preprocessing(model):
     image = picture()
-    example = model.encode_example(image, PROMPT, DESCRIPTION, None, None)
+    example = model.processor.encode_example(image, PROMPT, DESCRIPTION, None, None)
     mean, std = np.array(IMAGENET_MEAN), np.array(IMAGENET_STD)
     tile = (np.asarray(image.resize((448, 448), Image.Resampling.BICUBIC), dtype=np.float64) / 255 - mean) / std
     assert example["pixel_values"].shape == (1, 3, 448, 448)
@@ -103,11 +95,11 @@ def test_image_tensors_match_a_manual_preprocessing(model):
 
 
 def test_tiling_is_an_option(model):
-    tiled = InternVLAdapter(model.adapter.model, model.tokenizer, crop_to_patches=True)
+    tiled = PerceptioProcessor(model.tokenizer, dataclasses.replace(model.processor.settings, crop_to_patches=True))
     tiles = tiled.pixel_values(picture(width=896, height=448))
     assert tiles.shape == (3, 3, 448, 448)  # a 2x1 grid plus InternVL's thumbnail
     assert tiled.prompt_text("hi", num_tiles=3).count("<IMG_CONTEXT>") == 3 * 256
-    assert model.adapter.pixel_values(picture(width=896, height=448)).shape == (1, 3, 448, 448)
+    assert model.processor.pixel_values(picture(width=896, height=448)).shape == (1, 3, 448, 448)
 
 
 def test_loss_is_the_weighted_sum_of_every_term(model):
@@ -215,16 +207,16 @@ def test_ablations_that_drop_a_loss(model, switch):
 
 def test_ablated_targets_are_rewritten_cleanly(vqvae_dir):
     model = build(vqvae_dir, use_depth_tokens=False, use_segmentation=False)
-    assert model.ablated_target(f"{SEG} {D_START}[D_001][D_002][D_END] a red box") == "a red box"
-    assert model.ablated_target(f"{D_START}[D_001] truncated") == ""  # a span without its end runs to the end
-    assert model.ablated_target("(B)") == "(B)"
+    assert model.processor.ablated_target(f"{SEG} {D_START}[D_001][D_002][D_END] a red box") == "a red box"
+    assert model.processor.ablated_target(f"{D_START}[D_001] truncated") == ""  # a span without its end runs to the end
+    assert model.processor.ablated_target("(B)") == "(B)"
 
 
 def test_batch_without_masks_keeps_the_segmenter_in_the_graph(model):
     model.train()
     model.zero_grad()
-    question = model.encode_example(picture(seed=1), "Which point is closest?", "(B)", None, None)
-    output = model(model.collate([question]))
+    question = model.processor.encode_example(picture(seed=1), "Which point is closest?", "(B)", None, None)
+    output = model(model.processor.collate([question]))
     output.loss.backward()
     decoder = [param for name, param in model.named_parameters() if name.startswith("segmenter.") and param.requires_grad]
     assert all(param.grad is not None and param.grad.abs().sum() == 0 for param in decoder)
@@ -246,10 +238,10 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(vqvae_dir):
 
 
 def test_collate_pads_right_and_keeps_lists(model):
-    first = model.encode_example(**example_parts())
-    second = model.encode_example(picture(seed=1), "Which point is closest?", "(B)", None, None)
+    first = model.processor.encode_example(**example_parts())
+    second = model.processor.encode_example(picture(seed=1), "Which point is closest?", "(B)", None, None)
     first["key"], second["key"] = "a", "b"
-    batch = model.collate([first, second])
+    batch = model.processor.collate([first, second])
     length = len(first["input_ids"])
     assert batch["input_ids"].shape == (2, length) and batch["key"] == ["a", "b"]
     short = len(second["input_ids"])
@@ -339,8 +331,8 @@ def test_full_fine_tuning_overfits_one_example_so_greedy_decoding_writes_its_spa
     parts = example_parts()
     # Distinct codes: each is followed by one token, so the span is learnable in a few steps.
     parts["target"] = f"{SEG}{depth_span(np.random.default_rng(0).permutation(128)[:100])} {DESCRIPTION}"
-    example = model.encode_example(**parts)
-    batch = model.collate([example])
+    example = model.processor.encode_example(**parts)
+    batch = model.processor.collate([example])
     optimizer = torch.optim.AdamW([param for param in model.parameters() if param.requires_grad], lr=1e-2)
     for _ in range(120):
         model(batch).loss.backward()
@@ -354,7 +346,7 @@ def test_full_fine_tuning_overfits_one_example_so_greedy_decoding_writes_its_spa
             output = trained.eval().adapter.model.generate(
                 input_ids=prompt, attention_mask=torch.ones_like(prompt), pixel_values=example["pixel_values"],
                 max_new_tokens=len(target) + 8, do_sample=False, pad_token_id=trained.tokenizer.pad_token_id,
-                eos_token_id=trained.tokenizer.convert_tokens_to_ids(trained.adapter.end_of_turn()))
+                eos_token_id=trained.tokenizer.convert_tokens_to_ids(trained.processor.end_of_turn()))
         return output[0, prompt.shape[1]:].tolist()
 
     assert greedy(model) == target

@@ -16,8 +16,9 @@ import pytest
 
 from perceptio.errors import PerceptioError
 from perceptio.train.checkpoint import latest_checkpoint
-from perceptio.train.loop import TrainConfig, train
-from test_train_loop import ToyModel, run, shards, stream, vqvae_dir  # noqa: F401 (fixtures)
+from perceptio.train.config import TrainConfig
+from perceptio.train.loop import train
+from tests.test_train_loop import ToyModel, run, shards, stream  # noqa: F401 (shards: a fixture)
 
 
 class SignalledModel(ToyModel):

@@ -67,8 +67,8 @@ class Predictor:
             d_end_id=model.d_end_id,
             num_depth_tokens=model.config.num_depth_tokens,
         )
-        tokenizer = model.tokenizer
-        self.end_of_turn_id = tokenizer.convert_tokens_to_ids(model.adapter.end_of_turn())
+        tokenizer = model.processor.tokenizer
+        self.end_of_turn_id = tokenizer.convert_tokens_to_ids(model.processor.end_of_turn())
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.end_of_turn_id
 
     @property
@@ -104,9 +104,10 @@ class Predictor:
     def predict(self, image: Image.Image, prompt: str) -> Prediction:
         model = self.model
         image = image.convert("RGB")
-        pixel_values = model.adapter.pixel_values(image).to(self.device, model.adapter.model.dtype)
-        prompt_text = model.adapter.prompt_text(prompt, num_tiles=pixel_values.shape[0])
-        input_ids = torch.tensor([model.tokenizer(prompt_text, add_special_tokens=False)["input_ids"]], device=self.device)
+        processor = model.processor
+        pixel_values = processor.pixel_values(image).to(self.device, model.adapter.model.dtype)
+        prompt_text = processor.prompt_text(prompt, num_tiles=pixel_values.shape[0])
+        input_ids = torch.tensor([processor.token_ids(prompt_text)], device=self.device)
         attention_mask = torch.ones_like(input_ids)
         output = model.adapter.model.generate(
             input_ids=input_ids,
@@ -121,7 +122,7 @@ class Predictor:
         generated = output[0, input_ids.shape[1] :].tolist()
         well_formed, codes = depth_span(generated, self.vocabulary)
         return Prediction(
-            text=model.tokenizer.decode(generated, skip_special_tokens=True).strip(),
+            text=model.processor.tokenizer.decode(generated, skip_special_tokens=True).strip(),
             token_ids=generated,
             mask=self._mask(image, output, pixel_values, len(input_ids[0]), generated),
             depth=self._depth(codes) if well_formed else None,
@@ -137,7 +138,7 @@ class Predictor:
         position = prompt_length + generated.index(model.seg_token_id)
         hidden = model.adapter.last_hidden_state(sequence, torch.ones_like(sequence), pixel_values)
         seg_hidden = hidden[:, position]
-        sam_pixels = model.segmenter.preprocess(image)[None].to(seg_hidden.device, seg_hidden.dtype)
+        sam_pixels = model.processor.sam_pixel_values(image)[None].to(seg_hidden.device, seg_hidden.dtype)
         masks = model.segmenter.predict_masks(sam_pixels, seg_hidden, size=(image.height, image.width))
         return masks[0].cpu().numpy().astype(np.uint8)
 

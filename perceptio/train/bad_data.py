@@ -14,8 +14,8 @@ places (quietly: the original run reported them) and reproduces the same batches
 checked with a reduced-size JPEG decode (libjpeg's DCT scaling), which reads every byte of the
 entropy-coded data, so truncated or garbled images are caught without paying for a full decode.
 
-``--max-bad-samples`` (:class:`BadSampleLimit`) bounds the damage: a count, or a fraction of the
-samples read so far.
+``--max-bad-samples`` (:class:`perceptio.train.config.BadSampleLimit`) bounds the damage: a count,
+or a fraction of the samples read so far.
 """
 
 from __future__ import annotations
@@ -109,40 +109,3 @@ def guarded(expand: Callable[[dict[str, Any]], list[Any]], raw: dict[str, Any], 
         reason = str(error) if isinstance(error, BadMember) else f"{type(error).__name__}: {error}"
         counter.skip(raw.get("__url__", "?"), raw.get("__key__", "?"), reason)
         return []
-
-
-@dataclass(frozen=True)
-class BadSampleLimit:
-    """``--max-bad-samples``: ``N`` (a count), or ``F`` below 1 / ``P%`` (a share of the samples read).
-
-    A share allows ``max(1, share x samples read)`` bad samples, so that one bad sample among the
-    first few read does not stop a run that a share is meant to let through.
-    """
-
-    count: int | None = None
-    share: float | None = None
-
-    @classmethod
-    def parse(cls, text: str) -> "BadSampleLimit":
-        value = text.strip()
-        try:
-            if value.endswith("%"):
-                share = float(value[:-1]) / 100
-            elif value.isdigit():
-                return cls(count=int(value))
-            else:
-                share = float(value)
-        except ValueError:
-            share = -1.0
-        if not 0 <= share < 1:
-            raise PerceptioError(f"--max-bad-samples {text!r} is not a count (100), a fraction below 1 (0.01) or a percentage (1%)")
-        return cls(share=share)
-
-    def allowed(self, read: int) -> float:
-        return float(self.count) if self.count is not None else max(1.0, (self.share or 0.0) * read)
-
-    def exceeded(self, skipped: int, read: int) -> bool:
-        return skipped > self.allowed(read)
-
-    def describe(self) -> str:
-        return f"{self.count}" if self.count is not None else f"{(self.share or 0.0):.4g} of the samples read"

@@ -8,8 +8,8 @@ A checkpoint ``OUT/checkpoints/step-000200/`` holds everything a run needs to go
 - ``rng.pt``: every rank's Python, NumPy and torch (CPU and CUDA) generator states.
 - ``trainer_state.json``: the step, the run's settings and every rank's loader position.
 
-A crash while writing leaves at most a hidden ``.step-*.tmp-*`` folder, never a ``step-*`` folder
-that lacks a file, so :func:`latest_checkpoint` only ever finds whole checkpoints.
+The folder is built with :func:`perceptio.io.atomic_directory`: a crash while writing leaves at
+most a hidden ``.step-*.tmp`` folder, never a ``step-*`` folder that lacks a file, so :func:`latest_checkpoint` only ever finds whole checkpoints.
 """
 
 from __future__ import annotations
@@ -18,16 +18,16 @@ import json
 import os
 import random
 import shutil
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
 from perceptio.errors import PerceptioError
+from perceptio.io import atomic_directory
 
 STEP_PREFIX = "step-"
 TRAINABLE_FILE = "trainable.safetensors"
@@ -35,30 +35,6 @@ OPTIMIZER_FILE = "optimizer.pt"
 SCHEDULER_FILE = "scheduler.pt"
 RNG_FILE = "rng.pt"
 STATE_FILE = "trainer_state.json"
-
-
-@contextmanager
-def atomic_directory(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield an empty temporary folder beside ``path``; it becomes ``path`` when the block succeeds.
-
-    An existing ``path`` is replaced (moved aside, then deleted once the new one is in place). If
-    the block raises, the temporary folder is removed and ``path`` is untouched.
-    """
-    target = Path(path)
-    temporary = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    shutil.rmtree(temporary, ignore_errors=True)
-    temporary.mkdir(parents=True)
-    try:
-        yield temporary
-        if target.exists():
-            retired = target.with_name(f".{target.name}.old-{os.getpid()}")
-            os.rename(target, retired)
-            os.rename(temporary, target)
-            shutil.rmtree(retired)
-        else:
-            os.rename(temporary, target)
-    finally:
-        shutil.rmtree(temporary, ignore_errors=True)
 
 
 def rng_state() -> dict[str, Any]:

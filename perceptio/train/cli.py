@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from perceptio.errors import run_cli
+from perceptio.train.config import PerceptioConfig, StreamConfig, TrainConfig
 
 app = typer.Typer(
     help="Train a vision-language model to write [SEG] [D_START] d_1..d_100 [D_END] answer, from shards.",
@@ -22,8 +23,7 @@ app = typer.Typer(
     add_completion=False,
 )
 
-TINY_BATCH_SIZE = 8  # with TINY_LR: 200 steps give well-formed spans on held-out images (README, "Measured")
-TINY_LR = 1e-2  # measured on 200-step demo runs: 2e-3 leaves greedy decoding repeating [D_START], 2e-2 is worse than 1e-2
+TINY = TrainConfig.TINY_DEFAULTS
 PANEL_DATA, PANEL_MODEL, PANEL_LOOP, PANEL_LOSS = "Data", "Model", "Optimisation and runs", "Losses and ablations"
 
 
@@ -31,49 +31,49 @@ PANEL_DATA, PANEL_MODEL, PANEL_LOOP, PANEL_LOSS = "Data", "Model", "Optimisation
 def train_command(
     shards: List[str] = typer.Option(..., "--shards", help="Shard folder from perceptio-curate, or an object-store URL (s3://bucket/shards; there only shards with their _stats.json marker are read); repeat the option for several folders.", rich_help_panel=PANEL_DATA),
     mix: Optional[str] = typer.Option(None, "--mix", help="Weighted mix, e.g. 'refcoco=1,refcocog=1,ade20k=0.5': each example's dataset is drawn with probability weight/sum. A name matches a sample's json 'dataset' exactly ('refcoco-unc') or by its family before the first dash ('refcoco' takes refcoco-unc and refcoco-google, not refcoco+ or refcocog); the exact name wins. Datasets not named are left out. Default: every dataset found, weight 1.", rich_help_panel=PANEL_DATA),
-    splits: str = typer.Option("train,training", "--splits", help="Comma-separated shard splits to train on (the split part of {dataset}-{split}-{index}.tar).", rich_help_panel=PANEL_DATA),
-    shuffle_buffer: int = typer.Option(1000, "--shuffle-buffer", min=1, help="Examples held per stream and reader for shuffling.", rich_help_panel=PANEL_DATA),
-    max_bad_samples: str = typer.Option("0.01", "--max-bad-samples", help="Bad samples (unreadable tar, a member that does not decode or is missing) are skipped with a warning and counted (skipped_samples in metrics.jsonl); past this many the run writes a checkpoint and stops. A count (100), a share of the samples read (0.01 or 1%; at least one is always allowed), or 0 to stop at the first.", rich_help_panel=PANEL_DATA),
-    workers: int = typer.Option(2, "--workers", min=0, help="DataLoader worker processes per rank (0: read in the training process). Every dataset needs at least ranks x workers shards.", rich_help_panel=PANEL_DATA),
-    model: str = typer.Option("OpenGVLab/InternVL3-1B-hf", "--model", help="Base vision-language model: 'tiny' (built-in random-weight TINY model for tests and demos), a hub id or a local folder (transformers format).", rich_help_panel=PANEL_MODEL),
-    sam_model: str = typer.Option("facebook/sam2.1-hiera-tiny", "--sam-model", help="SAM2 in transformers format (hub id or folder); ignored with --model tiny.", rich_help_panel=PANEL_MODEL),
+    splits: str = typer.Option(",".join(StreamConfig.splits), "--splits", help="Comma-separated shard splits to train on (the split part of {dataset}-{split}-{index}.tar).", rich_help_panel=PANEL_DATA),
+    shuffle_buffer: int = typer.Option(StreamConfig.shuffle_buffer, "--shuffle-buffer", min=1, help="Examples held per stream and reader for shuffling.", rich_help_panel=PANEL_DATA),
+    max_bad_samples: str = typer.Option(TrainConfig.max_bad_samples, "--max-bad-samples", help="Bad samples (unreadable tar, a member that does not decode or is missing) are skipped with a warning and counted (skipped_samples in metrics.jsonl); past this many the run writes a checkpoint and stops. A count (100), a share of the samples read (0.01 or 1%; at least one is always allowed), or 0 to stop at the first.", rich_help_panel=PANEL_DATA),
+    workers: int = typer.Option(TrainConfig.workers, "--workers", min=0, help="DataLoader worker processes per rank (0: read in the training process). Every dataset needs at least ranks x workers shards.", rich_help_panel=PANEL_DATA),
+    model: str = typer.Option(PerceptioConfig.model, "--model", help="Base vision-language model: 'tiny' (built-in random-weight TINY model for tests and demos), a hub id or a local folder (transformers format).", rich_help_panel=PANEL_MODEL),
+    sam_model: str = typer.Option(PerceptioConfig.sam_model, "--sam-model", help="SAM2 in transformers format (hub id or folder); ignored with --model tiny.", rich_help_panel=PANEL_MODEL),
     tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="Depth VQ-VAE folder from perceptio-tokenize (frozen; its decoder gives L_DepthRecon).", rich_help_panel=PANEL_MODEL),
-    lora_rank: int = typer.Option(256, "--lora-rank", min=1, help="LoRA rank on the language model (the paper's 256).", rich_help_panel=PANEL_MODEL),
-    lora_alpha: int = typer.Option(512, "--lora-alpha", min=1, help="LoRA alpha (scale alpha/rank).", rich_help_panel=PANEL_MODEL),
-    lora_dropout: float = typer.Option(0.05, "--lora-dropout", min=0.0, max=1.0, help="Dropout on the LoRA branch.", rich_help_panel=PANEL_MODEL),
+    lora_rank: int = typer.Option(PerceptioConfig.lora_rank, "--lora-rank", min=1, help="LoRA rank on the language model (the paper's 256).", rich_help_panel=PANEL_MODEL),
+    lora_alpha: int = typer.Option(PerceptioConfig.lora_alpha, "--lora-alpha", min=1, help="LoRA alpha (scale alpha/rank).", rich_help_panel=PANEL_MODEL),
+    lora_dropout: float = typer.Option(PerceptioConfig.lora_dropout, "--lora-dropout", min=0.0, max=1.0, help="Dropout on the LoRA branch.", rich_help_panel=PANEL_MODEL),
     train_language_model: Optional[bool] = typer.Option(None, "--train-language-model/--lora", help="Fine-tune every weight of the language model instead of LoRA + the new tokens' rows. Default: on for --model tiny (random weights: LoRA on a frozen random model learns too slowly to write well-formed spans in a short run), LoRA otherwise.", show_default=False, rich_help_panel=PANEL_MODEL),
-    train_vision: bool = typer.Option(False, "--train-vision", help="Train the vision tower too (frozen by default).", rich_help_panel=PANEL_MODEL),
-    crop_to_patches: bool = typer.Option(False, "--crop-to-patches", help="InternVL's dynamic tiling (default: one 448 tile, 256 image tokens).", rich_help_panel=PANEL_MODEL),
-    gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing", help="Recompute activations in the backward pass: less memory, ~30% more time.", rich_help_panel=PANEL_MODEL),
-    dtype: str = typer.Option("float32", "--dtype", help="Weights of the base models: float32 or bfloat16.", rich_help_panel=PANEL_MODEL),
-    max_length: int = typer.Option(8192, "--max-length", min=16, help="Longest token sequence; longer examples lose their tail.", rich_help_panel=PANEL_MODEL),
-    out: Path = typer.Option(Path("train-out"), "--out", help="Run folder: metrics.jsonl, checkpoints/step-NNNNNN/, model/ (the export).", rich_help_panel=PANEL_LOOP),
+    train_vision: bool = typer.Option(not PerceptioConfig.freeze_vision, "--train-vision", help="Train the vision tower too (frozen by default).", rich_help_panel=PANEL_MODEL),
+    crop_to_patches: bool = typer.Option(PerceptioConfig.crop_to_patches, "--crop-to-patches", help="InternVL's dynamic tiling (default: one 448 tile, 256 image tokens).", rich_help_panel=PANEL_MODEL),
+    gradient_checkpointing: bool = typer.Option(PerceptioConfig.gradient_checkpointing, "--gradient-checkpointing", help="Recompute activations in the backward pass: less memory, ~30% more time.", rich_help_panel=PANEL_MODEL),
+    dtype: str = typer.Option(PerceptioConfig.dtype, "--dtype", help="Weights of the base models: float32 or bfloat16.", rich_help_panel=PANEL_MODEL),
+    max_length: int = typer.Option(PerceptioConfig.max_length, "--max-length", min=16, help="Longest token sequence; longer examples lose their tail.", rich_help_panel=PANEL_MODEL),
+    out: Path = typer.Option(TrainConfig.out, "--out", help="Run folder: metrics.jsonl, checkpoints/step-NNNNNN/, model/ (the export).", rich_help_panel=PANEL_LOOP),
     steps: int = typer.Option(..., "--steps", min=1, help="Optimizer steps (every rank makes exactly this many).", rich_help_panel=PANEL_LOOP),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help=f"Examples per micro-batch and rank. Default: 1; {TINY_BATCH_SIZE} with --model tiny (a step of it takes a fraction of a second, and batches of 1 are too noisy for it to learn to write 100 codes in 200 steps).", show_default=False, rich_help_panel=PANEL_LOOP),
-    grad_accum: int = typer.Option(1, "--grad-accum", min=1, help="Micro-batches per optimizer step (the paper: 8).", rich_help_panel=PANEL_LOOP),
-    lr: Optional[float] = typer.Option(None, "--lr", min=0.0, help=f"Peak AdamW learning rate. Default: the paper's 4e-5; {TINY_LR:g} with --model tiny, whose random weights must move far in a short run.", rich_help_panel=PANEL_LOOP),
-    weight_decay: float = typer.Option(0.0, "--weight-decay", min=0.0, help="AdamW weight decay.", rich_help_panel=PANEL_LOOP),
-    warmup: float = typer.Option(0.05, "--warmup", min=0.0, max=1.0, help="Share of the steps with a linear warm-up; a cosine to zero follows.", rich_help_panel=PANEL_LOOP),
-    grad_clip: float = typer.Option(1.0, "--grad-clip", min=0.0, help="Clip the gradient's global norm to this.", rich_help_panel=PANEL_LOOP),
-    seed: int = typer.Option(0, "--seed", help="Seed of the model's new weights, the data order and dropout; the same seed gives the same run.", rich_help_panel=PANEL_LOOP),
-    save_every: int = typer.Option(0, "--save-every", min=0, help="Write a checkpoint every N steps (0: only after the last step).", rich_help_panel=PANEL_LOOP),
-    keep_last: int = typer.Option(0, "--keep-last", min=0, help="Keep only the newest N checkpoints (0: keep all).", rich_help_panel=PANEL_LOOP),
-    resume: bool = typer.Option(False, "--resume", help="Go on exactly from the newest checkpoint in OUT/checkpoints (same options, same number of processes).", rich_help_panel=PANEL_LOOP),
-    precision: str = typer.Option("auto", "--precision", help="auto (bf16 autocast on GPUs, fp32 on CPU), bf16 or fp32.", rich_help_panel=PANEL_LOOP),
-    parallel: str = typer.Option("ddp", "--parallel", help="Under torchrun: ddp (replicate the model) or fsdp (shard it; for 8B-size models).", rich_help_panel=PANEL_LOOP),
-    export: str = typer.Option("adapter", "--export", help="Final model in OUT/model: adapter (trained weights, base models by id), merged (LoRA merged into a plain transformers folder) or none.", rich_help_panel=PANEL_LOOP),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar (rank 0 only).", rich_help_panel=PANEL_LOOP),
-    lambda_m: float = typer.Option(0.3, "--lambda-m", min=0.0, help="Weight of L_marker inside L_depth.", rich_help_panel=PANEL_LOSS),
-    lambda_t: float = typer.Option(0.5, "--lambda-t", min=0.0, help="Weight of L_token inside L_depth.", rich_help_panel=PANEL_LOSS),
-    lambda_c: float = typer.Option(0.2, "--lambda-c", min=0.0, help="Weight of L_count inside L_depth.", rich_help_panel=PANEL_LOSS),
-    lambda_d: float = typer.Option(1.0, "--lambda-d", min=0.0, help="Weight of L_depth.", rich_help_panel=PANEL_LOSS),
-    lambda_r: float = typer.Option(1.0, "--lambda-r", min=0.0, help="Weight of L_DepthRecon.", rich_help_panel=PANEL_LOSS),
-    seg_bce: float = typer.Option(1.0, "--seg-bce", min=0.0, help="Weight of the mask's sigmoid cross-entropy in L_SegRecon.", rich_help_panel=PANEL_LOSS),
-    seg_dice: float = typer.Option(0.25, "--seg-dice", min=0.0, help="Weight of the mask's DICE loss in L_SegRecon.", rich_help_panel=PANEL_LOSS),
-    depth_tokens: bool = typer.Option(True, "--depth-tokens/--no-depth-tokens", help="Ablation: without depth tokens the targets have no depth span (and the depth losses are off).", rich_help_panel=PANEL_LOSS),
-    segmentation: bool = typer.Option(True, "--segmentation/--no-segmentation", help="Ablation: without [SEG] and the SAM2 head.", rich_help_panel=PANEL_LOSS),
-    depth_recon: bool = typer.Option(True, "--depth-recon/--no-depth-recon", help="Ablation: without L_DepthRecon.", rich_help_panel=PANEL_LOSS),
-    depth_loss: bool = typer.Option(True, "--depth-loss/--no-depth-loss", help="Ablation: without L_depth (marker, token, count).", rich_help_panel=PANEL_LOSS),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help=f"Examples per micro-batch and rank. Default: {TrainConfig.batch_size}; {TINY['batch_size']} with --model tiny (a step of it takes a fraction of a second, and batches of 1 are too noisy for it to learn to write 100 codes in 200 steps).", show_default=False, rich_help_panel=PANEL_LOOP),
+    grad_accum: int = typer.Option(TrainConfig.grad_accum, "--grad-accum", min=1, help="Micro-batches per optimizer step (the paper: 8).", rich_help_panel=PANEL_LOOP),
+    lr: Optional[float] = typer.Option(None, "--lr", min=0.0, help=f"Peak AdamW learning rate. Default: the paper's {TrainConfig.lr:g}; {TINY['lr']:g} with --model tiny, whose random weights must move far in a short run.", rich_help_panel=PANEL_LOOP),
+    weight_decay: float = typer.Option(TrainConfig.weight_decay, "--weight-decay", min=0.0, help="AdamW weight decay.", rich_help_panel=PANEL_LOOP),
+    warmup: float = typer.Option(TrainConfig.warmup, "--warmup", min=0.0, max=1.0, help="Share of the steps with a linear warm-up; a cosine to zero follows.", rich_help_panel=PANEL_LOOP),
+    grad_clip: float = typer.Option(TrainConfig.grad_clip, "--grad-clip", min=0.0, help="Clip the gradient's global norm to this.", rich_help_panel=PANEL_LOOP),
+    seed: int = typer.Option(TrainConfig.seed, "--seed", help="Seed of the model's new weights, the data order and dropout; the same seed gives the same run.", rich_help_panel=PANEL_LOOP),
+    save_every: int = typer.Option(TrainConfig.save_every, "--save-every", min=0, help="Write a checkpoint every N steps (0: only after the last step).", rich_help_panel=PANEL_LOOP),
+    keep_last: int = typer.Option(TrainConfig.keep_last, "--keep-last", min=0, help="Keep only the newest N checkpoints (0: keep all).", rich_help_panel=PANEL_LOOP),
+    resume: bool = typer.Option(TrainConfig.resume, "--resume", help="Go on exactly from the newest checkpoint in OUT/checkpoints (same options, same number of processes).", rich_help_panel=PANEL_LOOP),
+    precision: str = typer.Option(TrainConfig.precision, "--precision", help="auto (bf16 autocast on GPUs, fp32 on CPU), bf16 or fp32.", rich_help_panel=PANEL_LOOP),
+    parallel: str = typer.Option(TrainConfig.parallel, "--parallel", help="Under torchrun: ddp (replicate the model) or fsdp (shard it; for 8B-size models).", rich_help_panel=PANEL_LOOP),
+    export: str = typer.Option(TrainConfig.export, "--export", help="Final model in OUT/model: adapter (trained weights, base models by id), merged (LoRA merged into a plain transformers folder) or none.", rich_help_panel=PANEL_LOOP),
+    progress: bool = typer.Option(TrainConfig.progress, "--progress/--no-progress", help="Show the progress bar (rank 0 only).", rich_help_panel=PANEL_LOOP),
+    lambda_m: float = typer.Option(PerceptioConfig.lambda_m, "--lambda-m", min=0.0, help="Weight of L_marker inside L_depth.", rich_help_panel=PANEL_LOSS),
+    lambda_t: float = typer.Option(PerceptioConfig.lambda_t, "--lambda-t", min=0.0, help="Weight of L_token inside L_depth.", rich_help_panel=PANEL_LOSS),
+    lambda_c: float = typer.Option(PerceptioConfig.lambda_c, "--lambda-c", min=0.0, help="Weight of L_count inside L_depth.", rich_help_panel=PANEL_LOSS),
+    lambda_d: float = typer.Option(PerceptioConfig.lambda_d, "--lambda-d", min=0.0, help="Weight of L_depth.", rich_help_panel=PANEL_LOSS),
+    lambda_r: float = typer.Option(PerceptioConfig.lambda_r, "--lambda-r", min=0.0, help="Weight of L_DepthRecon.", rich_help_panel=PANEL_LOSS),
+    seg_bce: float = typer.Option(PerceptioConfig.seg_bce, "--seg-bce", min=0.0, help="Weight of the mask's sigmoid cross-entropy in L_SegRecon.", rich_help_panel=PANEL_LOSS),
+    seg_dice: float = typer.Option(PerceptioConfig.seg_dice, "--seg-dice", min=0.0, help="Weight of the mask's DICE loss in L_SegRecon.", rich_help_panel=PANEL_LOSS),
+    depth_tokens: bool = typer.Option(PerceptioConfig.use_depth_tokens, "--depth-tokens/--no-depth-tokens", help="Ablation: without depth tokens the targets have no depth span (and the depth losses are off).", rich_help_panel=PANEL_LOSS),
+    segmentation: bool = typer.Option(PerceptioConfig.use_segmentation, "--segmentation/--no-segmentation", help="Ablation: without [SEG] and the SAM2 head.", rich_help_panel=PANEL_LOSS),
+    depth_recon: bool = typer.Option(PerceptioConfig.use_depth_recon, "--depth-recon/--no-depth-recon", help="Ablation: without L_DepthRecon.", rich_help_panel=PANEL_LOSS),
+    depth_loss: bool = typer.Option(PerceptioConfig.use_depth_loss, "--depth-loss/--no-depth-loss", help="Ablation: without L_depth (marker, token, count).", rich_help_panel=PANEL_LOSS),
 ) -> None:
     """Train on shards: weighted mix, shuffled, one example per (ref, sentence) or ADE20k question.
 
@@ -83,34 +83,29 @@ def train_command(
     """
     import torch
 
-    from perceptio.train.data import StreamConfig, parse_mix, plan_streams
-    from perceptio.train.loop import TrainConfig, join_processes, train
-    from perceptio.train.model import PerceptioConfig, PerceptioModel
+    from perceptio.train.data import parse_mix, plan_streams
+    from perceptio.train.loop import join_processes, train
+    from perceptio.train.model import PerceptioModel
 
     split_names = tuple(name.strip() for name in splits.split(",") if name.strip())
     stream = StreamConfig(list(shards), mix=parse_mix(mix) if mix else None, splits=split_names, seed=seed,
-                          shuffle_buffer=shuffle_buffer, shuffle_initial=min(100, shuffle_buffer),
+                          shuffle_buffer=shuffle_buffer, shuffle_initial=min(StreamConfig.shuffle_initial, shuffle_buffer),
                           use_depth_tokens=depth_tokens)
-    model_config = PerceptioConfig(
+    model_config = PerceptioConfig.for_model(
         model=model, sam_model=sam_model, tokenizer=str(tokenizer) if tokenizer else "", lora_rank=lora_rank,
         lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-        train_language_model=bool(train_language_model), freeze_vision=not train_vision,
+        train_language_model=train_language_model, freeze_vision=not train_vision,
         crop_to_patches=crop_to_patches, gradient_checkpointing=gradient_checkpointing, dtype=dtype,
         max_length=max_length, lambda_m=lambda_m, lambda_t=lambda_t, lambda_c=lambda_c, lambda_d=lambda_d,
         lambda_r=lambda_r, seg_bce=seg_bce, seg_dice=seg_dice, use_depth_tokens=depth_tokens,
         use_segmentation=segmentation, use_depth_recon=depth_recon and depth_tokens,
         use_depth_loss=depth_loss and depth_tokens,
     )
-    if train_language_model is None:
-        model_config.train_language_model = model_config.is_tiny
-    if lr is None:
-        lr = TINY_LR if model_config.is_tiny else TrainConfig.lr
-    if batch_size is None:
-        batch_size = TINY_BATCH_SIZE if model_config.is_tiny else TrainConfig.batch_size
-    config = TrainConfig(out=out, steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
-                         weight_decay=weight_decay, warmup=warmup, grad_clip=grad_clip, seed=seed, workers=workers,
-                         save_every=save_every, precision=precision, parallel=parallel, resume=resume, export=export,
-                         progress=progress, max_bad_samples=max_bad_samples, keep_last=keep_last)
+    config = TrainConfig.for_model(model_config.is_tiny, out=out, steps=steps, batch_size=batch_size,
+                                   grad_accum=grad_accum, lr=lr, weight_decay=weight_decay, warmup=warmup,
+                                   grad_clip=grad_clip, seed=seed, workers=workers, save_every=save_every,
+                                   precision=precision, parallel=parallel, resume=resume, export=export,
+                                   progress=progress, max_bad_samples=max_bad_samples, keep_last=keep_last)
 
     config.check()
     processes = join_processes()

@@ -15,8 +15,9 @@ The path of one example, from disk to the model:
 4. A seeded draw picks the stream of each example in proportion to its weight, so a stream's share
    does not depend on its size. Streams repeat endlessly (epoch after epoch, reshuffled), so every
    rank makes exactly as many steps as asked and no rank waits for another at an epoch's end.
-5. Only then are images decoded and the model's ``encode_example`` run (it tokenises and masks
-   the prompt out of the labels).
+5. Only then are images decoded and the processor's ``encode_example`` run (it tokenises and
+   masks the prompt out of the labels); DataLoader workers get the processor
+   (:class:`perceptio.train.processor.PerceptioProcessor`), never the model.
 
 Exact resume: a reader's position is (draws made, and per stream the epoch and the examples taken
 in it). Everything before encoding is a pure function of the seed, so a reader rebuilt from its
@@ -32,7 +33,7 @@ import random
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Iterator, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -41,19 +42,15 @@ import webdataset as wds
 from perceptio import fs
 from perceptio.errors import PerceptioError
 from perceptio.recipes import load_recipe
-from perceptio.shards import QUESTION_FIELD, ShardFile, list_shards, npy_load, rle_to_mask
+from perceptio.shards import QUESTION_FIELD, TRAINING_SPLITS, ShardFile, list_shards, npy_load, rle_to_mask
 from perceptio.train.bad_data import SkipCounter, guarded, read_shards
 from perceptio.train.preemption import ignore_stop_signals
 from perceptio.tokens import SEG, depth_span
-
-DEFAULT_SPLITS = ("train", "training")  # COCO-style and ADE20k-style names of the training split
-
-EncodeFn = Callable[..., dict[str, torch.Tensor]]
-CollateFn = Callable[[list[dict[str, torch.Tensor]]], dict[str, Any]]
+from perceptio.train.config import StreamConfig
 
 
 # ---------------------------------------------------------------------------------------- shards
-def find_shards(dirs: Sequence[str | os.PathLike[str]], splits: Sequence[str] = DEFAULT_SPLITS) -> list[ShardFile]:
+def find_shards(dirs: Sequence[str | os.PathLike[str]], splits: Sequence[str] = TRAINING_SPLITS) -> list[ShardFile]:
     """Every shard of ``splits`` in ``dirs`` (not recursive), sorted by path."""
     found: list[ShardFile] = []
     for directory in dirs:
@@ -167,7 +164,7 @@ class Example:
     depth_bytes: bytes  # depth.npy, float16 (320, 320)
 
     def decode(self) -> dict[str, Any]:
-        """Keyword arguments of the model's ``encode_example``."""
+        """Keyword arguments of the processor's ``encode_example``."""
         from PIL import Image
 
         image = Image.open(io.BytesIO(self.image_bytes)).convert("RGB")
@@ -219,20 +216,6 @@ class ReaderSlot:
     world_size: int = 1
     worker: int = 0
     num_workers: int = 1
-
-
-@dataclass
-class StreamConfig:
-    """What to read and how to mix and shuffle it."""
-
-    shards: list[Path | str]  # shard folders: paths or object-store URLs
-    mix: dict[str, float] | None = None
-    splits: tuple[str, ...] = DEFAULT_SPLITS
-    seed: int = 0
-    shuffle_buffer: int = 1000
-    shuffle_initial: int = 100
-    use_depth_tokens: bool = True
-    prompts: str = "prompts.json"
 
 
 def _rng(seed: int, *parts: object) -> random.Random:
@@ -356,6 +339,16 @@ class Batch:
     reader_state: dict[str, Any] = field(default_factory=dict)  # the reader's position after this batch
 
 
+class EncodeCollate(Protocol):
+    """What the readers need to turn examples into a batch (``PerceptioProcessor`` provides it).
+
+    It travels to every DataLoader worker, so it must pickle small: no model weights.
+    """
+
+    def encode_example(self, image: Any, prompt: str, target: str, mask: Any, depth: Any) -> dict[str, torch.Tensor]: ...
+    def collate(self, examples: list[dict[str, torch.Tensor]]) -> dict[str, Any]: ...
+
+
 class ShardStream(torch.utils.data.IterableDataset):
     """An endless stream of encoded batches for one rank.
 
@@ -364,11 +357,11 @@ class ShardStream(torch.utils.data.IterableDataset):
     physical worker 0 then plays the reader that was due.
     """
 
-    def __init__(self, streams: Sequence[Stream], config: StreamConfig, encode: EncodeFn, collate: CollateFn,
+    def __init__(self, streams: Sequence[Stream], config: StreamConfig, processor: EncodeCollate,
                  batch_size: int, rank: int, world_size: int, num_workers: int,
                  reader_states: dict[int, dict[str, Any]] | None = None, first_worker: int = 0):
         super().__init__()
-        self.streams, self.config, self.encode, self.collate = list(streams), config, encode, collate
+        self.streams, self.config, self.processor = list(streams), config, processor
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.num_workers = max(num_workers, 1)
         self.reader_states = reader_states or {}
@@ -381,14 +374,14 @@ class ShardStream(torch.utils.data.IterableDataset):
         reader = ExampleReader(self.streams, slot, self.config, self.reader_states.get(worker))
         while True:
             examples = [next(reader) for _ in range(self.batch_size)]
-            inputs = self.collate([self.encode(**example.decode()) for example in examples])
+            inputs = self.processor.collate([self.processor.encode_example(**example.decode()) for example in examples])
             yield Batch(inputs, [e.key for e in examples], [e.source for e in examples], worker, reader.state())
 
 
 class ResumableLoader:
     """The DataLoader of one rank, and the position a checkpoint stores (``state_dict``)."""
 
-    def __init__(self, config: StreamConfig, encode: EncodeFn, collate: CollateFn, batch_size: int = 1,
+    def __init__(self, config: StreamConfig, processor: EncodeCollate, batch_size: int = 1,
                  num_workers: int = 0, rank: int = 0, world_size: int = 1, state: dict[str, Any] | None = None):
         self.streams = plan_streams(config, world_size, num_workers)
         self.num_readers = max(num_workers, 1)
@@ -403,11 +396,11 @@ class ResumableLoader:
         if num_workers > 0:
             # Workers are forked after the tokenizer may have run; its thread pool must not be inherited.
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        dataset = ShardStream(self.streams, config, encode, collate, batch_size, rank, world_size, num_workers,
+        self.dataset = ShardStream(self.streams, config, processor, batch_size, rank, world_size, num_workers,
                               self.reader_states, self.next_worker)
         # Its own generator: starting to iterate draws a seed, which must not move the global RNG
         # (a resumed run starts iterating at another point of the RNG stream than the original).
-        self._loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=num_workers,
+        self._loader = torch.utils.data.DataLoader(self.dataset, batch_size=None, num_workers=num_workers,
                                                    prefetch_factor=2 if num_workers else None,
                                                    worker_init_fn=ignore_stop_signals if num_workers else None,
                                                    generator=torch.Generator().manual_seed(config.seed))

@@ -7,9 +7,11 @@ over the first 5% of the steps and a cosine to zero after it; gradients are clip
 
 Every step appends one JSON line to ``OUT/metrics.jsonl`` (each loss term, learning rate, gradient
 norm, time spent waiting for data); a NaN or Inf loss or gradient stops the run before the
-optimizer touches the weights, naming the step and the batch's example keys, and nothing is saved
-from that state. Checkpoints are atomic folders (see checkpoint.py); the final model is exported
-with the model's own ``save_pretrained``.
+optimizer touches the weights, naming the step and the step's example keys, and nothing is saved
+from that state. The loss terms stay on the device until the step's end: one host sync per
+optimizer step reads them, the finiteness flags and the gradient norm together. Checkpoints are
+atomic folders (see checkpoint.py); the final model is exported with the model's own (atomic)
+``save_pretrained``.
 """
 
 from __future__ import annotations
@@ -33,7 +35,6 @@ from perceptio.errors import PerceptioError
 from perceptio.recipes import load_recipe
 from perceptio.train.checkpoint import (
     Checkpoint,
-    atomic_directory,
     checkpoint_path,
     latest_checkpoint,
     load_checkpoint,
@@ -42,56 +43,21 @@ from perceptio.train.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from perceptio.train.bad_data import BadSampleLimit
-from perceptio.train.data import Batch, ResumableLoader, StreamConfig
+from perceptio.train.config import BadSampleLimit, StreamConfig, TrainConfig
+from perceptio.train.data import EncodeCollate, ResumableLoader
 from perceptio.train.preemption import StopRequest, resume_command
 
 
 class TrainableModel(Protocol):
     """What the loop needs from a model (``perceptio.train.model.PerceptioModel`` provides it)."""
 
-    def encode_example(self, image: Any, prompt: str, target: str, mask: Any, depth: Any) -> dict[str, torch.Tensor]: ...
-    def collate(self, examples: list[dict[str, torch.Tensor]]) -> dict[str, Any]: ...
+    processor: EncodeCollate  # handed to the DataLoader workers (never the model itself)
+
     def __call__(self, batch: dict[str, Any]) -> Any: ...  # -> output with .loss and .terms
+    def fsdp_units(self) -> list[torch.nn.Module]: ...  # the blocks FSDP shards one by one
     def trainable_state_dict(self) -> dict[str, torch.Tensor]: ...
     def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> Any: ...
-    def save_pretrained(self, folder: str | os.PathLike[str], merged: bool = False) -> Any: ...
-
-
-@dataclass
-class TrainConfig:
-    """How to train; ``perceptio-train --help`` documents each field."""
-
-    out: Path
-    steps: int
-    batch_size: int = 1
-    grad_accum: int = 1
-    lr: float = 4e-5
-    weight_decay: float = 0.0
-    warmup: float = 0.05  # share of the steps with a linear warm-up
-    grad_clip: float = 1.0
-    seed: int = 0
-    workers: int = 2
-    save_every: int = 0  # 0: only at the end
-    precision: str = "auto"  # auto (bf16 on GPUs, fp32 on CPU) | bf16 | fp32
-    parallel: str = "ddp"  # ddp | fsdp (only matters under torchrun)
-    resume: bool = False
-    export: str = "adapter"  # adapter | merged | none
-    progress: bool = True
-    max_bad_samples: str = "0.01"  # skipped samples tolerated: a count, or a share of those read (bad_data.py)
-    keep_last: int = 0  # checkpoints kept (the newest); 0: all
-
-    def check(self) -> None:
-        """Refuse impossible settings (cheap: call it before loading a model)."""
-        if min(self.steps, self.batch_size, self.grad_accum) < 1:
-            raise PerceptioError("--steps, --batch-size and --grad-accum must be at least 1")
-        for name, allowed in CHOICES.items():
-            if getattr(self, name) not in allowed:
-                raise PerceptioError(f"--{name} must be one of {', '.join(allowed)}, not {getattr(self, name)!r}")
-        BadSampleLimit.parse(self.max_bad_samples)
-
-
-CHOICES = {"precision": ("auto", "bf16", "fp32"), "parallel": ("ddp", "fsdp"), "export": ("adapter", "merged", "none")}
+    def save_pretrained(self, folder: str | os.PathLike[str], merged: bool = False) -> Any: ...  # atomic
 
 
 @dataclass
@@ -165,16 +131,17 @@ def wrap_for_processes(model: torch.nn.Module, config: TrainConfig, processes: P
     if config.parallel == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
-        # Shard every transformer block, then the rest; works on CPU (gloo) and GPUs alike.
-        for module in model.modules():
-            if type(module).__name__.endswith("DecoderLayer"):
-                fully_shard(module)
+        # Shard every block the model's family names (its adapter knows them), then the rest; works on
+        # CPU (gloo) and GPUs alike.
+        for module in model.fsdp_units():
+            fully_shard(module)
         fully_shard(model)
         return model
-    # Some parameters sit out some batches (the mask decoder on a batch without [SEG], ablations),
-    # so DDP must look for them instead of waiting for their gradients.
+    # No find_unused_parameters: the model keeps every trainable parameter in the graph on every
+    # batch (a batch without a [SEG] target gives the mask decoder a zero gradient), so DDP needs no
+    # extra traversal of the graph after each forward to find parameters that sat out.
     device_ids = [processes.device.index] if processes.device.type == "cuda" else None
-    return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=True)
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
 
 
 @contextlib.contextmanager
@@ -258,40 +225,37 @@ def progress_bar(enabled: bool) -> Any:
                     TextColumn("{task.fields[terms]}"), disable=not enabled)
 
 
-def mean_across_processes(values: dict[str, float], processes: Processes) -> dict[str, float]:
-    if not processes.distributed or not values:
-        return values
-    names = sorted(values)
-    stacked = torch.tensor([values[name] for name in names], dtype=torch.float64, device=processes.device)
-    dist.all_reduce(stacked)
-    return {name: float(total) / processes.world_size for name, total in zip(names, stacked.tolist())}
-
-
 class NonFiniteError(PerceptioError):
     """A NaN or Inf loss or gradient: nothing is saved from that state."""
 
 
-def sum_across_processes(values: tuple[int, ...], processes: Processes) -> tuple[int, ...]:
-    if not processes.distributed:
-        return values
-    summed = torch.tensor(values, dtype=torch.int64, device=processes.device)
-    dist.all_reduce(summed)
-    return tuple(int(value) for value in summed.tolist())
+def read_step(names: list[str], totals: torch.Tensor, grad_norm: torch.Tensor, step: int, keys: list[str],
+              processes: Processes, counters: tuple[int, ...] = ()) -> tuple[dict[str, float], float, list[int]]:
+    """The step's loss terms (averaged over ranks), gradient norm and ``counters`` (summed over
+    ranks: skipped and read samples, stop requests), read with one host sync.
 
-
-def stop_if_not_finite(loss: torch.Tensor, terms: dict[str, torch.Tensor], step: int, batch: Batch,
-                       processes: Processes) -> None:
-    """Every rank learns whether any rank saw a NaN/Inf, so all stop together (no rank left waiting)."""
-    values = {"loss": loss, **terms}
-    bad = [name for name, value in values.items() if not torch.isfinite(value.detach()).all()]
-    flag = torch.tensor([float(bool(bad))], device=processes.device)
+    A NaN or Inf stops every rank together (no rank is left waiting in a collective): the rank that
+    saw it names the terms and the step's examples, the others say another rank stopped.
+    """
+    local_bad = (~torch.isfinite(totals)).any()[None]
+    extra = torch.tensor(counters, dtype=torch.float64, device=totals.device)
+    reduced = torch.cat([totals, local_bad.double(), extra])
     if processes.distributed:
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        dist.all_reduce(reduced)
+    values = torch.cat([totals, reduced, grad_norm.detach().double().reshape(1)]).tolist()
+    count = len(names)
+    local, mean = values[:count], [total / processes.world_size for total in values[count:2 * count]]
+    bad_ranks, norm = values[2 * count], values[-1]
+    summed = [int(value) for value in values[2 * count + 1 : 2 * count + 1 + len(counters)]]
+    bad = [name for name, value in zip(names, local) if not math.isfinite(value)]
     if bad:
-        shown = ", ".join(f"{name}={float(values[name].detach().float().mean()):g}" for name in bad)
-        raise NonFiniteError(f"non-finite loss at step {step + 1} ({shown}) on rank {processes.rank}; batch keys: {batch.keys}")
-    if flag.item():
+        shown = ", ".join(f"{name}={value:g}" for name, value in zip(names, local) if name in bad)
+        raise NonFiniteError(f"non-finite loss at step {step + 1} ({shown}) on rank {processes.rank}; batch keys: {keys}")
+    if bad_ranks:
         raise NonFiniteError(f"non-finite loss at step {step + 1} on another rank; stopped without saving")
+    if not math.isfinite(norm):
+        raise NonFiniteError(f"non-finite gradient norm at step {step + 1}; batch keys: {keys}")
+    return dict(zip(names, mean)), norm, summed
 
 
 # ------------------------------------------------------------------------------------- the loop
@@ -327,7 +291,7 @@ def train(model: TrainableModel, data: StreamConfig, config: TrainConfig) -> Tra
         set_rng_state(resumed.checkpoint.rng_states[processes.rank])
         first_step, loader_state = resumed.checkpoint.step, resumed.checkpoint.loader_states[processes.rank]
         last_checkpoint = found
-    loader = ResumableLoader(data, model.encode_example, model.collate, config.batch_size, config.workers,
+    loader = ResumableLoader(data, model.processor, config.batch_size, config.workers,
                              processes.rank, processes.world_size, loader_state)
 
     out.mkdir(parents=True, exist_ok=True)
@@ -348,7 +312,9 @@ def train(model: TrainableModel, data: StreamConfig, config: TrainConfig) -> Tra
         for step in range(first_step, config.steps):
             step_start = time.perf_counter()
             data_seconds = 0.0
-            totals: dict[str, float] = {}
+            totals: torch.Tensor | None = None  # loss and terms, summed on the device
+            names: list[str] = []
+            keys: list[str] = []
             sources: dict[str, int] = {}
             before = {"loader_state": loader.state_dict(), "rng": rng_state()}  # for a checkpoint after a crash
 
@@ -363,19 +329,22 @@ def train(model: TrainableModel, data: StreamConfig, config: TrainConfig) -> Tra
                     with sync:
                         with torch.autocast(processes.device.type, dtype=torch.bfloat16, enabled=use_bf16):
                             output = net(to_device(batch.inputs, processes.device))
-                        stop_if_not_finite(output.loss, output.terms, step, batch, processes)
                         (output.loss / config.grad_accum).backward()
-                    for name, value in {"loss": output.loss, **output.terms}.items():
-                        totals[name] = totals.get(name, 0.0) + float(value.detach().float()) / config.grad_accum
+                    values = {"loss": output.loss, **output.terms}
+                    names = list(values)
+                    stacked = torch.stack([value.detach().double().mean() for value in values.values()]) / config.grad_accum
+                    totals = stacked if totals is None else totals + stacked
+                    keys.extend(batch.keys)
                     for source in batch.sources:
                         sources[source] = sources.get(source, 0) + 1
 
-                # One optimizer step, unless the gradients are not finite.
+                # One optimizer step, unless a loss term or the gradients are not finite.
                 grad_norm = torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip)
                 if hasattr(grad_norm, "full_tensor"):  # FSDP returns a sharded tensor
                     grad_norm = grad_norm.full_tensor()
-                if not torch.isfinite(grad_norm):
-                    raise NonFiniteError(f"non-finite gradient norm at step {step + 1}; last batch keys: {batch.keys}")
+                means, norm, (skipped, read, stops) = read_step(
+                    names, totals, grad_norm, step, keys, processes,
+                    (*loader.bad_samples(), int(stop.received is not None)))
             except Exception as error:
                 # The weights are still those of the last finished step: keep that progress, with the
                 # loader and generators as they were when this step began, so --resume redoes it
@@ -389,16 +358,13 @@ def train(model: TrainableModel, data: StreamConfig, config: TrainConfig) -> Tra
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
 
-            # Log what this step did (losses averaged over ranks, skipped samples and stop requests summed).
-            skipped, read, stops = sum_across_processes((*loader.bad_samples(), int(stop.received is not None)),
-                                                        processes)
-            record = {"step": step + 1, "lr": lr, **mean_across_processes(totals, processes),
-                      "grad_norm": float(grad_norm), "data_s": data_seconds,
+            # Log what this step did (losses averaged over ranks, skipped samples summed).
+            record = {"step": step + 1, "lr": lr, **means, "grad_norm": norm, "data_s": data_seconds,
                       "step_s": time.perf_counter() - step_start, "sources": sources, "skipped_samples": skipped}
             metrics.write(record)
             history.append(record)
             bar.update(task, advance=1, terms=" ".join(f"{k} {v:.3f}" for k, v in record.items()
-                                                       if k in totals))
+                                                       if k in means))
 
             if (config.save_every and (step + 1) % config.save_every == 0) or step + 1 == config.steps:
                 checkpoint_now(step + 1)
@@ -408,7 +374,7 @@ def train(model: TrainableModel, data: StreamConfig, config: TrainConfig) -> Tra
                     f"{skipped} of {read} samples read were bad, more than --max-bad-samples {config.max_bad_samples} "
                     f"allows; stopped after step {step + 1} with checkpoint {last_checkpoint} (the warnings name "
                     "the files: fix or remove them, or raise the limit, then --resume)")
-            if stops and step + 1 < config.steps:
+            if stops and step + 1 < config.steps:  # a signal reached some rank: all stop after this step
                 checkpoint_now(step + 1)
                 stopped = (f"stopped by {stop.name} after step {step + 1} of {config.steps}; checkpoint "
                            f"{last_checkpoint}; to go on, run the same command with --resume: {resume_command()}")
@@ -466,6 +432,5 @@ def export_model(model: TrainableModel, folder: Path, config: TrainConfig, proce
         return None
     with full_parameters(model, config, processes):
         if processes.is_main:
-            with atomic_directory(folder) as temporary:
-                model.save_pretrained(temporary, merged=config.export == "merged")
+            model.save_pretrained(folder, merged=config.export == "merged")
     return folder

@@ -5,12 +5,15 @@ Pieces (paper-notes.md): a transformers vision-language model (InternVL by defau
 its language model and trainable rows for the new tokens (or, with ``train_language_model``, every
 weight of the language model: the default for the random TINY model); a SAM2 mask decoder prompted by the
 ``[SEG]`` hidden state (:mod:`perceptio.train.sam`); the frozen depth VQ-VAE whose ``decode_soft``
-gives L_DepthRecon. :mod:`perceptio.train.losses` defines the four losses.
+gives L_DepthRecon. :mod:`perceptio.train.losses` defines the four losses. Its inputs come from
+``model.processor`` (:class:`~perceptio.train.processor.PerceptioProcessor`), the weight-free half.
 
 Export (:meth:`PerceptioModel.save_pretrained`) writes a folder that
 :meth:`PerceptioModel.from_pretrained` loads: ``adapter`` format (trainable weights only, base
 models by id) or ``merged`` format (a plain transformers VLM folder with LoRA and the new token rows
-merged in, loadable by ``AutoModelForImageTextToText``, plus the SAM2 folder and the projector).
+merged in, loadable by ``AutoModelForImageTextToText``, plus the SAM2 folder and the projector);
+either way with the processor's files at its top, so ``PerceptioProcessor.from_pretrained`` loads
+them alone.
 """
 
 from __future__ import annotations
@@ -18,83 +21,30 @@ from __future__ import annotations
 import copy
 import json
 import os
-import re
-import shutil
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Sam2Model
 
 from perceptio.errors import PerceptioError
+from perceptio.io import atomic_directory, write_text_atomic
 from perceptio.shards import DEPTH_SIZE
-from perceptio.tokens import D_END, D_START, DEFAULT_NUM_CODES, DEFAULT_NUM_DEPTH_TOKENS, SEG, depth_token, special_tokens
+from perceptio.tokens import D_END, D_START, DEFAULT_NUM_CODES, SEG, depth_token, special_tokens
 from perceptio.train import losses
 from perceptio.train.adapter import VLMAdapter, adapter_for
+from perceptio.train.config import TINY, PerceptioConfig
+from perceptio.train.processor import PerceptioProcessor, ProcessorSettings
 from perceptio.train.sam import SamSegmenter
-from perceptio.train.tiny import TINY
 
 CONFIG_NAME = "perceptio.json"
 TRAINABLE_NAME = "trainable.safetensors"
 PROJECTOR_NAME = "seg_projector.safetensors"
 VLM_DIR, SAM_DIR, DEPTH_DIR = "vlm", "sam2", "depth_tokenizer"
-DEPTH_SPAN = re.compile(re.escape(D_START) + r".*?(" + re.escape(D_END) + r"|$)", re.DOTALL)
 TERMS = ("llm", "seg_bce", "seg_dice", "depth_marker", "depth_token", "depth_count", "depth_recon")
-
-
-@dataclass
-class PerceptioConfig:
-    """What to build and how to weigh the losses (defaults: the paper's, on a 1B InternVL)."""
-
-    # InternVL3-1B in transformers format: the smallest checkpoint of the paper's family that
-    # ``InternVLForConditionalGeneration`` loads (the paper's InternVL2.5-4B/8B exist only as
-    # remote-code checkpoints; InternVL3-8B-hf is the larger drop-in).
-    model: str = "OpenGVLab/InternVL3-1B-hf"
-    sam_model: str = "facebook/sam2.1-hiera-tiny"  # transformers-format SAM 2.1 Hiera-T
-    tokenizer: str = ""  # depth VQ-VAE folder (perceptio-tokenize)
-    lora_rank: int = 256  # the paper's
-    lora_alpha: int = 512  # scaling alpha / r = 2, the LISA / Sa2VA convention (the paper gives none)
-    lora_dropout: float = 0.05
-    # Full fine-tuning of the language model (every weight, the whole embedding and output head)
-    # instead of LoRA + new-token rows. For the TINY random-weight model (perceptio-train turns it on
-    # for --model tiny): its frozen random layers and tied head keep echoing the current input token,
-    # which a low-rank update does not undo in a short run.
-    train_language_model: bool = False
-    freeze_vision: bool = True
-    crop_to_patches: bool = False  # one 448 tile (256 image tokens); True: InternVL's dynamic tiling
-    gradient_checkpointing: bool = False
-    dtype: str = "float32"  # weights of the base models: float32 | bfloat16
-    max_length: int = 8192  # the paper's maximum sequence length; longer examples lose their tail
-    num_depth_tokens: int = DEFAULT_NUM_DEPTH_TOKENS  # n
-    lambda_m: float = 0.3
-    lambda_t: float = 0.5
-    lambda_c: float = 0.2
-    lambda_d: float = 1.0
-    lambda_r: float = 1.0
-    seg_bce: float = 1.0
-    seg_dice: float = 0.25
-    # Ablations (the paper's tables): without depth tokens / segmentation / L_DepthRecon / L_depth.
-    use_depth_tokens: bool = True
-    use_segmentation: bool = True
-    use_depth_recon: bool = True
-    use_depth_loss: bool = True
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "PerceptioConfig":
-        known = {field.name for field in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise PerceptioError(f"unknown PerceptioConfig fields: {', '.join(unknown)}")
-        return cls(**values)
-
-    @property
-    def is_tiny(self) -> bool:
-        return self.model == TINY
 
 
 @dataclass
@@ -129,7 +79,17 @@ class PerceptioModel(nn.Module):
         self.register_buffer(
             "depth_token_ids", torch.tensor([ids(depth_token(code)) for code in range(num_codes)]), persistent=False
         )
-        self.depth_size = int(getattr(getattr(depth_vqvae, "config", None), "image_size", DEPTH_SIZE))
+        # What DataLoader workers get: no weights, only what turns an example into tensors.
+        self.processor = PerceptioProcessor(self.tokenizer, ProcessorSettings(
+            image_size=adapter.image_size,
+            tokens_per_tile=adapter.tokens_per_tile,
+            crop_to_patches=config.crop_to_patches,
+            depth_size=int(getattr(getattr(depth_vqvae, "config", None), "image_size", DEPTH_SIZE)),
+            sam_image_size=segmenter.image_size if segmenter is not None else None,
+            max_length=config.max_length,
+            use_depth_tokens=config.use_depth_tokens,
+            use_segmentation=config.use_segmentation,
+        ))
 
     # ------------------------------------------------------------------ building
     @classmethod
@@ -163,7 +123,7 @@ class PerceptioModel(nn.Module):
         if len(tokenizer) > vlm.get_input_embeddings().weight.shape[0]:
             vlm.resize_token_embeddings(len(tokenizer))
         vlm.requires_grad_(False)
-        adapter = adapter_for(vlm, tokenizer, config.crop_to_patches)
+        adapter = adapter_for(vlm, tokenizer)
         wrapped = vlm
         if apply_lora and config.train_language_model:
             adapter.language_model().requires_grad_(True)
@@ -188,83 +148,6 @@ class PerceptioModel(nn.Module):
     def is_tiny(self) -> bool:
         """Built from ``--model tiny`` (directly, or reloaded from a merged export of it)."""
         return self.config.is_tiny or bool(getattr(self.adapter.model.config, "perceptio_tiny", False))
-
-    # ------------------------------------------------------------------ data
-    def encode_example(
-        self,
-        image: Image.Image,
-        prompt: str,
-        target: str,
-        mask: np.ndarray | None = None,
-        depth: np.ndarray | None = None,
-    ) -> dict[str, torch.Tensor]:
-        """Tensors of one training example; prompt positions are masked out of ``labels``.
-
-        The target is written with every perception token (``[SEG] [D_START] ... [D_END] text``);
-        the ablations remove what they switch off (the depth span without depth tokens, ``[SEG]``
-        without segmentation), so data code does not depend on them.
-        """
-        target = self.ablated_target(target)
-        pixel_values = self.adapter.pixel_values(image)
-        prompt_ids = self._token_ids(self.adapter.prompt_text(prompt, num_tiles=pixel_values.shape[0]))
-        target_ids = self._token_ids(target + self.adapter.end_of_turn())
-        if len(prompt_ids) >= self.config.max_length:
-            raise PerceptioError(f"the prompt alone has {len(prompt_ids)} tokens, over max_length {self.config.max_length}")
-        # Only the target's tail can be cut (a depth span may lose its [D_END]: it then counts as invalid).
-        input_ids = (prompt_ids + target_ids)[: self.config.max_length]
-        labels = ([losses.IGNORE_INDEX] * len(prompt_ids) + target_ids)[: self.config.max_length]
-        example = {
-            "input_ids": torch.tensor(input_ids),
-            "labels": torch.tensor(labels),
-            "pixel_values": pixel_values,
-            "depth_target": torch.zeros(self.depth_size, self.depth_size),
-            "has_depth": torch.tensor(depth is not None),
-        }
-        if depth is not None:
-            depth = np.asarray(depth, dtype=np.float32)
-            if depth.shape != (self.depth_size, self.depth_size):
-                raise PerceptioError(f"depth target has shape {depth.shape}, expected ({self.depth_size}, {self.depth_size})")
-            example["depth_target"] = torch.from_numpy(depth)
-        if self.segmenter is not None:
-            example["sam_pixel_values"] = self.segmenter.preprocess(image)
-            size = self.segmenter.mask_size
-            example["gt_mask"] = self.segmenter.mask_target(mask) if mask is not None else torch.zeros(size, size)
-            example["has_mask"] = torch.tensor(mask is not None)
-        return example
-
-    def ablated_target(self, target: str) -> str:
-        """The target text with the perception tokens that the ablation switches off removed."""
-        ablated = target
-        if not self.config.use_depth_tokens:
-            ablated = DEPTH_SPAN.sub(" ", ablated)
-        if not self.config.use_segmentation:
-            ablated = ablated.replace(SEG, " ")
-        return target if ablated == target else " ".join(ablated.split())
-
-    def _token_ids(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
-
-    def collate(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
-        """Right-pad token sequences, concatenate image tiles, stack the rest; lists stay lists."""
-        if not examples:
-            raise ValueError("collate needs at least one example")
-        length = max(len(example["input_ids"]) for example in examples)
-        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
-        batch: dict[str, Any] = {}
-        for key in examples[0]:
-            values = [example[key] for example in examples]
-            if key in ("input_ids", "labels"):
-                fill = pad_id if key == "input_ids" else losses.IGNORE_INDEX
-                batch[key] = torch.stack([_right_pad(value, length, fill) for value in values])
-            elif key == "pixel_values":
-                batch[key] = torch.cat(values)  # InternVL takes every tile of the batch in one tensor
-            elif isinstance(values[0], torch.Tensor):
-                batch[key] = torch.stack(values)
-            else:
-                batch[key] = values
-        lengths = torch.tensor([len(example["input_ids"]) for example in examples])
-        batch["attention_mask"] = (torch.arange(length)[None, :] < lengths[:, None]).long()
-        return batch
 
     # ------------------------------------------------------------------ training
     def forward(self, batch: dict[str, Any]) -> PerceptioOutput:
@@ -320,6 +203,10 @@ class PerceptioModel(nn.Module):
     def _dtype(self) -> torch.dtype:
         return self.adapter.model.dtype
 
+    def fsdp_units(self) -> list[nn.Module]:
+        """The blocks FSDP shards one by one: the base model family's transformer layers."""
+        return self.adapter.fsdp_units()
+
     # ------------------------------------------------------------------ weights
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """Every trained tensor: LoRA, new-token rows, [SEG] projector, SAM2 mask decoder."""
@@ -338,33 +225,22 @@ class PerceptioModel(nn.Module):
                 param.copy_(state[name].to(param.device, param.dtype))
 
     def save_pretrained(self, directory: str | os.PathLike, merged: bool = False) -> Path:
-        """Write a loadable folder atomically (a temporary sibling, then a rename)."""
-        final = Path(directory)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        staging = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir()
+        """Write a loadable folder atomically (built under a temporary name, then renamed)."""
         record = {
             "format": "merged" if merged else "adapter",
             "perceptio_tiny": self.is_tiny,
             "config": asdict(self.config),
         }
-        self.tokenizer.save_pretrained(staging)
-        if self.depth_vqvae is not None:
-            self.depth_vqvae.save_pretrained(staging / DEPTH_DIR)
-        if merged:
-            self._save_merged(staging)
-        else:
-            save_file(_contiguous(self.trainable_state_dict()), staging / TRAINABLE_NAME)
-        (staging / CONFIG_NAME).write_text(json.dumps(record, indent=2, sort_keys=True))
-        if final.exists():
-            retired = final.with_name(f".{final.name}.old-{os.getpid()}")
-            final.rename(retired)
-            staging.rename(final)
-            shutil.rmtree(retired)
-        else:
-            staging.rename(final)
-        return final
+        with atomic_directory(directory) as staging:
+            self.processor.save_pretrained(staging)
+            if self.depth_vqvae is not None:
+                self.depth_vqvae.save_pretrained(staging / DEPTH_DIR)
+            if merged:
+                self._save_merged(staging)
+            else:
+                save_file(_contiguous(self.trainable_state_dict()), staging / TRAINABLE_NAME)
+            write_text_atomic(staging / CONFIG_NAME, json.dumps(record, indent=2, sort_keys=True))
+        return Path(directory)
 
     def _save_merged(self, staging: Path) -> None:
         """LoRA and token rows merged into a plain VLM folder (a copy: the live model keeps training)."""
@@ -453,10 +329,6 @@ def _apply_lora(vlm: PreTrainedModel, config: PerceptioConfig, adapter: VLMAdapt
         trainable_token_indices=token_layers,
     )
     return get_peft_model(vlm, lora)
-
-
-def _right_pad(values: torch.Tensor, length: int, fill: int) -> torch.Tensor:
-    return torch.cat([values, values.new_full((length - len(values),), fill)])
 
 
 def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -7,22 +7,16 @@ prompt is SAM2's "no mask" embedding). ``Sam2Model.forward`` takes no prompt emb
 decoder is called directly. The decoder (including its two high-resolution feature convolutions)
 is trained.
 
-SAM2's preprocessing is reproduced without torchvision: RGB, resize to the encoder's square input
-(1024 for real SAM2; aspect ratio not kept, as in SAM2), scale to [0, 1], ImageNet mean/std. The
-predicted mask is the decoder's low-resolution output, a quarter of the input side (256x256 for
-SAM2 at 1024); ground-truth masks are resized to it with :meth:`SamSegmenter.mask_target`.
+The predicted mask is the decoder's low-resolution output, a quarter of the input side (256x256 for
+SAM2 at 1024). SAM2's image and mask preprocessing live in :mod:`perceptio.train.processor`.
 """
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import nn
 from transformers import Sam2Model
-
-from perceptio.train.adapter import IMAGENET_MEAN, IMAGENET_STD
 
 
 class SamSegmenter(nn.Module):
@@ -50,25 +44,6 @@ class SamSegmenter(nn.Module):
     @property
     def image_size(self) -> int:
         return int(self.sam.config.prompt_encoder_config.image_size)
-
-    @property
-    def mask_size(self) -> int:
-        """Side of the predicted (and target) mask: the decoder upsamples its 1/16 grid four times."""
-        return self.image_size // 4
-
-    def preprocess(self, image: Image.Image) -> torch.Tensor:
-        """(3, S, S) float: SAM2's input for one image (S = 1024 for real SAM2)."""
-        resized = image.convert("RGB").resize((self.image_size, self.image_size), Image.Resampling.BILINEAR)
-        pixels = torch.from_numpy(np.asarray(resized, dtype=np.float32) / 255.0).permute(2, 0, 1)
-        mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-        std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-        return (pixels - mean) / std
-
-    def mask_target(self, mask: np.ndarray) -> torch.Tensor:
-        """A binary (H, W) mask resized (nearest) to the predicted mask's (M, M), as float 0/1."""
-        picture = Image.fromarray((np.asarray(mask) > 0).astype(np.uint8) * 255)
-        resized = picture.resize((self.mask_size, self.mask_size), Image.Resampling.NEAREST)
-        return torch.from_numpy(np.asarray(resized) > 127).float()
 
     def image_features(self, sam_pixel_values: torch.Tensor) -> list[torch.Tensor]:
         """SAM2's multi-scale features (B, C, h, w), high resolution first, ready for the decoder."""

@@ -31,9 +31,9 @@ from transformers import (
     Sam2Model,
 )
 
-from perceptio.train.adapter import INTERNVL_CHAT_TEMPLATE
+from perceptio.train.config import TINY
+from perceptio.train.processor import INTERNVL_CHAT_TEMPLATE
 
-TINY = "tiny"
 TINY_SEED = 0
 TINY_SAM_IMAGE_SIZE = 256
 

@@ -1,0 +1,178 @@
+"""The training stage's settings, torch-free (transformers style): what to build, what to read, how to train.
+
+Every default of ``perceptio-train`` is written here once; :mod:`perceptio.train.cli` reads its option
+defaults from these dataclasses, so importing this module (for ``--help``, or a tool that only
+writes configs) loads neither torch nor transformers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any, ClassVar
+
+from perceptio.errors import PerceptioError
+from perceptio.shards import TRAINING_SPLITS
+from perceptio.tokens import DEFAULT_NUM_DEPTH_TOKENS
+
+TINY = "tiny"  # the model id of the built-in random-weight TINY model (perceptio.train.tiny)
+
+
+@dataclass
+class PerceptioConfig:
+    """What to build and how to weigh the losses (defaults: the paper's, on a 1B InternVL)."""
+
+    # InternVL3-1B in transformers format: the smallest checkpoint of the paper's family that
+    # ``InternVLForConditionalGeneration`` loads (the paper's InternVL2.5-4B/8B exist only as
+    # remote-code checkpoints; InternVL3-8B-hf is the larger drop-in).
+    model: str = "OpenGVLab/InternVL3-1B-hf"
+    sam_model: str = "facebook/sam2.1-hiera-tiny"  # transformers-format SAM 2.1 Hiera-T
+    tokenizer: str = ""  # depth VQ-VAE folder (perceptio-tokenize)
+    lora_rank: int = 256  # the paper's
+    lora_alpha: int = 512  # scaling alpha / r = 2, the LISA / Sa2VA convention (the paper gives none)
+    lora_dropout: float = 0.05
+    # Full fine-tuning of the language model (every weight, the whole embedding and output head)
+    # instead of LoRA + new-token rows. :meth:`for_model` turns it on for the TINY random-weight
+    # model: its frozen random layers and tied head keep echoing the current input token, which a
+    # low-rank update does not undo in a short run.
+    train_language_model: bool = False
+    freeze_vision: bool = True
+    crop_to_patches: bool = False  # one 448 tile (256 image tokens); True: InternVL's dynamic tiling
+    gradient_checkpointing: bool = False
+    dtype: str = "float32"  # weights of the base models: float32 | bfloat16
+    max_length: int = 8192  # the paper's maximum sequence length; longer examples lose their tail
+    num_depth_tokens: int = DEFAULT_NUM_DEPTH_TOKENS  # n
+    lambda_m: float = 0.3
+    lambda_t: float = 0.5
+    lambda_c: float = 0.2
+    lambda_d: float = 1.0
+    lambda_r: float = 1.0
+    seg_bce: float = 1.0
+    seg_dice: float = 0.25
+    # Ablations (the paper's tables): without depth tokens / segmentation / L_DepthRecon / L_depth.
+    use_depth_tokens: bool = True
+    use_segmentation: bool = True
+    use_depth_recon: bool = True
+    use_depth_loss: bool = True
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "PerceptioConfig":
+        known = {field.name for field in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise PerceptioError(f"unknown PerceptioConfig fields: {', '.join(unknown)}")
+        return cls(**values)
+
+    @classmethod
+    def for_model(cls, **values: Any) -> "PerceptioConfig":
+        """A config from the given values; ``None`` means the default, which for ``train_language_model``
+        is on for the TINY model and off (LoRA) otherwise."""
+        config = cls(**{name: value for name, value in values.items() if value is not None})
+        if values.get("train_language_model") is None:
+            config.train_language_model = config.is_tiny
+        return config
+
+    @property
+    def is_tiny(self) -> bool:
+        return self.model == TINY
+
+
+@dataclass
+class StreamConfig:
+    """What to read and how to mix and shuffle it (see :mod:`perceptio.train.data`)."""
+
+    shards: list[Path | str]  # shard folders: paths or object-store URLs (perceptio.fs)
+    mix: dict[str, float] | None = None
+    splits: tuple[str, ...] = TRAINING_SPLITS
+    seed: int = 0
+    shuffle_buffer: int = 1000
+    shuffle_initial: int = 100
+    use_depth_tokens: bool = True
+    prompts: str = "prompts.json"
+
+
+CHOICES = {"precision": ("auto", "bf16", "fp32"), "parallel": ("ddp", "fsdp"), "export": ("adapter", "merged", "none")}
+
+
+@dataclass
+class TrainConfig:
+    """How to train; ``perceptio-train --help`` documents each field."""
+
+    steps: int
+    out: Path = Path("train-out")
+    batch_size: int = 1
+    grad_accum: int = 1
+    lr: float = 4e-5  # the paper's
+    weight_decay: float = 0.0
+    warmup: float = 0.05  # share of the steps with a linear warm-up
+    grad_clip: float = 1.0
+    seed: int = 0
+    workers: int = 2
+    save_every: int = 0  # 0: only at the end
+    precision: str = "auto"  # auto (bf16 on GPUs, fp32 on CPU) | bf16 | fp32
+    parallel: str = "ddp"  # ddp | fsdp (only matters under torchrun)
+    resume: bool = False
+    export: str = "adapter"  # adapter | merged | none
+    progress: bool = True
+    max_bad_samples: str = "0.01"  # skipped samples tolerated: a count, or a share of those read (bad_data.py)
+    keep_last: int = 0  # checkpoints kept (the newest); 0: all
+
+    # The TINY random-weight model's own defaults, measured on 200-step demo runs (README,
+    # "Measured"): batches of 8 with lr 1e-2 give well-formed depth spans on held-out images; batches
+    # of 1 are too noisy to learn to write 100 codes in 200 steps, 2e-3 leaves greedy decoding
+    # repeating [D_START], 2e-2 is worse than 1e-2.
+    TINY_DEFAULTS: ClassVar[dict[str, Any]] = {"batch_size": 8, "lr": 1e-2}
+
+    @classmethod
+    def for_model(cls, is_tiny: bool, **values: Any) -> "TrainConfig":
+        """A config from the given values; ``None`` means the default (the TINY model's where it has one)."""
+        config = cls(**{name: value for name, value in values.items() if value is not None})
+        if is_tiny:
+            config = replace(config, **{name: value for name, value in cls.TINY_DEFAULTS.items() if values.get(name) is None})
+        return config
+
+    def check(self) -> None:
+        """Refuse impossible settings (cheap: call it before loading a model)."""
+        if min(self.steps, self.batch_size, self.grad_accum) < 1:
+            raise PerceptioError("--steps, --batch-size and --grad-accum must be at least 1")
+        for name, allowed in CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise PerceptioError(f"--{name} must be one of {', '.join(allowed)}, not {getattr(self, name)!r}")
+        BadSampleLimit.parse(self.max_bad_samples)
+
+
+@dataclass(frozen=True)
+class BadSampleLimit:
+    """``--max-bad-samples``: ``N`` (a count), or ``F`` below 1 / ``P%`` (a share of the samples read).
+
+    A share allows ``max(1, share x samples read)`` bad samples, so that one bad sample among the
+    first few read does not stop a run that a share is meant to let through.
+    """
+
+    count: int | None = None
+    share: float | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> "BadSampleLimit":
+        value = text.strip()
+        try:
+            if value.endswith("%"):
+                share = float(value[:-1]) / 100
+            elif value.isdigit():
+                return cls(count=int(value))
+            else:
+                share = float(value)
+        except ValueError:
+            share = -1.0
+        if not 0 <= share < 1:
+            raise PerceptioError(f"--max-bad-samples {text!r} is not a count (100), a fraction below 1 (0.01) or a percentage (1%)")
+        return cls(share=share)
+
+    def allowed(self, read: int) -> float:
+        return float(self.count) if self.count is not None else max(1.0, (self.share or 0.0) * read)
+
+    def exceeded(self, skipped: int, read: int) -> bool:
+        return skipped > self.allowed(read)
+
+    def describe(self) -> str:
+        return f"{self.count}" if self.count is not None else f"{(self.share or 0.0):.4g} of the samples read"

@@ -1,0 +1,90 @@
+"""PerceptioProcessor: what DataLoader workers receive holds no model, and an export reloads it exactly."""
+
+from __future__ import annotations
+
+import io
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from perceptio.errors import PerceptioError
+from perceptio.tokens import SEG, depth_span
+from perceptio.train.config import PerceptioConfig, StreamConfig
+from perceptio.train.data import ResumableLoader
+from perceptio.train.model import PerceptioModel
+from perceptio.train.processor import PROCESSOR_NAME, PerceptioProcessor
+from tests.train_factory import write_shards
+
+
+@pytest.fixture(scope="module")
+def model(vqvae_dir):
+    torch.manual_seed(0)
+    return PerceptioModel.from_config(PerceptioConfig(model="tiny", tokenizer=str(vqvae_dir), lora_rank=4, lora_alpha=8))
+
+
+def examples() -> list[dict]:
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (80, 120, 3), dtype=np.uint8))
+    mask = np.zeros((80, 120), dtype=np.uint8)
+    mask[10:50, 20:70] = 1
+    depth = rng.uniform(-1, 1, (320, 320)).astype(np.float32)
+    return [
+        {"image": image, "prompt": "Segment the red box.", "target": f"{SEG} {depth_span(rng.integers(0, 128, 100))} a box",
+         "mask": mask, "depth": depth},
+        {"image": image, "prompt": "Which point is closest to the camera?", "target": "(B)", "mask": None, "depth": None},
+    ]
+
+
+class ModuleSpy(pickle.Pickler):
+    """A pickler that records every ``nn.Module`` it is asked to pickle."""
+
+    def __init__(self, file):
+        super().__init__(file)
+        self.modules: list[str] = []
+
+    def reducer_override(self, obj):
+        if isinstance(obj, torch.nn.Module):
+            self.modules.append(type(obj).__name__)
+        return NotImplemented
+
+
+def pickled(value) -> tuple[int, list[str]]:
+    buffer = io.BytesIO()
+    spy = ModuleSpy(buffer)
+    spy.dump(value)
+    return len(buffer.getvalue()), spy.modules
+
+
+def test_dataloader_workers_receive_the_processor_not_the_model(model, tmp_path):
+    write_shards(tmp_path, "refcoco-unc", shards=1, images_per_shard=2)
+    loader = ResumableLoader(StreamConfig([tmp_path]), model.processor, batch_size=2)
+    # What a spawn or forkserver worker unpickles: the DataLoader's dataset.
+    size, modules = pickled(loader._loader.dataset)
+    model_size, model_modules = pickled(model)
+    assert modules == [] and model_modules  # the spy does see a model's modules
+    assert size * 20 < model_size, (size, model_size)
+    batch = next(loader)  # and it still makes batches
+    assert batch.inputs["input_ids"].shape[0] == 2
+
+
+def test_a_loaded_processor_encodes_token_for_token_like_the_original(model, tmp_path):
+    model.save_pretrained(tmp_path / "export")
+    assert (tmp_path / "export" / PROCESSOR_NAME).stat().st_mode & 0o777 == 0o644  # readable by teammates
+    loaded = PerceptioProcessor.from_pretrained(tmp_path / "export")
+    assert loaded.settings == model.processor.settings
+    for parts in examples():
+        original, reloaded = model.processor.encode_example(**parts), loaded.encode_example(**parts)
+        assert original.keys() == reloaded.keys()
+        assert original["input_ids"].tolist() == reloaded["input_ids"].tolist()
+        for name in original:
+            assert torch.equal(original[name], reloaded[name]), name
+    # The model reloaded from the same folder builds the same processor.
+    assert PerceptioModel.from_pretrained(tmp_path / "export").processor.settings == model.processor.settings
+
+
+def test_a_folder_without_a_processor_is_a_user_error(tmp_path):
+    with pytest.raises(PerceptioError, match=PROCESSOR_NAME):
+        PerceptioProcessor.from_pretrained(tmp_path)
