@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from py2pickle import python2_pickle
+from tests.py2pickle import python2_pickle
 from pycocotools import mask as mask_utils
 
 from perceptio.errors import PerceptioError

@@ -8,7 +8,7 @@ import pickle
 import pickletools
 
 import pytest
-from py2pickle import python2_pickle
+from tests.py2pickle import python2_pickle
 
 from perceptio.errors import PerceptioError
 from perceptio.sources.safe_pickle import load_plain_pickle
