@@ -21,7 +21,8 @@ The path of one example, from disk to the model:
 
 Exact resume: a reader's position is (draws made, and per stream the epoch and the examples taken
 in it). Everything before encoding is a pure function of the seed, so a reader rebuilt from its
-position replays the current epoch without decoding images and goes on with the very next example.
+position replays the current epoch (checking images at reduced size, not decoding them for the
+model) and goes on with the very next example.
 """
 
 from __future__ import annotations
@@ -43,10 +44,10 @@ from perceptio import fs
 from perceptio.errors import PerceptioError
 from perceptio.recipes import load_recipe
 from perceptio.shards import QUESTION_FIELD, TRAINING_SPLITS, ShardFile, list_shards, npy_load, rle_to_mask
-from perceptio.train.bad_data import SkipCounter, guarded, read_shards
-from perceptio.train.preemption import ignore_stop_signals
 from perceptio.tokens import SEG, depth_span
+from perceptio.train.bad_data import SkipCounter, guarded, read_shards
 from perceptio.train.config import StreamConfig
+from perceptio.train.preemption import ignore_stop_signals
 
 
 # ---------------------------------------------------------------------------------------- shards
@@ -232,7 +233,7 @@ class _StreamReader:
         self.epoch, self.taken = epoch, 0
         self.bad = SkipCounter(quiet=True)  # the replay meets the bad samples the original run reported
         self._examples = self._epoch_examples()
-        for _ in range(taken):  # fast-forward: no image is decoded on the way
+        for _ in range(taken):  # fast-forward: images are only checked (bad_data.py), not decoded for the model
             next(self)
         # The counts of earlier epochs are not replayed: take them from the checkpoint.
         self.bad.quiet = False
