@@ -52,7 +52,9 @@ def run(world: str, out: str, tokenizer: str, teacher: str, nodes: int, cpus_per
     watcher = threading.Thread(target=remove_when_ready, daemon=True)
     request = CurationRequest(
         dataset="refcoco", data_root=Path(world), out=out, tokenizer=Path(tokenizer),
-        teacher=TeacherSpec(model=teacher), samples_per_shard=samples_per_shard, batch_size=batch_size,
+        # A depth cache, as the command always has: it rounds the teacher's maps to float16, which
+        # the reference runs' bytes depend on.
+        teacher=TeacherSpec(model=teacher, cache_dir=f"{out}-cache"), samples_per_shard=samples_per_shard, batch_size=batch_size,
         ray=RayConfig(address=cluster.address, model_workers=nodes * cpus_per_node, cpus_per_model_worker=1),
         progress=False)
     try:

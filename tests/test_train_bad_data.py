@@ -134,7 +134,7 @@ def test_skipping_is_deterministic_and_resume_replays_it_quietly(tmp_path, caplo
     config = StreamConfig([tmp_path], seed=3, shuffle_buffer=5, shuffle_initial=2)
 
     def loader(state=None):
-        return ResumableLoader(config, TargetsOnly(), batch_size=3, state=state)
+        return ResumableLoader(config, TargetsOnly(), batch_size=3, states=[state] if state else None)
 
     straight = [batch.keys for batch in islice(loader(), 20)]  # two epochs: the bad sample twice
     straight_counts = loader_counts(loader(), 20)

@@ -1,5 +1,6 @@
 """Preemption and crashes: SIGTERM/SIGINT stop at a step boundary with a checkpoint, crashes keep
-the last finished step, resume refuses changed settings, --keep-last prunes."""
+the last finished step, resume refuses changed settings, --keep-last prunes, and a run resumes on
+another number of processes (elastic; the data side is tested in test_train_data.py)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from perceptio.errors import PerceptioError
 from perceptio.train.checkpoint import latest_checkpoint
@@ -126,3 +128,42 @@ def test_sigterm_to_a_real_trainer_exits_0_with_a_checkpoint_and_resumes(shards,
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, len(steps) + 1)) and len(steps) > done
     assert latest_checkpoint(out / "checkpoints").name == f"step-{len(steps):06d}"
+
+
+def _elastic_worker(rank: int, world_size: int, shards: str, out: str, port: int, workers: int, resume: bool) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    config = TrainConfig(out=Path(out), steps=6, batch_size=2, workers=workers, progress=False, lr=1e-2, save_every=3,
+                         resume=resume)
+    history = train(ToyModel(), stream(Path(shards)), config).history
+    Path(out, f"history-{world_size}-{rank}.json").write_text(json.dumps(history))
+    torch.distributed.destroy_process_group()
+
+
+def _run_on(world_size: int, shards: Path, out: Path, workers: int, resume: bool) -> list[dict]:
+    from tests.test_train_loop import _free_port
+
+    if world_size == 1:
+        return train(ToyModel(), stream(shards), TrainConfig(out=out, steps=6, batch_size=2, workers=workers, progress=False,
+                                                             lr=1e-2, save_every=3, resume=resume)).history
+    torch.multiprocessing.spawn(_elastic_worker, args=(world_size, str(shards), str(out), _free_port(), workers, resume),
+                                nprocs=world_size)
+    return json.loads((out / f"history-{world_size}-0.json").read_text())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("before, after", [((2, 0), (1, 0)), ((1, 2), (2, 0))], ids=["2->1", "1->2"])
+def test_elastic_resume_with_gloo_processes(shards, tmp_path, before, after):
+    """A checkpoint of 2 processes resumed by 1, and of 1 process (2 loader workers) resumed by 2."""
+    import shutil
+
+    out = tmp_path / "run"
+    _run_on(before[0], shards, out, before[1], resume=False)
+    shutil.rmtree(out / "checkpoints" / "step-000006")
+    resumed = _run_on(after[0], shards, out, after[1], resume=True)
+    assert [record["step"] for record in resumed] == [4, 5, 6]
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    state = json.loads((out / "checkpoints" / "step-000006" / "trainer_state.json").read_text())
+    assert len(state["loader_states"]) == after[0] and state["loader_states"][0]["layout"] == [before[0], max(before[1], 1)]

@@ -336,7 +336,8 @@ class Batch:
     inputs: dict[str, Any]
     keys: list[str]
     sources: list[str]
-    worker: int  # logical reader id within this rank
+    worker: int  # logical worker id within this rank
+    reader: int  # the (virtual) reader that made it, see :class:`ReaderLayout`
     reader_state: dict[str, Any] = field(default_factory=dict)  # the reader's position after this batch
 
 
@@ -350,6 +351,34 @@ class EncodeCollate(Protocol):
     def collate(self, examples: list[dict[str, torch.Tensor]]) -> dict[str, Any]: ...
 
 
+@dataclass(frozen=True)
+class ReaderLayout:
+    """The readers of a run, fixed by its first start: ``world_size`` x ``num_workers`` of that start.
+
+    Reader ``v`` reads what worker ``v // world_size`` of rank ``v % world_size`` read in the first
+    start (its shards, its shuffle, its mix draws). A resumed run with another number of ranks or
+    workers (elastic) plays the same readers, each from its own position: physical reader ``p``
+    (rank + world_size x worker, of ``P``) plays the readers ``v`` with ``v % P == p``, taking a
+    batch from the one that has made the fewest. So no example is repeated or skipped, and with an
+    unchanged layout every reader plays itself (exact resume). A run may grow up to as many ranks x
+    workers as it has readers.
+    """
+
+    world_size: int
+    num_workers: int
+
+    @property
+    def size(self) -> int:
+        return self.world_size * self.num_workers
+
+    def slot(self, reader: int) -> ReaderSlot:
+        return ReaderSlot(reader % self.world_size, self.world_size, reader // self.world_size, self.num_workers)
+
+    def played_by(self, rank: int, world_size: int, worker: int, num_workers: int) -> list[int]:
+        physical, count = rank + world_size * worker, world_size * num_workers
+        return [reader for reader in range(self.size) if reader % count == physical]
+
+
 class ShardStream(torch.utils.data.IterableDataset):
     """An endless stream of encoded batches for one rank.
 
@@ -359,46 +388,62 @@ class ShardStream(torch.utils.data.IterableDataset):
     """
 
     def __init__(self, streams: Sequence[Stream], config: StreamConfig, processor: EncodeCollate,
-                 batch_size: int, rank: int, world_size: int, num_workers: int,
+                 batch_size: int, rank: int, world_size: int, num_workers: int, layout: ReaderLayout,
                  reader_states: dict[int, dict[str, Any]] | None = None, first_worker: int = 0):
         super().__init__()
         self.streams, self.config, self.processor = list(streams), config, processor
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.num_workers = max(num_workers, 1)
+        self.layout = layout
         self.reader_states = reader_states or {}
         self.first_worker = first_worker
 
     def __iter__(self) -> Iterator[Batch]:
         info = torch.utils.data.get_worker_info()
         worker = ((info.id if info is not None else 0) + self.first_worker) % self.num_workers
-        slot = ReaderSlot(self.rank, self.world_size, worker, self.num_workers)
-        reader = ExampleReader(self.streams, slot, self.config, self.reader_states.get(worker))
+        played = self.layout.played_by(self.rank, self.world_size, worker, self.num_workers)
+        readers = {v: ExampleReader(self.streams, self.layout.slot(v), self.config, self.reader_states.get(v))
+                   for v in played}
+        made = {v: self.reader_states.get(v, {}).get("batches", 0) for v in played}
         while True:
-            examples = [next(reader) for _ in range(self.batch_size)]
+            v = min(played, key=lambda reader: (made[reader], reader))
+            examples = [next(readers[v]) for _ in range(self.batch_size)]
+            made[v] += 1
             inputs = self.processor.collate([self.processor.encode_example(**example.decode()) for example in examples])
-            yield Batch(inputs, [e.key for e in examples], [e.source for e in examples], worker, reader.state())
+            yield Batch(inputs, [e.key for e in examples], [e.source for e in examples], worker, v,
+                        {**readers[v].state(), "batches": made[v]})
 
 
 class ResumableLoader:
     """The DataLoader of one rank, and the position a checkpoint stores (``state_dict``)."""
 
     def __init__(self, config: StreamConfig, processor: EncodeCollate, batch_size: int = 1,
-                 num_workers: int = 0, rank: int = 0, world_size: int = 1, state: dict[str, Any] | None = None):
-        self.streams = plan_streams(config, world_size, num_workers)
+                 num_workers: int = 0, rank: int = 0, world_size: int = 1,
+                 states: Sequence[dict[str, Any]] | None = None):
+        """``states``: every rank's ``state_dict()`` from a checkpoint (in rank order), to go on from."""
         self.num_readers = max(num_workers, 1)
-        if state is not None and (state["world_size"], state["num_readers"]) != (world_size, self.num_readers):
-            raise PerceptioError(
-                f"the checkpoint's loader ran {state['world_size']} rank(s) x {state['num_readers']} reader(s); "
-                f"resume with the same (got {world_size} x {self.num_readers})"
-            )
         self.rank, self.world_size = rank, world_size
-        self.reader_states: dict[int, dict[str, Any]] = {int(k): v for k, v in (state or {}).get("readers", {}).items()}
-        self.next_worker: int = (state or {}).get("next_worker", 0)
+        first = states[0] if states else {"world_size": world_size, "num_readers": self.num_readers}
+        self.layout = ReaderLayout(*first.get("layout", (first["world_size"], first["num_readers"])))
+        if world_size * self.num_readers > self.layout.size:
+            raise PerceptioError(
+                f"the checkpoint's run has {self.layout.size} loader readers ({self.layout.world_size} rank(s) x "
+                f"{self.layout.num_workers} worker(s) when it started); resume with at most that many ranks x "
+                f"--workers (got {world_size} x {self.num_readers})")
+        self.streams = plan_streams(config, self.layout.world_size, self.layout.num_workers)
+        # The newest position of each reader this rank plays, whichever rank played it last.
+        mine = {reader for worker in range(self.num_readers)
+                for reader in self.layout.played_by(rank, world_size, worker, self.num_readers)}
+        self.reader_states: dict[int, dict[str, Any]] = {
+            int(reader): position for state in states or [] for reader, position in state["readers"].items()
+            if int(reader) in mine}
+        same_layout = states and (first["world_size"], first["num_readers"]) == (world_size, self.num_readers)
+        self.next_worker: int = states[rank]["next_worker"] if same_layout else 0
         if num_workers > 0:
             # Workers are forked after the tokenizer may have run; its thread pool must not be inherited.
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         self.dataset = ShardStream(self.streams, config, processor, batch_size, rank, world_size, num_workers,
-                              self.reader_states, self.next_worker)
+                                   self.layout, self.reader_states, self.next_worker)
         # Its own generator: starting to iterate draws a seed, which must not move the global RNG
         # (a resumed run starts iterating at another point of the RNG stream than the original).
         self._loader = torch.utils.data.DataLoader(self.dataset, batch_size=None, num_workers=num_workers,
@@ -414,7 +459,7 @@ class ResumableLoader:
         if self._iterator is None:
             self._iterator = iter(self._loader)
         batch = next(self._iterator)
-        self.reader_states[batch.worker] = batch.reader_state
+        self.reader_states[batch.reader] = batch.reader_state
         self.next_worker = (batch.worker + 1) % self.num_readers
         return batch
 
@@ -426,6 +471,7 @@ class ResumableLoader:
 
     def state_dict(self) -> dict[str, Any]:
         return {
+            "layout": [self.layout.world_size, self.layout.num_workers],
             "world_size": self.world_size,
             "num_readers": self.num_readers,
             "next_worker": self.next_worker,

@@ -183,11 +183,13 @@ def run_settings(config: TrainConfig, data: StreamConfig, processes: Processes, 
     Everything that changes the data (shards, mix, splits, seeds, shuffling, the prompt templates'
     content), the model (its config) or the numbers (precision as resolved on this device).
     """
-    keep = ("steps", "batch_size", "grad_accum", "lr", "weight_decay", "warmup", "grad_clip", "seed", "workers", "parallel")
+    # Not the number of ranks or loader workers: a run may resume on another number (elastic, see
+    # data.ReaderLayout); the loader refuses only more readers than the run started with.
+    keep = ("steps", "batch_size", "grad_accum", "lr", "weight_decay", "warmup", "grad_clip", "seed", "parallel")
     settings = {key: value for key, value in asdict(config).items() if key in keep}
     prompts = json.dumps(load_recipe(data.prompts), sort_keys=True).encode("utf-8")
     model_config = getattr(model, "config", None)
-    settings.update(world_size=processes.world_size, mix=data.mix, seed_data=data.seed, splits=list(data.splits),
+    settings.update(mix=data.mix, seed_data=data.seed, splits=list(data.splits),
                     use_depth_tokens=data.use_depth_tokens, shards=sorted(map(str, data.shards)),
                     shuffle_buffer=data.shuffle_buffer, shuffle_initial=data.shuffle_initial,
                     prompts=f"{data.prompts}@{hashlib.sha256(prompts).hexdigest()[:12]}",
@@ -284,15 +286,16 @@ def train(model: TrainableModel, data: StreamConfig, config: TrainConfig) -> Tra
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, config.steps, config.warmup))
     use_bf16 = uses_bf16(config, processes)
-    first_step, loader_state, last_checkpoint = 0, None, None
+    first_step, loader_states, last_checkpoint = 0, None, None
     if resumed is not None:
         load_optimizer_state(model, optimizer, resumed.optimizer_state, config, processes)
         scheduler.load_state_dict(resumed.scheduler_state)
-        set_rng_state(resumed.checkpoint.rng_states[processes.rank])
-        first_step, loader_state = resumed.checkpoint.step, resumed.checkpoint.loader_states[processes.rank]
+        if processes.rank < len(resumed.checkpoint.rng_states):  # a rank added by an elastic resume keeps its seed
+            set_rng_state(resumed.checkpoint.rng_states[processes.rank])
+        first_step, loader_states = resumed.checkpoint.step, resumed.checkpoint.loader_states
         last_checkpoint = found
     loader = ResumableLoader(data, model.processor, config.batch_size, config.workers,
-                             processes.rank, processes.world_size, loader_state)
+                             processes.rank, processes.world_size, loader_states)
 
     out.mkdir(parents=True, exist_ok=True)
     metrics = MetricsLog(out / "metrics.jsonl", first_step, processes.is_main)
