@@ -58,7 +58,7 @@ def train_command(
     seed: int = typer.Option(TrainConfig.seed, "--seed", help="Seed of the model's new weights, the data order and dropout; the same seed gives the same run.", rich_help_panel=PANEL_LOOP),
     save_every: int = typer.Option(TrainConfig.save_every, "--save-every", min=0, help="Write a checkpoint every N steps (0: only after the last step).", rich_help_panel=PANEL_LOOP),
     keep_last: int = typer.Option(TrainConfig.keep_last, "--keep-last", min=0, help="Keep only the newest N checkpoints (0: keep all).", rich_help_panel=PANEL_LOOP),
-    resume: bool = typer.Option(TrainConfig.resume, "--resume", help="Go on exactly from the newest checkpoint in OUT/checkpoints (same options, same number of processes).", rich_help_panel=PANEL_LOOP),
+    resume: bool = typer.Option(TrainConfig.resume, "--resume", help="Go on from the newest checkpoint in OUT/checkpoints with the same options: exactly on the same number of processes, or on fewer/more (up to the first start's ranks x workers) without repeating or skipping data.", rich_help_panel=PANEL_LOOP),
     precision: str = typer.Option(TrainConfig.precision, "--precision", help="auto (bf16 autocast on GPUs, fp32 on CPU), bf16 or fp32.", rich_help_panel=PANEL_LOOP),
     parallel: str = typer.Option(TrainConfig.parallel, "--parallel", help="Under torchrun: ddp (replicate the model) or fsdp (shard it; for 8B-size models).", rich_help_panel=PANEL_LOOP),
     export: str = typer.Option(TrainConfig.export, "--export", help="Final model in OUT/model: adapter (trained weights, base models by id), merged (LoRA merged into a plain transformers folder) or none.", rich_help_panel=PANEL_LOOP),
