@@ -45,13 +45,13 @@ from perceptio.tokenize.config import DEFAULT_DEPTH_MODEL, DEPTH_SOURCES
 
 @dataclass(frozen=True)
 class TeacherSpec:
-    """Which depth teacher the actors build (they build it themselves: models do not travel)."""
+    """Which depth teacher the shard tasks build (they build it themselves: models do not travel)."""
 
     source: str = "model"  # "model": Depth Anything through transformers; "gt": ground-truth depth PNGs
     model: str = DEFAULT_DEPTH_MODEL  # hub id or local folder (source "model")
     depth_dir: str | None = None  # source "gt": DATA_ROOT/depth
     cache_dir: str | None = None  # depth cache for the model teacher (never used for "gt": reading is the cost)
-    device: str | None = None  # None: cuda when the actor has a GPU, else cpu
+    device: str | None = None  # None: cuda when the task has a GPU, else cpu
 
     def __post_init__(self) -> None:
         # The one place the depth source is validated: the CLI, check() and build() rely on it.
@@ -59,10 +59,10 @@ class TeacherSpec:
             raise PerceptioError(f"--depth-source must be one of {', '.join(DEPTH_SOURCES)}, got {self.source!r}")
 
     def check(self) -> None:
-        """Fail on the driver, before any actor starts, when the teacher cannot be built anywhere.
+        """Fail on the driver, before any task starts, when the teacher cannot be built anywhere.
 
-        An actor whose constructor raises would otherwise be restarted by Ray; the user would see
-        retries and tracebacks instead of one line.
+        Otherwise every shard task would fail on its own; the user would see one failure per task
+        instead of one line.
         """
         if self.source == "gt":
             if not self.depth_dir or not Path(self.depth_dir).is_dir():
@@ -257,11 +257,8 @@ def run_shards(jobs: Sequence[ShardJob], config: RayConfig) -> Iterator[ShardDon
 
 
 def _find_user_error(error: BaseException | None) -> PerceptioError | None:
-    """The PerceptioError a worker raised, unwrapped from Ray's task and user-code exceptions.
-
-    A task's exception arrives as its ``cause``; an actor that died in its constructor only as
-    text (``ActorDiedError``), from which the error's first line is recovered.
-    """
+    """The PerceptioError a shard task raised, unwrapped from Ray's task and user-code exceptions
+    (a task's exception arrives as its ``cause``)."""
     seen = set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))
@@ -270,8 +267,5 @@ def _find_user_error(error: BaseException | None) -> PerceptioError | None:
             return cause
         if type(error) is PerceptioError:
             return error
-        text = str(error)
-        if type(error).__name__ == "ActorDiedError" and "PerceptioError: " in text:
-            return PerceptioError(text.rsplit("PerceptioError: ", 1)[1].splitlines()[0])
         error = cause if isinstance(cause, BaseException) else error.__cause__
     return None
