@@ -10,7 +10,8 @@ Members of a sample with key ``{dataset}_{split}_{image_id:012d}``:
 - ``depth_tokens.npy``: int16 (n,), codebook indices in [0, K).
 - ``json``: metadata (see :data:`META_FIELDS` and :data:`REF_FIELDS`).
 - ``seg.png`` (ADE20k only): the 8-bit class map.
-- ``marked.jpg`` (ADE20k only): the image with the question's points drawn.
+- ``marked.jpg`` (ADE20k only): the image with the first question's points drawn (a preview; the
+  trainer draws every question's points on ``jpg`` when it loads the example).
 
 Tars are written deterministically (fixed member order, mtime, owner and mode), to a temporary name
 that is renamed when complete, so a re-run produces byte-identical files and a killed run leaves no
@@ -70,7 +71,13 @@ REF_TYPES: dict[str, type] = {
     "description": str,  # one attribute-focused sentence about the object
     "depth": dict,  # {"median": float normalised depth inside the mask, "rank": int, 0 = nearest object}
 }
-# ADE20k samples carry ``question`` (None when no question could be asked of the image).
+# ADE20k samples carry ``questions``: a list of marked-point questions, each on points of distinct
+# objects (perceptio/curate/marked_points.py), with the QUESTION_TYPES fields plus "object_areas"
+# (pixels of each point's object), "object_bases" (lowest row of each point's object) and "target":
+# "direct" | "depth" (how the trainer writes the answer: the letter alone, or the depth span first).
+# ``question`` is the first of them (None when no question could be asked of the image), the field
+# of the older one-question format.
+QUESTIONS_FIELD = "questions"
 QUESTION_FIELD = "question"
 QUESTION_TYPES: dict[str, type] = {
     "text": str,
@@ -343,10 +350,6 @@ class ShardFile:
                 return len({Path(info.name).name.partition(".")[0] for info in tar if info.isfile()})
         except (tarfile.TarError, EOFError, OSError) as error:
             raise PerceptioError(f"cannot read {self.path}: {error} (run `perceptio-inspect validate`)") from error
-
-
-# The training split's name in COCO-style ("train") and ADE20k-style ("training") datasets.
-TRAINING_SPLITS = ("train", "training")
 
 
 def list_shards(folder: str | os.PathLike[str], splits: Sequence[str] | None = None) -> list[ShardFile]:

@@ -3,6 +3,7 @@ several test modules need built once per session (the synthetic world, a tiny De
 
 from __future__ import annotations
 
+import itertools
 import os
 import urllib.request
 from pathlib import Path
@@ -47,8 +48,17 @@ def synth_world(tmp_path_factory: pytest.TempPathFactory, synth_world_args: dict
     return root
 
 
+_tiny_depth_anything_seeds = itertools.count()
+
+
 def _save_tiny_depth_anything(folder: Path) -> Path:
-    """A Depth Anything V2 model with a 4-layer, 32-wide DINOv2 backbone and random weights."""
+    """A Depth Anything V2 model with a 4-layer, 32-wide DINOv2 backbone and random weights.
+
+    Each call draws other weights from its own seed (independent of the test order). The output is
+    rescaled to about 1, like the real model's: a random head gives ~1e-8, which float16 (the depth
+    cache's type) cannot hold.
+    """
+    import torch
     from transformers import DepthAnythingConfig, DepthAnythingForDepthEstimation, Dinov2Config
     from transformers.models.dpt.image_processing_pil_dpt import DPTImageProcessorPil
 
@@ -69,7 +79,14 @@ def _save_tiny_depth_anything(folder: Path) -> Path:
         fusion_hidden_size=16,
         head_hidden_size=8,
     )
-    DepthAnythingForDepthEstimation(config).save_pretrained(folder)
+    torch.manual_seed(next(_tiny_depth_anything_seeds))
+    model = DepthAnythingForDepthEstimation(config).eval()
+    with torch.no_grad():
+        typical = model(pixel_values=torch.randn(2, 3, 56, 56)).predicted_depth.mean()
+        # The head ends in conv3 -> ReLU, so scaling conv3 scales the output.
+        model.head.conv3.weight /= typical
+        model.head.conv3.bias /= typical
+    model.save_pretrained(folder)
     # The real model's preprocessing, scaled down: keep the aspect ratio, sides a multiple of 14.
     DPTImageProcessorPil(
         size={"height": 56, "width": 56},

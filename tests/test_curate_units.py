@@ -21,7 +21,7 @@ from perceptio.curate.filters import (
     reason_code,
     review_refs,
 )
-from perceptio.curate.marked_points import MarkedPointsConfig, choose_points, draw_marked, make_question
+from perceptio.curate.marked_points import draw_marked
 from perceptio.curate.plan import ImageItem, plan_shards
 from perceptio.errors import PerceptioError
 
@@ -126,24 +126,6 @@ def test_depth_lookup_repeats_each_cell_over_its_pixels():
 # ------------------------------------------------------------------------------------ marked points
 
 
-def test_marked_points_are_apart_and_clearly_ordered():
-    height, width = 120, 200
-    depth = np.linspace(-1, 1, height)[:, None].repeat(width, 1).astype(np.float32)  # nearer at the bottom
-    config = MarkedPointsConfig()
-    for seed in range(20):
-        question = make_question(depth, seed, config)
-        assert question is not None and 2 <= len(question["points"]) <= 5
-        points, depths = np.array(question["points"]), np.array(question["point_depths"])
-        for i in range(len(points)):
-            for j in range(i):
-                assert np.hypot(*(points[i] - points[j])) >= config.min_distance_px
-                assert abs(depths[i] - depths[j]) >= config.min_depth_gap
-        # Nearest = lowest point in this ramp; the answer letter names it.
-        assert question["labels"][int(np.argmax(points[:, 1]))] == question["answer"]
-    assert make_question(depth, 3, config) == make_question(depth, 3, config)
-    assert choose_points(np.zeros((100, 100), np.float32), 0, config)[1:] == []  # flat: nothing to ask
-
-
 def test_marked_image_has_red_marks_at_the_points():
     image = Image.new("RGB", (336, 336), (40, 90, 40))
     data = draw_marked(image, [[100, 200], [250, 80]], ["A", "B"])
@@ -175,17 +157,6 @@ def test_prepare_rejects_invalid_polygons_and_a_corrupt_image(tmp_path):
     path.write_bytes(path.read_bytes()[:300])
     broken = prepare(item, BuildConfig())
     assert broken.problem and all(reason_code(reason) == "corrupt_image" for reason in broken.reasons)
-
-
-def test_marked_points_avoid_depth_edges():
-    config = MarkedPointsConfig()
-    depth = np.full((100, 160), -0.8, np.float32)
-    for start in range(0, 160, 20):
-        depth[:, start : start + 10] = 0.6  # 10-px near stripes: an edge every 10 px
-    chosen = [point for seed in range(10) for point in choose_points(depth, seed, config)]
-    assert len(chosen) >= 20
-    # Every window (x - w .. x + w) lies inside one stripe.
-    assert all(config.window_px <= x % 10 <= 9 - config.window_px for x, _, _ in chosen)
 
 
 def test_the_depth_source_is_checked_where_the_teacher_is_described(tmp_path):

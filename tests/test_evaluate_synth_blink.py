@@ -1,4 +1,5 @@
-"""Synthetic HardBLINK questions: true depth decides, points on distinct objects, HardBLINK layout."""
+"""Synthetic HardBLINK questions: true depth decides, points on distinct objects, HardBLINK layout,
+a hard split where no single cue beats chance, and the answer read from depth maps and tokens."""
 
 from __future__ import annotations
 
@@ -10,7 +11,16 @@ import pytest
 from PIL import Image
 
 from perceptio.evaluate.hardblink import load_hardblink
-from perceptio.evaluate.synth_blink import SynthBlinkConfig, baselines, build_questions, lower_is_nearer, object_point
+from perceptio.evaluate.depth_answer import answer_from_codes, answer_from_depth, nearness_at
+from perceptio.evaluate.synth_blink import (
+    HEURISTICS,
+    SynthBlinkConfig,
+    baselines,
+    build_questions,
+    lower_is_nearer,
+    read_questions,
+    token_ceiling,
+)
 
 
 @pytest.fixture(scope="session")
@@ -20,7 +30,7 @@ def world(synth_world: Path) -> Path:
 
 def test_questions_are_decided_by_true_depth_on_distinct_objects(world, tmp_path):
     counts = build_questions(world, tmp_path, SynthBlinkConfig(seed=1))
-    assert counts[3] >= 3, "the session's world should give several 3-point questions"
+    assert counts[3] >= 6, "the session's world should give several 3-point questions"
     records = {record["stem"]: record for record in json.loads((world / "world.json").read_text())["images"]}
     for variant in (3, 4, 5):
         questions = [json.loads(line) for line in (tmp_path / "questions" / f"blink_{variant}pointscenter_questions.jsonl").read_text().splitlines()]
@@ -37,25 +47,75 @@ def test_questions_are_decided_by_true_depth_on_distinct_objects(world, tmp_path
             assert answer["text"] == f"({question['labels'][int(np.argmin(true_depths))]})"
             hit = [int(instances[y, x]) for x, y in points]
             assert 0 not in hit and len(set(hit)) == variant, "each point on its own object"
+            areas = {obj["instance"]: obj["area_px"] for obj in record["objects"]}
+            assert question["object_areas"] == [areas[instance] for instance in hit]
             ordered = sorted(true_depths)
             assert all(far / near >= 1.05 for near, far in zip(ordered, ordered[1:]))
+            assert ordered[1] / ordered[0] >= 1.25, "the answer is clear: the nearest is 25% nearer than the next"
             with Image.open(tmp_path / "images" / f"blink{variant}pointscenter" / question["image"]) as marked:
                 assert marked.size == (record["camera"]["width"], record["camera"]["height"])
     assert len(load_hardblink(tmp_path)) == sum(counts.values())
     scores = baselines(tmp_path)
     assert scores["chance"][3] == pytest.approx(1 / 3)
-    assert all(0.0 <= value <= 1.0 for value in scores["lower_is_nearer"].values())
+    assert set(scores) == {"chance", *HEURISTICS}
+    assert all(0.0 <= value <= 1.0 for by_variant in scores.values() for value in by_variant.values())
+
+
+def test_hard_split_puts_every_balanced_cue_at_chance(world, tmp_path):
+    counts = build_questions(world, tmp_path, SynthBlinkConfig(seed=2, hard=True, questions_per_image=4, variants=(3,)))
+    assert counts[3] >= 9, "twenty images with four tries each should fill a few balanced blocks"
+    scores = baselines(tmp_path)
+    # Exact up to the rounding of each outcome's share of the kept questions.
+    for cue in ("lowest_point", "largest_object", "lowest_object_base"):
+        assert scores[cue][3] == pytest.approx(1 / 3, abs=1.5 / counts[3]), cue
+    easy = tmp_path.parent / "easy"
+    build_questions(world, easy, SynthBlinkConfig(seed=2, questions_per_image=4, variants=(3,)))
+    assert baselines(easy)["lowest_object_base"][3] > 0.5, "without balancing the ground contact gives most answers away"
+    limited = build_questions(world, tmp_path, SynthBlinkConfig(seed=2, hard=True, questions_per_image=4, variants=(3,)),
+                              limit_per_variant=5)
+    assert limited[3] == 5 and len(read_questions(tmp_path)[3]) == 5
+
+
+def test_true_depth_read_at_the_points_answers_and_a_fitted_tokenizer_nearly_does(world, tmp_path):
+    import torch
+
+    from perceptio.tokenize.fit import FitConfig, train
+    from perceptio.tokenize.teacher import OracleTeacher
+    from perceptio.tokenize.vqvae import DepthVQVAE, DepthVQVAEConfig
+
+    build_questions(world, tmp_path / "q", SynthBlinkConfig(seed=4, questions_per_image=2))
+    questions = read_questions(tmp_path / "q")
+    oracle = OracleTeacher(world / "depth")
+    config = DepthVQVAEConfig(input_pool=8, hidden_channels=(8, 8), code_dim=8, num_res_blocks=1)
+    tokenizer = DepthVQVAE(config)
+    hits = []
+    for rows in questions.values():
+        for row, answer in rows:
+            depth = tokenizer.normalize(oracle.predict_paths([world / row["source_file"]])[0])[0].numpy()
+            hits.append(answer_from_depth(depth, row["points"], row["labels"], (row["image_width"], row["image_height"])) == answer)
+    assert np.mean(hits) >= 0.95, "the normalised true depth read at the points gives the answer"
+
+    images = sorted((world / "images" / "mscoco" / "images" / "train2014").glob("*.jpg"))
+    maps = tokenizer.normalize([oracle.predict_paths([path])[0] for path in images])
+    torch.manual_seed(0)
+    fitted = train(maps, config, FitConfig(steps=120, batch_size=8, warmup_steps=10, checkpoint_every=1000), tmp_path / "fit")
+    ceiling = token_ceiling(tmp_path / "q", world, fitted)
+    assert set(ceiling) == set(questions)
+    total = sum(len(rows) for rows in questions.values())
+    mean = sum(ceiling[v] * len(rows) for v, rows in questions.items()) / total
+    chance = sum(len(rows) / v for v, rows in questions.items()) / total
+    assert mean > chance + 0.25, (mean, chance)
+    row, _ = questions[3][0]
+    assert answer_from_codes(fitted, [0] * 99, row["points"], row["labels"], (384, 288)) is None, "a short span answers nothing"
 
 
 def test_lower_is_nearer_picks_the_largest_y():
     assert lower_is_nearer([[5, 10], [50, 200], [90, 40]], ["A", "B", "C"]) == "B"
 
 
-def test_object_point_stays_inside_the_eroded_object():
-    mask = np.zeros((20, 30), dtype=bool)
-    mask[2:12, 5:25] = True
-    x, y = object_point(mask, erosion_px=3)
-    assert 5 <= y <= 8 and 8 <= x <= 21
-    thin = np.zeros((20, 30), dtype=bool)
-    thin[5, :] = True
-    assert object_point(thin, erosion_px=1) is None
+def test_reading_a_map_at_image_points():
+    depth = np.zeros((320, 320), np.float32)
+    depth[160:, :160] = 1.0  # the lower-left quarter is near
+    assert nearness_at(depth, (10, 200), (400, 300)) == pytest.approx(1.0)
+    assert nearness_at(depth, (390, 10), (400, 300)) == pytest.approx(0.0)
+    assert answer_from_depth(depth, [[390, 10], [10, 290], [200, 100]], ["A", "B", "C"], (400, 300)) == "B"

@@ -16,6 +16,7 @@ import typer
 
 from perceptio import fs
 from perceptio.curate.distributor import RayConfig, ShardJob, TeacherSpec, ray_session, run_shards
+from perceptio.curate.marked_points import MarkedPointsConfig
 from perceptio.curate.plan import ShardPlan, ade_images, plan_shards, refer_images
 from perceptio.curate.sample_builder import BuildConfig
 from perceptio.curate.writer import check_resumable, done_shards, write_dataset_json, write_manifest
@@ -229,6 +230,8 @@ def _command(dataset: str):
         model_workers: int = typer.Option(RayConfig.model_workers, "--model-workers", help="shard tasks running at once, on any nodes (each loads one teacher + tokenizer)"),
         num_gpus_per_worker: float = typer.Option(RayConfig.num_gpus_per_worker, "--num-gpus-per-worker", help="GPUs per shard task (0: CPU; 0.5: two tasks share a GPU)"),
         captioner: str = typer.Option(BuildConfig.captioner, "--captioner", help="description writer: 'attributes' or package.module:ClassName"),
+        questions_per_image: int = typer.Option(MarkedPointsConfig.questions_per_image, "--questions-per-image", min=0, help="ADE20k: marked-point questions per image (2-5 points on distinct objects each)"),
+        hard_questions: bool = typer.Option(MarkedPointsConfig.balanced, "--hard-questions/--any-questions", help="ADE20k: balance each image's questions so that the lowest point, the largest object and the object reaching lowest are nearest about as often as chance"),
         overwrite: bool = typer.Option(CurationRequest.overwrite, "--overwrite", help="discard this dataset's earlier shards instead of resuming"),
         progress: bool = typer.Option(CurationRequest.progress, "--progress/--no-progress", help="show the live progress display"),
     ) -> None:
@@ -250,7 +253,8 @@ def _command(dataset: str):
             batch_size=batch_size,
             ray=RayConfig(address=ray_address, num_cpus=num_cpus, model_workers=model_workers,
                           num_gpus_per_worker=num_gpus_per_worker),
-            build=BuildConfig(captioner=captioner),
+            build=BuildConfig(captioner=captioner, marked_points=MarkedPointsConfig(
+                questions_per_image=questions_per_image, balanced=hard_questions)),
             overwrite=overwrite,
             progress=progress,
         ))

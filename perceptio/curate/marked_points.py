@@ -1,18 +1,36 @@
-"""HardBLINK-style relative-depth questions for ADE20k images ("which point is closest to the camera").
+"""HardBLINK-style relative-depth questions ("which point is closest to the camera") on object surfaces.
 
 After AURORA, the paper trains on ADE20k images with 2-5 points marked on them and asks which point
-is nearest. Points are drawn as in HardBLINK (a small red circle, a letter in a white box beside
-it) so that the trained model meets the benchmark's look. The points are chosen from the teacher's
-normalised inverse depth (larger = nearer): at least ``min_distance_px`` apart and with depths that
-differ clearly, so that the letter answer is not a coin toss on teacher noise.
+is nearest; HardBLINK, the benchmark, puts its points on objects. This module builds such questions
+from any image that comes with object masks and a depth map, so that curation (ADE20k segments and
+the teacher's depth) and the synthetic benchmark (world instances and true depth) share one
+construction:
+
+- one point per object, inside the object's mask shrunk by ``erosion_px`` (never on floor, wall,
+  sky or another "stuff" region, never on an outline where "which is nearer" hangs on a pixel);
+- points at least ``min_distance_px`` apart, and nearness values (larger = nearer, in the caller's
+  units) that differ pairwise by at least ``min_gap``, so that the answer is well defined;
+- letters follow a random order of the points, so the answer letter is uniform;
+- optionally *balanced* (:class:`Target`): the caller asks whether the lowest point in the image,
+  the point on the largest-looking object and the point on the object reaching lowest in the image
+  (its ground contact) should be the nearest one, and draws those wishes so that each cue is right
+  exactly as often as chance (:func:`cue_combinations`, :class:`CueBalancer`). No one of these
+  cues then tells the answer.
+
+Marks are drawn as in HardBLINK (a red ring, the letter in a white box beside it):
+:func:`draw_marks` on a decoded image (the trainer draws at load time), :func:`draw_marked` for JPEG
+bytes.
 """
 
 from __future__ import annotations
 
 import io
+import itertools
+import math
 import string
+import zlib
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -21,77 +39,303 @@ QUESTION_TEXT = (
     "Multiple points are circled on the image, labeled by letters beside each circle. "
     "Which point is the closest to the camera?"
 )
+# How a training question's target is written: the letter alone, or the depth span then the letter
+# (the paper's two ADE20k variants, "answered directly or after writing the depth tokens").
+DIRECT, WITH_DEPTH = "direct", "depth"
+TARGET_VARIANTS = (DIRECT, WITH_DEPTH)
 
 
 @dataclass(frozen=True)
 class MarkedPointsConfig:
-    """How the points of one question are chosen."""
+    """How the points of a question are chosen (pixels of the image the points are drawn on)."""
 
     min_points: int = 2
     max_points: int = 5
+    questions_per_image: int = 3  # the paper's ~60K ADE20k questions on its ~20K training images
     min_distance_px: float = 20.0
-    min_depth_gap: float = 0.1  # in normalised depth units ([-1, 1]): a clear difference
-    border_px: int = 16  # keep circles and labels inside the image
-    window_px: int = 2  # depth at a point = median over a (2w+1)^2 window
-    # A point must sit inside a surface: its window's depth varies less than the gap that separates
-    # points, so that no point lands on an object's outline where "which is nearer" hangs on a pixel.
-    max_local_spread: float = 0.1
-    attempts: int = 400
+    # Nearness gap between any two points. Curation's nearness is the tokenizer's normalised
+    # inverse depth in [-1, 1]; the synthetic benchmark passes -log(depth), where 0.049 = 5%.
+    min_gap: float = 0.1
+    # The nearest point must be nearer than every other by at least this (same units): how clear the
+    # answer itself is. 0 = min_gap alone.
+    min_answer_gap: float = 0.0
+    erosion_px: int = 3  # points keep this distance from their object's visible border
+    min_object_pixels: int = 120
+    border_px: int = 12  # keep circles and labels inside the image
+    window_px: int = 2  # nearness at a point = median over a (2w+1)^2 window
+    max_local_spread: float = 0.1  # a window that varies more straddles a depth edge: no point there
+    attempts: int = 200
+    balanced: bool = False  # "hard" questions: lowest point, largest object and lowest object base at chance
 
 
-def _point_depth(depth_full: np.ndarray, x: int, y: int, config: MarkedPointsConfig) -> float | None:
-    """Median depth around (x, y), or None when the point is on a depth edge."""
-    window = config.window_px
-    patch = depth_full[max(0, y - window): y + window + 1, max(0, x - window): x + window + 1]
-    if float(patch.max() - patch.min()) > config.max_local_spread:
+@dataclass(frozen=True)
+class ObjectRegion:
+    """One object of an image: where a point may go (its eroded mask) and what cues it gives."""
+
+    core: np.ndarray  # (k, 2) int (x, y) of the pixels a point may take
+    area: int  # visible pixels of the whole object (the apparent-size cue)
+    base_y: int  # lowest image row of the object (the ground-contact cue)
+
+
+@dataclass(frozen=True)
+class MarkedPoint:
+    x: int
+    y: int
+    nearness: float  # larger = nearer
+    region: int  # index of its ObjectRegion
+
+
+@dataclass(frozen=True)
+class Target:
+    """What the balanced construction wants of one question: is the lowest point the nearest, is
+    the point on the largest object the nearest, is the point on the object reaching lowest the
+    nearest (None: no wish)."""
+
+    lowest_is_nearest: bool | None = None
+    largest_is_nearest: bool | None = None
+    lowest_base_is_nearest: bool | None = None
+
+
+NearnessFn = Callable[[int, int], "float | None"]
+
+
+def eroded(mask: np.ndarray, steps: int) -> np.ndarray:
+    """The mask shrunk by ``steps`` pixels (4-neighbourhood), with numpy shifts alone."""
+    core = mask.astype(bool)
+    for _ in range(steps):
+        padded = np.pad(core, 1)
+        core = core & padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
+    return core
+
+
+def object_regions(masks: Sequence[np.ndarray], config: MarkedPointsConfig) -> list[ObjectRegion]:
+    """The regions of the masks big enough to hold a point away from their border and the image's."""
+    regions = []
+    for mask in masks:
+        area = int(mask.sum())
+        if area < config.min_object_pixels:
+            continue
+        core = eroded(mask, config.erosion_px)
+        border = config.border_px
+        core[:border], core[-border:], core[:, :border], core[:, -border:] = False, False, False, False
+        rows, cols = np.nonzero(core)
+        if len(rows) == 0:
+            continue
+        base_y = int(np.nonzero(mask.any(axis=1))[0].max())
+        regions.append(ObjectRegion(np.stack([cols, rows], axis=1), area, base_y))
+    return regions
+
+
+def window_nearness(nearness_map: np.ndarray, config: MarkedPointsConfig) -> NearnessFn:
+    """Nearness at a point from a dense map: the window median, None on a depth edge."""
+
+    def at(x: int, y: int) -> float | None:
+        w = config.window_px
+        patch = nearness_map[max(0, y - w): y + w + 1, max(0, x - w): x + w + 1]
+        if float(patch.max() - patch.min()) > config.max_local_spread:
+            return None
+        return float(np.median(patch))
+
+    return at
+
+
+def cue_outcome(points: Sequence[MarkedPoint], regions: Sequence[ObjectRegion]) -> Target | None:
+    """Which cues pick the nearest of these points; None when a cue is tied (undefined)."""
+    nearest = int(np.argmax([point.nearness for point in points]))
+    picks = []
+    for values in ([point.y for point in points], [regions[point.region].area for point in points],
+                   [regions[point.region].base_y for point in points]):
+        if len(set(values)) < len(values):
+            return None
+        picks.append(int(np.argmax(values)) == nearest)
+    return Target(*picks)
+
+
+def _meets(points: list[MarkedPoint], regions: Sequence[ObjectRegion], target: Target) -> bool:
+    if target == Target():
+        return True
+    outcome = cue_outcome(points, regions)
+    return outcome is not None and all(
+        wish is None or wish == got
+        for wish, got in zip((target.lowest_is_nearest, target.largest_is_nearest, target.lowest_base_is_nearest),
+                             (outcome.lowest_is_nearest, outcome.largest_is_nearest, outcome.lowest_base_is_nearest))
+    )
+
+
+def _draw_set(regions: Sequence[ObjectRegion], nearness: NearnessFn, count: int, rng: np.random.Generator,
+              config: MarkedPointsConfig) -> list[MarkedPoint] | None:
+    """One random try: ``count`` points on distinct objects, far apart and clearly ordered; or None."""
+    points = []
+    for index in rng.choice(len(regions), size=count, replace=False):
+        x, y = (int(v) for v in regions[index].core[rng.integers(len(regions[index].core))])
+        value = nearness(x, y)
+        if value is None:
+            return None
+        points.append(MarkedPoint(x, y, value, int(index)))
+    values = sorted(point.nearness for point in points)
+    if any(b - a < config.min_gap for a, b in zip(values, values[1:])) or values[-1] - values[-2] < config.min_answer_gap:
         return None
-    return float(np.median(patch))
+    if any(np.hypot(p.x - q.x, p.y - q.y) < config.min_distance_px for i, p in enumerate(points) for q in points[i + 1:]):
+        return None
+    return points
 
 
-def choose_points(depth_full: np.ndarray, seed: int, config: MarkedPointsConfig) -> list[tuple[int, int, float]]:
-    """Up to a seeded 2..5 points ``(x, y, depth)``, pairwise far apart and clearly different in depth.
-
-    Returns fewer than ``config.min_points`` (then no question is asked) when the image has no
-    depth contrast to ask about, e.g. a flat wall. Deterministic in ``seed``.
-    """
-    rng = np.random.default_rng(seed)
-    height, width = depth_full.shape
-    wanted = int(rng.integers(config.min_points, config.max_points + 1))
-    low_x, high_x = min(config.border_px, width // 2), max(width - config.border_px, width // 2 + 1)
-    low_y, high_y = min(config.border_px, height // 2), max(height - config.border_px, height // 2 + 1)
-    chosen: list[tuple[int, int, float]] = []
+def choose_points(regions: Sequence[ObjectRegion], nearness: NearnessFn, count: int, rng: np.random.Generator,
+                  config: MarkedPointsConfig, target: Target = Target()) -> list[MarkedPoint] | None:
+    """``count`` points on distinct objects, far apart, clearly ordered in depth and meeting ``target``; or None."""
+    if len(regions) < count:
+        return None
     for _ in range(config.attempts):
-        if len(chosen) == wanted:
-            break
-        x, y = int(rng.integers(low_x, high_x)), int(rng.integers(low_y, high_y))
-        depth = _point_depth(depth_full, x, y, config)
-        if depth is not None and all(
-            np.hypot(x - cx, y - cy) >= config.min_distance_px and abs(depth - cd) >= config.min_depth_gap
-            for cx, cy, cd in chosen
-        ):
-            chosen.append((x, y, depth))
-    return chosen
+        points = _draw_set(regions, nearness, count, rng, config)
+        if points is not None and _meets(points, regions, target):
+            return points
+    return None
 
 
-def make_question(depth_full: np.ndarray, seed: int, config: MarkedPointsConfig) -> dict[str, Any] | None:
-    """The ``question`` field of an ADE20k sample (see perceptio/shards.py), or None."""
-    points = choose_points(depth_full, seed, config)
-    if len(points) < config.min_points:
-        return None
-    labels = list(string.ascii_uppercase[: len(points)])
-    nearest = max(range(len(points)), key=lambda i: points[i][2])
+def point_sets_by_outcome(regions: Sequence[ObjectRegion], nearness: NearnessFn, count: int, rng: np.random.Generator,
+                          config: MarkedPointsConfig) -> dict[Target, list[MarkedPoint]]:
+    """The first point set found for every cue outcome this image gives, in ``config.attempts`` tries."""
+    found: dict[Target, list[MarkedPoint]] = {}
+    if len(regions) < count:
+        return found
+    for _ in range(config.attempts):
+        points = _draw_set(regions, nearness, count, rng, config)
+        outcome = None if points is None else cue_outcome(points, regions)
+        if outcome is not None and outcome not in found:
+            found[outcome] = points  # type: ignore[assignment]
+    return found
+
+
+def cue_combinations(count: int) -> list[tuple[Target, float]]:
+    """Every wish for a ``count``-point question with how often chance grants it.
+
+    By chance each cue picks the nearest of ``count`` points with probability 1/count, the three
+    independently: a wish's share is the product of 1/count for each cue that is to be right and
+    (count - 1)/count for each that is to be wrong.
+    """
+    combinations = []
+    for lowest_ok, largest_ok, base_ok in itertools.product((True, False), repeat=3):
+        share = math.prod(1 / count if ok else (count - 1) / count for ok in (lowest_ok, largest_ok, base_ok))
+        combinations.append((Target(lowest_ok, largest_ok, base_ok), share))
+    return combinations
+
+
+class CueBalancer:
+    """Keeps a set of ``count``-point questions at chance on every cue, for one whole split.
+
+    :meth:`pick` takes, of the outcomes an image offers, the one lagging most behind its chance
+    share, so rare outcomes are taken whenever an image has one; :meth:`keep` then drops surplus
+    questions of the common outcomes
+    so that each wish holds its share exactly (up to rounding to whole questions): every cue is
+    right as often as chance by construction.
+    """
+
+    def __init__(self, count: int) -> None:
+        self.combinations = cue_combinations(count)
+        self.have = {target: 0 for target, _ in self.combinations}
+
+    def pick(self, available: Iterable[Target]) -> Target | None:
+        """Of the outcomes an image offers, the one lagging most behind its chance share; None when
+        every one of them is already at or above its share (the question would only be dropped)."""
+        total = sum(self.have.values()) + 1
+        shares = dict(self.combinations)
+        lags = {target: shares[target] * total - self.have[target] for target in available}
+        best = max(lags, key=lags.__getitem__, default=None)
+        return best if best is not None and lags[best] > 0 else None
+
+    def add(self, target: Target) -> None:
+        self.have[target] += 1
+
+    def _quotas(self, total: int) -> dict[Target, int]:
+        """Each outcome's share of ``total`` questions in whole numbers that add up to ``total``
+        (largest remainders get the questions rounding left over)."""
+        exact = {target: share * total for target, share in self.combinations}
+        quotas = {target: math.floor(value) for target, value in exact.items()}
+        by_remainder = sorted(exact, key=lambda target: quotas[target] - exact[target])
+        for target in by_remainder[: total - sum(quotas.values())]:
+            quotas[target] += 1
+        return quotas
+
+    def balanced_size(self) -> int:
+        """The most questions a balanced subset of those added so far can hold."""
+        total = sum(self.have.values())
+        while total and any(quota > self.have[target] for target, quota in self._quotas(total).items()):
+            total -= 1
+        return total
+
+    def keep(self, targets: Sequence[Target], size: int | None = None) -> list[int]:
+        """Indices (in order) of the questions to keep, given each question's wish."""
+        quotas = self._quotas(self.balanced_size() if size is None else min(size, self.balanced_size()))
+        kept = []
+        for index, target in enumerate(targets):
+            if quotas[target] > 0:
+                quotas[target] -= 1
+                kept.append(index)
+        return kept
+
+
+def question_record(points: Sequence[MarkedPoint], regions: Sequence[ObjectRegion], rng: np.random.Generator) -> dict[str, Any]:
+    """The json of one question: letters in a random order of the points, the answer, the cues."""
+    order = [points[i] for i in rng.permutation(len(points))]
+    labels = list(string.ascii_uppercase[: len(order)])
+    nearest = int(np.argmax([point.nearness for point in order]))
     return {
         "text": QUESTION_TEXT,
-        "points": [[x, y] for x, y, _ in points],
+        "points": [[point.x, point.y] for point in order],
         "labels": labels,
         "answer": labels[nearest],
-        "point_depths": [round(depth, 6) for _, _, depth in points],
+        "point_depths": [round(point.nearness, 6) for point in order],
+        "object_areas": [regions[point.region].area for point in order],
+        "object_bases": [regions[point.region].base_y for point in order],
     }
 
 
-def draw_marked(image: Image.Image, points: list[list[int]], labels: list[str]) -> bytes:
-    """JPEG bytes of the image with HardBLINK-like marks: red ring, letter in a white box up-left."""
+def target_variant(key: str) -> str:
+    """The target variant of a training question, a stable function of its key (half direct, half with depth)."""
+    return TARGET_VARIANTS[zlib.crc32(key.encode("utf-8")) % len(TARGET_VARIANTS)]
+
+
+def make_questions(regions: Sequence[ObjectRegion], nearness: NearnessFn, key: str, seed: int,
+                   config: MarkedPointsConfig) -> list[dict[str, Any]]:
+    """Up to ``config.questions_per_image`` questions about one image, deterministic in ``seed``.
+
+    Each question draws its own point count (``min_points``..``max_points``) and point set. With
+    ``config.balanced`` the image keeps a :class:`CueBalancer` per point count: of the cue outcomes
+    its objects offer, each question takes the one lagging most behind chance's share among the
+    image's questions so far, and none when every offered outcome is already over its share. An
+    image whose cues always tell the answer then gives one question, not ``questions_per_image``,
+    so the cues lose most of their pull (the rates are measured, not exact: an exact balance needs
+    the whole split at once, as :mod:`perceptio.evaluate.synth_blink` does). A question whose points
+    cannot be found (too few objects, no depth contrast) is left out.
+    """
+    rng = np.random.default_rng(seed)
+    balancers: dict[int, CueBalancer] = {}
+    questions = []
+    for _ in range(config.questions_per_image):
+        count = int(rng.integers(config.min_points, config.max_points + 1))
+        if config.balanced:
+            balancer = balancers.setdefault(count, CueBalancer(count))
+            offered = point_sets_by_outcome(regions, nearness, count, rng, config)
+            target = balancer.pick(offered)
+            if target is None:
+                continue
+            balancer.add(target)
+            points: list[MarkedPoint] | None = offered[target]
+        else:
+            points = choose_points(regions, nearness, count, rng, config)
+        if points is None:
+            continue
+        record = question_record(points, regions, rng)
+        record["target"] = target_variant(f"{key}/q{len(questions)}")
+        questions.append(record)
+    return questions
+
+
+def draw_marks(image: Image.Image, points: Sequence[Sequence[int]], labels: Sequence[str]) -> Image.Image:
+    """A copy of the image with HardBLINK-like marks: red ring, letter in a white box up-left."""
     canvas = image.convert("RGB")
+    if canvas is image:
+        canvas = image.copy()
     draw = ImageDraw.Draw(canvas)
     scale = max(canvas.size) / 336.0  # HardBLINK images are 336 px; keep marks the same relative size
     radius = max(3, round(4 * scale))
@@ -104,6 +348,23 @@ def draw_marked(image: Image.Image, points: list[list[int]], labels: list[str]) 
         box_y = min(max(0, y - radius - box_h - 2), canvas.height - box_h)
         draw.rectangle((box_x, box_y, box_x + box_w, box_y + box_h), fill=(255, 255, 255))
         draw.text((box_x + 2 - left, box_y + 2 - top), label, fill=(0, 0, 0), font=font)
+    return canvas
+
+
+def draw_marked(image: Image.Image, points: Sequence[Sequence[int]], labels: Sequence[str]) -> bytes:
+    """JPEG bytes of :func:`draw_marks`."""
     buffer = io.BytesIO()
-    canvas.save(buffer, format="JPEG", quality=95)
+    draw_marks(image, points, labels).save(buffer, format="JPEG", quality=95)
     return buffer.getvalue()
+
+
+def cue_rates(questions: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """How often each single cue names the answer over questions with the fields of :func:`question_record`,
+    against chance (the mean of 1/points); e.g. to check curated training questions."""
+    cues = {"lowest_point": lambda q: [y for _, y in q["points"]], "largest_object": lambda q: q["object_areas"],
+            "lowest_object_base": lambda q: q["object_bases"]}
+    rates = {"chance": float(np.mean([1 / len(q["points"]) for q in questions])) if questions else float("nan")}
+    for name, values in cues.items():
+        hits = [q["labels"][int(np.argmax(values(q)))] == q["answer"] for q in questions]
+        rates[name] = float(np.mean(hits)) if hits else float("nan")
+    return rates

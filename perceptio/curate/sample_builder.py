@@ -2,7 +2,7 @@
 
 :func:`prepare` reads and decodes one image, rasterises each ref's mask and applies the filters;
 :func:`assemble` turns a prepared image plus its depth into the shard sample (descriptions, region
-depth statistics, ADE20k questions and ``marked.jpg``) and into one manifest row per ref. Both are
+depth statistics, ADE20k marked-point questions and ``marked.jpg``) and into one manifest row per ref. Both are
 plain functions of their inputs so that Ray can run them anywhere and a re-run gives the same bytes.
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import io
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -28,10 +29,16 @@ from perceptio.curate.filters import (
     reason_code,
     review_refs,
 )
-from perceptio.curate.marked_points import MarkedPointsConfig, draw_marked, make_question
+from perceptio.curate.marked_points import (
+    MarkedPointsConfig,
+    draw_marked,
+    make_questions,
+    object_regions,
+    window_nearness,
+)
 from perceptio.curate.plan import ImageItem
 from perceptio.shards import KEPT, REJECTED, ManifestRow, ShardSample, mask_to_rle, rle_to_mask
-from perceptio.sources.masks import MALFORMED, parse_segmentation, segmentation_to_mask
+from perceptio.sources.masks import MALFORMED, parse_segmentation, segment_masks, segmentation_to_mask
 from perceptio.sources.problems import BadImage, decode_image
 
 @dataclass(frozen=True)
@@ -85,12 +92,16 @@ def _ade_reader(root: str) -> Any:
     return ADE20kDataset(root)
 
 
+def _ade_root(item: ImageItem) -> str:
+    return str(Path(item.image_path).parents[2])  # .../ADEChallengeData2016/images/<split>/<file>
+
+
 def _read_ade_segmentation(item: ImageItem) -> bytes:
     """The class map's PNG bytes verbatim, after the reader has checked it against the image."""
     from perceptio.sources.ade20k import AdeSample
 
     image_path, seg_path = Path(item.image_path), Path(str(item.seg_path))
-    reader = _ade_reader(str(image_path.parents[2]))  # .../ADEChallengeData2016/images/<split>/<file>
+    reader = _ade_reader(_ade_root(item))
     reader.load_segmentation(AdeSample(item.image_id, item.split, image_path.stem, image_path, seg_path))
     return seg_path.read_bytes()
 
@@ -157,6 +168,16 @@ def _seed(item: ImageItem) -> int:
     return zlib.crc32(item.key.encode())
 
 
+def _ade_questions(item: ImageItem, seg_png: bytes, depth_full: np.ndarray,
+                   config: MarkedPointsConfig) -> list[dict[str, Any]]:
+    """The marked-point questions of one ADE20k image: points on its thing segments, teacher depth decides."""
+    with Image.open(io.BytesIO(seg_png)) as seg:
+        classes = np.asarray(seg)
+    stuff = frozenset(ade_class.idx for ade_class in _ade_reader(_ade_root(item)).classes if ade_class.stuff)
+    regions = object_regions(segment_masks(classes, stuff), config)
+    return make_questions(regions, window_nearness(depth_full, config), item.key, _seed(item), config)
+
+
 def assemble(prepared: PreparedImage, depth: DepthResult | None, config: BuildConfig, captioner: Captioner) -> BuiltImage:
     """The shard sample and manifest rows of one image (CPU stage after the model)."""
     started = time.perf_counter()
@@ -215,11 +236,14 @@ def assemble(prepared: PreparedImage, depth: DepthResult | None, config: BuildCo
                          depth_rank=measured.depth_rank, description=description))
 
     marked_jpg = None
-    if item.seg_path is not None:
-        question = make_question(depth_full, _seed(item), config.marked_points)
-        meta["question"] = question
-        if question is not None:
-            marked_jpg = draw_marked(Image.fromarray(pixels), question["points"], question["labels"])
+    if item.seg_path is not None and prepared.seg_png is not None:
+        questions = _ade_questions(item, prepared.seg_png, depth_full, config.marked_points)
+        # ``question`` (the first one) and its ``marked.jpg`` stay for readers of the one-question
+        # format and as a preview; the trainer draws the marks of every question at load time.
+        meta["questions"] = questions
+        meta["question"] = questions[0] if questions else None
+        if questions:
+            marked_jpg = draw_marked(Image.fromarray(pixels), questions[0]["points"], questions[0]["labels"])
         rows.append(_row(item, None, None))
     elif not kept:
         timings["assemble"] = time.perf_counter() - started

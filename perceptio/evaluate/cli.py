@@ -20,6 +20,7 @@ from rich.table import Table
 
 from perceptio.errors import PerceptioError, run_cli
 from perceptio.evaluate.distributed import ProcessGroup, init_process_group
+from perceptio.evaluate.synth_blink import SynthBlinkConfig
 from perceptio.io import write_text_atomic
 
 app = typer.Typer(
@@ -242,24 +243,50 @@ def depth(
     report(results, table, as_json, out)
 
 
+SYNTH_BLINK_DEFAULTS = SynthBlinkConfig()
+
+
 @app.command("synth-blink")
 def synth_blink(
     world: Path = typer.Option(..., help="A synthetic world (perceptio-curate synth); use one the model was not trained on."),
-    out: Path = typer.Option(..., help="Folder to write the questions into, in the HardBLINK layout."),
-    per_variant: Optional[int] = typer.Option(None, help="Most questions per point count (default: one per image that allows it)."),
-    seed: int = typer.Option(0, help="Seed of the choice of objects and of the letters."),
+    out: Path = typer.Option(..., help="Folder to write the questions into, in the HardBLINK layout (replaced whole)."),
+    per_variant: Optional[int] = typer.Option(None, help="Most questions per point count (default: as many as the world gives)."),
+    questions_per_image: int = typer.Option(1, help="Questions per image and point count, each on its own objects and points."),
+    hard: bool = typer.Option(False, "--hard/--easy", help="Balance the split so that the lowest point and the point on the largest object are nearest only as often as chance."),
+    seed: int = typer.Option(0, help="Seed of the choice of objects, points and letters."),
+    min_answer_gap: float = typer.Option(SYNTH_BLINK_DEFAULTS.min_answer_gap, help="How much nearer (relative depth) the nearest point is than the next."),
+    tokenizer: Optional[Path] = typer.Option(None, help="Depth tokenizer folder: also report the answer read from the ground-truth depth tokens (the ceiling)."),
+    as_json: bool = JSON_OPTION,
+    json_out: Optional[Path] = typer.Option(None, "--json-out", help="Also write the counts and scores as JSON to this file."),
 ) -> None:
-    """Write HardBLINK-style questions (3, 4, 5 marked points, true depth decides) for a synthetic world."""
-    from perceptio.evaluate.synth_blink import SynthBlinkConfig, baselines, build_questions
+    """Write HardBLINK-style questions (3, 4, 5 marked points, true depth decides) for a synthetic world,
+    and score chance and every single-cue heuristic on them (and the ground-truth-token ceiling)."""
+    from perceptio.evaluate.synth_blink import HEURISTICS, SynthBlinkConfig, baselines, build_questions, token_ceiling
 
-    counts = build_questions(world, out, SynthBlinkConfig(seed=seed), limit_per_variant=per_variant)
+    if questions_per_image < 1:
+        raise PerceptioError(f"--questions-per-image must be at least 1, not {questions_per_image}")
+    if min_answer_gap < 0:
+        raise PerceptioError(f"--min-answer-gap must be at least 0, not {min_answer_gap}")
+    config = SynthBlinkConfig(seed=seed, hard=hard, questions_per_image=questions_per_image, min_answer_gap=min_answer_gap)
+    counts = build_questions(world, out, config, limit_per_variant=per_variant)
+    if not any(counts.values()):
+        raise PerceptioError(f"{world} gave no question (too few visible objects per image)")
     scores = baselines(out)
-    table = Table(title=f"synthetic HardBLINK questions in {out}")
-    for column in ("points", "questions", "chance", "lower is nearer"):
+    if tokenizer is not None:
+        from perceptio.tokenize.vqvae import DepthVQVAE
+
+        scores["gt_token_ceiling"] = token_ceiling(out, world, DepthVQVAE.from_pretrained(tokenizer))
+    results = {"benchmark": "synth-blink", "world": str(world), "out": str(out), "split": "hard" if hard else "easy",
+               "seed": seed, "min_answer_gap": min_answer_gap, "questions": {str(v): n for v, n in counts.items()},
+               "scores": {name: {str(v): value for v, value in by_variant.items()} for name, by_variant in scores.items()}}
+    variants = [variant for variant, count in counts.items() if count]
+    table = Table(title=f"synthetic HardBLINK ({results['split']}) in {out}: accuracy % per point count")
+    for column in ("cue", *(f"{v} points (n={counts[v]})" for v in variants), "mean"):
         table.add_column(column)
-    for variant, count in counts.items():
-        table.add_row(str(variant), str(count), percent(1 / variant), percent(scores["lower_is_nearer"].get(variant)))
-    Console().print(table)
+    for name, by_variant in scores.items():
+        values = [by_variant[v] for v in variants if v in by_variant]
+        table.add_row(name, *(percent(by_variant.get(v)) for v in variants), percent(sum(values) / len(values)))
+    report(results, table, as_json, json_out)
 
 
 @app.command()

@@ -25,6 +25,7 @@ from perceptio.shards import (
     META_TYPES,
     QUESTION_FIELD,
     QUESTION_TYPES,
+    QUESTIONS_FIELD,
     REF_TYPES,
     ShardFile,
     ShardSample,
@@ -239,17 +240,31 @@ def _check_ade(
         if sample.marked_jpg is not None:
             problem("question", "marked.jpg without a question")
         return
-    if not _type_problems(QUESTION_FIELD, question, QUESTION_TYPES, problem):
+    _check_question(QUESTION_FIELD, question, meta, problem)
+    questions = meta.get(QUESTIONS_FIELD)
+    if questions is None:
+        return  # the older one-question format
+    if not isinstance(questions, list) or not questions or questions[0] != question:
+        problem("question", f"{QUESTIONS_FIELD} is not a list of questions starting with {QUESTION_FIELD}")
+        return
+    for index, one in enumerate(questions[1:], start=1):
+        _check_question(f"{QUESTIONS_FIELD}[{index}]", one, meta, problem)
+
+
+def _check_question(where: str, question: Any, meta: dict[str, Any], problem: Callable[[str, str], None]) -> None:
+    if not _type_problems(where, question, QUESTION_TYPES, problem):
         return
     if question["answer"] not in question["labels"]:
-        problem("question", f"answer {question['answer']!r} is not one of the labels {question['labels']}")
+        problem("question", f"{where}: answer {question['answer']!r} is not one of the labels {question['labels']}")
     if not len(question["points"]) == len(question["labels"]) == len(question["point_depths"]):
-        problem("question", "points, labels and point_depths differ in length")
+        problem("question", f"{where}: points, labels and point_depths differ in length")
+    if question.get("target", "depth") not in ("direct", "depth"):
+        problem("question", f"{where}: target {question['target']!r} is neither 'direct' nor 'depth'")
     width, height = meta["width"], meta["height"]
     for point in question["points"]:
         inside = isinstance(point, list) and len(point) == 2 and 0 <= point[0] < width and 0 <= point[1] < height
         if not inside:
-            problem("question", f"point {point} is outside the {width}x{height} image")
+            problem("question", f"{where}: point {point} is outside the {width}x{height} image")
 
 
 RefIds = set[tuple[str, int]]  # (sample key, ref_id)

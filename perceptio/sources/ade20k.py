@@ -42,6 +42,7 @@ class AdeClass:
     idx: int  # 1..N; 0 is "other" and has no row
     name: str  # the first synonym
     synonyms: list[str]
+    stuff: bool = False  # the table's Stuff column: wall, floor, sky, ... (regions, not objects)
 
 
 @dataclass(frozen=True)
@@ -74,7 +75,7 @@ def read_class_table(path: Path) -> list[AdeClass]:
         classes = []
         for row in rows:
             synonyms = [name.strip() for name in row["Name"].split(";") if name.strip()]
-            classes.append(AdeClass(int(row["Idx"]), synonyms[0], synonyms))
+            classes.append(AdeClass(int(row["Idx"]), synonyms[0], synonyms, row.get("Stuff", "0").strip() == "1"))
     except (KeyError, ValueError, IndexError, TypeError) as error:
         raise PerceptioError(f"{path} is not an Idx,...,Name class table ({type(error).__name__}: {error})") from error
     if [ade_class.idx for ade_class in classes] != list(range(1, len(classes) + 1)):

@@ -15,6 +15,9 @@ bounding box ``[x, y, w, h]`` (and recent pycocotools versions crash on it). We 
 every part on its own and never pass a 4-number list. A polygon part needs at least 3 points
 (6 numbers) to enclose any area; shorter parts are *degenerate*: they cover no pixel under COCO's
 rasteriser, so they are skipped and reported, never guessed into a box.
+
+ADE20k's scene-parsing maps name classes, not objects: :func:`segment_masks` cuts a class map into
+object stand-ins (the connected parts of every thing class).
 """
 
 from __future__ import annotations
@@ -152,3 +155,21 @@ def segmentation_to_rle(segmentation: Any, height: int, width: int) -> dict[str,
 def segmentation_to_mask(segmentation: Any, height: int, width: int) -> np.ndarray:
     """Decode a COCO segmentation into a uint8 (height, width) mask with values 0/1 (parts united)."""
     return mask_utils.decode(segmentation_to_rle(segmentation, height, width)).astype(np.uint8)
+
+
+def segment_masks(classes: np.ndarray, stuff: set[int] | frozenset[int]) -> list[np.ndarray]:
+    """Object masks of a class map without instances: the connected parts of every thing class.
+
+    ADE20k's scene-parsing maps name classes, not objects; a connected region of one thing class
+    is the closest stand-in for an object (two touching chairs count as one, and get one point).
+    Class 0 ("other") and the ``stuff`` classes (wall, floor, sky, ...) give no object.
+    """
+    from scipy import ndimage
+
+    masks = []
+    for value in np.unique(classes):
+        if value == 0 or int(value) in stuff:
+            continue
+        labelled, count = ndimage.label(classes == value)
+        masks.extend(labelled == index for index in range(1, count + 1))
+    return masks

@@ -26,9 +26,9 @@ from rich.table import Table
 from perceptio.errors import PerceptioError, run_cli
 from perceptio.io import atomic_path, write_text_atomic
 from perceptio.tokenize.cache import DepthCache, default_cache_dir
-from perceptio.tokenize.data import DepthSource, list_images, split_held_out
+from perceptio.tokenize.data import DepthSource, MaskSource, list_images, split_held_out
 from perceptio.tokenize.config import DEPTH_SOURCES, DepthDataConfig, DepthVQVAEConfig, FitConfig
-from perceptio.tokenize.fit import evaluate, train
+from perceptio.tokenize.fit import evaluate, evaluate_pairs, train
 from perceptio.tokenize.metrics import codebook_usage
 from perceptio.tokenize.teacher import (
     DEFAULT_DEPTH_ENCODING,
@@ -237,29 +237,51 @@ def eval_command(
     device: Optional[str] = DEVICE_OPTION,
     teacher_batch_size: int = TEACHER_BATCH_OPTION,
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    pairs: bool = typer.Option(True, "--pairs/--no-pairs", help="Also score object-pair order: of the object pairs (synth instances, REFER ref masks, ADE20k thing segments) whose teacher depths differ by > 5%, the share whose order the reconstruction keeps."),
     threads: int = THREADS_OPTION,
 ) -> None:
-    """Score a tokenizer's round trip (AbsRel, RMSE, delta<1.25 after scale-and-shift; codebook use)."""
+    """Score a tokenizer's round trip (AbsRel, RMSE, delta<1.25 after scale-and-shift; codebook use)
+    and, on a dataset, the near/far order of its object pairs."""
     _set_threads(threads)
     model = DepthVQVAE.from_pretrained(tokenizer, device=device)
     rows: dict[str, dict[str, float]] = {}
+    pair_rows: dict[str, dict[str, Any]] = {}
     if data_root is not None:
         paths = list_images(data_root, dataset.value)
         if split is HeldOut.held_out:
             fraction = _recorded_held_out_fraction(tokenizer)
             paths = split_held_out(paths, fraction)[1]
         source = _make_source(depth_source, depth_model, data_root, cache_dir, device, teacher_batch_size)
-        depths = _depths_with_progress(source, paths, teacher_batch_size, f"teacher depth ({split.value})", list)
-        rows[f"{dataset.value} {split.value}"] = evaluate(model, [depth for batch in depths for depth in batch])
+        depths = [depth for batch in _depths_with_progress(source, paths, teacher_batch_size, f"teacher depth ({split.value})", list)
+                  for depth in batch]
+        name = f"{dataset.value} {split.value}"
+        rows[name] = evaluate(model, depths)
+        mask_source = MaskSource(data_root, dataset.value) if pairs else None
+        if mask_source is not None and not mask_source.available:
+            progress_console.print(f"no object masks under {data_root} (no instances/): object pairs not scored")
+        elif mask_source is not None:
+            pair_rows[name] = evaluate_pairs(model, depths, (mask_source.masks(path) for path in paths))
     if depth_png:
         for path in depth_png:
             rows[path.name] = evaluate(model, [inverse_depth_from_metres(read_depth_png(path, depth_encoding))])
     if not rows:
         raise PerceptioError("nothing to evaluate: give --data-root and/or --depth-png")
     if as_json:
-        typer.echo(json.dumps({"identity": model.identity, **rows}, indent=2))
+        typer.echo(json.dumps({"identity": model.identity, **rows, **({"object_pairs": pair_rows} if pair_rows else {})}, indent=2))
     else:
         _render_metrics(f"{model.identity}", rows)
+        if pair_rows:
+            _render_pairs(pair_rows)
+
+
+def _render_pairs(rows: dict[str, dict[str, Any]]) -> None:
+    table = Table(title="object pairs whose depths differ by > 5%: share whose near/far order is kept")
+    for column in ("set", "images", "pairs", "decoded", "normalised input", "lower is nearer"):
+        table.add_column(column, justify="right" if column != "set" else "left")
+    for name, values in rows.items():
+        shares = [values[key] for key in ("decoded", "normalised input", "lower is nearer")]
+        table.add_row(name, str(values["images"]), str(values["pairs"]), *("-" if v is None else f"{v:.1%}" for v in shares))
+    console.print(table)
 
 
 def _recorded_held_out_fraction(tokenizer: Path) -> float:

@@ -18,6 +18,7 @@ from PIL import Image
 
 from perceptio.errors import PerceptioError
 from perceptio.sources.ade20k import ADE20kDataset
+from perceptio.sources.masks import segment_masks
 from perceptio.sources.refer import ReferDataset
 from perceptio.tokenize.cache import DepthCache, content_hash
 from perceptio.tokenize.teacher import DepthTeacher, OracleTeacher
@@ -119,3 +120,43 @@ class DepthSource:
             except OSError as error:
                 raise PerceptioError(f"{path}: unreadable image ({error})") from error
         return images, hashes
+
+
+class MaskSource:
+    """The object masks of a dataset's images, for the object-pair order metric.
+
+    - synth: one mask per instance of ``instances/{stem}.png`` (the world's exact objects);
+    - ade20k: the connected parts of every thing class of the image's class map (no wall, floor,
+      sky or other "stuff"; ADE20k's scene-parsing maps have no instances);
+    - refcoco/+/g: the masks of the annotations the dataset's refs name in that image.
+    """
+
+    def __init__(self, data_root: str | os.PathLike[str], dataset: str) -> None:
+        self.root, self.dataset = Path(data_root), dataset
+        self._by_image: dict[Path, list[int]] = {}
+        self._stuff: frozenset[int] = frozenset()
+        if dataset in REFER_SPLIT_BY:
+            self._refer = ReferDataset(self.root, dataset, REFER_SPLIT_BY[dataset])
+            for ref in self._refer.refs:
+                anns = self._by_image.setdefault(self._refer.image_path(ref.image_id), [])
+                if ref.ann_id not in anns:
+                    anns.append(ref.ann_id)
+        elif dataset == "ade20k":
+            self._stuff = frozenset(ade_class.idx for ade_class in ADE20kDataset(self.root).classes if ade_class.stuff)
+        elif dataset != "synth":
+            raise PerceptioError(f"unknown dataset {dataset!r}; expected one of {', '.join(FIT_DATASETS)}")
+
+    @property
+    def available(self) -> bool:
+        """False for a depth-only folder posing as a synthetic world (no ``instances/``)."""
+        return self.dataset != "synth" or (self.root / "instances").is_dir()
+
+    def masks(self, path: Path) -> list[np.ndarray]:
+        """Boolean (H, W) masks of the objects in the image at ``path`` (empty when it has none)."""
+        if self.dataset == "synth":
+            instances = np.asarray(Image.open(self.root / "instances" / f"{path.stem}.png"))
+            return [instances == value for value in np.unique(instances) if value != 0]
+        if self.dataset == "ade20k":
+            annotation = path.parents[2] / "annotations" / path.parent.name / f"{path.stem}.png"
+            return segment_masks(np.asarray(Image.open(annotation)), self._stuff)
+        return [self._refer.ann_mask(ann_id).astype(bool) for ann_id in self._by_image.get(Path(path), [])]

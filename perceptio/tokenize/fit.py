@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from perceptio.errors import PerceptioError
 from perceptio.io import atomic_path
 from perceptio.tokenize.config import DepthVQVAEConfig, FitConfig
-from perceptio.tokenize.metrics import codebook_usage, depth_metrics
+from perceptio.tokenize.metrics import LOWER_IS_NEARER, codebook_usage, depth_metrics, object_pair_order
 from perceptio.tokenize.vqvae import DepthVQVAE
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -136,3 +136,27 @@ def evaluate(model: DepthVQVAE, depths: Iterable[np.ndarray], batch_size: int = 
     summary["images"] = len(per_image)
     summary.update(codebook_usage(torch.cat(codes), model.config.num_codes))
     return summary
+
+
+@torch.no_grad()
+def evaluate_pairs(model: DepthVQVAE, depths: Iterable[np.ndarray], masks: Iterable[list[np.ndarray]]) -> dict[str, Any]:
+    """Object-pair order (see :func:`perceptio.tokenize.metrics.object_pair_order`) over images.
+
+    For each image (its raw inverse depth and its object masks) the pairs are scored on the
+    tokenizer's reconstruction (``decoded``), on its normalised input (``normalised input``, the
+    most any tokenizer with this normalisation can keep) and by the "lower is nearer" heuristic.
+    Returns the pair count and the share each keeps (None without pairs).
+    """
+    pairs, images = 0, 0
+    kept = {"decoded": 0, "normalised input": 0, LOWER_IS_NEARER: 0}
+    for depth, image_masks in zip(depths, masks):
+        normalized = model.normalize(depth)
+        decoded = model.decode(model.encode_normalized(normalized))
+        found, kept_here = object_pair_order(
+            image_masks, depth, {"decoded": decoded[0].cpu().numpy(), "normalised input": normalized[0].cpu().numpy()}
+        )
+        images += 1
+        pairs += found
+        for name, count in kept_here.items():
+            kept[name] += count
+    return {"images": images, "pairs": pairs, **{name: (count / pairs if pairs else None) for name, count in kept.items()}}

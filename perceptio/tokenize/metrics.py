@@ -6,6 +6,9 @@ the valid pixels (scale >= 0), then AbsRel = mean |a - g| / g, RMSE = sqrt(mean 
 delta1 = share of pixels with max(a / g, g / a) < 1.25 are computed, and averaged over images. The
 metrics are taken in the units of ``target`` (this project passes inverse depth, the quantity the
 teacher and the tokenizer work in). An aligned value <= 0 fails delta1 (its ratio is unbounded).
+
+``object_pair_order`` judges a depth map by what a downstream question needs: of the object pairs
+of an image whose true depths clearly differ, the share whose near/far order the map keeps.
 """
 
 from __future__ import annotations
@@ -88,3 +91,49 @@ def codebook_usage(indices: np.ndarray | torch.Tensor, num_codes: int) -> dict[s
         "perplexity": float(entropy.exp()),
         "codes_used": int((counts > 0).sum()),
     }
+
+
+# Two objects count as a pair when their true depths differ by more than this share.
+PAIR_MIN_RELATIVE_GAP = 0.05
+LOWER_IS_NEARER = "lower is nearer"
+
+
+def _median_in(depth_map: np.ndarray, rows: np.ndarray, cols: np.ndarray, image_shape: tuple[int, int]) -> float:
+    """Median of a map (any size, stretched over the image) at the image pixels (rows, cols)."""
+    height, width = image_shape
+    map_rows, map_cols = depth_map.shape
+    return float(np.median(depth_map[rows * map_rows // height, cols * map_cols // width]))
+
+
+def object_pair_order(masks: list[np.ndarray], inverse_depth: np.ndarray, maps: dict[str, np.ndarray],
+                      min_relative_gap: float = PAIR_MIN_RELATIVE_GAP) -> tuple[int, dict[str, int]]:
+    """(pairs, {name: pairs whose near/far order it keeps}) over the object pairs of one image.
+
+    ``inverse_depth`` is the image's reference (the teacher's raw inverse depth at image size,
+    0 = invalid); an object's depth is its median inside its mask (valid pixels only). Pairs are
+    the objects whose depths differ by more than ``min_relative_gap``. Each map of ``maps`` (larger
+    = nearer, any size, stretched over the image, e.g. the tokenizer's normalised input or its
+    reconstruction) keeps a pair when the median inside the masks orders the two the same way; the
+    ``LOWER_IS_NEARER`` entry is the heuristic that the object whose mask reaches lowest in the
+    image is the nearer. Ties keep nothing.
+    """
+    shape = inverse_depth.shape
+    objects = []
+    for mask in masks:
+        rows, cols = np.nonzero(mask & (inverse_depth > 0))
+        if len(rows):
+            objects.append((rows, cols, float(np.median(inverse_depth[rows, cols])), int(np.nonzero(mask)[0].max())))
+    values = {name: [_median_in(depth_map, rows, cols, shape) for rows, cols, _, _ in objects]
+              for name, depth_map in maps.items()}
+    values[LOWER_IS_NEARER] = [float(base) for *_, base in objects]
+    pairs, kept = 0, {name: 0 for name in values}
+    for i in range(len(objects)):
+        for j in range(i + 1, len(objects)):
+            near, far = sorted((objects[i][2], objects[j][2]), reverse=True)
+            if near / far - 1 <= min_relative_gap:
+                continue
+            pairs += 1
+            truth = np.sign(objects[i][2] - objects[j][2])
+            for name, by_object in values.items():
+                kept[name] += int(np.sign(by_object[i] - by_object[j]) == truth)
+    return pairs, kept

@@ -71,6 +71,7 @@ def train_command(
     seg_bce: float = typer.Option(PerceptioConfig.seg_bce, "--seg-bce", min=0.0, help="Weight of the mask's sigmoid cross-entropy in L_SegRecon.", rich_help_panel=PANEL_LOSS),
     seg_dice: float = typer.Option(PerceptioConfig.seg_dice, "--seg-dice", min=0.0, help="Weight of the mask's DICE loss in L_SegRecon.", rich_help_panel=PANEL_LOSS),
     depth_tokens: bool = typer.Option(PerceptioConfig.use_depth_tokens, "--depth-tokens/--no-depth-tokens", help="Ablation: without depth tokens the targets have no depth span (and the depth losses are off).", rich_help_panel=PANEL_LOSS),
+    question_targets: str = typer.Option(StreamConfig.question_targets, "--question-targets", help="Marked-point questions: as each records ('recorded': half direct, half depth span first), all 'direct', all 'depth', or 'both' (two examples each).", rich_help_panel=PANEL_LOSS),
     segmentation: bool = typer.Option(PerceptioConfig.use_segmentation, "--segmentation/--no-segmentation", help="Ablation: without [SEG] and the SAM2 head.", rich_help_panel=PANEL_LOSS),
     depth_recon: bool = typer.Option(PerceptioConfig.use_depth_recon, "--depth-recon/--no-depth-recon", help="Ablation: without L_DepthRecon.", rich_help_panel=PANEL_LOSS),
     depth_loss: bool = typer.Option(PerceptioConfig.use_depth_loss, "--depth-loss/--no-depth-loss", help="Ablation: without L_depth (marker, token, count).", rich_help_panel=PANEL_LOSS),
@@ -90,7 +91,7 @@ def train_command(
     split_names = tuple(name.strip() for name in splits.split(",") if name.strip())
     stream = StreamConfig(list(shards), mix=parse_mix(mix) if mix else None, splits=split_names, seed=seed,
                           shuffle_buffer=shuffle_buffer, shuffle_initial=min(StreamConfig.shuffle_initial, shuffle_buffer),
-                          use_depth_tokens=depth_tokens)
+                          use_depth_tokens=depth_tokens, question_targets=question_targets)
     model_config = PerceptioConfig.for_model(
         model=model, sam_model=sam_model, tokenizer=str(tokenizer) if tokenizer else "", lora_rank=lora_rank,
         lora_alpha=lora_alpha, lora_dropout=lora_dropout,

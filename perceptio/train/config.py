@@ -12,10 +12,11 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from perceptio.errors import PerceptioError
-from perceptio.shards import TRAINING_SPLITS
 from perceptio.tokens import DEFAULT_NUM_DEPTH_TOKENS
 
 TINY = "tiny"  # the model id of the built-in random-weight TINY model (perceptio.train.tiny)
+# The training split's name in COCO-style ("train") and ADE20k-style ("training") datasets.
+TRAINING_SPLITS = ("train", "training")
 
 
 @dataclass
@@ -77,6 +78,11 @@ class PerceptioConfig:
         return self.model == TINY
 
 
+# How marked-point questions are taught: as each records (half direct, half with the depth span
+# first, by a stable hash of its key), all one way, or each question both ways.
+QUESTION_TARGETS = ("recorded", "direct", "depth", "both")
+
+
 @dataclass
 class StreamConfig:
     """What to read and how to mix and shuffle it (see :mod:`perceptio.train.data`)."""
@@ -88,7 +94,12 @@ class StreamConfig:
     shuffle_buffer: int = 1000
     shuffle_initial: int = 100
     use_depth_tokens: bool = True
+    question_targets: str = "recorded"  # see QUESTION_TARGETS
     prompts: str = "prompts.json"
+
+    def __post_init__(self) -> None:
+        if self.question_targets not in QUESTION_TARGETS:
+            raise PerceptioError(f"question targets must be one of {', '.join(QUESTION_TARGETS)}, not {self.question_targets!r}")
 
 
 CHOICES = {"precision": ("auto", "bf16", "fp32"), "parallel": ("ddp", "fsdp"), "export": ("adapter", "merged", "none")}

@@ -10,7 +10,7 @@ The path of one example, from disk to the model:
    with explicit ids because a resumed run renumbers its workers, see :class:`ShardStream`).
 3. :func:`perceptio.train.bad_data.read_shards` reads the tars, skipping and counting what does not
    read or decode (see bad_data.py); :func:`expand_sample` turns one image sample
-   into examples (one per (ref, sentence), or one marked-point question for ADE20k) with the
+   into examples (one per (ref, sentence), or one per marked-point question for ADE20k) with the
    templates of ``manifests/prompts.json``; ``webdataset.shuffle`` mixes them in a seeded buffer.
 4. A seeded draw picks the stream of each example in proportion to its weight, so a stream's share
    does not depend on its size. Streams repeat endlessly (epoch after epoch, reshuffled), so every
@@ -43,10 +43,10 @@ import webdataset as wds
 from perceptio import fs
 from perceptio.errors import PerceptioError
 from perceptio.recipes import load_recipe
-from perceptio.shards import QUESTION_FIELD, TRAINING_SPLITS, ShardFile, list_shards, npy_load, rle_to_mask
+from perceptio.shards import QUESTION_FIELD, QUESTIONS_FIELD, ShardFile, list_shards, npy_load, rle_to_mask
 from perceptio.tokens import SEG, depth_span
 from perceptio.train.bad_data import SkipCounter, guarded, read_shards
-from perceptio.train.config import StreamConfig
+from perceptio.train.config import QUESTION_TARGETS, TRAINING_SPLITS, StreamConfig
 from perceptio.train.preemption import ignore_stop_signals
 
 
@@ -140,6 +140,8 @@ class PromptTemplates:
     grounding_target: str
     question_prompts: tuple[str, ...]
     question_target: str
+    direct_question_prompts: tuple[str, ...]
+    direct_question_target: str
 
     @classmethod
     def load(cls, name: str = "prompts.json") -> "PromptTemplates":
@@ -149,6 +151,8 @@ class PromptTemplates:
             recipe["grounding"]["target"],
             tuple(recipe["depth_question"]["prompts"]),
             recipe["depth_question"]["target"],
+            tuple(recipe["direct_question"]["prompts"]),
+            recipe["direct_question"]["target"],
         )
 
 
@@ -156,22 +160,32 @@ class PromptTemplates:
 class Example:
     """One training example, still undecoded (cheap to skip when a resumed run fast-forwards)."""
 
-    key: str  # "{sample key}/ref{ref_id}/sent{sent_id}" or "{sample key}/question"
+    key: str  # "{sample key}/ref{ref_id}/sent{sent_id}", "{sample key}/q{i}[/{variant}]" or "{sample key}/question"
     source: str  # the sample's json "dataset", e.g. "refcoco-unc"
     prompt: str
     target: str
     image_bytes: bytes
     mask_rle: dict[str, Any] | None
     depth_bytes: bytes  # depth.npy, float16 (320, 320)
+    # Points and letters drawn on the image when it is decoded (marked-point questions).
+    marks: tuple[tuple[tuple[int, int], ...], tuple[str, ...]] | None = None
 
-    def decode(self) -> dict[str, Any]:
-        """Keyword arguments of the processor's ``encode_example``."""
+    def image(self) -> Any:
+        """The decoded RGB image, with the question's marks drawn when it has some."""
         from PIL import Image
 
         image = Image.open(io.BytesIO(self.image_bytes)).convert("RGB")
+        if self.marks is not None:
+            from perceptio.curate.marked_points import draw_marks
+
+            image = draw_marks(image, *self.marks)
+        return image
+
+    def decode(self) -> dict[str, Any]:
+        """Keyword arguments of the processor's ``encode_example``."""
         mask = rle_to_mask(self.mask_rle) if self.mask_rle is not None else None
         depth = npy_load(self.depth_bytes).astype(np.float32)
-        return {"image": image, "prompt": self.prompt, "target": self.target, "mask": mask, "depth": depth}
+        return {"image": self.image(), "prompt": self.prompt, "target": self.target, "mask": mask, "depth": depth}
 
 
 def _pick(options: Sequence[str], key: str) -> str:
@@ -179,12 +193,40 @@ def _pick(options: Sequence[str], key: str) -> str:
     return options[zlib.crc32(key.encode("utf-8")) % len(options)]
 
 
-def expand_sample(raw: dict[str, Any], templates: PromptTemplates, use_depth_tokens: bool = True) -> list[Example]:
+def _question_variants(question: dict[str, Any], question_targets: str, use_depth_tokens: bool) -> list[str]:
+    if not use_depth_tokens:
+        return ["direct"]
+    if question_targets == "both":
+        return ["direct", "depth"]
+    if question_targets == "recorded":
+        return [question.get("target", "depth")]  # one-question shards predate the field: depth first
+    return [question_targets]
+
+
+def _question_example(key: str, source: str, question: dict[str, Any], variant: str, depth: str,
+                      templates: PromptTemplates, image_bytes: bytes, depth_bytes: bytes,
+                      marks: tuple[tuple[tuple[int, int], ...], tuple[str, ...]] | None) -> Example:
+    if variant == "direct":
+        prompts, target = templates.direct_question_prompts, templates.direct_question_target
+    else:
+        prompts, target = templates.question_prompts, templates.question_target
+    prompt = _pick(prompts, key).format(question=question["text"])
+    return Example(key, source, prompt, target.format(depth=depth, answer=question["answer"]), image_bytes, None,
+                   depth_bytes, marks)
+
+
+def expand_sample(raw: dict[str, Any], templates: PromptTemplates, use_depth_tokens: bool = True,
+                  question_targets: str = "recorded") -> list[Example]:
     """The training examples of one shard sample (a webdataset dict of member bytes).
 
-    Grounding samples give one example per (ref, sentence); ADE20k samples with a marked-point
-    question give one example on the marked image. Without depth tokens the span is left out.
+    Grounding samples give one example per (ref, sentence). ADE20k samples give one example per
+    marked-point question of ``questions`` (the image with that question's points drawn at load
+    time), written as ``question_targets`` says (see :data:`QUESTION_TARGETS`); samples of the
+    older one-question format give one example on their ``marked.jpg``. Without depth tokens the
+    span is left out and every question is answered directly.
     """
+    if question_targets not in QUESTION_TARGETS:
+        raise PerceptioError(f"question targets must be one of {', '.join(QUESTION_TARGETS)}, not {question_targets!r}")
     key = raw["__key__"]
     meta = json.loads(raw["json"])
     depth = depth_span(npy_load(raw["depth_tokens.npy"]).tolist()) if use_depth_tokens else ""
@@ -197,14 +239,24 @@ def expand_sample(raw: dict[str, Any], templates: PromptTemplates, use_depth_tok
             examples.append(
                 Example(example_key, meta["dataset"], prompt, target.strip(), raw["jpg"], ref["mask"], raw["depth.npy"])
             )
+    questions = meta.get(QUESTIONS_FIELD)
+    if questions is not None:
+        for index, question in enumerate(questions):
+            variants = _question_variants(question, question_targets, use_depth_tokens)
+            marks = (tuple((int(x), int(y)) for x, y in question["points"]), tuple(question["labels"]))
+            for variant in variants:
+                example_key = f"{key}/q{index}" + (f"/{variant}" if len(variants) > 1 else "")
+                examples.append(_question_example(example_key, meta["dataset"], question, variant, depth, templates,
+                                                  raw["jpg"], raw["depth.npy"], marks))
+        return examples
     question = meta.get(QUESTION_FIELD)
     if question is not None:
         if "marked.jpg" not in raw:
             raise PerceptioError(f"sample {key} has a question but no marked.jpg ({raw.get('__url__')})")
-        example_key = f"{key}/question"
-        prompt = _pick(templates.question_prompts, example_key).format(question=question["text"])
-        target = templates.question_target.format(depth=depth, answer=question["answer"])
-        examples.append(Example(example_key, meta["dataset"], prompt, target, raw["marked.jpg"], None, raw["depth.npy"]))
+        for variant in _question_variants(question, question_targets, use_depth_tokens):
+            suffix = f"/{variant}" if question_targets == "both" and use_depth_tokens else ""
+            examples.append(_question_example(f"{key}/question{suffix}", meta["dataset"], question, variant, depth,
+                                              templates, raw["marked.jpg"], raw["depth.npy"], None))
     return examples
 
 
@@ -250,8 +302,8 @@ class _StreamReader:
         return iter(wds.shuffle(self.config.shuffle_buffer, self.config.shuffle_initial, rng=buffer_rng)(examples))
 
     def _checked_expand(self, raw: dict[str, Any]) -> list[Example]:
-        examples = guarded(lambda sample: expand_sample(sample, self.templates, self.config.use_depth_tokens),
-                           raw, self.bad)
+        examples = guarded(lambda sample: expand_sample(sample, self.templates, self.config.use_depth_tokens,
+                                                        self.config.question_targets), raw, self.bad)
         for example in examples:
             if mix_key_for(example.source, [self.stream.name]) is None:
                 raise PerceptioError(

@@ -34,7 +34,7 @@ from perceptio.errors import PerceptioError
 from perceptio.io import atomic_directory, write_text_atomic
 from perceptio.shards import DEPTH_SIZE
 from perceptio.tokens import D_END, D_START, DEFAULT_NUM_CODES, SEG, depth_token, special_tokens
-from perceptio.train import losses
+from perceptio.train import losses, shapes
 from perceptio.train.adapter import VLMAdapter, adapter_for
 from perceptio.train.config import TINY, PerceptioConfig
 from perceptio.train.processor import PerceptioProcessor, ProcessorSettings
@@ -281,6 +281,9 @@ def _load_vlm(config: PerceptioConfig, dtype: torch.dtype) -> tuple[PreTrainedMo
 
         tokenizer = tiny_text_tokenizer()
         return tiny_internvl(tokenizer).to(dtype), tokenizer
+    if shapes.is_shape(config.model):
+        shape = shapes.shape_for(config.model, "internvl")
+        return shapes.build(shape).to(dtype), shapes.shaped_tokenizer(shape)
     from transformers import AutoModelForImageTextToText, AutoTokenizer
 
     try:
@@ -296,6 +299,8 @@ def _load_sam(config: PerceptioConfig, dtype: torch.dtype) -> Sam2Model:
         from perceptio.train.tiny import tiny_sam2
 
         return tiny_sam2().to(dtype)
+    if shapes.is_shape(config.sam_model):
+        return shapes.build(shapes.shape_for(config.sam_model, "sam2")).to(dtype)
     try:
         return Sam2Model.from_pretrained(config.sam_model, dtype=dtype)
     except (OSError, ValueError) as error:

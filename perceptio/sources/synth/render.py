@@ -104,9 +104,10 @@ def _hit_cylinder(origin: np.ndarray, dirs: np.ndarray, obj: SceneObject) -> tup
         dx * dx + dz * dz, ox * dx + oz * dz, np.full(len(dirs), ox * ox + oz * oz - obj.size**2)
     )
     side_y = origin[1] + np.where(np.isfinite(side), side, 0.0) * dy
-    side = np.where((side > 0) & (side_y >= 0) & (side_y <= obj.height), side, np.inf)
+    side = np.where((side > 0) & (side_y >= obj.lift) & (side_y <= obj.top), side, np.inf)
     with np.errstate(divide="ignore", invalid="ignore"):
-        cap = (obj.height - origin[1]) / np.where(np.abs(dy) < 1e-12, 1e-12, dy)
+        # The top cap only: the bottom one faces the floor, and a floating object's is seen from above.
+        cap = (obj.top - origin[1]) / np.where(np.abs(dy) < 1e-12, 1e-12, dy)
     cap_x, cap_z = ox + cap * dx, oz + cap * dz
     cap = np.where((cap > 0) & (cap_x * cap_x + cap_z * cap_z <= obj.size**2), cap, np.inf)
     t = np.minimum(side, cap)
@@ -118,7 +119,7 @@ def _hit_cylinder(origin: np.ndarray, dirs: np.ndarray, obj: SceneObject) -> tup
 
 def _hit_cone(origin: np.ndarray, dirs: np.ndarray, obj: SceneObject) -> tuple[np.ndarray, np.ndarray]:
     slope2 = (obj.size / obj.height) ** 2
-    ox, oz, below_apex = origin[0] - obj.x, origin[2] - obj.z, obj.height - origin[1]
+    ox, oz, below_apex = origin[0] - obj.x, origin[2] - obj.z, obj.top - origin[1]
     dx, dy, dz = dirs[:, 0], dirs[:, 1], dirs[:, 2]
     a = dx * dx + dz * dz - slope2 * dy * dy
     b = ox * dx + oz * dz + slope2 * below_apex * dy
@@ -126,7 +127,7 @@ def _hit_cone(origin: np.ndarray, dirs: np.ndarray, obj: SceneObject) -> tuple[n
     best = np.full(len(dirs), np.inf)
     for root in _nearest_positive_root(a, b, c):
         y = origin[1] + np.where(np.isfinite(root), root, 0.0) * dy
-        valid = (root > 0) & (y >= 0) & (y <= obj.height)  # the lower nappe only
+        valid = (root > 0) & (y >= obj.lift) & (y <= obj.top)  # the lower nappe only
         best = np.where(valid & (root < best), root, best)
     finite_t = np.where(np.isfinite(best), best, 0.0)
     px, pz = ox + finite_t * dx, oz + finite_t * dz
@@ -143,7 +144,7 @@ def _screen_footprint(scene: Scene, obj: SceneObject) -> np.ndarray:
     camera = scene.camera
     reach = obj.footprint_radius
     corners = np.array(
-        [[obj.x + dx, y, obj.z + dz] for dx in (-reach, reach) for dz in (-reach, reach) for y in (0.0, obj.top)]
+        [[obj.x + dx, y, obj.z + dz] for dx in (-reach, reach) for dz in (-reach, reach) for y in (obj.lift, obj.top)]
     )
     in_camera = (corners - np.asarray(camera.position)) @ np.asarray(camera.rotation).T
     if (in_camera[:, 2] <= 1e-6).any():
@@ -159,12 +160,12 @@ def _screen_footprint(scene: Scene, obj: SceneObject) -> np.ndarray:
 
 def _blob_shadow(scene: Scene, floor_x: np.ndarray, floor_z: np.ndarray) -> np.ndarray:
     """Light left on the floor under soft blob shadows, one per object, pushed away from the light
-    by half the object's height: a cheap grounding cue (exact shadows would need a second ray cast)."""
+    by the height of its centre: a cheap grounding cue (exact shadows would need a second ray cast)."""
     light = np.asarray(scene.light_direction)
     away = -light[[0, 2]] / light[1]
     light_left = np.ones_like(floor_x)
     for obj in scene.objects:
-        centre_x, centre_z = np.array([obj.x, obj.z]) + away * obj.top * 0.5
+        centre_x, centre_z = np.array([obj.x, obj.z]) + away * obj.centre[1]
         radius = obj.footprint_radius * 1.2
         distance = np.hypot(floor_x - centre_x, floor_z - centre_z)
         darkness = SHADOW_DARKNESS * np.clip(1.6 - distance / radius, 0.0, 1.0)

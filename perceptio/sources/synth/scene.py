@@ -1,7 +1,10 @@
 """Procedural scenes of the synthetic world: a camera, a floor, a back wall and 3-7 solid objects.
 
 World frame: metres, x to the right, y up, z away from the default camera; the floor is the plane
-y = 0 and the back wall the plane z = ``wall_z``. Every object stands on the floor. A scene is a pure
+y = 0 and the back wall the plane z = ``wall_z``. Most objects stand on the floor; some float above
+it (``lift``), so that "the object reaching lowest in the image is nearest" is not always right.
+Object sizes span a wide range (a scale drawn log-uniformly per object), from toys near the camera to
+giants near the wall, so that how big an object looks does not tell how near it is. A scene is a pure
 function of the random generator it is given, and :func:`image_rng` derives that generator from the
 world seed and the image index alone, so any image can be rebuilt without the others.
 """
@@ -35,6 +38,8 @@ COLOURS: dict[str, tuple[float, float, float]] = {
 FOOTPRINT_GAP_M = 0.12
 # Two objects of one shape differ in volume by at least this factor ("distinct sizes").
 MIN_VOLUME_RATIO = 1.2
+# A floating object's bottom stays this far below the camera, which then never sees it from below.
+CAMERA_BOTTOM_CLEARANCE_M = 0.2
 
 
 @dataclass(frozen=True)
@@ -52,6 +57,12 @@ class SceneConfig:
     wall_distance_m: tuple[float, float] = (10.0, 13.0)
     wall_height_m: tuple[float, float] = (3.5, 6.0)
     object_distance_m: tuple[float, float] = (2.6, 8.5)
+    # Every object's dimensions are its shape's base ranges times a scale drawn log-uniformly from
+    # this range: the apparent size then varies more with the object than with its distance.
+    object_scale: tuple[float, float] = (0.35, 2.6)
+    lifted_fraction: float = 0.5  # share of objects that float above the floor ...
+    lift_m: tuple[float, float] = (0.3, 1.2)  # ... by this much (the bottom's height)
+    wall_clearance_m: float = 0.4  # objects end at least this far in front of the wall
     # Smallest visible area of an object, as a fraction of the image (0.003 = 330 px at 384x288).
     min_visible_fraction: float = 0.003
 
@@ -85,8 +96,9 @@ class Camera:
 
 @dataclass(frozen=True)
 class SceneObject:
-    """One solid standing on the floor. ``size`` is the sphere/cylinder/cone radius or the cube's
-    half edge; ``height`` is the cylinder/cone height (the sphere's and cube's follow from size)."""
+    """One solid above the floor. ``size`` is the sphere/cylinder/cone radius or the cube's half
+    edge; ``height`` is the cylinder/cone height (the sphere's and cube's follow from size); ``lift``
+    is the height of its bottom above the floor (0 = standing on it)."""
 
     shape: str
     colour: str
@@ -95,15 +107,22 @@ class SceneObject:
     size: float
     height: float
     yaw: float = 0.0  # cubes only: rotation about the vertical axis, radians
+    lift: float = 0.0
+
+    @property
+    def extent(self) -> float:
+        """The object's own height."""
+        return {"sphere": 2 * self.size, "cube": 2 * self.size}.get(self.shape, self.height)
 
     @property
     def top(self) -> float:
-        return {"sphere": 2 * self.size, "cube": 2 * self.size}.get(self.shape, self.height)
+        """Height of the object's top above the floor."""
+        return self.lift + self.extent
 
     @property
     def centre(self) -> tuple[float, float, float]:
         """Middle of the object's vertical extent, above its footprint centre."""
-        return (self.x, self.top / 2, self.z)
+        return (self.x, self.lift + self.extent / 2, self.z)
 
     @property
     def footprint_radius(self) -> float:
@@ -189,15 +208,17 @@ def composition_ok(objects: tuple[SceneObject, ...] | list[SceneObject], config:
     )
 
 
-def _sample_size(rng: np.random.Generator, shape: str) -> tuple[float, float]:
-    """(size, height) of one object."""
+def _sample_size(rng: np.random.Generator, shape: str, config: SceneConfig) -> tuple[float, float]:
+    """(size, height) of one object: its shape's base ranges times a log-uniform scale."""
+    low, high = config.object_scale
+    scale = math.exp(_uniform(rng, (math.log(low), math.log(high))))
     if shape == "sphere":
-        return _uniform(rng, (0.22, 0.75)), 0.0
+        return scale * _uniform(rng, (0.22, 0.75)), 0.0
     if shape == "cube":
-        return _uniform(rng, (0.22, 0.65)), 0.0
+        return scale * _uniform(rng, (0.22, 0.65)), 0.0
     if shape == "cylinder":
-        return _uniform(rng, (0.18, 0.5)), _uniform(rng, (0.5, 1.7))
-    return _uniform(rng, (0.25, 0.6)), _uniform(rng, (0.6, 1.7))
+        return scale * _uniform(rng, (0.18, 0.5)), scale * _uniform(rng, (0.5, 1.7))
+    return scale * _uniform(rng, (0.25, 0.6)), scale * _uniform(rng, (0.6, 1.7))
 
 
 def _sizes_distinct(objects: list[SceneObject], candidate: SceneObject) -> bool:
@@ -217,6 +238,17 @@ def _footprints_clear(objects: list[SceneObject], candidate: SceneObject) -> boo
     return True
 
 
+def _fits(candidate: SceneObject, camera: Camera, wall_z: float, config: SceneConfig) -> bool:
+    """In front of the wall, clear of the camera, and never seen from below."""
+    reach = candidate.footprint_radius
+    in_front = candidate.z + reach <= wall_z - config.wall_clearance_m
+    # The footprint stays 1 m clear of the camera, so no object fills or swallows the view.
+    clear = math.hypot(candidate.x - camera.position[0], candidate.z - camera.position[2]) - reach >= 1.0
+    # The renderer draws no bottom faces (cones and cylinders would show a hole): keep every
+    # bottom below the eye.
+    return in_front and clear and candidate.lift <= camera.position[1] - CAMERA_BOTTOM_CLEARANCE_M
+
+
 def sample_scene(rng: np.random.Generator, config: SceneConfig) -> Scene | None:
     """One scene, or None when its objects could not all be placed apart. Objects may still be
     hidden behind each other: the caller renders the scene and checks what is visible."""
@@ -231,15 +263,18 @@ def sample_scene(rng: np.random.Generator, config: SceneConfig) -> Scene | None:
     objects: list[SceneObject] = []
     for shape, colour in zip(shapes, colours):
         for _ in range(60):
-            size, height = _sample_size(rng, shape)
+            size, height = _sample_size(rng, shape, config)
             # Place in the camera's heading frame, then turn by the camera yaw.
             forward = _uniform(rng, (config.object_distance_m[0], min(config.object_distance_m[1], wall_z - 1.5)))
             lateral = forward * half_fov_tan * _uniform(rng, (-0.8, 0.8))
             x = camera.position[0] + lateral * math.cos(yaw) + forward * math.sin(yaw)
             z = camera.position[2] - lateral * math.sin(yaw) + forward * math.cos(yaw)
             cube_yaw = _uniform(rng, (0.0, math.pi / 2)) if shape == "cube" else 0.0
-            candidate = SceneObject(shape, colour, x, z, size, height, cube_yaw)
-            if _footprints_clear(objects, candidate) and _sizes_distinct(objects, candidate):
+            lifted = rng.random() < config.lifted_fraction
+            lift = _uniform(rng, config.lift_m) if lifted else 0.0
+            candidate = SceneObject(shape, colour, x, z, size, height, cube_yaw, lift)
+            if (_fits(candidate, camera, wall_z, config) and _footprints_clear(objects, candidate)
+                    and _sizes_distinct(objects, candidate)):
                 objects.append(candidate)
                 break
         else:

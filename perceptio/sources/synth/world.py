@@ -161,7 +161,8 @@ def _object_records(
             "colour": obj.colour,
             "rgb": [int(round(c * 255)) for c in COLOURS[obj.colour]],
             "size_m": _rounded(obj.size),  # radius, or half edge for cubes
-            "height_m": _rounded(obj.top),
+            "height_m": _rounded(obj.extent),
+            "lift_m": _rounded(obj.lift),  # height of its bottom above the floor
             "yaw_deg": _rounded(np.degrees(obj.yaw)),
             "centre": _rounded(obj.centre),
             "centre_depth_m": _rounded(depth),

@@ -1,0 +1,166 @@
+"""Marked-point questions: points on objects, balanced cues, many questions per image, one example each."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from perceptio.curate.marked_points import (
+    DIRECT,
+    WITH_DEPTH,
+    CueBalancer,
+    MarkedPointsConfig,
+    Target,
+    choose_points,
+    cue_combinations,
+    cue_outcome,
+    draw_marks,
+    make_questions,
+    object_regions,
+    window_nearness,
+)
+from perceptio.sources.masks import segment_masks
+from perceptio.errors import PerceptioError
+from perceptio.shards import ShardSample, sample_key
+from perceptio.tokens import D_START
+from perceptio.train.data import PromptTemplates, StreamConfig, expand_sample
+
+STUFF = frozenset({1, 2})  # wall, floor
+
+
+def _scene(height: int = 120, width: int = 200) -> tuple[np.ndarray, np.ndarray]:
+    """A class map (wall on top, floor below) with four boxes of two thing classes, and a nearness
+    map: the floor gets nearer downwards, every box is flat at its own value."""
+    classes = np.ones((height, width), np.uint8)
+    classes[height // 2:] = 2
+    nearness = np.linspace(-1, 1, height, dtype=np.float32)[:, None].repeat(width, 1)
+    boxes = [(10, 20, 40, 30, 3, -0.5), (60, 70, 30, 30, 4, 0.9), (110, 15, 35, 40, 3, 0.2), (150, 60, 40, 45, 4, -0.1)]
+    for x, y, w, h, cls, value in boxes:
+        classes[y:y + h, x:x + w] = cls
+        nearness[y:y + h, x:x + w] = value
+    return classes, nearness
+
+
+def test_segments_are_connected_thing_parts_and_points_stay_on_them():
+    classes, nearness = _scene()
+    masks = segment_masks(classes, STUFF)
+    assert len(masks) == 4, "two boxes of each thing class, never the wall or the floor"
+    config = MarkedPointsConfig(min_points=2, max_points=4, questions_per_image=12, min_distance_px=10)
+    regions = object_regions(masks, config)
+    questions = make_questions(regions, window_nearness(nearness, config), "img", seed=3, config=config)
+    assert len(questions) == 12
+    values = {0.9, -0.5, 0.2, -0.1}
+    for question in questions:
+        points = np.array(question["points"])
+        assert 2 <= len(points) <= 4 and len(question["labels"]) == len(points)
+        hit = [classes[y, x] for x, y in points]
+        assert all(cls in (3, 4) for cls in hit), "every point on a thing, none on wall or floor"
+        owners = [next(i for i, mask in enumerate(masks) if mask[y, x]) for x, y in points]
+        assert len(set(owners)) == len(owners), "one point per object"
+        assert set(round(v, 3) for v in question["point_depths"]) <= {round(v, 3) for v in values}
+        assert question["answer"] == question["labels"][int(np.argmax(question["point_depths"]))]
+        assert question["object_areas"] == [int(masks[o].sum()) for o in owners]
+        assert question["target"] in (DIRECT, WITH_DEPTH)
+    assert {q["target"] for q in questions} == {DIRECT, WITH_DEPTH}
+    assert len({tuple(map(tuple, q["points"])) for q in questions}) > 6, "the questions differ"
+    assert make_questions(regions, window_nearness(nearness, config), "img", 3, config) == questions
+
+
+def test_no_question_without_depth_contrast_or_objects():
+    classes, _ = _scene()
+    config = MarkedPointsConfig(questions_per_image=4, min_distance_px=10)
+    flat = np.zeros(classes.shape, np.float32)
+    regions = object_regions(segment_masks(classes, STUFF), config)
+    assert make_questions(regions, window_nearness(flat, config), "img", 0, config) == []
+    assert object_regions(segment_masks(np.ones_like(classes), STUFF), config) == []
+
+
+def test_cues_and_wishes():
+    classes, nearness = _scene()
+    config = MarkedPointsConfig(min_distance_px=10)
+    regions = object_regions(segment_masks(classes, STUFF), config)
+    near = window_nearness(nearness, config)
+    rng = np.random.default_rng(0)
+    for wish in (Target(True, None, None), Target(False, None, None), Target(None, False, None)):
+        points = choose_points(regions, near, 3, rng, config, wish)
+        assert points is not None
+        outcome = cue_outcome(points, regions)
+        assert outcome is not None
+        for wanted, got in zip(wish.__dict__.values(), outcome.__dict__.values()):
+            assert wanted is None or wanted == got
+        nearest = int(np.argmax([p.nearness for p in points]))
+        assert outcome.lowest_is_nearest == (int(np.argmax([p.y for p in points])) == nearest)
+    shares = dict(cue_combinations(4))
+    assert sum(shares.values()) == pytest.approx(1.0)
+    assert shares[Target(True, True, True)] == pytest.approx(1 / 64)
+    assert shares[Target(False, False, False)] == pytest.approx(27 / 64)
+
+
+def test_balancer_keeps_each_cue_at_chance():
+    balancer = CueBalancer(3)
+    rng = np.random.default_rng(1)
+    combinations = [target for target, _ in cue_combinations(3)]
+    targets = []
+    # Outcomes offered at random, the easy one ("every cue right") far too often.
+    for _ in range(600):
+        offered = {combinations[0]} | {combinations[i] for i in rng.choice(8, size=2)}
+        chosen = balancer.pick(offered)
+        if chosen is not None:
+            balancer.add(chosen)
+            targets.append(chosen)
+    kept = [targets[i] for i in balancer.keep(targets)]
+    assert len(kept) >= 150
+    for cue in ("lowest_is_nearest", "largest_is_nearest", "lowest_base_is_nearest"):
+        rate = np.mean([getattr(target, cue) for target in kept])
+        assert rate == pytest.approx(1 / 3, abs=0.02)
+    assert balancer.keep(targets, size=27) and len(balancer.keep(targets, size=27)) == 27
+
+
+def _ade_sample(questions: list[dict]) -> dict:
+    image = np.full((48, 64, 3), 90, np.uint8)
+    import io
+
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="JPEG")
+    meta = {"dataset": "ade20k", "split": "training", "image_id": 7, "file_name": "7.jpg", "width": 64, "height": 48,
+            "teacher": "test", "tokenizer": "test@0", "refs": [], "questions": questions,
+            "question": questions[0] if questions else None}
+    sample = ShardSample(sample_key("ade20k", "training", 7), buffer.getvalue(), np.zeros((320, 320), np.float16),
+                         np.arange(100, dtype=np.int16) % 128, meta)
+    return {"__key__": sample.key, **sample.to_members()}
+
+
+def test_one_example_per_question_with_its_target_and_its_marks():
+    questions = [
+        {"text": "Which point is the closest to the camera?", "points": [[10, 10], [50, 30]], "labels": ["A", "B"],
+         "answer": "B", "point_depths": [0.1, 0.5], "object_areas": [9, 16], "object_bases": [12, 33], "target": target}
+        for target in (DIRECT, WITH_DEPTH, DIRECT)
+    ]
+    raw = _ade_sample(questions)
+    templates = PromptTemplates.load()
+    examples = expand_sample(raw, templates)
+    assert [e.key.rsplit("/", 1)[1] for e in examples] == ["q0", "q1", "q2"]
+    assert examples[0].target == "(B)" and examples[2].target == "(B)"
+    assert examples[1].target.startswith(D_START) and examples[1].target.endswith("(B)")
+    assert all(e.image_bytes == raw["jpg"] and e.mask_rle is None for e in examples)
+    image = np.asarray(examples[0].decode()["image"]).astype(int)
+    red = (image[..., 0] > 150) & (image[..., 1] < 100)
+    assert red[5:16, 4:17].any() and red[25:36, 44:57].any(), "both points are drawn at load time"
+    assert np.asarray(draw_marks(Image.new("RGB", (64, 48), (90, 90, 90)), [[10, 10]], ["A"]))[10, 6, 0] > 150
+
+    both = expand_sample(raw, templates, question_targets="both")
+    assert Counter(e.key.rsplit("/", 1)[1] for e in both) == {DIRECT: 3, WITH_DEPTH: 3}
+    direct = expand_sample(raw, templates, question_targets="direct")
+    assert all(e.target == "(B)" for e in direct)
+    assert all(D_START in e.target for e in expand_sample(raw, templates, question_targets="depth"))
+    assert all(e.target == "(B)" for e in expand_sample(raw, templates, use_depth_tokens=False, question_targets="depth"))
+    with pytest.raises(PerceptioError, match="question targets"):
+        expand_sample(raw, templates, question_targets="sometimes")
+    with pytest.raises(PerceptioError, match="question targets"):
+        StreamConfig([], question_targets="sometimes")
+    assert expand_sample(_ade_sample([]), templates) == []
+    json.dumps(questions)  # the fields are plain json
