@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from perceptio.errors import PerceptioError
+from perceptio.train.bad_data import SkipCounter, read_shards
 from perceptio.train.config import BadSampleLimit
 from perceptio.train.config import StreamConfig
 from perceptio.train.data import ExampleReader, ReaderSlot, ResumableLoader, find_shards, plan_mix
@@ -71,6 +72,24 @@ def test_truncated_shard_keeps_its_head_and_warns_once(tmp_path, caplog):
     (line,) = skip_lines(caplog)
     assert cut.name in line and "unreadable tar" in line and "after refcoco-unc_train_" in line
     assert counts(examples)[0] == 1
+
+
+def test_a_stream_shared_sample_by_sample_counts_each_sample_and_skip_once(tmp_path, caplog):
+    """Fewer shards than readers: each reader reads every tar and keeps its own samples; the reads
+    and the skip of a cut tar add up across the readers to what one reader alone counts."""
+    paths = write_shards(tmp_path, "refcoco-unc", shards=2, images_per_shard=4)
+    data = paths[1].read_bytes()
+    paths[1].write_bytes(data[: len(data) // 2])
+    urls = [str(path) for path in paths]
+    alone = SkipCounter()
+    everything = [sample["__key__"] for sample in read_shards(urls, alone)]
+    shared = [SkipCounter() for _ in range(3)]
+    parts = [[sample["__key__"] for sample in read_shards(urls, counter, share=(3, reader))]
+             for reader, counter in enumerate(shared)]
+    assert sorted(key for part in parts for key in part) == sorted(everything) and 4 < len(everything) < 8
+    assert all(part == everything[reader::3] for reader, part in enumerate(parts))
+    assert sum(counter.read for counter in shared) == alone.read and sum(counter.skipped for counter in shared) == alone.skipped == 1
+    assert len(skip_lines(caplog)) == 2  # alone's and the one shared reader's
 
 
 def test_tar_cut_between_members_is_noticed(tmp_path, caplog):

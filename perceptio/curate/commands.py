@@ -114,6 +114,8 @@ def dataset_out(out: str | Path, dataset: str) -> str | Path:
     """``OUT/DATASET``, so that several datasets curated into one ``--out`` each get a folder; ``OUT``
     itself when it already is that dataset's folder (named after it, or holding its dataset.json).
     A local ``OUT`` gives a Path, an object-store URL a URL."""
+    if not fs.is_remote(out):
+        out = Path(out)
     info = fs.join(out, DATASET_INFO_NAME)
     if fs.name(out) == dataset:
         return out
