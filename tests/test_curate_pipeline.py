@@ -351,6 +351,10 @@ def test_curate_to_s3_killed_and_resumed_then_train_from_it(refcoco_run, world, 
         with contextlib.suppress(ProcessLookupError):
             os.killpg(run.pid, signal.SIGKILL)
         run.communicate()
+    # A shard task of the killed run may still finish the shard it was writing: count once all are gone.
+    deadline = time.monotonic() + 30
+    while _processes_in_session(run.pid) and time.monotonic() < deadline:
+        time.sleep(0.5)
     finished = [name for name in fs.list_names(markers) if name.endswith("_stats.json")]
     assert 0 < len(finished) < len(refcoco_run.shards), "no kill window"
     rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
