@@ -6,11 +6,10 @@ Sections (each in its own try/except: one failure still reports the others):
              Depth Anything V2 Large- and Small-shaped teacher (random weights) + the paper-shaped
              depth VQ-VAE: (a) the bare teacher forward on pre-decoded images, (b) the model stage
              (teacher + tokenizer) and the tokenizer's share of it, (c) end to end through the very
-             functions the Ray stages call (``_prepare_unit`` -> ``DepthWorker`` -> ``_assemble_unit``)
-             with the CPU stages in a process pool that runs ahead of the model, as Ray Data's
-             streaming executor does: steady state (everything built and warm) and cold (model
-             build and pool start included). Ray itself (~70 MB of wheels) cannot travel to the
-             device machine, so it is not used here; the functions are the same.
+             function a Ray shard task runs (``curate_shard``: read-ahead thread -> ``DepthWorker``
+             -> assemble -> tar + side tables written to a local folder): steady state (model
+             built and warm) and cold (model build included). Ray itself (~70 MB of wheels) cannot
+             travel to the device machine, so it is not used here; the function is the same.
 ``train``    One optimizer step (forward, backward, AdamW) of the InternVL3-1B shape (InternViT-300M +
              Qwen2.5-0.5B from the published config, LoRA r256) with one 448 tile, under bf16
              autocast with fp32 weights: with the perception heads (SAM2.1-large-shaped [SEG]
@@ -28,12 +27,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import dataclasses
 import functools
 import json
-import multiprocessing
 import os
-import pickle
 import platform
+import shutil
 import statistics
 import tempfile
 import time
@@ -55,8 +54,7 @@ class Sizes:
     image_sizes: tuple[tuple[int, int], ...]
     teachers: tuple[str, ...]  # shape names
     teacher_input: int  # Depth Anything's input side (518 = the published one)
-    unit_images: int  # images per work unit (curation's --batch-size)
-    pool_workers: int
+    unit_images: int  # images per model batch (curation's --batch-size)
     vlm: str
     sam: str
     train_batches: tuple[int, ...]
@@ -68,13 +66,12 @@ class Sizes:
 DEVICE_SIZES = Sizes(
     world_images=96, image_sizes=((384, 288), (288, 384), (512, 288)),
     teachers=("depth-anything-v2-large", "depth-anything-v2-small"), teacher_input=518, unit_images=16,
-    pool_workers=max(2, min(12, (os.cpu_count() or 4) - 2)),
     vlm="shape:internvl3-1b", sam="shape:sam2.1-hiera-large", train_batches=(1, 4), timed_steps=5,
     generate_batches=(1, 8, 16), new_tokens=110,
 )
 SMOKE_SIZES = Sizes(
     world_images=4, image_sizes=((96, 72), (72, 96)), teachers=("depth-anything-v2-small",), teacher_input=70,
-    unit_images=3, pool_workers=2, vlm="tiny", sam="tiny", train_batches=(1, 2), timed_steps=1,
+    unit_images=3, vlm="tiny", sam="tiny", train_batches=(1, 2), timed_steps=1,
     generate_batches=(1, 2), new_tokens=4,
 )
 
@@ -125,10 +122,10 @@ def save_teacher(shape_name: str, folder: Path, input_size: int) -> Path:
     return folder
 
 
-def mixed_size_units(root: Path, sizes: Sizes) -> list[Any]:
-    """Work units of RefCOCO images from one synthetic world per image size, sizes interleaved."""
-    from perceptio.curate.distributor import WorkUnit
-    from perceptio.curate.plan import refer_images
+def mixed_size_shard(root: Path, sizes: Sizes) -> Any:
+    """One shard of RefCOCO images from one synthetic world per image size, sizes interleaved (so
+    every batch mixes them); renumbered, since each world counts its image ids from the start."""
+    from perceptio.curate.plan import ShardPlan, refer_images
 
     from perceptio.sources import refer, synth
     from perceptio.sources.synth import scene
@@ -139,27 +136,21 @@ def mixed_size_units(root: Path, sizes: Sizes) -> list[Any]:
         reader = refer.ReferDataset(world, "refcoco", "unc")
         per_size.append([image for split in reader.splits for image in refer_images(reader, split)])
     mixed = [image for group in zip(*per_size) for image in group]  # a, b, c, a, b, c, ...
-    step = sizes.unit_images
-    return [WorkUnit("bench", start, tuple(mixed[start:start + step])) for start in range(0, len(mixed), step)]
+    images = tuple(dataclasses.replace(image, split="bench", image_id=number) for number, image in enumerate(mixed))
+    return ShardPlan(images[0].dataset, "bench", 0, images)
 
 
-def run_pipeline(units: list[Any], pool: Any, worker: Any, build: Any) -> int:
-    """The three curation stages in their Ray order: CPU stages in ``pool``, the model here."""
-    from perceptio.curate.distributor import _assemble_unit, _prepare_unit
+def run_pipeline(shard: Any, out: Path, spec: Any, tokenizer_dir: Path, batch_size: int, build: Any) -> int:
+    """One shard through ``curate_shard``, the function each Ray shard task runs; the samples written."""
+    from perceptio.curate.distributor import ShardJob, curate_shard
 
-    rows = [{"payload": pickle.dumps(unit, protocol=pickle.HIGHEST_PROTOCOL)} for unit in units]
-    prepare = functools.partial(_prepare_unit, build=build)
-    assemble = functools.partial(_assemble_unit, build=build)
-    pending = [pool.apply_async(assemble, (worker(row),)) for row in pool.imap(prepare, rows)]
-    samples = 0
-    for job in pending:
-        result = pickle.loads(job.get()["payload"])
-        samples += sum(built.sample is not None for built in result.built)
-    return samples
+    shutil.rmtree(out, ignore_errors=True)
+    job = ShardJob(shard, str(out), {}, None, build, spec, str(tokenizer_dir), batch_size)
+    return curate_shard(job, torch_threads=0, model_workers=1).samples
 
 
 def bench_curate(sizes: Sizes, root: Path) -> dict[str, Any]:
-    from perceptio.curate.distributor import DepthWorker, TeacherSpec, _prepare_unit
+    from perceptio.curate.distributor import TeacherSpec, _depth_worker, _prepare_batch
     from perceptio.curate.sample_builder import BuildConfig, image_for_teacher
     from perceptio.tokenize.vqvae import DepthVQVAE
 
@@ -167,32 +158,33 @@ def bench_curate(sizes: Sizes, root: Path) -> dict[str, Any]:
     torch.manual_seed(0)
     DepthVQVAE().save_pretrained(tokenizer_dir)  # the paper's shape: 320 -> 10x10 codes, K = 128
     started = time.perf_counter()
-    units = mixed_size_units(root, sizes)
-    images = sum(len(unit.images) for unit in units)
+    shard = mixed_size_shard(root, sizes)
+    units = shard.batches(sizes.unit_images)
+    images = len(shard.images)
     results: dict[str, Any] = {"images": images, "units": len(units), "unit_images": sizes.unit_images,
                                "image_sizes": [f"{w}x{h}" for w, h in sizes.image_sizes],
-                               "world_seconds": time.perf_counter() - started, "pool_workers": sizes.pool_workers}
+                               "world_seconds": time.perf_counter() - started}
     build = BuildConfig()
     # Decoded images for the bare teacher, made by the same prepare function.
-    prepared = [pickle.loads(_prepare_unit({"payload": pickle.dumps(unit)}, build)["payload"]).prepared for unit in units]
+    prepared = [_prepare_batch(unit, build) for unit in units]
     batches = [[image_for_teacher(one) for one in unit if one.problem is None] for unit in prepared]
     usable = [[one for one in unit if one.problem is None] for unit in prepared]
-    context = multiprocessing.get_context("spawn")  # no fork after CUDA is initialised
     for name in sizes.teachers:
         entry: dict[str, Any] = {}
         results[name] = entry
         try:
             teacher_dir = save_teacher(name, root / name, sizes.teacher_input)
             spec = TeacherSpec(model=str(teacher_dir), cache_dir=None)  # no cache: every run computes
-            # Cold: pool start + model build + the whole pipeline, as a fresh run pays them.
+            out = root / f"shards-{name}"
+            # Cold: model build + the whole shard, as a fresh shard task pays them.
+            _depth_worker.cache_clear()
             cold_start = time.perf_counter()
-            with context.Pool(sizes.pool_workers) as pool:
-                build_s, worker = timed(lambda: DepthWorker(spec, str(tokenizer_dir), torch_threads=0, model_workers=1))
-                run_pipeline(units, pool, worker, build)
-                entry["cold_seconds"] = time.perf_counter() - cold_start
-                entry["build_seconds"] = build_s
-                # Steady state: the same pool and worker, everything warm.
-                warm_s, samples = timed(lambda: run_pipeline(units, pool, worker, build))
+            build_s, worker = timed(lambda: _depth_worker(spec, str(tokenizer_dir), 0, 1))
+            run_pipeline(shard, out, spec, tokenizer_dir, sizes.unit_images, build)
+            entry["cold_seconds"] = time.perf_counter() - cold_start
+            entry["build_seconds"] = build_s
+            # Steady state: the same worker (cached per process, as in a shard task), everything warm.
+            warm_s, samples = timed(lambda: run_pipeline(shard, out, spec, tokenizer_dir, sizes.unit_images, build))
             entry["steady_seconds"], entry["samples"] = warm_s, samples
             teacher, vqvae = worker.source.teacher, worker.tokenizer
             teacher_s, raw = timed(lambda: [teacher.predict(batch) for batch in batches])
@@ -211,6 +203,7 @@ def bench_curate(sizes: Sizes, root: Path) -> dict[str, Any]:
             })
             print(f"  curate {name}: {entry}", flush=True)
             del worker, teacher, vqvae
+            _depth_worker.cache_clear()
         except Exception as error:  # noqa: BLE001 - one failure must not hide the other results
             entry.update(failure(f"curate {name}", error))
         reset_peak()
@@ -439,7 +432,7 @@ def table(report: dict[str, Any]) -> str:
             lines.append(f"curate {name}: ERROR {entry['error']}")
             continue
         lines.append(
-            f"curate {name} ({curate['images']} images {'/'.join(curate['image_sizes'])}, units of {curate['unit_images']}): "
+            f"curate {name} ({curate['images']} images {'/'.join(curate['image_sizes'])}, batches of {curate['unit_images']}): "
             f"bare teacher {_fmt(entry['bare_teacher_images_s'], 1)} img/s | model stage {_fmt(entry['model_stage_images_s'], 1)} | "
             f"end to end steady {_fmt(entry['steady_images_s'], 1)} (ratio {_fmt(entry['steady_ratio'])}) | "
             f"cold incl. build {_fmt(entry['cold_images_s'], 1)} (ratio {_fmt(entry['cold_ratio'])}, build "

@@ -35,13 +35,15 @@ import io
 import json
 import os
 import re
+import secrets
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, BinaryIO, Iterator, Sequence
 
 import numpy as np
 
+from perceptio import fs
 from perceptio.errors import PerceptioError
 from perceptio.io import FILE_MODE
 from perceptio.sources.problems import Problem
@@ -213,7 +215,9 @@ class ShardWriter:
 
     def __init__(self, path: str | os.PathLike[str]):
         self.path = Path(path)
-        self.tmp_path = self.path.with_name(f".{self.path.name}.tmp")
+        # Unique per writer: a shard task orphaned by a killed run may still be finishing the same
+        # shard as the task of the re-run for a moment; each renames only its own whole file.
+        self.tmp_path = self.path.with_name(f".{self.path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._tar = tarfile.open(self.tmp_path, "w", format=tarfile.GNU_FORMAT)
         self.count = 0
@@ -255,16 +259,22 @@ class ShardWriter:
 END_OF_ARCHIVE = b"\0" * 1024
 
 
-def iter_members(path: str | os.PathLike[str]) -> Iterator[tuple[str, dict[str, bytes]]]:
+def iter_members(source: str | os.PathLike[str] | BinaryIO) -> Iterator[tuple[str, dict[str, bytes]]]:
     """(key, raw members by extension) in stored order, with the standard library alone.
 
-    A key met again after another one comes out again (a duplicate is the caller's to judge).
-    Raises ``tarfile.TarError``/``EOFError``/``OSError`` on a damaged tar, and ``EOFError`` when the
-    tar lacks its end-of-archive marker (cut short exactly between members).
+    ``source`` is a path or a seekable binary file object (e.g. an object-store file from
+    :func:`perceptio.fs.open_input`). A key met again after another one comes out again (a duplicate
+    is the caller's to judge). Raises ``tarfile.TarError``/``EOFError``/``OSError`` on a damaged
+    tar, and ``EOFError`` when the tar lacks its end-of-archive marker (cut short exactly between
+    members).
     """
+    if isinstance(source, (str, os.PathLike)):
+        with open(source, "rb") as handle:
+            yield from iter_members(handle)
+        return
     current_key: str | None = None
     members: dict[str, bytes] = {}
-    with tarfile.open(path, "r") as tar:
+    with tarfile.open(fileobj=source, mode="r") as tar:
         for info in tar:
             if not info.isfile():
                 continue
@@ -278,10 +288,10 @@ def iter_members(path: str | os.PathLike[str]) -> Iterator[tuple[str, dict[str, 
         end = tar.offset
     if current_key is not None:
         yield current_key, members
-    with open(path, "rb") as handle:
-        handle.seek(end)
-        if handle.read(len(END_OF_ARCHIVE)) != END_OF_ARCHIVE:
-            raise EOFError(f"{path}: no end-of-archive marker after byte {end}: the tar was cut short")
+    source.seek(end)
+    if source.read(len(END_OF_ARCHIVE)) != END_OF_ARCHIVE:
+        name = getattr(source, "name", "the tar")
+        raise EOFError(f"{name}: no end-of-archive marker after byte {end}: the tar was cut short")
 
 
 def iter_shard(path: str | os.PathLike[str]) -> Iterator[ShardSample]:
@@ -311,21 +321,35 @@ def manifest_path(folder: str | os.PathLike[str]) -> Path:
     return meta_folder(folder) / MANIFEST_NAME
 
 
+def meta_location(folder: str | os.PathLike[str]) -> str:
+    """:func:`meta_folder` for a folder that may be an object-store URL (perceptio.fs)."""
+    return fs.join(folder, META_DIR)
+
+
+def meta_file(folder: str | os.PathLike[str], name: str) -> str:
+    """The side file ``name`` of a shard folder that may be an object-store URL."""
+    return fs.join(folder, META_DIR, name)
+
+
 def holds_shards(folder: Path) -> bool:
     return any(ShardFile.parse(path) is not None for path in folder.glob("*.tar"))
 
 
-def dataset_folders(location: str | os.PathLike[str]) -> list[Path]:
+def dataset_folders(location: str | os.PathLike[str]) -> list[Path | str]:
     """The shard folders at ``location``: itself when it holds shards, else each subfolder that does.
 
     Curation writes one folder per dataset (``shards/refcoco-unc/``, ``shards/ade20k/``), so every
     command that reads shards accepts either one of them or their parent.
     """
+    if fs.is_remote(location):  # an object store: the folder of one dataset, as given
+        return [os.fspath(location)]
     location = Path(location)
     if not location.is_dir() or holds_shards(location):
         return [location]
-    children = sorted(child for child in location.iterdir() if child.is_dir() and holds_shards(child))
+    children: list[Path | str] = sorted(child for child in location.iterdir() if child.is_dir() and holds_shards(child))
     return children or [location]
+
+
 KEPT = "kept"  # the status of a kept ref (or a kept ADE20k image) in the parquet tables
 REJECTED = "rejected"
 
@@ -339,23 +363,23 @@ def shard_name(dataset: str, split: str, index: int) -> str:
 class ShardFile:
     """One tar of a shard folder, what its name says, and where its side files are."""
 
-    path: Path
+    path: Path | str  # a local path, or the URL of a shard on an object store (perceptio.fs)
     dataset: str  # from the file name; every sample's json "dataset" must agree
     split: str
     index: int
 
     @classmethod
     def parse(cls, path: str | os.PathLike[str]) -> "ShardFile | None":
-        """The shard a path names, or None when the name does not follow :data:`SHARD_NAME`."""
-        path = Path(path)
-        match = SHARD_NAME.match(path.name)
+        """The shard a path or URL names, or None when the name does not follow :data:`SHARD_NAME`."""
+        location = path if fs.is_remote(path) else Path(path)
+        match = SHARD_NAME.match(fs.name(location))
         if match is None:
             return None
-        return cls(path, match["dataset"], match["split"], int(match["index"]))
+        return cls(location, match["dataset"], match["split"], int(match["index"]))
 
     @property
     def name(self) -> str:
-        return self.path.name[: -len(".tar")]
+        return fs.name(self.path)[: -len(".tar")]
 
     @property
     def stats_path(self) -> Path:
@@ -394,8 +418,17 @@ class ShardFile:
 
 
 def list_shards(folder: str | os.PathLike[str], splits: Sequence[str] | None = None) -> list[ShardFile]:
-    """The shards directly in ``folder`` (all, or those of ``splits``), sorted by path."""
-    shards = (ShardFile.parse(path) for path in sorted(Path(folder).glob("*.tar")))
+    """The shards directly in ``folder`` (all, or those of ``splits``), sorted by path.
+
+    ``folder`` may be an object-store URL; there a tar counts only once its done marker is there
+    too (the marker is uploaded last: the commit point of a shard), so a reader never takes a
+    shard whose upload is still under way. A local tar appears under its name only when whole.
+    """
+    names = fs.list_names(folder)
+    if fs.is_remote(folder):
+        markers = set(fs.list_names(meta_location(folder)))
+        names = [name for name in names if f"{name.removesuffix('.tar')}{STATS_SUFFIX}" in markers]
+    shards = (ShardFile.parse(fs.join(folder, name)) for name in names if name.endswith(".tar"))
     return [shard for shard in shards if shard is not None and (splits is None or shard.split in splits)]
 
 

@@ -204,15 +204,16 @@ def test_a_killed_command_resumes_byte_identically(ray_two_cpus, world, models, 
         with contextlib.suppress(ProcessLookupError):
             os.killpg(run.pid, signal.SIGKILL)  # the driver and the embedded Ray it started, at once
         run.communicate()
-    finished = {path: (path.stat().st_ino, path.stat().st_mtime_ns) for path in meta_folder(out).glob("*_stats.json")}
-    assert running and 0 < len(finished) < len(reference.shards), (
-        f"no kill window: {len(finished)} of {len(reference.shards)} shards were finished when the run was killed")
     assert any("raylet" in line for line in running)  # so that the check below looks at Ray's processes
-    # Nothing of the killed run survives it: its raylet takes the workers down with it.
+    # Nothing of the killed run survives it: its raylet takes the workers down with it. (A shard
+    # task, which writes its own shard, may finish the shard it was writing in that moment.)
     deadline = time.monotonic() + 30
     while _processes_in_session(run.pid) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert _processes_in_session(run.pid) == []
+    finished = {path: (path.stat().st_ino, path.stat().st_mtime_ns) for path in meta_folder(out).glob("*_stats.json")}
+    assert running and 0 < len(finished) < len(reference.shards), (
+        f"no kill window: {len(finished)} of {len(reference.shards)} shards were finished when the run was killed")
 
     rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr
@@ -314,3 +315,90 @@ def test_manifest_rows_carry_what_users_query(refcoco_run):
     kept = [row for row in table.to_pylist() if row["status"] == "kept"]
     assert kept and all(row["width"] and row["height"] and len(row["bbox"]) == 4 and row["sentence_texts"] for row in kept)
     assert all(len(row["sentence_texts"]) == row["sentences"] for row in kept)
+
+
+# ------------------------------------------------------------------ object stores and clusters
+def _remote_digests(out: str) -> dict[str, str]:
+    from perceptio import fs
+
+    return {name: hashlib.sha256(fs.read_bytes(fs.join(folder, name))).hexdigest()
+            for folder in (out, fs.join(out, "__meta__")) for name in fs.list_names(folder)
+            if name.endswith((".tar", ".parquet"))}
+
+
+@pytest.mark.slow
+def test_curate_to_s3_killed_and_resumed_then_train_from_it(refcoco_run, world, models, s3_bucket, tmp_path):
+    """--out s3://... against a local S3 server: SIGKILL mid-run, re-run, the same bytes; then the
+    trainer reads the bucket, is stopped by SIGTERM and resumes."""
+    from perceptio import fs
+
+    out = f"{s3_bucket}/shards/refcoco-unc"  # --out names the parent: the dataset gets its folder
+    markers = f"{out}/__meta__"
+    bin_dir = Path(sys.executable).parent
+    command = [str(bin_dir / "perceptio-curate"), "refcoco", "--data-root", str(world), "--out", out,
+               "--tokenizer", str(models["tokenizer"]), "--depth-model", str(models["teacher"]),
+               "--cache-dir", str(tmp_path / "cache"), "--samples-per-shard", "4", "--batch-size", "2",
+               "--num-cpus", "2", "--no-progress"]
+    command[command.index(out)] = f"{s3_bucket}/shards"
+    env = {name: value for name, value in os.environ.items() if name != "RAY_ADDRESS"}
+    run = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while (not any(name.endswith("_stats.json") for name in fs.list_names(markers)) and run.poll() is None
+               and time.monotonic() < deadline):
+            time.sleep(0.1)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(run.pid, signal.SIGKILL)
+        run.communicate()
+    # A shard task of the killed run may still finish the shard it was writing: count once all are gone.
+    deadline = time.monotonic() + 30
+    while _processes_in_session(run.pid) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    finished = [name for name in fs.list_names(markers) if name.endswith("_stats.json")]
+    assert 0 < len(finished) < len(refcoco_run.shards), "no kill window"
+    rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"({len(refcoco_run.shards) - len(finished)} written by this run)" in rerun.stdout
+    assert _remote_digests(out) == _digests(refcoco_run.out)
+
+    train_out = tmp_path / "run"
+    train = [str(bin_dir / "perceptio-train"), "--shards", out, "--model", "tiny", "--tokenizer", str(models["tokenizer"]),
+             "--lora-rank", "4", "--lora-alpha", "8", "--batch-size", "2", "--steps", "6", "--workers", "1",
+             "--out", str(train_out), "--no-progress"]
+    trainer = subprocess.Popen(train, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = train_out / "metrics.jsonl"
+    deadline = time.monotonic() + 600
+    while not (metrics.is_file() and metrics.read_text().strip()) and trainer.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+    trainer.send_signal(signal.SIGTERM)
+    output = trainer.communicate(timeout=300)[0]
+    assert trainer.returncode == 0 and "stopped by SIGTERM" in output, output
+    resumed = subprocess.run([*train, "--resume"], env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6] and (train_out / "model").is_dir()
+
+
+def _cluster_curate(world: Path, models: dict[str, Path], out: Path, **options) -> dict:
+    """tests/cluster_curate.py in its own process (a Ray cluster cannot share this one's Ray)."""
+    config = {"world": str(world), "out": str(out), "tokenizer": str(models["tokenizer"]),
+              "teacher": str(models["teacher"]), **options}
+    env = {name: value for name, value in os.environ.items() if name != "RAY_ADDRESS"}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[1]), env.get("PYTHONPATH", "")])
+    done = subprocess.run([sys.executable, str(Path(__file__).with_name("cluster_curate.py")), json.dumps(config)],
+                          env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_two_simulated_nodes_write_the_same_shards_also_when_one_is_removed(refcoco_run, world, models, tmp_path):
+    both = _cluster_curate(world, models, tmp_path / "two-nodes" / "refcoco-unc", nodes=2)
+    assert both["written"] == both["shards"] == len(refcoco_run.shards)
+    assert _digests(tmp_path / "two-nodes" / "refcoco-unc") == _digests(refcoco_run.out)
+    removed_out = tmp_path / "node-removed" / "refcoco-unc"
+    removed = _cluster_curate(world, models, removed_out, nodes=2, remove_after_shards=1)
+    assert 1 <= removed["removed_after_shards"] < removed["shards"]  # removed mid-run, with shards left to do
+    assert _digests(removed_out) == _digests(refcoco_run.out)
+    assert not list(removed_out.glob(".*")) and not list(meta_folder(removed_out).glob(".*"))

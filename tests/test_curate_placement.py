@@ -17,8 +17,8 @@ SMALL = TeacherSpec(model="depth-anything/Depth-Anything-V2-Small-hf")
 def test_found_gpus_are_used_with_actors_per_gpu_from_the_teacher_size():
     large = place(RayConfig(), LARGE, gpus=8, cpus=64)
     assert large.config.num_gpus_per_worker == 1.0 and large.config.model_workers == 8 and large.warning is None
-    assert large.summary == ("curation: 8 Depth-Anything-V2-Large-hf actor(s), 1 per GPU, on 8 GPU(s); "
-                             "CPU stages on 64 CPUs")
+    assert large.summary == ("curation: 8 Depth-Anything-V2-Large-hf shard task(s) at once, 1 per GPU, on 8 GPU(s); "
+                             "64 CPUs in the cluster")
     small = place(RayConfig(), SMALL, gpus=2, cpus=32)
     assert small.config.num_gpus_per_worker == 0.25 and small.config.model_workers == 8
 

@@ -1,7 +1,7 @@
 """The package's layers as docs/architecture.md draws them, checked on the source.
 
 Stages import only stages below them: sources -> shards.py -> tokenize -> curate -> (inspect, train)
--> evaluate, over a foundation (errors, io, progress, recipes, tokens) that everyone may import. inspect and
+-> evaluate, over a foundation (errors, io, fs, progress, recipes, tokens) that everyone may import. inspect and
 train sit side by side and import neither each other. Function-level (lazy) imports count too: they
 are dependencies all the same.
 """
@@ -22,6 +22,7 @@ LAYERS = {
     "hub": 0,
     "io": 0,
     "progress": 0,
+    "fs": 0,
     "recipes": 0,
     "tokens": 0,
     "sources": 1,
@@ -38,6 +39,7 @@ TORCH_FREE = [
     "perceptio.hub",
     "perceptio.io",
     "perceptio.progress",
+    "perceptio.fs",
     "perceptio.recipes",
     "perceptio.tokens",
     "perceptio.shards",
@@ -51,6 +53,7 @@ TORCH_FREE = [
     "perceptio.tokenize.cache",
     "perceptio.curate.cli",
     "perceptio.train.config",
+    "perceptio.train.bad_data",
 ]
 HEAVY = ("torch", "transformers")
 

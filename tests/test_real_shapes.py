@@ -10,7 +10,6 @@ Time and peak memory are printed (``pytest -s``), never asserted.
 
 from __future__ import annotations
 
-import pickle
 import resource
 import sys
 import time
@@ -76,25 +75,26 @@ def test_one_training_step_of_the_1b_shape_with_sam2_large(tmp_path):
 
 
 def test_one_curation_batch_with_the_large_teacher(tmp_path):
-    from perceptio.curate.distributor import DepthWorker, TeacherSpec, _assemble_unit, _prepare_unit
-    from perceptio.curate.sample_builder import BuildConfig
+    from perceptio.curate.distributor import DepthWorker, TeacherSpec, _captioner, _prepare_batch
+    from perceptio.curate.sample_builder import BuildConfig, assemble
     from perceptio.tokenize.vqvae import DepthVQVAE
 
     sizes = bench_gpu.Sizes(**{**bench_gpu.SMOKE_SIZES.__dict__, "world_images": 4,
                                "image_sizes": ((384, 288), (288, 384)), "unit_images": 4})
-    units = bench_gpu.mixed_size_units(tmp_path, sizes)
+    batch = bench_gpu.mixed_size_shard(tmp_path, sizes).batches(sizes.unit_images)[0]
     DepthVQVAE().save_pretrained(tmp_path / "vqvae")
     teacher = bench_gpu.save_teacher("depth-anything-v2-large", tmp_path / "teacher", 518)
     started = time.perf_counter()
     worker = DepthWorker(TeacherSpec(model=str(teacher)), str(tmp_path / "vqvae"), torch_threads=0, model_workers=1)
     build = BuildConfig()
-    prepared = _prepare_unit({"payload": pickle.dumps(units[0])}, build)
-    result = pickle.loads(_assemble_unit(worker(prepared), build)["payload"])
+    prepared = _prepare_batch(batch, build)
+    depths, _, _ = worker.depths(prepared)
+    built_images = [assemble(one, depth, build, _captioner(build.captioner)) for one, depth in zip(prepared, depths)]
     seconds = time.perf_counter() - started
-    sizes_seen = {(built.sample.meta["width"], built.sample.meta["height"]) for built in result.built if built.sample}
+    sizes_seen = {(built.sample.meta["width"], built.sample.meta["height"]) for built in built_images if built.sample}
     assert sizes_seen == {(384, 288), (288, 384)}  # one batch of mixed sizes
-    for built in result.built:
+    for built in built_images:
         if built.sample is not None:
             assert built.sample.depth_tokens.shape == (100,) and built.sample.depth.shape == (320, 320)
-    print(f"\nDepth Anything V2 Large shape: one batch of {len(result.built)} images in {seconds:.0f} s "
+    print(f"\nDepth Anything V2 Large shape: one batch of {len(built_images)} images in {seconds:.0f} s "
           f"(model load included), peak RSS {_peak_rss_mib():.0f} MiB")

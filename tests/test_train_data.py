@@ -189,8 +189,8 @@ def test_sample_dataset_must_match_its_file_name(tmp_path):
 def test_resumed_loader_continues_with_the_same_batches(mixed_shards):
     config = StreamConfig([mixed_shards], mix=parse_mix("refcoco=1,ade20k=1"), seed=5, shuffle_buffer=6, shuffle_initial=3)
 
-    def loader(state=None):
-        return ResumableLoader(config, FakeProcessor(), batch_size=2, num_workers=2, state=state)
+    def loader(states=None):
+        return ResumableLoader(config, FakeProcessor(), batch_size=2, num_workers=2, states=states)
 
     def content(batches):
         return [(batch.keys, [e["target"] for e in batch.inputs]) for batch in batches]
@@ -200,10 +200,47 @@ def test_resumed_loader_continues_with_the_same_batches(mixed_shards):
     head = content(islice(first, 7))  # an odd count: worker 1 is due next
     state = json.loads(json.dumps(first.state_dict()))  # it travels through a checkpoint as JSON
     assert state["next_worker"] == 1
-    tail = content(islice(loader(state), 5))
+    tail = content(islice(loader([state]), 5))
     assert head + tail == straight
-    with pytest.raises(PerceptioError, match="resume with the same"):
-        ResumableLoader(config, FakeProcessor(), num_workers=1, state=state)
+    with pytest.raises(PerceptioError, match=r"has 2 loader readers .* at most that many ranks x --workers \(got 1 x 3\)"):
+        ResumableLoader(config, FakeProcessor(), num_workers=3, states=[state])
+
+
+def _per_reader(batches) -> dict[int, list[str]]:
+    keys: dict[int, list[str]] = {}
+    for batch in batches:
+        keys.setdefault(batch.reader, []).extend(batch.keys)
+    return keys
+
+
+@pytest.mark.parametrize("before, after", [((2, 0), (1, 0)), ((1, 2), (2, 0)), ((2, 0), (1, 2))],
+                         ids=["2->1 ranks", "1->2 ranks", "2 ranks->1 rank x 2 workers"])
+def test_elastic_resume_goes_on_with_every_reader_without_repeating_or_skipping(mixed_shards, before, after):
+    """A run restarted on another number of ranks (or workers) continues each reader's sequence."""
+    config = StreamConfig([mixed_shards], mix=parse_mix("refcoco=1,ade20k=1"), seed=2, shuffle_buffer=4, shuffle_initial=2)
+
+    def loaders(world_size, workers, states=None):
+        return [ResumableLoader(config, FakeProcessor(), batch_size=2, num_workers=workers, rank=rank,
+                                world_size=world_size, states=states) for rank in range(world_size)]
+
+    # Every reader's own sequence, from a run that never stops (readers of the first layout).
+    straight: dict[int, list[str]] = {}
+    for loader in loaders(*before):
+        for reader, keys in _per_reader(islice(loader, 12)).items():
+            straight.setdefault(reader, []).extend(keys)
+    first = loaders(*before)
+    consumed: dict[int, list[str]] = {}
+    for loader in first:
+        for reader, keys in _per_reader(islice(loader, 3)).items():
+            consumed.setdefault(reader, []).extend(keys)
+    states = json.loads(json.dumps([loader.state_dict() for loader in first]))  # as gathered into a checkpoint
+    for loader in loaders(*after, states=states):
+        for reader, keys in _per_reader(islice(loader, 4)).items():
+            consumed.setdefault(reader, []).extend(keys)
+    assert set(consumed) == set(straight) == {0, 1}
+    for reader, keys in consumed.items():
+        assert keys == straight[reader][: len(keys)], reader  # nothing repeated, nothing skipped
+    assert sum(map(len, consumed.values())) == 2 * (3 * before[0] + 4 * after[0])
 
 
 def test_expanded_examples_train_on_the_target_only(vqvae_dir):

@@ -213,7 +213,9 @@ def test_two_processes_with_uneven_shards_stay_in_step_and_resume(shards, tmp_pa
     assert [r["loss"] for r in ddp[0]["history"]] == [r["loss"] for r in ddp[1]["history"]]  # averaged over ranks
     assert len((tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()) == 7  # written by rank 0 only
     state = json.loads((tmp_path / "ddp" / "checkpoints" / "step-000007" / "trainer_state.json").read_text())
-    epochs = [rank_state["readers"]["0"]["streams"]["refcoco"]["epoch"] for rank_state in state["loader_states"]]
+    # Reader r is rank r's only worker (ReaderLayout: reader = rank + world size x worker).
+    epochs = [rank_state["readers"][str(rank)]["streams"]["refcoco"]["epoch"]
+              for rank, rank_state in enumerate(state["loader_states"])]
     assert epochs == [0, 1]
     for parallel in ("ddp", "fsdp"):
         for rank in range(2):

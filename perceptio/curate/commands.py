@@ -16,24 +16,18 @@ from typing import Any, Optional
 import typer
 
 import perceptio
-from perceptio.curate.distributor import RayConfig, TeacherSpec, WorkUnit, ray_session, run_units
+from perceptio import fs
+from perceptio.curate.distributor import RayConfig, ShardJob, TeacherSpec, ray_session, run_shards
 from perceptio.curate.interop import write_dataset_card, write_wids_indexes
 from perceptio.curate.marked_points import MarkedPointsConfig
 from perceptio.curate.placement import Placement, place
 from perceptio.curate.plan import ShardPlan, ade_images, plan_shards, refer_images
 from perceptio.curate.sample_builder import BuildConfig
-from perceptio.curate.writer import (
-    ShardSetWriter,
-    check_resumable,
-    is_done,
-    read_stats,
-    write_dataset_json,
-    write_manifest,
-)
+from perceptio.curate.writer import check_resumable, done_shards, read_stats, write_dataset_json, write_manifest
 from perceptio.errors import PerceptioError
 from perceptio.hub import looks_like_repo_id, resolve_folder
 from perceptio.progress import ProgressLog
-from perceptio.shards import DATASET_INFO_NAME, ManifestRow, ShardFile, manifest_path, meta_folder
+from perceptio.shards import DATASET_INFO_NAME, MANIFEST_NAME, ManifestRow, ShardFile, meta_location
 from perceptio.sources.problems import Problem
 from perceptio.tokenize.cache import default_cache_dir
 from perceptio.tokenize.config import TOKENIZER_FILES
@@ -52,7 +46,7 @@ class CurationRequest:
 
     dataset: str  # "refcoco" | "refcoco+" | "refcocog" | "ade20k"
     data_root: Path
-    out: Path
+    out: str | Path  # a folder, or an object-store URL such as s3://bucket/shards (perceptio.fs)
     tokenizer: Path
     teacher: TeacherSpec = field(default_factory=TeacherSpec)
     split_by: str | None = None
@@ -67,13 +61,13 @@ class CurationRequest:
 
 @dataclass
 class CurationSummary:
-    out: Path
+    out: str | Path
     shards: list[str]  # every shard of the dataset
     redone: list[str]  # the shards this run wrote (the others were finished before)
     info: dict[str, Any]  # dataset.json
     images: int  # images processed by this run
     seconds: float  # wall time of the pipeline (Ray start-up excluded when Ray was already running)
-    first_result_s: float | None  # from start until the first batch came out of the pipeline
+    first_result_s: float | None  # from start until the first shard was written
 
 
 def _read_dataset(request: CurationRequest) -> tuple[str, dict[str, list], list]:
@@ -116,58 +110,54 @@ def _tokenizer_identity(tokenizer_dir: Path) -> dict[str, Any]:
     }
 
 
-def dataset_out(out: Path, dataset: str) -> Path:
+def dataset_out(out: str | Path, dataset: str) -> str | Path:
     """``OUT/DATASET``, so that several datasets curated into one ``--out`` each get a folder; ``OUT``
-    itself when it already is that dataset's folder (named after it, or holding its dataset.json)."""
-    info = out / DATASET_INFO_NAME
-    if out.name == dataset:
+    itself when it already is that dataset's folder (named after it, or holding its dataset.json).
+    A local ``OUT`` gives a Path, an object-store URL a URL."""
+    if not fs.is_remote(out):
+        out = Path(out)
+    info = fs.join(out, DATASET_INFO_NAME)
+    if fs.name(out) == dataset:
         return out
-    if info.is_file():
+    if fs.exists(info):
         import json
 
         try:
-            if json.loads(info.read_text(encoding="utf-8")).get("settings", {}).get("dataset") == dataset:
+            if json.loads(fs.read_text(info)).get("settings", {}).get("dataset") == dataset:
                 return out
         except ValueError:
             pass  # not ours to judge here: _prepare_out reads it again
-    return out / dataset
+    return fs.join(out, dataset) if fs.is_remote(out) else Path(out) / dataset
 
 
-def _prepare_out(out: Path, dataset: str, overwrite: bool) -> None:
+def _prepare_out(out: str, dataset: str, overwrite: bool) -> None:
     """Create ``out``; with ``overwrite`` remove this dataset's previous results; refuse a foreign folder."""
-    out.mkdir(parents=True, exist_ok=True)
-    previous = out / DATASET_INFO_NAME
-    if previous.is_file():
-        import json
+    import json
 
-        other = json.loads(previous.read_text(encoding="utf-8")).get("settings", {}).get("dataset")
+    fs.make_dirs(out)
+    names = fs.list_names(out)
+    if DATASET_INFO_NAME in names:
+        other = json.loads(fs.read_text(fs.join(out, DATASET_INFO_NAME))).get("settings", {}).get("dataset")
         if other not in (None, dataset):
             raise PerceptioError(f"{out} holds curated {other}; give {dataset} its own --out folder")
     if overwrite:
-        meta = meta_folder(out)
-        for path in [*out.glob(f"{dataset}-*"), *out.glob(f".{dataset}-*"), *meta.glob(f"{dataset}-*"),
-                     *meta.glob(f".{dataset}-*"), manifest_path(out), previous]:
-            path.unlink(missing_ok=True)
+        ours = (f"{dataset}-", f".{dataset}-")
+        for folder in (out, meta_location(out)):
+            for name in fs.list_names(folder):
+                if name.startswith(ours) or name in (MANIFEST_NAME, DATASET_INFO_NAME):
+                    fs.remove(fs.join(folder, name))
 
 
-def _write_interop_files(out: Path, shards: list[ShardPlan], info: dict[str, Any]) -> None:
+def _write_interop_files(out: str, shards: list[ShardPlan], info: dict[str, Any]) -> None:
     """The dataset card (Hugging Face ``load_dataset(out)``) and one wids index per split."""
-    files = [ShardFile.parse(out / f"{shard.name}.tar") for shard in shards]
+    files = [ShardFile.parse(fs.join(out, f"{shard.name}.tar")) for shard in shards]
     files = [shard for shard in files if shard is not None]
     counts = {shard.name: read_stats(out, shard.name)["samples"] for shard in files}
     description = (f"Perceptio shards of {info['settings']['dataset']}: one sample per image (jpg, depth.npy, "
                    f"depth_tokens.npy, json); tokenizer {info['tokenizer']['identity']}, teacher "
                    f"{info['teacher']['identity']}, perceptio {info['perceptio_version']}.")
     write_dataset_card(out, files, description)
-    write_wids_indexes(out, meta_folder(out), files, counts)
-
-
-def _units(shards: list[ShardPlan], batch_size: int) -> list[WorkUnit]:
-    return [
-        WorkUnit(shard.name, number * batch_size, batch)
-        for shard in shards
-        for number, batch in enumerate(shard.batches(batch_size))
-    ]
+    write_wids_indexes(out, meta_location(out), files, counts)
 
 
 def _placement(request: CurationRequest) -> Placement:
@@ -206,42 +196,40 @@ def curate(request: CurationRequest) -> CurationSummary:
         "teacher_source": teacher.source if teacher.source == "gt" else f"model:{teacher.model}",
         "build": dataclasses.asdict(request.build),
     }
-    out = dataset_out(request.out, name)
+    out_folder = dataset_out(request.out, name)
+    out = str(out_folder)
     _prepare_out(out, name, request.overwrite)
-    done = [shard.name for shard in shards if is_done(out, shard.name)]
+    done = done_shards(out, [shard.name for shard in shards])
     expected_teacher = check_resumable(out, done, settings)
     todo = [shard for shard in shards if shard.name not in set(done)]
+    jobs = [ShardJob(shard, out, settings, expected_teacher, request.build, teacher, str(request.tokenizer),
+                     request.batch_size) for shard in todo]
 
-    writer = ShardSetWriter(out, todo, settings, expected_teacher)
     total = sum(len(shard.images) for shard in todo)
     started = time.perf_counter()
     first_result_s = None
-    try:
-        with ProgressLog(f"curate {name}", total, unit="images", enabled=request.progress) as progress:
-            if todo:
-                with ray_session(request.ray):
-                    placement = _placement(request)
-                    for result in run_units(_units(todo, request.batch_size), request.build, teacher,
-                                            request.tokenizer, placement.config):
-                        if first_result_s is None:
-                            first_result_s = time.perf_counter() - started
-                        for offset, built in enumerate(result.built):
-                            writer.add(result.shard, result.first_position + offset, built, result.teacher,
-                                       result.model_seconds / max(1, len(result.built)))
-                        progress.update(writer.images_done, written=writer.samples_written,
-                                        rejected=writer.refs_rejected)
-    except BaseException:
-        writer.abort()
-        raise
-    if writer.open:
-        raise PerceptioError(f"the pipeline stopped early; unfinished shards: {', '.join(sorted(writer.open))}")
-    file_metadata = {"dataset": name, "tokenizer": tokenizer["identity"], "teacher": writer.teacher,
+    images = samples = rejected = 0
+    teachers = {expected_teacher} - {None}
+    with ProgressLog(f"curate {name}", total, unit="images", enabled=request.progress) as progress:
+        if jobs:
+            with ray_session(request.ray):
+                placement = _placement(request)
+                for finished in run_shards(jobs, placement.config):
+                    if first_result_s is None:
+                        first_result_s = time.perf_counter() - started
+                    images, samples, rejected = (images + finished.images, samples + finished.samples,
+                                                 rejected + finished.refs_rejected)
+                    teachers |= {finished.teacher} - {None}
+                    progress.update(images, written=samples, rejected=rejected)
+    if len(teachers) > 1:  # each task checked against the finished shards; this catches a change between tasks
+        raise PerceptioError(f"shards in {out} come from different teachers {sorted(teachers)}; use --overwrite")
+    file_metadata = {"dataset": name, "tokenizer": tokenizer["identity"], "teacher": next(iter(teachers), None),
                      "perceptio_version": perceptio.__version__}
     manifest = write_manifest(out, shards, _problem_rows(name, problems), file_metadata)
     seconds = time.perf_counter() - started
     info = write_dataset_json(out, shards, manifest, tokenizer, settings)
     _write_interop_files(out, shards, info)
-    return CurationSummary(out, [shard.name for shard in shards], [shard.name for shard in todo], info, total,
+    return CurationSummary(out_folder, [shard.name for shard in shards], [shard.name for shard in todo], info, total,
                            seconds, first_result_s)
 
 
@@ -271,7 +259,7 @@ def _command(dataset: str):
 
     def command(
         data_root: Path = typer.Option(..., "--data-root", help="dataset root (REFER layout, or a folder holding ADEChallengeData2016)"),
-        out: Path = typer.Option(..., "--out", help="Shards folder: this dataset goes to OUT/{dataset}-{split-by} (ade20k: OUT/ade20k), or to OUT itself when it is already that folder."),
+        out: str = typer.Option(..., "--out", help="Shards folder or object-store URL (s3://bucket/shards; gs:// with gcsfs installed): this dataset goes to OUT/{dataset}-{split-by} (ade20k: OUT/ade20k), or to OUT itself when it is already that folder."),
         tokenizer: Path = typer.Option(..., "--tokenizer", help="depth tokenizer: a folder (perceptio-tokenize fit) or a hub id"),
         split: Optional[list[str]] = typer.Option(None, "--split", help="official split to curate (repeatable); default all, each into its own shards"),
         split_by: Optional[str] = typer.Option(None, "--split-by", help=split_by_help),
@@ -282,9 +270,9 @@ def _command(dataset: str):
         batch_size: int = typer.Option(CurationRequest.batch_size, "--batch-size", help="images per teacher/tokenizer forward pass"),
         ray_address: Optional[str] = typer.Option(RayConfig.address, "--ray-address", help="attach to this Ray cluster (e.g. 'auto' or ray://host:10001); default: an embedded local Ray"),
         num_cpus: Optional[int] = typer.Option(RayConfig.num_cpus, "--num-cpus", help="CPUs of the embedded local Ray [default: all cores]"),
-        model_workers: Optional[int] = typer.Option(RayConfig.model_workers, "--model-workers", min=1, help="most model actors (one teacher + tokenizer each); the pool grows up to this [default: GPUs x actors per GPU, or 1 without GPUs]", show_default=False),
-        num_gpus_per_worker: Optional[float] = typer.Option(RayConfig.num_gpus_per_worker, "--num-gpus-per-worker", min=0.0, help="GPUs per model actor (0: CPU, with a warning when GPUs exist; 0.5: two actors share a GPU) [default: every GPU Ray finds, --actors-per-gpu actors each]", show_default=False),
-        actors_per_gpu: Optional[int] = typer.Option(RayConfig.actors_per_gpu, "--actors-per-gpu", min=1, help="model actors per GPU when --num-gpus-per-worker is not given [default: from the teacher's size: 1 Large, 2 Base, 4 Small]", show_default=False),
+        model_workers: Optional[int] = typer.Option(RayConfig.model_workers, "--model-workers", min=1, help="shard tasks running at once, on any nodes (each loads one teacher + tokenizer) [default: GPUs x tasks per GPU, or 1 without GPUs]", show_default=False),
+        num_gpus_per_worker: Optional[float] = typer.Option(RayConfig.num_gpus_per_worker, "--num-gpus-per-worker", min=0.0, help="GPUs per shard task (0: CPU, with a warning when GPUs exist; 0.5: two tasks share a GPU) [default: every GPU Ray finds, --actors-per-gpu tasks each]", show_default=False),
+        actors_per_gpu: Optional[int] = typer.Option(RayConfig.actors_per_gpu, "--actors-per-gpu", min=1, help="shard tasks per GPU when --num-gpus-per-worker is not given [default: from the teacher's size: 1 Large, 2 Base, 4 Small]", show_default=False),
         captioner: str = typer.Option(BuildConfig.captioner, "--captioner", help="description writer: 'attributes' or package.module:ClassName"),
         questions_per_image: int = typer.Option(MarkedPointsConfig.questions_per_image, "--questions-per-image", min=0, help="ADE20k: marked-point questions per image (2-5 points on distinct objects each)"),
         hard_questions: bool = typer.Option(MarkedPointsConfig.balanced, "--hard-questions/--any-questions", help="ADE20k: balance each image's questions so that the lowest point, the largest object and the object reaching lowest are nearest about as often as chance"),

@@ -1,18 +1,17 @@
-"""The Ray Data pipeline of curation: CPU tasks around an actor pool that runs the models.
+"""Curation on Ray: one deterministic task per shard, which writes its own files (img2dataset's design).
 
-Rows are *work units*: the model batches of the plan (perceptio/curate/plan.py). Three stages:
+A shard task reads its shard's images, runs the models on them in batches of ``--batch-size``
+(consecutive images of the shard, so the batches, and with them the bytes, never depend on the
+cluster), assembles the samples and writes ``NAME.tar``, then ``__meta__/NAME.parquet`` and the
+done marker ``__meta__/NAME_stats.json`` (perceptio/curate/writer.py) to ``--out`` itself, a local
+folder or an object store. Only a few counts travel back to the driver, which never holds a sample: on a cluster the
+driver is no bottleneck, and a shard's bytes are the same whatever node, worker or retry made it.
 
-1. ``prepare`` (tasks, fractional CPU): read and decode the images, rasterise masks, filter refs;
-2. ``depth`` (actor pool, one teacher + one tokenizer per actor, on a GPU when asked): the teacher
-   through the depth cache (the rule of ``perceptio.tokenize.data.DepthSource``), then the
-   tokenizer's normalisation and codes, once per image;
-3. ``assemble`` (tasks, fractional CPU): descriptions, region depth, ADE20k questions, the sample.
-
-Every resource request is fractional, so that on a 2-CPU laptop the actor never holds a whole core
-that the tasks wait for (Ray Data would otherwise stall), while on a cluster the same code spreads
-tasks over all nodes and GPU actors over the GPUs. Results come back in plan order to the driver,
-which writes the shards (perceptio/curate/writer.py). Between the stages a unit travels as one typed
-payload: :class:`WorkUnit`, :class:`PreparedUnit`, :class:`DepthUnit`, then :class:`UnitResult`.
+Each task loads one teacher + tokenizer (:class:`DepthWorker`) once per worker process and reuses
+it for the shards that process runs next; ``--model-workers`` tasks run at once (each holds a model
+copy), on whichever nodes have room; perceptio/curate/placement.py sizes them to the GPUs found. A task whose node dies is run again elsewhere by Ray (system
+failures are retried); the shard is written whole again, and readers never see half of it (the
+marker is written last).
 """
 
 from __future__ import annotations
@@ -20,9 +19,8 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import pickle
 import time
-import warnings
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,29 +29,29 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from perceptio.curate.describe import load_captioner
-from perceptio.curate.plan import ImageItem
+from perceptio.curate.plan import ImageItem, ShardPlan
 from perceptio.curate.sample_builder import (
     BuildConfig,
-    BuiltImage,
     DepthResult,
     PreparedImage,
     assemble,
     image_for_teacher,
     prepare,
 )
+from perceptio.curate.writer import ShardSetWriter, publish, staging_folder
 from perceptio.errors import PerceptioError
 from perceptio.tokenize.config import DEFAULT_DEPTH_MODEL, DEPTH_SOURCES
 
 
 @dataclass(frozen=True)
 class TeacherSpec:
-    """Which depth teacher the actors build (they build it themselves: models do not travel)."""
+    """Which depth teacher the shard tasks build (they build it themselves: models do not travel)."""
 
     source: str = "model"  # "model": Depth Anything through transformers; "gt": ground-truth depth PNGs
     model: str = DEFAULT_DEPTH_MODEL  # hub id or local folder (source "model")
     depth_dir: str | None = None  # source "gt": DATA_ROOT/depth
     cache_dir: str | None = None  # depth cache for the model teacher (never used for "gt": reading is the cost)
-    device: str | None = None  # None: cuda when the actor has a GPU, else cpu
+    device: str | None = None  # None: cuda when the task has a GPU, else cpu
 
     def __post_init__(self) -> None:
         # The one place the depth source is validated: the CLI, check() and build() rely on it.
@@ -61,10 +59,10 @@ class TeacherSpec:
             raise PerceptioError(f"--depth-source must be one of {', '.join(DEPTH_SOURCES)}, got {self.source!r}")
 
     def check(self) -> None:
-        """Fail on the driver, before any actor starts, when the teacher cannot be built anywhere.
+        """Fail on the driver, before any task starts, when the teacher cannot be built anywhere.
 
-        An actor whose constructor raises would otherwise be restarted by Ray; the user would see
-        retries and tracebacks instead of one line.
+        Otherwise every shard task would fail on its own; the user would see one failure per task
+        instead of one line.
         """
         if self.source == "gt":
             if not self.depth_dir or not Path(self.depth_dir).is_dir():
@@ -95,66 +93,12 @@ class RayConfig:
     address: str | None = None  # None: an embedded local Ray; else attach to this cluster
     num_cpus: int | None = None  # CPUs of the embedded local Ray (None: this machine's cores)
     # None: resolved from the cluster by perceptio.curate.placement.place (GPUs used when found).
-    model_workers: int | None = None  # upper bound of the model actor pool (it starts with one)
-    num_gpus_per_worker: float | None = None  # GPUs per model actor; 0: CPU
-    actors_per_gpu: int | None = None  # model actors sharing one GPU (None: from the teacher's size)
-    cpus_per_model_worker: float = 0.5
-    cpus_per_task: float = 0.25
-    torch_threads: int = 0  # threads per model actor; 0: the node's cores / model_workers
-
-
-@dataclass(frozen=True)
-class WorkUnit:
-    """One model batch: consecutive images of one shard, starting at ``first_position`` in it."""
-
-    shard: str
-    first_position: int
-    images: tuple[ImageItem, ...]
-
-
-@dataclass
-class PreparedUnit:
-    """A work unit after the ``prepare`` stage."""
-
-    unit: WorkUnit
-    prepared: list[PreparedImage]
-
-
-@dataclass
-class DepthUnit:
-    """A work unit after the model stage: per image its depth, None when it never reached the model."""
-
-    unit: WorkUnit
-    prepared: list[PreparedImage]
-    depths: list[DepthResult | None]
-    teacher: str | None  # None when no image of the unit reached the model
-    model_seconds: float
-
-
-@dataclass
-class UnitResult:
-    """A work unit after the ``assemble`` stage, as the writer receives it."""
-
-    shard: str
-    first_position: int
-    built: list[BuiltImage]
-    teacher: str | None  # None when no image of the unit reached the model
-    model_seconds: float
-
-
-# Ray Data moves rows of plain columns; each stage's dataclass travels pickled in one column.
-PAYLOAD = "payload"
-
-
-def _row(payload: WorkUnit | PreparedUnit | DepthUnit | UnitResult) -> dict[str, bytes]:
-    return {PAYLOAD: pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL)}
-
-
-def _payload(row: dict[str, Any], expected: type) -> Any:
-    payload = pickle.loads(row[PAYLOAD])
-    if not isinstance(payload, expected):
-        raise TypeError(f"a {expected.__name__} was expected between the stages, got {type(payload).__name__}")
-    return payload
+    model_workers: int | None = None  # shard tasks running at once, each with its own teacher + tokenizer
+    num_gpus_per_worker: float | None = None  # GPUs per shard task; 0: CPU
+    actors_per_gpu: int | None = None  # shard tasks sharing one GPU (None: from the teacher's size)
+    cpus_per_model_worker: float = 0.5  # per shard task: fractional, so a small machine runs several
+    max_retries: int = 3  # runs of a shard task lost with its node (system failures), on other nodes
+    torch_threads: int = 0  # torch threads per shard task; 0: the node's cores / model_workers
 
 
 @functools.lru_cache(maxsize=2)
@@ -162,13 +106,8 @@ def _captioner(spec: str) -> Any:
     return load_captioner(spec)
 
 
-def _prepare_unit(row: dict[str, Any], build: BuildConfig) -> dict[str, Any]:
-    unit: WorkUnit = _payload(row, WorkUnit)
-    return _row(PreparedUnit(unit, [prepare(item, build) for item in unit.images]))
-
-
 class DepthWorker:
-    """One Ray actor: one teacher and one tokenizer, loaded once and used for every batch."""
+    """One teacher and one tokenizer, loaded once per worker process and used for every batch."""
 
     def __init__(self, teacher: TeacherSpec, tokenizer_dir: str, torch_threads: int, model_workers: int):
         import torch
@@ -177,8 +116,7 @@ class DepthWorker:
         from perceptio.tokenize.data import DepthSource
         from perceptio.tokenize.vqvae import DepthVQVAE
 
-        # Ray pins fractional actors to one thread; the model is the bottleneck, so by default the
-        # actors share this node's cores (the CPU tasks are light and interleave).
+        # The model is the bottleneck: by default the tasks running at once share this node's cores.
         torch.set_num_threads(torch_threads or max(1, (os.cpu_count() or 1) // max(1, model_workers)))
         # The same teacher-or-cache rule as the tokenizer's fit (DepthSource: the oracle skips the cache).
         self.source = DepthSource(teacher.build(), DepthCache(teacher.cache_dir) if teacher.cache_dir else None)
@@ -198,24 +136,74 @@ class DepthWorker:
             for depth, codes in zip(normalized, tokens)
         ]
 
-    def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
-        stage: PreparedUnit = _payload(row, PreparedUnit)
-        prepared = stage.prepared
+    def depths(self, prepared: Sequence[PreparedImage]) -> tuple[list[DepthResult | None], str | None, float]:
+        """Per image its depth (None for an image that failed preparation), the teacher, the seconds."""
         started = time.perf_counter()
         usable = [index for index, one in enumerate(prepared) if one.problem is None]
         depths: list[DepthResult | None] = [None] * len(prepared)
         for index, result in zip(usable, self.predict([prepared[index] for index in usable]) if usable else []):
             depths[index] = result
-        seconds = time.perf_counter() - started
-        teacher = self.source.teacher.identity if usable else None
-        return _row(DepthUnit(stage.unit, prepared, depths, teacher, seconds))
+        return depths, self.source.teacher.identity if usable else None, time.perf_counter() - started
 
 
-def _assemble_unit(row: dict[str, Any], build: BuildConfig) -> dict[str, Any]:
-    stage: DepthUnit = _payload(row, DepthUnit)
-    captioner = _captioner(build.captioner)
-    built = [assemble(one, depth, build, captioner) for one, depth in zip(stage.prepared, stage.depths)]
-    return _row(UnitResult(stage.unit.shard, stage.unit.first_position, built, stage.teacher, stage.model_seconds))
+@functools.lru_cache(maxsize=1)
+def _depth_worker(teacher: TeacherSpec, tokenizer_dir: str, torch_threads: int, model_workers: int) -> DepthWorker:
+    return DepthWorker(teacher, tokenizer_dir, torch_threads, model_workers)
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    """Everything one shard task needs; it travels to a worker pickled (no model, no pixels)."""
+
+    plan: ShardPlan
+    out: str  # a folder path or an object-store URL (perceptio.fs)
+    settings: dict[str, Any]
+    expected_teacher: str | None  # the teacher of the shards finished before, if any
+    build: BuildConfig
+    teacher: TeacherSpec
+    tokenizer_dir: str
+    batch_size: int
+
+
+@dataclass(frozen=True)
+class ShardDone:
+    """What a shard task reports back: counts, not samples."""
+
+    shard: str
+    images: int
+    samples: int
+    refs_rejected: int
+    teacher: str | None
+
+
+def _prepare_batch(batch: Sequence[ImageItem], build: BuildConfig) -> list[PreparedImage]:
+    return [prepare(item, build) for item in batch]
+
+
+def curate_shard(job: ShardJob, torch_threads: int = 0, model_workers: int = 1) -> ShardDone:
+    """Read, run the models on, assemble and write one shard, on whichever node runs this."""
+    worker = _depth_worker(job.teacher, job.tokenizer_dir, torch_threads, model_workers)
+    captioner = _captioner(job.build.captioner)
+    batches = job.plan.batches(job.batch_size)
+    with staging_folder(job.out) as folder, ThreadPoolExecutor(max_workers=1) as reader:
+        writer = ShardSetWriter(folder, [job.plan], job.settings, job.expected_teacher)
+        # The next batch is read and decoded in a thread while the models run on this one (torch
+        # releases the GIL), so reading hides behind the teacher as in a pipeline.
+        upcoming = reader.submit(_prepare_batch, batches[0], job.build)
+        try:
+            for number in range(len(batches)):
+                prepared = upcoming.result()
+                if number + 1 < len(batches):
+                    upcoming = reader.submit(_prepare_batch, batches[number + 1], job.build)
+                depths, teacher, seconds = worker.depths(prepared)
+                for offset, (one, depth) in enumerate(zip(prepared, depths)):
+                    writer.add(job.plan.name, number * job.batch_size + offset, assemble(one, depth, job.build, captioner),
+                               teacher, seconds / len(prepared))
+        except BaseException:
+            writer.abort()
+            raise
+        publish(folder, job.out, job.plan.name)
+    return ShardDone(job.plan.name, writer.images_done, writer.samples_written, writer.refs_rejected, writer.teacher)
 
 
 @contextmanager
@@ -241,69 +229,38 @@ def ray_session(config: RayConfig) -> Iterator[None]:
         ray.shutdown()
 
 
-def run_units(
-    units: Sequence[WorkUnit],
-    build: BuildConfig,
-    teacher: TeacherSpec,
-    tokenizer_dir: str | Path,
-    config: RayConfig,
-) -> Iterator[UnitResult]:
-    """Run every work unit through the three stages; yields results in the order of ``units``.
+def run_shards(jobs: Sequence[ShardJob], config: RayConfig) -> Iterator[ShardDone]:
+    """Run one task per shard, ``config.model_workers`` at a time; yields each as it finishes.
 
-    Call inside :func:`ray_session`.
+    Call inside :func:`ray_session`. A task on a node that dies is retried by Ray on another node;
+    an error raised by the task (bad input) is not retried and comes back as one line.
     """
-    import ray.data
+    import ray
 
-    if not units:
-        return
-    context = ray.data.DataContext.get_current()
-    context.execution_options.preserve_order = True  # the writer streams shards in plan order
-    context.enable_progress_bars = False  # the command draws its own
-    context.print_on_execution_start = False
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
-    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "progress bars disabled"
-
-    rows = [_row(unit) for unit in units]
-    dataset = ray.data.from_items(rows, override_num_blocks=len(rows))
-    dataset = dataset.map(_prepare_unit, fn_kwargs={"build": build}, num_cpus=config.cpus_per_task)
-    with warnings.catch_warnings():
-        # Ray deprecates passing actor options such as max_restarts as keywords but offers no
-        # other way to set them yet.
-        warnings.simplefilter("ignore", DeprecationWarning)
-        dataset = _model_stage(dataset, teacher, str(tokenizer_dir), config)
-    dataset = dataset.map(_assemble_unit, fn_kwargs={"build": build}, num_cpus=config.cpus_per_task)
+    task = ray.remote(curate_shard).options(
+        num_cpus=config.cpus_per_model_worker, num_gpus=config.num_gpus_per_worker or None,
+        max_retries=config.max_retries, retry_exceptions=False)
+    pending = list(reversed(jobs))
+    running: list[Any] = []
     try:
-        for row in dataset.iter_rows():
-            yield _payload(row, UnitResult)
+        while pending or running:
+            while pending and len(running) < max(1, config.model_workers or 1):
+                running.append(task.remote(pending.pop(), config.torch_threads, config.model_workers or 1))
+            finished, running = ray.wait(running, num_returns=1)
+            yield ray.get(finished[0])
     except Exception as error:
         user_error = _find_user_error(error)
         if user_error is None:
             raise
         raise PerceptioError(str(user_error).strip().splitlines()[-1]) from None
-
-
-def _model_stage(dataset: Any, teacher: TeacherSpec, tokenizer_dir: str, config: RayConfig) -> Any:
-    import ray.data
-
-    return dataset.map(
-        DepthWorker,
-        fn_constructor_kwargs={"teacher": teacher, "tokenizer_dir": tokenizer_dir, "torch_threads": config.torch_threads,
-                               "model_workers": config.model_workers or 1},
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, config.model_workers or 1)),
-        num_cpus=config.cpus_per_model_worker,
-        num_gpus=config.num_gpus_per_worker or None,
-        # An actor that dies fails the run at once instead of being restarted forever (a model that
-        # cannot load would loop); re-running the command resumes, which is cheaper than restarts.
-        max_restarts=0,
-    )
+    finally:
+        for reference in running:  # an interrupted run leaves no task behind
+            ray.cancel(reference, force=True)
 
 
 def _find_user_error(error: BaseException | None) -> PerceptioError | None:
-    """The PerceptioError a worker raised, unwrapped from Ray's task and user-code exceptions.
-
-    A task's exception arrives as its ``cause``; an actor that died in its constructor only as
-    text (``ActorDiedError``), from which the error's first line is recovered.
-    """
+    """The PerceptioError a shard task raised, unwrapped from Ray's task and user-code exceptions
+    (a task's exception arrives as its ``cause``)."""
     seen = set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))
@@ -312,8 +269,5 @@ def _find_user_error(error: BaseException | None) -> PerceptioError | None:
             return cause
         if type(error) is PerceptioError:
             return error
-        text = str(error)
-        if type(error).__name__ == "ActorDiedError" and "PerceptioError: " in text:
-            return PerceptioError(text.rsplit("PerceptioError: ", 1)[1].splitlines()[0])
         error = cause if isinstance(cause, BaseException) else error.__cause__
     return None

@@ -11,20 +11,19 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
-from pathlib import Path
 from typing import Sequence
 
-from perceptio.io import write_text_atomic
+from perceptio import fs
 from perceptio.shards import ShardFile
 
 CARD_NAME = "README.md"
 WIDS_SUFFIX = ".wids.json"
 
 
-def write_dataset_card(folder: Path, shards: Sequence[ShardFile], description: str) -> Path:
+def write_dataset_card(folder: fs.Location, shards: Sequence[ShardFile], description: str) -> str:
     """``README.md``: a dataset card whose YAML maps every split to its tars."""
     splits = sorted({shard.split for shard in shards})
-    dataset = shards[0].dataset if shards else folder.name
+    dataset = shards[0].dataset if shards else fs.name(folder)
     lines = ["---", "configs:", "- config_name: default", "  data_files:"]
     for split in splits:
         lines += [f"  - split: {split}", f'    path: "{dataset}-{split}-*.tar"']
@@ -35,12 +34,13 @@ def write_dataset_card(folder: Path, shards: Sequence[ShardFile], description: s
         "`manifest.parquet`, `*_stats.json`) and wids indexes are in `__meta__/`.",
         "",
     ]
-    path = folder / CARD_NAME
-    write_text_atomic(path, "\n".join(lines))
+    path = fs.join(folder, CARD_NAME)
+    fs.write_text(path, "\n".join(lines))
     return path
 
 
-def write_wids_indexes(folder: Path, meta_folder: Path, shards: Sequence[ShardFile], counts: dict[str, int]) -> list[Path]:
+def write_wids_indexes(folder: fs.Location, meta_folder: fs.Location, shards: Sequence[ShardFile],
+                       counts: dict[str, int]) -> list[str]:
     """One ``wids-shard-index-v1`` file per split; ``counts`` maps a shard name to its samples."""
     by_split: dict[tuple[str, str], list[ShardFile]] = defaultdict(list)
     for shard in shards:
@@ -53,14 +53,14 @@ def write_wids_indexes(folder: Path, meta_folder: Path, shards: Sequence[ShardFi
             "name": f"{dataset}-{split}",
             "shardlist": [
                 {
-                    "url": Path("..", shard.path.name).as_posix() if meta_folder != folder else shard.path.name,
+                    "url": f"../{fs.name(shard.path)}" if fs.join(meta_folder) != fs.join(folder) else fs.name(shard.path),
                     "nsamples": counts[shard.name],
-                    "filesize": shard.path.stat().st_size,
+                    "filesize": fs.size(shard.path),
                 }
                 for shard in sorted(members, key=lambda shard: shard.index)
             ],
         }
-        path = meta_folder / f"{dataset}-{split}{WIDS_SUFFIX}"
-        write_text_atomic(path, json.dumps(index, indent=2) + "\n")
+        path = fs.join(meta_folder, f"{dataset}-{split}{WIDS_SUFFIX}")
+        fs.write_text(path, json.dumps(index, indent=2) + "\n")
         written.append(path)
     return written

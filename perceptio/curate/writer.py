@@ -7,6 +7,10 @@ settings, timings), the "shard done" marker; the side tables go to ``__meta__/``
 :data:`perceptio.shards.META_DIR`). A shard without its marker is unfinished: a re-run
 deletes whatever it left and redoes it. Everything but the timings in the stats is a function of
 the inputs, so a resumed run ends with the same tars and parquets as an uninterrupted one.
+
+``--out`` may be an object store (``s3://bucket/shards``, see perceptio/fs.py): a shard task then
+writes its files in a local staging folder and uploads them, the marker last; each upload appears
+whole or not at all, and readers of an object store take only shards that have their marker.
 """
 
 from __future__ import annotations
@@ -14,16 +18,19 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
+import tempfile
 import time
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 import perceptio
+from perceptio import fs
 from perceptio.curate.plan import ShardPlan
 from perceptio.curate.sample_builder import BuiltImage
 from perceptio.errors import PerceptioError
@@ -31,13 +38,15 @@ from perceptio.io import atomic_path, write_text_atomic
 from perceptio.shards import (
     DATASET_INFO_NAME,
     KEPT,
+    MANIFEST_NAME,
     STATS_SUFFIX,
     ManifestRow,
     ShardWriter,
-    manifest_path,
     manifest_schema,
     manifest_table,
+    meta_file,
     meta_folder,
+    meta_location,
 )
 
 # Settings that change shard bytes: a resumed run must use the same ones as the finished shards.
@@ -55,8 +64,30 @@ def stats_path(out: Path, name: str) -> Path:
     return meta_folder(out) / f"{name}{STATS_SUFFIX}"
 
 
-def is_done(out: Path, name: str) -> bool:
-    return stats_path(out, name).is_file()
+def done_shards(out: str, names: Sequence[str]) -> list[str]:
+    """The shards of ``names`` whose done marker is in ``out``'s ``__meta__/`` (one listing, also on
+    an object store)."""
+    present = set(fs.list_names(meta_location(out)))
+    return [name for name in names if f"{name}{STATS_SUFFIX}" in present]
+
+
+@contextmanager
+def staging_folder(out: str) -> Iterator[Path]:
+    """Where a shard task writes: ``out`` itself when local, else a temporary local folder."""
+    if not fs.is_remote(out):
+        yield fs.local_path(out)
+        return
+    with tempfile.TemporaryDirectory(prefix="perceptio-shard-") as folder:
+        yield Path(folder)
+
+
+def publish(folder: Path, out: str, name: str) -> None:
+    """Upload a shard staged in ``folder`` to a remote ``out``: tar and table first, the marker last."""
+    if not fs.is_remote(out):
+        return
+    fs.upload(tar_path(folder, name), fs.join(out, f"{name}.tar"))
+    fs.upload(parquet_path(folder, name), meta_file(out, f"{name}.parquet"))
+    fs.upload(stats_path(folder, name), meta_file(out, f"{name}{STATS_SUFFIX}"))
 
 
 def clear_unfinished(out: Path, name: str) -> None:
@@ -81,14 +112,15 @@ def write_json(path: Path, value: Any) -> None:
     write_text_atomic(path, json.dumps(value, indent=2, sort_keys=True) + "\n")
 
 
-def read_stats(out: Path, name: str) -> dict[str, Any]:
+def read_stats(out: str, name: str) -> dict[str, Any]:
+    location = meta_file(out, f"{name}{STATS_SUFFIX}")
     try:
-        return json.loads(stats_path(out, name).read_text(encoding="utf-8"))
+        return json.loads(fs.read_text(location))
     except (OSError, ValueError) as error:
-        raise PerceptioError(f"{stats_path(out, name)} is unreadable ({error}); delete it to redo the shard") from error
+        raise PerceptioError(f"{location} is unreadable ({error}); delete it to redo the shard") from error
 
 
-def check_resumable(out: Path, done: Sequence[str], settings: dict[str, Any]) -> str | None:
+def check_resumable(out: str, done: Sequence[str], settings: dict[str, Any]) -> str | None:
     """The teacher identity of the finished shards, after checking they used today's settings."""
     teachers = set()
     for name in done:
@@ -97,7 +129,7 @@ def check_resumable(out: Path, done: Sequence[str], settings: dict[str, Any]) ->
         for setting in RESUME_SETTINGS:
             if previous.get(setting) != settings.get(setting):
                 raise PerceptioError(
-                    f"{stats_path(out, name)} was curated with {setting}={previous.get(setting)!r}, this run has "
+                    f"{meta_file(out, name + STATS_SUFFIX)} was curated with {setting}={previous.get(setting)!r}, this run has "
                     f"{settings.get(setting)!r}; use --overwrite to start again"
                 )
         teachers.add(stats.get("teacher"))
@@ -196,23 +228,25 @@ class ShardSetWriter:
 MANIFEST_METADATA_KEY = b"perceptio"
 
 
-def write_manifest(out: Path, shards: Sequence[ShardPlan], extra_rows: Sequence[ManifestRow],
+def write_manifest(out: str, shards: Sequence[ShardPlan], extra_rows: Sequence[ManifestRow],
                    metadata: dict[str, Any] | None = None) -> pa.Table:
-    """``manifest.parquet``: every shard's rows in plan order, then rows for refs no shard holds;
-    ``metadata`` (dataset, tokenizer and teacher identity, perceptio version) goes into the file's
-    schema metadata under ``perceptio``, as json."""
+    """``__meta__/manifest.parquet``: every shard's rows in plan order, then rows for refs no shard
+    holds; ``metadata`` (dataset, tokenizer and teacher identity, perceptio version) goes into the
+    file's schema metadata under ``perceptio``, as json."""
     schema = manifest_schema()
-    tables = [pq.read_table(parquet_path(out, shard.name), schema=schema) for shard in shards]
+    tables = [pq.read_table(pa.BufferReader(fs.read_bytes(meta_file(out, f"{shard.name}.parquet"))), schema=schema)
+              for shard in shards]
     tables.append(manifest_table(extra_rows))
     manifest = pa.concat_tables(tables)
     if metadata is not None:
         manifest = manifest.replace_schema_metadata({MANIFEST_METADATA_KEY: json.dumps(metadata, sort_keys=True)})
-    write_table(manifest_path(out), manifest)
+    with fs.atomic_output(meta_file(out, MANIFEST_NAME)) as temporary:
+        pq.write_table(manifest, temporary)
     return manifest
 
 
 def write_dataset_json(
-    out: Path, shards: Sequence[ShardPlan], manifest: pa.Table, identity: dict[str, Any], settings: dict[str, Any]
+    out: str, shards: Sequence[ShardPlan], manifest: pa.Table, identity: dict[str, Any], settings: dict[str, Any]
 ) -> dict[str, Any]:
     """``dataset.json``: command line, version, teacher/tokenizer identity, per-split counts and rejects."""
     all_stats = [read_stats(out, shard.name) for shard in shards]
@@ -239,5 +273,5 @@ def write_dataset_json(
         "rejected_by_reader": dict(sorted(unassigned.items())),
         "shards": [shard.name for shard in shards],
     }
-    write_json(out / DATASET_INFO_NAME, info)
+    fs.write_text(fs.join(out, DATASET_INFO_NAME), json.dumps(info, indent=2, sort_keys=True) + "\n")
     return info

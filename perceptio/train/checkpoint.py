@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,6 +67,21 @@ def latest_checkpoint(root: str | os.PathLike[str]) -> Path | None:
     return steps[-1] if steps else None
 
 
+def prune_checkpoints(root: str | os.PathLike[str], keep: int) -> list[Path]:
+    """Delete all but the newest ``keep`` checkpoints under ``root``; the deleted ones come back.
+
+    Each is renamed to a hidden name first, so a crash half-way through a deletion never leaves a
+    ``step-*`` folder that lacks a file.
+    """
+    steps = sorted(Path(root).glob(f"{STEP_PREFIX}[0-9]*"))
+    removed = steps[: max(len(steps) - keep, 0)]
+    for path in removed:
+        retired = path.with_name(f".{path.name}.old-{os.getpid()}")
+        os.rename(path, retired)
+        shutil.rmtree(retired)
+    return removed
+
+
 @dataclass
 class Checkpoint:
     """What a checkpoint restores besides the weights and the optimizer."""
@@ -110,10 +126,12 @@ def load_checkpoint(path: Path, settings: dict[str, Any]) -> LoadedCheckpoint:
     if changed:
         details = ", ".join(f"{key}: {state['settings'].get(key)!r} -> {settings.get(key)!r}" for key in changed)
         raise PerceptioError(f"cannot resume exactly from {path}: settings changed ({details})")
+    # Everything to the CPU first: tensors saved from cuda:0 would otherwise all land on cuda:0 on
+    # every rank; load_state_dict then moves each to its parameter's device.
     return LoadedCheckpoint(
         Checkpoint(state["step"], state["settings"], state["loader_states"],
-                   torch.load(path / RNG_FILE, weights_only=True)),
-        load_file(str(path / TRAINABLE_FILE)),
-        torch.load(path / OPTIMIZER_FILE, weights_only=True),
-        torch.load(path / SCHEDULER_FILE, weights_only=True),
+                   torch.load(path / RNG_FILE, weights_only=True, map_location="cpu")),
+        load_file(str(path / TRAINABLE_FILE), device="cpu"),
+        torch.load(path / OPTIMIZER_FILE, weights_only=True, map_location="cpu"),
+        torch.load(path / SCHEDULER_FILE, weights_only=True, map_location="cpu"),
     )

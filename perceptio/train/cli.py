@@ -31,10 +31,11 @@ PANEL_PLAN = "Memory plan"
 
 @app.command()
 def train_command(
-    shards: Optional[List[Path]] = typer.Option(None, "--shards", help="Shard folder from perceptio-curate; repeat the option for several folders (required unless --plan).", show_default=False, rich_help_panel=PANEL_DATA),
+    shards: Optional[List[str]] = typer.Option(None, "--shards", help="Shard folder from perceptio-curate (a dataset's folder or their parent), or an object-store URL (s3://bucket/shards/refcoco-unc; there only shards with their __meta__/NAME_stats.json marker are read); repeat the option for several folders (required unless --plan).", show_default=False, rich_help_panel=PANEL_DATA),
     mix: Optional[str] = typer.Option(None, "--mix", help="Weighted mix, e.g. 'refcoco=1,refcocog=1,ade20k=0.5': each example's dataset is drawn with probability weight/sum. A name matches a sample's json 'dataset' exactly ('refcoco-unc') or by its family before the first dash ('refcoco' takes refcoco-unc and refcoco-google, not refcoco+ or refcocog); the exact name wins. Datasets not named are left out. Default: every dataset found, weight 1.", rich_help_panel=PANEL_DATA),
     splits: str = typer.Option(",".join(StreamConfig.splits), "--splits", help="Comma-separated shard splits to train on (the split part of {dataset}-{split}-{index}.tar).", rich_help_panel=PANEL_DATA),
     shuffle_buffer: int = typer.Option(StreamConfig.shuffle_buffer, "--shuffle-buffer", min=1, help="Examples held per stream and reader for shuffling.", rich_help_panel=PANEL_DATA),
+    max_bad_samples: str = typer.Option(TrainConfig.max_bad_samples, "--max-bad-samples", help="Bad samples (unreadable tar, a member that does not decode or is missing) are skipped with a warning and counted (skipped_samples in metrics.jsonl); past this many the run writes a checkpoint and stops. A count (100), a share of the samples read (0.01 or 1%; at least one is always allowed), or 0 to stop at the first.", rich_help_panel=PANEL_DATA),
     workers: int = typer.Option(TrainConfig.workers, "--workers", min=0, help="DataLoader worker processes per rank (0: read in the training process). A dataset with fewer shards than ranks x workers is shared sample by sample.", rich_help_panel=PANEL_DATA),
     model: str = typer.Option(PerceptioConfig.model, "--model", help="Base vision-language model: 'tiny' (built-in random-weight TINY model for tests and demos), a hub id or a local folder (transformers format).", rich_help_panel=PANEL_MODEL),
     sam_model: str = typer.Option(PerceptioConfig.sam_model, "--sam-model", help="SAM2 in transformers format (hub id or folder); ignored with --model tiny.", rich_help_panel=PANEL_MODEL),
@@ -60,7 +61,8 @@ def train_command(
     grad_clip: float = typer.Option(TrainConfig.grad_clip, "--grad-clip", min=0.0, help="Clip the gradient's global norm to this.", rich_help_panel=PANEL_LOOP),
     seed: int = typer.Option(TrainConfig.seed, "--seed", help="Seed of the model's new weights, the data order and dropout; the same seed gives the same run.", rich_help_panel=PANEL_LOOP),
     save_every: int = typer.Option(TrainConfig.save_every, "--save-every", min=0, help="Write a checkpoint every N steps (0: only after the last step).", rich_help_panel=PANEL_LOOP),
-    resume: bool = typer.Option(TrainConfig.resume, "--resume", help="Go on exactly from the newest checkpoint in OUT/checkpoints (same options, same number of processes).", rich_help_panel=PANEL_LOOP),
+    keep_last: int = typer.Option(TrainConfig.keep_last, "--keep-last", min=0, help="Keep only the newest N checkpoints (0: keep all).", rich_help_panel=PANEL_LOOP),
+    resume: bool = typer.Option(TrainConfig.resume, "--resume", help="Go on from the newest checkpoint in OUT/checkpoints with the same options: exactly on the same number of processes, or on fewer/more (up to the first start's ranks x workers) without repeating or skipping data.", rich_help_panel=PANEL_LOOP),
     precision: str = typer.Option(TrainConfig.precision, "--precision", help="auto (bf16 autocast on GPUs, fp32 on CPU), bf16 or fp32.", rich_help_panel=PANEL_LOOP),
     parallel: str = typer.Option(TrainConfig.parallel, "--parallel", help="Under torchrun: ddp (replicate the model) or fsdp (shard it; for 8B-size models).", rich_help_panel=PANEL_LOOP),
     export: str = typer.Option(TrainConfig.export, "--export", help="Final model in OUT/model: adapter (trained weights, base models by id), merged (LoRA merged into a plain transformers folder) or none.", rich_help_panel=PANEL_LOOP),
@@ -122,7 +124,7 @@ def train_command(
                                    grad_accum=grad_accum, lr=lr, head_lr=head_lr, weight_decay=weight_decay, warmup=warmup,
                                    grad_clip=grad_clip, seed=seed, workers=workers, save_every=save_every,
                                    precision=precision, parallel=parallel, resume=resume, export=export,
-                                   progress=progress)
+                                   progress=progress, max_bad_samples=max_bad_samples, keep_last=keep_last)
 
     config.check()
     processes = join_processes()
@@ -138,16 +140,21 @@ def train_command(
     torch.manual_seed(seed)  # every rank builds the same new weights (LoRA, projector) from the seed
     perceptio_model = PerceptioModel.from_config(model_config)
     result = train(perceptio_model, stream, config)
+    if result.stopped:
+        console.print(result.stopped, soft_wrap=True, markup=False, highlight=False)  # one line, copyable
+        return
 
     if processes.is_main and result.history:
         first, last = result.history[0], result.history[-1]
         table = Table(title=f"{'TINY model, ' if model_config.is_tiny else ''}steps {first['step']}..{last['step']}")
         for column in ("term", "first step", "last step"):
             table.add_column(column)
-        for name in [key for key in last if key not in ("step", "lr", "grad_norm", "data_s", "step_s", "sources")]:
+        for name in [key for key in last if key not in ("step", "lr", "grad_norm", "data_s", "step_s", "sources",
+                                                        "skipped_samples")]:
             table.add_row(name, f"{first[name]:.4f}", f"{last[name]:.4f}")
         Console().print(table)
-        console.print(f"metrics: {result.metrics}\ncheckpoint: {result.checkpoint}\nmodel: {result.model}")
+        console.print(f"skipped samples: {last['skipped_samples']} (see the warnings above)\n"
+                      f"metrics: {result.metrics}\ncheckpoint: {result.checkpoint}\nmodel: {result.model}")
 
 
 main = run_cli(app)

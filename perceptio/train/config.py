@@ -101,7 +101,7 @@ QUESTION_TARGETS = ("recorded", "direct", "depth", "both")
 class StreamConfig:
     """What to read and how to mix and shuffle it (see :mod:`perceptio.train.data`)."""
 
-    shards: list[Path]
+    shards: list[Path | str]  # shard folders: paths or object-store URLs (perceptio.fs)
     mix: dict[str, float] | None = None
     splits: tuple[str, ...] = TRAINING_SPLITS
     seed: int = 0
@@ -144,6 +144,8 @@ class TrainConfig:
     resume: bool = False
     export: str = "adapter"  # adapter | merged | none
     progress: bool = True
+    max_bad_samples: str = "0.01"  # skipped samples tolerated: a count, or a share of those read (bad_data.py)
+    keep_last: int = 0  # checkpoints kept (the newest); 0: all
 
     # The TINY random-weight model's own defaults, measured on 200-step demo runs (README,
     # "Measured"): batches of 8 with lr 1e-2 give well-formed depth spans on held-out images; batches
@@ -174,3 +176,41 @@ class TrainConfig:
             raise PerceptioError(
                 f"{self.out} already holds a run ({', '.join(previous)}): pass --resume to continue it, or choose another --out"
             )
+        BadSampleLimit.parse(self.max_bad_samples)
+
+
+@dataclass(frozen=True)
+class BadSampleLimit:
+    """``--max-bad-samples``: ``N`` (a count), or ``F`` below 1 / ``P%`` (a share of the samples read).
+
+    A share allows ``max(1, share x samples read)`` bad samples, so that one bad sample among the
+    first few read does not stop a run that a share is meant to let through.
+    """
+
+    count: int | None = None
+    share: float | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> "BadSampleLimit":
+        value = text.strip()
+        try:
+            if value.endswith("%"):
+                share = float(value[:-1]) / 100
+            elif value.isdigit():
+                return cls(count=int(value))
+            else:
+                share = float(value)
+        except ValueError:
+            share = -1.0
+        if not 0 <= share < 1:
+            raise PerceptioError(f"--max-bad-samples {text!r} is not a count (100), a fraction below 1 (0.01) or a percentage (1%)")
+        return cls(share=share)
+
+    def allowed(self, read: int) -> float:
+        return float(self.count) if self.count is not None else max(1.0, (self.share or 0.0) * read)
+
+    def exceeded(self, skipped: int, read: int) -> bool:
+        return skipped > self.allowed(read)
+
+    def describe(self) -> str:
+        return f"{self.count}" if self.count is not None else f"{(self.share or 0.0):.4g} of the samples read"

@@ -8,9 +8,10 @@ The path of one example, from disk to the model:
    epoch the stream's shard list is shuffled with a seed shared by all ranks, then split by node and
    by worker (the slicing of ``webdataset.split_by_node`` then ``webdataset.split_by_worker``, done
    with explicit ids because a resumed run renumbers its workers, see :class:`ShardStream`).
-3. ``webdataset.tarfile_samples`` reads the tars; :func:`expand_sample` turns one sample into
-   examples (one per (ref, sentence), one per marked-point question for ADE20k, one conversation
-   for LLaVA, one grounded caption for GranD-f) with the templates of ``manifests/prompts.json``;
+3. :func:`perceptio.train.bad_data.read_shards` reads the tars, skipping and counting what does not
+   read or decode (see bad_data.py); :func:`expand_sample` turns one sample into examples (one per
+   (ref, sentence), one per marked-point question for ADE20k, one conversation for LLaVA, one
+   grounded caption for GranD-f) with the templates of ``manifests/prompts.json``;
    ``webdataset.shuffle`` mixes them in a seeded buffer.
 4. A seeded draw picks the stream of each example in proportion to its weight, so a stream's share
    does not depend on its size. Streams repeat endlessly (epoch after epoch, reshuffled), so every
@@ -21,7 +22,8 @@ The path of one example, from disk to the model:
 
 Exact resume: a reader's position is (draws made, and per stream the epoch and the examples taken
 in it). Everything before encoding is a pure function of the seed, so a reader rebuilt from its
-position replays the current epoch without decoding images and goes on with the very next example.
+position replays the current epoch (checking images at reduced size, not decoding them for the
+model) and goes on with the very next example.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ import numpy as np
 import torch
 import webdataset as wds
 
+from perceptio import fs
 from perceptio.errors import PerceptioError
 from perceptio.recipes import load_recipe
 from perceptio.shards import (
@@ -53,23 +56,26 @@ from perceptio.shards import (
     rle_to_mask,
 )
 from perceptio.tokens import SEG, depth_span
+from perceptio.train.bad_data import SkipCounter, guarded, read_shards
 from perceptio.train.chat import ASSISTANT, USER, Turn, as_turns
 from perceptio.train.config import QUESTION_TARGETS, TRAINING_SPLITS, StreamConfig
+from perceptio.train.preemption import ignore_stop_signals
 
 
 # ---------------------------------------------------------------------------------------- shards
 def find_shards(dirs: Sequence[str | os.PathLike[str]], splits: Sequence[str] = TRAINING_SPLITS) -> list[ShardFile]:
     """Every shard of ``splits`` in ``dirs``, each a dataset's folder or their parent, sorted by path."""
     found: list[ShardFile] = []
-    for directory in map(Path, dirs):
-        if not directory.is_dir():
+    for directory in dirs:
+        if not fs.is_dir(directory):
             raise PerceptioError(f"shard folder {directory} does not exist")
         for folder in dataset_folders(directory):
             found += list_shards(folder, splits)
     if not found:
         raise PerceptioError(
             f"no shards of split(s) {', '.join(splits)} in {', '.join(map(str, dirs))} "
-            "(expected {dataset}-{split}-{index:06d}.tar files from perceptio-curate)"
+            "(expected {dataset}-{split}-{index:06d}.tar files from perceptio-curate; on an object store, "
+            "each with its __meta__/NAME_stats.json marker)"
         )
     return sorted(found, key=lambda shard: str(shard.path))
 
@@ -111,7 +117,7 @@ class Stream:
 
     name: str
     weight: float
-    shards: tuple[Path, ...]
+    shards: tuple[Path | str, ...]  # local paths or object-store URLs
     datasets: tuple[str, ...]
 
 
@@ -331,12 +337,17 @@ class _StreamReader:
     """The endless, reshuffled example sequence of one stream for one reader."""
 
     def __init__(self, stream: Stream, slot: ReaderSlot, config: StreamConfig, templates: PromptTemplates,
-                 epoch: int = 0, taken: int = 0):
+                 epoch: int = 0, taken: int = 0, read: int | None = None, skipped: int | None = None):
         self.stream, self.slot, self.config, self.templates = stream, slot, config, templates
         self.epoch, self.taken = epoch, 0
+        self.bad = SkipCounter(quiet=True)  # the replay meets the bad samples the original run reported
         self._examples = self._epoch_examples()
-        for _ in range(taken):  # fast-forward: no image is decoded on the way
+        for _ in range(taken):  # fast-forward: images are only checked (bad_data.py), not decoded for the model
             next(self)
+        # The counts of earlier epochs are not replayed: take them from the checkpoint.
+        self.bad.quiet = False
+        self.bad.read = read if read is not None else self.bad.read
+        self.bad.skipped = skipped if skipped is not None else self.bad.skipped
 
     def _epoch_examples(self) -> Iterator[Example]:
         order = list(self.stream.shards)
@@ -346,17 +357,17 @@ class _StreamReader:
             # Too few shards to give each reader its own: every reader reads them all and keeps
             # every readers-th sample, so the readers still see disjoint samples.
             reader = self.slot.rank * self.slot.num_workers + self.slot.worker
-            every = wds.tarfile_samples([{"url": str(path)} for path in order])
-            samples = (raw for position, raw in enumerate(every) if position % readers == reader)
+            samples = read_shards([str(path) for path in order], self.bad, share=(readers, reader))
         else:
             mine = order[self.slot.rank :: self.slot.world_size][self.slot.worker :: self.slot.num_workers]
-            samples = wds.tarfile_samples([{"url": str(path)} for path in mine])
+            samples = read_shards([str(path) for path in mine], self.bad)
         examples = (example for raw in samples for example in self._checked_expand(raw))
         buffer_rng = _rng(self.config.seed, "buffer", self.stream.name, self.epoch, self.slot.rank, self.slot.worker)
         return iter(wds.shuffle(self.config.shuffle_buffer, self.config.shuffle_initial, rng=buffer_rng)(examples))
 
     def _checked_expand(self, raw: dict[str, Any]) -> list[Example]:
-        examples = expand_sample(raw, self.templates, self.config.use_depth_tokens, self.config.question_targets)
+        examples = guarded(lambda sample: expand_sample(sample, self.templates, self.config.use_depth_tokens,
+                                                        self.config.question_targets), raw, self.bad)
         for example in examples:
             if mix_key_for(example.source, [self.stream.name]) is None:
                 raise PerceptioError(
@@ -409,7 +420,8 @@ class ExampleReader:
     def state(self) -> dict[str, Any]:
         return {
             "draws": self.draws,
-            "streams": {r.stream.name: {"epoch": r.epoch, "taken": r.taken} for r in self._readers},
+            "streams": {r.stream.name: {"epoch": r.epoch, "taken": r.taken, "read": r.bad.read,
+                                        "skipped": r.bad.skipped} for r in self._readers},
         }
 
 
@@ -443,7 +455,8 @@ class Batch:
     inputs: dict[str, Any]
     keys: list[str]
     sources: list[str]
-    worker: int  # logical reader id within this rank
+    worker: int  # logical worker id within this rank
+    reader: int  # the (virtual) reader that made it, see :class:`ReaderLayout`
     reader_state: dict[str, Any] = field(default_factory=dict)  # the reader's position after this batch
 
 
@@ -457,6 +470,34 @@ class EncodeCollate(Protocol):
     def collate(self, examples: list[dict[str, torch.Tensor]]) -> dict[str, Any]: ...
 
 
+@dataclass(frozen=True)
+class ReaderLayout:
+    """The readers of a run, fixed by its first start: ``world_size`` x ``num_workers`` of that start.
+
+    Reader ``v`` reads what worker ``v // world_size`` of rank ``v % world_size`` read in the first
+    start (its shards, its shuffle, its mix draws). A resumed run with another number of ranks or
+    workers (elastic) plays the same readers, each from its own position: physical reader ``p``
+    (rank + world_size x worker, of ``P``) plays the readers ``v`` with ``v % P == p``, taking a
+    batch from the one that has made the fewest. So no example is repeated or skipped, and with an
+    unchanged layout every reader plays itself (exact resume). A run may grow up to as many ranks x
+    workers as it has readers.
+    """
+
+    world_size: int
+    num_workers: int
+
+    @property
+    def size(self) -> int:
+        return self.world_size * self.num_workers
+
+    def slot(self, reader: int) -> ReaderSlot:
+        return ReaderSlot(reader % self.world_size, self.world_size, reader // self.world_size, self.num_workers)
+
+    def played_by(self, rank: int, world_size: int, worker: int, num_workers: int) -> list[int]:
+        physical, count = rank + world_size * worker, world_size * num_workers
+        return [reader for reader in range(self.size) if reader % count == physical]
+
+
 class ShardStream(torch.utils.data.IterableDataset):
     """An endless stream of encoded batches for one rank.
 
@@ -466,50 +507,67 @@ class ShardStream(torch.utils.data.IterableDataset):
     """
 
     def __init__(self, streams: Sequence[Stream], config: StreamConfig, processor: EncodeCollate,
-                 batch_size: int, rank: int, world_size: int, num_workers: int,
+                 batch_size: int, rank: int, world_size: int, num_workers: int, layout: ReaderLayout,
                  reader_states: dict[int, dict[str, Any]] | None = None, first_worker: int = 0):
         super().__init__()
         self.streams, self.config, self.processor = list(streams), config, processor
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.num_workers = max(num_workers, 1)
+        self.layout = layout
         self.reader_states = reader_states or {}
         self.first_worker = first_worker
 
     def __iter__(self) -> Iterator[Batch]:
         info = torch.utils.data.get_worker_info()
         worker = ((info.id if info is not None else 0) + self.first_worker) % self.num_workers
-        slot = ReaderSlot(self.rank, self.world_size, worker, self.num_workers)
-        reader = ExampleReader(self.streams, slot, self.config, self.reader_states.get(worker))
+        played = self.layout.played_by(self.rank, self.world_size, worker, self.num_workers)
+        readers = {v: ExampleReader(self.streams, self.layout.slot(v), self.config, self.reader_states.get(v))
+                   for v in played}
+        made = {v: self.reader_states.get(v, {}).get("batches", 0) for v in played}
         while True:
-            examples = [next(reader) for _ in range(self.batch_size)]
+            v = min(played, key=lambda reader: (made[reader], reader))
+            examples = [next(readers[v]) for _ in range(self.batch_size)]
+            made[v] += 1
             inputs = self.processor.collate([self.processor.encode_conversation(**example.decode()) for example in examples])
-            yield Batch(inputs, [e.key for e in examples], [e.source for e in examples], worker, reader.state())
+            yield Batch(inputs, [e.key for e in examples], [e.source for e in examples], worker, v,
+                        {**readers[v].state(), "batches": made[v]})
 
 
 class ResumableLoader:
     """The DataLoader of one rank, and the position a checkpoint stores (``state_dict``)."""
 
     def __init__(self, config: StreamConfig, processor: EncodeCollate, batch_size: int = 1,
-                 num_workers: int = 0, rank: int = 0, world_size: int = 1, state: dict[str, Any] | None = None):
-        self.streams = plan_streams(config, world_size, num_workers)
+                 num_workers: int = 0, rank: int = 0, world_size: int = 1,
+                 states: Sequence[dict[str, Any]] | None = None):
+        """``states``: every rank's ``state_dict()`` from a checkpoint (in rank order), to go on from."""
         self.num_readers = max(num_workers, 1)
-        if state is not None and (state["world_size"], state["num_readers"]) != (world_size, self.num_readers):
-            raise PerceptioError(
-                f"the checkpoint's loader ran {state['world_size']} rank(s) x {state['num_readers']} reader(s); "
-                f"resume with the same (got {world_size} x {self.num_readers})"
-            )
         self.rank, self.world_size = rank, world_size
-        self.reader_states: dict[int, dict[str, Any]] = {int(k): v for k, v in (state or {}).get("readers", {}).items()}
-        self.next_worker: int = (state or {}).get("next_worker", 0)
+        first = states[0] if states else {"world_size": world_size, "num_readers": self.num_readers}
+        self.layout = ReaderLayout(*first.get("layout", (first["world_size"], first["num_readers"])))
+        if world_size * self.num_readers > self.layout.size:
+            raise PerceptioError(
+                f"the checkpoint's run has {self.layout.size} loader readers ({self.layout.world_size} rank(s) x "
+                f"{self.layout.num_workers} worker(s) when it started); resume with at most that many ranks x "
+                f"--workers (got {world_size} x {self.num_readers})")
+        self.streams = plan_streams(config, self.layout.world_size, self.layout.num_workers)
+        # The newest position of each reader this rank plays, whichever rank played it last.
+        mine = {reader for worker in range(self.num_readers)
+                for reader in self.layout.played_by(rank, world_size, worker, self.num_readers)}
+        self.reader_states: dict[int, dict[str, Any]] = {
+            int(reader): position for state in states or [] for reader, position in state["readers"].items()
+            if int(reader) in mine}
+        same_layout = states and (first["world_size"], first["num_readers"]) == (world_size, self.num_readers)
+        self.next_worker: int = states[rank]["next_worker"] if same_layout else 0
         if num_workers > 0:
             # Workers are forked after the tokenizer may have run; its thread pool must not be inherited.
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         self.dataset = ShardStream(self.streams, config, processor, batch_size, rank, world_size, num_workers,
-                              self.reader_states, self.next_worker)
+                                   self.layout, self.reader_states, self.next_worker)
         # Its own generator: starting to iterate draws a seed, which must not move the global RNG
         # (a resumed run starts iterating at another point of the RNG stream than the original).
         self._loader = torch.utils.data.DataLoader(self.dataset, batch_size=None, num_workers=num_workers,
                                                    prefetch_factor=2 if num_workers else None,
+                                                   worker_init_fn=ignore_stop_signals if num_workers else None,
                                                    generator=torch.Generator().manual_seed(config.seed))
         self._iterator: Iterator[Batch] | None = None
 
@@ -520,12 +578,19 @@ class ResumableLoader:
         if self._iterator is None:
             self._iterator = iter(self._loader)
         batch = next(self._iterator)
-        self.reader_states[batch.worker] = batch.reader_state
+        self.reader_states[batch.reader] = batch.reader_state
         self.next_worker = (batch.worker + 1) % self.num_readers
         return batch
 
+    def bad_samples(self) -> tuple[int, int]:
+        """(skipped, read) samples of this rank's readers, up to the last batch taken."""
+        positions = [position for state in self.reader_states.values() for position in state["streams"].values()]
+        return (sum(position.get("skipped", 0) for position in positions),
+                sum(position.get("read", 0) for position in positions))
+
     def state_dict(self) -> dict[str, Any]:
         return {
+            "layout": [self.layout.world_size, self.layout.num_workers],
             "world_size": self.world_size,
             "num_readers": self.num_readers,
             "next_worker": self.next_worker,

@@ -17,12 +17,13 @@ atomic folders (see checkpoint.py); the final model is exported with the model's
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Any, Iterator, Protocol
 
@@ -32,17 +33,20 @@ import torch.distributed as dist
 
 from perceptio.errors import PerceptioError
 from perceptio.progress import ProgressLog
+from perceptio.recipes import load_recipe
 from perceptio.train.checkpoint import (
     Checkpoint,
     checkpoint_path,
     latest_checkpoint,
     load_checkpoint,
+    prune_checkpoints,
     rng_state,
     save_checkpoint,
     set_rng_state,
 )
-from perceptio.train.config import StreamConfig, TrainConfig
+from perceptio.train.config import BadSampleLimit, StreamConfig, TrainConfig
 from perceptio.train.data import EncodeCollate, ResumableLoader
+from perceptio.train.preemption import StopRequest, resume_command
 
 
 class TrainableModel(Protocol):
@@ -64,6 +68,7 @@ class TrainResult:
     checkpoint: Path | None
     model: Path | None
     history: list[dict[str, Any]] = field(default_factory=list)  # this process's metric lines
+    stopped: str | None = None  # why and where a signal stopped the run before its last step, and how to go on
 
 
 # ------------------------------------------------------------------------------------- set-up
@@ -186,13 +191,31 @@ def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimize
         optimizer.load_state_dict(state)
 
 
-def run_settings(config: TrainConfig, data: StreamConfig, processes: Processes) -> dict[str, Any]:
-    """The settings a resumed run must share with the original to continue it exactly."""
-    keep = ("steps", "batch_size", "grad_accum", "lr", "head_lr", "weight_decay", "warmup", "grad_clip", "seed", "workers", "parallel")
+def run_settings(config: TrainConfig, data: StreamConfig, processes: Processes, model: Any = None) -> dict[str, Any]:
+    """The settings a resumed run must share with the original to continue it exactly.
+
+    Everything that changes the data (shards, mix, splits, seeds, shuffling, the prompt templates'
+    content), the model (its config) or the numbers (precision as resolved on this device).
+    """
+    # Not the number of ranks or loader workers: a run may resume on another number (elastic, see
+    # data.ReaderLayout); the loader refuses only more readers than the run started with.
+    keep = ("steps", "batch_size", "grad_accum", "lr", "head_lr", "weight_decay", "warmup", "grad_clip", "seed", "parallel")
     settings = {key: value for key, value in asdict(config).items() if key in keep}
-    settings.update(world_size=processes.world_size, mix=data.mix, seed_data=data.seed, splits=list(data.splits),
-                    use_depth_tokens=data.use_depth_tokens, shards=sorted(map(str, data.shards)))
+    prompts = json.dumps(load_recipe(data.prompts), sort_keys=True).encode("utf-8")
+    model_config = getattr(model, "config", None)
+    settings.update(mix=data.mix, seed_data=data.seed, splits=list(data.splits),
+                    use_depth_tokens=data.use_depth_tokens, shards=sorted(map(str, data.shards)),
+                    shuffle_buffer=data.shuffle_buffer, shuffle_initial=data.shuffle_initial,
+                    prompts=f"{data.prompts}@{hashlib.sha256(prompts).hexdigest()[:12]}",
+                    precision="bf16" if uses_bf16(config, processes, model) else "fp32",
+                    model=json.loads(json.dumps(asdict(model_config), default=str)) if is_dataclass(model_config) else None)
     return settings
+
+
+def uses_bf16(config: TrainConfig, processes: Processes, model: Any = None) -> bool:
+    """bf16 autocast on GPUs, and wherever frozen weights are stored in bf16 (trainable ones are fp32)."""
+    holds_bf16 = model is not None and any(parameter.dtype == torch.bfloat16 for parameter in model.parameters())
+    return config.precision == "bf16" or (config.precision == "auto" and (processes.device.type == "cuda" or holds_bf16))
 
 
 # ------------------------------------------------------------------------------------- metrics
@@ -213,30 +236,37 @@ class MetricsLog:
                 handle.write(json.dumps(record) + "\n")
 
 
+class NonFiniteError(PerceptioError):
+    """A NaN or Inf loss or gradient: nothing is saved from that state."""
+
+
 def read_step(names: list[str], totals: torch.Tensor, grad_norm: torch.Tensor, step: int, keys: list[str],
-              processes: Processes) -> tuple[dict[str, float], float]:
-    """The step's loss terms (averaged over ranks) and gradient norm, read with one host sync.
+              processes: Processes, counters: tuple[int, ...] = ()) -> tuple[dict[str, float], float, list[int]]:
+    """The step's loss terms (averaged over ranks), gradient norm and ``counters`` (summed over
+    ranks: skipped and read samples, stop requests), read with one host sync.
 
     A NaN or Inf stops every rank together (no rank is left waiting in a collective): the rank that
     saw it names the terms and the step's examples, the others say another rank stopped.
     """
     local_bad = (~torch.isfinite(totals)).any()[None]
-    reduced = torch.cat([totals, local_bad.double()])
+    extra = torch.tensor(counters, dtype=torch.float64, device=totals.device)
+    reduced = torch.cat([totals, local_bad.double(), extra])
     if processes.distributed:
         dist.all_reduce(reduced)
     values = torch.cat([totals, reduced, grad_norm.detach().double().reshape(1)]).tolist()
     count = len(names)
     local, mean = values[:count], [total / processes.world_size for total in values[count:2 * count]]
     bad_ranks, norm = values[2 * count], values[-1]
+    summed = [int(value) for value in values[2 * count + 1 : 2 * count + 1 + len(counters)]]
     bad = [name for name, value in zip(names, local) if not math.isfinite(value)]
     if bad:
         shown = ", ".join(f"{name}={value:g}" for name, value in zip(names, local) if name in bad)
-        raise PerceptioError(f"non-finite loss at step {step + 1} ({shown}) on rank {processes.rank}; batch keys: {keys}")
+        raise NonFiniteError(f"non-finite loss at step {step + 1} ({shown}) on rank {processes.rank}; batch keys: {keys}")
     if bad_ranks:
-        raise PerceptioError(f"non-finite loss at step {step + 1} on another rank; stopped without saving")
+        raise NonFiniteError(f"non-finite loss at step {step + 1} on another rank; stopped without saving")
     if not math.isfinite(norm):
-        raise PerceptioError(f"non-finite gradient norm at step {step + 1}; batch keys: {keys}")
-    return dict(zip(names, mean)), norm
+        raise NonFiniteError(f"non-finite gradient norm at step {step + 1}; batch keys: {keys}")
+    return dict(zip(names, mean)), norm, summed
 
 
 # ------------------------------------------------------------------------------------- the loop
@@ -246,7 +276,7 @@ def train(model: TrainableModel, data: StreamConfig, config: TrainConfig) -> Tra
     processes = join_processes()
     out = Path(config.out)
     checkpoints = out / "checkpoints"
-    settings = run_settings(config, data, processes)
+    settings = run_settings(config, data, processes, model)
 
     # Start fresh, or exactly where the newest checkpoint stopped: weights first (before any
     # sharding), then the optimizer and schedule built over the wrapped model's parameters.
@@ -264,26 +294,35 @@ def train(model: TrainableModel, data: StreamConfig, config: TrainConfig) -> Tra
     optimizer = torch.optim.AdamW(parameter_groups(model, config), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, config.steps, config.warmup))
-    # bf16 autocast on GPUs, and wherever frozen weights are stored in bf16 (trainable ones are fp32).
-    holds_bf16 = any(parameter.dtype == torch.bfloat16 for parameter in model.parameters())
-    use_bf16 = config.precision == "bf16" or (config.precision == "auto" and (processes.device.type == "cuda" or holds_bf16))
-    first_step, loader_state, last_checkpoint = 0, None, None
+    use_bf16 = uses_bf16(config, processes, model)
+    first_step, loader_states, last_checkpoint = 0, None, None
     if resumed is not None:
         load_optimizer_state(model, optimizer, resumed.optimizer_state, config, processes)
         scheduler.load_state_dict(resumed.scheduler_state)
-        set_rng_state(resumed.checkpoint.rng_states[processes.rank])
-        first_step, loader_state = resumed.checkpoint.step, resumed.checkpoint.loader_states[processes.rank]
+        if processes.rank < len(resumed.checkpoint.rng_states):  # a rank added by an elastic resume keeps its seed
+            set_rng_state(resumed.checkpoint.rng_states[processes.rank])
+        first_step, loader_states = resumed.checkpoint.step, resumed.checkpoint.loader_states
         last_checkpoint = found
     loader = ResumableLoader(data, model.processor, config.batch_size, config.workers,
-                             processes.rank, processes.world_size, loader_state)
+                             processes.rank, processes.world_size, loader_states)
 
     out.mkdir(parents=True, exist_ok=True)
     metrics = MetricsLog(out / "metrics.jsonl", first_step, processes.is_main)
     history: list[dict[str, Any]] = []
     net.train()
+    bad_limit = BadSampleLimit.parse(config.max_bad_samples)
+    stopped = None
+
+    def checkpoint_now(done: int, **states: Any) -> None:
+        nonlocal last_checkpoint
+        if last_checkpoint != checkpoint_path(checkpoints, done):
+            last_checkpoint = save_training_state(done, model, optimizer, scheduler, loader, settings, checkpoints,
+                                                  config, processes, **states)
+
     examples_per_step = config.batch_size * config.grad_accum * processes.world_size
     with ProgressLog("train", config.steps, unit="steps", rate_unit="examples", rate_scale=examples_per_step,
-                     enabled=processes.is_main and config.progress, completed=first_step) as progress:
+                     enabled=processes.is_main and config.progress, completed=first_step) as progress, \
+            StopRequest() as stop:
         for step in range(first_step, config.steps):
             step_start = time.perf_counter()
             data_seconds = 0.0
@@ -291,47 +330,71 @@ def train(model: TrainableModel, data: StreamConfig, config: TrainConfig) -> Tra
             names: list[str] = []
             keys: list[str] = []
             sources: dict[str, int] = {}
+            before = {"loader_state": loader.state_dict(), "rng": rng_state()}  # for a checkpoint after a crash
 
-            # Forward and backward over the micro-batches; DDP syncs gradients on the last one only.
-            for micro in range(config.grad_accum):
-                wait_start = time.perf_counter()
-                batch = next(loader)
-                data_seconds += time.perf_counter() - wait_start
-                last_micro = micro == config.grad_accum - 1
-                sync = contextlib.nullcontext() if last_micro or not hasattr(net, "no_sync") else net.no_sync()
-                with sync:
-                    with torch.autocast(processes.device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                        output = net(to_device(batch.inputs, processes.device))
-                    (output.loss / config.grad_accum).backward()
-                values = {"loss": output.loss, **output.terms}
-                names = list(values)
-                stacked = torch.stack([value.detach().double().mean() for value in values.values()]) / config.grad_accum
-                totals = stacked if totals is None else totals + stacked
-                keys.extend(batch.keys)
-                for source in batch.sources:
-                    sources[source] = sources.get(source, 0) + 1
+            try:
+                # Forward and backward over the micro-batches; DDP syncs gradients on the last one only.
+                for micro in range(config.grad_accum):
+                    wait_start = time.perf_counter()
+                    batch = next(loader)
+                    data_seconds += time.perf_counter() - wait_start
+                    last_micro = micro == config.grad_accum - 1
+                    sync = contextlib.nullcontext() if last_micro or not hasattr(net, "no_sync") else net.no_sync()
+                    with sync:
+                        with torch.autocast(processes.device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                            output = net(to_device(batch.inputs, processes.device))
+                        (output.loss / config.grad_accum).backward()
+                    values = {"loss": output.loss, **output.terms}
+                    names = list(values)
+                    stacked = torch.stack([value.detach().double().mean() for value in values.values()]) / config.grad_accum
+                    totals = stacked if totals is None else totals + stacked
+                    keys.extend(batch.keys)
+                    for source in batch.sources:
+                        sources[source] = sources.get(source, 0) + 1
 
-            # One optimizer step, unless a loss term or the gradients are not finite.
-            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip)
-            if hasattr(grad_norm, "full_tensor"):  # FSDP returns a sharded tensor
-                grad_norm = grad_norm.full_tensor()
-            means, norm = read_step(names, totals, grad_norm, step, keys, processes)
+                # One optimizer step, unless a loss term or the gradients are not finite.
+                grad_norm = torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip)
+                if hasattr(grad_norm, "full_tensor"):  # FSDP returns a sharded tensor
+                    grad_norm = grad_norm.full_tensor()
+                means, norm, (skipped, read, stops) = read_step(
+                    names, totals, grad_norm, step, keys, processes,
+                    (*loader.bad_samples(), int(stop.received is not None)))
+            except Exception as error:
+                # The weights are still those of the last finished step: keep that progress, with the
+                # loader and generators as they were when this step began, so --resume redoes it
+                # exactly. Not after a NaN (nothing is saved from that state), and not under torchrun,
+                # where the other ranks may be waiting in a collective and cannot join a save.
+                if step > first_step and not processes.distributed and not isinstance(error, NonFiniteError):
+                    checkpoint_now(step, **before)
+                raise
             lr = optimizer.param_groups[0]["lr"]
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
 
-            # Log what this step did (losses averaged over ranks).
+            # Log what this step did (losses averaged over ranks, skipped samples summed).
             record = {"step": step + 1, "lr": lr, **means, "grad_norm": norm, "data_s": data_seconds,
-                      "step_s": time.perf_counter() - step_start, "sources": sources}
+                      "step_s": time.perf_counter() - step_start, "sources": sources, "skipped_samples": skipped}
             metrics.write(record)
             history.append(record)
             progress.update(step + 1, loss=means["loss"])
 
             if (config.save_every and (step + 1) % config.save_every == 0) or step + 1 == config.steps:
-                last_checkpoint = save_training_state(step + 1, model, optimizer, scheduler, loader, settings,
-                                                      checkpoints, config, processes)
+                checkpoint_now(step + 1)
+            if bad_limit.exceeded(skipped, read):  # every rank sees the same sums: all stop together
+                checkpoint_now(step + 1)
+                raise PerceptioError(
+                    f"{skipped} of {read} samples read were bad, more than --max-bad-samples {config.max_bad_samples} "
+                    f"allows; stopped after step {step + 1} with checkpoint {last_checkpoint} (the warnings name "
+                    "the files: fix or remove them, or raise the limit, then --resume)")
+            if stops and step + 1 < config.steps:  # a signal reached some rank: all stop after this step
+                checkpoint_now(step + 1)
+                stopped = (f"stopped by {stop.name} after step {step + 1} of {config.steps}; checkpoint "
+                           f"{last_checkpoint}; to go on, run the same command with --resume: {resume_command()}")
+                break
 
+    if stopped is not None:
+        return TrainResult(step + 1, out / "metrics.jsonl", last_checkpoint, None, history, stopped)
     exported = export_model(model, out / "model", config, processes)
     if processes.distributed:
         dist.barrier()
@@ -349,10 +412,14 @@ def gather(value: Any, processes: Processes) -> list[Any]:
 
 def save_training_state(step: int, model: TrainableModel, optimizer: torch.optim.Optimizer,
                         scheduler: Any, loader: ResumableLoader, settings: dict[str, Any], root: Path,
-                        config: TrainConfig, processes: Processes) -> Path:
-    """Gather every rank's loader position and RNG state; the main rank writes the folder."""
-    loader_states = gather(loader.state_dict(), processes)
-    rng_states = gather(rng_state(), processes)
+                        config: TrainConfig, processes: Processes, loader_state: dict[str, Any] | None = None,
+                        rng: dict[str, Any] | None = None) -> Path:
+    """Gather every rank's loader position and RNG state (now, or as given); the main rank writes the folder.
+
+    Then, with ``--keep-last N``, the main rank deletes all but the newest N checkpoints.
+    """
+    loader_states = gather(loader_state if loader_state is not None else loader.state_dict(), processes)
+    rng_states = gather(rng if rng is not None else rng_state(), processes)
     if sharded(config, processes):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
@@ -365,6 +432,8 @@ def save_training_state(step: int, model: TrainableModel, optimizer: torch.optim
     if processes.is_main:
         save_checkpoint(path, trainable, optimizer_state, scheduler.state_dict(),
                         Checkpoint(step, settings, loader_states, rng_states))
+        if config.keep_last:
+            prune_checkpoints(root, config.keep_last)
     if processes.distributed:
         dist.barrier()
     return path

@@ -1,0 +1,122 @@
+"""Bad training data is skipped and counted, never fatal on its own (torch-free).
+
+One bad file among thousands of shards must not cost a run. What cannot be read is skipped with one
+warning line naming the file and the sample key, and counted:
+
+- a shard that cannot be opened (it vanished, or is not readable) or whose tar is damaged or cut
+  short: the shard from the damage on (counted once; the samples before it are used);
+- a sample whose members do not decode (the JPEGs, the npy arrays, the json), lacks a member, or
+  whose json lacks what the examples are built from: that sample.
+
+The checks run where the example sequence is built, before shuffling, so a skip is part of the pure
+function of the seed that exact resume replays: a resumed run skips the same samples at the same
+places (quietly: the original run reported them) and reproduces the same batches. Images are
+checked with a reduced-size JPEG decode (libjpeg's DCT scaling), which reads every byte of the
+entropy-coded data, so truncated or garbled images are caught without paying for a full decode.
+
+``--max-bad-samples`` (:class:`perceptio.train.config.BadSampleLimit`) bounds the damage: a count,
+or a fraction of the samples read so far.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import tarfile
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Sequence
+
+from perceptio import fs
+from perceptio.errors import PerceptioError
+from perceptio.shards import ShardSample, iter_members
+
+log = logging.getLogger(__name__)
+
+REQUIRED_MEMBERS = ("jpg", "depth.npy", "depth_tokens.npy", "json")
+IMAGE_MEMBERS = ("jpg", "marked.jpg")
+DRAFT_SCALE = 8  # decode JPEGs at 1/8 size: every coefficient is still read, an eighth of the pixels made
+
+
+@dataclass
+class SkipCounter:
+    """Samples read and skipped by one example stream; ``quiet`` while a resumed run replays."""
+
+    read: int = 0  # samples taken from the tars, good or bad (a damaged tail counts as one)
+    skipped: int = 0
+    quiet: bool = False
+
+    def skip(self, url: str, key: str, reason: str) -> None:
+        self.skipped += 1
+        if not self.quiet:
+            log.warning("perceptio-train: skipped %s in %s: %s", key, url, reason)
+
+
+def read_shards(urls: Sequence[str], counter: SkipCounter, share: tuple[int, int] = (1, 0)) -> Iterator[dict[str, Any]]:
+    """The samples of ``urls`` in order, as webdataset dicts of member bytes, past unreadable tars.
+
+    ``share`` = (readers, reader): keep only the samples at positions ``reader`` mod ``readers`` (the
+    sample-level split of a stream with fewer shards than readers). A sample, or an unreadable rest
+    of a tar, is counted only by the reader whose position it falls on, so counts add up across readers.
+    """
+    readers, reader = share
+    position = 0
+    for url in urls:
+        last_key = None
+        try:
+            with fs.open_input(url) as handle:
+                for last_key, members in iter_members(handle):
+                    position += 1
+                    if (position - 1) % readers == reader:
+                        counter.read += 1
+                        yield {"__key__": last_key, "__url__": url, **members}
+        except (tarfile.TarError, EOFError, OSError, PerceptioError) as error:
+            position += 1
+            if (position - 1) % readers == reader:
+                counter.read += 1
+                where = f"the samples after {last_key}" if last_key else "the whole shard"
+                counter.skip(url, where, f"unreadable tar ({type(error).__name__}: {error})")
+
+
+def _check_image(data: bytes) -> None:
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as image:
+        image.draft("RGB", (max(1, image.width // DRAFT_SCALE), max(1, image.height // DRAFT_SCALE)))
+        image.load()
+
+
+class BadMember(ValueError):
+    """A member is missing or its image does not decode (the message says which)."""
+
+
+def check_members(raw: dict[str, Any]) -> None:
+    """Raise :class:`BadMember` (or what the npy/json decoders raise) when a member is unusable."""
+    missing = [name for name in REQUIRED_MEMBERS if name not in raw]
+    if missing:
+        raise BadMember(f"no {', '.join(missing)} member")
+    members = {name: data for name, data in raw.items() if not name.startswith("__")}
+    ShardSample.from_members(raw["__key__"], members)  # parses the npy arrays and the json
+    for name in IMAGE_MEMBERS:
+        if name in raw:
+            try:
+                _check_image(raw[name])
+            except Exception as error:  # PIL raises many types for broken image data
+                from PIL import UnidentifiedImageError
+
+                detail = "not an image" if isinstance(error, UnidentifiedImageError) else f"{type(error).__name__}: {error}"
+                raise BadMember(f"{name} does not decode ({detail})") from error
+
+
+def guarded(expand: Callable[[dict[str, Any]], list[Any]], raw: dict[str, Any], counter: SkipCounter) -> list[Any]:
+    """``expand(raw)`` after checking the members; [] (and a count) when the sample is bad.
+
+    Anything raised while turning one sample's bytes into examples is that sample's fault: the
+    warning says what, and ``--max-bad-samples`` stops a run where every sample fails.
+    """
+    try:
+        check_members(raw)
+        return expand(raw)
+    except Exception as error:
+        reason = str(error) if isinstance(error, BadMember) else f"{type(error).__name__}: {error}"
+        counter.skip(raw.get("__url__", "?"), raw.get("__key__", "?"), reason)
+        return []
