@@ -175,7 +175,7 @@ class ShardSample:
         if self.marked_jpg is not None:
             members["marked.jpg"] = self.marked_jpg
         members.update(self.extra)
-        return members
+        return dict(_ordered(members))  # the order written to tars, so raw copies keep it too
 
     @classmethod
     def from_members(cls, key: str, members: dict[str, bytes]) -> "ShardSample":

@@ -172,8 +172,8 @@ def test_skipping_is_deterministic_and_resume_replays_it_quietly(tmp_path, caplo
 class TargetsOnly:
     """A processor that keeps each example's target (what the data layer decides)."""
 
-    def encode_example(self, image, prompt, target, mask, depth):
-        return {"target": target}
+    def encode_conversation(self, image, turns, masks, depth):
+        return {"target": turns[-1].text}
 
     def collate(self, encoded):
         return encoded

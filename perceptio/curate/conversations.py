@@ -30,7 +30,7 @@ import perceptio
 from perceptio.curate.commands import _prepare_out, _write_interop_files, dataset_out
 from perceptio.curate.plan import plan_shards
 from perceptio.curate.sample_builder import BuiltImage
-from perceptio.curate.writer import ShardSetWriter, check_resumable, is_done, write_dataset_json, write_manifest
+from perceptio.curate.writer import ShardSetWriter, check_resumable, done_shards, write_dataset_json, write_manifest
 from perceptio.errors import PerceptioError
 from perceptio.progress import ProgressLog
 from perceptio.shards import (
@@ -192,7 +192,7 @@ def curate_conversations(request: ConversationRequest) -> dict[str, Any]:
                 "tokenizer": None, "teacher_source": request.depth_source, "build": None}
     out = dataset_out(request.out, name)
     _prepare_out(out, name, request.overwrite)
-    done = {shard.name for shard in shards if is_done(out, shard.name)}
+    done = set(done_shards(str(out), [shard.name for shard in shards]))
     check_resumable(out, sorted(done), settings)
     todo = [shard for shard in shards if shard.name not in done]
     writer = ShardSetWriter(out, todo, settings, None)

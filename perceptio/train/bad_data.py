@@ -21,6 +21,7 @@ or a fraction of the samples read so far.
 from __future__ import annotations
 
 import io
+import json
 import logging
 import tarfile
 from dataclasses import dataclass
@@ -28,11 +29,10 @@ from typing import Any, Callable, Iterator, Sequence
 
 from perceptio import fs
 from perceptio.errors import PerceptioError
-from perceptio.shards import ShardSample, iter_members
+from perceptio.shards import ShardSample, iter_members, required_members
 
 log = logging.getLogger(__name__)
 
-REQUIRED_MEMBERS = ("jpg", "depth.npy", "depth_tokens.npy", "json")
 IMAGE_MEMBERS = ("jpg", "marked.jpg")
 DRAFT_SCALE = 8  # decode JPEGs at 1/8 size: every coefficient is still read, an eighth of the pixels made
 
@@ -91,7 +91,11 @@ class BadMember(ValueError):
 
 def check_members(raw: dict[str, Any]) -> None:
     """Raise :class:`BadMember` (or what the npy/json decoders raise) when a member is unusable."""
-    missing = [name for name in REQUIRED_MEMBERS if name not in raw]
+    if "json" not in raw:
+        raise BadMember("no json member")
+    # What a sample must hold depends on what it is (a text-only conversation has no jpg, a sample
+    # curated without a depth teacher no depth members): the shard contract says, from its json.
+    missing = [name for name in required_members(json.loads(raw["json"])) if name not in raw]
     if missing:
         raise BadMember(f"no {', '.join(missing)} member")
     members = {name: data for name, data in raw.items() if not name.startswith("__")}
