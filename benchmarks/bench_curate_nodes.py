@@ -53,8 +53,10 @@ def main() -> None:
         rates[nodes] = result["images"] / result["seconds"]
         print(f"{nodes} node(s) x {args.cpus_per_node} CPU: {result['images']} images in {result['seconds']:.1f} s = "
               f"{rates[nodes]:.2f} images/s ({result['shards']} shards)")
-    same = all((root / "shards-1" / path.name).read_bytes() == path.read_bytes()
-               for path in sorted((root / "shards-2").iterdir()) if path.suffix in (".tar", ".parquet"))
+    # --out names the parent: the shards are in OUT/refcoco-unc, their parquet tables in its __meta__/.
+    one, two = root / "shards-1" / "refcoco-unc", root / "shards-2" / "refcoco-unc"
+    compared = [path.relative_to(two) for path in sorted([*two.glob("*.tar"), *two.glob("__meta__/*.parquet")])]
+    same = bool(compared) and all((one / name).read_bytes() == (two / name).read_bytes() for name in compared)
     print(f"2 nodes / 1 node: {rates[2] / rates[1]:.2f}x; identical tars and parquets: {same}")
 
 
