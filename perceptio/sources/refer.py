@@ -29,7 +29,6 @@ A missing ``data_root``, annotation file or image folder, or an unreadable annot
 
 from __future__ import annotations
 
-import json
 import os
 from collections import Counter
 from dataclasses import dataclass
@@ -42,6 +41,7 @@ from PIL import Image
 from perceptio.errors import PerceptioError
 from perceptio.recipes import load_recipe
 from perceptio.sources.data_root import coco_image_dir
+from perceptio.sources.jsonfile import load_json
 from perceptio.sources.masks import parse_segmentation, segmentation_to_mask
 from perceptio.sources.problems import BadImage, Problem, decode_image, percent_text
 from perceptio.sources.safe_pickle import load_plain_pickle
@@ -96,16 +96,6 @@ def _sentence(raw: dict[str, Any]) -> Sentence:
     return Sentence(int(raw["sent_id"]), str(raw.get("raw", sent)), sent, [str(token) for token in raw.get("tokens", [])])
 
 
-def _load_json(path: Path) -> Any:
-    if not path.is_file():
-        raise PerceptioError(f"{path} not found")
-    try:
-        with open(path, encoding="utf-8") as handle:
-            return json.load(handle)
-    except (OSError, ValueError) as error:
-        raise PerceptioError(f"{path} is not readable JSON: {error}") from error
-
-
 class ReferDataset:
     """One (dataset, split_by) pair of the REFER data, indexed and checked.
 
@@ -136,7 +126,7 @@ class ReferDataset:
         self._unusable_annotations: set[int] = set()
 
         instances_path = self.data_root / dataset / "instances.json"
-        instances = _load_json(instances_path)
+        instances = load_json(instances_path, "annotation file")
         refs_path = self.data_root / dataset / f"refs({split_by}).p"
         raw_refs = load_plain_pickle(refs_path)
         if not isinstance(instances, dict) or not all(key in instances for key in ("images", "annotations")):
