@@ -54,7 +54,7 @@ def test_one_training_step_of_the_1b_shape_with_sam2_large(tmp_path):
     assert tokens.count(151667) == 256  # one 448 tile = 256 image tokens
     assert batch["pixel_values"].shape == (1, 3, 448, 448)
     assert batch["sam_pixel_values"].shape == (1, 3, 1024, 1024)
-    assert batch["gt_mask"].shape == (1, 256, 256)
+    assert batch["gt_masks"].shape == (1, 1, 256, 256)  # (examples, masks per example, M, M)
 
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     step_started = time.perf_counter()
