@@ -18,10 +18,10 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q -c constraints.txt $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)) -e ".[test]"
 	touch $(STAMP)
 
-# Slow tests run last, and only while 420 s of the session have not passed (tests/conftest.py), so
+# Slow tests run last, and only while 360 s of the session have not passed (tests/conftest.py), so
 # that `make test` stays under 10 minutes on 2 cores; `make test-slow` runs every slow test.
 test: $(STAMP)
-	PERCEPTIO_TEST_BUDGET_S=420 $(BIN)/python -m pytest -q tests
+	PERCEPTIO_TEST_BUDGET_S=360 $(BIN)/python -m pytest -q tests
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow tests
