@@ -33,7 +33,7 @@ from PIL import Image
 def save_small_depth_anything(folder: Path, input_size: int) -> Path:
     """Depth Anything V2 Small's architecture (24.8M parameters), random weights."""
     from transformers import DepthAnythingConfig, DepthAnythingForDepthEstimation, Dinov2Config
-    from transformers.models.dpt.image_processing_pil_dpt import DPTImageProcessorPil
+    from perceptio.train.shapes import depth_anything_processor
 
     backbone = Dinov2Config(
         image_size=518, patch_size=14, hidden_size=384, num_hidden_layers=12, num_attention_heads=6,
@@ -43,8 +43,7 @@ def save_small_depth_anything(folder: Path, input_size: int) -> Path:
                                  fusion_hidden_size=64, head_hidden_size=32)
     torch.manual_seed(0)
     DepthAnythingForDepthEstimation(config).save_pretrained(folder)
-    DPTImageProcessorPil(size={"height": input_size, "width": input_size}, keep_aspect_ratio=True, ensure_multiple_of=14,
-                         resample=3, image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225]).save_pretrained(folder)
+    depth_anything_processor(input_size).save_pretrained(folder)
     return folder
 
 

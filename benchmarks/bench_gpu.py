@@ -111,14 +111,10 @@ def reset_peak() -> None:
 
 def save_teacher(shape_name: str, folder: Path, input_size: int) -> Path:
     """A random-weight Depth Anything of the published shape, saved as a local model folder."""
-    from transformers.models.dpt.image_processing_pil_dpt import DPTImageProcessorPil
-
     from perceptio.train import shapes
 
     shapes.build(shapes.SHAPES[shape_name]).save_pretrained(folder)
-    # Depth Anything V2's processor: keep the aspect ratio, shorter side to 518, multiples of 14.
-    DPTImageProcessorPil(size={"height": input_size, "width": input_size}, keep_aspect_ratio=True, ensure_multiple_of=14,
-                         resample=3, image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225]).save_pretrained(folder)
+    shapes.depth_anything_processor(input_size).save_pretrained(folder)
     return folder
 
 

@@ -31,18 +31,11 @@ from perceptio.tokenize.vqvae import DepthVQVAE
 def save_small_shaped_teacher(folder: Path) -> int:
     """Write a random-weight Depth Anything V2 Small (and its real preprocessing); return its size."""
     from transformers import DepthAnythingConfig, DepthAnythingForDepthEstimation
-    from transformers.models.dpt.image_processing_pil_dpt import DPTImageProcessorPil
+    from perceptio.train.shapes import depth_anything_processor
 
     model = DepthAnythingForDepthEstimation(DepthAnythingConfig())
     model.save_pretrained(folder)
-    DPTImageProcessorPil(
-        size={"height": 518, "width": 518},
-        keep_aspect_ratio=True,
-        ensure_multiple_of=14,
-        resample=3,
-        image_mean=[0.485, 0.456, 0.406],
-        image_std=[0.229, 0.224, 0.225],
-    ).save_pretrained(folder)
+    depth_anything_processor(518).save_pretrained(folder)
     return sum(parameter.numel() for parameter in model.parameters())
 
 

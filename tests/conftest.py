@@ -79,7 +79,7 @@ def _save_tiny_depth_anything(folder: Path) -> Path:
     """
     import torch
     from transformers import DepthAnythingConfig, DepthAnythingForDepthEstimation, Dinov2Config
-    from transformers.models.dpt.image_processing_pil_dpt import DPTImageProcessorPil
+    from perceptio.train.shapes import depth_anything_processor
 
     backbone = Dinov2Config(
         image_size=56,
@@ -106,15 +106,8 @@ def _save_tiny_depth_anything(folder: Path) -> Path:
         model.head.conv3.weight /= typical
         model.head.conv3.bias /= typical
     model.save_pretrained(folder)
-    # The real model's preprocessing, scaled down: keep the aspect ratio, sides a multiple of 14.
-    DPTImageProcessorPil(
-        size={"height": 56, "width": 56},
-        keep_aspect_ratio=True,
-        ensure_multiple_of=14,
-        resample=3,
-        image_mean=[0.485, 0.456, 0.406],
-        image_std=[0.229, 0.224, 0.225],
-    ).save_pretrained(folder)
+    # The real model's preprocessing, scaled down to a 56-pixel input.
+    depth_anything_processor(56).save_pretrained(folder)
     return folder
 
 

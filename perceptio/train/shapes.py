@@ -199,6 +199,16 @@ SHAPES: dict[str, PublishedShape] = {
 }
 
 
+def depth_anything_processor(input_size: int = 518) -> Any:
+    """Depth Anything V2's published preprocessing: keep the aspect ratio, the shorter side to
+    ``input_size`` (518 published; smaller for tests), sides a multiple of 14, ImageNet statistics."""
+    from transformers.models.dpt.image_processing_pil_dpt import DPTImageProcessorPil
+
+    return DPTImageProcessorPil(size={"height": input_size, "width": input_size}, keep_aspect_ratio=True,
+                                ensure_multiple_of=14, resample=3, image_mean=[0.485, 0.456, 0.406],
+                                image_std=[0.229, 0.224, 0.225])
+
+
 def is_shape(model_id: str) -> bool:
     return model_id.startswith(SHAPE_PREFIX)
 
