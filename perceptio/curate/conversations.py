@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 import perceptio
-from perceptio.curate.commands import _prepare_out, _write_interop_files, dataset_out
+from perceptio.curate.output import dataset_out, prepare_out, write_interop_files
 from perceptio.curate.plan import plan_shards
 from perceptio.curate.sample_builder import BuiltImage
 from perceptio.curate.writer import ShardSetWriter, check_resumable, done_shards, write_dataset_json, write_manifest
@@ -191,7 +191,7 @@ def curate_conversations(request: ConversationRequest) -> dict[str, Any]:
     settings = {"dataset": name, "splits": [split], "samples_per_shard": request.samples_per_shard, "batch_size": None,
                 "tokenizer": None, "teacher_source": request.depth_source, "build": None}
     out = dataset_out(request.out, name)
-    _prepare_out(out, name, request.overwrite)
+    prepare_out(out, name, request.overwrite)
     done = set(done_shards(str(out), [shard.name for shard in shards]))
     check_resumable(out, sorted(done), settings)
     todo = [shard for shard in shards if shard.name not in done]
@@ -210,7 +210,7 @@ def curate_conversations(request: ConversationRequest) -> dict[str, Any]:
     file_metadata = {"dataset": name, "tokenizer": None, "teacher": None, "perceptio_version": perceptio.__version__}
     manifest = write_manifest(out, shards, reader_rows, file_metadata)
     info = write_dataset_json(out, shards, manifest, {"identity": None}, settings)
-    _write_interop_files(out, shards, info)
+    write_interop_files(out, shards, info, "one sample per record (json, and jpg when it has an image), no depth members")
     return info
 
 
