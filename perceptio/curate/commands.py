@@ -16,6 +16,7 @@ from typing import Any, Optional
 import typer
 
 import perceptio
+from perceptio.curate.depth_models import resolve_tokenizer, tokenizer_identity
 from perceptio.curate.distributor import RayConfig, ShardJob, TeacherSpec, ray_session, run_shards
 from perceptio.curate.marked_points import MarkedPointsConfig
 from perceptio.curate.output import dataset_out, prepare_out, write_interop_files
@@ -24,12 +25,10 @@ from perceptio.curate.plan import ade_images, plan_shards, refer_images
 from perceptio.curate.sample_builder import BuildConfig
 from perceptio.curate.writer import check_resumable, done_shards, write_dataset_json, write_manifest
 from perceptio.errors import PerceptioError
-from perceptio.hub import looks_like_repo_id, resolve_folder
 from perceptio.progress import ProgressLog
 from perceptio.shards import ManifestRow
 from perceptio.sources.problems import Problem
 from perceptio.tokenize.cache import default_cache_dir
-from perceptio.tokenize.config import TOKENIZER_FILES
 
 REFER_DATASETS = {"refcoco": "unc", "refcoco+": "unc", "refcocog": "umd"}  # dataset -> default --split-by
 ADE20K = "ade20k"
@@ -91,25 +90,6 @@ def _problem_rows(dataset: str, problems: list[Problem]) -> list[ManifestRow]:
     return [ManifestRow.from_problem(dataset, problem) for problem in problems if problem.kind not in _GEOMETRY_PROBLEMS]
 
 
-def _tokenizer_identity(tokenizer_dir: Path) -> dict[str, Any]:
-    """Identity, weights checksum and normalisation of the tokenizer, for dataset.json and resume checks."""
-    import hashlib
-
-    from perceptio.tokenize.vqvae import WEIGHTS_NAME, DepthVQVAE
-
-    tokenizer = DepthVQVAE.from_pretrained(tokenizer_dir)
-    digest = hashlib.sha256((tokenizer_dir / WEIGHTS_NAME).read_bytes()).hexdigest()
-    config = tokenizer.config.to_dict()
-    return {
-        "identity": tokenizer.identity,
-        "path": str(tokenizer_dir.resolve()),
-        "sha256": digest,
-        "normalization": {key: value for key, value in config.items() if "normal" in key or "percentile" in key},
-        "num_codes": tokenizer.config.num_codes,
-        "num_tokens": tokenizer.num_tokens,
-    }
-
-
 def _placement(request: CurationRequest) -> Placement:
     """Where the models run on the cluster Ray reached, said on stderr in one line (+ a warning)."""
     import ray
@@ -129,13 +109,11 @@ def curate(request: CurationRequest) -> CurationSummary:
         raise PerceptioError("--split-by applies to RefCOCO/+/g only")
     if request.batch_size < 1:
         raise PerceptioError(f"--batch-size must be >= 1, got {request.batch_size}")
-    if not request.tokenizer.is_dir() and not looks_like_repo_id(str(request.tokenizer)):
-        raise PerceptioError(f"tokenizer folder {request.tokenizer} not found (train one with perceptio-tokenize)")
-    request.tokenizer = resolve_folder(request.tokenizer, allow_patterns=TOKENIZER_FILES)  # a hub id: its cached snapshot
+    request.tokenizer = resolve_tokenizer(request.tokenizer)  # a hub id: its cached snapshot
     request.teacher.check()
     name, images_by_split, problems = _read_dataset(request)
     shards = plan_shards(images_by_split, request.samples_per_shard)
-    tokenizer = _tokenizer_identity(request.tokenizer)
+    tokenizer = tokenizer_identity(request.tokenizer)
     teacher = request.teacher
     settings = {
         "dataset": name,
