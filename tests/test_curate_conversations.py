@@ -18,7 +18,7 @@ from PIL import Image
 from perceptio.curate.conversations import GRANDF, LLAVA, ConversationRequest, curate_conversations
 from perceptio.errors import PerceptioError
 from perceptio.inspect.folder import ShardFolder
-from perceptio.inspect.validate import Expectations, validate
+from perceptio.inspect.validate import load_expectations, validate
 from perceptio.shards import iter_members, manifest_path, iter_shard, list_shards, rle_to_mask
 from perceptio.sources.synth.conversations import write_conversations
 
@@ -35,7 +35,8 @@ def _request(kind: str, json_file: Path, images: Path, out: Path, **options) -> 
 
 
 def _clean(out: Path) -> bool:
-    report = validate(ShardFolder.open(out), Expectations())
+    folder = ShardFolder.open(out)
+    report = validate(folder, load_expectations(folder, None))  # what dataset.json says: tokenizer, codes, tokens
     assert report.problems == []
     return report.ok
 
