@@ -331,7 +331,8 @@ def _command(kind: str):
             typer.echo(f"{info['settings']['dataset']} {split_name}: {counts['samples']} samples from {counts['images']} "
                        f"records, rejected: {rejects}")
         by_reader = ", ".join(f"{reason} {count}" for reason, count in info["rejected_by_reader"].items()) or "none"
-        typer.echo(f"rejected by the reader: {by_reader}; {len(info['shards'])} shards in {out}")
+        typer.echo(f"rejected by the reader: {by_reader}; {len(info['shards'])} shards in "
+                   f"{dataset_out(out, info['settings']['dataset'])}")
 
     command.__doc__ = (
         "Curate LLaVA-1.5 conversations (multi-turn, with or without an image) into shards"
