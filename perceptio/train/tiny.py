@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     InternVLConfig,
@@ -172,6 +173,14 @@ def tiny_sam2(dimensions: TinySize = TinySize(), seed: int = TINY_SEED + 1) -> S
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = Sam2Model(config)
+        # transformers draws every convolution and linear layer from N(0, 0.02), harmless for a
+        # checkpoint that overwrites it; but a SAM2 trained from these weights starts with vanishing
+        # gradients (the decoder's upscaling convolutions have no normalisation between them): on 8
+        # box-prompted masks, 135 AdamW steps reach IoU 0.47, against 0.82 with PyTorch's own
+        # fan-in initialisation, which is used instead.
+        for module in model.modules():
+            if isinstance(module, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)):
+                module.reset_parameters()
     return model
 
 
