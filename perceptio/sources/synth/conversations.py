@@ -66,16 +66,16 @@ def _one(colour: str, shape: str) -> str:
     return f"{'an' if colour[0] in 'aeiou' else 'a'} {colour} {shape}"
 
 
-def _named(objects: list[dict[str, Any]]) -> dict[int, str]:
+def unique_names(objects: list[dict[str, Any]]) -> dict[int, str]:
     """Instance -> "the red cube" for the objects whose colour and shape name them uniquely."""
     counts = Counter((obj["colour"], obj["shape"]) for obj in objects)
     return {obj["instance"]: f"the {obj['colour']} {obj['shape']}" for obj in objects
             if counts[(obj["colour"], obj["shape"])] == 1}
 
 
-def _questions(objects: list[dict[str, Any]], width: int, rng: np.random.Generator) -> list[tuple[str, str]]:
+def image_questions(objects: list[dict[str, Any]], width: int, rng: np.random.Generator) -> list[tuple[str, str]]:
     """Every kind of question this image can answer unambiguously, one of each, in a random order."""
-    named = _named(objects)
+    named = unique_names(objects)
     shapes = Counter(obj["shape"] for obj in objects)
     asked: list[tuple[str, str]] = []
     shape = SHAPES[int(rng.integers(len(SHAPES)))]
@@ -109,7 +109,7 @@ def _questions(objects: list[dict[str, Any]], width: int, rng: np.random.Generat
 def llava_record(record: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
     """The LLaVA-1.5 record of one world image (``<image>`` leads the first question, as in mix665k)."""
     width = record["camera"]["width"]
-    questions = _questions(record["objects"], width, rng)[: int(rng.integers(2, 5))]
+    questions = image_questions(record["objects"], width, rng)[: int(rng.integers(2, 5))]
     turns = []
     for position, (question, answer) in enumerate(questions):
         turns.append({"from": "human", "value": f"<image>\n{question}" if position == 0 else question})
