@@ -27,7 +27,7 @@ from perceptio import fs
 from perceptio.errors import PerceptioError, run_cli
 from perceptio.io import atomic_path, write_text_atomic
 from perceptio.tokenize.cache import DepthCache, default_cache_dir
-from perceptio.tokenize.data import DepthSource, MaskSource, list_images, split_held_out
+from perceptio.tokenize.data import DepthSource, MaskSource, list_images, path_order, split_held_out
 from perceptio.tokenize.config import DEPTH_SOURCES, DepthDataConfig, DepthVQVAEConfig, FitConfig
 from perceptio.tokenize.fit import evaluate, evaluate_pairs, train
 from perceptio.tokenize.metrics import codebook_usage
@@ -184,7 +184,7 @@ def fit(
     """Fit a depth tokenizer on the teacher depth of one or more datasets, evaluate it on held-out images, save it to --out."""
     _set_threads(threads)
     names = list(dict.fromkeys(dataset.value for dataset in datasets))
-    paths = sorted({path for name in names for path in list_images(data_root, name)})
+    paths = sorted({path for name in names for path in list_images(data_root, name)}, key=path_order)
     if max_images is not None:
         paths = paths[:max_images]
     train_paths, held_out_paths = split_held_out(paths, held_out_fraction)

@@ -48,10 +48,17 @@ def list_images(data_root: str | os.PathLike[str], dataset: str) -> list[Path | 
         paths = synth_images(root)
     else:
         raise PerceptioError(f"unknown dataset {dataset!r}; expected one of {', '.join(FIT_DATASETS)}")
-    paths = sorted(set(paths))
+    paths = sorted(set(paths), key=path_order)
     if not paths:
         raise PerceptioError(f"{root}: no {dataset} images found")
     return paths
+
+
+def path_order(path: Path | str) -> list[str]:
+    """Sort key of image locations: component by component, as ``Path`` sorts, so that a URL list and
+    the local list of the same files come out in the same order (plain string order would not:
+    ``a-b/x`` < ``a/x``)."""
+    return str(path).split("/")
 
 
 def synth_images(root: Path | str) -> list[Path | str]:
