@@ -30,7 +30,8 @@ def run(world: str, out: str, tokenizer: str, teacher: str, nodes: int, cpus_per
     import ray
     from ray.cluster_utils import Cluster
 
-    from perceptio.curate.commands import CurationRequest, curate, dataset_out
+    from perceptio.curate.commands import CurationRequest, curate
+    from perceptio.curate.output import dataset_out
     from perceptio.curate.distributor import RayConfig, TeacherSpec
     from perceptio.shards import meta_folder
 

@@ -179,3 +179,32 @@ def test_manifest_rows_of_reader_problems():
     table = manifest_table([ref, image])
     assert table.column_names == [name for name in ManifestRow.__dataclass_fields__]
     assert table.to_pylist()[0] == ref.as_dict()
+
+
+# ----------------------------------------------------------------------------------------- output
+
+
+def test_output_folder_per_dataset_refuses_another_and_overwrite_clears_only_ours(tmp_path):
+    import json
+
+    from perceptio.curate.output import dataset_out, prepare_out
+    from perceptio.shards import DATASET_INFO_NAME, meta_folder
+
+    assert dataset_out(tmp_path, "llava") == tmp_path / "llava"
+    assert dataset_out(tmp_path / "llava", "llava") == tmp_path / "llava"  # already its folder
+    out = tmp_path / "mine"
+    prepare_out(out, "llava", overwrite=False)
+    (out / DATASET_INFO_NAME).write_text(json.dumps({"settings": {"dataset": "llava"}}))
+    assert dataset_out(out, "llava") == out  # named otherwise, but its dataset.json says llava
+    with pytest.raises(PerceptioError, match="holds curated llava"):
+        prepare_out(out, "ade20k", overwrite=False)
+    (out / "llava-train-000000.tar").write_bytes(b"x")
+    (out / "keep.txt").write_text("not ours")
+    meta_folder(out).mkdir(exist_ok=True)
+    (meta_folder(out) / "llava-train-000000_stats.json").write_text("{}")
+    prepare_out(out, "llava", overwrite=True)
+    assert sorted(path.name for path in out.iterdir()) == ["__meta__", "keep.txt"]
+    assert list(meta_folder(out).iterdir()) == []
+    (out / DATASET_INFO_NAME).write_text("{not json")
+    with pytest.raises(PerceptioError, match="not valid json"):
+        prepare_out(out, "llava", overwrite=False)

@@ -29,6 +29,7 @@ from perceptio.shards import (
     manifest_path,
     mask_to_rle,
     meta_folder,
+    rle_to_mask,
     sample_key,
 )
 
@@ -535,6 +536,95 @@ def test_grid_draws_n_distinct_random_samples(shards, tmp_path):
         luminance = _luminance(_panel(Image.open(out), box))
         near = _region(built[entry["key"]].near_box, (box[2] - box[0], box[3] - box[1]))
         assert luminance[near].mean() > luminance[~near].mean() + 80
+
+
+def _conversation_shards(root: Path) -> dict[str, ShardSample]:
+    """LLaVA and GranD-f samples as curated with --depth-source none: a text-only conversation (json
+    only), a conversation about an image and a grounded caption with two phrase masks (jpg + json)."""
+    from perceptio.shards import CONVERSATION_FIELD, GROUNDED_FIELD
+
+    photo = _jpeg(np.full((HEIGHT, WIDTH, 3), 128, dtype=np.uint8))
+    common = {"teacher": None, "tokenizer": None, "refs": []}
+    turns = [{"role": "user", "text": "How many cubes are there?"}, {"role": "assistant", "text": "Two."}]
+    boxes = [(10, 10, 60, 50), (90, 60, 150, 110)]
+    phrases = []
+    for number, (x0, y0, x1, y1) in enumerate(boxes):
+        mask = np.zeros((HEIGHT, WIDTH), dtype=np.uint8)
+        mask[y0:y1, x0:x1] = 1
+        phrases.append({"text": f"thing {number}", "start": 0, "end": 7, "mask": mask_to_rle(mask)})
+    no_image = {"file_name": None, "width": None, "height": None}
+    with_image = {"file_name": "a.jpg", "width": WIDTH, "height": HEIGHT}
+    samples = [
+        ShardSample(sample_key("llava", "train", 0), None, None, None,
+                    {"dataset": "llava", "split": "train", "image_id": 0, **no_image, **common,
+                     CONVERSATION_FIELD: turns, "source_id": "text-only"}),
+        ShardSample(sample_key("llava", "train", 1), photo, None, None,
+                    {"dataset": "llava", "split": "train", "image_id": 1, **with_image, **common,
+                     CONVERSATION_FIELD: turns, "source_id": "with-image"}),
+        ShardSample(sample_key("grandf-ha", "train", 0), photo, None, None,
+                    {"dataset": "grandf-ha", "split": "train", "image_id": 0, **with_image, **common,
+                     GROUNDED_FIELD: {"caption": "thing 0 and thing 1.", "phrases": phrases}, "source_id": "g"}),
+    ]
+    for dataset in ("llava", "grandf-ha"):
+        with ShardWriter(root / dataset / f"{dataset}-train-000000.tar") as writer:
+            for sample in samples:
+                if sample.meta["dataset"] == dataset:
+                    writer.write(sample)
+    return {sample.key: sample for sample in samples}
+
+
+def _is_placeholder(pixels: np.ndarray) -> bool:
+    """A grey panel with a few lines of dark text: mostly (235, 235, 235), some ink, no colour."""
+    grey = (np.abs(pixels - 235).max(axis=-1) < 3).mean()
+    ink = (pixels.max(axis=-1) < 160).mean()
+    return grey > 0.8 and ink > 0.001 and np.abs(pixels - pixels.mean(axis=-1, keepdims=True)).max() < 3
+
+
+def test_show_and_grid_draw_samples_without_image_or_depth(tmp_path):
+    root = tmp_path / "conversations"
+    samples = _conversation_shards(root)
+    text_only, pictured, grounded = samples
+    out = tmp_path / "text.png"
+
+    result = invoke("show", root, "--key", text_only, "--out", out, "--json")
+    assert result.exit_code == 0, result.output
+    shown = json_of(result)
+    assert set(shown["missing"]) == {"image", "depth"} and shown["depth_tokens"] is None
+    assert {"no_image", "no_depth", "dialogue"} <= set(shown["panels"]) and "image" not in shown["panels"]
+    picture = Image.open(out).convert("RGB")
+    for name in ("no_image", "no_depth"):
+        assert _is_placeholder(_panel(picture, shown["panels"][name])), name
+    assert (_panel(picture, shown["panels"]["dialogue"]).max(axis=-1) < 160).any()  # the turns are written
+    human = invoke("show", root, "--key", text_only, "--out", out)
+    assert human.exit_code == 0 and "text-only conversation" in human.stdout and "How many cubes" in human.stdout
+
+    # A grounded caption on an image without depth: each phrase's mask tinted in its colour, depth a grey panel.
+    result = invoke("show", root, "--key", grounded, "--out", out, "--json")
+    assert result.exit_code == 0, result.output
+    shown = json_of(result)
+    assert set(shown["missing"]) == {"depth"} and {"image", "no_depth"} <= set(shown["panels"])
+    picture = Image.open(out).convert("RGB")
+    box = shown["panels"]["image"]
+    rendered, size = _panel(picture, box), (box[2] - box[0], box[3] - box[1])
+    for number, phrase in enumerate(samples[grounded].meta["grounded_caption"]["phrases"]):
+        rows, cols = np.nonzero(rle_to_mask(phrase["mask"]))
+        region = _region((cols.min(), rows.min(), cols.max() + 1, rows.max() + 1), size)
+        tinted = 0.5 * 128 + 0.5 * np.asarray(REF_COLOURS[number], dtype=np.float64)
+        assert (np.abs(rendered[region] - tinted).max(axis=1) < 12).mean() > 0.9, number
+    assert _is_placeholder(_panel(picture, shown["panels"]["no_depth"]))
+
+    result = invoke("grid", root, "--n", "3", "--columns", "3", "--out", tmp_path / "grid.png", "--json")
+    assert result.exit_code == 0, result.output
+    sheet = json_of(result)
+    picture = Image.open(tmp_path / "grid.png").convert("RGB")
+    cells = {entry["key"]: index for index, entry in enumerate(sheet["samples"])}
+    assert set(cells) == set(samples)
+    panels = sheet["panels"]
+    assert _is_placeholder(_panel(picture, panels[f"no_image_{cells[text_only]}"]))
+    for key in samples:
+        assert _is_placeholder(_panel(picture, panels[f"no_depth_{cells[key]}"]))
+    for key in (pictured, grounded):
+        assert f"image_{cells[key]}" in panels and f"no_image_{cells[key]}" not in panels
 
 
 def _run_main(monkeypatch, capsys, *args) -> tuple[int, str]:

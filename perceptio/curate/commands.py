@@ -16,24 +16,23 @@ from typing import Any, Optional
 import typer
 
 import perceptio
-from perceptio import fs
+from perceptio.curate.depth_models import resolve_tokenizer, tokenizer_identity
 from perceptio.curate.distributor import RayConfig, ShardJob, TeacherSpec, ray_session, run_shards
-from perceptio.curate.interop import write_dataset_card, write_wids_indexes
 from perceptio.curate.marked_points import MarkedPointsConfig
+from perceptio.curate.output import dataset_out, prepare_out, write_interop_files
 from perceptio.curate.placement import Placement, place
-from perceptio.curate.plan import ShardPlan, ade_images, plan_shards, refer_images
+from perceptio.curate.plan import ade_images, plan_shards, refer_images
 from perceptio.curate.sample_builder import BuildConfig
-from perceptio.curate.writer import check_resumable, done_shards, read_stats, write_dataset_json, write_manifest
+from perceptio.curate.writer import check_resumable, done_shards, write_dataset_json, write_manifest
 from perceptio.errors import PerceptioError
-from perceptio.hub import looks_like_repo_id, resolve_folder
 from perceptio.progress import ProgressLog
-from perceptio.shards import DATASET_INFO_NAME, MANIFEST_NAME, ManifestRow, ShardFile, meta_location
+from perceptio.shards import ManifestRow
 from perceptio.sources.problems import Problem
 from perceptio.tokenize.cache import default_cache_dir
-from perceptio.tokenize.config import TOKENIZER_FILES
 
 REFER_DATASETS = {"refcoco": "unc", "refcoco+": "unc", "refcocog": "umd"}  # dataset -> default --split-by
 ADE20K = "ade20k"
+PERCEPTION_CONTENTS = "one sample per image (jpg, depth.npy, depth_tokens.npy, json)"  # for the dataset card
 # Reader problems that concern an annotation's geometry, not a ref: the ref itself is reported
 # (rejected in its shard, or as an unknown_annotation row) so these would count it twice.
 _GEOMETRY_PROBLEMS = ("empty_segmentation", "degenerate_polygon", "malformed_segmentation", "missing_image")
@@ -91,75 +90,6 @@ def _problem_rows(dataset: str, problems: list[Problem]) -> list[ManifestRow]:
     return [ManifestRow.from_problem(dataset, problem) for problem in problems if problem.kind not in _GEOMETRY_PROBLEMS]
 
 
-def _tokenizer_identity(tokenizer_dir: Path) -> dict[str, Any]:
-    """Identity, weights checksum and normalisation of the tokenizer, for dataset.json and resume checks."""
-    import hashlib
-
-    from perceptio.tokenize.vqvae import WEIGHTS_NAME, DepthVQVAE
-
-    tokenizer = DepthVQVAE.from_pretrained(tokenizer_dir)
-    digest = hashlib.sha256((tokenizer_dir / WEIGHTS_NAME).read_bytes()).hexdigest()
-    config = tokenizer.config.to_dict()
-    return {
-        "identity": tokenizer.identity,
-        "path": str(tokenizer_dir.resolve()),
-        "sha256": digest,
-        "normalization": {key: value for key, value in config.items() if "normal" in key or "percentile" in key},
-        "num_codes": tokenizer.config.num_codes,
-        "num_tokens": tokenizer.num_tokens,
-    }
-
-
-def dataset_out(out: str | Path, dataset: str) -> str | Path:
-    """``OUT/DATASET``, so that several datasets curated into one ``--out`` each get a folder; ``OUT``
-    itself when it already is that dataset's folder (named after it, or holding its dataset.json).
-    A local ``OUT`` gives a Path, an object-store URL a URL."""
-    if not fs.is_remote(out):
-        out = Path(out)
-    info = fs.join(out, DATASET_INFO_NAME)
-    if fs.name(out) == dataset:
-        return out
-    if fs.exists(info):
-        import json
-
-        try:
-            if json.loads(fs.read_text(info)).get("settings", {}).get("dataset") == dataset:
-                return out
-        except ValueError:
-            pass  # not ours to judge here: _prepare_out reads it again
-    return fs.join(out, dataset) if fs.is_remote(out) else Path(out) / dataset
-
-
-def _prepare_out(out: str, dataset: str, overwrite: bool) -> None:
-    """Create ``out``; with ``overwrite`` remove this dataset's previous results; refuse a foreign folder."""
-    import json
-
-    fs.make_dirs(out)
-    names = fs.list_names(out)
-    if DATASET_INFO_NAME in names:
-        other = json.loads(fs.read_text(fs.join(out, DATASET_INFO_NAME))).get("settings", {}).get("dataset")
-        if other not in (None, dataset):
-            raise PerceptioError(f"{out} holds curated {other}; give {dataset} its own --out folder")
-    if overwrite:
-        ours = (f"{dataset}-", f".{dataset}-")
-        for folder in (out, meta_location(out)):
-            for name in fs.list_names(folder):
-                if name.startswith(ours) or name in (MANIFEST_NAME, DATASET_INFO_NAME):
-                    fs.remove(fs.join(folder, name))
-
-
-def _write_interop_files(out: str, shards: list[ShardPlan], info: dict[str, Any]) -> None:
-    """The dataset card (Hugging Face ``load_dataset(out)``) and one wids index per split."""
-    files = [ShardFile.parse(fs.join(out, f"{shard.name}.tar")) for shard in shards]
-    files = [shard for shard in files if shard is not None]
-    counts = {shard.name: read_stats(out, shard.name)["samples"] for shard in files}
-    description = (f"Perceptio shards of {info['settings']['dataset']}: one sample per image (jpg, depth.npy, "
-                   f"depth_tokens.npy, json); tokenizer {info['tokenizer']['identity']}, teacher "
-                   f"{info['teacher']['identity']}, perceptio {info['perceptio_version']}.")
-    write_dataset_card(out, files, description)
-    write_wids_indexes(out, meta_location(out), files, counts)
-
-
 def _placement(request: CurationRequest) -> Placement:
     """Where the models run on the cluster Ray reached, said on stderr in one line (+ a warning)."""
     import ray
@@ -179,13 +109,11 @@ def curate(request: CurationRequest) -> CurationSummary:
         raise PerceptioError("--split-by applies to RefCOCO/+/g only")
     if request.batch_size < 1:
         raise PerceptioError(f"--batch-size must be >= 1, got {request.batch_size}")
-    if not request.tokenizer.is_dir() and not looks_like_repo_id(str(request.tokenizer)):
-        raise PerceptioError(f"tokenizer folder {request.tokenizer} not found (train one with perceptio-tokenize)")
-    request.tokenizer = resolve_folder(request.tokenizer, allow_patterns=TOKENIZER_FILES)  # a hub id: its cached snapshot
+    request.tokenizer = resolve_tokenizer(request.tokenizer)  # a hub id: its cached snapshot
     request.teacher.check()
     name, images_by_split, problems = _read_dataset(request)
     shards = plan_shards(images_by_split, request.samples_per_shard)
-    tokenizer = _tokenizer_identity(request.tokenizer)
+    tokenizer = tokenizer_identity(request.tokenizer)
     teacher = request.teacher
     settings = {
         "dataset": name,
@@ -198,7 +126,7 @@ def curate(request: CurationRequest) -> CurationSummary:
     }
     out_folder = dataset_out(request.out, name)
     out = str(out_folder)
-    _prepare_out(out, name, request.overwrite)
+    prepare_out(out, name, request.overwrite)
     done = done_shards(out, [shard.name for shard in shards])
     expected_teacher = check_resumable(out, done, settings)
     todo = [shard for shard in shards if shard.name not in set(done)]
@@ -228,7 +156,7 @@ def curate(request: CurationRequest) -> CurationSummary:
     manifest = write_manifest(out, shards, _problem_rows(name, problems), file_metadata)
     seconds = time.perf_counter() - started
     info = write_dataset_json(out, shards, manifest, tokenizer, settings)
-    _write_interop_files(out, shards, info)
+    write_interop_files(out, shards, info, PERCEPTION_CONTENTS)
     return CurationSummary(out_folder, [shard.name for shard in shards], [shard.name for shard in todo], info, total,
                            seconds, first_result_s)
 

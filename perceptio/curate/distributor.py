@@ -127,8 +127,13 @@ class DepthWorker:
 
     def predict(self, prepared: Sequence[PreparedImage]) -> list[DepthResult]:
         """Depth and tokens of a batch of decoded images, in one teacher call and one tokenizer call."""
-        raw = self.source.depths([one.item.image_path for one in prepared], [image_for_teacher(one) for one in prepared],
-                                 [one.image_hash for one in prepared])
+        return self.predict_images([one.item.image_path for one in prepared], [image_for_teacher(one) for one in prepared],
+                                   [one.image_hash for one in prepared])
+
+    def predict_images(self, paths: Sequence[str], images: Sequence[Any], hashes: Sequence[str]) -> list[DepthResult]:
+        """Depth and tokens of decoded RGB images (PIL), given their files (the oracle finds depth by
+        name) and the sha256 of their bytes (the depth cache's key)."""
+        raw = self.source.depths(paths, images, hashes)
         normalized = self.tokenizer.normalize(raw)
         tokens = self.tokenizer.encode_normalized(normalized)
         return [

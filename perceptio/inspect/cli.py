@@ -25,10 +25,10 @@ from perceptio.inspect.folder import (
     random_samples,
     recorded_tokenizer,
 )
-from perceptio.inspect.render import render_grid, render_sample, save_png
+from perceptio.inspect.render import dialogue_lines, missing_parts, render_grid, render_sample, save_png
 from perceptio.inspect.summary import mask_area_fraction, render_tables, summaries_json, summarise
 from perceptio.inspect.validate import Report, load_expectations, render_report, validate
-from perceptio.shards import QUESTION_FIELD, ShardSample
+from perceptio.shards import CONVERSATION_FIELD, GROUNDED_FIELD, QUESTION_FIELD, ShardSample
 from perceptio.tokens import DEFAULT_NUM_CODES
 
 app = typer.Typer(
@@ -137,14 +137,24 @@ def _metadata_tables(sample: ShardSample, shard_name: str, index: int) -> list[T
         ("image", f"{meta.get('file_name')} ({meta.get('width')}x{meta.get('height')}, id {meta.get('image_id')})"),
         ("teacher", str(meta.get("teacher"))),
         ("tokenizer", str(meta.get("tokenizer"))),
-        ("depth tokens", " ".join(str(int(code)) for code in sample.depth_tokens)),
+        ("depth tokens", " ".join(str(int(code)) for code in sample.depth_tokens) if sample.depth_tokens is not None
+         else "none"),
     ):
         overview.add_row(field, value)
+    for part, reason in missing_parts(sample).items():
+        overview.add_row(f"no {part}", reason)
     question = meta.get(QUESTION_FIELD)
     if question:
         overview.add_row("question", str(question.get("text")))
         overview.add_row("answer", str(question.get("answer")))
     tables = [overview]
+    dialogue = dialogue_lines(sample)
+    if dialogue:
+        turns = Table(title=CONVERSATION_FIELD if meta.get(CONVERSATION_FIELD) else GROUNDED_FIELD, show_header=False)
+        turns.add_column("text", overflow="fold")
+        for text, _, _ in dialogue:
+            turns.add_row(text)
+        tables.append(turns)
     refs = meta.get("refs") or []
     if refs:
         ref_table = Table(title="refs")
@@ -180,11 +190,17 @@ def show(
 
     The picture: the image with each ref's mask, expressions and description; the teacher depth and
     the depth decoded from the tokens side by side with a colour bar; for ADE20k the marked image
-    with its answer. Without a tokenizer only the teacher depth is drawn.
+    with its answer; for a conversation its turns, for a grounded caption its phrases with their
+    masks. Without a tokenizer only the teacher depth is drawn; a sample without an image (a text-only
+    conversation) or without depth members gets a grey panel that says what is missing.
     """
     folder, shard, sample, position = find_sample(open_folders(shards), key=key, index=index)
     tokenizer, tokenizer_note = load_tokenizer(tokenizer_dir, folder)
-    decoded = decode_depth(tokenizer, sample.depth_tokens) if tokenizer is not None else None
+    decoded = None
+    if sample.depth_tokens is None:
+        tokenizer_note = "no depth tokens to decode (the sample has no depth members)"
+    elif tokenizer is not None:
+        decoded = decode_depth(tokenizer, sample.depth_tokens)
     with _damage_is_an_error(sample.key):
         picture = render_sample(sample, decoded, tokenizer_note)
     save_png(picture, out)
@@ -195,8 +211,9 @@ def show(
                 "shard": shard.path.name,
                 "index": position,
                 "meta": sample.meta,
-                "depth_tokens": sample.depth_tokens.tolist(),
+                "depth_tokens": sample.depth_tokens.tolist() if sample.depth_tokens is not None else None,
                 "decoded_depth": decoded is not None,
+                "missing": missing_parts(sample),
                 "tokenizer": tokenizer_note,
                 "out": str(out),
                 "size": list(picture.size),
@@ -219,7 +236,10 @@ def grid(
     out: Path = typer.Option(Path("grid.png"), "--out", help="Where to write the contact sheet (PNG)."),
     as_json: bool = JSON_OPTION,
 ) -> None:
-    """A contact sheet of random samples: each image with its masks (or marked points) and its depth."""
+    """A contact sheet of random samples: each image with its masks (or marked points) and its depth.
+
+    A sample without an image or without depth gets a grey cell part that says so.
+    """
     picked = random_samples(open_folders(shards), n, seed)
     with _damage_is_an_error(", ".join(sample.key for _, _, sample in picked)):
         picture = render_grid([sample for _, _, sample in picked], columns)

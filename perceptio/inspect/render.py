@@ -3,6 +3,9 @@
 A picture is built from :class:`Block` s (an image plus the boxes of the named panels inside it), so
 that the caller, the ``--json`` output and the tests know where each panel landed.
 Depth follows the tokenizer's convention: normalised inverse depth, near = large = bright.
+A sample drawn without its image (a text-only conversation) or without depth (curated with
+``--depth-source none``) gets a grey ``no_image`` / ``no_depth`` panel that says so, in place of
+the missing picture; conversations and grounded captions are written out under it.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from perceptio.shards import QUESTION_FIELD, ShardSample, rle_to_mask
+from perceptio.shards import CONVERSATION_FIELD, GROUNDED_FIELD, QUESTION_FIELD, ShardSample, rle_to_mask
 
 Box = tuple[int, int, int, int]  # left, top, right, bottom (right and bottom exclusive)
 
@@ -230,6 +233,47 @@ def ref_masks(sample: ShardSample) -> list[np.ndarray]:
     return [rle_to_mask(ref["mask"]) for ref in sample.meta.get("refs") or []]
 
 
+def phrase_masks(sample: ShardSample) -> list[np.ndarray]:
+    """The masks of a grounded caption's phrases, in caption order."""
+    return [rle_to_mask(phrase["mask"]) for phrase in (sample.meta.get(GROUNDED_FIELD) or {}).get("phrases") or []]
+
+
+# Why a part of a sample is not drawn, as the picture and ``perceptio-inspect show`` say it.
+NO_IMAGE = "no image: a text-only conversation"
+NO_DEPTH = "no depth: curated without a depth teacher (--depth-source none)"
+
+
+def missing_parts(sample: ShardSample) -> dict[str, str]:
+    """The parts of a sample that are not there to draw ("image", "depth"), with the reason."""
+    missing = {}
+    if sample.jpg is None:
+        missing["image"] = NO_IMAGE
+    if sample.depth is None:
+        missing["depth"] = NO_DEPTH
+    return missing
+
+
+def mask_colours(sample: ShardSample) -> list[tuple[int, int, int]]:
+    """The colour of each mask of :func:`ref_masks` + :func:`phrase_masks`: refs and phrases are each numbered from 1."""
+    counts = (len(sample.meta.get("refs") or []), len((sample.meta.get(GROUNDED_FIELD) or {}).get("phrases") or []))
+    return [REF_COLOURS[i % len(REF_COLOURS)] for count in counts for i in range(count)]
+
+
+def dialogue_lines(sample: ShardSample) -> list[tuple[str, int, tuple[int, int, int]]]:
+    """A conversation's turns, or a grounded caption and its phrases (each in its mask's colour), as text lines."""
+    meta = sample.meta
+    lines: list[tuple[str, int, tuple[int, int, int]]] = []
+    for turn in meta.get(CONVERSATION_FIELD) or []:
+        role = str(turn.get("role"))
+        lines.append((f"{role}: {turn.get('text')}", 13, INK if role == "user" else (31, 119, 180)))
+    grounded = meta.get(GROUNDED_FIELD)
+    if grounded:
+        lines.append((f"caption: {grounded.get('caption')}", 13, INK))
+        for number, phrase in enumerate(grounded.get("phrases") or []):
+            lines.append((f"#{number + 1} {phrase.get('text')}", 13, REF_COLOURS[number % len(REF_COLOURS)]))
+    return lines
+
+
 def placeholder(size: tuple[int, int], message: str) -> Image.Image:
     """A grey panel with a message in it, in place of a picture that cannot be drawn."""
     grey = (235, 235, 235)
@@ -296,68 +340,101 @@ def _ade_row(image: Image.Image, sample: ShardSample) -> list[Block]:
     return blocks
 
 
-def render_sample(sample: ShardSample, decoded: np.ndarray | None = None, decoded_note: str = "") -> Block:
-    """The whole picture of one sample: header, image with masks, depths, refs or the ADE question."""
+def _image_panel(sample: ShardSample, size_limit: tuple[int, int]) -> tuple[Image.Image | None, Image.Image]:
+    """(the decoded image or None, the panel showing it fitted into ``size_limit``, or a placeholder)."""
+    if sample.jpg is None:
+        return None, placeholder(size_limit, NO_IMAGE)
     original = decode_image(sample.jpg)
-    size = fit_size(*original.size)
-    image = original.resize(size, Image.BILINEAR)
-    masks = ref_masks(sample)
-    colours = [REF_COLOURS[i % len(REF_COLOURS)] for i in range(len(masks))]
-    panel_masks = [resize_mask(mask, size) for mask in masks]
-    overlaid = overlay_masks(image, panel_masks, colours)
-    _number_masks(overlaid, panel_masks, colours)
+    return original, original.resize(fit_size(*original.size, *size_limit), Image.BILINEAR)
+
+
+def render_sample(sample: ShardSample, decoded: np.ndarray | None = None, decoded_note: str = "") -> Block:
+    """The whole picture of one sample: header, image with masks, depths, refs or the ADE question, and
+    a conversation's turns or a grounded caption's phrases; a part that is missing is a grey panel."""
+    original, image = _image_panel(sample, (PANEL_MAX_WIDTH, PANEL_HEIGHT))
+    refs, phrases = ref_masks(sample), phrase_masks(sample)
+    masks, colours = refs + phrases, mask_colours(sample)
     meta = sample.meta
-    top = stack(
-        [captioned(panel("image", overlaid), f"image {original.size[0]}x{original.size[1]}, {len(masks)} refs")]
-        + _depth_row(image, sample, decoded, decoded_note),
-        horizontal=True,
-    )
-    header = text_block(
-        [
-            (sample.key, 18, INK),
-            (f"{meta.get('dataset')} / {meta.get('split')} \u00b7 file {meta.get('file_name')}", 13, MUTED),
-            (f"teacher {meta.get('teacher')} \u00b7 tokenizer {meta.get('tokenizer')}", 13, MUTED),
-        ],
-        top.size[0],
-    )
-    rows = [header, top]
-    if masks:
+    if original is None:
+        image_block = captioned(panel("no_image", image), "no image")
+    else:
+        panel_masks = [resize_mask(mask, image.size) for mask in masks]
+        overlaid = overlay_masks(image, panel_masks, colours)
+        _number_masks(overlaid, panel_masks[: len(refs)], colours[: len(refs)])
+        _number_masks(overlaid, panel_masks[len(refs):], colours[len(refs):])
+        counted = f", {len(phrases)} phrases" if phrases else "" if meta.get(CONVERSATION_FIELD) else f", {len(refs)} refs"
+        image_block = captioned(panel("image", overlaid), f"image {original.size[0]}x{original.size[1]}{counted}")
+    if sample.depth is not None:
+        depth_blocks = _depth_row(image, sample, decoded, decoded_note)
+    else:
+        depth_blocks = [captioned(panel("no_depth", placeholder(image.size, NO_DEPTH)), "no depth")]
+    top = stack([image_block, *depth_blocks], horizontal=True)
+    missing = missing_parts(sample)
+    header_lines = [
+        (sample.key, 18, INK),
+        (f"{meta.get('dataset')} / {meta.get('split')} \u00b7 file {meta.get('file_name')}", 13, MUTED),
+        (f"teacher {meta.get('teacher')} \u00b7 tokenizer {meta.get('tokenizer')}", 13, MUTED),
+    ]
+    if missing:
+        header_lines.append(("missing: " + "; ".join(missing.values()), 13, (214, 39, 40)))
+    rows = [text_block(header_lines, top.size[0]), top]
+    if refs and original is not None:
         card_width = 240
         per_row = max(1, (top.size[0] + GAP) // (card_width + GAP))
-        cards = [_ref_card(image, mask, ref, i, card_width) for i, (mask, ref) in enumerate(zip(masks, meta["refs"]))]
+        cards = [_ref_card(image, mask, ref, i, card_width) for i, (mask, ref) in enumerate(zip(refs, meta["refs"]))]
         rows += [stack(cards[i : i + per_row], horizontal=True) for i in range(0, len(cards), per_row)]
-    ade = _ade_row(image, sample)
+    ade = _ade_row(image, sample) if original is not None else []
     if ade:
         rows.append(stack(ade, horizontal=True))
+    dialogue = dialogue_lines(sample)
+    if dialogue:
+        rows.append(panel("dialogue", text_block(dialogue, top.size[0]).image))
     return padded(stack(rows, horizontal=False, gap=GAP + 4), 16)
 
 
 def render_thumbnail(sample: ShardSample, width: int = 220) -> Block:
-    """One cell of a contact sheet: the image with its masks (or the marked image) and its depth."""
-    original = decode_image(sample.marked_jpg if sample.marked_jpg is not None else sample.jpg)
-    size = fit_size(*original.size, max_width=width, max_height=round(width * 0.75))
-    image = original.resize(size, Image.BILINEAR)
-    masks = [] if sample.marked_jpg is not None else ref_masks(sample)
-    colours = [REF_COLOURS[i % len(REF_COLOURS)] for i in range(len(masks))]
-    overlaid = overlay_masks(image, [resize_mask(mask, size) for mask in masks], colours)
-    depth = sample.depth.astype(np.float32)
+    """One cell of a contact sheet: the image with its masks (or the marked image) and its depth, a
+    grey panel for either when the sample has none."""
+    limit = (width, round(width * 0.75))
+    if sample.marked_jpg is not None:
+        image, masks = decode_image(sample.marked_jpg), []
+        image = image.resize(fit_size(*image.size, *limit), Image.BILINEAR)
+    else:
+        original, image = _image_panel(sample, limit)
+        masks = ref_masks(sample) + phrase_masks(sample) if original is not None else []
+    size = image.size
     depth_size = (max(1, size[0] // 2), max(1, size[1] // 2))
-    pictures = stack(
-        [panel("image", overlaid), panel("depth", depth_image(depth, depth_size, *depth_range([depth])))],
-        horizontal=True,
-        gap=4,
-    )
+    if sample.jpg is None:
+        picture = panel("no_image", image)
+    else:
+        picture = panel("image", overlay_masks(image, [resize_mask(mask, size) for mask in masks], mask_colours(sample)))
+    if sample.depth is not None:
+        depth = sample.depth.astype(np.float32)
+        depth_block = panel("depth", depth_image(depth, depth_size, *depth_range([depth])))
+    else:
+        depth_block = panel("no_depth", placeholder(depth_size, "no depth"))
+    pictures = stack([picture, depth_block], horizontal=True, gap=4)
     refs = sample.meta.get("refs") or []
     question = sample.meta.get(QUESTION_FIELD) or {}
+    turns = sample.meta.get(CONVERSATION_FIELD) or []
+    grounded = sample.meta.get(GROUNDED_FIELD) or {}
     if refs and refs[0].get("sentences"):
         more = f" +{len(refs) - 1} refs" if len(refs) > 1 else ""
         note = f"\u201c{refs[0]['sentences'][0].get('sent')}\u201d{more}"
     elif question:
         note = f"answer: {question.get('answer')}"
+    elif turns:
+        note = f"{len(turns)} turns: \u201c{_shortened(str(turns[0].get('text')))}\u201d"
+    elif grounded:
+        note = f"\u201c{_shortened(str(grounded.get('caption')))}\u201d"
     else:
         note = ""
     caption = text_block([(sample.key, 11, INK), (note, 11, MUTED)], pictures.size[0])
     return stack([pictures, caption], horizontal=False, gap=3)
+
+
+def _shortened(text: str, limit: int = 80) -> str:
+    return text if len(text) <= limit else text[: limit - 1].rstrip() + "\u2026"
 
 
 def render_grid(samples: Sequence[ShardSample], columns: int = 4) -> Block:
