@@ -16,6 +16,7 @@ from typing import Any, Optional
 import typer
 
 import perceptio
+from perceptio import fs
 from perceptio.curate.depth_models import resolve_tokenizer, tokenizer_identity
 from perceptio.curate.distributor import RayConfig, ShardJob, TeacherSpec, ray_session, run_shards
 from perceptio.curate.marked_points import MarkedPointsConfig
