@@ -15,6 +15,11 @@ How a write becomes visible (the commit):
   Several files that belong together (a shard's tar, parquet and ``_stats.json``) are committed by
   writing the marker last; readers of an object store ignore a shard without its marker.
 
+Datasets are read through the same functions (``--data-root s3://bucket/coco``): a reader keeps its
+root as a *data location*, a :class:`~pathlib.Path` for a local root (so local reading is exactly the
+pathlib/os code it always was) or a URL string for a remote one, and builds every file's location
+with :func:`child`; :func:`open_input`, :func:`list_dir`, :func:`is_file` and friends take either.
+
 Object-store listings are read fresh every time (fsspec would cache them per process, while other
 processes, e.g. curation's shard tasks, write to the same folder).
 """
@@ -73,9 +78,31 @@ def join(location: Location, *names: str) -> str:
     return str(local_path(location).joinpath(*names))
 
 
+def as_location(location: Location) -> Path | str:
+    """A data location: a ``Path`` for a plain path or ``file://`` URL, the URL itself for a remote one."""
+    return _text(location).rstrip("/") if is_remote(location) else local_path(location)
+
+
+def child(location: Location, *names: str) -> Path | str:
+    """``location/name/...`` as a data location of the same kind (``Path`` stays ``Path``)."""
+    if is_remote(location):
+        return posixpath.join(_text(location).rstrip("/"), *names)
+    return local_path(location).joinpath(*names)
+
+
+def parent(location: Location) -> Path | str:
+    """The folder holding ``location`` (``Path.parent`` would fold ``s3://`` into ``s3:``)."""
+    return posixpath.dirname(_text(location).rstrip("/")) if is_remote(location) else local_path(location).parent
+
+
 def name(location: Location) -> str:
     """The last component of a path or URL."""
     return posixpath.basename(_text(location).rstrip("/")) if is_remote(location) else local_path(location).name
+
+
+def stem(location: Location) -> str:
+    """The last component without its suffix, as ``Path.stem``."""
+    return posixpath.splitext(name(location))[0]
 
 
 def is_dir(location: Location) -> bool:
@@ -84,6 +111,13 @@ def is_dir(location: Location) -> bool:
     fs, path = filesystem(location)
     fs.invalidate_cache(path)
     return fs.isdir(path)
+
+
+def is_file(location: Location) -> bool:
+    if not is_remote(location):
+        return local_path(location).is_file()
+    fs, path = filesystem(location)
+    return fs.isfile(path)
 
 
 def exists(location: Location) -> bool:
@@ -114,6 +148,26 @@ def list_names(folder: Location) -> list[str]:
     except FileNotFoundError:
         return []
     return sorted(posixpath.basename(entry["name"].rstrip("/")) for entry in entries if entry["type"] == "file")
+
+
+def list_dir(folder: Location) -> list[str]:
+    """The names of every entry (files and folders) directly in ``folder``, unsorted, like ``os.listdir``
+    (one call, not a stat per entry: an image folder may hold ~100k files)."""
+    if not is_remote(folder):
+        return os.listdir(local_path(folder))
+    fs, path = filesystem(folder)
+    fs.invalidate_cache(path)
+    return [posixpath.basename(entry.rstrip("/")) for entry in fs.ls(path, detail=False)]
+
+
+def find_files(folder: Location) -> list[Path | str]:
+    """Every file under ``folder``, at any depth, as data locations; [] when it is missing."""
+    if not is_remote(folder):
+        directory = local_path(folder)
+        return [path for path in directory.rglob("*") if path.is_file()] if directory.is_dir() else []
+    fs, path = filesystem(folder)
+    protocol = _text(folder).partition("://")[0]
+    return [f"{protocol}://{found}" for found in fs.find(path)]
 
 
 @contextmanager

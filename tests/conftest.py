@@ -162,3 +162,18 @@ def s3_bucket(monkeypatch) -> str:
     finally:
         fsspec.get_filesystem_class("s3").clear_instance_cache()
         server.stop()
+
+
+@pytest.fixture
+def s3_copy(s3_bucket) -> Callable[[Path, str], str]:
+    """Upload every file under a local folder to ``s3://perceptio-test/<name>/...``; returns that URL."""
+    from perceptio import fs
+
+    def upload(folder: Path, name: str) -> str:
+        url = f"{s3_bucket}/{name}"
+        for path in sorted(folder.rglob("*")):
+            if path.is_file():
+                fs.upload(path, fs.join(url, *path.relative_to(folder).parts))
+        return url
+
+    return upload

@@ -380,6 +380,40 @@ def test_curate_to_s3_killed_and_resumed_then_train_from_it(refcoco_run, world, 
     assert steps == [1, 2, 3, 4, 5, 6] and (train_out / "model").is_dir()
 
 
+@pytest.mark.slow
+def test_curate_from_a_data_root_on_s3_writes_the_same_shards(refcoco_run, world, models, s3_copy, tmp_path):
+    """--data-root s3://... (the world uploaded to a local S3 server): the shard tasks read the images
+    from the bucket and write the very bytes of the run that read the local copy."""
+    data_root = s3_copy(world, "coco")
+    common = ["--tokenizer", str(models["tokenizer"]), "--depth-model", str(models["teacher"]),
+              "--cache-dir", str(tmp_path / "cache"), "--samples-per-shard", "4", "--batch-size", "2",
+              "--num-cpus", "2", "--no-progress"]
+    curate_command = str(Path(sys.executable).parent / "perceptio-curate")
+    env = {name: value for name, value in os.environ.items() if name != "RAY_ADDRESS"}
+    done = subprocess.run([curate_command, "refcoco", "--data-root", data_root, "--out", str(tmp_path / "shards"), *common],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    remote_out = tmp_path / "shards" / "refcoco-unc"
+    digests, local_digests = _digests(remote_out), _digests(refcoco_run.out)
+    tars = sorted(name for name in local_digests if name.endswith(".tar"))
+    assert tars and {name: digests[name] for name in tars} == {name: local_digests[name] for name in tars}
+    # The parquets hold the same rows; a rejected image's detail names where it was read from.
+    parquets = sorted(set(digests) - set(tars))
+    assert parquets == sorted(set(local_digests) - set(tars))
+    for name in parquets:
+        rows, local_rows = (pq.read_table(next(path for path in (out / name, meta_folder(out) / name) if path.is_file()))
+                            .to_pylist() for out in (remote_out, refcoco_run.out))
+        for row in rows:
+            row["detail"] = row["detail"] and row["detail"].replace(data_root, str(world))
+        assert rows == local_rows, name
+    assert any(data_root in (row["detail"] or "") for row in pq.read_table(manifest_path(remote_out)).to_pylist())
+    # A prefix that holds neither ADE20k's layout nor its folder: one line, exit 2, no traceback.
+    wrong = subprocess.run([curate_command, "ade20k", "--data-root", f"{data_root}/images", "--out", str(tmp_path / "ade"),
+                            *common], env=env, capture_output=True, text=True, timeout=300)
+    assert wrong.returncode == 2 and wrong.stderr.count("\n") == 1, wrong.stderr
+    assert "give --data-root as the dataset folder itself" in wrong.stderr
+
+
 def _cluster_curate(world: Path, models: dict[str, Path], out: Path, **options) -> dict:
     """tests/cluster_curate.py in its own process (a Ray cluster cannot share this one's Ray)."""
     config = {"world": str(world), "out": str(out), "tokenizer": str(models["tokenizer"]),

@@ -148,3 +148,28 @@ def test_missing_root_or_class_table_is_an_error(tmp_path):
     (root / "objectInfo150.csv").write_text("Idx,Name\n1,wall\n3,sky\n")
     with pytest.raises(PerceptioError, match="not 1..2 in order"):
         ADE20kDataset(root)
+
+
+def test_a_root_on_an_object_store_reads_as_the_local_one(tmp_path, s3_copy):
+    """The broken layout on a local S3 server, given as the dataset folder or as its parent."""
+    local = ADE20kDataset(_write_layout(tmp_path / "parent" / "ADEChallengeData2016"))
+    parent = s3_copy(tmp_path / "parent", "scenes")
+    for root in (f"{parent}/ADEChallengeData2016", parent):  # the parent: found by listing the prefix
+        remote = ADE20kDataset(root)
+        assert remote.root == f"{parent}/ADEChallengeData2016" and remote.classes == local.classes
+        pairs = [(sample.image_id, sample.name) for sample in remote.samples("training")]
+        assert pairs == [(sample.image_id, sample.name) for sample in local.samples("training")]
+        assert [(p.kind, p.id) for p in remote.problems] == [(p.kind, p.id) for p in local.problems]
+        by_id = {sample.image_id: sample for sample in remote.samples("training")}
+        local_by_id = {sample.image_id: sample for sample in local.samples("training")}
+        np.testing.assert_array_equal(remote.load_segmentation(by_id[1]), local.load_segmentation(local_by_id[1]))
+        np.testing.assert_array_equal(np.asarray(remote.load_image(by_id[1])), np.asarray(local.load_image(local_by_id[1])))
+        for image_id, kind in ((4, "size_mismatch"), (5, "corrupt_annotation"), (6, "corrupt_image")):
+            with pytest.raises(BadImage) as caught:
+                remote.load_segmentation(by_id[image_id])
+            assert caught.value.problem.kind == kind
+    # A prefix holding neither layout: one line that asks for the dataset folder itself.
+    with pytest.raises(PerceptioError, match="give --data-root as the dataset folder itself"):
+        ADE20kDataset(f"{parent}/ADEChallengeData2016/images")
+    with pytest.raises(PerceptioError, match="not found"):
+        ADE20kDataset(f"{parent}-missing")

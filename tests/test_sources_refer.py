@@ -304,3 +304,21 @@ def test_refs_pickle_that_runs_code_is_refused(tmp_path):
     with pytest.raises(PerceptioError, match=r"refs\(unc\)\.p: refused to load"):
         ReferDataset(root, "refcoco", "unc")
     assert not (tmp_path / "pwned").exists()
+
+
+def test_a_data_root_on_an_object_store_reads_as_the_local_one(refer_root, refcoco, s3_copy):
+    """The same REFER files on a local S3 server: the same refs, problems, masks and pixels."""
+    url = s3_copy(refer_root, "refer")
+    remote = ReferDataset(url, "refcoco", "unc")
+    assert remote.refs == refcoco.refs and remote.images == refcoco.images and remote.splits == refcoco.splits
+    assert remote.counts() == refcoco.counts() and remote.annotations == refcoco.annotations
+    local_root = str(refcoco.image_dir)
+    assert [(p.kind, p.id, p.split, p.reason.replace(str(remote.image_dir), local_root)) for p in remote.problems] == [
+        (p.kind, p.id, p.split, p.reason) for p in refcoco.problems
+    ]
+    assert remote.image_path(1) == f"{url}/images/mscoco/images/train2014/COCO_train2014_000000000001.jpg"
+    np.testing.assert_array_equal(np.asarray(remote.load_image(1)), np.asarray(refcoco.load_image(1)))
+    np.testing.assert_array_equal(remote.ann_mask(11), refcoco.ann_mask(11))
+    assert (remote.check_image(3).kind, remote.check_image(4).kind) == ("missing_image", "corrupt_image")
+    with pytest.raises(PerceptioError, match="not found"):
+        ReferDataset(f"{url}-missing", "refcoco", "unc")

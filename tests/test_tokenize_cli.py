@@ -176,3 +176,21 @@ def test_fit_on_several_datasets_uses_the_union_of_their_images(synth_world: Pat
     assert record["train_images"] + len(record["held_out_images"]) == len(union)
     assert record["held_out_images"] == [path.name for path in held_out]
     assert any(name.startswith("ADE_") for name in record["held_out_images"] + [p.name for p in union])
+
+
+def test_fit_from_an_object_store_gives_the_same_tokenizer(fitted: Path, world: Path, synth_world: Path, s3_copy,
+                                                           tmp_path: Path) -> None:
+    """--data-root s3://... (a local S3 server): the same images in the same order, the same weights."""
+    remote = s3_copy(world, "world")
+    out = tmp_path / "remote"
+    run("fit", "--data-root", remote, "--dataset", "synth", "--depth-source", "gt", "--out", str(out), "--held-out", "0.25", *SMALL_FIT)
+    assert (out / "model.safetensors").read_bytes() == (fitted / "model.safetensors").read_bytes()
+    assert (out / "metrics.json").read_text() == (fitted / "metrics.json").read_text()
+    record, local = (json.loads((folder / "fit.json").read_text()) for folder in (out, fitted))
+    assert record.pop("data_root") == remote and record.pop("teacher") == f"gt-depth:{remote}/depth"
+    assert {key: value for key, value in local.items() if key not in ("data_root", "teacher")} == record
+    # The REFER and ADE20k readers behind it, on the session's world: the same image list as locally.
+    remote_world = s3_copy(synth_world, "synth")
+    for dataset in ("refcoco", "ade20k"):
+        remote_names = [str(path).removeprefix(remote_world) for path in list_images(remote_world, dataset)]
+        assert remote_names == [str(path).removeprefix(str(synth_world)) for path in list_images(synth_world, dataset)]

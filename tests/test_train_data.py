@@ -264,3 +264,63 @@ def test_expanded_examples_train_on_the_target_only(vqvae_dir):
         target = model.tokenizer.decode(labels[first:].tolist())
         assert target == example.target + model.processor.end_of_turn()
         assert example.prompt in model.tokenizer.decode(input_ids[:first].tolist())
+
+
+def test_the_saved_buffer_shuffles_exactly_as_webdataset():
+    """The reader's own shuffle buffer makes webdataset's draws, so seeking keeps today's order."""
+    import random
+
+    from perceptio.train.data import _shuffled
+
+    for size, initial, count in [(6, 3, 50), (1000, 100, 30), (4, 10, 17), (1, 1, 5)]:
+        ours = list(_shuffled(iter(range(count)), [], size, initial, random.Random(f"{size}")))
+        theirs = list(wds.shuffle(size, initial, rng=random.Random(f"{size}"))(iter(range(count))))
+        assert ours == theirs and sorted(ours) == list(range(count))
+
+
+@pytest.fixture(scope="module")
+def many_shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("many")
+    write_shards(root, "refcoco-unc", shards=8, images_per_shard=3, first_image_id=1)  # 12 examples a shard
+    return root
+
+
+def test_resume_seeks_past_whole_shards_to_the_same_next_examples(many_shards, monkeypatch):
+    """Mid-epoch: the reader rebuilt by seeking gives the very examples the replay gives (and the
+    uninterrupted reader), opening only the cursor's shard and those of the buffered examples."""
+    from perceptio import fs
+    from perceptio.train import data as data_module
+
+    config = StreamConfig([many_shards], seed=4, shuffle_buffer=6, shuffle_initial=3)
+    streams = plan_mix(find_shards(config.shards), None)
+    straight = keys(islice(ExampleReader(streams, ReaderSlot(), config), 80))
+    first = ExampleReader(streams, ReaderSlot(), config)
+    assert keys(islice(first, 61)) == straight[:61]
+    state = json.loads(json.dumps(first.state()))  # through a checkpoint, as JSON
+    seek = state["streams"]["refcoco-unc"]["seek"]
+    replay_state = json.loads(json.dumps(state))
+    del replay_state["streams"]["refcoco-unc"]["seek"]
+
+    opened, expanded = [], []
+    original_open, original_expand = fs.open_input, data_module.expand_sample
+    monkeypatch.setattr(fs, "open_input", lambda url: opened.append(str(url)) or original_open(url))
+    monkeypatch.setattr(data_module, "expand_sample",
+                        lambda raw, *args: expanded.append(raw["__key__"]) or original_expand(raw, *args))
+
+    seeking = ExampleReader(streams, ReaderSlot(), config, state)
+    order = seeking._readers[0]._shards  # this epoch's shard order of the reader
+    cursor_shard, cursor_sample, _ = seek["cursor"]
+    buffered = {(shard, sample) for shard, sample, _ in seek["buffer"]}
+    assert cursor_shard >= 4  # the position is deep in the epoch
+    # Opened: the shards holding buffered examples and the cursor's, never the others before it.
+    assert set(opened) == {order[shard] for shard, _ in buffered} | {order[cursor_shard]}
+    assert set(order[:cursor_shard]) - set(opened)  # whole shards before the position skipped unopened
+    # Decoded: the samples of buffered examples and the cursor's sample, once each, nothing else.
+    assert len(expanded) == len(set(expanded)) == len(buffered | {(cursor_shard, cursor_sample)})
+    seek_next = keys(islice(seeking, 19))
+
+    opened.clear()
+    replaying = ExampleReader(streams, ReaderSlot(), config, replay_state)
+    assert set(order[: cursor_shard + 1]) <= set(opened)  # the replay reads every shard up to the position
+    assert seek_next == keys(islice(replaying, 19)) == straight[61:80]
+    assert replaying.state()["streams"]["refcoco-unc"]["read"] == seeking.state()["streams"]["refcoco-unc"]["read"]

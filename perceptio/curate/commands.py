@@ -16,6 +16,7 @@ from typing import Any, Optional
 import typer
 
 import perceptio
+from perceptio import fs
 from perceptio.curate.depth_models import resolve_tokenizer, tokenizer_identity
 from perceptio.curate.distributor import RayConfig, ShardJob, TeacherSpec, ray_session, run_shards
 from perceptio.curate.marked_points import MarkedPointsConfig
@@ -44,7 +45,7 @@ class CurationRequest:
     field defaults (and those of TeacherSpec, RayConfig and BuildConfig)."""
 
     dataset: str  # "refcoco" | "refcoco+" | "refcocog" | "ade20k"
-    data_root: Path
+    data_root: str | Path  # a folder, or an object-store URL such as s3://bucket/coco (perceptio.fs)
     out: str | Path  # a folder, or an object-store URL such as s3://bucket/shards (perceptio.fs)
     tokenizer: Path
     teacher: TeacherSpec = field(default_factory=TeacherSpec)
@@ -186,7 +187,7 @@ def _command(dataset: str):
     )
 
     def command(
-        data_root: Path = typer.Option(..., "--data-root", help="dataset root (REFER layout, or a folder holding ADEChallengeData2016)"),
+        data_root: str = typer.Option(..., "--data-root", help="dataset root (REFER layout, or a folder holding ADEChallengeData2016): a folder or an object-store URL (s3://bucket/coco; on an object store, ADE20k's root must be the ADEChallengeData2016 folder if the store does not list folders)"),
         out: str = typer.Option(..., "--out", help="Shards folder or object-store URL (s3://bucket/shards; gs:// with gcsfs installed): this dataset goes to OUT/{dataset}-{split-by} (ade20k: OUT/ade20k), or to OUT itself when it is already that folder."),
         tokenizer: Path = typer.Option(..., "--tokenizer", help="depth tokenizer: a folder (perceptio-tokenize fit) or a hub id"),
         split: Optional[list[str]] = typer.Option(None, "--split", help="official split to curate (repeatable); default all, each into its own shards"),
@@ -210,7 +211,7 @@ def _command(dataset: str):
         teacher = TeacherSpec(
             source=depth_source,  # validated here, once (TeacherSpec.__post_init__)
             model=depth_model,
-            depth_dir=str(data_root / "depth") if depth_source == "gt" else None,
+            depth_dir=str(fs.child(data_root, "depth")) if depth_source == "gt" else None,
             cache_dir=str(cache_dir or default_cache_dir()),
         )
         _run(CurationRequest(

@@ -28,6 +28,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from perceptio import fs
 from perceptio.curate.describe import load_captioner
 from perceptio.curate.plan import ImageItem, ShardPlan
 from perceptio.curate.sample_builder import (
@@ -65,7 +66,7 @@ class TeacherSpec:
         instead of one line.
         """
         if self.source == "gt":
-            if not self.depth_dir or not Path(self.depth_dir).is_dir():
+            if not self.depth_dir or not fs.is_dir(self.depth_dir):
                 raise PerceptioError(f"--depth-source gt needs ground-truth depth PNGs in {self.depth_dir}; not found")
             return
         local = Path(self.model)

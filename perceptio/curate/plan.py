@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+from perceptio import fs
 from perceptio.errors import PerceptioError
 from perceptio.shards import sample_key, shard_name
 
@@ -126,7 +127,7 @@ def ade_images(reader: Any, split: str, dataset: str = "ade20k") -> list[ImageIt
             dataset=dataset,
             split=split,
             image_id=sample.image_id,
-            file_name=sample.image_path.name,
+            file_name=fs.name(sample.image_path),
             image_path=str(sample.image_path),
             width=None,
             height=None,

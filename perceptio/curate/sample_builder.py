@@ -14,12 +14,12 @@ import io
 import time
 import zlib
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
+from perceptio import fs
 from perceptio.curate.describe import Captioner, depth_at_image_size, measure_attributes
 from perceptio.curate.filters import (
     CORRUPT_IMAGE,
@@ -39,7 +39,7 @@ from perceptio.curate.marked_points import (
 from perceptio.curate.plan import ImageItem
 from perceptio.shards import KEPT, REJECTED, ManifestRow, ShardSample, mask_to_rle, rle_to_mask
 from perceptio.sources.masks import MALFORMED, parse_segmentation, segment_masks, segmentation_to_mask
-from perceptio.sources.problems import BadImage, decode_image
+from perceptio.sources.problems import BadImage, decode_image, read_image_bytes
 
 @dataclass(frozen=True)
 class BuildConfig:
@@ -93,17 +93,18 @@ def _ade_reader(root: str) -> Any:
 
 
 def _ade_root(item: ImageItem) -> str:
-    return str(Path(item.image_path).parents[2])  # .../ADEChallengeData2016/images/<split>/<file>
+    """.../ADEChallengeData2016 of .../ADEChallengeData2016/images/<split>/<file> (local path or URL)."""
+    return str(fs.parent(fs.parent(fs.parent(item.image_path))))
 
 
 def _read_ade_segmentation(item: ImageItem) -> bytes:
     """The class map's PNG bytes verbatim, after the reader has checked it against the image."""
     from perceptio.sources.ade20k import AdeSample
 
-    image_path, seg_path = Path(item.image_path), Path(str(item.seg_path))
+    image_path, seg_path = fs.as_location(item.image_path), fs.as_location(str(item.seg_path))
     reader = _ade_reader(_ade_root(item))
-    reader.load_segmentation(AdeSample(item.image_id, item.split, image_path.stem, image_path, seg_path))
-    return seg_path.read_bytes()
+    reader.load_segmentation(AdeSample(item.image_id, item.split, fs.stem(image_path), image_path, seg_path))
+    return fs.read_bytes(seg_path)
 
 
 def prepare(item: ImageItem, config: BuildConfig) -> PreparedImage:
@@ -112,13 +113,15 @@ def prepare(item: ImageItem, config: BuildConfig) -> PreparedImage:
     prepared = PreparedImage(item)
     size = (item.width, item.height) if item.width and item.height else None
     try:
-        image = decode_image(Path(item.image_path), item.image_id, size)
+        # Read once, decode from the bytes: a remote image is fetched once.
+        prepared.jpg = read_image_bytes(item.image_path, item.image_id)
+        image = decode_image(item.image_path, item.image_id, size, data=prepared.jpg)
         prepared.seg_png = _read_ade_segmentation(item) if item.seg_path else None
     except BadImage as bad:
+        prepared.jpg = b""
         prepared.problem = f"{bad.problem.kind}: {bad.problem.reason}"
         prepared.reasons = [prepared.problem] * len(item.refs)
         return prepared
-    prepared.jpg = Path(item.image_path).read_bytes()
     prepared.image_hash = hashlib.sha256(prepared.jpg).hexdigest()
     prepared.pixels = np.asarray(image.convert("RGB"))
     height, width = prepared.pixels.shape[:2]

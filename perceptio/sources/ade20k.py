@@ -12,12 +12,18 @@ sample is left out. Pixels are checked lazily: :meth:`ADE20kDataset.load_segment
 :meth:`ADE20kDataset.load_image` raise :class:`~perceptio.sources.problems.BadImage` for a missing,
 corrupt or mismatched file (curation calls them once per sample and records what they raise).
 A missing root, class table or split folder is a :class:`~perceptio.errors.PerceptioError`.
+
+``root`` may be an object-store URL (``s3://bucket/ADEChallengeData2016``), read through
+:mod:`perceptio.fs`. Looking for ``ADEChallengeData2016/`` inside it needs a store that lists
+prefixes as folders; where that finds nothing, the error asks for the dataset folder itself.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import os
+import posixpath
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +31,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from perceptio import fs
 from perceptio.errors import PerceptioError
 from perceptio.recipes import load_recipe
 from perceptio.sources.problems import BadImage, Problem, decode_image, percent_text
@@ -50,27 +57,30 @@ class AdeSample:
     image_id: int  # the number at the end of the file stem (unique within a split)
     split: str
     name: str  # file stem, e.g. "ADE_val_00000001"
-    image_path: Path
-    annotation_path: Path
+    image_path: Path | str  # a URL under a remote root
+    annotation_path: Path | str
 
 
-def resolve_root(root: str | os.PathLike[str]) -> Path:
+def resolve_root(root: str | os.PathLike[str]) -> Path | str:
     """The folder holding images/ and annotations/: ``root`` itself or ``root/ADEChallengeData2016``."""
-    root = Path(root)
-    if not root.is_dir():
+    root = fs.as_location(root)
+    if not fs.is_dir(root):
         raise PerceptioError(f"ADE20k root {root} not found")
-    for candidate in (root / FOLDER_NAME, root):
-        if (candidate / "images").is_dir() and (candidate / "annotations").is_dir():
+    for candidate in (fs.child(root, FOLDER_NAME), root):
+        if fs.is_dir(fs.child(candidate, "images")) and fs.is_dir(fs.child(candidate, "annotations")):
             return candidate
+    if fs.is_remote(root):
+        raise PerceptioError(f"{root} holds neither images/ and annotations/ nor {FOLDER_NAME}/ as this store lists "
+                             f"it; give --data-root as the dataset folder itself (.../{FOLDER_NAME})")
     raise PerceptioError(f"{root} holds neither images/ and annotations/ nor {FOLDER_NAME}/")
 
 
-def read_class_table(path: Path) -> list[AdeClass]:
+def read_class_table(path: Path | str) -> list[AdeClass]:
     """Parse objectInfo150.csv; the classes must be numbered 1..N without gaps."""
-    if not path.is_file():
+    if not fs.is_file(path):
         raise PerceptioError(f"class table {path} not found")
     try:
-        with open(path, newline="", encoding="utf-8") as handle:
+        with fs.open_input(path) as raw, io.TextIOWrapper(raw, newline="", encoding="utf-8") as handle:
             rows = list(csv.DictReader(handle))
         classes = []
         for row in rows:
@@ -83,13 +93,23 @@ def read_class_table(path: Path) -> list[AdeClass]:
     return classes
 
 
+def _files_by_stem(folder: Path | str, suffixes: tuple[str, ...]) -> dict[str, Path | str]:
+    """The files of ``folder`` with one of ``suffixes`` (any case), by file stem."""
+    files = {}
+    for name in fs.list_dir(folder):
+        stem, suffix = posixpath.splitext(name)
+        if suffix.lower() in suffixes:
+            files[stem] = fs.child(folder, name)
+    return files
+
+
 class ADE20kDataset:
     """The ADEChallengeData2016 samples of each split present, with the class table."""
 
     def __init__(self, root: str | os.PathLike[str]):
         self.root = resolve_root(root)
-        self.classes = read_class_table(self.root / CLASS_TABLE)
-        self.splits = [split for split in SPLITS if (self.root / "images" / split).is_dir()]
+        self.classes = read_class_table(fs.child(self.root, CLASS_TABLE))
+        self.splits = [split for split in SPLITS if fs.is_dir(fs.child(self.root, "images", split))]
         self.problems: list[Problem] = []
         self._samples: dict[str, list[AdeSample]] = {}
 
@@ -105,13 +125,13 @@ class ADE20kDataset:
         return self._samples[split]
 
     def _pair(self, split: str) -> list[AdeSample]:
-        image_dir, annotation_dir = self.root / "images" / split, self.root / "annotations" / split
+        image_dir, annotation_dir = fs.child(self.root, "images", split), fs.child(self.root, "annotations", split)
         if split not in self.splits:
             raise PerceptioError(f"{image_dir} not found; splits present: {', '.join(self.splits) or 'none'}")
-        if not annotation_dir.is_dir():
+        if not fs.is_dir(annotation_dir):
             raise PerceptioError(f"{annotation_dir} not found (annotations for the {split} images)")
-        images = {path.stem: path for path in image_dir.iterdir() if path.suffix.lower() in IMAGE_SUFFIXES}
-        annotations = {path.stem: path for path in annotation_dir.iterdir() if path.suffix.lower() == ".png"}
+        images = _files_by_stem(image_dir, IMAGE_SUFFIXES)
+        annotations = _files_by_stem(annotation_dir, (".png",))
         for stem in sorted(annotations.keys() - images.keys()):
             self.problems.append(Problem("unknown_image", stem, f"{annotations[stem]} has no image in {image_dir}"))
         samples = []
@@ -142,8 +162,8 @@ class ADE20kDataset:
             reason = f"{sample.annotation_path} is {label_map.mode}, not 8-bit"
             raise BadImage(Problem("corrupt_annotation", sample.name, reason))
         segmentation = np.asarray(label_map, dtype=np.uint8)
-        try:
-            with Image.open(sample.image_path) as image:
+        try:  # a seekable handle: PIL reads the header only (a few range reads on an object store)
+            with fs.open_input(sample.image_path) as handle, Image.open(handle) as image:
                 image_size = image.size
         except (OSError, ValueError) as error:
             raise BadImage(Problem("corrupt_image", sample.name, f"{sample.image_path}: {error}")) from error

@@ -3,7 +3,8 @@
 ``perceptio-curate download --images-dir FOLDER`` writes ``DATA_ROOT/perceptio-data.json``
 (``{"coco_train2014": "/abs/FOLDER"}``); the REFER reader then looks for images there instead of
 ``DATA_ROOT/images/mscoco/images/train2014``, so an existing COCO copy anywhere on disk is used
-as it is, without symlinks or copies.
+as it is, without symlinks or copies. A data root may be an object-store URL (:mod:`perceptio.fs`);
+its recorded folder may be one too.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from perceptio import fs
 from perceptio.errors import PerceptioError
 from perceptio.io import write_text_atomic
 
@@ -23,11 +25,11 @@ IMAGE_DIR = Path("images", "mscoco", "images", "train2014")
 
 
 def read_settings(data_root: str | os.PathLike[str]) -> dict[str, Any]:
-    path = Path(data_root) / SETTINGS_FILE
-    if not path.is_file():
+    path = fs.child(data_root, SETTINGS_FILE)
+    if not fs.is_file(path):
         return {}
     try:
-        settings = json.loads(path.read_text(encoding="utf-8"))
+        settings = json.loads(fs.read_text(path))
     except (OSError, ValueError) as error:
         raise PerceptioError(f"{path} is not readable JSON: {error}") from error
     if not isinstance(settings, dict):
@@ -35,10 +37,10 @@ def read_settings(data_root: str | os.PathLike[str]) -> dict[str, Any]:
     return settings
 
 
-def coco_image_dir(data_root: str | os.PathLike[str]) -> Path:
+def coco_image_dir(data_root: str | os.PathLike[str]) -> Path | str:
     """The COCO train2014 folder of ``data_root``: the recorded one, else the REFER layout's."""
     recorded = read_settings(data_root).get(COCO_TRAIN2014_KEY)
-    return Path(recorded) if recorded else Path(data_root) / IMAGE_DIR
+    return fs.as_location(recorded) if recorded else fs.child(data_root, *IMAGE_DIR.parts)
 
 
 def record_coco_image_dir(data_root: str | os.PathLike[str], folder: str | os.PathLike[str]) -> Path:

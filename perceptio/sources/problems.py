@@ -9,11 +9,13 @@ one image completely (a truncated JPEG fails here, not later in a worker) and ra
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
+from perceptio import fs
 from perceptio.errors import PerceptioError
 
 
@@ -48,16 +50,30 @@ def percent_text(part: int, whole: int) -> str:
     return f"{share:.0f}%"
 
 
-def decode_image(path: Path, item_id: int | str, expected_size: tuple[int, int] | None = None) -> Image.Image:
+def read_image_bytes(path: Path | str, item_id: int | str) -> bytes:
+    """The bytes of an image file (local or on an object store); :class:`BadImage` when it is missing."""
+    try:
+        return fs.read_bytes(path)
+    except (FileNotFoundError, IsADirectoryError) as error:
+        raise BadImage(Problem("missing_image", item_id, f"{path} does not exist")) from error
+
+
+def decode_image(
+    path: Path | str, item_id: int | str, expected_size: tuple[int, int] | None = None, data: bytes | None = None
+) -> Image.Image:
     """Open and fully decode ``path``; raise :class:`BadImage` naming ``item_id`` when it is unusable.
 
     ``expected_size`` is ``(width, height)`` as the annotations state it: masks are drawn at that
-    size, so an image of another size would pair every mask with the wrong pixels.
+    size, so an image of another size would pair every mask with the wrong pixels. ``data``, when
+    given, are the file's bytes already read (:func:`read_image_bytes`), so that a remote file is
+    fetched once.
     """
-    if not path.is_file():
+    if data is None and fs.is_remote(path):
+        data = read_image_bytes(path, item_id)  # one GET instead of many small range reads
+    if data is None and not fs.local_path(path).is_file():
         raise BadImage(Problem("missing_image", item_id, f"{path} does not exist"))
     try:
-        with Image.open(path) as image:
+        with Image.open(io.BytesIO(data) if data is not None else fs.local_path(path)) as image:
             # load() decodes every byte; Image.open alone reads only the header, and a truncated
             # file would otherwise fail much later, wherever the pixels are first touched.
             image.load()

@@ -24,7 +24,8 @@ What the reader does with bad input (each case becomes a :class:`Problem` in ``.
   Curation calls ``load_image`` once per image and skips (and records) the images that raise.
 
 A missing ``data_root``, annotation file or image folder, or an unreadable annotation file, is a
-:class:`~perceptio.errors.PerceptioError`.
+:class:`~perceptio.errors.PerceptioError`. ``data_root`` may be an object-store URL
+(``s3://bucket/refer``): every file is then read through :mod:`perceptio.fs`.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from perceptio import fs
 from perceptio.errors import PerceptioError
 from perceptio.recipes import load_recipe
 from perceptio.sources.data_root import coco_image_dir
@@ -111,23 +113,23 @@ class ReferDataset:
             raise PerceptioError(
                 f"{dataset} has no {split_by!r} split; it has {' and '.join(SPLIT_BYS[dataset])}"
             )
-        self.data_root = Path(data_root)
-        if not self.data_root.is_dir():
+        self.data_root = fs.as_location(data_root)
+        if not fs.is_dir(self.data_root):
             raise PerceptioError(f"REFER data root {self.data_root} not found")
         self.dataset = dataset
         self.split_by = split_by
         self.name = f"{dataset}-{split_by}"
         self.image_dir = coco_image_dir(self.data_root)
-        if not self.image_dir.is_dir():
+        if not fs.is_dir(self.image_dir):
             raise PerceptioError(
                 f"image folder {self.image_dir} not found (COCO train2014: perceptio-curate download coco2014, or --images-dir)"
             )
         self.problems: list[Problem] = []
         self._unusable_annotations: set[int] = set()
 
-        instances_path = self.data_root / dataset / "instances.json"
+        instances_path = fs.child(self.data_root, dataset, "instances.json")
         instances = load_json(instances_path, "annotation file")
-        refs_path = self.data_root / dataset / f"refs({split_by}).p"
+        refs_path = fs.child(self.data_root, dataset, f"refs({split_by}).p")
         raw_refs = load_plain_pickle(refs_path)
         if not isinstance(instances, dict) or not all(key in instances for key in ("images", "annotations")):
             raise PerceptioError(f"{instances_path} is not a COCO file (no images/annotations)")
@@ -218,12 +220,12 @@ class ReferDataset:
 
     def _report_missing_images(self) -> None:
         # One directory listing instead of a stat per image: train2014 holds ~83k files.
-        present = set(os.listdir(self.image_dir))
+        present = set(fs.list_dir(self.image_dir))
         referred = sorted({ref.image_id for ref in self.refs})
         for image_id in referred:
             file_name = self.images[image_id].file_name
             if file_name not in present:
-                self._report("missing_image", image_id, f"{self.image_dir / file_name} does not exist; refs kept")
+                self._report("missing_image", image_id, f"{fs.child(self.image_dir, file_name)} does not exist; refs kept")
 
     # -- access --------------------------------------------------------------------------------
 
@@ -232,8 +234,9 @@ class ReferDataset:
             raise PerceptioError(f"{self.name} has no split {split!r}; it has {', '.join(self.splits)}")
         return [ref for ref in self.refs if ref.split == split]
 
-    def image_path(self, image_id: int) -> Path:
-        return self.image_dir / self.images[image_id].file_name
+    def image_path(self, image_id: int) -> Path | str:
+        """The image's location: a Path under a local data root, a URL under a remote one."""
+        return fs.child(self.image_dir, self.images[image_id].file_name)
 
     def load_image(self, image_id: int) -> Image.Image:
         """The decoded image; raises :class:`BadImage` (missing, truncated, corrupt, wrong size)."""

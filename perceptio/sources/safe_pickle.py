@@ -21,13 +21,14 @@ import pickle
 from pathlib import Path
 from typing import Any, NoReturn
 
+from perceptio import fs
 from perceptio.errors import PerceptioError
 
 
 class RestrictedUnpickler(pickle.Unpickler):
     """An unpickler that refuses every global lookup, naming the file and what it asked for."""
 
-    def __init__(self, file: Any, path: Path, encoding: str = "utf-8"):
+    def __init__(self, file: Any, path: Path | str, encoding: str = "utf-8"):
         super().__init__(file, encoding=encoding)
         self.path = path
 
@@ -42,13 +43,14 @@ class RestrictedUnpickler(pickle.Unpickler):
 
 
 def load_plain_pickle(path: str | Path) -> Any:
-    """Load ``path`` with :class:`RestrictedUnpickler`; any refusal or damage is a PerceptioError."""
-    path = Path(path)
-    if not path.is_file():
+    """Load ``path`` (a local path or an object-store URL) with :class:`RestrictedUnpickler`; any
+    refusal or damage is a PerceptioError."""
+    path = fs.as_location(path)
+    if not fs.is_file(path):
         raise PerceptioError(f"{path} not found")
     for encoding in ("utf-8", "latin-1"):
         try:
-            with open(path, "rb") as handle:
+            with fs.open_input(path) as handle:
                 return RestrictedUnpickler(handle, path, encoding).load()
         except PerceptioError:
             raise

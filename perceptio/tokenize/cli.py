@@ -23,10 +23,11 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from perceptio import fs
 from perceptio.errors import PerceptioError, run_cli
 from perceptio.io import atomic_path, write_text_atomic
 from perceptio.tokenize.cache import DepthCache, default_cache_dir
-from perceptio.tokenize.data import DepthSource, MaskSource, list_images, split_held_out
+from perceptio.tokenize.data import DepthSource, MaskSource, list_images, path_order, split_held_out
 from perceptio.tokenize.config import DEPTH_SOURCES, DepthDataConfig, DepthVQVAEConfig, FitConfig
 from perceptio.tokenize.fit import evaluate, evaluate_pairs, train
 from perceptio.tokenize.metrics import codebook_usage
@@ -70,7 +71,9 @@ class HeldOut(str, Enum):
     all = "all"
 
 
-DATA_ROOT_OPTION = typer.Option(..., "--data-root", help="Folder with the dataset (the synthetic world's root for synth).")
+DATA_ROOT_OPTION = typer.Option(
+    ..., "--data-root", help="Folder with the dataset (the synthetic world's root for synth), or an object-store URL (s3://bucket/world)."
+)
 DATASET_OPTION = typer.Option(
     Dataset.synth, "--dataset", help="Whose images: REFER train images, ADE20k training images, or the whole synthetic world."
 )
@@ -109,14 +112,14 @@ def _progress() -> Progress:
 def _make_source(
     source: DepthSourceName,
     depth_model: str,
-    data_root: Path,
+    data_root: str | Path,
     cache_dir: Optional[Path],
     device: Optional[str],
     batch_size: int,
 ) -> DepthSource:
     """The ground truth of DATA_ROOT/depth, or the depth model behind the shared depth cache."""
     if source is DepthSourceName.gt:
-        return DepthSource(OracleTeacher(data_root / "depth"), cache=None)
+        return DepthSource(OracleTeacher(fs.child(data_root, "depth")), cache=None)
     teacher = PipelineTeacher(depth_model, device=device, batch_size=batch_size)
     return DepthSource(teacher, DepthCache(cache_dir or default_cache_dir()))
 
@@ -156,7 +159,7 @@ def _render_metrics(title: str, rows: dict[str, dict[str, float]]) -> None:
 
 @app.command()
 def fit(
-    data_root: Path = DATA_ROOT_OPTION,
+    data_root: str = DATA_ROOT_OPTION,
     datasets: list[Dataset] = typer.Option(
         [Dataset.synth], "--dataset",
         help="Whose images (repeat for several: one tokenizer for all of them; images they share count once): "
@@ -181,7 +184,7 @@ def fit(
     """Fit a depth tokenizer on the teacher depth of one or more datasets, evaluate it on held-out images, save it to --out."""
     _set_threads(threads)
     names = list(dict.fromkeys(dataset.value for dataset in datasets))
-    paths = sorted({path for name in names for path in list_images(data_root, name)})
+    paths = sorted({path for name in names for path in list_images(data_root, name)}, key=path_order)
     if max_images is not None:
         paths = paths[:max_images]
     train_paths, held_out_paths = split_held_out(paths, held_out_fraction)
@@ -192,12 +195,12 @@ def fit(
     record = {
         "dataset": "+".join(names),
         "datasets": names,
-        "data_root": str(data_root.resolve()),
+        "data_root": data_root if fs.is_remote(data_root) else str(Path(data_root).resolve()),
         "teacher": source.teacher.identity,
         "depth_source": depth_source.value,
         "held_out_fraction": held_out_fraction,
         "train_images": len(train_paths),
-        "held_out_images": [path.name for path in held_out_paths],
+        "held_out_images": [fs.name(path) for path in held_out_paths],
         "fit_config": dataclasses.asdict(fit_config),
     }
     write_text_atomic(out / FIT_RECORD, json.dumps(record, indent=2) + "\n")

@@ -2,6 +2,8 @@
 
 Images come from the project's readers (``ReferDataset`` train refs, ``ADE20kDataset`` training
 samples) or, for ``synth``, from every image of the synthetic world that has ground-truth depth.
+The data root may be an object-store URL (:mod:`perceptio.fs`): images are then locations (URLs)
+rather than Paths, read through fsspec.
 The held-out split is decided by a hash of each image's file stem, so it does not depend on the
 order of the files or on which other images exist, and stays put as a dataset grows.
 """
@@ -9,6 +11,7 @@ order of the files or on which other images exist, and stays put as a dataset gr
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 from pathlib import Path
 from typing import Sequence
@@ -16,6 +19,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
+from perceptio import fs
 from perceptio.errors import PerceptioError
 from perceptio.sources.ade20k import ADE20kDataset
 from perceptio.sources.masks import segment_masks
@@ -29,10 +33,10 @@ FIT_DATASETS = (*REFER_SPLIT_BY, "ade20k", "synth")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 
-def list_images(data_root: str | os.PathLike[str], dataset: str) -> list[Path]:
+def list_images(data_root: str | os.PathLike[str], dataset: str) -> list[Path | str]:
     """The distinct training images of ``dataset`` under ``data_root``, sorted by path."""
-    root = Path(data_root)
-    if not root.is_dir():
+    root = fs.as_location(data_root)
+    if not fs.is_dir(root):
         raise PerceptioError(f"{root}: no such data root")
     if dataset in REFER_SPLIT_BY:
         refer = ReferDataset(root, dataset, REFER_SPLIT_BY[dataset])
@@ -44,31 +48,39 @@ def list_images(data_root: str | os.PathLike[str], dataset: str) -> list[Path]:
         paths = synth_images(root)
     else:
         raise PerceptioError(f"unknown dataset {dataset!r}; expected one of {', '.join(FIT_DATASETS)}")
-    paths = sorted(set(paths))
+    paths = sorted(set(paths), key=path_order)
     if not paths:
         raise PerceptioError(f"{root}: no {dataset} images found")
     return paths
 
 
-def synth_images(root: Path) -> list[Path]:
+def path_order(path: Path | str) -> list[str]:
+    """Sort key of image locations: component by component, as ``Path`` sorts, so that a URL list and
+    the local list of the same files come out in the same order (plain string order would not:
+    ``a-b/x`` < ``a/x``)."""
+    return str(path).split("/")
+
+
+def synth_images(root: Path | str) -> list[Path | str]:
     """Every image of a synthetic world (COCO-style and ADE-style alike) that has ``depth/{stem}.png``."""
-    depth_dir = root / "depth"
-    if not depth_dir.is_dir():
+    depth_dir = fs.child(root, "depth")
+    if not fs.is_dir(depth_dir):
         raise PerceptioError(f"{root}: not a synthetic world (no depth/ folder)")
-    candidates = [*root.glob("images/**/*"), *root.glob("ADEChallengeData2016/images/**/*")]
+    depths = set(fs.list_names(depth_dir))  # one listing instead of a lookup per image
+    candidates = [*fs.find_files(fs.child(root, "images")), *fs.find_files(fs.child(root, "ADEChallengeData2016", "images"))]
     return [
         path
         for path in candidates
-        if path.suffix.lower() in IMAGE_SUFFIXES and (depth_dir / f"{path.stem}.png").is_file()
+        if os.path.splitext(fs.name(path))[1].lower() in IMAGE_SUFFIXES and f"{fs.stem(path)}.png" in depths
     ]
 
 
-def is_held_out(path: Path, fraction: float) -> bool:
-    bucket = int(hashlib.sha256(path.stem.encode()).hexdigest()[:8], 16) / 0x1_0000_0000
+def is_held_out(path: Path | str, fraction: float) -> bool:
+    bucket = int(hashlib.sha256(fs.stem(path).encode()).hexdigest()[:8], 16) / 0x1_0000_0000
     return bucket < fraction
 
 
-def split_held_out(paths: Sequence[Path], fraction: float) -> tuple[list[Path], list[Path]]:
+def split_held_out(paths: Sequence[Path | str], fraction: float) -> tuple[list[Path | str], list[Path | str]]:
     """(train, held_out) by stem hash; with two or more images, neither side is left empty."""
     held_out = [path for path in paths if is_held_out(path, fraction)]
     train = [path for path in paths if not is_held_out(path, fraction)]
@@ -115,8 +127,9 @@ class DepthSource:
         images, hashes = [], []
         for path in paths:
             try:
-                hashes.append(content_hash(Path(path).read_bytes()))
-                images.append(Image.open(path))  # lazy: only cache misses decode pixels
+                data = fs.read_bytes(path)
+                hashes.append(content_hash(data))
+                images.append(Image.open(io.BytesIO(data)))  # lazy: only cache misses decode pixels
             except OSError as error:
                 raise PerceptioError(f"{path}: unreadable image ({error})") from error
         return images, hashes

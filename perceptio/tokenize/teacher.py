@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from perceptio import fs
 from perceptio.errors import PerceptioError
 from perceptio.tokenize.config import DEFAULT_DEPTH_MODEL
 
@@ -161,7 +162,7 @@ def read_depth_png(path: str | os.PathLike[str], encoding: str = DEFAULT_DEPTH_E
     if encoding not in DEPTH_ENCODINGS:
         raise PerceptioError(f"unknown depth encoding {encoding!r}; known: {', '.join(DEPTH_ENCODINGS)}")
     try:
-        with Image.open(path) as image:
+        with fs.open_input(path) as handle, Image.open(handle) as image:
             value = np.array(image)
     except (OSError, ValueError) as error:
         raise PerceptioError(f"{path}: unreadable depth PNG ({error})") from error
@@ -182,20 +183,21 @@ class OracleTeacher:
     """Ground truth as a teacher: ``depth_dir/{stem}.png`` (uint16 mm, 0 invalid) -> 1/metres.
 
     Invalid pixels come out as 0, which the tokenizer treats as "no depth" (farthest) and the
-    metrics leave out.
+    metrics leave out. ``depth_dir`` may be an object-store URL (:mod:`perceptio.fs`).
     """
 
     def __init__(self, depth_dir: str | os.PathLike[str]) -> None:
-        self.depth_dir = Path(depth_dir)
-        if not self.depth_dir.is_dir():
+        self.depth_dir = fs.as_location(depth_dir)
+        if not fs.is_dir(self.depth_dir):
             raise PerceptioError(f"{self.depth_dir}: no ground-truth depth folder")
 
     @property
     def identity(self) -> str:
-        return f"gt-depth:{self.depth_dir.resolve()}"
+        where = self.depth_dir if fs.is_remote(self.depth_dir) else Path(self.depth_dir).resolve()
+        return f"gt-depth:{where}"
 
-    def depth_path(self, image_path: str | os.PathLike[str]) -> Path:
-        return self.depth_dir / f"{Path(image_path).stem}.png"
+    def depth_path(self, image_path: str | os.PathLike[str]) -> Path | str:
+        return fs.child(self.depth_dir, f"{fs.stem(image_path)}.png")
 
     def predict_paths(
         self, paths: Sequence[str | os.PathLike[str]], sizes: Sequence[tuple[int, int]] | None = None
@@ -205,7 +207,7 @@ class OracleTeacher:
         depths = []
         for index, path in enumerate(paths):
             depth_path = self.depth_path(path)
-            if not depth_path.is_file():
+            if not fs.is_file(depth_path):
                 raise PerceptioError(f"{path}: no ground-truth depth at {depth_path}")
             depth = inverse_depth_from_metres(read_depth_png(depth_path))
             if sizes is not None and depth.shape != (sizes[index][1], sizes[index][0]):

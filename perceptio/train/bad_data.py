@@ -51,6 +51,28 @@ class SkipCounter:
             log.warning("perceptio-train: skipped %s in %s: %s", key, url, reason)
 
 
+def _shard_items(url: str) -> Iterator[tuple[str | None, dict[str, bytes] | Exception]]:
+    """(key, members) of each sample of one tar in order; a damaged or unreadable rest comes last as
+    (the last good key, the error)."""
+    last_key = None
+    try:
+        with fs.open_input(url) as handle:
+            for last_key, members in iter_members(handle):
+                yield last_key, members
+    except (tarfile.TarError, EOFError, OSError, PerceptioError) as error:
+        yield last_key, error
+
+
+def _counted(url: str, key: str | None, item: dict[str, bytes] | Exception, counter: SkipCounter) -> dict[str, Any] | None:
+    """One item of :func:`_shard_items`, counted: the sample dict, or None for a damaged rest."""
+    counter.read += 1
+    if isinstance(item, Exception):
+        where = f"the samples after {key}" if key else "the whole shard"
+        counter.skip(url, where, f"unreadable tar ({type(item).__name__}: {item})")
+        return None
+    return {"__key__": key, "__url__": url, **item}
+
+
 def read_shards(urls: Sequence[str], counter: SkipCounter, share: tuple[int, int] = (1, 0)) -> Iterator[dict[str, Any]]:
     """The samples of ``urls`` in order, as webdataset dicts of member bytes, past unreadable tars.
 
@@ -61,20 +83,19 @@ def read_shards(urls: Sequence[str], counter: SkipCounter, share: tuple[int, int
     readers, reader = share
     position = 0
     for url in urls:
-        last_key = None
-        try:
-            with fs.open_input(url) as handle:
-                for last_key, members in iter_members(handle):
-                    position += 1
-                    if (position - 1) % readers == reader:
-                        counter.read += 1
-                        yield {"__key__": last_key, "__url__": url, **members}
-        except (tarfile.TarError, EOFError, OSError, PerceptioError) as error:
+        for key, item in _shard_items(url):
             position += 1
-            if (position - 1) % readers == reader:
-                counter.read += 1
-                where = f"the samples after {last_key}" if last_key else "the whole shard"
-                counter.skip(url, where, f"unreadable tar ({type(error).__name__}: {error})")
+            if (position - 1) % readers == reader and (sample := _counted(url, key, item, counter)) is not None:
+                yield sample
+
+
+def read_shard(url: str, counter: SkipCounter, start: int = 0) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(index in the tar, sample) of one shard from sample ``start`` on. The samples before ``start``
+    are passed over unchecked and uncounted (a resumed reader took them before it stopped); only the
+    tar headers and bytes are read through, nothing is decoded."""
+    for index, (key, item) in enumerate(_shard_items(url)):
+        if index >= start and (sample := _counted(url, key, item, counter)) is not None:
+            yield index, sample
 
 
 def _check_image(data: bytes) -> None:

@@ -11,8 +11,8 @@ The path of one example, from disk to the model:
 3. :func:`perceptio.train.bad_data.read_shards` reads the tars, skipping and counting what does not
    read or decode (see bad_data.py); :func:`expand_sample` turns one sample into examples (one per
    (ref, sentence), one per marked-point question for ADE20k, one conversation for LLaVA, one
-   grounded caption for GranD-f) with the templates of ``manifests/prompts.json``;
-   ``webdataset.shuffle`` mixes them in a seeded buffer.
+   grounded caption for GranD-f) with the templates of ``manifests/prompts.json``; a seeded
+   buffer mixes them (webdataset's ``shuffle``, on a buffer the reader can save and rebuild).
 4. A seeded draw picks the stream of each example in proportion to its weight, so a stream's share
    does not depend on its size. Streams repeat endlessly (epoch after epoch, reshuffled), so every
    rank makes exactly as many steps as asked and no rank waits for another at an epoch's end.
@@ -20,10 +20,12 @@ The path of one example, from disk to the model:
    turns out with the chat template and labels the answers only); DataLoader workers get the processor
    (:class:`perceptio.train.processor.PerceptioProcessor`), never the model.
 
-Exact resume: a reader's position is (draws made, and per stream the epoch and the examples taken
-in it). Everything before encoding is a pure function of the seed, so a reader rebuilt from its
-position replays the current epoch (checking images at reduced size, not decoding them for the
-model) and goes on with the very next example.
+Exact resume: a reader's position is (draws made, and per stream the epoch, the examples taken in
+it, the last sample read and the examples waiting in the shuffle buffer). Everything before
+encoding is a pure function of the seed, so a reader rebuilt from its position seeks: it skips the
+shards before the last one read without opening them, passes over the samples before the position
+in that shard without decoding them, reads back the buffered examples' samples, and goes on with
+the very next example (see :class:`_StreamReader`).
 """
 
 from __future__ import annotations
@@ -39,7 +41,6 @@ from typing import Any, Iterator, Protocol, Sequence
 
 import numpy as np
 import torch
-import webdataset as wds
 
 from perceptio import fs
 from perceptio.errors import PerceptioError
@@ -56,7 +57,7 @@ from perceptio.shards import (
     rle_to_mask,
 )
 from perceptio.tokens import SEG, depth_span
-from perceptio.train.bad_data import SkipCounter, guarded, read_shards
+from perceptio.train.bad_data import SkipCounter, guarded, read_shard, read_shards
 from perceptio.train.chat import ASSISTANT, USER, Turn, as_turns
 from perceptio.train.config import QUESTION_TARGETS, TRAINING_SPLITS, StreamConfig
 from perceptio.train.preemption import ignore_stop_signals
@@ -333,41 +334,136 @@ def _rng(seed: int, *parts: object) -> random.Random:
     return random.Random("/".join(map(str, (seed, *parts))))
 
 
+Token = tuple[int, int, int]  # (shard in the reader's order of the epoch, sample in the tar, example of the sample)
+
+
+def _shuffled(source: Iterator[Any], buffer: list[Any], size: int, initial: int, rng: random.Random) -> Iterator[Any]:
+    """webdataset's ``shuffle`` (the same pulls and the same draws, so the same order), on a buffer the
+    caller holds: a reader saves the buffer and the generator's state and can rebuild both."""
+    initial = min(initial, size)
+    for item in source:
+        buffer.append(item)
+        if len(buffer) < size:
+            try:
+                buffer.append(next(source))
+            except StopIteration:
+                pass
+        if len(buffer) >= initial:
+            yield _take_random(buffer, rng)
+    while buffer:
+        yield _take_random(buffer, rng)
+
+
+def _take_random(buffer: list[Any], rng: random.Random) -> Any:
+    index = rng.randint(0, len(buffer) - 1)
+    item = buffer[index]
+    buffer[index] = buffer[-1]
+    buffer.pop()
+    return item
+
+
 class _StreamReader:
-    """The endless, reshuffled example sequence of one stream for one reader."""
+    """The endless, reshuffled example sequence of one stream for one reader.
+
+    Its position (:meth:`state`) is the epoch and the examples taken in it, and, to seek: the last
+    sample read (``cursor``: shard, sample, examples of it taken into the buffer), which examples
+    sit in the shuffle buffer (as tokens) and the buffer's generator state. A reader rebuilt from
+    it opens only the shard of the cursor (passing over the samples before it without decoding
+    them) and the samples of buffered examples; every earlier shard is skipped unopened. Without a
+    seek position (a stream shared sample by sample, whose readers count samples across all its
+    shards; or a checkpoint from before), it replays the epoch up to ``taken`` instead.
+    """
 
     def __init__(self, stream: Stream, slot: ReaderSlot, config: StreamConfig, templates: PromptTemplates,
-                 epoch: int = 0, taken: int = 0, read: int | None = None, skipped: int | None = None):
+                 epoch: int = 0, taken: int = 0, read: int | None = None, skipped: int | None = None,
+                 seek: dict[str, Any] | None = None):
         self.stream, self.slot, self.config, self.templates = stream, slot, config, templates
         self.epoch, self.taken = epoch, 0
-        self.bad = SkipCounter(quiet=True)  # the replay meets the bad samples the original run reported
-        self._examples = self._epoch_examples()
-        for _ in range(taken):  # fast-forward: images are only checked (bad_data.py), not decoded for the model
-            next(self)
-        # The counts of earlier epochs are not replayed: take them from the checkpoint.
+        self.bad = SkipCounter(quiet=True)  # a replay meets the bad samples the original run reported
+        readers = slot.world_size * slot.num_workers
+        self._shared = splits_samples(stream, readers)
+        self._share = (readers, slot.rank * slot.num_workers + slot.worker)
+        if seek is not None and not self._shared:
+            self._begin_epoch(seek)
+            self.taken = taken
+        else:
+            self._begin_epoch()
+            for _ in range(taken):  # replay: images are only checked (bad_data.py), not decoded for the model
+                next(self)
+        # The counts before the position are not replayed: take them from the checkpoint.
         self.bad.quiet = False
         self.bad.read = read if read is not None else self.bad.read
         self.bad.skipped = skipped if skipped is not None else self.bad.skipped
 
-    def _epoch_examples(self) -> Iterator[Example]:
+    def _epoch_shards(self) -> list[str]:
         order = list(self.stream.shards)
         _rng(self.config.seed, "shards", self.stream.name, self.epoch).shuffle(order)
-        readers = self.slot.world_size * self.slot.num_workers
-        if splits_samples(self.stream, readers):
+        if self._shared:
             # Too few shards to give each reader its own: every reader reads them all and keeps
             # every readers-th sample, so the readers still see disjoint samples.
-            reader = self.slot.rank * self.slot.num_workers + self.slot.worker
-            samples = read_shards([str(path) for path in order], self.bad, share=(readers, reader))
-        else:
-            mine = order[self.slot.rank :: self.slot.world_size][self.slot.worker :: self.slot.num_workers]
-            samples = read_shards([str(path) for path in mine], self.bad)
-        examples = (example for raw in samples for example in self._checked_expand(raw))
-        buffer_rng = _rng(self.config.seed, "buffer", self.stream.name, self.epoch, self.slot.rank, self.slot.worker)
-        return iter(wds.shuffle(self.config.shuffle_buffer, self.config.shuffle_initial, rng=buffer_rng)(examples))
+            return [str(path) for path in order]
+        return [str(path) for path in order[self.slot.rank :: self.slot.world_size][self.slot.worker :: self.slot.num_workers]]
 
-    def _checked_expand(self, raw: dict[str, Any]) -> list[Example]:
+    def _begin_epoch(self, seek: dict[str, Any] | None = None) -> None:
+        self._shards = self._epoch_shards()
+        self._rng = _rng(self.config.seed, "buffer", self.stream.name, self.epoch, self.slot.rank, self.slot.worker)
+        self._cursor: Token | None = None
+        self._buffer: list[tuple[Token | None, Example]] = []
+        pending: list[tuple[Token, Example]] = []
+        if seek is not None:
+            version, internal, gauss = seek["rng"]
+            self._rng.setstate((version, tuple(internal), gauss))
+            self._cursor = tuple(seek["cursor"]) if seek["cursor"] else None
+            tokens = [tuple(token) for token in seek["buffer"]]
+            wanted = {(shard, sample) for shard, sample, _ in tokens} | ({self._cursor[:2]} if self._cursor else set())
+            examples = self._read_back(wanted)
+            self._buffer.extend((token, examples[token[:2]][token[2]]) for token in tokens)
+            if self._cursor is not None:  # the examples of the last sample read that were not taken yet
+                shard, sample, taken = self._cursor
+                pending = [((shard, sample, n), example) for n, example in enumerate(examples[shard, sample]) if n >= taken]
+        self._examples = _shuffled(self._source(pending), self._buffer, self.config.shuffle_buffer,
+                                   self.config.shuffle_initial, self._rng)
+
+    def _source(self, pending: list[tuple[Token, Example]]) -> Iterator[tuple[Token | None, Example]]:
+        """The examples of the epoch in shard order, each with its token, from the cursor on."""
+        if self._shared:
+            for raw in read_shards(self._shards, self.bad, share=self._share):
+                for example in self._checked_expand(raw, self.bad):
+                    yield None, example
+            return
+        for token, example in pending:
+            self._cursor = token[0], token[1], token[2] + 1
+            yield token, example
+        first_shard, first_sample = (self._cursor[0], self._cursor[1] + 1) if self._cursor else (0, 0)
+        for shard in range(first_shard, len(self._shards)):
+            start = first_sample if shard == first_shard else 0
+            for sample, raw in read_shard(self._shards[shard], self.bad, start):
+                for index, example in enumerate(self._checked_expand(raw, self.bad)):
+                    self._cursor = shard, sample, index + 1
+                    yield (shard, sample, index), example
+
+    def _read_back(self, wanted: set[tuple[int, int]]) -> dict[tuple[int, int], list[Example]]:
+        """The examples of samples read before the position, by (shard, sample): only their shards are
+        opened, and within them nothing before the first wanted sample is decoded. Quietly: the
+        original run counted and reported them."""
+        found: dict[tuple[int, int], list[Example]] = {}
+        quiet = SkipCounter(quiet=True)
+        for shard in sorted({shard for shard, _ in wanted}):
+            samples = {sample for wanted_shard, sample in wanted if wanted_shard == shard}
+            for index, raw in read_shard(self._shards[shard], quiet, start=min(samples)):
+                if index in samples:
+                    found[shard, index] = self._checked_expand(raw, quiet)
+                if index >= max(samples):
+                    break
+        missing = sorted(wanted - found.keys())
+        if missing:
+            raise PerceptioError(f"{self._shards[missing[0][0]]}: sample {missing[0][1]} of the checkpoint's position is "
+                                 "gone (the shard changed since it was written); resume cannot seek to it")
+        return found
+
+    def _checked_expand(self, raw: dict[str, Any], counter: SkipCounter) -> list[Example]:
         examples = guarded(lambda sample: expand_sample(sample, self.templates, self.config.use_depth_tokens,
-                                                        self.config.question_targets), raw, self.bad)
+                                                        self.config.question_targets), raw, counter)
         for example in examples:
             if mix_key_for(example.source, [self.stream.name]) is None:
                 raise PerceptioError(
@@ -379,16 +475,24 @@ class _StreamReader:
     def __next__(self) -> Example:
         for _attempt in range(2):
             try:
-                example = next(self._examples)
+                _, example = next(self._examples)
                 self.taken += 1
                 return example
             except StopIteration:
                 self.epoch, self.taken = self.epoch + 1, 0
-                self._examples = self._epoch_examples()
+                self._begin_epoch()
         raise PerceptioError(
             f"stream {self.stream.name!r} gave reader {self.slot} no example in a whole epoch "
             "(its shards hold no refs or questions)"
         )
+
+    def state(self) -> dict[str, Any]:
+        position = {"epoch": self.epoch, "taken": self.taken, "read": self.bad.read, "skipped": self.bad.skipped}
+        if not self._shared:
+            position["seek"] = {"cursor": list(self._cursor) if self._cursor else None,
+                                "buffer": [list(token) for token, _ in self._buffer],
+                                "rng": self._rng.getstate()}
+        return position
 
 
 class ExampleReader:
@@ -420,8 +524,7 @@ class ExampleReader:
     def state(self) -> dict[str, Any]:
         return {
             "draws": self.draws,
-            "streams": {r.stream.name: {"epoch": r.epoch, "taken": r.taken, "read": r.bad.read,
-                                        "skipped": r.bad.skipped} for r in self._readers},
+            "streams": {r.stream.name: r.state() for r in self._readers},
         }
 
 
