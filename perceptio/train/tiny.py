@@ -143,7 +143,25 @@ def tiny_internvl(tokenizer: PreTrainedTokenizerFast, vocab_size: int | None = N
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = InternVLForConditionalGeneration(config)
+    # InternVL initialises its vision position embeddings to zero (a checkpoint overwrites them): a
+    # tower trained from there starts with no notion of where a patch is. A fixed 2-D sine-cosine
+    # table (as MAE's) gives every patch its place from the first step.
+    embeddings = model.model.vision_tower.embeddings
+    with torch.no_grad():
+        embeddings.position_embeddings[0, 1:] = sine_cosine_positions(size.image_size // 14, size.vision_width)
     return model
+
+
+def sine_cosine_positions(side: int, width: int) -> torch.Tensor:
+    """(side * side, width) 2-D sine-cosine position codes, row-major: half the channels code the
+    row, half the column, each at ``width // 4`` frequencies."""
+    quarter = width // 4
+    frequencies = 1.0 / (100.0 ** (torch.arange(quarter, dtype=torch.float32) / quarter))
+    places = torch.arange(side, dtype=torch.float32)[:, None] * frequencies[None, :]  # (side, quarter)
+    codes = torch.cat([places.sin(), places.cos()], dim=1)  # (side, width / 2)
+    rows = codes[:, None, :].expand(side, side, -1)
+    columns = codes[None, :, :].expand(side, side, -1)
+    return torch.cat([rows, columns], dim=-1).reshape(side * side, width)
 
 
 def tiny_sam2(dimensions: TinySize = TinySize(), seed: int = TINY_SEED + 1) -> Sam2Model:
