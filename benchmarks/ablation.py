@@ -97,13 +97,15 @@ class AblationConfig:
     hard_questions_per_image: int = 4
     refseg_limit: int = 150  # held-out referring expressions scored
     miniature: bool = True  # False: the built-in --model tiny (frozen random encoders)
+    vlm_pretrain_steps: int = 2000  # the miniature VLM's pretraining on the training world (perceptio.train.miniature)
+    base_models: str = ""  # a folder with vlm/ and sam2/ pretrained beforehand (benchmarks/miniature.py), used for every seed
     threads: int = 1  # torch threads per process: one is fastest for these models on a busy CPU
     parallel: int = 1  # (seed, arm) runs at a time (one per free core; on a GPU machine several share the GPU)
     workers: int = 0  # loader worker processes per training run (0: decode in the training process)
 
 
 QUICK = AblationConfig(world_images=40, heldout_images=16, tokenizer_steps=20, questions_per_image=2, train_steps=4,
-                       batch_size=2, hard_per_variant=4, hard_questions_per_image=1, refseg_limit=4)
+                       batch_size=2, hard_per_variant=4, hard_questions_per_image=1, refseg_limit=4, vlm_pretrain_steps=4)
 
 
 # ------------------------------------------------------------------------------------ running
@@ -211,13 +213,25 @@ def model_flags(config: AblationConfig, out: Path, seed: int) -> list[str]:
               "--train-language-model"]
     if not config.miniature:
         return ["--model", "tiny", *shared]
-    from miniature import MINIATURE
-
-    from perceptio.train.tiny import save_miniature
-
-    folder = out / "miniature" / f"seed{seed}"
-    vlm, sam = (folder / "vlm", folder / "sam2") if (folder / "sam2").is_dir() else save_miniature(folder, MINIATURE, seed=seed)
+    vlm, sam = base_models(config, out, seed)
     return ["--model", str(vlm), "--sam-model", str(sam), "--train-vision", "--train-sam-encoder", *shared]
+
+
+def base_models(config: AblationConfig, out: Path, seed: int) -> tuple[Path, Path]:
+    """The folder holding the miniature's vlm/ and sam2/: ``--base-models`` as given (pretrained once
+    and cached, like a downloaded checkpoint), or built for the seed (its VLM pretrained on the
+    training world for ``vlm_pretrain_steps``) on first use."""
+    from perceptio.train.tiny import SAM_FOLDER, VLM_FOLDER
+
+    folder = Path(config.base_models) if config.base_models else out / "miniature" / f"seed{seed}"
+    if not (folder / SAM_FOLDER).is_dir():
+        from miniature import build_miniature
+
+        with TIMER.stage(f"miniature_seed{seed}"):
+            before = _own_cpu()
+            build_miniature(folder, seed, out / "world", config.vlm_pretrain_steps)
+            TIMER.add_cpu(_own_cpu() - before)
+    return folder / VLM_FOLDER, folder / SAM_FOLDER
 
 
 def train_and_evaluate(config: AblationConfig, out: Path, seed: int, name: str, timer: Timer = TIMER) -> dict[str, Any]:

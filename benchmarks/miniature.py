@@ -1,14 +1,16 @@
 """Build the miniature Perceptio base models: a tiny InternVL and a tiny SAM2 as ordinary model folders.
 
-The real recipe fine-tunes pretrained parts; the miniature starts from random ones and, unlike the
-built-in ``--model tiny``, trains every part (vision tower, language model, SAM2 encoder and
-decoder): measured in README "Perceptio in miniature", frozen random encoders let no mask be
-learned even on training images. The folders are written by ``save_pretrained``, so the trainer
-loads them exactly as real checkpoints::
+The real recipe fine-tunes pretrained parts; the miniature starts from random ones, optionally
+pretrains its VLM on the training world (``--world W --vlm-steps N``, see
+:mod:`perceptio.train.miniature`) and, unlike the built-in ``--model tiny``, trains every part in
+the Perceptio fine-tuning (vision tower, language model, SAM2 encoder and decoder): measured in
+README "Perceptio in miniature", frozen random encoders let no mask be learned even on training
+images. The folders are written by ``save_pretrained``, so the trainer loads them exactly as real
+checkpoints::
 
-    python benchmarks/miniature.py --out mini --seed 0
+    python benchmarks/miniature.py --out mini --seed 0 --world W --vlm-steps 2000
     perceptio-train --model mini/vlm --sam-model mini/sam2 --train-language-model --train-vision \\
-        --train-sam-encoder --lr 1e-2 --head-lr 1e-3 --batch-size 8 ...
+        --train-sam-encoder --lr 1e-3 --head-lr 1e-3 --batch-size 8 ...
 
 The default size is the one the ablation (benchmarks/ablation.py) uses: a 280-pixel tile, so the
 image is 10x10 tokens, the same grid as the 100 depth tokens.
@@ -20,23 +22,46 @@ import argparse
 from dataclasses import fields
 from pathlib import Path
 
-from perceptio.train.tiny import TinySize, save_miniature
+from perceptio.train.tiny import VLM_FOLDER, TinySize, save_miniature
 
 # The ablation's miniature (README "Perceptio in miniature" says how it was chosen).
 MINIATURE = TinySize(vision_width=32, vision_layers=2, image_size=280, text_width=64, text_layers=2, text_heads=4,
                      sam_stage_widths=(8, 16, 32, 64), sam_width=32)
 
 
+def build_miniature(out: Path, seed: int, world: Path | None = None, vlm_steps: int = 0,
+                    size: TinySize = MINIATURE) -> tuple[Path, Path]:
+    """``out/vlm`` and ``out/sam2``; with ``world`` and ``vlm_steps``, the VLM pretrained on that world."""
+    vlm, sam = save_miniature(out, size, seed=seed)
+    if world is not None and vlm_steps > 0:
+        import torch
+        from transformers import AutoTokenizer, InternVLForConditionalGeneration
+
+        from perceptio.io import atomic_directory
+        from perceptio.train.miniature import VlmPretraining, pretrain_vlm
+
+        torch.manual_seed(seed)
+        tokenizer = AutoTokenizer.from_pretrained(vlm)
+        model = InternVLForConditionalGeneration.from_pretrained(vlm)
+        pretrain_vlm(model, tokenizer, world, VlmPretraining(steps=vlm_steps, seed=seed))
+        with atomic_directory(out / VLM_FOLDER) as staging:  # replaces the random one
+            model.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
+    return vlm, sam
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="folder to write vlm/ and sam2/ into")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights (same seed, same folders)")
+    parser.add_argument("--world", type=Path, help="a synthetic world (perceptio-curate synth) to pretrain the VLM on")
+    parser.add_argument("--vlm-steps", type=int, default=0, help="VLM pretraining steps on --world (0: random VLM)")
     for option in fields(TinySize):
         if option.name != "sam_stage_widths":
             parser.add_argument(f"--{option.name.replace('_', '-')}", type=int, default=getattr(MINIATURE, option.name))
     arguments = parser.parse_args()
     size = TinySize(**{option.name: getattr(arguments, option.name, getattr(MINIATURE, option.name)) for option in fields(TinySize)})
-    vlm, sam = save_miniature(arguments.out, size, seed=arguments.seed)
+    vlm, sam = build_miniature(arguments.out, arguments.seed, arguments.world, arguments.vlm_steps, size)
     print(f"miniature {size}: {vlm} {sam}")
 
 

@@ -1,0 +1,113 @@
+"""The miniature's base models: initialisation that lets random parts learn, and the VLM pretraining."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from perceptio.train.chat import ASSISTANT, USER, Turn
+from perceptio.train.miniature import (
+    GRID,
+    MAP_BACKGROUND,
+    VlmPretraining,
+    colour_map_question,
+    object_map,
+    place_questions,
+    pretrain_vlm,
+    referring_questions,
+    vlm_processor,
+)
+from perceptio.train.tiny import TinySize, sine_cosine_positions, tiny_internvl, tiny_sam2, tiny_text_tokenizer
+
+# The ablation's 280-pixel tile (10x10 image tokens, the grid the maps are written on), narrower.
+SMALL = TinySize(vision_width=16, vision_layers=1, image_size=280, text_width=32, text_layers=1, text_heads=2)
+
+
+def test_sine_cosine_positions_name_every_patch_apart() -> None:
+    codes = sine_cosine_positions(20, 32)
+    assert codes.shape == (400, 32)
+    assert codes.abs().max() <= 1.0
+    # every patch has its own code, and patches of one row share the row half
+    assert len({tuple(row) for row in codes.round(decimals=5).tolist()}) == 400
+    grid = codes.view(20, 20, 32)
+    assert torch.equal(grid[3, 0, :16], grid[3, 19, :16])
+    assert torch.equal(grid[0, 7, 16:], grid[19, 7, 16:])
+
+
+def test_tiny_vlm_starts_with_positions_and_sam2_with_fan_in_weights() -> None:
+    vlm = tiny_internvl(tiny_text_tokenizer(), size=SMALL)
+    positions = vlm.model.vision_tower.embeddings.position_embeddings[0, 1:]
+    assert torch.equal(positions, sine_cosine_positions(SMALL.image_size // 14, SMALL.vision_width))
+    sam = tiny_sam2(SMALL)
+    layer = sam.mask_decoder.upscale_conv1
+    fan_in, _ = torch.nn.init._calculate_fan_in_and_fan_out(layer.weight)
+    bound = 1 / math.sqrt(fan_in)
+    # PyTorch's default: uniform within +-1/sqrt(fan_in) (std = bound / sqrt(3)), not N(0, 0.02)
+    assert layer.weight.abs().max() <= bound + 1e-6
+    assert layer.weight.std() > 0.5 * bound / math.sqrt(3) > 0.02
+
+
+def test_colour_map_reads_the_instance_at_each_cell_centre() -> None:
+    instances = np.zeros((20, 30), dtype=np.uint16)
+    instances[0:4, 0:6] = 7  # covers cells (0..1, 0..1): centres at rows 1, 3 and columns 1.5, 4.5
+    instances[18:20, 27:30] = 2  # cell (9, 9)
+    record = {"objects": [{"instance": 7, "colour": "red"}, {"instance": 2, "colour": "blue"}]}
+    question, answer = colour_map_question(record, instances, ["blue", "red"])
+    assert len(answer) == GRID * GRID
+    grid = [answer[row * GRID:(row + 1) * GRID] for row in range(GRID)]
+    assert grid[0][:3] == "11." and grid[1][:3] == "11."
+    assert grid[9][9] == "0"
+    assert answer.count(MAP_BACKGROUND) == GRID * GRID - 5
+
+
+def test_object_map_marks_covered_cells_and_always_the_best_one() -> None:
+    instances = np.zeros((100, 100), dtype=np.uint16)
+    instances[0:10, 0:10] = 1  # exactly cell (0, 0)
+    instances[55:57, 55:57] = 2  # 4% of cell (5, 5): below a quarter, still marked as its best cell
+    assert object_map(instances, 1) == "1" + MAP_BACKGROUND * 99
+    tiny = object_map(instances, 2)
+    assert tiny.count("1") == 1 and tiny[5 * GRID + 5] == "1"
+
+
+def test_questions_of_a_world(synth_world: Path) -> None:
+    records = json.loads((synth_world / "world.json").read_text())["images"]
+    places = [pair for record in records for pair in place_questions(record)]
+    assert places and all(len(answer.split()) == 2 or question.startswith("What is at") for question, answer in places)
+    referring = referring_questions(synth_world, records)
+    marks = [answer for questions in referring.values() for question, answer in questions if question.startswith("Mark ")]
+    assert marks and all(len(answer) == GRID * GRID and "1" in answer for answer in marks)
+
+
+def test_pretraining_lowers_the_loss_on_the_world(synth_world: Path) -> None:
+    torch.manual_seed(0)
+    tokenizer = tiny_text_tokenizer()
+    vlm = tiny_internvl(tokenizer, size=SMALL)
+    records = json.loads((synth_world / "world.json").read_text())["images"][:4]
+    processor = vlm_processor(vlm, tokenizer)
+    batch = processor.collate([
+        processor.encode_conversation(Image.open(synth_world / record["file"]).convert("RGB"),
+                                      [Turn(USER, question), Turn(ASSISTANT, answer)])
+        for record in records for question, answer in place_questions(record)[:1]])
+
+    def loss() -> float:
+        with torch.no_grad():
+            return float(vlm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                             pixel_values=batch["pixel_values"], labels=batch["labels"]).loss)
+
+    before = loss()
+    logged: list[str] = []
+    pretrain_vlm(vlm, tokenizer, synth_world, VlmPretraining(steps=40, batch_size=4, log_every=20), log=logged.append)
+    assert len(logged) == 2 and "step 40/40" in logged[-1]
+    assert loss() < before - 1.0
+    assert not vlm.training
+
+
+def test_pretraining_needs_a_step() -> None:
+    with pytest.raises(ValueError, match="at least one step"):
+        VlmPretraining(steps=0)
