@@ -1,4 +1,4 @@
-"""``perceptio-evaluate``: referring segmentation, HardBLINK, depth tokens, and one-image predictions.
+"""``perceptio-evaluate``: referring segmentation, HardBLINK, depth tokens, where learning breaks (diagnose), and one-image predictions.
 
 Every benchmark prints a rich table (or JSON with ``--json``; ``--out FILE`` also writes the JSON)
 that names the checkpoint (path and identity) and counts the data, so two runs can be compared.
