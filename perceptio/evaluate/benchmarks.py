@@ -13,7 +13,7 @@ import io
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable, Protocol, Sequence, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol, Sequence, TypeVar
 
 import numpy as np
 from PIL import Image
@@ -24,6 +24,9 @@ from perceptio.evaluate.distributed import ProcessGroup, gather_records
 from perceptio.evaluate.hardblink import HardBlinkQuestion, parse_choice
 from perceptio.evaluate.metrics import decoded_depth_scores, mask_overlap, token_accuracy
 from perceptio.shards import npy_load, rle_to_mask
+
+if TYPE_CHECKING:
+    from perceptio.train.data import Example
 
 Item = TypeVar("Item")
 
@@ -59,25 +62,43 @@ class ShardItem:
         return Image.open(io.BytesIO(self.image_bytes)).convert("RGB")
 
 
+def shard_samples(shard_dirs: Sequence[str | Path], split: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(split, raw webdataset sample) of every sample of the split's shards, in file order."""
+    import webdataset as wds
+
+    from perceptio.train.data import find_shards
+
+    for shard in find_shards(list(shard_dirs), splits=(split,)):
+        for raw in wds.tarfile_samples([{"url": str(shard.path)}]):
+            yield shard.split, raw
+
+
+def read_shard_examples(shard_dirs: Sequence[str | Path], split: str, use_depth_tokens: bool = True) -> list[Example]:
+    """The trainer's examples (:func:`perceptio.train.data.expand_sample`, the prompt templates and
+    targets it trains on) of every sample of the split's shards, in file order."""
+    from perceptio.train.data import PromptTemplates, expand_sample
+
+    templates = PromptTemplates.load()
+    return [example for _, raw in shard_samples(shard_dirs, split)
+            for example in expand_sample(raw, templates, use_depth_tokens=use_depth_tokens)]
+
+
 def read_shard_items(shard_dirs: Sequence[str | Path], split: str, per_image: bool = False) -> list[ShardItem]:
     """Every (ref, sentence) of the split's shards in file order; ``per_image``: the first of each
     image sample only (depth is a property of the image, not of the sentence)."""
-    import webdataset as wds
-
-    from perceptio.train.data import PromptTemplates, expand_sample, find_shards
+    from perceptio.train.data import PromptTemplates, expand_sample
 
     templates = PromptTemplates.load()
     items: list[ShardItem] = []
-    for shard in find_shards(list(shard_dirs), splits=(split,)):
-        for raw in wds.tarfile_samples([{"url": str(shard.path)}]):
-            codes = npy_load(raw["depth_tokens.npy"]).tolist() if "depth_tokens.npy" in raw else []
-            teacher_codes = tuple(int(code) for code in codes)
-            examples = expand_sample(raw, templates, use_depth_tokens=True)
-            for example in examples[:1] if per_image else examples:
-                items.append(
-                    ShardItem(example.key, example.source, shard.split, example.prompt, example.image_bytes,
-                              example.mask_rle, example.depth_bytes, teacher_codes)
-                )
+    for shard_split, raw in shard_samples(shard_dirs, split):
+        codes = npy_load(raw["depth_tokens.npy"]).tolist() if "depth_tokens.npy" in raw else []
+        teacher_codes = tuple(int(code) for code in codes)
+        examples = expand_sample(raw, templates, use_depth_tokens=True)
+        for example in examples[:1] if per_image else examples:
+            items.append(
+                ShardItem(example.key, example.source, shard_split, example.prompt, example.image_bytes,
+                          example.mask_rle, example.depth_bytes, teacher_codes)
+            )
     return items
 
 
@@ -100,21 +121,18 @@ class ConversationTurnItem:
 
 def read_conversation_items(shard_dirs: Sequence[str | Path], split: str) -> list[ConversationTurnItem]:
     """Every answer of every conversation sample of the split's shards, in file order."""
-    import webdataset as wds
-
-    from perceptio.train.data import PromptTemplates, expand_sample, find_shards
+    from perceptio.train.data import PromptTemplates, expand_sample
 
     templates = PromptTemplates.load()
     items: list[ConversationTurnItem] = []
-    for shard in find_shards(list(shard_dirs), splits=(split,)):
-        for raw in wds.tarfile_samples([{"url": str(shard.path)}]):
-            for example in expand_sample(raw, templates):
-                if example.mask_rles or len(example.turns) < 2:  # grounded captions are scored as masks, not text
-                    continue
-                for turn in range(1, len(example.turns), 2):
-                    items.append(ConversationTurnItem(f"{example.key}/turn{turn}", example.key, example.source,
-                                                      shard.split, turn, example.turns[:turn],
-                                                      example.turns[turn].text, example.image_bytes))
+    for shard_split, raw in shard_samples(shard_dirs, split):
+        for example in expand_sample(raw, templates):
+            if example.mask_rles or len(example.turns) < 2:  # grounded captions are scored as masks, not text
+                continue
+            for turn in range(1, len(example.turns), 2):
+                items.append(ConversationTurnItem(f"{example.key}/turn{turn}", example.key, example.source,
+                                                  shard_split, turn, example.turns[:turn],
+                                                  example.turns[turn].text, example.image_bytes))
     return items
 
 

@@ -1,4 +1,4 @@
-"""``perceptio-evaluate``: referring segmentation, HardBLINK, depth tokens, and one-image predictions.
+"""``perceptio-evaluate``: referring segmentation, HardBLINK, depth tokens, where learning breaks (diagnose), and one-image predictions.
 
 Every benchmark prints a rich table (or JSON with ``--json``; ``--out FILE`` also writes the JSON)
 that names the checkpoint (path and identity) and counts the data, so two runs can be compared.
@@ -23,7 +23,7 @@ from perceptio.io import write_text_atomic
 from perceptio.progress import ProgressLog
 
 app = typer.Typer(
-    help="Evaluate a Perceptio checkpoint: refseg (cIoU/gIoU), hardblink (relative depth), depth tokens, conversations, predict.",
+    help="Evaluate a Perceptio checkpoint: refseg (cIoU/gIoU), hardblink (relative depth), depth tokens, conversations, diagnose (where learning breaks), predict.",
     no_args_is_help=True,
     add_completion=False,
 )
@@ -362,6 +362,60 @@ def synth_blink(
     for name, by_variant in scores.items():
         values = [by_variant[v] for v in variants if v in by_variant]
         table.add_row(name, *(percent(by_variant.get(v)) for v in variants), percent(sum(values) / len(values)))
+    report(results, table, as_json, json_out)
+
+
+@app.command()
+def diagnose(
+    checkpoint: Path = CHECKPOINT_OPTION,
+    shards: list[Path] = SHARDS_OPTION,
+    split: str = typer.Option("train", help="Split to diagnose (train: does the model use what it was taught?)."),
+    limit: Optional[int] = typer.Option(64, help="Diagnose the first N samples (in dataset order) that have an image."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Samples per teacher-forced batch (at least 2: images and [SEG] states are swapped within a batch)."),
+    threads: Optional[int] = THREADS_OPTION,
+    dtype: str = DTYPE_OPTION,
+    as_json: bool = JSON_OPTION,
+    json_out: Optional[Path] = typer.Option(None, "--json-out", help=OUT_HELP),
+) -> None:
+    """Where the learning chain breaks: does the model look at the picture, do its [SEG] states differ
+    between expressions, does SAM2's decoder follow its prompt (teacher-forced probes, one reading each)."""
+    from perceptio.evaluate.benchmarks import read_shard_examples
+    from perceptio.evaluate.diagnose import diagnose as run_probes
+    from perceptio.evaluate.diagnose import readings
+
+    if batch_size < 2:
+        raise PerceptioError(f"--batch-size must be at least 2 (images and [SEG] states are swapped within a batch), not {batch_size}")
+    if limit is not None and limit < 2:
+        raise PerceptioError(f"--limit must be at least 2 (a sample is compared with another), not {limit}")
+    predictor = _load_predictor(checkpoint, 0, threads, dtype)
+    model = predictor.model
+    examples = read_shard_examples(shards, split, use_depth_tokens=model.config.use_depth_tokens)
+    pictured = [example for example in examples if example.image_bytes is not None]
+    chosen = _limited(pictured, limit)
+    if len(chosen) < 2:
+        raise PerceptioError(f"fewer than 2 samples with an image in split {split!r} of {', '.join(map(str, shards))}")
+    with ProgressLog(f"diagnose {split}", len(chosen), unit="samples") as progress:
+        probes = run_probes(model, chosen, batch_size, predictor.device, predictor.autocast,
+                            lambda done: progress.update(progress.completed + done))
+    rows, broken = readings(probes, model.segmenter is not None, model.config.use_depth_tokens)
+    verdict = broken[0] if broken else "no link found broken by these probes"
+    results = {
+        "benchmark": "diagnose",
+        "checkpoint": _checkpoint_info(checkpoint, predictor),
+        "data": {"shards": [str(path) for path in shards], "split": split, "samples": probes.examples,
+                 "text_only_skipped": len(examples) - len(pictured), "batches": probes.batches, "batch_size": batch_size, "limit": limit},
+        "processes": 1,
+        "readings": [row.to_dict() for row in rows],
+        "broken_links": broken,
+        "first_break": verdict if broken else None,
+    }
+    table = Table(title=_header(results) + f" | {probes.examples} samples in {probes.batches} batches",
+                  caption=f"where the chain breaks first: {verdict}")
+    for column in ("probe", "quantity", "value", "reading"):
+        table.add_column(column)
+    for index, row in enumerate(rows):
+        probe = row.probe if index == 0 or rows[index - 1].probe != row.probe else ""
+        table.add_row(probe, row.quantity, "-" if row.value is None else f"{row.value:.4g}", row.reading)
     report(results, table, as_json, json_out)
 
 

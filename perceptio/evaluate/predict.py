@@ -131,7 +131,7 @@ class Predictor:
         present = [values for values in tiles if values is not None]
         # No pixel_values at all for text-only prompts: an explicit None sends generate down the image path.
         image_inputs = {"pixel_values": torch.cat(present).to(self.device, self._pixel_dtype())} if present else {}
-        with self._autocast():
+        with self.autocast():
             output = model.adapter.model.generate(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
@@ -165,7 +165,7 @@ class Predictor:
     def _pixel_dtype(self) -> torch.dtype:
         return next(self.model.adapter.vision_modules()[0].parameters()).dtype
 
-    def _autocast(self):
+    def autocast(self):
         """bf16 autocast where bf16 weights are present (frozen bf16 beside fp32 trained weights)."""
         holds_bf16 = any(parameter.dtype == torch.bfloat16 for parameter in self.model.parameters())
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=holds_bf16)
@@ -185,7 +185,7 @@ class Predictor:
         attention = torch.tensor([[1] * len(sequences[row]) + [0] * (width - len(sequences[row])) for row in rows],
                                  device=self.device)
         pixel_values = torch.cat([tiles[row] for row in rows]).to(self.device, self._pixel_dtype())
-        with self._autocast():
+        with self.autocast():
             hidden = model.adapter.last_hidden_state(ids, attention, pixel_values)
             for index, row in enumerate(rows):
                 position = len(prompt_ids[row]) + generated[row].index(model.seg_token_id)

@@ -113,7 +113,7 @@ def depth_marker_loss(supervised: SupervisedLogits, token_nll: torch.Tensor, spa
     total = supervised.logits.sum() * 0.0
     for b in torch.nonzero(spans.valid).flatten().tolist():
         rows = supervised.index[b, [spans.start[b], spans.end[b]]]
-        total = total + token_nll[_checked_rows(rows)].sum()
+        total = total + token_nll[checked_rows(rows)].sum()
     return total / batch
 
 
@@ -123,7 +123,7 @@ def depth_token_loss(supervised: SupervisedLogits, token_nll: torch.Tensor, span
     total = supervised.logits.sum() * 0.0
     for b in torch.nonzero(spans.length > 0).flatten().tolist():
         rows = supervised.index[b, spans.start[b] + 1 : spans.end[b]]
-        total = total + token_nll[_checked_rows(rows)].mean()
+        total = total + token_nll[checked_rows(rows)].mean()
     return total / batch
 
 
@@ -149,7 +149,7 @@ def depth_count_loss(
     is_depth[depth_ids] = True
     for b in torch.nonzero(spans.valid).flatten().tolist():
         start, end = int(spans.start[b]), int(spans.end[b])
-        rows = _checked_rows(supervised.index[b, start + 1 : end + 1])
+        rows = checked_rows(supervised.index[b, start + 1 : end + 1])
         log_probs = torch.log_softmax(supervised.logits[rows].float(), dim=-1)
         log_continue = log_probs.masked_fill(~is_depth, -math.inf).logsumexp(-1)
         log_stop = log_probs.masked_fill(is_depth, -math.inf).logsumexp(-1)
@@ -185,7 +185,7 @@ def depth_recon_loss(
     num_codes = len(depth_ids)
     probabilities = []
     for b in chosen:
-        rows = _checked_rows(supervised.index[b, int(spans.start[b]) + 1 : int(spans.end[b])][:num_tokens])
+        rows = checked_rows(supervised.index[b, int(spans.start[b]) + 1 : int(spans.end[b])][:num_tokens])
         code_probs = torch.softmax(supervised.logits[rows][:, depth_ids].float(), dim=-1)
         padding = code_probs.new_full((num_tokens - len(rows), num_codes), 1.0 / num_codes)
         probabilities.append(torch.cat([code_probs, padding]))
@@ -222,7 +222,7 @@ def segmentation_losses(mask_logits: torch.Tensor, gt_mask: torch.Tensor) -> tup
     return bce.mean(), dice.mean()
 
 
-def _checked_rows(rows: torch.Tensor) -> torch.Tensor:
+def checked_rows(rows: torch.Tensor) -> torch.Tensor:
     """Span rows of :class:`SupervisedLogits`; -1 (unsupervised) would silently index the last row."""
     if bool((rows < 0).any()):
         raise ValueError("a depth-span position has no supervised logits (labels masked inside the span?)")

@@ -160,11 +160,8 @@ class PerceptioModel(nn.Module):
     # ------------------------------------------------------------------ training
     def forward(self, batch: dict[str, Any]) -> PerceptioOutput:
         config = self.config
-        input_ids, labels = batch["input_ids"], batch["labels"]
-        pixel_values = batch["pixel_values"].to(self._dtype())
-        # A batch of text-only conversations has no tile at all.
-        pixel_values = pixel_values if pixel_values.shape[0] else None
-        hidden = self.adapter.last_hidden_state(input_ids, batch["attention_mask"], pixel_values)
+        labels = batch["labels"]
+        hidden = self.hidden_states(batch)
         supervised = losses.SupervisedLogits.from_hidden(hidden, labels, self.adapter.output_head())
         token_nll = supervised.token_nll()
         zero = hidden.sum() * 0.0
@@ -204,10 +201,22 @@ class PerceptioModel(nn.Module):
             # (zero) for each of them on every rank, without find_unused_parameters.
             anchor = sum(param.sum() for param in self.segmenter.parameters() if param.requires_grad) * 0.0
             return anchor, anchor
-        images, image_index = torch.unique(rows, return_inverse=True)  # each image through SAM2's encoder once
-        sam_pixels = batch["sam_pixel_values"][images].to(self._dtype())
-        mask_logits = self.segmenter(sam_pixels, hidden[rows, positions], image_index)
+        mask_logits = self.mask_logits(batch, rows, hidden[rows, positions])
         return losses.segmentation_losses(mask_logits, batch["gt_masks"][rows, mask_index])
+
+    def hidden_states(self, batch: dict[str, Any]) -> torch.Tensor:
+        """The language model's last hidden states (B, T, D) of a collated batch (teacher forcing)."""
+        pixel_values = batch["pixel_values"].to(self._dtype())
+        # A batch of text-only conversations has no tile at all.
+        pixel_values = pixel_values if pixel_values.shape[0] else None
+        return self.adapter.last_hidden_state(batch["input_ids"], batch["attention_mask"], pixel_values)
+
+    def mask_logits(self, batch: dict[str, Any], rows: torch.Tensor, seg_hidden: torch.Tensor) -> torch.Tensor:
+        """SAM2's mask logits (N, M, M) for the images ``rows`` (N,) of ``batch``, each prompted by
+        its row of ``seg_hidden`` (N, D); each distinct image goes through SAM2's encoder once."""
+        images, image_index = torch.unique(rows, return_inverse=True)
+        sam_pixels = batch["sam_pixel_values"][images].to(self._dtype())
+        return self.segmenter(sam_pixels, seg_hidden, image_index)
 
     def _dtype(self) -> torch.dtype:
         return self.adapter.model.dtype
