@@ -19,6 +19,7 @@ image is 10x10 tokens, the same grid as the 100 depth tokens.
 from __future__ import annotations
 
 import argparse
+import json
 from dataclasses import fields
 from pathlib import Path
 
@@ -50,12 +51,22 @@ def build_miniature(out: Path, seed: int, world: Path | None = None, vlm_steps: 
     return vlm, sam
 
 
+def report(vlm: Path, world: Path, images: int = 40) -> dict[str, float]:
+    """:func:`perceptio.train.miniature.held_out_report` of the VLM folder on ``world``."""
+    from transformers import AutoTokenizer, InternVLForConditionalGeneration
+
+    from perceptio.train.miniature import held_out_report
+
+    return held_out_report(InternVLForConditionalGeneration.from_pretrained(vlm), AutoTokenizer.from_pretrained(vlm), world, images)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="folder to write vlm/ and sam2/ into")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights (same seed, same folders)")
     parser.add_argument("--world", type=Path, help="a synthetic world (perceptio-curate synth) to pretrain the VLM on")
     parser.add_argument("--vlm-steps", type=int, default=0, help="VLM pretraining steps on --world (0: random VLM)")
+    parser.add_argument("--report-world", type=Path, help="another world: print what the VLM reads from its pictures")
     for option in fields(TinySize):
         if option.name != "sam_stage_widths":
             parser.add_argument(f"--{option.name.replace('_', '-')}", type=int, default=getattr(MINIATURE, option.name))
@@ -63,6 +74,8 @@ def main() -> None:
     size = TinySize(**{option.name: getattr(arguments, option.name, getattr(MINIATURE, option.name)) for option in fields(TinySize)})
     vlm, sam = build_miniature(arguments.out, arguments.seed, arguments.world, arguments.vlm_steps, size)
     print(f"miniature {size}: {vlm} {sam}")
+    if arguments.report_world is not None:
+        print(json.dumps(report(vlm, arguments.report_world)))
 
 
 if __name__ == "__main__":

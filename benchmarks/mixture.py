@@ -71,11 +71,13 @@ class MixtureConfig:
     refseg_limit: int = 60
     conversation_limit: int = 120  # held-out answers scored
     hardblink_limit: int = 0  # questions scored (0: all)
+    vlm_pretrain_steps: int = AblationConfig.vlm_pretrain_steps  # the miniature VLM's pretraining (ablation)
+    base_models: str = ""  # pretrained miniature folder (vlm/, sam2/), as the ablation's --base-models
     threads: int = 1
 
 
 QUICK = MixtureConfig(world_images=40, heldout_images=16, tokenizer_steps=20, train_steps=4, batch_size=2,
-                      hard_per_variant=4, refseg_limit=2, conversation_limit=4, hardblink_limit=0)
+                      hard_per_variant=4, refseg_limit=2, conversation_limit=4, hardblink_limit=0, vlm_pretrain_steps=40)
 
 
 def data_config(config: MixtureConfig) -> AblationConfig:
@@ -83,7 +85,8 @@ def data_config(config: MixtureConfig) -> AblationConfig:
     return AblationConfig(world_images=config.world_images, heldout_images=config.heldout_images,
                           world_seed=config.seed, tokenizer_steps=config.tokenizer_steps,
                           hard_per_variant=config.hard_per_variant, batch_size=config.batch_size,
-                          refseg_limit=config.refseg_limit, threads=config.threads)
+                          refseg_limit=config.refseg_limit, threads=config.threads,
+                          vlm_pretrain_steps=config.vlm_pretrain_steps, base_models=config.base_models)
 
 
 def build_conversations(config: MixtureConfig, out: Path, timings: dict[str, float]) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from perceptio.train.miniature import (
     MAP_BACKGROUND,
     VlmPretraining,
     colour_map_question,
+    held_out_report,
     object_map,
     place_questions,
     pretrain_vlm,
@@ -108,6 +109,16 @@ def test_pretraining_lowers_the_loss_on_the_world(synth_world: Path) -> None:
     assert not vlm.training
 
 
-def test_pretraining_needs_a_step() -> None:
-    with pytest.raises(ValueError, match="at least one step"):
-        VlmPretraining(steps=0)
+def test_pretraining_needs_enough_steps_for_its_schedule() -> None:
+    with pytest.raises(ValueError, match="at least 40 steps"):
+        VlmPretraining(steps=39)
+
+
+def test_held_out_report_scores_a_random_vlm_near_nothing(synth_world: Path) -> None:
+    tokenizer = tiny_text_tokenizer()
+    report = held_out_report(tiny_internvl(tokenizer, size=SMALL), tokenizer, synth_world, images=3)
+    assert report["images"] == 3 and report["referring_maps"] >= 1
+    for name in ("colour_map_cells", "colour_map_object_cells", "referring_map_iou", "place_exact"):
+        assert 0.0 <= report[name] <= 1.0
+    # a random model writes no map: it cannot beat the all-background answer
+    assert report["colour_map_cells"] <= report["colour_map_all_background"]
