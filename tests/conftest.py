@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import itertools
 import os
+import sys
 import urllib.request
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -177,3 +179,30 @@ def s3_copy(s3_bucket) -> Callable[[Path, str], str]:
         return url
 
     return upload
+
+
+@dataclass
+class Done:
+    """What a console command run in-process gave: exit code, stdout, stderr."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture
+def evaluate(capsys, monkeypatch) -> Callable[..., Done]:
+    """Run ``perceptio-evaluate``'s entry point in this process (exit code, stdout, stderr)."""
+    from perceptio.evaluate.cli import main
+
+    def run(*arguments: str) -> Done:
+        monkeypatch.setattr(sys, "argv", ["perceptio-evaluate", *arguments])
+        code = 0
+        try:
+            main()
+        except SystemExit as exit_:
+            code = exit_.code
+        captured = capsys.readouterr()
+        return Done(code, captured.out, captured.err)
+
+    return run

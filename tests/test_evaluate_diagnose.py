@@ -12,15 +12,12 @@ import contextlib
 import copy
 import json
 import math
-import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
 
 from perceptio.evaluate.benchmarks import read_shard_examples
-from perceptio.evaluate.cli import main
 from perceptio.evaluate.diagnose import (
     PROMPT_RELIANCE_MIN,
     Probes,
@@ -173,30 +170,6 @@ def test_model_without_segmentation_runs_the_image_probe_only(examples):
 
 
 # ------------------------------------------------------------------------------------------ command
-@dataclass
-class Done:
-    returncode: int
-    stdout: str
-    stderr: str
-
-
-@pytest.fixture
-def evaluate(capsys, monkeypatch):
-    """Run the console script's entry point in this process (exit code, stdout, stderr)."""
-
-    def run(*arguments: str) -> Done:
-        monkeypatch.setattr(sys, "argv", ["perceptio-evaluate", *arguments])
-        code = 0
-        try:
-            main()
-        except SystemExit as exit_:
-            code = exit_.code
-        captured = capsys.readouterr()
-        return Done(code, captured.out, captured.err)
-
-    return run
-
-
 def test_diagnose_command_reports_every_number_finite_and_in_range(evaluate, checkpoint, shards, tmp_path):
     out = tmp_path / "diagnose.json"
     done = evaluate("diagnose", "--checkpoint", str(checkpoint), "--shards", str(shards), "--limit", "10",

@@ -8,8 +8,6 @@ and [D_START] first (as a trained model does); the format constraint does the re
 from __future__ import annotations
 
 import json
-import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +15,6 @@ import pytest
 import torch
 from PIL import Image
 
-from perceptio.evaluate.cli import main
 from perceptio.evaluate.decoding import PerceptionFormatProcessor
 from perceptio.evaluate.predict import Predictor
 from tests.train_factory import write_shards
@@ -105,30 +102,6 @@ def test_random_model_never_writes_a_malformed_span(predictor):
     assert not set(prediction.token_ids) & set(vocabulary.depth_token_ids) or prediction.well_formed
 
 
-@dataclass
-class Done:
-    returncode: int
-    stdout: str
-    stderr: str
-
-
-@pytest.fixture
-def evaluate(capsys, monkeypatch):
-    """Run the console script's entry point in this process (exit code, stdout, stderr)."""
-
-    def run(*arguments: str) -> Done:
-        monkeypatch.setattr(sys, "argv", ["perceptio-evaluate", *arguments])
-        code = 0
-        try:
-            main()
-        except SystemExit as exit_:
-            code = exit_.code
-        captured = capsys.readouterr()
-        return Done(code, captured.out, captured.err)
-
-    return run
-
-
 @pytest.fixture(scope="module")
 def val_shards(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("shards")
@@ -203,6 +176,12 @@ def test_batched_generation_equals_one_by_one_token_for_token(predictor, monkeyp
         original = predictor._processor
         monkeypatch.setattr(predictor, "_processor",
                             lambda length: ChoosesSegThenDepth(original(length), length, model.seg_token_id))
+    # The new token rows (peft's trainable tokens) start small (transformers' mean resizing draws
+    # them like the std-0.02 old rows), so the random model's depth-code logits lie close together
+    # and float noise from padding can flip a greedy choice (it did, at the 40th code). Rows of unit
+    # scale make every choice clear; the comparison stays exact.
+    rows = model.adapter.model.get_input_embeddings().token_adapter.trainable_tokens_delta["default"]
+    monkeypatch.setattr(rows, "data", torch.randn(rows.shape, generator=torch.Generator().manual_seed(0)))
     rng = np.random.default_rng(3)
     pictures = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in ((64, 48), (40, 72), (96, 32))]
     prompts = ["Please segment the red cube.", "Which point is closest to the camera? (A) (B) (C) (D)",

@@ -35,7 +35,6 @@ from transformers import (
     Sam2Model,
 )
 
-from perceptio.train.config import TINY
 from perceptio.train.processor import INTERNVL_CHAT_TEMPLATE
 
 TINY_SEED = 0
@@ -102,6 +101,7 @@ class TinySize:
     text_width: int = 32
     text_layers: int = 2
     text_heads: int = 2
+    text_kv_heads: int = 1  # key-value heads of the language model (grouped-query attention)
     sam_stage_widths: tuple[int, int, int, int] = (8, 16, 32, 64)
     sam_width: int = 32  # SAM2 neck, prompt encoder and mask decoder
     sam_image_size: int = TINY_SAM_IMAGE_SIZE
@@ -124,7 +124,7 @@ def tiny_internvl(tokenizer: PreTrainedTokenizerFast, vocab_size: int | None = N
         "hidden_size": size.text_width,
         "num_hidden_layers": size.text_layers,
         "num_attention_heads": size.text_heads,
-        "num_key_value_heads": 1,
+        "num_key_value_heads": size.text_kv_heads,
         "intermediate_size": 2 * size.text_width,
         "vocab_size": max(vocab_size or 0, len(tokenizer)),
         "max_position_embeddings": 4096,
