@@ -206,3 +206,15 @@ def evaluate(capsys, monkeypatch) -> Callable[..., Done]:
         return Done(code, captured.out, captured.err)
 
     return run
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """The tiny models run fastest on one thread of a busy CPU (decoding several times faster); for a
+    module that asks for it (``pytest.mark.usefixtures``), restored afterwards."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

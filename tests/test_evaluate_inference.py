@@ -19,16 +19,7 @@ from perceptio.evaluate.decoding import PerceptionFormatProcessor
 from perceptio.evaluate.predict import Predictor
 from tests.train_factory import write_shards
 
-pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny model decodes several times faster on one thread of a busy CPU; restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 
 @pytest.fixture(scope="module")
