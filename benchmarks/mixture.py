@@ -10,7 +10,8 @@ perception. Here the same comparison runs on the synthetic world, with the comma
 2. both worlds' conversations (``perceptio-curate synth --conversations``'s files): the training
    world's LLaVA and GranD-f files curated with ``perceptio-curate llava|grandf``, the held-out
    world's LLaVA file curated as the held-out conversation set (images never trained on);
-3. ``perceptio-train --model tiny`` three times with the same seed, steps and batch size:
+3. ``perceptio-train`` on the ablation's pretrained miniature (``--base-models``, or built on the
+   training world) three times with the same seed, steps and batch size:
    perception only (``refcoco=1,ade20k=1``), conversations only (``llava=1``) and the mixture
    (``refcoco=1,ade20k=1,llava=2,grandf=0.5``, the issue's example weights);
 4. each scored on held-out conversation exact match (``perceptio-evaluate conversation``),
@@ -49,7 +50,6 @@ from ablation import (  # noqa: E402
     run,
 )
 
-from perceptio.train.config import TrainConfig  # noqa: E402
 
 ARMS = {  # name -> (shard folders, mix)
     "perception": (("refcoco", "ade20k"), "refcoco=1,ade20k=1"),
@@ -61,13 +61,14 @@ LABELS = {"perception": "perception only", "conversations": "conversations only"
 
 @dataclass(frozen=True)
 class MixtureConfig:
-    world_images: int = 240
-    heldout_images: int = 80
-    seed: int = 0
-    tokenizer_steps: int = 300
+    # The data and model settings default to the ablation's, so one data folder serves both.
+    world_images: int = AblationConfig.world_images
+    heldout_images: int = AblationConfig.heldout_images
+    seed: int = AblationConfig.world_seed
+    tokenizer_steps: int = AblationConfig.tokenizer_steps
     train_steps: int = 300
-    batch_size: int = TrainConfig.TINY_DEFAULTS["batch_size"]
-    hard_per_variant: int = 30  # held-out HardBLINK questions per point count
+    batch_size: int = AblationConfig.batch_size
+    hard_per_variant: int = AblationConfig.hard_per_variant  # held-out HardBLINK questions per point count
     refseg_limit: int = 60
     conversation_limit: int = 120  # held-out answers scored
     hardblink_limit: int = 0  # questions scored (0: all)

@@ -22,6 +22,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -29,6 +30,7 @@ from PIL import Image
 from transformers import InternVLForConditionalGeneration, PreTrainedTokenizerBase
 
 from perceptio.sources.synth.conversations import image_questions, unique_names
+from perceptio.sources.synth.scene import COLOURS
 from perceptio.train.chat import ASSISTANT, USER, Turn
 from perceptio.train.processor import PerceptioProcessor, ProcessorSettings
 
@@ -75,12 +77,14 @@ def place_questions(record: dict) -> list[tuple[str, str]]:
 
 
 MAP_QUESTION = "The colour of each cell, row by row."
+# One digit per colour of the world's palette, the same for every world (training and held out).
+MAP_COLOURS = tuple(sorted(COLOURS))
 MAP_BACKGROUND = "."
 
 
-def colour_map_question(record: dict, instances: np.ndarray, colours: list[str]) -> tuple[str, str]:
+def colour_map_question(record: dict, instances: np.ndarray, colours: Sequence[str] = MAP_COLOURS) -> tuple[str, str]:
     """The picture as GRID x GRID characters, row-major, one per image token: the index in
-    ``colours`` of the object at the cell's centre, or "." for the floor and the wall. One character
+    ``colours`` (the world's palette) of the object at the cell's centre, or "." for the floor and the wall. One character
     is one token of the tiny tokenizer, so the k-th answer token is about the k-th image token, the
     layout of the 100 depth tokens: the same reading of the picture, cell by cell."""
     height, width = instances.shape
@@ -155,8 +159,7 @@ def pretrain_vlm(vlm: InternVLForConditionalGeneration, tokenizer: PreTrainedTok
              + place_questions(record) for index, record in enumerate(records)]
     for index, questions in referring_questions(world, records).items():
         about[index] += questions
-    colours = sorted({obj["colour"] for record in records for obj in record["objects"]})
-    maps = [colour_map_question(record, np.asarray(Image.open(world / record["instance_file"])), colours) for record in records]
+    maps = [colour_map_question(record, np.asarray(Image.open(world / record["instance_file"]))) for record in records]
     rng = np.random.default_rng(settings.seed)
     optimizer = torch.optim.AdamW(vlm.parameters(), lr=settings.lr, weight_decay=0.01)
     # One cycle: 5% warm-up from lr/25, then cosine annealing (and Adam's beta1 cycled 0.95 <-> 0.85).
@@ -194,8 +197,6 @@ def held_out_report(vlm: InternVLForConditionalGeneration, tokenizer: PreTrained
     all-background answer), the referring map's cell IoU with the truth, and the exact-match rate
     of the "row column" place answers."""
     records = json.loads((world / "world.json").read_text())["images"][:images]
-    colours = sorted({obj["colour"] for record in json.loads((world / "world.json").read_text())["images"]
-                      for obj in record["objects"]})
     processor = vlm_processor(vlm, tokenizer)
     referring = referring_questions(world, records)
     vlm.eval()
@@ -210,7 +211,7 @@ def held_out_report(vlm: InternVLForConditionalGeneration, tokenizer: PreTrained
     cells, object_cells, background, ious, places = [], [], [], [], []
     for index, record in enumerate(records):
         picture = Image.open(world / record["file"]).convert("RGB")
-        question, truth = colour_map_question(record, np.asarray(Image.open(world / record["instance_file"])), colours)
+        question, truth = colour_map_question(record, np.asarray(Image.open(world / record["instance_file"])))
         written = answer(picture, question, GRID * GRID)[: GRID * GRID].ljust(GRID * GRID, "?")
         hits = np.array([a == b for a, b in zip(written, truth)])
         on_object = np.array([cell != MAP_BACKGROUND for cell in truth])
