@@ -167,7 +167,7 @@ def test_model_without_segmentation_runs_the_image_probe_only(examples):
 def test_diagnose_command_reports_every_number_finite_and_in_range(evaluate, checkpoint, shards, tmp_path):
     out = tmp_path / "diagnose.json"
     done = evaluate("diagnose", "--checkpoint", str(checkpoint), "--shards", str(shards), "--limit", "10",
-                    "--batch-size", "4", "--json", "--json-out", str(out))
+                    "--batch-size", "4", "--json", "--out", str(out))
     assert done.returncode == 0, done.stderr
     results = json.loads(done.stdout)
     assert json.loads(out.read_text()) == results

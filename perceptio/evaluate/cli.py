@@ -94,6 +94,25 @@ def _checkpoint_info(checkpoint: Path, predictor: Any) -> dict[str, str]:
     return {"path": str(checkpoint), "identity": predictor.identity}
 
 
+def _require(items: Sequence[Any], what: str, shards: Sequence[Path], split: str) -> None:
+    if not items:
+        raise PerceptioError(f"no {what} in split {split!r} of {', '.join(map(str, shards))}")
+
+
+def _results(benchmark: str, checkpoint: Path, predictor: Any, processes: int, data: dict[str, Any],
+             **rest: Any) -> dict[str, Any]:
+    """The head every benchmark's results share (what was scored, by which model, on what data)."""
+    return {"benchmark": benchmark, "checkpoint": _checkpoint_info(checkpoint, predictor), "data": data,
+            "processes": processes, **rest}
+
+
+def _table(results: dict[str, Any], columns: Sequence[str], suffix: str = "", caption: Optional[str] = None) -> Table:
+    table = Table(title=_header(results) + suffix, caption=caption)
+    for column in columns:
+        table.add_column(column)
+    return table
+
+
 def _predict_all(
     label: str, items: list, group: ProcessGroup, checkpoint: Path, max_new_tokens: int, threads: Optional[int],
     query: Callable[[Any], Any], score: Callable[[Any, Any], dict], sample_id: Callable[[Any], str],
@@ -128,24 +147,17 @@ def refseg(
 
     group = init_process_group()
     items = _limited([item for item in read_shard_items(shards, split) if item.mask_rle is not None], limit)
-    if not items:
-        raise PerceptioError(f"no referring expressions in split {split!r} of {', '.join(map(str, shards))}")
+    _require(items, "referring expressions", shards, split)
     predictor, records = _predict_all(f"refseg {split}", items, group, checkpoint, max_new_tokens, threads,
                                       shard_query, refseg_score, lambda item: item.id, batch_size, dtype)
     if records is None:
         return
     scores = refseg_scores_by_group(records)
-    results = {
-        "benchmark": "refseg",
-        "checkpoint": _checkpoint_info(checkpoint, predictor),
-        "data": {"shards": [str(path) for path in shards], "split": split, "expressions": len(records),
-                 "images": len({record["id"].split("/")[0] for record in records}), "limit": limit},
-        "processes": group.world_size,
-        "scores": {name: score.to_dict() for name, score in scores.items()},
-    }
-    table = Table(title=_header(results))
-    for column in ("dataset/split", "expressions", "cIoU", "gIoU", "P@0.5", "no [SEG]"):
-        table.add_column(column)
+    results = _results("refseg", checkpoint, predictor, group.world_size,
+                       {"shards": [str(path) for path in shards], "split": split, "expressions": len(records),
+                        "images": len({record["id"].split("/")[0] for record in records}), "limit": limit},
+                       scores={name: score.to_dict() for name, score in scores.items()})
+    table = _table(results, ("dataset/split", "expressions", "cIoU", "gIoU", "P@0.5", "no [SEG]"))
     for name, score in scores.items():
         table.add_row(name, str(score.expressions), percent(score.ciou), percent(score.giou),
                       percent(score.precision_at_50), str(score.missing_seg))
@@ -172,24 +184,16 @@ def conversation(
 
     group = init_process_group()
     items = _limited(read_conversation_items(shards, split), limit)
-    if not items:
-        raise PerceptioError(f"no conversation in split {split!r} of {', '.join(map(str, shards))}")
+    _require(items, "conversation", shards, split)
     predictor, records = _predict_all(f"conversation {split}", items, group, checkpoint, max_new_tokens, threads,
                                       conversation_query, conversation_score, lambda item: item.id, batch_size, dtype)
     if records is None:
         return
     scores = conversation_scores(records)
-    results = {
-        "benchmark": "conversation",
-        "checkpoint": _checkpoint_info(checkpoint, predictor),
-        "data": {"shards": [str(path) for path in shards], "split": split, "answers": len(records), "limit": limit},
-        "processes": group.world_size,
-        "scores": scores.as_dict(),
-        "examples": records[:5],
-    }
-    table = Table(title=_header(results))
-    for column in ("answers", "exact match", "conversations", "all answers right"):
-        table.add_column(column)
+    results = _results("conversation", checkpoint, predictor, group.world_size,
+                       {"shards": [str(path) for path in shards], "split": split, "answers": len(records), "limit": limit},
+                       scores=scores.as_dict(), examples=records[:5])
+    table = _table(results, ("answers", "exact match", "conversations", "all answers right"))
     table.add_row(str(scores.answers), percent(scores.exact_match), str(scores.conversations), percent(scores.all_turns_right))
     report(results, table, as_json, out)
 
@@ -249,22 +253,15 @@ def hardblink(
     if not group.is_main:
         return
     scores = score_hardblink(records)
-    results = {
-        "benchmark": "hardblink",
-        "checkpoint": _checkpoint_info(checkpoint, predictor),
-        "data": {"root": str(data), "questions": len(records), "limit": limit, "answer": style,
-                 "world": str(world) if world else None},
-        "processes": group.world_size,
-        "scores": {**scores.to_dict(), "decomposition": decomposition_scores(records) if reader is not None else None},
-        "replies": records,
-    }
-    decomposition = results["scores"]["decomposition"]
-    table = Table(title=_header(results) + f" | asked: {style}")
+    decomposition = decomposition_scores(records) if reader is not None else None
+    results = _results("hardblink", checkpoint, predictor, group.world_size,
+                       {"root": str(data), "questions": len(records), "limit": limit, "answer": style,
+                        "world": str(world) if world else None},
+                       scores={**scores.to_dict(), "decomposition": decomposition}, replies=records)
     columns = ["points", "questions", "(c) letter %", "unparsed"]
     if decomposition:
         columns += ["(b) from its tokens %", "(a) from true tokens %", "well-formed %", "token accuracy %"]
-    for column in columns:
-        table.add_column(column)
+    table = _table(results, columns, f" | asked: {style}")
     for variant, accuracy in scores.accuracy.items():
         row = [str(variant), str(scores.questions[variant]), percent(accuracy), str(scores.unparsed[variant])]
         if decomposition:
@@ -295,23 +292,16 @@ def depth(
 
     group = init_process_group()
     items = _limited(read_shard_items(shards, split, per_image=True), limit)
-    if not items:
-        raise PerceptioError(f"no samples in split {split!r} of {', '.join(map(str, shards))}")
+    _require(items, "samples", shards, split)
     predictor, records = _predict_all(f"depth {split}", items, group, checkpoint, max_new_tokens, threads,
                                       shard_query, depth_score, lambda item: item.id, batch_size, dtype)
     if records is None:
         return
     scores = depth_token_scores(records)
-    results = {
-        "benchmark": "depth",
-        "checkpoint": _checkpoint_info(checkpoint, predictor),
-        "data": {"shards": [str(path) for path in shards], "split": split, "images": len(records), "limit": limit},
-        "processes": group.world_size,
-        "scores": scores.to_dict(),
-    }
-    table = Table(title=_header(results))
-    for column in ("images", "well-formed %", "token accuracy %", "AbsRel", "delta<1.25"):
-        table.add_column(column)
+    results = _results("depth", checkpoint, predictor, group.world_size,
+                       {"shards": [str(path) for path in shards], "split": split, "images": len(records), "limit": limit},
+                       scores=scores.to_dict())
+    table = _table(results, ("images", "well-formed %", "token accuracy %", "AbsRel", "delta<1.25"))
     table.add_row(
         str(scores.samples), percent(scores.well_formed_rate), percent(scores.token_accuracy),
         "-" if scores.abs_rel is None else f"{scores.abs_rel:.3f}", "-" if scores.delta1 is None else f"{scores.delta1:.3f}",
@@ -337,7 +327,7 @@ def synth_blink(
 ) -> None:
     """Write HardBLINK-style questions (3, 4, 5 marked points, true depth decides) for a synthetic world,
     and score chance and every single-cue heuristic on them (and the ground-truth-token ceiling)."""
-    from perceptio.evaluate.synth_blink import HEURISTICS, SynthBlinkConfig, baselines, build_questions, token_ceiling
+    from perceptio.evaluate.synth_blink import SynthBlinkConfig, baselines, build_questions, token_ceiling
 
     if questions_per_image < 1:
         raise PerceptioError(f"--questions-per-image must be at least 1, not {questions_per_image}")
@@ -375,7 +365,7 @@ def diagnose(
     threads: Optional[int] = THREADS_OPTION,
     dtype: str = DTYPE_OPTION,
     as_json: bool = JSON_OPTION,
-    json_out: Optional[Path] = typer.Option(None, "--json-out", help=OUT_HELP),
+    out: Optional[Path] = OUT_OPTION,
 ) -> None:
     """Where the learning chain breaks: does the model look at the picture, do its [SEG] states differ
     between expressions, does SAM2's decoder follow its prompt (teacher-forced probes, one reading each)."""
@@ -399,24 +389,18 @@ def diagnose(
                             lambda done: progress.update(progress.completed + done))
     rows, broken = readings(probes, model.segmenter is not None, model.config.use_depth_tokens)
     verdict = broken[0] if broken else "no link found broken by these probes"
-    results = {
-        "benchmark": "diagnose",
-        "checkpoint": _checkpoint_info(checkpoint, predictor),
-        "data": {"shards": [str(path) for path in shards], "split": split, "samples": probes.examples,
-                 "text_only_skipped": len(examples) - len(pictured), "batches": probes.batches, "batch_size": batch_size, "limit": limit},
-        "processes": 1,
-        "readings": [row.to_dict() for row in rows],
-        "broken_links": broken,
-        "first_break": verdict if broken else None,
-    }
-    table = Table(title=_header(results) + f" | {probes.examples} samples in {probes.batches} batches",
-                  caption=f"where the chain breaks first: {verdict}")
-    for column in ("probe", "quantity", "value", "reading"):
-        table.add_column(column)
+    results = _results("diagnose", checkpoint, predictor, 1,
+                       {"shards": [str(path) for path in shards], "split": split, "samples": probes.examples,
+                        "text_only_skipped": len(examples) - len(pictured), "batches": probes.batches,
+                        "batch_size": batch_size, "limit": limit},
+                       readings=[row.to_dict() for row in rows], broken_links=broken,
+                       first_break=verdict if broken else None)
+    table = _table(results, ("probe", "quantity", "value", "reading"),
+                   f" | {probes.examples} samples in {probes.batches} batches", f"where the chain breaks first: {verdict}")
     for index, row in enumerate(rows):
         probe = row.probe if index == 0 or rows[index - 1].probe != row.probe else ""
         table.add_row(probe, row.quantity, "-" if row.value is None else f"{row.value:.4g}", row.reading)
-    report(results, table, as_json, json_out)
+    report(results, table, as_json, out)
 
 
 @app.command()
