@@ -66,10 +66,10 @@ def _place(obj: dict, camera: dict) -> str:
 def place_questions(record: dict) -> list[tuple[str, str]]:
     """Where the uniquely named objects are, asked both ways: "Where is the red cube?" -> "3 7"
     (row and column of its centre) and "What is at row 3 column 7?" -> "the red cube"."""
+    names = unique_names(record["objects"])
     asked = []
-    for instance, name in unique_names(record["objects"]).items():
-        obj = next(obj for obj in record["objects"] if obj["instance"] == instance)
-        place = _place(obj, record["camera"])
+    for obj in (obj for obj in record["objects"] if obj["instance"] in names):
+        name, place = names[obj["instance"]], _place(obj, record["camera"])
         asked.append((f"Where is {name}? Row and column.", place))
         row, column = place.split()
         asked.append((f"What is at row {row} column {column}?", name))
