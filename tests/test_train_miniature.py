@@ -122,3 +122,33 @@ def test_held_out_report_scores_a_random_vlm_near_nothing(synth_world: Path) -> 
         assert 0.0 <= report[name] <= 1.0
     # a random model writes no map: it cannot beat the all-background answer
     assert report["colour_map_cells"] <= report["colour_map_all_background"]
+
+
+def test_tiny_tokenizer_spells_every_word_of_the_world_as_one_token(synth_world: Path) -> None:
+    """Referring expressions, pretraining questions and prompt templates: one token per word, with
+    and without a leading space (a quoted expression starts without one). A referent spelt in byte
+    pieces is what kept the miniature from carrying it to the [SEG] state."""
+    import re
+
+    from perceptio.curate.describe import AttributeCaptioner, ObjectAttributes
+    from perceptio.curate.marked_points import QUESTION_TEXT
+    from perceptio.sources.synth.conversations import image_questions
+    from perceptio.train.data import PromptTemplates
+
+    records = json.loads((synth_world / "world.json").read_text())["images"]
+    texts = [text for asked in referring_questions(synth_world, records).values() for pair in asked for text in pair]
+    rng = np.random.default_rng(0)
+    for record in records:
+        texts += [text for pair in place_questions(record) + image_questions(record["objects"], record["camera"]["width"], rng)
+                  for text in pair]
+    templates = PromptTemplates.load()
+    texts += [*templates.grounding_prompts, *templates.question_prompts, *templates.direct_question_prompts,
+              *templates.caption_prompts, QUESTION_TEXT]
+    attributes = ObjectAttributes("cube", "orange", 0.03, "small", "right", "top", 0.4, 1, 3, "sphere")
+    texts.append(AttributeCaptioner().describe(attributes, np.zeros((2, 2, 3)), np.zeros((2, 2), bool)))
+    words = {word for text in texts for word in re.findall(r"[A-Za-z]+", re.sub(r"\{[a-z_]+\}", " ", text))}
+    assert len(words) > 100  # the world's texts were read
+    tokenizer = tiny_text_tokenizer()
+    split = sorted(word for word in words
+                   if len(tokenizer(word)["input_ids"]) != 1 or len(tokenizer(" " + word)["input_ids"]) != 1)
+    assert split == []

