@@ -253,3 +253,38 @@ def test_each_seg_is_paired_in_order_with_its_own_mask():
     # A [SEG] in the prompt (ignored label) is not a target and is never paired.
     rows, _, _ = losses.seg_pairs(torch.tensor([[ignore, ignore]]), seg, torch.tensor([1]))
     assert rows.numel() == 0
+
+
+def test_request_counts_take_the_words_since_the_previous_seg():
+    seg, pad = 9, 0
+    input_ids = torch.tensor([
+        [1, 2, 3, 2, seg, 4, 5, seg, 6],  # a caption: the second [SEG]'s request is "4 5"
+        [8, 3, 3, seg, 6, pad, pad, pad, pad],  # 8 is markup: not a word of the request
+    ])
+    plain = (input_ids != 8) & (input_ids != pad) & (input_ids != seg)
+    rows, positions = torch.tensor([0, 0, 1]), torch.tensor([4, 7, 3])
+    counts = losses.request_counts(input_ids, plain, seg, rows, positions, vocab_size=10)
+    expected = torch.zeros(3, 10)
+    for row, words in enumerate(([1, 2, 3, 2], [4, 5], [3, 3])):
+        for word in words:
+            expected[row, word] += 1
+    assert torch.equal(counts, expected)
+
+
+def test_seg_text_loss_matches_a_loop():
+    generator = torch.Generator().manual_seed(3)
+    read = torch.randn(3, 4, generator=generator)
+    embedding = torch.randn(6, 4, generator=generator)
+    counts = torch.tensor([[1.0, 1, 0, 0, 0, 0], [0, 0, 2, 1, 0, 0], [1, 1, 0, 0, 0, 0]])  # rows 0 and 2: one request
+    loss = losses.seg_text_loss(read, counts, embedding)
+    meanings = [sum(counts[j, v] * embedding[v] for v in range(6)) / counts[j].sum() for j in range(3)]
+    total = 0.0
+    for i in range(3):
+        scores = [F.cosine_similarity(read[i], meanings[j], dim=0).item() / losses.SEG_TEXT_TEMPERATURE for j in range(3)]
+        log_norm = math.log(sum(math.exp(score) for score in scores))
+        own = [j for j in range(3) if torch.equal(counts[i], counts[j])]
+        total += -sum(scores[j] - log_norm for j in own) / len(own)
+    assert loss.item() == pytest.approx(total / 3, rel=1e-5)
+    # A reader that points each state at its own request scores lower than one that points elsewhere.
+    aligned = torch.stack([meanings[0], meanings[1], meanings[2]])
+    assert losses.seg_text_loss(aligned, counts, embedding) < losses.seg_text_loss(aligned.roll(1, 0), counts, embedding)

@@ -57,12 +57,33 @@ def mixed_batch(model: PerceptioModel) -> dict:
 
 def weighted_total(config: PerceptioConfig, terms: dict[str, torch.Tensor]) -> torch.Tensor:
     total = terms["llm"] + config.seg_bce * terms["seg_bce"] + config.seg_dice * terms["seg_dice"]
+    total = total + config.seg_text * terms["seg_text"]
     if config.use_depth_loss:
         depth = config.lambda_m * terms["depth_marker"] + config.lambda_t * terms["depth_token"]
         total = total + config.lambda_d * (depth + config.lambda_c * terms["depth_count"])
     if config.use_depth_recon:
         total = total + config.lambda_r * terms["depth_recon"]
     return total
+
+
+def test_seg_text_reads_the_request_only_when_weighted(model, vqvae_dir, tmp_path):
+    assert model.seg_reader is None  # the paper's objective by default
+    with torch.no_grad():
+        assert model(mixed_batch(model)).terms["seg_text"].item() == 0.0
+    weighted = build(vqvae_dir, seg_text=0.5)
+    asking = [model.processor.encode_example(**{**example_parts(seed), "prompt": prompt})
+              for seed, prompt in enumerate(("Segment the red box.", "Segment the blue ball on the left."))]
+    batch = weighted.processor.collate(asking)
+    output = weighted(batch)
+    # two different requests: the term is the contrast of two, near log 2 for an untrained reader
+    assert 0.0 < output.terms["seg_text"].item() < 5.0
+    assert output.loss.item() == pytest.approx(weighted_total(weighted.config, output.terms).item(), rel=1e-5)
+    output.loss.backward()
+    assert weighted.seg_reader.weight.grad.abs().sum() > 0
+    lora = [param for name, param in weighted.named_parameters() if "lora_B" in name]  # the term reached the LM
+    assert sum(float(param.grad.abs().sum()) for param in lora if param.grad is not None) > 0
+    reloaded = PerceptioModel.from_pretrained(weighted.save_pretrained(tmp_path / "export"))
+    assert torch.equal(reloaded.seg_reader.weight, weighted.seg_reader.weight)
 
 
 def test_prompt_layout_is_internvl_processors(model):
@@ -106,7 +127,7 @@ def test_loss_is_the_weighted_sum_of_every_term(model):
     model.eval()
     output = model(mixed_batch(model))
     assert set(output.terms) == set(TERMS)
-    assert all(value.item() > 0 for value in output.terms.values())
+    assert all(value.item() > 0 for name, value in output.terms.items() if name != "seg_text")  # seg_text: off
     assert torch.allclose(output.loss, weighted_total(model.config, output.terms))
 
 

@@ -74,6 +74,7 @@ def train_command(
     lambda_r: float = typer.Option(PerceptioConfig.lambda_r, "--lambda-r", min=0.0, help="Weight of L_DepthRecon.", rich_help_panel=PANEL_LOSS),
     seg_bce: float = typer.Option(PerceptioConfig.seg_bce, "--seg-bce", min=0.0, help="Weight of the mask's sigmoid cross-entropy in L_SegRecon.", rich_help_panel=PANEL_LOSS),
     seg_dice: float = typer.Option(PerceptioConfig.seg_dice, "--seg-dice", min=0.0, help="Weight of the mask's DICE loss in L_SegRecon.", rich_help_panel=PANEL_LOSS),
+    seg_text: float = typer.Option(PerceptioConfig.seg_text, "--seg-text", min=0.0, help="Weight of L_SegText (not in the paper): the [SEG] state must tell the words that asked for it from the batch's other requests. 0: off.", rich_help_panel=PANEL_LOSS),
     depth_tokens: bool = typer.Option(PerceptioConfig.use_depth_tokens, "--depth-tokens/--no-depth-tokens", help="Ablation: without depth tokens the targets have no depth span (and the depth losses are off).", rich_help_panel=PANEL_LOSS),
     question_targets: str = typer.Option(StreamConfig.question_targets, "--question-targets", help="Marked-point questions: as each records ('recorded': half direct, half depth span first), all 'direct', all 'depth', or 'both' (two examples each).", rich_help_panel=PANEL_LOSS),
     segmentation: bool = typer.Option(PerceptioConfig.use_segmentation, "--segmentation/--no-segmentation", help="Ablation: without [SEG] and the SAM2 head.", rich_help_panel=PANEL_LOSS),
@@ -116,7 +117,7 @@ def train_command(
         freeze_sam_encoder=None if train_sam_encoder is None else not train_sam_encoder,
         crop_to_patches=crop_to_patches, gradient_checkpointing=gradient_checkpointing, dtype=dtype,
         max_length=max_length, lambda_m=lambda_m, lambda_t=lambda_t, lambda_c=lambda_c, lambda_d=lambda_d,
-        lambda_r=lambda_r, seg_bce=seg_bce, seg_dice=seg_dice, use_depth_tokens=depth_tokens,
+        lambda_r=lambda_r, seg_bce=seg_bce, seg_dice=seg_dice, seg_text=seg_text, use_depth_tokens=depth_tokens,
         use_segmentation=segmentation, use_depth_recon=depth_recon and depth_tokens,
         use_depth_loss=depth_loss and depth_tokens,
     )

@@ -61,6 +61,11 @@ class PerceptioConfig:
     lambda_r: float = 1.0
     seg_bce: float = 1.0
     seg_dice: float = 0.25
+    # Weight of L_SegText (not in the paper; 0 = the paper's objective): the [SEG] state, through a
+    # linear reader, must pick the words that asked for it out of the batch's other requests. A real
+    # VLM's [SEG] state carries its request already; the miniature's 2-layer model learns to carry
+    # it from this term, not from the mask loss (README "Perceptio in miniature").
+    seg_text: float = 0.0
     # Ablations (the paper's tables): without depth tokens / segmentation / L_DepthRecon / L_depth.
     use_depth_tokens: bool = True
     use_segmentation: bool = True

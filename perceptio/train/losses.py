@@ -17,6 +17,7 @@ Choices the paper leaves open, made here:
 - L_DepthRecon's ``||Y^ - Y||^2`` is a per-pixel mean (MSE); the sum over 320x320 pixels would be
   ~10^5 times larger than the other terms at the paper's weight 1.0. Spans shorter than ``n`` are
   padded with uniform code distributions (the codebook mean); longer ones are truncated.
+- L_SegText (ours, off by default): see :func:`seg_text_loss`.
 - L_SegRecon averages per-pixel sigmoid CE and a smoothed DICE (``1 - (2|P.G| + 1)/(|P| + |G| + 1)``)
   over the samples that have both a ground-truth mask and a ``[SEG]`` token.
 """
@@ -220,6 +221,37 @@ def segmentation_losses(mask_logits: torch.Tensor, gt_mask: torch.Tensor) -> tup
     probs = logits.sigmoid()
     dice = 1.0 - (2.0 * (probs * target).sum(1) + 1.0) / (probs.sum(1) + target.sum(1) + 1.0)
     return bce.mean(), dice.mean()
+
+
+SEG_TEXT_TEMPERATURE = 0.1  # of the cosine similarities in L_SegText
+
+
+def request_counts(input_ids: torch.Tensor, plain: torch.Tensor, seg_token_id: int, rows: torch.Tensor,
+                   positions: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """(N, V) token counts of the request behind each ``[SEG]`` at (``rows``, ``positions``): the
+    plain text tokens (``plain`` (B, T): not markup, image or perception tokens, not padding) after
+    the row's previous ``[SEG]`` (or its start) and before this one. For a referring sample that is
+    its prompt; for a grounded caption, the phrase the ``[SEG]`` follows (and what came before it)."""
+    rank = (input_ids == seg_token_id).long().cumsum(dim=1)  # [SEG]s up to and including each position
+    index = torch.arange(input_ids.shape[1], device=input_ids.device)
+    own = (rank[rows] == (rank[rows, positions] - 1)[:, None]) & (index[None] < positions[:, None]) & plain[rows]
+    counts = torch.zeros(len(rows), vocab_size, device=input_ids.device)
+    return counts.scatter_add_(1, input_ids[rows], own.float())
+
+
+def seg_text_loss(read: torch.Tensor, counts: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
+    """L_SegText: a contrastive loss between each ``[SEG]`` state, read by a linear map (``read``
+    (N, D)), and the mean input embedding of its request's tokens (``counts`` (N, V) from
+    :func:`request_counts`, ``embedding`` (V, D), detached). Each state must pick its own request
+    out of the batch's (identical requests all count as its own); words every request shares cancel
+    in the softmax, so what is learned is what tells requests apart: the referent."""
+    meaning = (counts / counts.sum(dim=1, keepdim=True).clamp(min=1.0)) @ embedding.detach().float()
+    logits = F.normalize(read.float(), dim=-1) @ F.normalize(meaning, dim=-1).T / SEG_TEXT_TEMPERATURE
+    # Identical count vectors: |a|^2 + |b|^2 - 2 a.b is exactly zero for small integer counts.
+    gram = counts @ counts.T
+    squares = gram.diagonal()
+    same = ((squares[:, None] + squares[None, :] - 2.0 * gram) == 0).float()
+    return -(same / same.sum(dim=1, keepdim=True) * logits.log_softmax(dim=1)).sum(dim=1).mean()
 
 
 def checked_rows(rows: torch.Tensor) -> torch.Tensor:

@@ -48,7 +48,7 @@ PROJECTOR_NAME = "seg_projector.safetensors"
 # (PeftModel.from_pretrained(base, folder) loads them) and the segmentation head on its own.
 HEADS_NAME, HEADS_CONFIG_NAME = "heads.safetensors", "heads_config.json"
 VLM_DIR, SAM_DIR, DEPTH_DIR = "vlm", "sam2", "depth_tokenizer"
-TERMS = ("llm", "seg_bce", "seg_dice", "depth_marker", "depth_token", "depth_count", "depth_recon")
+TERMS = ("llm", "seg_bce", "seg_dice", "seg_text", "depth_marker", "depth_token", "depth_count", "depth_recon")
 
 
 @dataclass
@@ -83,6 +83,13 @@ class PerceptioModel(nn.Module):
         self.register_buffer(
             "depth_token_ids", torch.tensor([ids(depth_token(code)) for code in range(num_codes)]), persistent=False
         )
+        # L_SegText's reader and what counts as a request's words (not chat markup, image or perception tokens).
+        self.seg_reader: nn.Linear | None = None
+        if segmenter is not None and config.seg_text > 0:
+            width = adapter.model.config.get_text_config().hidden_size
+            self.seg_reader = nn.Linear(width, width)
+            markup = sorted(set(self.tokenizer.all_special_ids) | set(self.tokenizer.added_tokens_decoder))
+            self.register_buffer("markup_token_ids", torch.tensor(markup), persistent=False)
         # What DataLoader workers get: no weights, only what turns an example into tensors.
         self.processor = PerceptioProcessor(self.tokenizer, ProcessorSettings(
             image_size=adapter.image_size,
@@ -168,7 +175,7 @@ class PerceptioModel(nn.Module):
         terms = dict.fromkeys(TERMS, zero)
         terms["llm"] = losses.llm_loss(supervised, token_nll)
         if self.segmenter is not None:
-            terms["seg_bce"], terms["seg_dice"] = self._segmentation_terms(batch, hidden)
+            terms["seg_bce"], terms["seg_dice"], terms["seg_text"] = self._segmentation_terms(batch, hidden)
         if config.use_depth_tokens:
             spans = losses.find_depth_spans(labels, self.d_start_id, self.d_end_id)
             terms["depth_marker"] = losses.depth_marker_loss(supervised, token_nll, spans)
@@ -185,6 +192,8 @@ class PerceptioModel(nn.Module):
                     batch["has_depth"],
                 )
         loss = terms["llm"] + config.seg_bce * terms["seg_bce"] + config.seg_dice * terms["seg_dice"]
+        if self.seg_reader is not None:
+            loss = loss + config.seg_text * terms["seg_text"]
         if config.use_depth_loss:
             depth = config.lambda_m * terms["depth_marker"] + config.lambda_t * terms["depth_token"]
             loss = loss + config.lambda_d * (depth + config.lambda_c * terms["depth_count"])
@@ -192,17 +201,28 @@ class PerceptioModel(nn.Module):
             loss = loss + config.lambda_r * terms["depth_recon"]
         return PerceptioOutput(loss=loss, terms={name: value.detach() for name, value in terms.items()})
 
-    def _segmentation_terms(self, batch: dict[str, Any], hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """L_SegRecon over every [SEG] target paired with a mask: the k-th [SEG] of a sample with its
-        k-th mask, each prompting SAM2 with its own hidden state; averaged over all pairs."""
+    def _segmentation_terms(self, batch: dict[str, Any], hidden: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """L_SegRecon (sigmoid CE, DICE) over every [SEG] target paired with a mask: the k-th [SEG] of
+        a sample with its k-th mask, each prompting SAM2 with its own hidden state; averaged over all
+        pairs. And L_SegText over the same [SEG]s (zero when off)."""
         rows, positions, mask_index = losses.seg_pairs(batch["labels"], self.seg_token_id, batch["num_masks"])
+        heads = [self.segmenter] + ([self.seg_reader] if self.seg_reader is not None else [])
         if len(rows) == 0:
-            # Keep every trainable segmenter parameter in the graph so that DDP sees a gradient
-            # (zero) for each of them on every rank, without find_unused_parameters.
-            anchor = sum(param.sum() for param in self.segmenter.parameters() if param.requires_grad) * 0.0
-            return anchor, anchor
-        mask_logits = self.mask_logits(batch, rows, hidden[rows, positions])
-        return losses.segmentation_losses(mask_logits, batch["gt_masks"][rows, mask_index])
+            # Keep every trainable head parameter in the graph so that DDP sees a gradient (zero) for
+            # each of them on every rank, without find_unused_parameters.
+            anchor = sum(param.sum() for head in heads for param in head.parameters() if param.requires_grad) * 0.0
+            return anchor, anchor, anchor
+        states = hidden[rows, positions]
+        mask_logits = self.mask_logits(batch, rows, states)
+        bce, dice = losses.segmentation_losses(mask_logits, batch["gt_masks"][rows, mask_index])
+        text = bce * 0.0
+        if self.seg_reader is not None:
+            input_ids = batch["input_ids"]
+            plain = batch["attention_mask"].bool() & ~torch.isin(input_ids, self.markup_token_ids)
+            embedding = self.adapter.model.get_input_embeddings().weight
+            counts = losses.request_counts(input_ids, plain, self.seg_token_id, rows, positions, embedding.shape[0])
+            text = losses.seg_text_loss(self.seg_reader(states), counts, embedding)
+        return bce, dice, text
 
     def hidden_states(self, batch: dict[str, Any]) -> torch.Tensor:
         """The language model's last hidden states (B, T, D) of a collated batch (teacher forcing)."""

@@ -1,0 +1,129 @@
+"""The mask path's ceiling: SAM2 prompted by a perfect reading of the expression, no language model.
+
+Perceptio's mask comes from image -> language model -> ``[SEG]`` state -> projector -> SAM2 decoder.
+This benchmark cuts the chain before the projector: each referring expression's prompt is the
+mean of learned word vectors of its words (what an ideal ``[SEG]`` state could carry about the text,
+and nothing about the picture), fed to the same :class:`~perceptio.train.sam.SamSegmenter` and
+trained with the same L_SegRecon, on the same shards. Its held-out cIoU says how far the mask path
+can go at this size and budget; a Perceptio run far below it loses the expression on the way to
+``[SEG]`` or in the decoder (``perceptio-evaluate diagnose`` says which)::
+
+    python benchmarks/oracle_prompt.py --sam-model MINI/sam2 --shards ablation-out/shards/refcoco \\
+        --heldout-shards ablation-out/heldout-shards/refcoco --steps 800
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import Sam2Model
+
+from perceptio.evaluate.benchmarks import ShardItem, read_shard_items
+from perceptio.shards import rle_to_mask
+from perceptio.train.config import PerceptioConfig
+from perceptio.train.losses import segmentation_losses
+from perceptio.train.processor import PerceptioProcessor, ProcessorSettings
+from perceptio.train.sam import SamSegmenter
+from perceptio.train.tiny import tiny_text_tokenizer
+
+WORD_WIDTH = 64  # the miniature language model's width
+
+
+def expression(prompt: str) -> str:
+    """The quoted expression of a grounding prompt (manifests/prompts.json quotes it)."""
+    quoted = re.findall(r'"([^"]*)"', prompt)
+    return quoted[0] if quoted else prompt
+
+
+def words(text: str) -> list[str]:
+    return re.findall(r"[a-z]+", text.lower())
+
+
+class Oracle(torch.nn.Module):
+    """Mean of learned word vectors -> SamSegmenter (its projector, then SAM2's decoder)."""
+
+    def __init__(self, vocabulary: list[str], sam: Sam2Model, train_encoder: bool):
+        super().__init__()
+        self.index = {word: position for position, word in enumerate(vocabulary)}
+        self.vectors = torch.nn.EmbeddingBag(len(vocabulary) + 1, WORD_WIDTH, mode="mean")  # last row: unknown
+        self.segmenter = SamSegmenter(sam, WORD_WIDTH, train_encoder=train_encoder)
+
+    def forward(self, pixels: torch.Tensor, texts: list[str]) -> torch.Tensor:
+        ids = [torch.tensor([self.index.get(word, len(self.index)) for word in words(text)] or [len(self.index)])
+               for text in texts]
+        offsets = torch.tensor([0] + [len(row) for row in ids[:-1]]).cumsum(0)
+        return self.segmenter(pixels, self.vectors(torch.cat(ids), offsets))
+
+
+def tensors(items: list[ShardItem], processor: PerceptioProcessor) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    pixels = torch.stack([processor.sam_pixel_values(item.image()) for item in items])
+    masks = torch.stack([processor.mask_target(rle_to_mask(item.mask_rle)) for item in items])
+    return pixels, masks, [expression(item.prompt) for item in items]
+
+
+def held_out_ciou(oracle: Oracle, items: list[ShardItem], processor: PerceptioProcessor) -> float:
+    """Cumulative IoU at the decoder's resolution (intersections and unions summed over items)."""
+    intersection = union = 0.0
+    with torch.no_grad():
+        for start in range(0, len(items), 25):
+            pixels, masks, texts = tensors(items[start : start + 25], processor)
+            predicted, truth = oracle(pixels, texts) > 0, masks > 0.5
+            intersection += float((predicted & truth).sum())
+            union += float((predicted | truth).sum())
+    return intersection / max(union, 1.0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sam-model", type=Path, required=True, help="a SAM2 folder (benchmarks/miniature.py writes MINI/sam2)")
+    parser.add_argument("--shards", type=Path, required=True, help="referring shards to train on (split train)")
+    parser.add_argument("--heldout-shards", type=Path, required=True, help="referring shards to score (split train)")
+    parser.add_argument("--steps", type=int, default=800)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--heldout", type=int, default=200, help="held-out expressions scored")
+    parser.add_argument("--frozen-encoder", action="store_true", help="keep SAM2's image encoder frozen")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, help="write the curve as JSON here")
+    arguments = parser.parse_args()
+    torch.manual_seed(arguments.seed)
+    rng = random.Random(arguments.seed)
+    train = [item for item in read_shard_items([arguments.shards], "train") if item.mask_rle is not None]
+    heldout = [item for item in read_shard_items([arguments.heldout_shards], "train") if item.mask_rle is not None]
+    heldout = heldout[: arguments.heldout]
+    vocabulary = sorted({word for item in train for word in words(expression(item.prompt))})
+    oracle = Oracle(vocabulary, Sam2Model.from_pretrained(arguments.sam_model), not arguments.frozen_encoder)
+    processor = PerceptioProcessor(tiny_text_tokenizer(), ProcessorSettings(
+        image_size=448, tokens_per_tile=256, crop_to_patches=False, depth_size=320,
+        sam_image_size=oracle.segmenter.image_size, max_length=64, use_depth_tokens=False, use_segmentation=True))
+    trained = [param for param in oracle.parameters() if param.requires_grad]
+    optimizer = torch.optim.AdamW(trained, lr=arguments.lr)
+    curve, started = [], time.perf_counter()
+    for step in range(1, arguments.steps + 1):
+        pixels, masks, texts = tensors(rng.sample(train, arguments.batch_size), processor)
+        bce, dice = segmentation_losses(oracle(pixels, texts), masks)
+        loss = PerceptioConfig.seg_bce * bce + PerceptioConfig.seg_dice * dice  # L_SegRecon, as the trainer weighs it
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trained, 1.0)
+        optimizer.step()
+        dice = float(dice)
+        if step % 100 == 0 or step == arguments.steps:
+            score = held_out_ciou(oracle, heldout, processor)
+            curve.append({"step": step, "dice": dice, "heldout_ciou": score, "seconds": time.perf_counter() - started})
+            print(f"step {step}: DICE {dice:.3f}, held-out cIoU {score:.3f} ({len(heldout)} expressions, "
+                  f"{time.perf_counter() - started:.0f} s)", flush=True)
+    if arguments.out is not None:
+        arguments.out.write_text(json.dumps({"arguments": {key: str(value) for key, value in vars(arguments).items()},
+                                             "train_expressions": len(train), "curve": curve}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
