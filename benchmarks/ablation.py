@@ -99,6 +99,8 @@ class AblationConfig:
     hard_questions_per_image: int = 16
     refseg_limit: int = 150  # held-out referring expressions scored
     miniature: bool = True  # False: the built-in --model tiny (frozen random encoders)
+    train_sam_encoder: bool = True  # False: SAM2's image encoder frozen (a pretrained one, from --base-models)
+    seg_text: float = 0.0  # weight of L_SegText (perceptio-train --seg-text; not in the paper)
     vlm_pretrain_steps: int = 4000  # the miniature VLM's pretraining on the training world (perceptio.train.miniature)
     base_models: str = ""  # a folder with vlm/ and sam2/ pretrained beforehand (benchmarks/miniature.py), used for every seed
     threads: int = 1  # torch threads per process: one is fastest for these models on a busy CPU
@@ -212,11 +214,12 @@ def _synth_blink(config: AblationConfig, out: Path) -> Path:
 def model_flags(config: AblationConfig, out: Path, seed: int) -> list[str]:
     """The base models and the trainer settings every arm shares."""
     shared = ["--lr", str(config.lr), "--head-lr", str(config.head_lr), "--batch-size", str(config.batch_size),
-              "--train-language-model"]
+              "--train-language-model", "--seg-text", str(config.seg_text)]
     if not config.miniature:
         return ["--model", "tiny", *shared]
     vlm, sam = base_models(config, out, seed)
-    return ["--model", str(vlm), "--sam-model", str(sam), "--train-vision", "--train-sam-encoder", *shared]
+    encoder = ["--train-sam-encoder"] if config.train_sam_encoder else []
+    return ["--model", str(vlm), "--sam-model", str(sam), "--train-vision", *encoder, *shared]
 
 
 def base_models(config: AblationConfig, out: Path, seed: int) -> tuple[Path, Path]:

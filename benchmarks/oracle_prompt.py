@@ -6,7 +6,9 @@ mean of learned word vectors of its words (what an ideal ``[SEG]`` state could c
 and nothing about the picture), fed to the same :class:`~perceptio.train.sam.SamSegmenter` and
 trained with the same L_SegRecon, on the same shards. Its held-out cIoU says how far the mask path
 can go at this size and budget; a Perceptio run far below it loses the expression on the way to
-``[SEG]`` or in the decoder (``perceptio-evaluate diagnose`` says which)::
+``[SEG]`` or in the decoder (``perceptio-evaluate diagnose`` says which). With ``--save``, the
+trained SAM2 is written as a model folder: a miniature SAM2 pretrained to segment from one prompt
+token that names the object, for ``perceptio-train --sam-model``::
 
     python benchmarks/oracle_prompt.py --sam-model MINI/sam2 --shards ablation-out/shards/refcoco \\
         --heldout-shards ablation-out/heldout-shards/refcoco --steps 800
@@ -14,8 +16,6 @@ can go at this size and budget; a Perceptio run far below it loses the expressio
 
 from __future__ import annotations
 
-import argparse
-import json
 import random
 import re
 import time
@@ -31,6 +31,7 @@ from perceptio.train.losses import segmentation_losses
 from perceptio.train.processor import PerceptioProcessor, ProcessorSettings
 from perceptio.train.sam import SamSegmenter
 from perceptio.train.tiny import tiny_text_tokenizer
+from probes import probe_parser, write_record
 
 WORD_WIDTH = 64  # the miniature language model's width
 
@@ -80,17 +81,10 @@ def held_out_ciou(oracle: Oracle, items: list[ShardItem], processor: PerceptioPr
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = probe_parser(__doc__.split("\n\n")[0], steps=800, batch_size=16, lr=1e-3)
     parser.add_argument("--sam-model", type=Path, required=True, help="a SAM2 folder (benchmarks/miniature.py writes MINI/sam2)")
-    parser.add_argument("--shards", type=Path, required=True, help="referring shards to train on (split train)")
-    parser.add_argument("--heldout-shards", type=Path, required=True, help="referring shards to score (split train)")
-    parser.add_argument("--steps", type=int, default=800)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--heldout", type=int, default=200, help="held-out expressions scored")
     parser.add_argument("--frozen-encoder", action="store_true", help="keep SAM2's image encoder frozen")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, help="write the curve as JSON here")
+    parser.add_argument("--save", type=Path, help="save the trained SAM2 here (a save_pretrained folder, for --sam-model)")
     arguments = parser.parse_args()
     torch.manual_seed(arguments.seed)
     rng = random.Random(arguments.seed)
@@ -119,9 +113,12 @@ def main() -> None:
             curve.append({"step": step, "dice": dice, "heldout_ciou": score, "seconds": time.perf_counter() - started})
             print(f"step {step}: DICE {dice:.3f}, held-out cIoU {score:.3f} ({len(heldout)} expressions, "
                   f"{time.perf_counter() - started:.0f} s)", flush=True)
-    if arguments.out is not None:
-        arguments.out.write_text(json.dumps({"arguments": {key: str(value) for key, value in vars(arguments).items()},
-                                             "train_expressions": len(train), "curve": curve}, indent=2))
+    write_record(arguments, train_expressions=len(train), curve=curve)
+    if arguments.save is not None:
+        from perceptio.io import atomic_directory
+
+        with atomic_directory(arguments.save) as staging:
+            oracle.segmenter.sam.save_pretrained(staging)
 
 
 if __name__ == "__main__":

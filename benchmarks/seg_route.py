@@ -13,8 +13,6 @@ signal reaches ``[SEG]`` only through SAM2's decoder::
 
 from __future__ import annotations
 
-import argparse
-import json
 import random
 import re
 import time
@@ -27,6 +25,7 @@ from perceptio.evaluate.benchmarks import read_shard_examples
 from perceptio.sources.synth.scene import COLOURS
 from perceptio.train.config import PerceptioConfig
 from perceptio.train.model import PerceptioModel
+from probes import probe_parser, write_record
 
 COLOUR_NAMES = sorted(COLOURS)
 
@@ -64,16 +63,8 @@ def accuracy(model: PerceptioModel, head: torch.nn.Linear, items: list[tuple[dic
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = probe_parser(__doc__.split("\n\n")[0], steps=300, batch_size=8, lr=3e-3)
     parser.add_argument("--model", type=Path, required=True, help="a folder with vlm/ and sam2/ (benchmarks/miniature.py)")
-    parser.add_argument("--shards", type=Path, required=True, help="referring shards to train on (split train)")
-    parser.add_argument("--heldout-shards", type=Path, required=True, help="referring shards to score (split train)")
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--lr", type=float, default=3e-3, help="learning rate of the language model and the head")
-    parser.add_argument("--heldout", type=int, default=200)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, help="write the curve as JSON here")
     arguments = parser.parse_args()
     torch.manual_seed(arguments.seed)
     rng = random.Random(arguments.seed)
@@ -97,9 +88,7 @@ def main() -> None:
             curve.append({"step": step, "heldout_accuracy": accuracy(model, head, heldout)})
             print(f"step {step}: held-out colour accuracy {curve[-1]['heldout_accuracy']:.3f} "
                   f"({time.perf_counter() - started:.0f} s)", flush=True)
-    if arguments.out is not None:
-        arguments.out.write_text(json.dumps({"arguments": {key: str(value) for key, value in vars(arguments).items()},
-                                             "majority": majority, "curve": curve}, indent=2))
+    write_record(arguments, majority=majority, curve=curve)
 
 
 if __name__ == "__main__":
