@@ -38,6 +38,7 @@ $BIN/perceptio-inspect grid "$SHARDS" --n 16 --out "$OUT/inspect/grid.png"
 
 # --- stage: training (after curation; the TINY random-weight model, a short run on the demo shards) ---
 RUN=$OUT/train
+rm -rf "$RUN"  # the demo's own run: a second make demo trains it again (the trainer never overwrites a run)
 echo "== training: TINY model, 60 steps on $SHARDS (metrics, checkpoint and export in $RUN)"
 # Default loader settings: a dataset with fewer shards than readers is shared sample by sample.
 $BIN/perceptio-train --shards "$SHARDS" --model tiny --tokenizer "$TOKENIZER" \
