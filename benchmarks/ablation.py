@@ -102,6 +102,9 @@ class AblationConfig:
     train_sam_encoder: bool = True  # False: SAM2's image encoder frozen (a pretrained one, from --base-models)
     seg_text: float = 0.0  # weight of L_SegText (perceptio-train --seg-text; not in the paper)
     vlm_pretrain_steps: int = 4000  # the miniature VLM's pretraining on the training world (perceptio.train.miniature)
+    # The miniature SAM2's pretraining: segment the training shards' referents from a prompt made of
+    # learned word vectors (benchmarks/oracle_prompt.py), batch 16, lr 1e-3. 0: SAM2 stays random.
+    sam_pretrain_steps: int = 0
     base_models: str = ""  # a folder with vlm/ and sam2/ pretrained beforehand (benchmarks/miniature.py), used for every seed
     threads: int = 1  # torch threads per process: one is fastest for these models on a busy CPU
     parallel: int = 1  # (seed, arm) runs at a time (one per free core; on a GPU machine several share the GPU)
@@ -109,7 +112,8 @@ class AblationConfig:
 
 
 QUICK = AblationConfig(world_images=40, heldout_images=16, tokenizer_steps=20, questions_per_image=2, train_steps=4,
-                       batch_size=2, hard_per_variant=4, hard_questions_per_image=1, refseg_limit=4, vlm_pretrain_steps=40)
+                       batch_size=2, hard_per_variant=4, hard_questions_per_image=1, refseg_limit=4, vlm_pretrain_steps=40,
+                       sam_pretrain_steps=2)
 
 
 # ------------------------------------------------------------------------------------ running
@@ -225,7 +229,8 @@ def model_flags(config: AblationConfig, out: Path, seed: int) -> list[str]:
 def base_models(config: AblationConfig, out: Path, seed: int) -> tuple[Path, Path]:
     """The folder holding the miniature's vlm/ and sam2/: ``--base-models`` as given (pretrained once
     and cached, like a downloaded checkpoint), or built for the seed (its VLM pretrained on the
-    training world for ``vlm_pretrain_steps``) on first use."""
+    training world for ``vlm_pretrain_steps``, its SAM2 on the training shards for
+    ``sam_pretrain_steps``) on first use."""
     from perceptio.train.tiny import SAM_FOLDER, VLM_FOLDER
 
     folder = Path(config.base_models) if config.base_models else out / "miniature" / f"seed{seed}"
@@ -235,6 +240,11 @@ def base_models(config: AblationConfig, out: Path, seed: int) -> tuple[Path, Pat
         with TIMER.stage(f"miniature_seed{seed}"):
             before = _own_cpu()
             build_miniature(folder, seed, out / "world", config.vlm_pretrain_steps)
+            if config.sam_pretrain_steps > 0:
+                from oracle_prompt import train_oracle
+
+                train_oracle(folder / SAM_FOLDER, out / "shards" / "refcoco", out / "heldout-shards" / "refcoco",
+                             config.sam_pretrain_steps, heldout=config.refseg_limit, seed=seed, save=folder / SAM_FOLDER)
             TIMER.add_cpu(_own_cpu() - before)
     return folder / VLM_FOLDER, folder / SAM_FOLDER
 

@@ -80,27 +80,25 @@ def held_out_ciou(oracle: Oracle, items: list[ShardItem], processor: PerceptioPr
     return intersection / max(union, 1.0)
 
 
-def main() -> None:
-    parser = probe_parser(__doc__.split("\n\n")[0], steps=800, batch_size=16, lr=1e-3)
-    parser.add_argument("--sam-model", type=Path, required=True, help="a SAM2 folder (benchmarks/miniature.py writes MINI/sam2)")
-    parser.add_argument("--frozen-encoder", action="store_true", help="keep SAM2's image encoder frozen")
-    parser.add_argument("--save", type=Path, help="save the trained SAM2 here (a save_pretrained folder, for --sam-model)")
-    arguments = parser.parse_args()
-    torch.manual_seed(arguments.seed)
-    rng = random.Random(arguments.seed)
-    train = [item for item in read_shard_items([arguments.shards], "train") if item.mask_rle is not None]
-    heldout = [item for item in read_shard_items([arguments.heldout_shards], "train") if item.mask_rle is not None]
-    heldout = heldout[: arguments.heldout]
+def train_oracle(sam_model: Path, shards: Path, heldout_shards: Path, steps: int, batch_size: int = 16,
+                 lr: float = 1e-3, heldout: int = 200, seed: int = 0, train_encoder: bool = True,
+                 save: Path | None = None) -> dict:
+    """Train the oracle on ``shards`` (split train), score it on ``heldout_shards`` every 100 steps and
+    at the end; with ``save``, write the trained SAM2 there (atomically). Returns the record."""
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    train = [item for item in read_shard_items([shards], "train") if item.mask_rle is not None]
+    scored = [item for item in read_shard_items([heldout_shards], "train") if item.mask_rle is not None][:heldout]
     vocabulary = sorted({word for item in train for word in words(expression(item.prompt))})
-    oracle = Oracle(vocabulary, Sam2Model.from_pretrained(arguments.sam_model), not arguments.frozen_encoder)
+    oracle = Oracle(vocabulary, Sam2Model.from_pretrained(sam_model), train_encoder)
     processor = PerceptioProcessor(tiny_text_tokenizer(), ProcessorSettings(
         image_size=448, tokens_per_tile=256, crop_to_patches=False, depth_size=320,
         sam_image_size=oracle.segmenter.image_size, max_length=64, use_depth_tokens=False, use_segmentation=True))
     trained = [param for param in oracle.parameters() if param.requires_grad]
-    optimizer = torch.optim.AdamW(trained, lr=arguments.lr)
+    optimizer = torch.optim.AdamW(trained, lr=lr)
     curve, started = [], time.perf_counter()
-    for step in range(1, arguments.steps + 1):
-        pixels, masks, texts = tensors(rng.sample(train, arguments.batch_size), processor)
+    for step in range(1, steps + 1):
+        pixels, masks, texts = tensors(rng.sample(train, batch_size), processor)
         bce, dice = segmentation_losses(oracle(pixels, texts), masks)
         loss = PerceptioConfig.seg_bce * bce + PerceptioConfig.seg_dice * dice  # L_SegRecon, as the trainer weighs it
         optimizer.zero_grad()
@@ -108,17 +106,29 @@ def main() -> None:
         torch.nn.utils.clip_grad_norm_(trained, 1.0)
         optimizer.step()
         dice = float(dice)
-        if step % 100 == 0 or step == arguments.steps:
-            score = held_out_ciou(oracle, heldout, processor)
+        if step % 100 == 0 or step == steps:
+            score = held_out_ciou(oracle, scored, processor)
             curve.append({"step": step, "dice": dice, "heldout_ciou": score, "seconds": time.perf_counter() - started})
-            print(f"step {step}: DICE {dice:.3f}, held-out cIoU {score:.3f} ({len(heldout)} expressions, "
+            print(f"oracle step {step}: DICE {dice:.3f}, held-out cIoU {score:.3f} ({len(scored)} expressions, "
                   f"{time.perf_counter() - started:.0f} s)", flush=True)
-    write_record(arguments, train_expressions=len(train), curve=curve)
-    if arguments.save is not None:
+    if save is not None:
         from perceptio.io import atomic_directory
 
-        with atomic_directory(arguments.save) as staging:
+        with atomic_directory(save) as staging:
             oracle.segmenter.sam.save_pretrained(staging)
+    return {"train_expressions": len(train), "curve": curve}
+
+
+def main() -> None:
+    parser = probe_parser(__doc__.split("\n\n")[0], steps=800, batch_size=16, lr=1e-3)
+    parser.add_argument("--sam-model", type=Path, required=True, help="a SAM2 folder (benchmarks/miniature.py writes MINI/sam2)")
+    parser.add_argument("--frozen-encoder", action="store_true", help="keep SAM2's image encoder frozen")
+    parser.add_argument("--save", type=Path, help="save the trained SAM2 here (a save_pretrained folder, for --sam-model)")
+    arguments = parser.parse_args()
+    record = train_oracle(arguments.sam_model, arguments.shards, arguments.heldout_shards, arguments.steps,
+                          arguments.batch_size, arguments.lr, arguments.heldout, arguments.seed,
+                          not arguments.frozen_encoder, arguments.save)
+    write_record(arguments, **record)
 
 
 if __name__ == "__main__":
