@@ -105,7 +105,7 @@ def train_oracle(sam_model: Path, shards: Path, heldout_shards: Path, steps: int
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trained, 1.0)
         optimizer.step()
-        dice = float(dice)
+        dice = dice.item()
         if step % 100 == 0 or step == steps:
             score = held_out_ciou(oracle, scored, processor)
             curve.append({"step": step, "dice": dice, "heldout_ciou": score, "seconds": time.perf_counter() - started})
