@@ -31,7 +31,7 @@ from perceptio.train.losses import segmentation_losses
 from perceptio.train.processor import PerceptioProcessor, ProcessorSettings
 from perceptio.train.sam import SamSegmenter
 from perceptio.train.tiny import tiny_text_tokenizer
-from probes import probe_parser, write_record
+from probes import probe_parser, words, write_record
 
 WORD_WIDTH = 64  # the miniature language model's width
 
@@ -40,10 +40,6 @@ def expression(prompt: str) -> str:
     """The quoted expression of a grounding prompt (manifests/prompts.json quotes it)."""
     quoted = re.findall(r'"([^"]*)"', prompt)
     return quoted[0] if quoted else prompt
-
-
-def words(text: str) -> list[str]:
-    return re.findall(r"[a-z]+", text.lower())
 
 
 class Oracle(torch.nn.Module):

@@ -1,9 +1,10 @@
-"""What the link probes (``oracle_prompt.py``, ``seg_route.py``) share: their data options and record."""
+"""What the link probes (``oracle_prompt.py``, ``seg_route.py``) share: their data options, words and record."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,11 @@ def probe_parser(description: str, steps: int, batch_size: int, lr: float) -> ar
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, help="write the curve as JSON here")
     return parser
+
+
+def words(text: str) -> list[str]:
+    """The lower-case words of a prompt or an expression."""
+    return re.findall(r"[a-z]+", text.lower())
 
 
 def write_record(arguments: argparse.Namespace, **record: Any) -> None:

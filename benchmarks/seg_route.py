@@ -14,7 +14,6 @@ signal reaches ``[SEG]`` only through SAM2's decoder::
 from __future__ import annotations
 
 import random
-import re
 import time
 from pathlib import Path
 
@@ -23,9 +22,10 @@ import torch.nn.functional as F
 
 from perceptio.evaluate.benchmarks import read_shard_examples
 from perceptio.sources.synth.scene import COLOURS
+from perceptio.train import losses
 from perceptio.train.config import PerceptioConfig
 from perceptio.train.model import PerceptioModel
-from probes import probe_parser, write_record
+from probes import probe_parser, words, write_record
 
 COLOUR_NAMES = sorted(COLOURS)
 
@@ -35,19 +35,18 @@ def coloured_requests(shards: Path) -> list[tuple[dict, int]]:
     found = []
     for example in read_shard_examples([shards], "train", use_depth_tokens=False):
         decoded = example.decode()
-        said = [word for word in re.findall(r"[a-z]+", decoded["turns"][0].text.lower()) if word in COLOURS]
+        said = [word for word in words(decoded["turns"][0].text) if word in COLOURS]
         if said and example.image_bytes is not None:
             found.append((decoded, COLOUR_NAMES.index(said[0])))
     return found
 
 
 def seg_states(model: PerceptioModel, items: list[tuple[dict, int]]) -> torch.Tensor:
-    """The last hidden state at each example's (first) [SEG]."""
+    """The last hidden state at each example's [SEG] (the one the trainer pairs with its mask)."""
     processor = model.processor
     batch = processor.collate([processor.encode_conversation(**decoded) for decoded, _ in items])
-    hidden = model.hidden_states(batch)
-    positions = (batch["input_ids"] == model.seg_token_id).float().argmax(dim=1)
-    return hidden[torch.arange(len(items)), positions]
+    rows, positions, _ = losses.seg_pairs(batch["labels"], model.seg_token_id, batch["num_masks"])
+    return model.hidden_states(batch)[rows, positions]
 
 
 def accuracy(model: PerceptioModel, head: torch.nn.Linear, items: list[tuple[dict, int]]) -> float:
