@@ -105,6 +105,10 @@ class AblationConfig:
     # The miniature SAM2's pretraining: segment the training shards' referents from a prompt made of
     # learned word vectors (benchmarks/oracle_prompt.py), batch 16, lr 1e-3. 0: SAM2 stays random.
     sam_pretrain_steps: int = 0
+    # 0: SAM2 is pretrained on the training shards' expressions; N: on a pretraining world of N
+    # images (seed world_seed + 2000), other pictures than the fine-tuning and held-out worlds, as
+    # SAM2's own pretraining data is.
+    sam_pretrain_world_images: int = 0
     base_models: str = ""  # a folder with vlm/ and sam2/ pretrained beforehand (benchmarks/miniature.py), used for every seed
     threads: int = 1  # torch threads per process: one is fastest for these models on a busy CPU
     parallel: int = 1  # (seed, arm) runs at a time (one per free core; on a GPU machine several share the GPU)
@@ -113,7 +117,7 @@ class AblationConfig:
 
 QUICK = AblationConfig(world_images=40, heldout_images=16, tokenizer_steps=20, questions_per_image=2, train_steps=4,
                        batch_size=2, hard_per_variant=4, hard_questions_per_image=1, refseg_limit=4, vlm_pretrain_steps=40,
-                       sam_pretrain_steps=2)
+                       sam_pretrain_steps=2, sam_pretrain_world_images=8)
 
 
 # ------------------------------------------------------------------------------------ running
@@ -243,8 +247,14 @@ def base_models(config: AblationConfig, out: Path, seed: int) -> tuple[Path, Pat
             if config.sam_pretrain_steps > 0:
                 from oracle_prompt import train_oracle
 
+                world = out / "miniature" / "pretrain-world" if config.sam_pretrain_world_images > 0 else None
+                if world is not None and not (world / "world.json").is_file():  # one world for every seed
+                    from perceptio.sources.synth import generate_world
+
+                    generate_world(world, images=config.sam_pretrain_world_images, seed=config.world_seed + 2000, workers=2)
                 train_oracle(folder / SAM_FOLDER, out / "shards" / "refcoco", out / "heldout-shards" / "refcoco",
-                             config.sam_pretrain_steps, heldout=config.refseg_limit, seed=seed, save=folder / SAM_FOLDER)
+                             config.sam_pretrain_steps, heldout=config.refseg_limit, seed=seed, save=folder / SAM_FOLDER,
+                             world=world)
             TIMER.add_cpu(_own_cpu() - before)
     return folder / VLM_FOLDER, folder / SAM_FOLDER
 

@@ -8,7 +8,9 @@ trained with the same L_SegRecon, on the same shards. Its held-out cIoU says how
 can go at this size and budget; a Perceptio run far below it loses the expression on the way to
 ``[SEG]`` or in the decoder (``perceptio-evaluate diagnose`` says which). With ``--save``, the
 trained SAM2 is written as a model folder: a miniature SAM2 pretrained to segment from one prompt
-token that names the object, for ``perceptio-train --sam-model``::
+token that names the object, for ``perceptio-train --sam-model``. With ``--world W`` it trains on
+every RefCOCO expression of a synthetic world instead of the shards (a pretraining world of its own,
+as SAM2's pretraining pictures are not the fine-tuning ones)::
 
     python benchmarks/oracle_prompt.py --sam-model MINI/sam2 --shards ablation-out/shards/refcoco \\
         --heldout-shards ablation-out/heldout-shards/refcoco --steps 800
@@ -19,12 +21,16 @@ from __future__ import annotations
 import random
 import re
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
+import numpy as np
 import torch
+from PIL import Image
 from transformers import Sam2Model
 
-from perceptio.evaluate.benchmarks import ShardItem, read_shard_items
+from perceptio.evaluate.benchmarks import read_shard_items
 from perceptio.shards import rle_to_mask
 from perceptio.train.config import PerceptioConfig
 from perceptio.train.losses import segmentation_losses
@@ -58,13 +64,39 @@ class Oracle(torch.nn.Module):
         return self.segmenter(pixels, self.vectors(torch.cat(ids), offsets))
 
 
-def tensors(items: list[ShardItem], processor: PerceptioProcessor) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    pixels = torch.stack([processor.sam_pixel_values(item.image()) for item in items])
-    masks = torch.stack([processor.mask_target(rle_to_mask(item.mask_rle)) for item in items])
-    return pixels, masks, [expression(item.prompt) for item in items]
+@dataclass(frozen=True)
+class Referent:
+    """One referring expression with its picture and mask, both decoded when used."""
+
+    text: str
+    image: Callable[[], Image.Image]
+    mask: Callable[[], np.ndarray]
 
 
-def held_out_ciou(oracle: Oracle, items: list[ShardItem], processor: PerceptioProcessor) -> float:
+def shard_referents(shards: Path, limit: int | None = None) -> list[Referent]:
+    """The referring expressions of curated shards (split train)."""
+    items = [item for item in read_shard_items([shards], "train") if item.mask_rle is not None][:limit]
+    return [Referent(expression(item.prompt), item.image, lambda rle=item.mask_rle: rle_to_mask(rle)) for item in items]
+
+
+def world_referents(world: Path) -> list[Referent]:
+    """Every RefCOCO expression of a synthetic world, all splits: a pretraining corpus (another
+    world than the fine-tuning and held-out ones, as SAM2's own pretraining data is other pictures)."""
+    from perceptio.sources.refer import ReferDataset
+
+    refer = ReferDataset(world, "refcoco", "unc")
+    return [Referent(sentence.sent, lambda image_id=ref.image_id: refer.load_image(image_id),
+                     lambda ann_id=ref.ann_id: refer.ann_mask(ann_id))
+            for ref in refer.refs for sentence in ref.sentences]
+
+
+def tensors(referents: list[Referent], processor: PerceptioProcessor) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    pixels = torch.stack([processor.sam_pixel_values(referent.image()) for referent in referents])
+    masks = torch.stack([processor.mask_target(referent.mask()) for referent in referents])
+    return pixels, masks, [referent.text for referent in referents]
+
+
+def held_out_ciou(oracle: Oracle, items: list[Referent], processor: PerceptioProcessor) -> float:
     """Cumulative IoU at the decoder's resolution (intersections and unions summed over items)."""
     intersection = union = 0.0
     with torch.no_grad():
@@ -78,14 +110,15 @@ def held_out_ciou(oracle: Oracle, items: list[ShardItem], processor: PerceptioPr
 
 def train_oracle(sam_model: Path, shards: Path, heldout_shards: Path, steps: int, batch_size: int = 16,
                  lr: float = 1e-3, heldout: int = 200, seed: int = 0, train_encoder: bool = True,
-                 save: Path | None = None) -> dict:
-    """Train the oracle on ``shards`` (split train), score it on ``heldout_shards`` every 100 steps and
-    at the end; with ``save``, write the trained SAM2 there (atomically). Returns the record."""
+                 save: Path | None = None, world: Path | None = None) -> dict:
+    """Train the oracle on ``shards`` (split train; or on every expression of the synthetic
+    ``world``), score it on ``heldout_shards`` every 100 steps and at the end; with ``save``, write
+    the trained SAM2 there (atomically). Returns the record."""
     torch.manual_seed(seed)
     rng = random.Random(seed)
-    train = [item for item in read_shard_items([shards], "train") if item.mask_rle is not None]
-    scored = [item for item in read_shard_items([heldout_shards], "train") if item.mask_rle is not None][:heldout]
-    vocabulary = sorted({word for item in train for word in words(expression(item.prompt))})
+    train = world_referents(world) if world is not None else shard_referents(shards)
+    scored = shard_referents(heldout_shards, heldout)
+    vocabulary = sorted({word for referent in train for word in words(referent.text)})
     oracle = Oracle(vocabulary, Sam2Model.from_pretrained(sam_model), train_encoder)
     processor = PerceptioProcessor(tiny_text_tokenizer(), ProcessorSettings(
         image_size=448, tokens_per_tile=256, crop_to_patches=False, depth_size=320,
@@ -112,7 +145,7 @@ def train_oracle(sam_model: Path, shards: Path, heldout_shards: Path, steps: int
 
         with atomic_directory(save) as staging:
             oracle.segmenter.sam.save_pretrained(staging)
-    return {"train_expressions": len(train), "curve": curve}
+    return {"train_expressions": len(train), "trained_on": str(world or shards), "curve": curve}
 
 
 def main() -> None:
@@ -120,10 +153,11 @@ def main() -> None:
     parser.add_argument("--sam-model", type=Path, required=True, help="a SAM2 folder (benchmarks/miniature.py writes MINI/sam2)")
     parser.add_argument("--frozen-encoder", action="store_true", help="keep SAM2's image encoder frozen")
     parser.add_argument("--save", type=Path, help="save the trained SAM2 here (a save_pretrained folder, for --sam-model)")
+    parser.add_argument("--world", type=Path, help="train on this synthetic world's RefCOCO expressions (all splits) instead of --shards")
     arguments = parser.parse_args()
     record = train_oracle(arguments.sam_model, arguments.shards, arguments.heldout_shards, arguments.steps,
                           arguments.batch_size, arguments.lr, arguments.heldout, arguments.seed,
-                          not arguments.frozen_encoder, arguments.save)
+                          not arguments.frozen_encoder, arguments.save, arguments.world)
     write_record(arguments, **record)
 
 
