@@ -182,8 +182,8 @@ def refseg_score(item: ShardItem, prediction: PredictionLike) -> dict[str, Any]:
     missing = prediction.mask is None
     mask = np.zeros_like(truth) if missing else prediction.mask
     overlap = mask_overlap(mask, truth)
-    return {"id": item.id, "dataset": item.dataset, "split": item.split, "intersection": overlap.intersection,
-            "union": overlap.union, "missing_seg": missing}
+    return {"id": item.id, "dataset": item.dataset, "split": item.split, "prompt": item.prompt,
+            "intersection": overlap.intersection, "union": overlap.union, "missing_seg": missing}
 
 
 def depth_score(item: ShardItem, prediction: PredictionLike) -> dict[str, Any]:

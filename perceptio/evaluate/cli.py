@@ -141,7 +141,9 @@ def refseg(
     as_json: bool = JSON_OPTION,
     out: Optional[Path] = OUT_OPTION,
 ) -> None:
-    """Referring segmentation: cIoU, gIoU and precision@0.5 per dataset and split (every sentence one sample)."""
+    """Referring segmentation: cIoU, gIoU and precision@0.5 per dataset and split (every sentence one
+    sample); the JSON also lists every expression's prompt, intersection and union (``per_expression``),
+    to slice the scores by kind of expression."""
     from perceptio.evaluate.benchmarks import read_shard_items, refseg_score, shard_query
     from perceptio.evaluate.metrics import refseg_scores_by_group
 
@@ -156,7 +158,7 @@ def refseg(
     results = _results("refseg", checkpoint, predictor, group.world_size,
                        {"shards": [str(path) for path in shards], "split": split, "expressions": len(records),
                         "images": len({record["id"].split("/")[0] for record in records}), "limit": limit},
-                       scores={name: score.to_dict() for name, score in scores.items()})
+                       scores={name: score.to_dict() for name, score in scores.items()}, per_expression=records)
     table = _table(results, ("dataset/split", "expressions", "cIoU", "gIoU", "P@0.5", "no [SEG]"))
     for name, score in scores.items():
         table.add_row(name, str(score.expressions), percent(score.ciou), percent(score.giou),
