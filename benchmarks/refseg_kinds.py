@@ -1,0 +1,73 @@
+"""Held-out referring segmentation by kind of expression, on the synthetic world.
+
+``perceptio-evaluate refseg --out R.json`` lists every expression with its intersection and union;
+this script groups them by what the expression asks for (the world's expressions name a colour, a
+shape, or a relation: left/right, near/far, size; ``perceptio/sources/synth/expressions.py``) and
+prints cIoU and precision@0.5 per kind. It tells a mask path that finds "the red one" but not "the
+smaller cube" from one that finds nothing::
+
+    perceptio-evaluate refseg --checkpoint RUN/model --shards ablation-out/heldout-shards/refcoco \\
+        --split train --limit 200 --out R.json
+    python benchmarks/refseg_kinds.py R.json [R2.json ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+from pathlib import Path
+
+from perceptio.sources.synth.scene import COLOURS, SHAPES
+from probes import words
+from oracle_prompt import expression
+
+# The first relation word an expression uses decides its kind (synth/expressions.py's wordings).
+RELATION_WORDS = {
+    "left": ("left", "leftmost"), "right": ("right", "rightmost"),
+    "near": ("closer", "nearer", "closest", "nearest"), "far": ("farther", "further", "farthest"),
+    "size": ("bigger", "larger", "biggest", "largest", "smaller", "smallest", "tiniest"),
+}
+KIND_OF_WORD = {word: kind for kind, names in RELATION_WORDS.items() for word in names}
+KINDS = (*RELATION_WORDS, "colour", "shape", "all")
+
+
+def kind(text: str) -> str:
+    """"left", "near", ... for a relation; else "colour" when a colour is named, else "shape"."""
+    said = words(expression(text))
+    relation = next((KIND_OF_WORD[word] for word in said if word in KIND_OF_WORD), None)
+    if relation is not None:
+        return relation
+    return "colour" if set(said) & set(COLOURS) else "shape" if set(said) & set(SHAPES) else "other"
+
+
+def by_kind(records: list[dict]) -> dict[str, dict[str, float]]:
+    """cIoU (sums of intersections over sums of unions) and precision@0.5 per kind, and overall."""
+    sums: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0, 0, 0])
+    for record in records:
+        iou = record["intersection"] / max(record["union"], 1)
+        for name in (kind(record["prompt"]), "all"):
+            entry = sums[name]
+            entry[0] += record["intersection"]
+            entry[1] += record["union"]
+            entry[2] += 1
+            entry[3] += iou > 0.5
+    return {name: {"expressions": n, "ciou": i / max(u, 1), "precision_at_50": hit / n}
+            for name, (i, u, n, hit) in sums.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("results", type=Path, nargs="+", help="perceptio-evaluate refseg --out files")
+    arguments = parser.parse_args()
+    tables = {path.name: by_kind(json.loads(path.read_text())["per_expression"]) for path in arguments.results}
+    print("| kind | " + " | ".join(f"{name}: n, cIoU, P@0.5" for name in tables) + " |")
+    print("| --- |" + " --- |" * len(tables))
+    for name in KINDS:
+        cells = [f"{t[name]['expressions']}, {100 * t[name]['ciou']:.1f}, {100 * t[name]['precision_at_50']:.1f}"
+                 if name in t else "-" for t in tables.values()]
+        print(f"| {name} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
