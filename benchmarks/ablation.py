@@ -241,6 +241,11 @@ def base_models(config: AblationConfig, out: Path, seed: int) -> tuple[Path, Pat
     if not (folder / SAM_FOLDER).is_dir():
         from miniature import build_miniature
 
+        import torch
+
+        # The pretraining runs in this process: on config.threads threads like every command, so
+        # that it does not oversubscribe the cores that --parallel runs share.
+        torch.set_num_threads(config.threads)
         with TIMER.stage(f"miniature_seed{seed}"):
             before = _own_cpu()
             build_miniature(folder, seed, out / "world", config.vlm_pretrain_steps)
