@@ -29,7 +29,7 @@ RELATION_WORDS = {
     "size": ("bigger", "larger", "biggest", "largest", "smaller", "smallest", "tiniest"),
 }
 KIND_OF_WORD = {word: kind for kind, names in RELATION_WORDS.items() for word in names}
-KINDS = (*RELATION_WORDS, "colour", "shape", "all")
+KINDS = (*RELATION_WORDS, "colour", "shape", "other", "all")
 
 
 def kind(text: str) -> str:
