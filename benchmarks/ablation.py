@@ -239,9 +239,8 @@ def base_models(config: AblationConfig, out: Path, seed: int) -> tuple[Path, Pat
 
     folder = Path(config.base_models) if config.base_models else out / "miniature" / f"seed{seed}"
     if not (folder / SAM_FOLDER).is_dir():
-        from miniature import build_miniature
-
         import torch
+        from miniature import build_miniature
 
         # The pretraining runs in this process: on config.threads threads like every command, so
         # that it does not oversubscribe the cores that --parallel runs share.

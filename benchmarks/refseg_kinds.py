@@ -3,8 +3,9 @@
 ``perceptio-evaluate refseg --out R.json`` lists every expression with its intersection and union;
 this script groups them by what the expression asks for (the world's expressions name a colour, a
 shape, or a relation: left/right, near/far, size; ``perceptio/sources/synth/expressions.py``) and
-prints cIoU and precision@0.5 per kind. It tells a mask path that finds "the red one" but not "the
-smaller cube" from one that finds nothing::
+prints cIoU, gIoU and precision@0.5 per kind, scored by ``perceptio.evaluate.metrics.refseg_scores``
+as the command scores. It tells a mask path that finds "the red one" but not "the smaller cube"
+from one that finds nothing::
 
     perceptio-evaluate refseg --checkpoint RUN/model --shards ablation-out/heldout-shards/refcoco \\
         --split train --limit 200 --out R.json
@@ -18,6 +19,7 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
+from perceptio.evaluate.metrics import MaskOverlap, RefSegScores, refseg_scores
 from perceptio.sources.synth.scene import COLOURS, SHAPES
 from probes import words
 from oracle_prompt import expression
@@ -41,19 +43,15 @@ def kind(text: str) -> str:
     return "colour" if set(said) & set(COLOURS) else "shape" if set(said) & set(SHAPES) else "other"
 
 
-def by_kind(records: list[dict]) -> dict[str, dict[str, float]]:
-    """cIoU (sums of intersections over sums of unions) and precision@0.5 per kind, and overall."""
-    sums: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0, 0, 0])
+def by_kind(records: list[dict]) -> dict[str, RefSegScores]:
+    """cIoU, gIoU and precision@0.5 per kind and overall, scored as ``perceptio-evaluate refseg`` scores."""
+    overlaps: dict[str, list[MaskOverlap]] = defaultdict(list)
+    missing: dict[str, int] = defaultdict(int)
     for record in records:
-        iou = record["intersection"] / max(record["union"], 1)
         for name in (kind(record["prompt"]), "all"):
-            entry = sums[name]
-            entry[0] += record["intersection"]
-            entry[1] += record["union"]
-            entry[2] += 1
-            entry[3] += iou > 0.5
-    return {name: {"expressions": n, "ciou": i / max(u, 1), "precision_at_50": hit / n}
-            for name, (i, u, n, hit) in sums.items()}
+            overlaps[name].append(MaskOverlap(int(record["intersection"]), int(record["union"])))
+            missing[name] += int(record["missing_seg"])
+    return {name: refseg_scores(overlaps[name], missing[name]) for name in overlaps}
 
 
 def main() -> None:
@@ -61,10 +59,10 @@ def main() -> None:
     parser.add_argument("results", type=Path, nargs="+", help="perceptio-evaluate refseg --out files")
     arguments = parser.parse_args()
     tables = {path.name: by_kind(json.loads(path.read_text())["per_expression"]) for path in arguments.results}
-    print("| kind | " + " | ".join(f"{name}: n, cIoU, P@0.5" for name in tables) + " |")
+    print("| kind | " + " | ".join(f"{name}: n, cIoU, gIoU, P@0.5" for name in tables) + " |")
     print("| --- |" + " --- |" * len(tables))
     for name in KINDS:
-        cells = [f"{t[name]['expressions']}, {100 * t[name]['ciou']:.1f}, {100 * t[name]['precision_at_50']:.1f}"
+        cells = [f"{t[name].expressions}, {100 * t[name].ciou:.1f}, {100 * t[name].giou:.1f}, {100 * t[name].precision_at_50:.1f}"
                  if name in t else "-" for t in tables.values()]
         print(f"| {name} | " + " | ".join(cells) + " |")
 
