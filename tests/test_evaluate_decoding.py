@@ -134,3 +134,15 @@ def test_random_causal_lm_generates_well_formed_spans(sampling):
             opened += 1
             assert depth_span(row, vocab)[0]
     assert opened >= 1
+
+
+def test_each_row_counts_its_answer_from_its_own_start():
+    vocab = vocabulary(4)
+    span = [vocab.d_start_id, *vocab.depth_token_ids[:4], vocab.d_end_id]
+    rows = torch.tensor([[1, 2, *span], [1, 2, *span]])
+    logits = torch.zeros(2, BASE_VOCAB + len(special_tokens()))
+    # Row 0's answer began with the span (a caller's prefix), row 1's begins after it (history).
+    after = processor_for(vocab, prompt_length=[2, len(span) + 2])(rows, logits)
+    assert after[0, vocab.d_start_id] == float("-inf") and after[1, vocab.d_start_id] == 0
+    with pytest.raises(ValueError, match="answer starts"):
+        processor_for(vocab, prompt_length=[2])(rows, logits)

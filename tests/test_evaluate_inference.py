@@ -68,7 +68,7 @@ def test_prediction_gives_mask_depth_and_answer_from_one_sequence(predictor, mon
     model = predictor.model
     original = predictor._processor
     monkeypatch.setattr(predictor, "_processor",
-                        lambda length: ChoosesSegThenDepth(original(length), length, model.seg_token_id))
+                        lambda width, starts: ChoosesSegThenDepth(original(width, starts), width, model.seg_token_id))
     picture = image(64, 48)
     prediction = predictor.predict(picture, "Please segment the object described as \"the red cube\".")
     ids = prediction.token_ids
@@ -92,6 +92,31 @@ def test_random_model_never_writes_a_malformed_span(predictor):
     if vocabulary.d_start_id in prediction.token_ids:
         assert prediction.well_formed
     assert not set(prediction.token_ids) & set(vocabulary.depth_token_ids) or prediction.well_formed
+
+
+def test_an_answer_prefix_is_written_for_the_model_and_counts_as_its_span(predictor):
+    from perceptio.tokens import depth_span
+    from perceptio.train.chat import USER, Turn
+
+    model, vocabulary = predictor.model, predictor.vocabulary
+    span = depth_span(range(100))
+    picture, prompt = image(), "Which point is the closest to the camera? Write the depth of the scene first."
+    given, free = predictor.predict_batch([picture, picture], [prompt, prompt], answer_prefixes=[span, ""])
+    # The given span is the answer's one span: the model may not write another after it ...
+    perception = {vocabulary.d_start_id, vocabulary.d_end_id, *vocabulary.depth_token_ids}
+    assert not set(given.token_ids) & perception and given.depth_codes == [] and not given.well_formed
+    # ... and what it writes first is its own greedy choice after the prompt and the span.
+    processor = model.processor
+    tile = processor.pixel_values(picture)
+    ids = processor.token_ids(processor.conversation_prompt([Turn(USER, prompt)], len(tile)))
+    ids += processor.tokenizer(span, add_special_tokens=False)["input_ids"]
+    assert ids[-102:] == [vocabulary.d_start_id, *vocabulary.depth_token_ids[:100], vocabulary.d_end_id]
+    with torch.no_grad():
+        logits = model.adapter.model(input_ids=torch.tensor([ids]), pixel_values=tile).logits[0, -1]
+    logits[sorted(perception)] = float("-inf")
+    assert given.token_ids[0] == int(logits.argmax())
+    # The row without a prefix, batched beside it, is answered as when asked alone.
+    assert free.token_ids == predictor.predict(picture, prompt).token_ids
 
 
 @pytest.fixture(scope="module")
@@ -129,6 +154,22 @@ def test_depth_command(evaluate, checkpoint, val_shards):
     results = json.loads(done.stdout)
     assert results["data"]["images"] == 1
     assert 0.0 <= results["scores"]["token_accuracy"] <= 1.0 and results["scores"]["samples"] == 1
+
+
+def test_hardblink_decomposition_on_a_synthetic_world(evaluate, checkpoint, synth_world, tmp_path):
+    from perceptio.evaluate.synth_blink import SynthBlinkConfig, build_questions
+
+    build_questions(synth_world, tmp_path / "blink", SynthBlinkConfig(seed=3, questions_per_image=1, variants=(3,)))
+    done = evaluate("hardblink", "--checkpoint", str(checkpoint), "--data", str(tmp_path / "blink"), "--variants", "3",
+                    "--limit", "2", "--answer", "depth", "--world", str(synth_world), "--max-new-tokens", "4", "--json")
+    assert done.returncode == 0, done.stderr
+    results = json.loads(done.stdout)
+    replies = results["replies"]
+    assert len(replies) == 2
+    # (a) is read from the world's true tokens; (d) is the letter written after them, for every question.
+    assert all(reply["truth_choice"] in ("A", "B", "C") and "truth_fed_choice" in reply for reply in replies)
+    decomposition = results["scores"]["decomposition"]
+    assert decomposition["truth_fed_choice"] == np.mean([reply["truth_fed_choice"] == reply["answer"] for reply in replies])
 
 
 def test_hardblink_command_on_the_real_samples(evaluate, checkpoint, shared_data):
@@ -172,7 +213,7 @@ def test_batched_generation_equals_one_by_one_token_for_token(predictor, monkeyp
     if forced:  # every row writes [SEG] and a span, so masks and depth are compared too
         original = predictor._processor
         monkeypatch.setattr(predictor, "_processor",
-                            lambda length: ChoosesSegThenDepth(original(length), length, model.seg_token_id))
+                            lambda width, starts: ChoosesSegThenDepth(original(width, starts), width, model.seg_token_id))
     # The new token rows (peft's trainable tokens) start small (transformers' mean resizing draws
     # them like the std-0.02 old rows), so the random model's depth-code logits lie close together
     # and float noise from padding can flip a greedy choice (it did, at the 40th code). Rows of unit

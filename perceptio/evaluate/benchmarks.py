@@ -42,7 +42,8 @@ class PredictionLike(Protocol):
 class PredictorLike(Protocol):
     identity: str
 
-    def predict_batch(self, images: Sequence[Image.Image | None], prompts: Sequence[Any]) -> list[PredictionLike]: ...
+    def predict_batch(self, images: Sequence[Image.Image | None], prompts: Sequence[Any],
+                      answer_prefixes: Sequence[str] | None = None) -> list[PredictionLike]: ...
 
 
 @dataclass(frozen=True)
@@ -158,15 +159,19 @@ def evaluate_items(
     item_id: Callable[[Item], str],
     batch_size: int = 1,
     advance: Callable[[int], None] = lambda done: None,
+    answer_prefix: Callable[[Item], str] | None = None,
 ) -> list[dict[str, Any]]:
     """This rank's share generated ``batch_size`` items at a time and scored, then every rank's
-    records gathered once each in item order."""
+    records gathered once each in item order; ``answer_prefix``: the text each answer is made to
+    begin with (``Predictor.predict_batch``)."""
     records = []
     share = group.take(items)
     for start in range(0, len(share), batch_size):
         chunk = share[start : start + batch_size]
         images, prompts = zip(*(query(item) for item in chunk))
-        records.extend(score(item, prediction) for item, prediction in zip(chunk, predictor.predict_batch(images, prompts)))
+        prefixes = {"answer_prefixes": [answer_prefix(item) for item in chunk]} if answer_prefix is not None else {}
+        predictions = predictor.predict_batch(images, prompts, **prefixes)
+        records.extend(score(item, prediction) for item, prediction in zip(chunk, predictions))
         advance(len(chunk))
     return gather_records(records, group, order=[item_id(item) for item in items])
 

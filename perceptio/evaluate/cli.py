@@ -220,11 +220,12 @@ def hardblink(
 
     On questions that record their points (the synthetic split) it also reports the decomposition:
     (a) the answer read from the ground-truth tokens (with --world), (b) the answer read from the
-    tokens the model generated, (c) the letter it wrote, and the token accuracy of its spans.
+    tokens the model generated, (c) the letter it wrote, and the token accuracy of its spans; asked
+    for the span (with --world), (d) the letter it writes after the true span, given to it.
     """
     from perceptio.evaluate.benchmarks import ANSWER_STYLES, hardblink_query, hardblink_score
     from perceptio.evaluate.decomposition import TokenReader, decomposition_scores
-    from perceptio.evaluate.hardblink import load_hardblink, score_hardblink
+    from perceptio.evaluate.hardblink import load_hardblink, parse_choice, score_hardblink
 
     try:
         chosen = tuple(int(part) for part in variants.split(",") if part.strip())
@@ -252,6 +253,18 @@ def hardblink(
                                  lambda question, prediction: hardblink_score(question, prediction, reader, style),
                                  group, lambda question: question.sample_id, batch_size,
                                  lambda done: progress.update(progress.completed + done))
+    if reader is not None and world is not None and style == "depth":
+        # (d): the same questions with the answer begun by the true span: can the letter read it?
+        with ProgressLog("hardblink, true span given", _share(questions, group), unit="samples",
+                         enabled=group.is_main) as progress:
+            fed = evaluate_items(questions, predictor, lambda question: hardblink_query(question, style),
+                                 lambda question, prediction: {"id": question.sample_id,
+                                                               "choice": parse_choice(prediction.text, question.variant)},
+                                 group, lambda question: question.sample_id, batch_size,
+                                 lambda done: progress.update(progress.completed + done),
+                                 answer_prefix=lambda question: reader.truth_span(question.row))
+        for record, given in zip(records, fed):
+            record["truth_fed_choice"] = given["choice"]
     if not group.is_main:
         return
     scores = score_hardblink(records)
@@ -262,14 +275,15 @@ def hardblink(
                        scores={**scores.to_dict(), "decomposition": decomposition}, replies=records)
     columns = ["points", "questions", "(c) letter %", "unparsed"]
     if decomposition:
-        columns += ["(b) from its tokens %", "(a) from true tokens %", "well-formed %", "token accuracy %"]
+        columns += ["(b) from its tokens %", "(a) from true tokens %", "(d) letter after the true span %",
+                    "well-formed %", "token accuracy %"]
     table = _table(results, columns, f" | asked: {style}")
     for variant, accuracy in scores.accuracy.items():
         row = [str(variant), str(scores.questions[variant]), percent(accuracy), str(scores.unparsed[variant])]
         if decomposition:
             parts = decomposition["by_variant"][str(variant)]
-            row += [percent(parts["token_choice"]), percent(parts["truth_choice"]), percent(parts["well_formed"]),
-                    percent(parts["token_accuracy"])]
+            row += [percent(parts["token_choice"]), percent(parts["truth_choice"]), percent(parts["truth_fed_choice"]),
+                    percent(parts["well_formed"]), percent(parts["token_accuracy"])]
         table.add_row(*row)
     table.add_row("average", str(len(records)), percent(scores.average), "")
     report(results, table, as_json, out)

@@ -31,7 +31,9 @@ class PerceptionFormatProcessor(LogitsProcessor):
         max_spans: how many spans a sequence may hold (None: unlimited).
         max_length: the total length generation stops at, when known: a span is not opened where it
             could not be closed before it.
-        prompt_length: the (padded) prompt width; tokens before it are history, not counted.
+        prompt_length: where the answer starts: the (padded) prompt width, or one position per row
+            (an answer begun by the caller, e.g. with a given span, counts from its own start);
+            tokens before it are history, not counted.
     """
 
     def __init__(
@@ -42,7 +44,7 @@ class PerceptionFormatProcessor(LogitsProcessor):
         num_depth_tokens: int,
         max_spans: int | None = 1,
         max_length: int | None = None,
-        prompt_length: int = 0,
+        prompt_length: int | Sequence[int] = 0,
     ):
         if not depth_token_ids:
             raise ValueError("depth_token_ids is empty")
@@ -56,7 +58,7 @@ class PerceptionFormatProcessor(LogitsProcessor):
         self.num_depth_tokens = int(num_depth_tokens)
         self.max_spans = max_spans
         self.max_length = max_length
-        self.prompt_length = int(prompt_length)
+        self.prompt_length = prompt_length if isinstance(prompt_length, int) else [int(start) for start in prompt_length]
 
     def _depth_lookup(self, vocab_size: int, device: torch.device) -> torch.Tensor:
         # The vocabulary may be wider than the largest token id (padded embedding tables).
@@ -80,11 +82,22 @@ class PerceptionFormatProcessor(LogitsProcessor):
         closed = (input_ids == self.d_end_id).sum(dim=1)
         return inside, torch.where(inside, written, torch.zeros_like(written)), closed
 
+    def _answers(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The answer part of every row: the ids from the row's answer start, history replaced by -1
+        (which no span counts)."""
+        if isinstance(self.prompt_length, int):
+            if input_ids.shape[1] < self.prompt_length:
+                raise ValueError(f"input_ids has {input_ids.shape[1]} positions, fewer than the prompt's {self.prompt_length}")
+            return input_ids[:, self.prompt_length :]
+        if len(self.prompt_length) != input_ids.shape[0]:
+            raise ValueError(f"{len(self.prompt_length)} answer starts for {input_ids.shape[0]} rows")
+        starts = torch.tensor(self.prompt_length, device=input_ids.device).unsqueeze(1)
+        columns = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
+        return torch.where(columns >= starts, input_ids, torch.full_like(input_ids, -1))
+
     def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
         vocab_size = scores.shape[-1]
-        if input_ids.shape[1] < self.prompt_length:
-            raise ValueError(f"input_ids has {input_ids.shape[1]} positions, fewer than the prompt's {self.prompt_length}")
-        inside, written, closed = self.span_state(input_ids[:, self.prompt_length :], vocab_size)
+        inside, written, closed = self.span_state(self._answers(input_ids), vocab_size)
         is_depth = self._depth_lookup(vocab_size, scores.device)[:vocab_size]
         token_ids = torch.arange(vocab_size, device=scores.device)
         only_depth = is_depth.unsqueeze(0)

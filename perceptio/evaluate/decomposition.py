@@ -7,10 +7,12 @@ For a marked-point question whose points are known (the synthetic HardBLINK spli
   what any tokens can give;
 - (b) ``token_choice``: the same reading of the tokens the model generated (None when it wrote
   no well-formed span);
-- (c) ``choice``: the letter the model wrote.
+- (c) ``choice``: the letter the model wrote;
+- (d) ``truth_fed_choice``: the letter the model writes when its answer is begun with the
+  ground-truth span (the span teacher-forced, as in training): can it read a perfect span?
 
 Where (c) falls short of (b) the model does not use its own perception; where (b) falls short of
-(a) it writes wrong tokens. ``token_accuracy`` is the share of the generated codes equal to the
+(a) it writes wrong tokens; where (d) falls short of (a) it cannot read even the true span. ``token_accuracy`` is the share of the generated codes equal to the
 true ones (position by position).
 """
 
@@ -24,7 +26,7 @@ import numpy as np
 
 from perceptio.evaluate.metrics import token_accuracy
 
-COLUMNS = ("truth_choice", "token_choice", "choice")
+COLUMNS = ("truth_choice", "token_choice", "choice", "truth_fed_choice")
 
 
 @dataclass
@@ -46,6 +48,13 @@ class TokenReader:
             depth = OracleTeacher(self.world / "depth").predict_paths([self.world / source])[0]
             self._truth[source] = [int(code) for code in self.tokenizer.encode(depth)[0].reshape(-1).tolist()]
         return self._truth[source]
+
+    def truth_span(self, row: dict[str, Any]) -> str:
+        """The ground-truth span as the model writes it (``[D_START]`` codes ``[D_END]``); empty when unknown."""
+        from perceptio.tokens import depth_span
+
+        truth = self.truth_codes(row)
+        return depth_span(truth) if truth is not None else ""
 
     def columns(self, row: dict[str, Any], codes: Sequence[int], well_formed: bool, asked_for_tokens: bool = True) -> dict[str, Any]:
         """(a), and (b) with the token accuracy when the model was asked to write its span, of one
@@ -89,4 +98,5 @@ def decomposition_scores(records: Iterable[dict[str, Any]]) -> dict[str, Any]:
         scores[name] = entry
     overall = scores["all"]
     return {"by_variant": scores, "token_accuracy": overall["token_accuracy"], "truth_choice": overall["truth_choice"],
-            "token_choice": overall["token_choice"], "choice": overall["choice"], "well_formed": overall["well_formed"]}
+            "token_choice": overall["token_choice"], "choice": overall["choice"],
+            "truth_fed_choice": overall["truth_fed_choice"], "well_formed": overall["well_formed"]}

@@ -94,7 +94,7 @@ class Predictor:
             model = model.to(torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))))
         return cls(model, checkpoint_identity(folder), max_new_tokens)
 
-    def _processor(self, prompt_length: int) -> PerceptionFormatProcessor:
+    def _processor(self, width: int, answer_starts: list[int]) -> PerceptionFormatProcessor:
         vocabulary = self.vocabulary
         return PerceptionFormatProcessor(
             vocabulary.depth_token_ids,
@@ -103,8 +103,8 @@ class Predictor:
             vocabulary.num_depth_tokens,
             # A model trained without depth tokens must not start a span it never learned to close.
             max_spans=1 if self.model.config.use_depth_tokens else 0,
-            max_length=prompt_length + self.max_new_tokens,
-            prompt_length=prompt_length,
+            max_length=width + self.max_new_tokens,
+            prompt_length=answer_starts,
         )
 
     def predict(self, image: Image.Image | None, prompt: str | Sequence[Any]) -> Prediction:
@@ -113,10 +113,14 @@ class Predictor:
         return self.predict_batch([image], [prompt])[0]
 
     @torch.inference_mode()
-    def predict_batch(self, images: Sequence[Image.Image | None], prompts: Sequence[str | Sequence[Any]]) -> list[Prediction]:
+    def predict_batch(self, images: Sequence[Image.Image | None], prompts: Sequence[str | Sequence[Any]],
+                      answer_prefixes: Sequence[str] | None = None) -> list[Prediction]:
         """Generate for several (image, prompt) pairs at once: prompts left-padded, greedy, the
         format constraint applied per row; the same tokens as one call per pair. A prompt is a
-        question or a conversation's turns so far; an image may be None (a text-only conversation)."""
+        question or a conversation's turns so far; an image may be None (a text-only conversation).
+        ``answer_prefixes``: text each answer is made to begin with (teacher forcing at inference,
+        e.g. the true depth span before the letter); the format constraint counts it as written,
+        and the prediction holds what the model wrote after it."""
         model = self.model
         processor = model.processor
         pictures = [image.convert("RGB") if image is not None else None for image in images]
@@ -125,7 +129,12 @@ class Predictor:
                           [Turn(USER, prompt)] if isinstance(prompt, str) else prompt,
                           len(values) if values is not None else None))
                       for prompt, values in zip(prompts, tiles)]
+        prefix_ids = [processor.tokenizer(prefix, add_special_tokens=False)["input_ids"] if prefix else []
+                      for prefix in (answer_prefixes or [""] * len(prompt_ids))]
+        answer_lengths = [len(ids) for ids in prefix_ids]
+        prompt_ids = [ids + prefix for ids, prefix in zip(prompt_ids, prefix_ids)]
         width = max(len(ids) for ids in prompt_ids)
+        answer_starts = [width - length for length in answer_lengths]
         input_ids = torch.tensor([[self.pad_id] * (width - len(ids)) + ids for ids in prompt_ids], device=self.device)
         attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in prompt_ids], device=self.device)
         present = [values for values in tiles if values is not None]
@@ -138,7 +147,7 @@ class Predictor:
                 **image_inputs,
                 max_new_tokens=self.max_new_tokens,
                 do_sample=False,
-                logits_processor=LogitsProcessorList([self._processor(width)]),
+                logits_processor=LogitsProcessorList([self._processor(width, answer_starts)]),
                 eos_token_id=self.end_of_turn_id,
                 pad_token_id=self.pad_id,
             )
