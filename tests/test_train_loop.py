@@ -10,6 +10,7 @@ import dataclasses
 import json
 import os
 import socket
+import shutil
 from pathlib import Path
 from dataclasses import dataclass
 
@@ -128,6 +129,24 @@ def test_resume_gives_the_same_losses_as_an_uninterrupted_run(shards, tmp_path):
     assert [line["loss"] for line in lines] == [line["loss"] for line in straight.history]
     with pytest.raises(PerceptioError, match="settings changed"):
         run(shards, tmp_path / "split", 9, grad_accum=2, resume=True)
+
+
+def test_resume_matches_local_folders_however_they_are_written(shards, tmp_path, monkeypatch):
+    # Started with a relative path, resumed with the absolute one (and the other way round).
+    monkeypatch.chdir(shards.parent)
+    relative = Path(shards.name)
+    with pytest.raises(PerceptioError, match="non-finite loss at step 3"):
+        train(ToyModel(poison_call=3), stream(relative), TrainConfig(out=tmp_path, steps=4, batch_size=2, workers=0,
+                                                                    progress=False, lr=1e-2, save_every=2))
+    resumed = run(shards.resolve(), tmp_path, 4, save_every=2, resume=True)
+    assert [r["step"] for r in resumed.history] == [3, 4]
+    state = json.loads((tmp_path / "checkpoints" / "step-000004" / "trainer_state.json").read_text())
+    assert state["settings"]["shards"] == [str(shards.resolve())]
+    # Another folder is another run.
+    other = tmp_path / "other-shards"
+    shutil.copytree(shards, other)
+    with pytest.raises(PerceptioError, match="settings changed"):
+        run(other, tmp_path, 4, save_every=2, resume=True)
 
 
 def test_nan_stops_the_run_naming_step_and_keys_and_saves_nothing(shards, tmp_path):

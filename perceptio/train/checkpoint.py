@@ -114,17 +114,44 @@ class LoadedCheckpoint:
     scheduler_state: dict[str, Any]
 
 
+# Settings that may name local folders (shards; the model's base, SAM2 and depth tokenizer).
+PATH_SETTINGS = ("shards", "model.model", "model.sam_model", "model.tokenizer")
+
+
+def with_absolute_paths(settings: dict[str, Any]) -> dict[str, Any]:
+    """``settings`` with every local folder it names written as an absolute path (hub ids and URLs
+    as they are), so that a run resumed with ``data/shards`` matches one started with
+    ``/home/me/data/shards``."""
+    def absolute(value: Any) -> Any:
+        if isinstance(value, list):
+            return sorted(absolute(item) for item in value)
+        if isinstance(value, str) and value and "://" not in value and Path(value).exists():
+            return str(Path(value).resolve())
+        return value
+
+    resolved = json.loads(json.dumps(settings))
+    for dotted in PATH_SETTINGS:
+        *parents, name = dotted.split(".")
+        holder = resolved
+        for parent in parents:
+            holder = holder.get(parent) if isinstance(holder, dict) else None
+        if isinstance(holder, dict) and name in holder:
+            holder[name] = absolute(holder[name])
+    return resolved
+
+
 def load_checkpoint(path: Path, settings: dict[str, Any]) -> LoadedCheckpoint:
-    """Read a checkpoint, refusing one written by a run whose settings differ from ``settings``."""
+    """Read a checkpoint, refusing one written by a run whose settings differ from ``settings``
+    (local folders compared as absolute paths)."""
     missing = [name for name in (TRAINABLE_FILE, OPTIMIZER_FILE, SCHEDULER_FILE, RNG_FILE, STATE_FILE)
                if not (path / name).is_file()]
     if missing:
         raise PerceptioError(f"checkpoint {path} lacks {', '.join(missing)}")
     state = json.loads((path / STATE_FILE).read_text())
-    changed = sorted(key for key in settings.keys() | state["settings"].keys()
-                     if settings.get(key) != state["settings"].get(key))
+    settings, saved = with_absolute_paths(settings), with_absolute_paths(state["settings"])
+    changed = sorted(key for key in settings.keys() | saved.keys() if settings.get(key) != saved.get(key))
     if changed:
-        details = ", ".join(f"{key}: {state['settings'].get(key)!r} -> {settings.get(key)!r}" for key in changed)
+        details = ", ".join(f"{key}: {saved.get(key)!r} -> {settings.get(key)!r}" for key in changed)
         raise PerceptioError(f"cannot resume exactly from {path}: settings changed ({details})")
     # Everything to the CPU first: tensors saved from cuda:0 would otherwise all land on cuda:0 on
     # every rank; load_state_dict then moves each to its parameter's device.

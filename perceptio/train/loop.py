@@ -43,6 +43,7 @@ from perceptio.train.checkpoint import (
     rng_state,
     save_checkpoint,
     set_rng_state,
+    with_absolute_paths,
 )
 from perceptio.train.config import BadSampleLimit, StreamConfig, TrainConfig
 from perceptio.train.data import EncodeCollate, ResumableLoader
@@ -209,7 +210,7 @@ def run_settings(config: TrainConfig, data: StreamConfig, processes: Processes, 
                     prompts=f"{data.prompts}@{hashlib.sha256(prompts).hexdigest()[:12]}",
                     precision="bf16" if uses_bf16(config, processes, model) else "fp32",
                     model=json.loads(json.dumps(asdict(model_config), default=str)) if is_dataclass(model_config) else None)
-    return settings
+    return with_absolute_paths(settings)
 
 
 def uses_bf16(config: TrainConfig, processes: Processes, model: Any = None) -> bool:
