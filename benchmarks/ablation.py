@@ -307,8 +307,8 @@ def hits(model: dict[str, Any], key: str) -> list[float]:
 
 
 def summarise(results: dict[str, Any]) -> dict[str, Any]:
-    """Per arm: the letter's accuracy (c), the answer read from its tokens (b), token accuracy, and
-    bootstrap intervals over questions and seeds; the full-minus-no-depth difference, paired."""
+    """Per arm: the letter's accuracy (c), the answer read from its tokens (b), the letter after the
+    true span (d), token accuracy, and bootstrap intervals over questions and seeds; the full-minus-no-depth difference, paired."""
     from perceptio.evaluate.stats import bootstrap_difference, bootstrap_mean
 
     arms = results["arms"]
@@ -321,6 +321,7 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
                  "letter_per_seed": [sum(h) / len(h) for h in letter]}
         if ARMS[name].answer == "depth":
             entry["from_tokens"] = bootstrap_mean([hits(run, "token_choice") for run in runs]).to_dict()
+            entry["after_true_span"] = bootstrap_mean([hits(run, "truth_fed_choice") for run in runs]).to_dict()
             accuracies = [run["hardblink"]["decomposition"]["token_accuracy"] for run in runs]
             entry["token_accuracy"] = [a for a in accuracies]
         summary[name] = entry
@@ -342,21 +343,22 @@ def table(results: dict[str, Any]) -> str:
     lines = [f"Hard synthetic HardBLINK, {questions} held-out questions ({', '.join(f'{v} points: {n}' for v, n in blink['questions'].items())}); "
              f"seeds {', '.join(map(str, results['seeds']))}; {results['config']['train_steps']} steps. "
              "Accuracy %, mean over seeds [95% bootstrap interval over questions and seeds].", "",
-             "| | (c) letter written | (b) answer read from its tokens | token accuracy % | held-out refseg cIoU % |",
-             "| --- | --- | --- | --- | --- |"]
+             "| | (c) letter written | (b) answer read from its tokens | (d) letter after the true span | token accuracy % | held-out refseg cIoU % |",
+             "| --- | --- | --- | --- | --- | --- |"]
     scores = blink["scores"]
     for name, by_variant in scores.items():
         values = list(by_variant.values())
         mean = sum(values) / len(values)
         label = "(a) answer read from the ground-truth tokens" if name == "gt_token_ceiling" else f"heuristic: {name}"
-        lines.append(f"| {label} | {100 * mean:.1f} (mean over point counts) | | | |")
+        lines.append(f"| {label} | {100 * mean:.1f} (mean over point counts) | | | | |")
     for name in results["arms"]:
         entry = summary[name]
         tokens = _ci(entry["from_tokens"]) if "from_tokens" in entry else "-"
+        after_truth = _ci(entry["after_true_span"]) if "after_true_span" in entry else "-"
         accuracy = ("/".join(f"{100 * a:.1f}" for a in entry["token_accuracy"] if a is not None)
                     if "token_accuracy" in entry else "-")
         ciou = "/".join(f"{100 * c:.1f}" for c in entry["refseg_ciou"])
-        lines.append(f"| {ARMS[name].label} | {_ci(entry['letter'])} | {tokens} | {accuracy} | {ciou} |")
+        lines.append(f"| {ARMS[name].label} | {_ci(entry['letter'])} | {tokens} | {after_truth} | {accuracy} | {ciou} |")
     if "full_minus_no_depth_tokens" in summary:
         lines += ["", f"full minus without depth tokens (letter, paired): {_ci(summary['full_minus_no_depth_tokens'])} points"]
     return "\n".join(lines)
