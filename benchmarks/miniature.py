@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 
+from perceptio.train.miniature import VlmPretraining
 from perceptio.train.tiny import VLM_FOLDER, TinySize, save_miniature
 
 # The ablation's miniature (README "Perceptio in miniature" says how it was chosen).
@@ -31,20 +32,33 @@ MINIATURE = TinySize(vision_width=32, vision_layers=2, image_size=280, text_widt
 
 
 def build_miniature(out: Path, seed: int, world: Path | None = None, vlm_steps: int = 0,
-                    size: TinySize = MINIATURE) -> tuple[Path, Path]:
-    """``out/vlm`` and ``out/sam2``; with ``world`` and ``vlm_steps``, the VLM pretrained on that world."""
+                    size: TinySize = MINIATURE, pretraining: VlmPretraining | None = None,
+                    fresh_language_model: bool = False, report_world: Path | None = None) -> tuple[Path, Path]:
+    """``out/vlm`` and ``out/sam2``; with ``world`` and ``vlm_steps``, the VLM pretrained on that
+    world (``pretraining``: its settings other than steps and seed; ``report_world``: print what the
+    pretrained VLM reads there); ``fresh_language_model``: then only the vision tower and its
+    projector keep what they learned, the language model is put back to its random weights (a
+    pretrained eye for a language model still free to learn new lookups)."""
     vlm, sam = save_miniature(out, size, seed=seed)
     if world is not None and vlm_steps > 0:
         import torch
         from transformers import AutoTokenizer, InternVLForConditionalGeneration
 
         from perceptio.io import atomic_directory
-        from perceptio.train.miniature import VlmPretraining, pretrain_vlm
+        from perceptio.train.miniature import pretrain_vlm
 
         torch.manual_seed(seed)
         tokenizer = AutoTokenizer.from_pretrained(vlm)
         model = InternVLForConditionalGeneration.from_pretrained(vlm)
-        pretrain_vlm(model, tokenizer, world, VlmPretraining(steps=vlm_steps, seed=seed))
+        pretrain_vlm(model, tokenizer, world, replace(pretraining or VlmPretraining(), steps=vlm_steps, seed=seed))
+        if report_world is not None:
+            from perceptio.train.miniature import held_out_report
+
+            print(json.dumps({"pretrained_vlm_reads": held_out_report(model, tokenizer, report_world)}))
+        if fresh_language_model:
+            random = InternVLForConditionalGeneration.from_pretrained(vlm)
+            model.model.language_model.load_state_dict(random.model.language_model.state_dict())
+            model.lm_head.load_state_dict(random.lm_head.state_dict())
         with atomic_directory(out / VLM_FOLDER) as staging:  # replaces the random one
             model.save_pretrained(staging)
             tokenizer.save_pretrained(staging)
@@ -67,15 +81,21 @@ def main() -> None:
     parser.add_argument("--world", type=Path, help="a synthetic world (perceptio-curate synth) to pretrain the VLM on")
     parser.add_argument("--vlm-steps", type=int, default=0, help="VLM pretraining steps on --world (0: random VLM)")
     parser.add_argument("--report-world", type=Path, help="another world: print what the VLM reads from its pictures")
+    parser.add_argument("--map-share", type=float, default=VlmPretraining.map_share,
+                        help="share of pretraining examples that are colour maps")
+    parser.add_argument("--mark-share", type=float, default=VlmPretraining.mark_share,
+                        help="share of pretraining examples that are mark maps (where the letters of marked points are)")
+    parser.add_argument("--fresh-language-model", action="store_true",
+                        help="after pretraining, keep the vision tower and projector, put the language model back to random")
     for option in fields(TinySize):
         if option.name != "sam_stage_widths":
             parser.add_argument(f"--{option.name.replace('_', '-')}", type=int, default=getattr(MINIATURE, option.name))
     arguments = parser.parse_args()
     size = TinySize(**{option.name: getattr(arguments, option.name, getattr(MINIATURE, option.name)) for option in fields(TinySize)})
-    vlm, sam = build_miniature(arguments.out, arguments.seed, arguments.world, arguments.vlm_steps, size)
+    pretraining = VlmPretraining(map_share=arguments.map_share, mark_share=arguments.mark_share)
+    vlm, sam = build_miniature(arguments.out, arguments.seed, arguments.world, arguments.vlm_steps, size, pretraining,
+                               arguments.fresh_language_model, arguments.report_world)
     print(f"miniature {size}: {vlm} {sam}")
-    if arguments.report_world is not None:
-        print(json.dumps(report(vlm, arguments.report_world)))
 
 
 if __name__ == "__main__":

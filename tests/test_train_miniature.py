@@ -16,8 +16,10 @@ from perceptio.train.miniature import (
     GRID,
     MAP_BACKGROUND,
     VlmPretraining,
+    MARK_LABELS,
     colour_map_question,
     held_out_report,
+    mark_map_question,
     object_map,
     place_questions,
     pretrain_vlm,
@@ -76,6 +78,25 @@ def test_object_map_marks_covered_cells_and_always_the_best_one() -> None:
     assert tiny.count("1") == 1 and tiny[5 * GRID + 5] == "1"
 
 
+def test_mark_map_puts_each_letter_on_the_cell_of_its_point_on_its_own_object() -> None:
+    instances = np.zeros((200, 300), dtype=np.uint16)
+    instances[20:60, 30:90], instances[120:180, 150:280], instances[100:110, 10:20] = 3, 5, 9
+    record = {"objects": [{"instance": 3}, {"instance": 5}, {"instance": 9}, {"instance": 4}]}  # 4: hidden
+    picture = Image.new("RGB", (300, 200), (90, 90, 90))
+    for seed in range(20):
+        marked, question, answer = mark_map_question(picture, record, instances, np.random.default_rng(seed))
+        letters = [cell for cell in answer if cell != MAP_BACKGROUND]
+        assert len(answer) == GRID * GRID and 2 <= len(letters) <= 3
+        assert "".join(sorted(letters)) == MARK_LABELS[: len(letters)]  # A, B, ... each once
+        for k, letter in enumerate(answer):
+            if letter != MAP_BACKGROUND:  # the cell lies on one visible object (each point on another)
+                rows = slice(k // GRID * 20, k // GRID * 20 + 20)
+                columns = slice(k % GRID * 30, k % GRID * 30 + 30)
+                assert set(np.unique(instances[rows, columns])) - {0}
+        drawn = np.asarray(marked).astype(int) - np.asarray(picture).astype(int)
+        assert np.abs(drawn).sum() > 0 and picture.getpixel((0, 0)) == (90, 90, 90)  # drawn on a copy
+
+
 def test_questions_of_a_world(synth_world: Path) -> None:
     records = json.loads((synth_world / "world.json").read_text())["images"]
     places = [pair for record in records for pair in place_questions(record)]
@@ -103,7 +124,8 @@ def test_pretraining_lowers_the_loss_on_the_world(synth_world: Path) -> None:
 
     before = loss()
     logged: list[str] = []
-    pretrain_vlm(vlm, tokenizer, synth_world, VlmPretraining(steps=40, batch_size=4, log_every=20), log=logged.append)
+    pretrain_vlm(vlm, tokenizer, synth_world, VlmPretraining(steps=40, batch_size=4, log_every=20, mark_share=0.3),
+                 log=logged.append)
     assert len(logged) == 2 and "step 40/40" in logged[-1]
     assert loss() < before - 1.0
     assert not vlm.training
@@ -112,13 +134,15 @@ def test_pretraining_lowers_the_loss_on_the_world(synth_world: Path) -> None:
 def test_pretraining_needs_enough_steps_for_its_schedule() -> None:
     with pytest.raises(ValueError, match="at least 40 steps"):
         VlmPretraining(steps=39)
+    with pytest.raises(ValueError, match="sum to at most 1"):
+        VlmPretraining(map_share=0.6, mark_share=0.5)
 
 
 def test_held_out_report_scores_a_random_vlm_near_nothing(synth_world: Path) -> None:
     tokenizer = tiny_text_tokenizer()
     report = held_out_report(tiny_internvl(tokenizer, size=SMALL), tokenizer, synth_world, images=3)
     assert report["images"] == 3 and report["referring_maps"] >= 1
-    for name in ("colour_map_cells", "colour_map_object_cells", "referring_map_iou", "place_exact"):
+    for name in ("mark_map_letters", "colour_map_cells", "colour_map_object_cells", "referring_map_iou", "place_exact"):
         assert 0.0 <= report[name] <= 1.0
     # a random model writes no map: it cannot beat the all-background answer
     assert report["colour_map_cells"] <= report["colour_map_all_background"]

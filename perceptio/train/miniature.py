@@ -5,7 +5,8 @@ The paper fine-tunes a pretrained InternVL, which already grounds referring expr
 miniature (``benchmarks/miniature.py``) reproduces that regime in small: before any Perceptio
 training, its tiny InternVL is trained on one-turn questions about the *training* world's pictures
 (colours, counts, left/right, sizes, places on the image grid, and the colour, shape and place of
-what each training referring expression names), then saved with ``save_pretrained`` so that
+what each training referring expression names; optionally where the letters of marked points
+are, :func:`mark_map_question`), then saved with ``save_pretrained`` so that
 ``perceptio-train --model`` loads it like a real checkpoint. No question is about depth and no mask
 is shown: what the depth tokens and the ``[SEG]`` head add is left to the fine-tuning to learn.
 
@@ -46,6 +47,7 @@ class VlmPretraining:
     batch_size: int = 16
     lr: float = 2e-3
     map_share: float = 0.3  # examples that are the picture's colour map (colour_map_question)
+    mark_share: float = 0.0  # examples that are a marked copy's mark map (mark_map_question)
     seed: int = 0
     log_every: int = 100
 
@@ -53,6 +55,9 @@ class VlmPretraining:
         if self.steps < MIN_PRETRAINING_STEPS or self.batch_size < 1:
             raise ValueError(f"VLM pretraining needs at least {MIN_PRETRAINING_STEPS} steps and one example "
                              f"(steps {self.steps}, batch {self.batch_size})")
+        if min(self.map_share, self.mark_share) < 0 or self.map_share + self.mark_share > 1:
+            raise ValueError(f"the map shares must be at least 0 and sum to at most 1 "
+                             f"(colour {self.map_share}, marks {self.mark_share})")
 
 
 def _place(obj: dict, camera: dict) -> str:
@@ -93,6 +98,40 @@ def colour_map_question(record: dict, instances: np.ndarray, colours: Sequence[s
     columns = ((np.arange(GRID) + 0.5) * width / GRID).astype(int)
     cells = instances[rows[:, None], columns[None, :]]
     return MAP_QUESTION, "".join(colour_of.get(int(cell), MAP_BACKGROUND) for cell in cells.flat)
+
+
+MARK_QUESTION = "The marked points, cell by cell."
+MARK_LABELS = "ABCDE"  # HardBLINK's letters; 2-5 points, as the marked-point questions
+
+
+def _cell(point: tuple[int, int], size: tuple[int, int]) -> int:
+    """The GRID x GRID cell (row-major index) of image point (x, y) of a (width, height) image."""
+    (x, y), (width, height) = point, size
+    return min(GRID - 1, y * GRID // height) * GRID + min(GRID - 1, x * GRID // width)
+
+
+def mark_map_question(picture: Image.Image, record: dict, instances: np.ndarray,
+                      rng: np.random.Generator) -> tuple[Image.Image, str, str]:
+    """A copy of the picture with 2-5 points marked as the marked-point questions mark them (a ring
+    and a letter, :func:`perceptio.curate.marked_points.draw_marks`), each on another object, and
+    its map: GRID x GRID characters, row-major, the letter on the cell of each point, "." elsewhere.
+    Like the colour map, answer token k is about image token k: where each letter is, which is what
+    a question about the marked points needs before any depth can be compared."""
+    from perceptio.curate.marked_points import draw_marks
+
+    objects = [obj["instance"] for obj in record["objects"] if (instances == obj["instance"]).any()]
+    count = min(len(objects), int(rng.integers(2, len(MARK_LABELS) + 1)))
+    points, cells = [], [MAP_BACKGROUND] * (GRID * GRID)
+    for instance in rng.permutation(objects)[:count].tolist():
+        ys, xs = np.nonzero(instances == instance)
+        pick = int(rng.integers(len(xs)))
+        point = (int(xs[pick]), int(ys[pick]))
+        if cells[_cell(point, picture.size)] != MAP_BACKGROUND:
+            continue  # two points in one cell: the map could name only one of them
+        cells[_cell(point, picture.size)] = MARK_LABELS[len(points)]
+        points.append(point)
+    labels = list(MARK_LABELS[: len(points)])
+    return draw_marks(picture, points, labels), MARK_QUESTION, "".join(cells)
 
 
 def object_map(instances: np.ndarray, instance: int) -> str:
@@ -159,7 +198,8 @@ def pretrain_vlm(vlm: InternVLForConditionalGeneration, tokenizer: PreTrainedTok
              + place_questions(record) for index, record in enumerate(records)]
     for index, questions in referring_questions(world, records).items():
         about[index] += questions
-    maps = [colour_map_question(record, np.asarray(Image.open(world / record["instance_file"]))) for record in records]
+    instances = [np.asarray(Image.open(world / record["instance_file"])) for record in records]
+    maps = [colour_map_question(record, cells) for record, cells in zip(records, instances)]
     rng = np.random.default_rng(settings.seed)
     optimizer = torch.optim.AdamW(vlm.parameters(), lr=settings.lr, weight_decay=0.01)
     # One cycle: 5% warm-up from lr/25, then cosine annealing (and Adam's beta1 cycled 0.95 <-> 0.85).
@@ -170,9 +210,14 @@ def pretrain_vlm(vlm: InternVLForConditionalGeneration, tokenizer: PreTrainedTok
     for step in range(1, settings.steps + 1):
         examples = []
         for index in rng.integers(len(records), size=settings.batch_size).tolist():
-            pick = rng.random()
-            question, answer = maps[index] if pick < settings.map_share else about[index][int(rng.integers(len(about[index])))]
-            examples.append(processor.encode_conversation(pictures[index], [Turn(USER, question), Turn(ASSISTANT, answer)]))
+            pick, picture = rng.random(), pictures[index]
+            if pick < settings.map_share:
+                question, answer = maps[index]
+            elif pick < settings.map_share + settings.mark_share:
+                picture, question, answer = mark_map_question(picture, records[index], instances[index], rng)
+            else:
+                question, answer = about[index][int(rng.integers(len(about[index])))]
+            examples.append(processor.encode_conversation(picture, [Turn(USER, question), Turn(ASSISTANT, answer)]))
         batch = processor.collate(examples)
         output = vlm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                      pixel_values=batch["pixel_values"], labels=batch["labels"])
@@ -193,9 +238,10 @@ def pretrain_vlm(vlm: InternVLForConditionalGeneration, tokenizer: PreTrainedTok
 def held_out_report(vlm: InternVLForConditionalGeneration, tokenizer: PreTrainedTokenizerBase, world: Path,
                     images: int = 40) -> dict[str, float]:
     """What a pretrained miniature VLM reads from pictures it never saw (greedy answers on another
-    world): the colour map's cell accuracy (all cells, and the cells on an object, against the
-    all-background answer), the referring map's cell IoU with the truth, and the exact-match rate
-    of the "row column" place answers."""
+    world): the share of marked points whose letter the mark map writes on the right cell, the
+    colour map's cell accuracy (all cells, and the cells on an object, against the all-background
+    answer), the referring map's cell IoU with the truth, and the exact-match rate of the "row
+    column" place answers."""
     records = json.loads((world / "world.json").read_text())["images"][:images]
     processor = vlm_processor(vlm, tokenizer)
     referring = referring_questions(world, records)
@@ -208,10 +254,14 @@ def held_out_report(vlm: InternVLForConditionalGeneration, tokenizer: PreTrained
             out = vlm.generate(**ids, pixel_values=processor.pixel_values(picture), max_new_tokens=length + 1, do_sample=False)
         return tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 
-    cells, object_cells, background, ious, places = [], [], [], [], []
+    cells, object_cells, background, ious, places, marks_read = [], [], [], [], [], []
     for index, record in enumerate(records):
         picture = Image.open(world / record["file"]).convert("RGB")
-        question, truth = colour_map_question(record, np.asarray(Image.open(world / record["instance_file"])))
+        instances = np.asarray(Image.open(world / record["instance_file"]))
+        marked, question, truth = mark_map_question(picture, record, instances, np.random.default_rng(index))
+        written = answer(marked, question, GRID * GRID)[: GRID * GRID].ljust(GRID * GRID, "?")
+        marks_read += [written[k] == cell for k, cell in enumerate(truth) if cell != MAP_BACKGROUND]
+        question, truth = colour_map_question(record, instances)
         written = answer(picture, question, GRID * GRID)[: GRID * GRID].ljust(GRID * GRID, "?")
         hits = np.array([a == b for a, b in zip(written, truth)])
         on_object = np.array([cell != MAP_BACKGROUND for cell in truth])
@@ -229,6 +279,7 @@ def held_out_report(vlm: InternVLForConditionalGeneration, tokenizer: PreTrained
             ious.append(len(true_cells & said) / len(true_cells | said))
         for question, truth in wheres:
             places.append(float(answer(picture, question, 4) == truth))
-    return {"colour_map_cells": float(np.mean(cells)), "colour_map_all_background": float(np.mean(background)),
+    return {"mark_map_letters": float(np.mean(marks_read)),
+            "colour_map_cells": float(np.mean(cells)), "colour_map_all_background": float(np.mean(background)),
             "colour_map_object_cells": float(np.mean(object_cells)), "referring_map_iou": float(np.mean(ious)),
             "place_exact": float(np.mean(places)), "images": len(records), "referring_maps": len(ious), "places": len(places)}
