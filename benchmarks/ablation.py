@@ -49,6 +49,7 @@ from typing import Any, Iterator
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ siblings: miniature, plot
 
 from perceptio.train.config import TrainConfig  # noqa: E402 (torch-free)
+from perceptio.train.miniature import VlmPretraining  # noqa: E402
 
 
 def command(module: str) -> list[str]:
@@ -102,6 +103,9 @@ class AblationConfig:
     train_sam_encoder: bool = True  # False: SAM2's image encoder frozen (a pretrained one, from --base-models)
     seg_text: float = 0.0  # weight of L_SegText (perceptio-train --seg-text; not in the paper)
     vlm_pretrain_steps: int = 4000  # the miniature VLM's pretraining on the training world (perceptio.train.miniature)
+    vlm_map_share: float = VlmPretraining.map_share  # its examples that are colour maps
+    vlm_mark_share: float = VlmPretraining.mark_share  # its examples that are mark maps (where marked letters are)
+    fresh_language_model: bool = False  # after the pretraining, the language model back to random (vision kept)
     # The miniature SAM2's pretraining: segment the training shards' referents from a prompt made of
     # learned word vectors (benchmarks/oracle_prompt.py), batch 16, lr 1e-3. 0: SAM2 stays random.
     sam_pretrain_steps: int = 0
@@ -117,7 +121,7 @@ class AblationConfig:
 
 QUICK = AblationConfig(world_images=40, heldout_images=16, tokenizer_steps=20, questions_per_image=2, train_steps=4,
                        batch_size=2, hard_per_variant=4, hard_questions_per_image=1, refseg_limit=4, vlm_pretrain_steps=40,
-                       sam_pretrain_steps=2, sam_pretrain_world_images=8)
+                       sam_pretrain_steps=2, sam_pretrain_world_images=8, vlm_mark_share=0.3, fresh_language_model=True)
 
 
 # ------------------------------------------------------------------------------------ running
@@ -247,7 +251,9 @@ def base_models(config: AblationConfig, out: Path, seed: int) -> tuple[Path, Pat
         torch.set_num_threads(config.threads)
         with TIMER.stage(f"miniature_seed{seed}"):
             before = _own_cpu()
-            build_miniature(folder, seed, out / "world", config.vlm_pretrain_steps)
+            build_miniature(folder, seed, out / "world", config.vlm_pretrain_steps,
+                            pretraining=VlmPretraining(map_share=config.vlm_map_share, mark_share=config.vlm_mark_share),
+                            fresh_language_model=config.fresh_language_model)
             if config.sam_pretrain_steps > 0:
                 from oracle_prompt import train_oracle
 
