@@ -31,37 +31,52 @@ MINIATURE = TinySize(vision_width=32, vision_layers=2, image_size=280, text_widt
                      sam_stage_widths=(8, 16, 32, 64), sam_width=32)
 
 
+# The parts of the tiny InternVL that see, and the parts that read and write text.
+VISION_PARTS = ("model.vision_tower", "model.multi_modal_projector")
+LANGUAGE_PARTS = ("model.language_model", "lm_head")
+
+
+def _take(target, source, parts: tuple[str, ...]) -> None:
+    """Copy the weights of ``parts`` (submodule names) from ``source`` into ``target``."""
+    for name in parts:
+        target.get_submodule(name).load_state_dict(source.get_submodule(name).state_dict())
+
+
 def build_miniature(out: Path, seed: int, world: Path | None = None, vlm_steps: int = 0,
                     size: TinySize = MINIATURE, pretraining: VlmPretraining | None = None,
-                    fresh_language_model: bool = False, report_world: Path | None = None) -> tuple[Path, Path]:
+                    fresh_language_model: bool = False, report_world: Path | None = None,
+                    vision_from: Path | None = None) -> tuple[Path, Path]:
     """``out/vlm`` and ``out/sam2``; with ``world`` and ``vlm_steps``, the VLM pretrained on that
     world (``pretraining``: its settings other than steps and seed; ``report_world``: print what the
     pretrained VLM reads there); ``fresh_language_model``: then only the vision tower and its
     projector keep what they learned, the language model is put back to its random weights (a
-    pretrained eye for a language model still free to learn new lookups)."""
+    pretrained eye for a language model still free to learn new lookups). ``vision_from``: another
+    miniature VLM folder whose vision tower and projector this one starts from (the language model
+    may differ in depth; the widths must match)."""
     vlm, sam = save_miniature(out, size, seed=seed)
-    if world is not None and vlm_steps > 0:
-        import torch
-        from transformers import AutoTokenizer, InternVLForConditionalGeneration
+    pretrain = world is not None and vlm_steps > 0
+    if not pretrain and vision_from is None:
+        return vlm, sam
+    import torch
+    from transformers import AutoTokenizer, InternVLForConditionalGeneration
 
-        from perceptio.io import atomic_directory
-        from perceptio.train.miniature import pretrain_vlm
+    from perceptio.io import atomic_directory
+    from perceptio.train.miniature import held_out_report, pretrain_vlm
 
+    tokenizer = AutoTokenizer.from_pretrained(vlm)
+    model = InternVLForConditionalGeneration.from_pretrained(vlm)
+    if vision_from is not None:
+        _take(model, InternVLForConditionalGeneration.from_pretrained(vision_from), VISION_PARTS)
+    if pretrain:
         torch.manual_seed(seed)
-        tokenizer = AutoTokenizer.from_pretrained(vlm)
-        model = InternVLForConditionalGeneration.from_pretrained(vlm)
         pretrain_vlm(model, tokenizer, world, replace(pretraining or VlmPretraining(), steps=vlm_steps, seed=seed))
         if report_world is not None:
-            from perceptio.train.miniature import held_out_report
-
             print(json.dumps({"pretrained_vlm_reads": held_out_report(model, tokenizer, report_world)}))
         if fresh_language_model:
-            random = InternVLForConditionalGeneration.from_pretrained(vlm)
-            model.model.language_model.load_state_dict(random.model.language_model.state_dict())
-            model.lm_head.load_state_dict(random.lm_head.state_dict())
-        with atomic_directory(out / VLM_FOLDER) as staging:  # replaces the random one
-            model.save_pretrained(staging)
-            tokenizer.save_pretrained(staging)
+            _take(model, InternVLForConditionalGeneration.from_pretrained(vlm), LANGUAGE_PARTS)
+    with atomic_directory(out / VLM_FOLDER) as staging:  # replaces the random one
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
     return vlm, sam
 
 
@@ -87,6 +102,8 @@ def main() -> None:
                         help="share of pretraining examples that are mark maps (where the letters of marked points are)")
     parser.add_argument("--fresh-language-model", action="store_true",
                         help="after pretraining, keep the vision tower and projector, put the language model back to random")
+    parser.add_argument("--vision-from", type=Path,
+                        help="a miniature VLM folder whose vision tower and projector the new VLM starts from")
     for option in fields(TinySize):
         if option.name != "sam_stage_widths":
             parser.add_argument(f"--{option.name.replace('_', '-')}", type=int, default=getattr(MINIATURE, option.name))
@@ -94,7 +111,7 @@ def main() -> None:
     size = TinySize(**{option.name: getattr(arguments, option.name, getattr(MINIATURE, option.name)) for option in fields(TinySize)})
     pretraining = VlmPretraining(map_share=arguments.map_share, mark_share=arguments.mark_share)
     vlm, sam = build_miniature(arguments.out, arguments.seed, arguments.world, arguments.vlm_steps, size, pretraining,
-                               arguments.fresh_language_model, arguments.report_world)
+                               arguments.fresh_language_model, arguments.report_world, arguments.vision_from)
     print(f"miniature {size}: {vlm} {sam}")
 
 

@@ -176,3 +176,31 @@ def test_tiny_tokenizer_spells_every_word_of_the_world_as_one_token(synth_world:
     split = sorted(word for word in words
                    if len(tokenizer(word)["input_ids"]) != 1 or len(tokenizer(" " + word)["input_ids"]) != 1)
     assert split == []
+
+
+@pytest.mark.slow
+def test_a_pretrained_eye_on_a_fresh_or_deeper_language_model(synth_world: Path, tmp_path: Path) -> None:
+    import sys
+    from dataclasses import replace
+
+    from transformers import InternVLForConditionalGeneration
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from miniature import LANGUAGE_PARTS, VISION_PARTS, build_miniature
+
+    def same(a: Path, b: Path, parts: tuple[str, ...]) -> bool:
+        first, second = (InternVLForConditionalGeneration.from_pretrained(folder) for folder in (a, b))
+        return all(torch.equal(x, y) for part in parts
+                   for x, y in zip(first.get_submodule(part).state_dict().values(),
+                                   second.get_submodule(part).state_dict().values()))
+
+    random, _ = build_miniature(tmp_path / "random", 0, size=SMALL)
+    eye, _ = build_miniature(tmp_path / "eye", 0, synth_world, 40, SMALL, VlmPretraining(batch_size=2, mark_share=0.5),
+                             fresh_language_model=True)
+    # The pretraining moved the vision tower; the language model is back to its random weights.
+    assert not same(eye, random, VISION_PARTS[:1]) and same(eye, random, LANGUAGE_PARTS)
+    # A deeper language model starts from that eye: its vision parts are the eye's, its text layers new.
+    deeper, _ = build_miniature(tmp_path / "deeper", 0, size=replace(SMALL, text_layers=2), vision_from=eye)
+    assert same(deeper, eye, VISION_PARTS)
+    layers = InternVLForConditionalGeneration.from_pretrained(deeper).model.language_model.layers
+    assert len(layers) == 2 == SMALL.text_layers + 1
