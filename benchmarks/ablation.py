@@ -49,6 +49,7 @@ from typing import Any, Iterator
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ siblings: miniature, plot
 
 from perceptio.train.config import TrainConfig  # noqa: E402 (torch-free)
+from miniature import MINIATURE  # noqa: E402
 from perceptio.train.miniature import VlmPretraining  # noqa: E402
 
 
@@ -106,6 +107,7 @@ class AblationConfig:
     vlm_map_share: float = VlmPretraining.map_share  # its examples that are colour maps
     vlm_mark_share: float = VlmPretraining.mark_share  # its examples that are mark maps (where marked letters are)
     fresh_language_model: bool = False  # after the pretraining, the language model back to random (vision kept)
+    text_layers: int = MINIATURE.text_layers  # the miniature language model's depth
     # The miniature SAM2's pretraining: segment the training shards' referents from a prompt made of
     # learned word vectors (benchmarks/oracle_prompt.py), batch 16, lr 1e-3. 0: SAM2 stays random.
     sam_pretrain_steps: int = 0
@@ -252,6 +254,7 @@ def base_models(config: AblationConfig, out: Path, seed: int) -> tuple[Path, Pat
         with TIMER.stage(f"miniature_seed{seed}"):
             before = _own_cpu()
             build_miniature(folder, seed, out / "world", config.vlm_pretrain_steps,
+                            size=replace(MINIATURE, text_layers=config.text_layers),
                             pretraining=VlmPretraining(map_share=config.vlm_map_share, mark_share=config.vlm_mark_share),
                             fresh_language_model=config.fresh_language_model)
             if config.sam_pretrain_steps > 0:
