@@ -364,20 +364,22 @@ def test_curate_to_s3_killed_and_resumed_then_train_from_it(refcoco_run, world, 
 
     train_out = tmp_path / "run"
     train = [str(bin_dir / "perceptio-train"), "--shards", out, "--model", "tiny", "--tokenizer", str(models["tokenizer"]),
-             "--lora-rank", "4", "--lora-alpha", "8", "--batch-size", "2", "--steps", "6", "--workers", "1",
+             "--lora-rank", "4", "--lora-alpha", "8", "--batch-size", "2", "--steps", "30", "--workers", "1",
              "--out", str(train_out), "--no-progress"]
     trainer = subprocess.Popen(train, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     metrics = train_out / "metrics.jsonl"
     deadline = time.monotonic() + 600
+    # SIGTERM right after the first step is logged; enough steps that the run cannot finish first
+    # (6 tiny steps once did, on an idle machine, between two polls).
     while not (metrics.is_file() and metrics.read_text().strip()) and trainer.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.5)
+        time.sleep(0.05)
     trainer.send_signal(signal.SIGTERM)
     output = trainer.communicate(timeout=300)[0]
     assert trainer.returncode == 0 and "stopped by SIGTERM" in output, output
     resumed = subprocess.run([*train, "--resume"], env=env, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
-    assert steps == [1, 2, 3, 4, 5, 6] and (train_out / "model").is_dir()
+    assert steps == list(range(1, 31)) and (train_out / "model").is_dir()
 
 
 @pytest.mark.slow

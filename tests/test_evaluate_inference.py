@@ -117,6 +117,8 @@ def test_an_answer_prefix_is_written_for_the_model_and_counts_as_its_span(predic
     assert given.token_ids[0] == int(logits.argmax())
     # The row without a prefix, batched beside it, is answered as when asked alone.
     assert free.token_ids == predictor.predict(picture, prompt).token_ids
+    with pytest.raises(ValueError, match="1 answer prefixes for 2 prompts"):
+        predictor.predict_batch([picture, picture], [prompt, prompt], answer_prefixes=[span])
 
 
 @pytest.fixture(scope="module")

@@ -121,6 +121,8 @@ class Predictor:
         ``answer_prefixes``: text each answer is made to begin with (teacher forcing at inference,
         e.g. the true depth span before the letter); the format constraint counts it as written,
         and the prediction holds what the model wrote after it."""
+        if answer_prefixes is not None and len(answer_prefixes) != len(prompts):
+            raise ValueError(f"{len(answer_prefixes)} answer prefixes for {len(prompts)} prompts")
         model = self.model
         processor = model.processor
         pictures = [image.convert("RGB") if image is not None else None for image in images]
