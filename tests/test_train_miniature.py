@@ -142,7 +142,8 @@ def test_held_out_report_scores_a_random_vlm_near_nothing(synth_world: Path) -> 
     tokenizer = tiny_text_tokenizer()
     report = held_out_report(tiny_internvl(tokenizer, size=SMALL), tokenizer, synth_world, images=3)
     assert report["images"] == 3 and report["referring_maps"] >= 1
-    for name in ("mark_map_letters", "colour_map_cells", "colour_map_object_cells", "referring_map_iou", "place_exact"):
+    assert report["mark_map_letters"] <= report["mark_map_cells_found"]
+    for name in ("mark_map_letters", "mark_map_cells_found", "colour_map_cells", "colour_map_object_cells", "referring_map_iou", "place_exact"):
         assert 0.0 <= report[name] <= 1.0
     # a random model writes no map: it cannot beat the all-background answer
     assert report["colour_map_cells"] <= report["colour_map_all_background"]

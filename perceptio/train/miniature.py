@@ -238,7 +238,8 @@ def pretrain_vlm(vlm: InternVLForConditionalGeneration, tokenizer: PreTrainedTok
 def held_out_report(vlm: InternVLForConditionalGeneration, tokenizer: PreTrainedTokenizerBase, world: Path,
                     images: int = 40) -> dict[str, float]:
     """What a pretrained miniature VLM reads from pictures it never saw (greedy answers on another
-    world): the share of marked points whose letter the mark map writes on the right cell, the
+    world): the share of marked points whose letter the mark map writes on the right cell (and on
+    whose cell it writes some letter: the mark found, its letter maybe not read), the
     colour map's cell accuracy (all cells, and the cells on an object, against the all-background
     answer), the referring map's cell IoU with the truth, and the exact-match rate of the "row
     column" place answers."""
@@ -254,13 +255,14 @@ def held_out_report(vlm: InternVLForConditionalGeneration, tokenizer: PreTrained
             out = vlm.generate(**ids, pixel_values=processor.pixel_values(picture), max_new_tokens=length + 1, do_sample=False)
         return tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 
-    cells, object_cells, background, ious, places, marks_read = [], [], [], [], [], []
+    cells, object_cells, background, ious, places, marks_read, marks_found = [], [], [], [], [], [], []
     for index, record in enumerate(records):
         picture = Image.open(world / record["file"]).convert("RGB")
         instances = np.asarray(Image.open(world / record["instance_file"]))
         marked, question, truth = mark_map_question(picture, record, instances, np.random.default_rng(index))
         written = answer(marked, question, GRID * GRID)[: GRID * GRID].ljust(GRID * GRID, "?")
         marks_read += [written[k] == cell for k, cell in enumerate(truth) if cell != MAP_BACKGROUND]
+        marks_found += [written[k] in MARK_LABELS for k, cell in enumerate(truth) if cell != MAP_BACKGROUND]
         question, truth = colour_map_question(record, instances)
         written = answer(picture, question, GRID * GRID)[: GRID * GRID].ljust(GRID * GRID, "?")
         hits = np.array([a == b for a, b in zip(written, truth)])
@@ -279,7 +281,7 @@ def held_out_report(vlm: InternVLForConditionalGeneration, tokenizer: PreTrained
             ious.append(len(true_cells & said) / len(true_cells | said))
         for question, truth in wheres:
             places.append(float(answer(picture, question, 4) == truth))
-    return {"mark_map_letters": float(np.mean(marks_read)),
+    return {"mark_map_letters": float(np.mean(marks_read)), "mark_map_cells_found": float(np.mean(marks_found)),
             "colour_map_cells": float(np.mean(cells)), "colour_map_all_background": float(np.mean(background)),
             "colour_map_object_cells": float(np.mean(object_cells)), "referring_map_iou": float(np.mean(ious)),
             "place_exact": float(np.mean(places)), "images": len(records), "referring_maps": len(ious), "places": len(places)}
