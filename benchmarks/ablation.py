@@ -317,7 +317,8 @@ def hits(model: dict[str, Any], key: str) -> list[float]:
 
 def summarise(results: dict[str, Any]) -> dict[str, Any]:
     """Per arm: the letter's accuracy (c), the answer read from its tokens (b), the letter after the
-    true span (d), token accuracy, and bootstrap intervals over questions and seeds; the full-minus-no-depth difference, paired."""
+    true span (d), token accuracy, and bootstrap intervals over questions and seeds; the
+    full-minus-no-depth difference, paired."""
     from perceptio.evaluate.stats import bootstrap_difference, bootstrap_mean
 
     arms = results["arms"]

@@ -158,10 +158,18 @@ def test_depth_command(evaluate, checkpoint, val_shards):
     assert 0.0 <= results["scores"]["token_accuracy"] <= 1.0 and results["scores"]["samples"] == 1
 
 
-def test_hardblink_decomposition_on_a_synthetic_world(evaluate, checkpoint, synth_world, tmp_path):
+def test_hardblink_decomposition_on_a_synthetic_world(evaluate, checkpoint, synth_world, tmp_path, monkeypatch):
+    from perceptio.evaluate.decomposition import TokenReader
+    from perceptio.evaluate.hardblink import load_hardblink
+    from perceptio.tokenize import DepthVQVAE
+
     from perceptio.evaluate.synth_blink import SynthBlinkConfig, build_questions
 
     build_questions(synth_world, tmp_path / "blink", SynthBlinkConfig(seed=3, questions_per_image=1, variants=(3,)))
+    given: list = []
+    original = Predictor.predict_batch
+    monkeypatch.setattr(Predictor, "predict_batch", lambda self, images, prompts, answer_prefixes=None:
+                        given.append(answer_prefixes) or original(self, images, prompts, answer_prefixes))
     done = evaluate("hardblink", "--checkpoint", str(checkpoint), "--data", str(tmp_path / "blink"), "--variants", "3",
                     "--limit", "2", "--answer", "depth", "--world", str(synth_world), "--max-new-tokens", "4", "--json")
     assert done.returncode == 0, done.stderr
@@ -172,6 +180,12 @@ def test_hardblink_decomposition_on_a_synthetic_world(evaluate, checkpoint, synt
     assert all(reply["truth_choice"] in ("A", "B", "C") and "truth_fed_choice" in reply for reply in replies)
     decomposition = results["scores"]["decomposition"]
     assert decomposition["truth_fed_choice"] == np.mean([reply["truth_fed_choice"] == reply["answer"] for reply in replies])
+    # The (d) pass began each answer with that question's true span: its image's true codes.
+    reader = TokenReader(DepthVQVAE.from_pretrained(checkpoint / "depth_tokenizer"), synth_world)
+    questions = load_hardblink(tmp_path / "blink", (3,))[:2]
+    fed = [prefix for call in given if call is not None for prefix in call]
+    assert fed == [reader.truth_span(question.row) for question in questions]
+    assert all(prefix.count("[D_") == 102 for prefix in fed)  # [D_START], 100 codes, [D_END]
 
 
 def test_hardblink_command_on_the_real_samples(evaluate, checkpoint, shared_data):

@@ -132,7 +132,7 @@ def test_resume_gives_the_same_losses_as_an_uninterrupted_run(shards, tmp_path):
 
 
 def test_resume_matches_local_folders_however_they_are_written(shards, tmp_path, monkeypatch):
-    # Started with a relative path, resumed with the absolute one (and the other way round).
+    # Started with a relative path, resumed with the absolute one.
     monkeypatch.chdir(shards.parent)
     relative = Path(shards.name)
     with pytest.raises(PerceptioError, match="non-finite loss at step 3"):
@@ -140,8 +140,13 @@ def test_resume_matches_local_folders_however_they_are_written(shards, tmp_path,
                                                                     progress=False, lr=1e-2, save_every=2))
     resumed = run(shards.resolve(), tmp_path, 4, save_every=2, resume=True)
     assert [r["step"] for r in resumed.history] == [3, 4]
-    state = json.loads((tmp_path / "checkpoints" / "step-000004" / "trainer_state.json").read_text())
+    state_file = tmp_path / "checkpoints" / "step-000004" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
     assert state["settings"]["shards"] == [str(shards.resolve())]
+    # A checkpoint written before settings held absolute paths (relative, as typed) still resumes.
+    state["settings"]["shards"] = [shards.name]
+    state_file.write_text(json.dumps(state))
+    assert run(shards.resolve(), tmp_path, 4, save_every=2, resume=True).history == []
     # Another folder is another run.
     other = tmp_path / "other-shards"
     shutil.copytree(shards, other)

@@ -169,8 +169,8 @@ def evaluate_items(
     for start in range(0, len(share), batch_size):
         chunk = share[start : start + batch_size]
         images, prompts = zip(*(query(item) for item in chunk))
-        prefixes = {"answer_prefixes": [answer_prefix(item) for item in chunk]} if answer_prefix is not None else {}
-        predictions = predictor.predict_batch(images, prompts, **prefixes)
+        prefixes = [answer_prefix(item) for item in chunk] if answer_prefix is not None else None
+        predictions = predictor.predict_batch(images, prompts, answer_prefixes=prefixes)
         records.extend(score(item, prediction) for item, prediction in zip(chunk, predictions))
         advance(len(chunk))
     return gather_records(records, group, order=[item_id(item) for item in items])

@@ -12,8 +12,8 @@ For a marked-point question whose points are known (the synthetic HardBLINK spli
   ground-truth span (the span teacher-forced, as in training): can it read a perfect span?
 
 Where (c) falls short of (b) the model does not use its own perception; where (b) falls short of
-(a) it writes wrong tokens; where (d) falls short of (a) it cannot read even the true span. ``token_accuracy`` is the share of the generated codes equal to the
-true ones (position by position).
+(a) it writes wrong tokens; where (d) falls short of (a) it cannot read even the true span.
+``token_accuracy`` is the share of the generated codes equal to the true ones (position by position).
 """
 
 from __future__ import annotations

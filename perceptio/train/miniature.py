@@ -261,8 +261,9 @@ def held_out_report(vlm: InternVLForConditionalGeneration, tokenizer: PreTrained
         instances = np.asarray(Image.open(world / record["instance_file"]))
         marked, question, truth = mark_map_question(picture, record, instances, np.random.default_rng(index))
         written = answer(marked, question, GRID * GRID)[: GRID * GRID].ljust(GRID * GRID, "?")
-        marks_read += [written[k] == cell for k, cell in enumerate(truth) if cell != MAP_BACKGROUND]
-        marks_found += [written[k] in MARK_LABELS for k, cell in enumerate(truth) if cell != MAP_BACKGROUND]
+        marked = [k for k, cell in enumerate(truth) if cell != MAP_BACKGROUND]
+        marks_read += [written[k] == truth[k] for k in marked]
+        marks_found += [written[k] in MARK_LABELS for k in marked]
         question, truth = colour_map_question(record, instances)
         written = answer(picture, question, GRID * GRID)[: GRID * GRID].ljust(GRID * GRID, "?")
         hits = np.array([a == b for a, b in zip(written, truth)])
