@@ -48,6 +48,7 @@ from typing import Any, Iterator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ siblings: miniature, plot
 
+from perceptio.curate.marked_points import COLOURED_MARKS, MARK_STYLES  # noqa: E402
 from perceptio.train.config import TrainConfig  # noqa: E402 (torch-free)
 from miniature import MINIATURE  # noqa: E402
 from perceptio.train.miniature import VlmPretraining  # noqa: E402
@@ -90,6 +91,10 @@ class AblationConfig:
     # Balance the training questions too (no height or size shortcut to learn): a model that
     # answers them must read depth, from the picture or from its own tokens.
     hard_training_questions: bool = True
+    # How the questions' points are marked, in training, pretraining and held-out questions alike:
+    # the miniature's vision tower finds HardBLINK's marks but cannot read their 8-pixel letters
+    # (README section 4), so each letter has its own colour ("hardblink" for the red marks).
+    mark_style: str = COLOURED_MARKS
     train_steps: int = 1500
     batch_size: int = TrainConfig.TINY_DEFAULTS["batch_size"]  # the tiny model's defaults, for the miniature too
     # The pretrained miniature is fine-tuned at a tenth of the random tiny model's language-model
@@ -201,7 +206,7 @@ def build_data(config: AblationConfig, out: Path, timer: Timer = TIMER) -> dict[
         run([*curate, "refcoco", "--data-root", str(out / "world"), "--out", str(out / "shards" / "refcoco"), *common],
             out / "logs" / "curate-refcoco.log", config.threads)
         run([*curate, "ade20k", "--data-root", str(out / "world"), "--out", str(out / "shards" / "ade20k"),
-             "--questions-per-image", str(config.questions_per_image),
+             "--questions-per-image", str(config.questions_per_image), "--mark-style", config.mark_style,
              "--hard-questions" if config.hard_training_questions else "--any-questions", *common], out / "logs" / "curate-ade20k.log", config.threads)
         run([*curate, "refcoco", "--data-root", str(out / "heldout-world"), "--out", str(out / "heldout-shards" / "refcoco"),
              *common], out / "logs" / "curate-heldout.log", config.threads)
@@ -220,7 +225,8 @@ def _synth_blink(config: AblationConfig, out: Path) -> Path:
     target = out / "results" / "synth-blink.json"
     run([*EVALUATE, "synth-blink", "--world", str(out / "heldout-world"), "--out",
          str(out / "heldout-blink"), "--hard", "--per-variant", str(config.hard_per_variant), "--questions-per-image",
-         str(config.hard_questions_per_image), "--seed", str(config.world_seed), "--tokenizer", str(out / "tokenizer"),
+         str(config.hard_questions_per_image), "--seed", str(config.world_seed), "--mark-style", config.mark_style,
+         "--tokenizer", str(out / "tokenizer"),
          "--json-out", str(target)], out / "logs" / "synth-blink.log", config.threads)
     return target
 
@@ -255,7 +261,8 @@ def base_models(config: AblationConfig, out: Path, seed: int) -> tuple[Path, Pat
             before = _own_cpu()
             build_miniature(folder, seed, out / "world", config.vlm_pretrain_steps,
                             size=replace(MINIATURE, text_layers=config.text_layers),
-                            pretraining=VlmPretraining(map_share=config.vlm_map_share, mark_share=config.vlm_mark_share),
+                            pretraining=VlmPretraining(map_share=config.vlm_map_share, mark_share=config.vlm_mark_share,
+                                                       mark_style=config.mark_style),
                             fresh_language_model=config.fresh_language_model)
             if config.sam_pretrain_steps > 0:
                 from oracle_prompt import train_oracle
@@ -282,7 +289,7 @@ def miniature_report(config: AblationConfig, out: Path, seed: int) -> dict[str, 
             before = _own_cpu()
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_text(json.dumps(report(base_models(config, out, seed)[0], out / "heldout-world",
-                                                min(40, config.heldout_images)), indent=2) + "\n")
+                                                min(40, config.heldout_images), config.mark_style), indent=2) + "\n")
             TIMER.add_cpu(_own_cpu() - before)
     return json.loads(target.read_text())
 
@@ -410,6 +417,8 @@ def main() -> None:
     unknown = [name for name in arms if name not in ARMS]
     if unknown:
         raise SystemExit(f"unknown arm(s) {unknown}; known: {', '.join(ARMS)}")
+    if config.mark_style not in MARK_STYLES:
+        raise SystemExit(f"unknown mark style {config.mark_style!r}; known: {', '.join(MARK_STYLES)}")
     seeds = [int(seed) for seed in config.seeds.split(",") if seed.strip()]
     out = arguments.out
     out.mkdir(parents=True, exist_ok=True)

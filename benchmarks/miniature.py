@@ -23,6 +23,7 @@ import json
 from dataclasses import fields, replace
 from pathlib import Path
 
+from perceptio.curate.marked_points import HARDBLINK_MARKS, MARK_STYLES
 from perceptio.train.miniature import VlmPretraining
 from perceptio.train.tiny import VLM_FOLDER, TinySize, save_miniature
 
@@ -69,9 +70,11 @@ def build_miniature(out: Path, seed: int, world: Path | None = None, vlm_steps: 
         _take(model, InternVLForConditionalGeneration.from_pretrained(vision_from), VISION_PARTS)
     if pretrain:
         torch.manual_seed(seed)
-        pretrain_vlm(model, tokenizer, world, replace(pretraining or VlmPretraining(), steps=vlm_steps, seed=seed))
+        settings = replace(pretraining or VlmPretraining(), steps=vlm_steps, seed=seed)
+        pretrain_vlm(model, tokenizer, world, settings)
         if report_world is not None:
-            print(json.dumps({"pretrained_vlm_reads": held_out_report(model, tokenizer, report_world)}))
+            reads = held_out_report(model, tokenizer, report_world, mark_style=settings.mark_style)
+            print(json.dumps({"pretrained_vlm_reads": reads}))
         if fresh_language_model:
             _take(model, InternVLForConditionalGeneration.from_pretrained(vlm), LANGUAGE_PARTS)
     with atomic_directory(out / VLM_FOLDER) as staging:  # replaces the random one
@@ -80,13 +83,14 @@ def build_miniature(out: Path, seed: int, world: Path | None = None, vlm_steps: 
     return vlm, sam
 
 
-def report(vlm: Path, world: Path, images: int = 40) -> dict[str, float]:
+def report(vlm: Path, world: Path, images: int = 40, mark_style: str = HARDBLINK_MARKS) -> dict[str, float]:
     """:func:`perceptio.train.miniature.held_out_report` of the VLM folder on ``world``."""
     from transformers import AutoTokenizer, InternVLForConditionalGeneration
 
     from perceptio.train.miniature import held_out_report
 
-    return held_out_report(InternVLForConditionalGeneration.from_pretrained(vlm), AutoTokenizer.from_pretrained(vlm), world, images)
+    return held_out_report(InternVLForConditionalGeneration.from_pretrained(vlm), AutoTokenizer.from_pretrained(vlm), world, images,
+                           mark_style)
 
 
 def main() -> None:
@@ -100,6 +104,8 @@ def main() -> None:
                         help="share of pretraining examples that are colour maps")
     parser.add_argument("--mark-share", type=float, default=VlmPretraining.mark_share,
                         help="share of pretraining examples that are mark maps (where the letters of marked points are)")
+    parser.add_argument("--mark-style", choices=MARK_STYLES, default=VlmPretraining.mark_style,
+                        help="how the mark maps' points are marked (as the fine-tuning questions will be)")
     parser.add_argument("--fresh-language-model", action="store_true",
                         help="after pretraining, keep the vision tower and projector, put the language model back to random")
     parser.add_argument("--vision-from", type=Path,
@@ -109,7 +115,8 @@ def main() -> None:
             parser.add_argument(f"--{option.name.replace('_', '-')}", type=int, default=getattr(MINIATURE, option.name))
     arguments = parser.parse_args()
     size = TinySize(**{option.name: getattr(arguments, option.name, getattr(MINIATURE, option.name)) for option in fields(TinySize)})
-    pretraining = VlmPretraining(map_share=arguments.map_share, mark_share=arguments.mark_share)
+    pretraining = VlmPretraining(map_share=arguments.map_share, mark_share=arguments.mark_share,
+                                 mark_style=arguments.mark_style)
     vlm, sam = build_miniature(arguments.out, arguments.seed, arguments.world, arguments.vlm_steps, size, pretraining,
                                arguments.fresh_language_model, arguments.report_world, arguments.vision_from)
     print(f"miniature {size}: {vlm} {sam}")

@@ -4,12 +4,14 @@ a hard split where no single cue beats chance, and the answer read from depth ma
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from perceptio.curate.marked_points import COLOURED_MARKS, HARDBLINK_MARKS, LETTER_COLOURS
 from perceptio.evaluate.hardblink import load_hardblink
 from perceptio.evaluate.depth_answer import answer_from_codes, answer_from_depth, nearness_at
 from perceptio.evaluate.synth_blink import (
@@ -119,3 +121,25 @@ def test_reading_a_map_at_image_points():
     assert nearness_at(depth, (10, 200), (400, 300)) == pytest.approx(1.0)
     assert nearness_at(depth, (390, 10), (400, 300)) == pytest.approx(0.0)
     assert answer_from_depth(depth, [[390, 10], [10, 290], [200, 100]], ["A", "B", "C"], (400, 300)) == "B"
+
+
+def test_coloured_marks_are_recorded_and_drawn_in_each_letters_colour(world, tmp_path):
+    config = SynthBlinkConfig(seed=1, variants=(3,))
+    build_questions(world, tmp_path / "red", config)
+    build_questions(world, tmp_path / "coloured", replace(config, mark_style=COLOURED_MARKS))
+    asked = {style: [json.loads(line) for line in (tmp_path / style / "questions" / "blink_3pointscenter_questions.jsonl")
+                     .read_text().splitlines()] for style in ("red", "coloured")}
+    assert [q["points"] for q in asked["red"]] == [q["points"] for q in asked["coloured"]], "the same questions"
+    assert {q["mark_style"] for q in asked["red"]} == {HARDBLINK_MARKS}
+    assert {q["mark_style"] for q in asked["coloured"]} == {COLOURED_MARKS}
+
+    def near(style: str, question: dict, index: int) -> int:
+        """Pixels within JPEG noise of the index-th letter's colour around its point."""
+        x, y = question["points"][index]
+        with Image.open(tmp_path / style / "images" / "blink3pointscenter" / question["image"]) as marked:
+            window = np.asarray(marked.convert("RGB")).astype(int)[max(0, y - 20):y + 8, max(0, x - 30):x + 8]
+        return int((np.abs(window - LETTER_COLOURS[index]).max(-1) < 40).sum())
+
+    for question in asked["coloured"]:
+        for index in range(3):
+            assert near("coloured", question, index) > near("red", question, index) + 20

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from dataclasses import replace
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from perceptio.curate.marked_points import (
+    COLOURED_MARKS,
     DIRECT,
+    HARDBLINK_MARKS,
+    LETTER_COLOURS,
     WITH_DEPTH,
     CueBalancer,
     MarkedPointsConfig,
@@ -68,6 +72,10 @@ def test_segments_are_connected_thing_parts_and_points_stay_on_them():
     assert {q["target"] for q in questions} == {DIRECT, WITH_DEPTH}
     assert len({tuple(map(tuple, q["points"])) for q in questions}) > 6, "the questions differ"
     assert make_questions(regions, window_nearness(nearness, config), "img", 3, config) == questions
+    assert {q["mark_style"] for q in questions} == {HARDBLINK_MARKS}
+    coloured = replace(config, mark_style=COLOURED_MARKS)
+    assert [q["mark_style"] for q in make_questions(regions, window_nearness(nearness, config), "img", 3, coloured)] \
+        == [COLOURED_MARKS] * 12, "the style travels with each question"
 
 
 def test_no_question_without_depth_contrast_or_objects():
@@ -164,3 +172,31 @@ def test_one_example_per_question_with_its_target_and_its_marks():
         StreamConfig([], question_targets="sometimes")
     assert expand_sample(_ade_sample([]), templates) == []
     json.dumps(questions)  # the fields are plain json
+
+
+def test_coloured_marks_give_each_letter_its_colour_as_the_question_records():
+    question = {"text": "Which point is the closest to the camera?", "points": [[10, 10], [50, 30]], "labels": ["A", "B"],
+                "answer": "B", "point_depths": [0.1, 0.5], "object_areas": [9, 16], "object_bases": [12, 33],
+                "target": DIRECT}
+    templates = PromptTemplates.load()
+    as_recorded = {}
+    for style in (None, HARDBLINK_MARKS, COLOURED_MARKS):  # None: a question curated before styles existed
+        recorded = question if style is None else {**question, "mark_style": style}
+        (example,) = expand_sample(_ade_sample([recorded]), templates)
+        as_recorded[style] = np.asarray(example.decode()["image"]).astype(int)
+
+    def has(image: np.ndarray, colour: tuple[int, int, int], rows: slice, columns: slice) -> bool:
+        return bool((image[rows, columns] == colour).all(-1).any())
+
+    around_a, around_b = (slice(0, 16), slice(0, 17)), (slice(18, 36), slice(36, 57))
+    coloured = as_recorded[COLOURED_MARKS]
+    assert has(coloured, LETTER_COLOURS[0], *around_a) and not has(coloured, LETTER_COLOURS[1], *around_a)
+    assert has(coloured, LETTER_COLOURS[1], *around_b) and not has(coloured, LETTER_COLOURS[0], *around_b)
+    assert not has(coloured, (255, 255, 255), slice(None), slice(None)), "no white box: the letter's colour fills it"
+    assert np.array_equal(as_recorded[None], as_recorded[HARDBLINK_MARKS]), "older questions: HardBLINK's marks"
+    for around in (around_a, around_b):
+        assert has(as_recorded[HARDBLINK_MARKS], (255, 0, 0), *around) and has(as_recorded[HARDBLINK_MARKS], (255, 255, 255), *around)
+    with pytest.raises(PerceptioError, match="mark style"):
+        draw_marks(Image.new("RGB", (64, 48)), [[10, 10]], ["A"], style="neon")
+    with pytest.raises(PerceptioError, match="mark style"):
+        MarkedPointsConfig(mark_style="neon")

@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from perceptio.curate.marked_points import COLOURED_MARKS, LETTER_COLOURS
 from perceptio.train.chat import ASSISTANT, USER, Turn
 from perceptio.train.miniature import (
     GRID,
@@ -95,6 +96,10 @@ def test_mark_map_puts_each_letter_on_the_cell_of_its_point_on_its_own_object() 
                 assert set(np.unique(instances[rows, columns])) - {0}
         drawn = np.asarray(marked).astype(int) - np.asarray(picture).astype(int)
         assert np.abs(drawn).sum() > 0 and picture.getpixel((0, 0)) == (90, 90, 90)  # drawn on a copy
+        coloured, _, same = mark_map_question(picture, record, instances, np.random.default_rng(seed), COLOURED_MARKS)
+        assert same == answer, "the style changes the drawing, not the points"
+        pixels = np.asarray(coloured)
+        assert all((pixels == LETTER_COLOURS[k]).all(-1).any() for k in range(len(letters)))
 
 
 def test_questions_of_a_world(synth_world: Path) -> None:

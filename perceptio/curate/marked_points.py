@@ -17,9 +17,11 @@ construction:
   exactly as often as chance (:func:`cue_combinations`, :class:`CueBalancer`). No one of these
   cues then tells the answer.
 
-Marks are drawn as in HardBLINK (a red ring, the letter in a white box beside it):
-:func:`draw_marks` on a decoded image (the trainer draws at load time), :func:`draw_marked` for JPEG
-bytes.
+Marks are drawn as in HardBLINK (a red ring, the letter in a white box beside it), or *coloured*:
+ring and box in a colour of their own per letter (:data:`LETTER_COLOURS`), for models too small to
+read an 8-pixel glyph, such as the miniature (README section 4). A question records its style
+(``mark_style``) so that every reader draws it alike: :func:`draw_marks` on a decoded image (the
+trainer draws at load time), :func:`draw_marked` for JPEG bytes.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from perceptio.errors import PerceptioError
+
 QUESTION_TEXT = (
     "Multiple points are circled on the image, labeled by letters beside each circle. "
     "Which point is the closest to the camera?"
@@ -43,6 +47,11 @@ QUESTION_TEXT = (
 # (the paper's two ADE20k variants, "answered directly or after writing the depth tokens").
 DIRECT, WITH_DEPTH = "direct", "depth"
 TARGET_VARIANTS = (DIRECT, WITH_DEPTH)
+# How marks are drawn: HardBLINK's red rings and white boxes, or a colour per letter (ring and box).
+HARDBLINK_MARKS, COLOURED_MARKS = "hardblink", "coloured"
+MARK_STYLES = (HARDBLINK_MARKS, COLOURED_MARKS)
+# Far apart in hue and all unlike the world's floor and walls; letter k takes colour k (cycling).
+LETTER_COLOURS = ((230, 25, 75), (60, 180, 75), (0, 130, 200), (255, 225, 25), (145, 30, 180))
 
 
 @dataclass(frozen=True)
@@ -66,6 +75,10 @@ class MarkedPointsConfig:
     max_local_spread: float = 0.1  # a window that varies more straddles a depth edge: no point there
     attempts: int = 200
     balanced: bool = False  # "hard" questions: lowest point, largest object and lowest object base at chance
+    mark_style: str = HARDBLINK_MARKS  # how the questions' marks are drawn (MARK_STYLES)
+
+    def __post_init__(self) -> None:
+        check_mark_style(self.mark_style)
 
 
 @dataclass(frozen=True)
@@ -274,8 +287,10 @@ class CueBalancer:
         return kept
 
 
-def question_record(points: Sequence[MarkedPoint], regions: Sequence[ObjectRegion], rng: np.random.Generator) -> dict[str, Any]:
-    """The json of one question: letters in a random order of the points, the answer, the cues."""
+def question_record(points: Sequence[MarkedPoint], regions: Sequence[ObjectRegion], rng: np.random.Generator,
+                    mark_style: str = HARDBLINK_MARKS) -> dict[str, Any]:
+    """The json of one question: letters in a random order of the points, the answer, the cues, and
+    how its marks are drawn."""
     order = [points[i] for i in rng.permutation(len(points))]
     labels = list(string.ascii_uppercase[: len(order)])
     nearest = int(np.argmax([point.nearness for point in order]))
@@ -287,6 +302,7 @@ def question_record(points: Sequence[MarkedPoint], regions: Sequence[ObjectRegio
         "point_depths": [round(point.nearness, 6) for point in order],
         "object_areas": [regions[point.region].area for point in order],
         "object_bases": [regions[point.region].base_y for point in order],
+        "mark_style": mark_style,
     }
 
 
@@ -325,14 +341,24 @@ def make_questions(regions: Sequence[ObjectRegion], nearness: NearnessFn, key: s
             points = choose_points(regions, nearness, count, rng, config)
         if points is None:
             continue
-        record = question_record(points, regions, rng)
+        record = question_record(points, regions, rng, config.mark_style)
         record["target"] = target_variant(f"{key}/q{len(questions)}")
         questions.append(record)
     return questions
 
 
-def draw_marks(image: Image.Image, points: Sequence[Sequence[int]], labels: Sequence[str]) -> Image.Image:
-    """A copy of the image with HardBLINK-like marks: red ring, letter in a white box up-left."""
+def check_mark_style(style: str) -> str:
+    """``style`` when it is one of :data:`MARK_STYLES`; a PerceptioError otherwise."""
+    if style not in MARK_STYLES:
+        raise PerceptioError(f"mark style must be one of {', '.join(MARK_STYLES)}, not {style!r}")
+    return style
+
+
+def draw_marks(image: Image.Image, points: Sequence[Sequence[int]], labels: Sequence[str],
+               style: str = HARDBLINK_MARKS) -> Image.Image:
+    """A copy of the image with HardBLINK-like marks: a ring on each point, its letter in a box up-left
+    (red ring and white box; ``COLOURED_MARKS``: both in the letter's own colour)."""
+    check_mark_style(style)
     canvas = image.convert("RGB")
     if canvas is image:
         canvas = image.copy()
@@ -341,20 +367,23 @@ def draw_marks(image: Image.Image, points: Sequence[Sequence[int]], labels: Sequ
     radius = max(3, round(4 * scale))
     font = ImageFont.load_default(size=max(10, round(12 * scale)))
     for (x, y), label in zip(points, labels):
-        draw.ellipse((x - radius, y - radius, x + radius, y + radius), outline=(255, 0, 0), width=max(2, round(2 * scale)))
+        # ord("A") % 5 == 0: A, B, C, ... take colours 0, 1, 2, ... (any label gets one)
+        colour = LETTER_COLOURS[ord(label[:1] or " ") % len(LETTER_COLOURS)] if style == COLOURED_MARKS else None
+        draw.ellipse((x - radius, y - radius, x + radius, y + radius), outline=colour or (255, 0, 0), width=max(2, round(2 * scale)))
         left, top, right, bottom = draw.textbbox((0, 0), label, font=font)
         box_w, box_h = right - left + 4, bottom - top + 4
         box_x = min(max(0, x - radius - box_w), canvas.width - box_w)
         box_y = min(max(0, y - radius - box_h - 2), canvas.height - box_h)
-        draw.rectangle((box_x, box_y, box_x + box_w, box_y + box_h), fill=(255, 255, 255))
+        draw.rectangle((box_x, box_y, box_x + box_w, box_y + box_h), fill=colour or (255, 255, 255))
         draw.text((box_x + 2 - left, box_y + 2 - top), label, fill=(0, 0, 0), font=font)
     return canvas
 
 
-def draw_marked(image: Image.Image, points: Sequence[Sequence[int]], labels: Sequence[str]) -> bytes:
+def draw_marked(image: Image.Image, points: Sequence[Sequence[int]], labels: Sequence[str],
+                style: str = HARDBLINK_MARKS) -> bytes:
     """JPEG bytes of :func:`draw_marks`."""
     buffer = io.BytesIO()
-    draw_marks(image, points, labels).save(buffer, format="JPEG", quality=95)
+    draw_marks(image, points, labels, style).save(buffer, format="JPEG", quality=95)
     return buffer.getvalue()
 
 

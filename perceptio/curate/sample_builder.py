@@ -249,7 +249,8 @@ def assemble(prepared: PreparedImage, depth: DepthResult | None, config: BuildCo
         meta["questions"] = questions
         meta["question"] = questions[0] if questions else None
         if questions:
-            marked_jpg = draw_marked(Image.fromarray(pixels), questions[0]["points"], questions[0]["labels"])
+            marked_jpg = draw_marked(Image.fromarray(pixels), questions[0]["points"], questions[0]["labels"],
+                                     questions[0]["mark_style"])
         rows.append(_row(item, None, None, width=width, height=height))
     elif not kept:
         timings["assemble"] = time.perf_counter() - started

@@ -337,19 +337,22 @@ def synth_blink(
     hard: bool = typer.Option(False, "--hard/--easy", help="Balance the split so that the lowest point and the point on the largest object are nearest only as often as chance."),
     seed: int = typer.Option(0, help="Seed of the choice of objects, points and letters."),
     min_answer_gap: float = typer.Option(SYNTH_BLINK_DEFAULTS.min_answer_gap, help="How much nearer (relative depth) the nearest point is than the next."),
+    mark_style: str = typer.Option(SYNTH_BLINK_DEFAULTS.mark_style, help="How the points are marked: 'hardblink' (red ring, letter in a white box) or 'coloured' (ring and box in each letter's own colour); as the model's training questions were."),
     tokenizer: Optional[Path] = typer.Option(None, help="Depth tokenizer folder: also report the answer read from the ground-truth depth tokens (the ceiling)."),
     as_json: bool = JSON_OPTION,
     json_out: Optional[Path] = typer.Option(None, "--json-out", help="Also write the counts and scores as JSON to this file."),
 ) -> None:
     """Write HardBLINK-style questions (3, 4, 5 marked points, true depth decides) for a synthetic world,
     and score chance and every single-cue heuristic on them (and the ground-truth-token ceiling)."""
+    from perceptio.curate.marked_points import check_mark_style
     from perceptio.evaluate.synth_blink import SynthBlinkConfig, baselines, build_questions, token_ceiling
 
     if questions_per_image < 1:
         raise PerceptioError(f"--questions-per-image must be at least 1, not {questions_per_image}")
     if min_answer_gap < 0:
         raise PerceptioError(f"--min-answer-gap must be at least 0, not {min_answer_gap}")
-    config = SynthBlinkConfig(seed=seed, hard=hard, questions_per_image=questions_per_image, min_answer_gap=min_answer_gap)
+    config = SynthBlinkConfig(seed=seed, hard=hard, questions_per_image=questions_per_image, min_answer_gap=min_answer_gap,
+                              mark_style=check_mark_style(mark_style))
     counts = build_questions(world, out, config, limit_per_variant=per_variant)
     if not any(counts.values()):
         raise PerceptioError(f"{world} gave no question (too few visible objects per image)")
@@ -359,7 +362,7 @@ def synth_blink(
 
         scores["gt_token_ceiling"] = token_ceiling(out, world, DepthVQVAE.from_pretrained(tokenizer))
     results = {"benchmark": "synth-blink", "world": str(world), "out": str(out), "split": "hard" if hard else "easy",
-               "seed": seed, "min_answer_gap": min_answer_gap, "questions": {str(v): n for v, n in counts.items()},
+               "seed": seed, "min_answer_gap": min_answer_gap, "mark_style": mark_style, "questions": {str(v): n for v, n in counts.items()},
                "scores": {name: {str(v): value for v, value in by_variant.items()} for name, by_variant in scores.items()}}
     variants = [variant for variant, count in counts.items() if count]
     table = Table(title=f"synthetic HardBLINK ({results['split']}) in {out}: accuracy % per point count")

@@ -39,6 +39,7 @@ import numpy as np
 from PIL import Image
 
 from perceptio.curate.marked_points import (
+    HARDBLINK_MARKS,
     CueBalancer,
     MarkedPoint,
     MarkedPointsConfig,
@@ -71,6 +72,7 @@ class SynthBlinkConfig:
     attempts: int = 200
     questions_per_image: int = 1  # per point count, each on its own draw of objects and points
     hard: bool = False  # balance the lowest-point and largest-object cues to chance
+    mark_style: str = HARDBLINK_MARKS  # how the points are marked on the images (MARK_STYLES)
     seed: int = 0
 
     def marked_points(self) -> MarkedPointsConfig:
@@ -78,7 +80,7 @@ class SynthBlinkConfig:
         return MarkedPointsConfig(min_distance_px=self.min_distance_px, min_gap=math.log1p(self.min_relative_gap),
                                   min_answer_gap=math.log1p(self.min_answer_gap),
                                   erosion_px=self.erosion_px, min_object_pixels=self.min_object_pixels,
-                                  attempts=self.attempts, balanced=self.hard)
+                                  attempts=self.attempts, balanced=self.hard, mark_style=self.mark_style)
 
 
 def _read_world(world: Path) -> list[dict[str, Any]]:
@@ -164,7 +166,7 @@ def _build(world: Path, records: list[dict[str, Any]], out: Path, config: SynthB
                     continue
                 if config.hard:
                     balancers[variant].add(target)
-                drawn[variant].append(_question(picked, regions, rng, record, pixels, target))
+                drawn[variant].append(_question(picked, regions, rng, record, pixels, target, points_config.mark_style))
     counts = {}
     for variant in config.variants:
         kept = drawn[variant]
@@ -178,8 +180,8 @@ def _build(world: Path, records: list[dict[str, Any]], out: Path, config: SynthB
 
 
 def _question(picked: list[MarkedPoint], regions: list[ObjectRegion], rng: np.random.Generator,
-              record: dict[str, Any], pixels: np.ndarray, target: Target) -> _Drawn:
-    question = question_record(picked, regions, rng)
+              record: dict[str, Any], pixels: np.ndarray, target: Target, mark_style: str) -> _Drawn:
+    question = question_record(picked, regions, rng, mark_style)
     row = {
         "text": question["text"], "category": "relative_depth",
         "source": record["stem"], "source_file": record["file"], "image_width": pixels.shape[1],
@@ -187,6 +189,7 @@ def _question(picked: list[MarkedPoint], regions: list[ObjectRegion], rng: np.ra
         "depths_m": [round(math.exp(-value), 4) for value in question["point_depths"]],
         "object_areas": question["object_areas"], "object_bases": question["object_bases"],
         "point_luma": [round(_luma(pixels, x, y), 2) for x, y in question["points"]],
+        "mark_style": mark_style,
     }
     return _Drawn(target, record, row, question["answer"])
 
@@ -198,7 +201,7 @@ def _write_variant(world: Path, out: Path, variant: int, kept: list[_Drawn]) -> 
     for question_id, item in enumerate(kept):
         name = f"{question_id}.png"
         with Image.open(world / item.record["file"]) as opened:
-            jpeg = draw_marked(opened.convert("RGB"), item.row["points"], item.row["labels"])
+            jpeg = draw_marked(opened.convert("RGB"), item.row["points"], item.row["labels"], item.row["mark_style"])
         Image.open(io.BytesIO(jpeg)).save(folder / name)  # PNG, as HardBLINK ships
         questions.append({"question_id": question_id, "image": name, **item.row})
         answers.append({"question_id": question_id, "text": f"({item.answer})"})

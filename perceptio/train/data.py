@@ -43,6 +43,7 @@ import numpy as np
 import torch
 
 from perceptio import fs
+from perceptio.curate.marked_points import HARDBLINK_MARKS, draw_marks
 from perceptio.errors import PerceptioError
 from perceptio.recipes import load_recipe
 from perceptio.shards import (
@@ -172,6 +173,16 @@ class PromptTemplates:
         )
 
 
+@dataclass(frozen=True)
+class Marks:
+    """The points a marked-point question marks on its image, their letters and how they are drawn
+    (:data:`perceptio.curate.marked_points.MARK_STYLES`)."""
+
+    points: tuple[tuple[int, int], ...]
+    labels: tuple[str, ...]
+    style: str
+
+
 @dataclass
 class Example:
     """One training example, still undecoded (cheap to skip when a resumed run fast-forwards)."""
@@ -183,7 +194,7 @@ class Example:
     mask_rles: tuple[dict[str, Any], ...]  # the targets of the answers' [SEG]s, in order
     depth_bytes: bytes | None  # depth.npy, float16 (320, 320); None for samples without depth
     # Points and letters drawn on the image when it is decoded (marked-point questions).
-    marks: tuple[tuple[tuple[int, int], ...], tuple[str, ...]] | None = None
+    marks: Marks | None = None
 
     @property
     def prompt(self) -> str:
@@ -208,9 +219,7 @@ class Example:
             return None
         image = Image.open(io.BytesIO(self.image_bytes)).convert("RGB")
         if self.marks is not None:
-            from perceptio.curate.marked_points import draw_marks
-
-            image = draw_marks(image, *self.marks)
+            image = draw_marks(image, self.marks.points, self.marks.labels, self.marks.style)
         return image
 
     def decode(self) -> dict[str, Any]:
@@ -221,7 +230,7 @@ class Example:
 
 
 def _single(key: str, source: str, prompt: str, target: str, image: bytes, mask: dict[str, Any] | None,
-            depth: bytes | None, marks: tuple[tuple[tuple[int, int], ...], tuple[str, ...]] | None = None) -> Example:
+            depth: bytes | None, marks: Marks | None = None) -> Example:
     return Example(key, source, (Turn(USER, prompt), Turn(ASSISTANT, target)), image, (mask,) if mask else (), depth,
                    marks)
 
@@ -252,7 +261,7 @@ def _question_variants(question: dict[str, Any], question_targets: str, use_dept
 
 def _question_example(key: str, source: str, question: dict[str, Any], variant: str, depth: str,
                       templates: PromptTemplates, image_bytes: bytes, depth_bytes: bytes | None,
-                      marks: tuple[tuple[tuple[int, int], ...], tuple[str, ...]] | None) -> Example:
+                      marks: Marks | None) -> Example:
     if variant == "direct":
         prompts, target = templates.direct_question_prompts, templates.direct_question_target
     else:
@@ -291,7 +300,9 @@ def expand_sample(raw: dict[str, Any], templates: PromptTemplates, use_depth_tok
     if questions is not None:
         for index, question in enumerate(questions):
             variants = _question_variants(question, question_targets, use_depth_tokens)
-            marks = (tuple((int(x), int(y)) for x, y in question["points"]), tuple(question["labels"]))
+            # Questions curated before mark styles existed were drawn as HardBLINK draws them.
+            marks = Marks(tuple((int(x), int(y)) for x, y in question["points"]), tuple(question["labels"]),
+                          question.get("mark_style", HARDBLINK_MARKS))
             for variant in variants:
                 example_key = f"{key}/q{index}" + (f"/{variant}" if len(variants) > 1 else "")
                 examples.append(_question_example(example_key, source, question, variant, depth, templates,

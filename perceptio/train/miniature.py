@@ -30,6 +30,7 @@ import torch
 from PIL import Image
 from transformers import InternVLForConditionalGeneration, PreTrainedTokenizerBase
 
+from perceptio.curate.marked_points import HARDBLINK_MARKS, check_mark_style, draw_marks
 from perceptio.sources.synth.conversations import image_questions, unique_names
 from perceptio.sources.synth.scene import COLOURS
 from perceptio.train.chat import ASSISTANT, USER, Turn
@@ -48,6 +49,7 @@ class VlmPretraining:
     lr: float = 2e-3
     map_share: float = 0.3  # examples that are the picture's colour map (colour_map_question)
     mark_share: float = 0.0  # examples that are a marked copy's mark map (mark_map_question)
+    mark_style: str = HARDBLINK_MARKS  # how those marks are drawn: as the fine-tuning questions will be
     seed: int = 0
     log_every: int = 100
 
@@ -58,6 +60,7 @@ class VlmPretraining:
         if min(self.map_share, self.mark_share) < 0 or self.map_share + self.mark_share > 1:
             raise ValueError(f"the map shares must be at least 0 and sum to at most 1 "
                              f"(colour {self.map_share}, marks {self.mark_share})")
+        check_mark_style(self.mark_style)
 
 
 def _place(obj: dict, camera: dict) -> str:
@@ -110,15 +113,13 @@ def _cell(point: tuple[int, int], size: tuple[int, int]) -> int:
     return min(GRID - 1, y * GRID // height) * GRID + min(GRID - 1, x * GRID // width)
 
 
-def mark_map_question(picture: Image.Image, record: dict, instances: np.ndarray,
-                      rng: np.random.Generator) -> tuple[Image.Image, str, str]:
+def mark_map_question(picture: Image.Image, record: dict, instances: np.ndarray, rng: np.random.Generator,
+                      style: str = HARDBLINK_MARKS) -> tuple[Image.Image, str, str]:
     """A copy of the picture with 2-5 points marked as the marked-point questions mark them (a ring
-    and a letter, :func:`perceptio.curate.marked_points.draw_marks`), each on another object, and
+    and a letter, :func:`perceptio.curate.marked_points.draw_marks` in ``style``), each on another object, and
     its map: GRID x GRID characters, row-major, the letter on the cell of each point, "." elsewhere.
     Like the colour map, answer token k is about image token k: where each letter is, which is what
     a question about the marked points needs before any depth can be compared."""
-    from perceptio.curate.marked_points import draw_marks
-
     objects = [obj["instance"] for obj in record["objects"] if (instances == obj["instance"]).any()]
     count = min(len(objects), int(rng.integers(2, len(MARK_LABELS) + 1)))
     points, cells = [], [MAP_BACKGROUND] * (GRID * GRID)
@@ -131,7 +132,7 @@ def mark_map_question(picture: Image.Image, record: dict, instances: np.ndarray,
         cells[_cell(point, picture.size)] = MARK_LABELS[len(points)]
         points.append(point)
     labels = list(MARK_LABELS[: len(points)])
-    return draw_marks(picture, points, labels), MARK_QUESTION, "".join(cells)
+    return draw_marks(picture, points, labels, style), MARK_QUESTION, "".join(cells)
 
 
 def object_map(instances: np.ndarray, instance: int) -> str:
@@ -214,7 +215,8 @@ def pretrain_vlm(vlm: InternVLForConditionalGeneration, tokenizer: PreTrainedTok
             if pick < settings.map_share:
                 question, answer = maps[index]
             elif pick < settings.map_share + settings.mark_share:
-                picture, question, answer = mark_map_question(picture, records[index], instances[index], rng)
+                picture, question, answer = mark_map_question(picture, records[index], instances[index], rng,
+                                                              settings.mark_style)
             else:
                 question, answer = about[index][int(rng.integers(len(about[index])))]
             examples.append(processor.encode_conversation(picture, [Turn(USER, question), Turn(ASSISTANT, answer)]))
@@ -236,7 +238,7 @@ def pretrain_vlm(vlm: InternVLForConditionalGeneration, tokenizer: PreTrainedTok
 
 
 def held_out_report(vlm: InternVLForConditionalGeneration, tokenizer: PreTrainedTokenizerBase, world: Path,
-                    images: int = 40) -> dict[str, float]:
+                    images: int = 40, mark_style: str = HARDBLINK_MARKS) -> dict[str, float]:
     """What a pretrained miniature VLM reads from pictures it never saw (greedy answers on another
     world): the share of marked points whose letter the mark map writes on the right cell (and on
     whose cell it writes some letter: the mark found, its letter maybe not read), the
@@ -259,7 +261,7 @@ def held_out_report(vlm: InternVLForConditionalGeneration, tokenizer: PreTrained
     for index, record in enumerate(records):
         picture = Image.open(world / record["file"]).convert("RGB")
         instances = np.asarray(Image.open(world / record["instance_file"]))
-        marked, question, truth = mark_map_question(picture, record, instances, np.random.default_rng(index))
+        marked, question, truth = mark_map_question(picture, record, instances, np.random.default_rng(index), mark_style)
         written = answer(marked, question, GRID * GRID)[: GRID * GRID].ljust(GRID * GRID, "?")
         marked = [k for k, cell in enumerate(truth) if cell != MAP_BACKGROUND]
         marks_read += [written[k] == truth[k] for k in marked]
