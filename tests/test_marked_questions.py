@@ -192,7 +192,7 @@ def test_coloured_marks_give_each_letter_its_colour_as_the_question_records():
     coloured = as_recorded[COLOURED_MARKS]
     assert has(coloured, LETTER_COLOURS[0], *around_a) and not has(coloured, LETTER_COLOURS[1], *around_a)
     assert has(coloured, LETTER_COLOURS[1], *around_b) and not has(coloured, LETTER_COLOURS[0], *around_b)
-    assert not has(coloured, (255, 255, 255), slice(None), slice(None)), "no white box: the letter's colour fills it"
+    assert not has(coloured, (255, 255, 255), slice(None), slice(None)), "no white box: a disc in the letter's colour"
     assert np.array_equal(as_recorded[None], as_recorded[HARDBLINK_MARKS]), "older questions: HardBLINK's marks"
     for around in (around_a, around_b):
         assert has(as_recorded[HARDBLINK_MARKS], (255, 0, 0), *around) and has(as_recorded[HARDBLINK_MARKS], (255, 255, 255), *around)

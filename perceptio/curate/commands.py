@@ -205,7 +205,7 @@ def _command(dataset: str):
         captioner: str = typer.Option(BuildConfig.captioner, "--captioner", help="description writer: 'attributes' or package.module:ClassName"),
         questions_per_image: int = typer.Option(MarkedPointsConfig.questions_per_image, "--questions-per-image", min=0, help="ADE20k: marked-point questions per image (2-5 points on distinct objects each)"),
         hard_questions: bool = typer.Option(MarkedPointsConfig.balanced, "--hard-questions/--any-questions", help="ADE20k: balance each image's questions so that the lowest point, the largest object and the object reaching lowest are nearest about as often as chance"),
-        mark_style: str = typer.Option(MarkedPointsConfig.mark_style, "--mark-style", help="ADE20k: how the questions' points are marked: 'hardblink' (red ring, letter in a white box) or 'coloured' (ring and box in each letter's own colour, for models that cannot read small glyphs)"),
+        mark_style: str = typer.Option(MarkedPointsConfig.mark_style, "--mark-style", help="ADE20k: how the questions' points are marked: 'hardblink' (red ring, letter in a white box) or 'coloured' (a disc in each letter's own colour, the letter inside, for models that cannot read small glyphs)"),
         overwrite: bool = typer.Option(CurationRequest.overwrite, "--overwrite", help="discard this dataset's earlier shards instead of resuming"),
         progress: bool = typer.Option(CurationRequest.progress, "--progress/--no-progress", help="show the live progress display"),
     ) -> None:

@@ -17,9 +17,9 @@ construction:
   exactly as often as chance (:func:`cue_combinations`, :class:`CueBalancer`). No one of these
   cues then tells the answer.
 
-Marks are drawn as in HardBLINK (a red ring, the letter in a white box beside it), or *coloured*:
-ring and box in a colour of their own per letter (:data:`LETTER_COLOURS`), for models too small to
-read an 8-pixel glyph, such as the miniature (README section 4). A question records its style
+Marks are drawn as in HardBLINK (a red ring, the letter in a white box beside it), or *coloured*: a
+disc in a colour of its own per letter (:data:`LETTER_COLOURS`) with the letter inside, for models
+too small to read an 8-pixel glyph, such as the miniature (README section 4). A question records its style
 (``mark_style``) so that every reader draws it alike: :func:`draw_marks` on a decoded image (the
 trainer draws at load time), :func:`draw_marked` for JPEG bytes.
 """
@@ -47,7 +47,7 @@ QUESTION_TEXT = (
 # (the paper's two ADE20k variants, "answered directly or after writing the depth tokens").
 DIRECT, WITH_DEPTH = "direct", "depth"
 TARGET_VARIANTS = (DIRECT, WITH_DEPTH)
-# How marks are drawn: HardBLINK's red rings and white boxes, or a colour per letter (ring and box).
+# How marks are drawn: HardBLINK's red rings and white boxes, or a disc in a colour per letter.
 HARDBLINK_MARKS, COLOURED_MARKS = "hardblink", "coloured"
 MARK_STYLES = (HARDBLINK_MARKS, COLOURED_MARKS)
 # Far apart in hue and all unlike the world's floor and walls; letter k takes colour k (cycling).
@@ -356,25 +356,31 @@ def check_mark_style(style: str) -> str:
 
 def draw_marks(image: Image.Image, points: Sequence[Sequence[int]], labels: Sequence[str],
                style: str = HARDBLINK_MARKS) -> Image.Image:
-    """A copy of the image with HardBLINK-like marks: a ring on each point, its letter in a box up-left
-    (red ring and white box; ``COLOURED_MARKS``: both in the letter's own colour)."""
+    """A copy of the image with a mark on each point: HardBLINK's (a red ring, the letter in a white
+    box up-left) or, ``COLOURED_MARKS``, a disc in the letter's own colour centred on the point, the
+    letter inside (all of the mark within the point's grid cell, where a small vision tower looks)."""
     check_mark_style(style)
     canvas = image.convert("RGB")
     if canvas is image:
         canvas = image.copy()
     draw = ImageDraw.Draw(canvas)
     scale = max(canvas.size) / 336.0  # HardBLINK images are 336 px; keep marks the same relative size
-    radius = max(3, round(4 * scale))
     font = ImageFont.load_default(size=max(10, round(12 * scale)))
     for (x, y), label in zip(points, labels):
-        # ord("A") % 5 == 0: A, B, C, ... take colours 0, 1, 2, ... (any label gets one)
-        colour = LETTER_COLOURS[ord(label[:1] or " ") % len(LETTER_COLOURS)] if style == COLOURED_MARKS else None
-        draw.ellipse((x - radius, y - radius, x + radius, y + radius), outline=colour or (255, 0, 0), width=max(2, round(2 * scale)))
         left, top, right, bottom = draw.textbbox((0, 0), label, font=font)
+        if style == COLOURED_MARKS:
+            radius = max(4, round(7 * scale))  # holds the letter
+            # ord("A") % 5 == 0: A, B, C, ... take colours 0, 1, 2, ... (any label gets one)
+            colour = LETTER_COLOURS[ord(label[:1] or " ") % len(LETTER_COLOURS)]
+            draw.ellipse((x - radius, y - radius, x + radius, y + radius), fill=colour)
+            draw.text((x - (left + right) / 2, y - (top + bottom) / 2), label, fill=(0, 0, 0), font=font)
+            continue
+        radius = max(3, round(4 * scale))
+        draw.ellipse((x - radius, y - radius, x + radius, y + radius), outline=(255, 0, 0), width=max(2, round(2 * scale)))
         box_w, box_h = right - left + 4, bottom - top + 4
         box_x = min(max(0, x - radius - box_w), canvas.width - box_w)
         box_y = min(max(0, y - radius - box_h - 2), canvas.height - box_h)
-        draw.rectangle((box_x, box_y, box_x + box_w, box_y + box_h), fill=colour or (255, 255, 255))
+        draw.rectangle((box_x, box_y, box_x + box_w, box_y + box_h), fill=(255, 255, 255))
         draw.text((box_x + 2 - left, box_y + 2 - top), label, fill=(0, 0, 0), font=font)
     return canvas
 

@@ -337,7 +337,7 @@ def synth_blink(
     hard: bool = typer.Option(False, "--hard/--easy", help="Balance the split so that the lowest point and the point on the largest object are nearest only as often as chance."),
     seed: int = typer.Option(0, help="Seed of the choice of objects, points and letters."),
     min_answer_gap: float = typer.Option(SYNTH_BLINK_DEFAULTS.min_answer_gap, help="How much nearer (relative depth) the nearest point is than the next."),
-    mark_style: str = typer.Option(SYNTH_BLINK_DEFAULTS.mark_style, help="How the points are marked: 'hardblink' (red ring, letter in a white box) or 'coloured' (ring and box in each letter's own colour); as the model's training questions were."),
+    mark_style: str = typer.Option(SYNTH_BLINK_DEFAULTS.mark_style, help="How the points are marked: 'hardblink' (red ring, letter in a white box) or 'coloured' (a disc in each letter's own colour, the letter inside); as the model's training questions were."),
     tokenizer: Optional[Path] = typer.Option(None, help="Depth tokenizer folder: also report the answer read from the ground-truth depth tokens (the ceiling)."),
     as_json: bool = JSON_OPTION,
     json_out: Optional[Path] = typer.Option(None, "--json-out", help="Also write the counts and scores as JSON to this file."),
