@@ -1,0 +1,74 @@
+"""The span-reading probe (benchmarks/span_reading.py): its questions are answered by the span, its
+sequences put the marks, the span and the query where the model reads them, and it scores (a)."""
+
+from __future__ import annotations
+
+import random
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from span_reading import (  # noqa: E402
+    CODE_IDS,
+    D_END,
+    D_START,
+    DIGIT_IDS,
+    LETTER_IDS,
+    QUERY,
+    Picture,
+    curated_questions,
+    letter_logits,
+    span_question,
+)
+
+
+def picture(seed: int) -> Picture:
+    rng = np.random.default_rng(seed)
+    codes = rng.integers(0, 128, 100).tolist()
+    # A cell's nearness follows its code, so that every answer can be checked from the codes alone.
+    return Picture(codes, np.array(codes, dtype=np.float32) / 127, [([12, 57, 90], ["A", "B", "C"], "B")])
+
+
+def test_a_span_question_is_answered_by_the_span_at_its_cells():
+    rng, seen = random.Random(0), 0
+    for seed in range(40):
+        drawn = picture(seed)
+        item = span_question(drawn, rng, min_gap=0.05)
+        if item is None:
+            continue
+        seen += 1
+        ids, answer, count = item
+        assert len(ids) == 3 * count + 103 and 2 <= count <= 5
+        marks, span = ids[: 3 * count], ids[3 * count:]
+        assert span[0] == D_START and span[101] == D_END and span[102] == QUERY
+        assert [code - CODE_IDS for code in span[1:101]] == drawn.codes
+        letters = [marks[3 * k] - LETTER_IDS for k in range(count)]
+        cells = [(marks[3 * k + 1] - DIGIT_IDS) * 10 + marks[3 * k + 2] - DIGIT_IDS for k in range(count)]
+        assert letters == list(range(count)) and len(set(cells)) == count
+        values = [drawn.nearness[cell] for cell in cells]
+        assert answer == int(np.argmax(values)) and sorted(values)[-1] - sorted(values)[-2] >= 0.05
+    assert seen > 20
+
+
+def test_curated_questions_and_the_decoded_span_answer():
+    pictures = [picture(seed) for seed in range(6)]
+    items, span_answers = curated_questions(pictures)
+    assert [answer for _, answer, _ in items] == [1] * 6 and {count for _, _, count in items} == {3}
+    expected = np.mean([int(np.argmax(p.nearness[[12, 57, 90]])) == 1 for p in pictures])
+    assert span_answers == expected
+
+
+def test_letters_beyond_a_question_are_never_chosen():
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=CODE_IDS + 128, hidden_size=16, intermediate_size=32,
+                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                         max_position_embeddings=256))
+    rng = random.Random(1)
+    items = [item for item in (span_question(picture(seed), rng, 0.0) for seed in range(8)) if item is not None]
+    logits = letter_logits(model, items)
+    for row, (_, _, count) in zip(logits, items):
+        assert torch.isfinite(row[:count]).all() and torch.isinf(row[count:]).all()
