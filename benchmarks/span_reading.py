@@ -8,7 +8,9 @@ the picture and a query, and is trained on the answer letter alone. Training que
 afresh at every step (2-5 random cells of a training picture, the nearest by the span's decoded
 depth, nearer than the next by ``--min-gap``), so the answer is always in the span. Scored on
 held-out pictures, on such questions and on the curated questions (answers from the true depth),
-beside (a), the answer the decoded span gives those questions::
+beside (a), the answer the decoded span gives those questions. ``--curated-training`` trains on the
+training pictures' curated questions instead, as the fine-tuning does (a fixed set, answered by the
+true depth, which the span agrees with only as often as (a))::
 
     python benchmarks/span_reading.py --shards ablation-out/shards/ade20k \\
         --heldout-shards HELDOUT/ade20k --tokenizer ablation-out/tokenizer --steps 3000
@@ -125,6 +127,8 @@ def main() -> None:
     parser.add_argument("--tokenizer", type=Path, required=True, help="the depth tokenizer the shards were curated with")
     parser.add_argument("--min-gap", type=float, default=0.05, help="training questions: nearest minus next, decoded nearness")
     parser.add_argument("--text-layers", type=int, default=MINIATURE.text_layers)
+    parser.add_argument("--curated-training", action="store_true",
+                        help="train on the training pictures' curated questions, not fresh span questions")
     arguments = parser.parse_args()
     torch.manual_seed(arguments.seed)
     rng = random.Random(arguments.seed)
@@ -134,6 +138,7 @@ def main() -> None:
     span_heldout = [item for item in (span_question(picture, scored_rng, arguments.min_gap) for picture in heldout
                                       for _ in range(8)) if item is not None][: arguments.heldout * 4]
     curated, span_answers = curated_questions(heldout)
+    curated_training = curated_questions(train)[0] if arguments.curated_training else []
     chance = float(np.mean([1 / count for _, _, count in curated]))
     config = Qwen2Config(vocab_size=CODE_IDS + tokenizer.config.num_codes, hidden_size=MINIATURE.text_width,
                          intermediate_size=2 * MINIATURE.text_width, num_hidden_layers=arguments.text_layers,
@@ -146,7 +151,7 @@ def main() -> None:
           f"(chance {chance:.3f}, decoded span (a) {span_answers:.3f})", flush=True)
     curve, started = [], time.perf_counter()
     for step in range(1, arguments.steps + 1):
-        items: list[tuple[list[int], int, int]] = []
+        items = rng.sample(curated_training, arguments.batch_size) if curated_training else []
         while len(items) < arguments.batch_size:
             item = span_question(rng.choice(train), rng, arguments.min_gap)
             if item is not None:
