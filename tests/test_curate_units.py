@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -208,3 +209,27 @@ def test_output_folder_per_dataset_refuses_another_and_overwrite_clears_only_our
     (out / DATASET_INFO_NAME).write_text("{not json")
     with pytest.raises(PerceptioError, match="not valid json"):
         prepare_out(out, "llava", overwrite=False)
+
+
+def test_shards_curated_before_a_build_setting_existed_resume_under_its_default(tmp_path):
+    import dataclasses
+    import json
+
+    from perceptio.curate.marked_points import COLOURED_MARKS, MarkedPointsConfig
+    from perceptio.curate.sample_builder import BuildConfig
+    from perceptio.curate.writer import check_resumable
+    from perceptio.shards import STATS_SUFFIX, meta_file
+
+    def settings(build: BuildConfig) -> dict:
+        return {"dataset": "ade20k", "samples_per_shard": 50, "batch_size": 8, "tokenizer": "t@1",
+                "teacher_source": "gt", "build": dataclasses.asdict(build)}
+
+    older = settings(BuildConfig())
+    del older["build"]["marked_points"]["mark_style"]  # written before marks had a style
+    stats = Path(meta_file(str(tmp_path), "ade20k-training-000000" + STATS_SUFFIX))
+    stats.parent.mkdir(parents=True)
+    stats.write_text(json.dumps({"settings": older, "teacher": "gt-depth"}))
+    assert check_resumable(str(tmp_path), ["ade20k-training-000000"], settings(BuildConfig())) == "gt-depth"
+    coloured = BuildConfig(marked_points=MarkedPointsConfig(mark_style=COLOURED_MARKS))
+    with pytest.raises(PerceptioError, match="was curated with build="):
+        check_resumable(str(tmp_path), ["ade20k-training-000000"], settings(coloured))

@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 import perceptio
 from perceptio import fs
 from perceptio.curate.plan import ShardPlan
-from perceptio.curate.sample_builder import BuiltImage
+from perceptio.curate.sample_builder import BuildConfig, BuiltImage
 from perceptio.errors import PerceptioError
 from perceptio.io import atomic_path, write_text_atomic
 from perceptio.shards import (
@@ -120,12 +120,28 @@ def read_stats(out: str, name: str) -> dict[str, Any]:
         raise PerceptioError(f"{location} is unreadable ({error}); delete it to redo the shard") from error
 
 
+def with_later_defaults(saved: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    """``saved`` with the keys it lacks, at any depth of its dicts, taken from ``defaults``: a shard
+    curated before a build setting existed was curated as that setting's default says (e.g. the
+    marks' style), so upgrading the toolkit does not refuse to resume it."""
+    filled = dict(saved)
+    for key, default in defaults.items():
+        if key not in filled:
+            filled[key] = default
+        elif isinstance(filled[key], dict) and isinstance(default, dict):
+            filled[key] = with_later_defaults(filled[key], default)
+    return filled
+
+
 def check_resumable(out: str, done: Sequence[str], settings: dict[str, Any]) -> str | None:
     """The teacher identity of the finished shards, after checking they used today's settings."""
     teachers = set()
+    default_build = dataclasses.asdict(BuildConfig())
     for name in done:
         stats = read_stats(out, name)
         previous = stats.get("settings", {})
+        if isinstance(previous.get("build"), dict):
+            previous = {**previous, "build": with_later_defaults(previous["build"], default_build)}
         for setting in RESUME_SETTINGS:
             if previous.get(setting) != settings.get(setting):
                 raise PerceptioError(
