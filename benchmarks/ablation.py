@@ -93,7 +93,7 @@ class AblationConfig:
     hard_training_questions: bool = True
     # How the questions' points are marked, in training, pretraining and held-out questions alike:
     # the miniature's vision tower finds HardBLINK's marks but cannot read their 8-pixel letters
-    # (README section 4), so each letter has its own colour ("hardblink" for the red marks).
+    # (README section 4), so each mark is a disc in its letter's own colour ("hardblink": red rings).
     mark_style: str = COLOURED_MARKS
     train_steps: int = 1500
     batch_size: int = TrainConfig.TINY_DEFAULTS["batch_size"]  # the tiny model's defaults, for the miniature too

@@ -19,9 +19,9 @@ construction:
 
 Marks are drawn as in HardBLINK (a red ring, the letter in a white box beside it), or *coloured*: a
 disc in a colour of its own per letter (:data:`LETTER_COLOURS`) with the letter inside, for models
-too small to read an 8-pixel glyph, such as the miniature (README section 4). A question records its style
-(``mark_style``) so that every reader draws it alike: :func:`draw_marks` on a decoded image (the
-trainer draws at load time), :func:`draw_marked` for JPEG bytes.
+too small to read an 8-pixel glyph, such as the miniature (README section 4). A question records
+its style (``mark_style``) so that every reader draws it alike: :func:`draw_marks` on a decoded
+image (the trainer draws at load time), :func:`draw_marked` for JPEG bytes.
 """
 
 from __future__ import annotations

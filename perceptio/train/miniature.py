@@ -115,8 +115,8 @@ def _cell(point: tuple[int, int], size: tuple[int, int]) -> int:
 
 def mark_map_question(picture: Image.Image, record: dict, instances: np.ndarray, rng: np.random.Generator,
                       style: str = HARDBLINK_MARKS) -> tuple[Image.Image, str, str]:
-    """A copy of the picture with 2-5 points marked as the marked-point questions mark them (a ring
-    and a letter, :func:`perceptio.curate.marked_points.draw_marks` in ``style``), each on another object, and
+    """A copy of the picture with 2-5 points marked as the marked-point questions mark them
+    (:func:`perceptio.curate.marked_points.draw_marks` in ``style``), each on another object, and
     its map: GRID x GRID characters, row-major, the letter on the cell of each point, "." elsewhere.
     Like the colour map, answer token k is about image token k: where each letter is, which is what
     a question about the marked points needs before any depth can be compared."""
