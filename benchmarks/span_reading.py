@@ -9,8 +9,8 @@ afresh at every step (2-5 random cells of a training picture, the nearest by the
 depth, nearer than the next by ``--min-gap``), so the answer is always in the span. Scored on
 held-out pictures, on such questions and on the curated questions (answers from the true depth),
 beside (a), the answer the decoded span gives those questions. ``--curated-training`` trains on the
-training pictures' curated questions instead, as the fine-tuning does (a fixed set, answered by the
-true depth, which the span agrees with only as often as (a))::
+training pictures' curated questions instead, as the fine-tuning does (a fixed set): ``truth``
+answered by the true depth, which the span agrees with only as often as (a); ``span`` by the span::
 
     python benchmarks/span_reading.py --shards ablation-out/shards/ade20k \\
         --heldout-shards HELDOUT/ade20k --tokenizer ablation-out/tokenizer --steps 3000
@@ -83,13 +83,15 @@ def span_question(picture: Picture, rng: random.Random, min_gap: float) -> tuple
     return sequence(picture, cells, list(LETTERS[:count])), int(np.argmax(picture.nearness[cells])), count
 
 
-def curated_questions(pictures: list[Picture]) -> tuple[list[tuple[list[int], int, int]], float]:
-    """The curated questions as probe items, and how often the decoded span names their answer ((a))."""
+def curated_questions(pictures: list[Picture], span_answers: bool = False) -> tuple[list[tuple[list[int], int, int]], float]:
+    """The curated questions as probe items, and how often the decoded span names their answer ((a));
+    ``span_answers``: each item answered by the decoded span instead of the true depth."""
     items, span_right = [], []
     for picture in pictures:
         for cells, letters, answer in picture.questions:
-            items.append((sequence(picture, cells, letters), letters.index(answer), len(letters)))
-            span_right.append(letters[int(np.argmax(picture.nearness[cells]))] == answer)
+            by_span = int(np.argmax(picture.nearness[cells]))
+            items.append((sequence(picture, cells, letters), by_span if span_answers else letters.index(answer), len(letters)))
+            span_right.append(letters[by_span] == answer)
     return items, float(np.mean(span_right))
 
 
@@ -127,8 +129,9 @@ def main() -> None:
     parser.add_argument("--tokenizer", type=Path, required=True, help="the depth tokenizer the shards were curated with")
     parser.add_argument("--min-gap", type=float, default=0.05, help="training questions: nearest minus next, decoded nearness")
     parser.add_argument("--text-layers", type=int, default=MINIATURE.text_layers)
-    parser.add_argument("--curated-training", action="store_true",
-                        help="train on the training pictures' curated questions, not fresh span questions")
+    parser.add_argument("--curated-training", choices=("truth", "span"),
+                        help="train on the training pictures' curated questions, not fresh span questions, "
+                             "answered by the true depth (as curated) or by the decoded span")
     arguments = parser.parse_args()
     torch.manual_seed(arguments.seed)
     rng = random.Random(arguments.seed)
@@ -138,7 +141,7 @@ def main() -> None:
     span_heldout = [item for item in (span_question(picture, scored_rng, arguments.min_gap) for picture in heldout
                                       for _ in range(8)) if item is not None][: arguments.heldout * 4]
     curated, span_answers = curated_questions(heldout)
-    curated_training = curated_questions(train)[0] if arguments.curated_training else []
+    curated_training = curated_questions(train, arguments.curated_training == "span")[0] if arguments.curated_training else []
     chance = float(np.mean([1 / count for _, _, count in curated]))
     config = Qwen2Config(vocab_size=CODE_IDS + tokenizer.config.num_codes, hidden_size=MINIATURE.text_width,
                          intermediate_size=2 * MINIATURE.text_width, num_hidden_layers=arguments.text_layers,

@@ -58,8 +58,12 @@ def test_curated_questions_and_the_decoded_span_answer():
     pictures = [picture(seed) for seed in range(6)]
     items, span_answers = curated_questions(pictures)
     assert [answer for _, answer, _ in items] == [1] * 6 and {count for _, _, count in items} == {3}
-    expected = np.mean([int(np.argmax(p.nearness[[12, 57, 90]])) == 1 for p in pictures])
-    assert span_answers == expected
+    by_span = [int(np.argmax(p.nearness[[12, 57, 90]])) for p in pictures]
+    assert span_answers == np.mean([answer == 1 for answer in by_span])
+    relabelled, same_rate = curated_questions(pictures, span_answers=True)
+    assert len(set(by_span)) > 1, "some pictures' spans disagree with the curated answer"
+    assert [answer for _, answer, _ in relabelled] == by_span and same_rate == span_answers
+    assert [ids for ids, _, _ in relabelled] == [ids for ids, _, _ in items]
 
 
 def test_letters_beyond_a_question_are_never_chosen():
