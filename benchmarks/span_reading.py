@@ -10,7 +10,9 @@ depth, nearer than the next by ``--min-gap``), so the answer is always in the sp
 held-out pictures, on such questions and on the curated questions (answers from the true depth),
 beside (a), the answer the decoded span gives those questions. ``--curated-training`` trains on the
 training pictures' curated questions instead, as the fine-tuning does (a fixed set): ``truth``
-answered by the true depth, which the span agrees with only as often as (a); ``span`` by the span::
+answered by the true depth, which the span agrees with only as often as (a); ``span`` by the span.
+``--training-cells objects`` keeps fresh questions but draws their cells from those the curated
+questions mark (on objects)::
 
     python benchmarks/span_reading.py --shards ablation-out/shards/ade20k \\
         --heldout-shards HELDOUT/ade20k --tokenizer ablation-out/tokenizer --steps 3000
@@ -48,6 +50,11 @@ class Picture:
     nearness: np.ndarray  # (100,) the decoded span's mean normalised inverse depth per cell (near = +1)
     questions: list[tuple[list[int], list[str], str]]  # curated questions: cells, letters, answer
 
+    @property
+    def object_cells(self) -> list[int]:
+        """The cells the curated questions mark (every one on an object)."""
+        return sorted({cell for cells, _, _ in self.questions for cell in cells})
+
 
 def read_pictures(folder: Path, tokenizer: DepthVQVAE) -> list[Picture]:
     """The ADE-layout samples of a shard folder with their spans decoded once."""
@@ -73,10 +80,15 @@ def sequence(picture: Picture, cells: list[int], letters: list[str]) -> list[int
     return [*marks, D_START, *(CODE_IDS + code for code in picture.codes), D_END, QUERY]
 
 
-def span_question(picture: Picture, rng: random.Random, min_gap: float) -> tuple[list[int], int, int] | None:
-    """2-5 random cells, the answer the span gives (None when its nearest is not clear)."""
-    count = rng.randint(2, len(LETTERS))
-    cells = rng.sample(range(GRID * GRID), count)
+def span_question(picture: Picture, rng: random.Random, min_gap: float,
+                  on_objects: bool = False) -> tuple[list[int], int, int] | None:
+    """2-5 random cells (``on_objects``: of the picture's :attr:`Picture.object_cells`), the answer the
+    span gives (None when its nearest is not clear)."""
+    pool = picture.object_cells if on_objects else range(GRID * GRID)
+    count = min(rng.randint(2, len(LETTERS)), len(pool))
+    if count < 2:
+        return None
+    cells = rng.sample(pool, count)
     values = np.sort(picture.nearness[cells])
     if values[-1] - values[-2] < min_gap:
         return None
@@ -129,6 +141,8 @@ def main() -> None:
     parser.add_argument("--tokenizer", type=Path, required=True, help="the depth tokenizer the shards were curated with")
     parser.add_argument("--min-gap", type=float, default=0.05, help="training questions: nearest minus next, decoded nearness")
     parser.add_argument("--text-layers", type=int, default=MINIATURE.text_layers)
+    parser.add_argument("--training-cells", choices=("any", "objects"), default="any",
+                        help="fresh training questions on any cells, or only on cells the curated questions mark")
     parser.add_argument("--curated-training", choices=("truth", "span"),
                         help="train on the training pictures' curated questions, not fresh span questions, "
                              "answered by the true depth (as curated) or by the decoded span")
@@ -156,7 +170,7 @@ def main() -> None:
     for step in range(1, arguments.steps + 1):
         items = rng.sample(curated_training, arguments.batch_size) if curated_training else []
         while len(items) < arguments.batch_size:
-            item = span_question(rng.choice(train), rng, arguments.min_gap)
+            item = span_question(rng.choice(train), rng, arguments.min_gap, arguments.training_cells == "objects")
             if item is not None:
                 items.append(item)
         loss = F.cross_entropy(letter_logits(model, items), torch.tensor([answer for _, answer, _ in items]))

@@ -76,3 +76,14 @@ def test_letters_beyond_a_question_are_never_chosen():
     logits = letter_logits(model, items)
     for row, (_, _, count) in zip(logits, items):
         assert torch.isfinite(row[:count]).all() and torch.isinf(row[count:]).all()
+
+
+def test_fresh_questions_on_objects_take_only_the_curated_cells():
+    rng, drawn = random.Random(2), picture(3)
+    assert drawn.object_cells == [12, 57, 90]
+    for _ in range(30):
+        item = span_question(drawn, rng, 0.0, on_objects=True)
+        assert item is not None
+        ids, _, count = item
+        cells = {(ids[3 * k + 1] - DIGIT_IDS) * 10 + ids[3 * k + 2] - DIGIT_IDS for k in range(count)}
+        assert cells <= {12, 57, 90} and 2 <= count <= 3
