@@ -33,9 +33,9 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 from miniature import MINIATURE
 from perceptio.shards import iter_shard, list_shards
 from perceptio.tokenize.vqvae import DepthVQVAE
+from perceptio.train.miniature import GRID, grid_cell  # the depth tokens' grid is the image tokens' 10 x 10
 from probes import probe_parser, write_record
 
-GRID = 10  # the depth tokens' grid: token k covers row k // 10, column k % 10 of the picture
 LETTERS = "ABCDE"
 # The probe's own vocabulary: the codes, then the span markers, letters, digits, query and padding.
 D_START, D_END, QUERY, PAD = 0, 1, 2, 3
@@ -67,8 +67,8 @@ def read_pictures(folder: Path, tokenizer: DepthVQVAE) -> list[Picture]:
     pictures = []
     for sample, nearness in zip(samples, cells.reshape(len(samples), GRID * GRID)):
         width, height = sample.meta["width"], sample.meta["height"]
-        questions = [([min(GRID - 1, y * GRID // height) * GRID + min(GRID - 1, x * GRID // width) for x, y in q["points"]],
-                      q["labels"], q["answer"]) for q in sample.meta["questions"]]
+        questions = [([grid_cell(point, (width, height)) for point in q["points"]], q["labels"], q["answer"])
+                     for q in sample.meta["questions"]]
         pictures.append(Picture([int(code) for code in sample.depth_tokens], nearness, questions))
     return pictures
 

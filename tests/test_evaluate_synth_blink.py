@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from perceptio.curate.marked_points import COLOURED_MARKS, HARDBLINK_MARKS, LETTER_COLOURS
+from perceptio.errors import PerceptioError
 from perceptio.evaluate.hardblink import load_hardblink
 from perceptio.evaluate.depth_answer import answer_from_codes, answer_from_depth, nearness_at
 from perceptio.evaluate.synth_blink import (
@@ -143,3 +144,5 @@ def test_coloured_marks_are_recorded_and_drawn_in_each_letters_colour(world, tmp
     for question in asked["coloured"]:
         for index in range(3):
             assert near("coloured", question, index) > near("red", question, index) + 20
+    with pytest.raises(PerceptioError, match="mark style"):
+        SynthBlinkConfig(mark_style="neon")

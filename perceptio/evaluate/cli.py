@@ -344,7 +344,6 @@ def synth_blink(
 ) -> None:
     """Write HardBLINK-style questions (3, 4, 5 marked points, true depth decides) for a synthetic world,
     and score chance and every single-cue heuristic on them (and the ground-truth-token ceiling)."""
-    from perceptio.curate.marked_points import check_mark_style
     from perceptio.evaluate.synth_blink import SynthBlinkConfig, baselines, build_questions, token_ceiling
 
     if questions_per_image < 1:
@@ -352,7 +351,7 @@ def synth_blink(
     if min_answer_gap < 0:
         raise PerceptioError(f"--min-answer-gap must be at least 0, not {min_answer_gap}")
     config = SynthBlinkConfig(seed=seed, hard=hard, questions_per_image=questions_per_image, min_answer_gap=min_answer_gap,
-                              mark_style=check_mark_style(mark_style))
+                              mark_style=mark_style)
     counts = build_questions(world, out, config, limit_per_variant=per_variant)
     if not any(counts.values()):
         raise PerceptioError(f"{world} gave no question (too few visible objects per image)")

@@ -45,6 +45,7 @@ from perceptio.curate.marked_points import (
     MarkedPointsConfig,
     ObjectRegion,
     Target,
+    check_mark_style,
     choose_points,
     draw_marked,
     object_regions,
@@ -74,6 +75,9 @@ class SynthBlinkConfig:
     hard: bool = False  # balance the lowest-point and largest-object cues to chance
     mark_style: str = HARDBLINK_MARKS  # how the points are marked on the images (MARK_STYLES)
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_mark_style(self.mark_style)
 
     def marked_points(self) -> MarkedPointsConfig:
         # Nearness is -log(depth): a relative depth gap of 5% is an absolute gap of log(1.05).

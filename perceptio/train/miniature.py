@@ -107,7 +107,7 @@ MARK_QUESTION = "The marked points, cell by cell."
 MARK_LABELS = "ABCDE"  # HardBLINK's letters; 2-5 points, as the marked-point questions
 
 
-def _cell(point: tuple[int, int], size: tuple[int, int]) -> int:
+def grid_cell(point: tuple[int, int], size: tuple[int, int]) -> int:
     """The GRID x GRID cell (row-major index) of image point (x, y) of a (width, height) image."""
     (x, y), (width, height) = point, size
     return min(GRID - 1, y * GRID // height) * GRID + min(GRID - 1, x * GRID // width)
@@ -127,9 +127,9 @@ def mark_map_question(picture: Image.Image, record: dict, instances: np.ndarray,
         ys, xs = np.nonzero(instances == instance)
         pick = int(rng.integers(len(xs)))
         point = (int(xs[pick]), int(ys[pick]))
-        if cells[_cell(point, picture.size)] != MAP_BACKGROUND:
+        if cells[grid_cell(point, picture.size)] != MAP_BACKGROUND:
             continue  # two points in one cell: the map could name only one of them
-        cells[_cell(point, picture.size)] = MARK_LABELS[len(points)]
+        cells[grid_cell(point, picture.size)] = MARK_LABELS[len(points)]
         points.append(point)
     labels = list(MARK_LABELS[: len(points)])
     return draw_marks(picture, points, labels, style), MARK_QUESTION, "".join(cells)
