@@ -15,6 +15,7 @@ from perceptio.curate.marked_points import (
     DIRECT,
     HARDBLINK_MARKS,
     LETTER_COLOURS,
+    READING_ANSWER_GAP,
     WITH_DEPTH,
     CueBalancer,
     MarkedPointsConfig,
@@ -25,6 +26,7 @@ from perceptio.curate.marked_points import (
     draw_marks,
     make_questions,
     object_regions,
+    reading_question,
     window_nearness,
 )
 from perceptio.sources.masks import segment_masks
@@ -128,16 +130,18 @@ def test_balancer_keeps_each_cue_at_chance():
     assert balancer.keep(targets, size=27) and len(balancer.keep(targets, size=27)) == 27
 
 
-def _ade_sample(questions: list[dict]) -> dict:
-    image = np.full((48, 64, 3), 90, np.uint8)
+def _ade_sample(questions: list[dict], depth: np.ndarray | None = None, size: tuple[int, int] = (64, 48)) -> dict:
+    width, height = size
+    image = np.full((height, width, 3), 90, np.uint8)
     import io
 
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, format="JPEG")
-    meta = {"dataset": "ade20k", "split": "training", "image_id": 7, "file_name": "7.jpg", "width": 64, "height": 48,
-            "teacher": "test", "tokenizer": "test@0", "refs": [], "questions": questions,
+    meta = {"dataset": "ade20k", "split": "training", "image_id": 7, "file_name": "7.jpg", "width": width,
+            "height": height, "teacher": "test", "tokenizer": "test@0", "refs": [], "questions": questions,
             "question": questions[0] if questions else None}
-    sample = ShardSample(sample_key("ade20k", "training", 7), buffer.getvalue(), np.zeros((320, 320), np.float16),
+    depth = np.zeros((320, 320), np.float16) if depth is None else depth.astype(np.float16)
+    sample = ShardSample(sample_key("ade20k", "training", 7), buffer.getvalue(), depth,
                          np.arange(100, dtype=np.int16) % 128, meta)
     return {"__key__": sample.key, **sample.to_members()}
 
@@ -200,3 +204,45 @@ def test_coloured_marks_give_each_letter_its_colour_as_the_question_records():
         draw_marks(Image.new("RGB", (64, 48)), [[10, 10]], ["A"], style="neon")
     with pytest.raises(PerceptioError, match="mark style"):
         MarkedPointsConfig(mark_style="neon")
+
+
+def test_reading_questions_mark_any_cells_and_name_the_nearest_by_the_depth_map_anew_each_epoch():
+    # A depth map of 10 x 10 constant cells, each at its own random nearness.
+    cells = np.random.default_rng(3).uniform(-1, 1, (10, 10))
+    depth = np.kron(cells, np.ones((32, 32)))
+    curated = {"text": "Which point is the closest to the camera?", "points": [[10, 10], [50, 30]], "labels": ["A", "B"],
+               "answer": "B", "target": DIRECT, "mark_style": COLOURED_MARKS}
+    raw = _ade_sample([curated], depth, size=(320, 240))
+    templates = PromptTemplates.load()
+    examples = expand_sample(raw, templates, reading_questions=30, reading_seed=(0, 0))
+    reading = [e for e in examples if "/r" in e.key]
+    assert examples[0].key.endswith("/q0") and 10 <= len(reading) <= 30  # draws without a clear answer are left out
+    counts, answers = Counter(), Counter()
+    for example in reading:
+        points = example.marks.points
+        marked = [min(9, y * 10 // 240) * 10 + min(9, x * 10 // 320) for x, y in points]
+        values = cells.reshape(-1)[marked]
+        assert len(set(marked)) == len(marked) and 2 <= len(marked) <= 5
+        assert np.sort(values)[-1] - np.sort(values)[-2] >= READING_ANSWER_GAP
+        answer = example.marks.labels[int(np.argmax(values))]
+        assert example.target.startswith(D_START) and example.target.endswith(f"({answer})")  # recorded: span first
+        assert example.marks.style == COLOURED_MARKS  # drawn as the picture's curated questions are
+        counts[len(marked)] += 1
+        answers[answer] += 1
+    assert len(counts) == 4 and len(answers) >= 4, "every point count, answers spread over the letters"
+    image = np.asarray(reading[0].decode()["image"]).astype(int)
+    x, y = reading[0].marks.points[0]
+    assert (np.abs(image[y - 4 : y + 5, x - 4 : x + 5] - LETTER_COLOURS[0]).sum(-1) < 60).any(), "A's disc on its point"
+
+    again = expand_sample(raw, templates, reading_questions=30, reading_seed=(0, 0))
+    assert [(e.key, e.marks, e.target) for e in again] == [(e.key, e.marks, e.target) for e in examples]
+    next_epoch = [e.marks for e in expand_sample(raw, templates, reading_questions=30, reading_seed=(0, 1))]
+    assert next_epoch != [e.marks for e in examples]
+    direct = expand_sample(raw, templates, use_depth_tokens=False, reading_questions=30, reading_seed=(0, 0))
+    assert all(e.target in {"(A)", "(B)", "(C)", "(D)", "(E)"} for e in direct)
+    # A map without contrast gives no reading question; curated questions are kept as they are.
+    flat = expand_sample(_ade_sample([curated]), templates, reading_questions=30, reading_seed=(0, 0))
+    assert [e.key.rsplit("/", 1)[1] for e in flat] == ["q0"]
+    assert reading_question(np.zeros((10, 10)), (320, 240), np.random.default_rng(0)) is None
+    with pytest.raises(PerceptioError, match="reading-questions"):
+        StreamConfig([], reading_questions=-1)

@@ -285,6 +285,26 @@ def many_shards(tmp_path_factory):
     return root
 
 
+def test_reading_questions_are_new_each_epoch_and_a_resumed_reader_draws_the_same(tmp_path):
+    write_shards(tmp_path, "ade20k", split="training", shards=2, images_per_shard=3, questions=True)
+    config = StreamConfig([tmp_path], seed=2, shuffle_buffer=6, shuffle_initial=3, reading_questions=3)
+    streams = plan_mix(find_shards(config.shards), None)
+
+    def asked(examples):
+        return [(example.key, example.marks, example.target) for example in examples]
+
+    straight = asked(islice(ExampleReader(streams, ReaderSlot(), config), 40))
+    first_epoch = {key: marks for key, marks, _ in straight if "/r" in key}
+    later = [(key, marks) for key, marks, _ in straight if "/r" in key and key in first_epoch]
+    assert len(first_epoch) >= 6 and any(first_epoch[key] != marks for key, marks in later[len(first_epoch):])
+    # Resumed in the second epoch (past its start), the reader draws that epoch's questions again.
+    first = ExampleReader(streams, ReaderSlot(), config)
+    head = asked(islice(first, 27))
+    state = json.loads(json.dumps(first.state()))
+    assert state["streams"]["ade20k"]["epoch"] >= 1
+    assert head + asked(islice(ExampleReader(streams, ReaderSlot(), config, state=state), 13)) == straight
+
+
 def test_resume_seeks_past_whole_shards_to_the_same_next_examples(many_shards, monkeypatch):
     """Mid-epoch: the reader rebuilt by seeking gives the very examples the replay gives (and the
     uninterrupted reader), opening only the cursor's shard and those of the buffered examples."""

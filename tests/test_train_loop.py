@@ -143,10 +143,15 @@ def test_resume_matches_local_folders_however_they_are_written(shards, tmp_path,
     state_file = tmp_path / "checkpoints" / "step-000004" / "trainer_state.json"
     state = json.loads(state_file.read_text())
     assert state["settings"]["shards"] == [str(shards.resolve())]
-    # A checkpoint written before settings held absolute paths (relative, as typed) still resumes.
+    # A checkpoint written before settings held absolute paths (relative, as typed) and before
+    # --reading-questions existed (it ran without them) still resumes.
     state["settings"]["shards"] = [shards.name]
+    del state["settings"]["reading_questions"]
     state_file.write_text(json.dumps(state))
     assert run(shards.resolve(), tmp_path, 4, save_every=2, resume=True).history == []
+    with pytest.raises(PerceptioError, match="reading_questions: 0 -> 5"):
+        train(ToyModel(), stream(shards.resolve(), reading_questions=5),
+              TrainConfig(out=tmp_path, steps=4, batch_size=2, workers=0, progress=False, lr=1e-2, save_every=2, resume=True))
     # Another folder is another run.
     other = tmp_path / "other-shards"
     shutil.copytree(shards, other)

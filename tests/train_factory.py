@@ -27,7 +27,7 @@ def _jpeg(array: np.ndarray) -> bytes:
 
 
 def make_sample(dataset: str, split: str, image_id: int, refs: int = 2, sentences: int = 2, question: bool = False,
-                num_codes: int = 128, encode_depth: Callable[[np.ndarray], np.ndarray] | None = None) -> ShardSample:
+                questions: bool = False, num_codes: int = 128, encode_depth: Callable[[np.ndarray], np.ndarray] | None = None) -> ShardSample:
     """One image sample; everything is a function of (dataset, image_id).
 
     ``encode_depth`` (a depth tokenizer's encoder) gives the depth codes of the depth map; without
@@ -58,10 +58,14 @@ def make_sample(dataset: str, split: str, image_id: int, refs: int = 2, sentence
         "width": width, "height": height, "teacher": "test", "tokenizer": "test@000000000000", "refs": [],
     }
     marked = None
-    if question:
-        meta["question"] = {"text": "Which point is closest to the camera? (A) (B) (C)", "points": [[1, 1], [2, 2], [3, 3]],
-                            "labels": ["A", "B", "C"], "answer": "ABC"[image_id % 3], "point_depths": [0.1, 0.2, 0.3]}
-        marked = _jpeg(255 - image)
+    if question or questions:
+        asked = {"text": "Which point is closest to the camera? (A) (B) (C)", "points": [[1, 1], [2, 2], [3, 3]],
+                 "labels": ["A", "B", "C"], "answer": "ABC"[image_id % 3], "point_depths": [0.1, 0.2, 0.3]}
+        if questions:  # ADE20k's layout: a list of questions whose marks the trainer draws
+            meta["questions"] = [asked]
+        else:  # the older one: one question on a marked copy of the image
+            meta["question"] = asked
+            marked = _jpeg(255 - image)
     else:
         meta["refs"] = [
             {"ref_id": image_id * 10 + r, "ann_id": image_id * 10 + r, "category_id": 1, "category": "box",

@@ -347,6 +347,39 @@ def make_questions(regions: Sequence[ObjectRegion], nearness: NearnessFn, key: s
     return questions
 
 
+# Reading questions: the nearest cell's mean nearness exceeds the next by this much (normalised
+# units: a tenth of the map's [-1, 1] range), so that a decoded span names the same cell.
+READING_ANSWER_GAP = 0.2
+
+
+def reading_question(nearness: np.ndarray, size: tuple[int, int], rng: np.random.Generator,
+                     mark_style: str = HARDBLINK_MARKS, min_points: int = 2, max_points: int = 5) -> dict[str, Any] | None:
+    """A marked-point question on ``min_points``..``max_points`` random cells of an image, answered by
+    the cells' mean nearness (``nearness``: (G, G), larger = nearer, e.g. the pooled depth map the
+    depth tokens describe), or None when the draw finds no clear nearest cell.
+
+    Unlike :func:`make_questions` the points may fall anywhere, floor and wall included, and the
+    answer is the cell the depth span says is nearest: a curriculum for reading the span, which a
+    small language model learns from such questions and not from object points alone (README
+    section 4, "The reading link alone"). Each point sits near its cell's centre, so its whole
+    coloured mark stays in the cell; letters follow a random order, so the answer letter is uniform.
+    """
+    grid = nearness.shape[0]
+    width, height = size
+    count = int(rng.integers(min_points, max_points + 1))
+    cells = rng.choice(grid * grid, size=count, replace=False)
+    values = nearness.reshape(-1)[cells]
+    ordered = np.sort(values)
+    if ordered[-1] - ordered[-2] < READING_ANSWER_GAP:
+        return None
+    jitter = rng.uniform(-1 / 6, 1 / 6, size=(count, 2))  # a sixth of a cell: the mark keeps inside it
+    points = [[int((cell % grid + 0.5 + dx) * width / grid), int((cell // grid + 0.5 + dy) * height / grid)]
+              for cell, (dx, dy) in zip(cells, jitter)]
+    labels = list(string.ascii_uppercase[:count])
+    return {"text": QUESTION_TEXT, "points": points, "labels": labels, "answer": labels[int(np.argmax(values))],
+            "mark_style": mark_style}
+
+
 def check_mark_style(style: str) -> str:
     """``style`` when it is one of :data:`MARK_STYLES`; a PerceptioError otherwise."""
     if style not in MARK_STYLES:

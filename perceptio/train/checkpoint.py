@@ -140,6 +140,10 @@ def with_absolute_paths(settings: dict[str, Any]) -> dict[str, Any]:
     return resolved
 
 
+# Settings added after checkpoints were first written: an older checkpoint ran with these values.
+LATER_SETTINGS: dict[str, Any] = {"reading_questions": 0}
+
+
 def load_checkpoint(path: Path, settings: dict[str, Any]) -> LoadedCheckpoint:
     """Read a checkpoint, refusing one written by a run whose settings differ from ``settings``
     (local folders compared as absolute paths)."""
@@ -148,7 +152,7 @@ def load_checkpoint(path: Path, settings: dict[str, Any]) -> LoadedCheckpoint:
     if missing:
         raise PerceptioError(f"checkpoint {path} lacks {', '.join(missing)}")
     state = json.loads((path / STATE_FILE).read_text())
-    settings, saved = with_absolute_paths(settings), with_absolute_paths(state["settings"])
+    settings, saved = with_absolute_paths(settings), with_absolute_paths({**LATER_SETTINGS, **state["settings"]})
     changed = sorted(key for key in settings.keys() | saved.keys() if settings.get(key) != saved.get(key))
     if changed:
         details = ", ".join(f"{key}: {saved.get(key)!r} -> {settings.get(key)!r}" for key in changed)

@@ -77,6 +77,7 @@ def train_command(
     seg_text: float = typer.Option(PerceptioConfig.seg_text, "--seg-text", min=0.0, help="Weight of L_SegText (not in the paper): the [SEG] state must tell the words that asked for it from the batch's other requests. 0: off.", rich_help_panel=PANEL_LOSS),
     depth_tokens: bool = typer.Option(PerceptioConfig.use_depth_tokens, "--depth-tokens/--no-depth-tokens", help="Ablation: without depth tokens the targets have no depth span (and the depth losses are off).", rich_help_panel=PANEL_LOSS),
     question_targets: str = typer.Option(StreamConfig.question_targets, "--question-targets", help="Marked-point questions: as each records ('recorded': half direct, half depth span first), all 'direct', all 'depth', or 'both' (two examples each).", rich_help_panel=PANEL_LOSS),
+    reading_questions: int = typer.Option(StreamConfig.reading_questions, "--reading-questions", min=0, help="Per ADE20k picture with a depth map, this many more marked-point questions drawn afresh each epoch on any cells and answered by the map: a curriculum for reading the depth span (README section 4).", rich_help_panel=PANEL_LOSS),
     segmentation: bool = typer.Option(PerceptioConfig.use_segmentation, "--segmentation/--no-segmentation", help="Ablation: without [SEG] and the SAM2 head.", rich_help_panel=PANEL_LOSS),
     depth_recon: bool = typer.Option(PerceptioConfig.use_depth_recon, "--depth-recon/--no-depth-recon", help="Ablation: without L_DepthRecon.", rich_help_panel=PANEL_LOSS),
     depth_loss: bool = typer.Option(PerceptioConfig.use_depth_loss, "--depth-loss/--no-depth-loss", help="Ablation: without L_depth (marker, token, count).", rich_help_panel=PANEL_LOSS),
@@ -108,7 +109,8 @@ def train_command(
     split_names = tuple(name.strip() for name in splits.split(",") if name.strip())
     stream = StreamConfig(list(shards), mix=parse_mix(mix) if mix else None, splits=split_names, seed=seed,
                           shuffle_buffer=shuffle_buffer, shuffle_initial=min(StreamConfig.shuffle_initial, shuffle_buffer),
-                          use_depth_tokens=depth_tokens, question_targets=question_targets)
+                          use_depth_tokens=depth_tokens, question_targets=question_targets,
+                          reading_questions=reading_questions)
     model_config = PerceptioConfig.for_model(
         model=model, sam_model=sam_model, tokenizer=str(tokenizer) if tokenizer else "", lora_rank=lora_rank,
         lora_alpha=lora_alpha, lora_dropout=lora_dropout,

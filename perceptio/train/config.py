@@ -114,11 +114,16 @@ class StreamConfig:
     shuffle_initial: int = 100
     use_depth_tokens: bool = True
     question_targets: str = "recorded"  # see QUESTION_TARGETS
+    # Per sample with marked-point questions and a depth map, this many more drawn afresh each epoch
+    # on any cells and answered by the map (perceptio.curate.marked_points.reading_question).
+    reading_questions: int = 0
     prompts: str = "prompts.json"
 
     def __post_init__(self) -> None:
         if self.question_targets not in QUESTION_TARGETS:
             raise PerceptioError(f"question targets must be one of {', '.join(QUESTION_TARGETS)}, not {self.question_targets!r}")
+        if self.reading_questions < 0:
+            raise PerceptioError(f"--reading-questions must be at least 0, not {self.reading_questions}")
 
 
 CHOICES = {"precision": ("auto", "bf16", "fp32"), "parallel": ("ddp", "fsdp"), "export": ("adapter", "merged", "none")}

@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from perceptio import fs
-from perceptio.curate.marked_points import HARDBLINK_MARKS, draw_marks
+from perceptio.curate.marked_points import HARDBLINK_MARKS, draw_marks, reading_question
 from perceptio.errors import PerceptioError
 from perceptio.recipes import load_recipe
 from perceptio.shards import (
@@ -255,7 +255,7 @@ def _question_variants(question: dict[str, Any], question_targets: str, use_dept
     if question_targets == "both":
         return ["direct", "depth"]
     if question_targets == "recorded":
-        return [question.get("target", "depth")]  # one-question shards predate the field: depth first
+        return [question.get("target", "depth")]  # one-question shards and reading questions have none: depth first
     return [question_targets]
 
 
@@ -271,14 +271,37 @@ def _question_example(key: str, source: str, question: dict[str, Any], variant: 
                    depth_bytes, marks)
 
 
+def token_grid_nearness(depth: np.ndarray, tokens: int) -> np.ndarray:
+    """A normalised depth map pooled to its depth tokens' grid: (G, G) cell means, G = sqrt(tokens)."""
+    side = int(round(tokens ** 0.5))
+    cell = depth.shape[0] // side
+    return depth[: cell * side, : cell * side].astype(np.float32).reshape(side, cell, side, cell).mean((1, 3))
+
+
+def _reading_questions(raw: dict[str, Any], meta: dict[str, Any], count: int, seed: Sequence[int]) -> list[dict[str, Any]]:
+    """``count`` draws of :func:`reading_question` on the sample's depth map (the draws without a
+    clear answer are left out), marked as its curated questions are."""
+    depth = npy_load(raw["depth.npy"])
+    nearness = token_grid_nearness(depth, len(npy_load(raw["depth_tokens.npy"])))
+    rng = np.random.default_rng([*seed, zlib.crc32(raw["__key__"].encode("utf-8"))])
+    curated = meta.get(QUESTIONS_FIELD) or [{}]
+    style = curated[0].get("mark_style", HARDBLINK_MARKS)
+    drawn = (reading_question(nearness, (meta["width"], meta["height"]), rng, style) for _ in range(count))
+    return [question for question in drawn if question is not None]
+
+
 def expand_sample(raw: dict[str, Any], templates: PromptTemplates, use_depth_tokens: bool = True,
-                  question_targets: str = "recorded") -> list[Example]:
+                  question_targets: str = "recorded", reading_questions: int = 0,
+                  reading_seed: Sequence[int] = ()) -> list[Example]:
     """The training examples of one shard sample (a webdataset dict of member bytes).
 
     Grounding samples give one example per (ref, sentence). ADE20k samples give one example per
     marked-point question of ``questions`` (the image with that question's points drawn at load
     time), written as ``question_targets`` says (see :data:`QUESTION_TARGETS`); samples of the
-    older one-question format give one example on their ``marked.jpg``. Without depth tokens the
+    older one-question format give one example on their ``marked.jpg``. An ADE20k sample with a
+    depth map gives ``reading_questions`` more, drawn on any cells by a generator seeded with
+    ``reading_seed`` (the run's seed and epoch: new ones each epoch) and the sample's key, keyed
+    ``{key}/r{i}`` and written as the curated ones (``recorded``: span first). Without depth tokens the
     span is left out and every question is answered directly. A LLaVA conversation is one example
     of all its turns; a GranD-f grounded caption one example whose answer holds a [SEG] per phrase.
     """
@@ -298,13 +321,17 @@ def expand_sample(raw: dict[str, Any], templates: PromptTemplates, use_depth_tok
             examples.append(_single(example_key, source, prompt, target.strip(), raw["jpg"], ref["mask"], raw.get("depth.npy")))
     questions = meta.get(QUESTIONS_FIELD)
     if questions is not None:
-        for index, question in enumerate(questions):
+        drawn = []
+        if reading_questions and "depth.npy" in raw and has_depth:
+            drawn = [(f"r{index}", question) for index, question in
+                     enumerate(_reading_questions(raw, meta, reading_questions, reading_seed))]
+        for name, question in [(f"q{index}", question) for index, question in enumerate(questions)] + drawn:
             variants = _question_variants(question, question_targets, use_depth_tokens)
             # Questions curated before mark styles existed were drawn as HardBLINK draws them.
             marks = Marks(tuple((int(x), int(y)) for x, y in question["points"]), tuple(question["labels"]),
                           question.get("mark_style", HARDBLINK_MARKS))
             for variant in variants:
-                example_key = f"{key}/q{index}" + (f"/{variant}" if len(variants) > 1 else "")
+                example_key = f"{key}/{name}" + (f"/{variant}" if len(variants) > 1 else "")
                 examples.append(_question_example(example_key, source, question, variant, depth, templates,
                                                   raw["jpg"], raw.get("depth.npy"), marks))
         return examples
@@ -474,7 +501,8 @@ class _StreamReader:
 
     def _checked_expand(self, raw: dict[str, Any], counter: SkipCounter) -> list[Example]:
         examples = guarded(lambda sample: expand_sample(sample, self.templates, self.config.use_depth_tokens,
-                                                        self.config.question_targets), raw, counter)
+                                                        self.config.question_targets, self.config.reading_questions,
+                                                        (self.config.seed, self.epoch)), raw, counter)
         for example in examples:
             if mix_key_for(example.source, [self.stream.name]) is None:
                 raise PerceptioError(

@@ -205,7 +205,8 @@ def run_settings(config: TrainConfig, data: StreamConfig, processes: Processes, 
     prompts = json.dumps(load_recipe(data.prompts), sort_keys=True).encode("utf-8")
     model_config = getattr(model, "config", None)
     settings.update(mix=data.mix, seed_data=data.seed, splits=list(data.splits),
-                    use_depth_tokens=data.use_depth_tokens, shards=sorted(map(str, data.shards)),
+                    use_depth_tokens=data.use_depth_tokens, reading_questions=data.reading_questions,
+                    shards=sorted(map(str, data.shards)),
                     shuffle_buffer=data.shuffle_buffer, shuffle_initial=data.shuffle_initial,
                     prompts=f"{data.prompts}@{hashlib.sha256(prompts).hexdigest()[:12]}",
                     precision="bf16" if uses_bf16(config, processes, model) else "fp32",
