@@ -102,6 +102,10 @@ class AblationConfig:
     lr: float = 1e-3
     head_lr: float = TrainConfig.TINY_DEFAULTS["head_lr"]
     mix: str = "refcoco=1,ade20k=1"
+    # Marked-point questions drawn afresh per ADE-layout picture and epoch on any cells, answered by
+    # the depth map (perceptio-train --reading-questions): the span-reading curriculum, in every arm.
+    reading_questions: int = 0
+    span_weight: float = 1.0  # weight of the span's tokens in L_LLM (perceptio-train --span-weight; 1: the paper's)
     hard_per_variant: int = 110  # held-out HARD questions per point count (3, 4, 5)
     hard_questions_per_image: int = 16
     refseg_limit: int = 150  # held-out referring expressions scored
@@ -128,7 +132,8 @@ class AblationConfig:
 
 QUICK = AblationConfig(world_images=40, heldout_images=16, tokenizer_steps=20, questions_per_image=2, train_steps=4,
                        batch_size=2, hard_per_variant=4, hard_questions_per_image=1, refseg_limit=4, vlm_pretrain_steps=40,
-                       sam_pretrain_steps=2, sam_pretrain_world_images=8, vlm_mark_share=0.3, fresh_language_model=True)
+                       sam_pretrain_steps=2, sam_pretrain_world_images=8, vlm_mark_share=0.3, fresh_language_model=True,
+                       reading_questions=2)
 
 
 # ------------------------------------------------------------------------------------ running
@@ -234,7 +239,8 @@ def _synth_blink(config: AblationConfig, out: Path) -> Path:
 def model_flags(config: AblationConfig, out: Path, seed: int) -> list[str]:
     """The base models and the trainer settings every arm shares."""
     shared = ["--lr", str(config.lr), "--head-lr", str(config.head_lr), "--batch-size", str(config.batch_size),
-              "--train-language-model", "--seg-text", str(config.seg_text)]
+              "--train-language-model", "--seg-text", str(config.seg_text),
+              "--reading-questions", str(config.reading_questions), "--span-weight", str(config.span_weight)]
     if not config.miniature:
         return ["--model", "tiny", *shared]
     vlm, sam = base_models(config, out, seed)

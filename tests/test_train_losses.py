@@ -93,6 +93,19 @@ def test_llm_marker_token_terms_match_loops():
     every = [ce(logits[b, t - 1], y) for b, row in enumerate(LABELS.tolist()) for t, y in enumerate(row) if y != X and t > 0]
     assert torch.allclose(losses.llm_loss(supervised, nll), torch.stack(every).mean())
 
+    # The span's tokens weighted: [D_START] .. [D_END] of valid spans at 0.1, every other token at 1.
+    weighted, weight = torch.tensor(0.0), 0.0
+    for b, row in enumerate(LABELS.tolist()):
+        span = hand_spans(row)
+        for t, y in enumerate(row):
+            if y != X and t > 0:
+                w = 0.1 if span and span[0] <= t <= span[1] else 1.0
+                weighted, weight = weighted + w * ce(logits[b, t - 1], y), weight + w
+    weights = losses.span_token_weights(supervised, spans, 0.1)
+    assert torch.allclose(losses.llm_loss(supervised, nll, weights), weighted / weight)
+    assert torch.allclose(losses.llm_loss(supervised, nll, losses.span_token_weights(supervised, spans, 1.0)),
+                          torch.stack(every).mean())
+
     marker = torch.tensor(0.0)
     token = torch.tensor(0.0)
     for b, row in enumerate(LABELS.tolist()):

@@ -75,6 +75,7 @@ def train_command(
     seg_bce: float = typer.Option(PerceptioConfig.seg_bce, "--seg-bce", min=0.0, help="Weight of the mask's sigmoid cross-entropy in L_SegRecon.", rich_help_panel=PANEL_LOSS),
     seg_dice: float = typer.Option(PerceptioConfig.seg_dice, "--seg-dice", min=0.0, help="Weight of the mask's DICE loss in L_SegRecon.", rich_help_panel=PANEL_LOSS),
     seg_text: float = typer.Option(PerceptioConfig.seg_text, "--seg-text", min=0.0, help="Weight of L_SegText (not in the paper): the [SEG] state must tell the words that asked for it from the batch's other requests. 0: off.", rich_help_panel=PANEL_LOSS),
+    span_weight: float = typer.Option(PerceptioConfig.span_weight, "--span-weight", min=0.0, help="Weight in L_LLM of each depth-span token against 1 for the other answer tokens (not in the paper; 1: its plain mean). Below 1 the answer after a span is not drowned by it; L_depth still trains the span.", rich_help_panel=PANEL_LOSS),
     depth_tokens: bool = typer.Option(PerceptioConfig.use_depth_tokens, "--depth-tokens/--no-depth-tokens", help="Ablation: without depth tokens the targets have no depth span (and the depth losses are off).", rich_help_panel=PANEL_LOSS),
     question_targets: str = typer.Option(StreamConfig.question_targets, "--question-targets", help="Marked-point questions: as each records ('recorded': half direct, half depth span first), all 'direct', all 'depth', or 'both' (two examples each).", rich_help_panel=PANEL_LOSS),
     reading_questions: int = typer.Option(StreamConfig.reading_questions, "--reading-questions", min=0, help="Per ADE20k picture with a depth map, this many more marked-point questions drawn afresh each epoch on any cells and answered by the map: a curriculum for reading the depth span (README section 4).", rich_help_panel=PANEL_LOSS),
@@ -119,7 +120,8 @@ def train_command(
         freeze_sam_encoder=None if train_sam_encoder is None else not train_sam_encoder,
         crop_to_patches=crop_to_patches, gradient_checkpointing=gradient_checkpointing, dtype=dtype,
         max_length=max_length, lambda_m=lambda_m, lambda_t=lambda_t, lambda_c=lambda_c, lambda_d=lambda_d,
-        lambda_r=lambda_r, seg_bce=seg_bce, seg_dice=seg_dice, seg_text=seg_text, use_depth_tokens=depth_tokens,
+        lambda_r=lambda_r, seg_bce=seg_bce, seg_dice=seg_dice, seg_text=seg_text, span_weight=span_weight,
+        use_depth_tokens=depth_tokens,
         use_segmentation=segmentation, use_depth_recon=depth_recon and depth_tokens,
         use_depth_loss=depth_loss and depth_tokens,
     )

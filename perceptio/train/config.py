@@ -66,6 +66,10 @@ class PerceptioConfig:
     # VLM's [SEG] state carries its request already; the miniature's 2-layer model learns to carry
     # it from this term, not from the mask loss (README "Perceptio in miniature").
     seg_text: float = 0.0
+    # Weight in L_LLM of each token of a depth span ([D_START] .. [D_END]), the other answer tokens
+    # weighing 1 (not in the paper; 1 = its plain mean). A letter after a 100-token span is ~1% of
+    # its answer's loss: below 1 it is not drowned, and L_depth still trains the span (README section 4).
+    span_weight: float = 1.0
     # Ablations (the paper's tables): without depth tokens / segmentation / L_DepthRecon / L_depth.
     use_depth_tokens: bool = True
     use_segmentation: bool = True

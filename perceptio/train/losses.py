@@ -10,7 +10,9 @@ without a valid span contributing zero.
 
 Choices the paper leaves open, made here:
 
-- L_LLM is the mean NLL over every supervised token of the batch (depth tokens included).
+- L_LLM is the mean NLL over every supervised token of the batch (depth tokens included). Option
+  (``PerceptioConfig.span_weight``, not in the paper): the span's tokens weigh less in it, so that
+  the few answer tokens after a 100-token span are not drowned; L_depth still trains the span.
 - L_count measures the span length the model would write, differentiably (see
   :func:`depth_count_loss`); a sample without a valid span contributes zero (the literal formula
   would add the constant ``log(1 + n)``, which carries no gradient).
@@ -101,11 +103,23 @@ def find_depth_spans(labels: torch.Tensor, d_start_id: int, d_end_id: int) -> De
     )
 
 
-def llm_loss(supervised: SupervisedLogits, token_nll: torch.Tensor) -> torch.Tensor:
-    """L_LLM: mean teacher-forced NLL over all supervised tokens of the batch."""
+def llm_loss(supervised: SupervisedLogits, token_nll: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """L_LLM: mean teacher-forced NLL over all supervised tokens of the batch; with ``weights``
+    ((N,), see :func:`span_token_weights`) the weighted mean ``sum(w * nll) / sum(w)``."""
     if token_nll.numel() == 0:
         return supervised.logits.sum() * 0.0
-    return token_nll.mean()
+    if weights is None:
+        return token_nll.mean()
+    return (weights * token_nll).sum() / weights.sum().clamp_min(torch.finfo(token_nll.dtype).tiny)
+
+
+def span_token_weights(supervised: SupervisedLogits, spans: DepthSpans, span_weight: float) -> torch.Tensor:
+    """(N,) weight of each supervised token in L_LLM: ``span_weight`` from ``s_b`` to ``e_b`` (the
+    markers included) of a valid span, 1 elsewhere."""
+    batch_index, position = (supervised.index >= 0).nonzero(as_tuple=True)  # the rows' own order
+    inside = spans.valid[batch_index] & (position >= spans.start[batch_index]) & (position <= spans.end[batch_index])
+    ones = torch.ones(len(batch_index), device=supervised.logits.device)
+    return torch.where(inside, ones * span_weight, ones)
 
 
 def depth_marker_loss(supervised: SupervisedLogits, token_nll: torch.Tensor, spans: DepthSpans) -> torch.Tensor:

@@ -173,11 +173,12 @@ class PerceptioModel(nn.Module):
         token_nll = supervised.token_nll()
         zero = hidden.sum() * 0.0
         terms = dict.fromkeys(TERMS, zero)
-        terms["llm"] = losses.llm_loss(supervised, token_nll)
+        spans = losses.find_depth_spans(labels, self.d_start_id, self.d_end_id)
+        weights = None if config.span_weight == 1.0 else losses.span_token_weights(supervised, spans, config.span_weight)
+        terms["llm"] = losses.llm_loss(supervised, token_nll, weights)
         if self.segmenter is not None:
             terms["seg_bce"], terms["seg_dice"], terms["seg_text"] = self._segmentation_terms(batch, hidden)
         if config.use_depth_tokens:
-            spans = losses.find_depth_spans(labels, self.d_start_id, self.d_end_id)
             terms["depth_marker"] = losses.depth_marker_loss(supervised, token_nll, spans)
             terms["depth_token"] = losses.depth_token_loss(supervised, token_nll, spans)
             terms["depth_count"] = losses.depth_count_loss(supervised, spans, self.depth_token_ids, config.num_depth_tokens)
