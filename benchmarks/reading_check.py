@@ -1,0 +1,91 @@
+"""Does a fine-tuned model read its depth span on the easiest questions? The reading curriculum's own test.
+
+``perceptio-train --reading-questions N`` teaches marked-point questions on any cells of a picture,
+answered by the depth map (:func:`perceptio.curate.marked_points.reading_question`). This check
+draws such questions afresh on the pictures of a shard folder (held-out ones, or training ones
+for a memorisation check), gives the model the picture's true span as the start of its answer
+(teacher forcing, as the decomposition's (d) does) and scores the letter it writes after it,
+beside chance (the mean of 1 / points). A model that learnt the lookup from mark to span is far
+above chance here, whatever it does on the hard split::
+
+    python benchmarks/reading_check.py --checkpoint RUN/model --shards HELDOUT/ade20k --pictures 40
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from perceptio.evaluate.hardblink import parse_choice
+from perceptio.evaluate.predict import Predictor
+from perceptio.shards import list_shards
+from perceptio.train.bad_data import SkipCounter, read_shard
+from perceptio.train.data import Example, PromptTemplates, expand_sample
+
+BATCH = 16
+
+
+def reading_examples(folder: Path, pictures: int, per_picture: int, seed: int) -> list[Example]:
+    """``per_picture`` reading questions (fewer where a draw has no clear answer) on the first
+    ``pictures`` ADE-layout pictures of the folder, drawn as the trainer draws them with ``seed``."""
+    templates, examples, seen = PromptTemplates.load(), [], 0
+    for shard in list_shards(folder):
+        for _, raw in read_shard(str(shard.path), SkipCounter(quiet=True)):
+            if seen == pictures:
+                return examples
+            drawn = [example for example in expand_sample(raw, templates, True, "depth", per_picture, (seed, 0))
+                     if "/r" in example.key]
+            seen += bool(drawn)
+            examples += drawn
+    return examples
+
+
+def letters_after_the_true_span(predictor: Predictor, examples: list[Example]) -> list[bool]:
+    """Per question: is the letter written after the given true span the answer?"""
+    hits = []
+    for start in range(0, len(examples), BATCH):
+        batch = examples[start:start + BATCH]
+        spans = [example.target[: example.target.rindex("(")] for example in batch]  # "[D_START] .. [D_END]"
+        replies = predictor.predict_batch([example.image() for example in batch], [example.prompt for example in batch],
+                                          answer_prefixes=spans)
+        hits += [parse_choice(reply.text, len(example.marks.labels)) == example.target[-2]
+                 for example, reply in zip(batch, replies)]
+    return hits
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", type=Path, required=True, help="an exported model (perceptio-train's RUN/model)")
+    parser.add_argument("--shards", type=Path, required=True, help="an ADE-layout shard folder with depth maps")
+    parser.add_argument("--pictures", type=int, default=40)
+    parser.add_argument("--per-picture", type=int, default=6, help="reading questions drawn per picture")
+    parser.add_argument("--seed", type=int, default=1, help="the draws' seed (another than the training run's)")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", type=Path, help="write the scores as JSON here")
+    arguments = parser.parse_args()
+    torch.set_num_threads(arguments.threads)
+    examples = reading_examples(arguments.shards, arguments.pictures, arguments.per_picture, arguments.seed)
+    hits = letters_after_the_true_span(Predictor.from_checkpoint(arguments.checkpoint), examples)
+    asked, right = Counter(), Counter()
+    for example, hit in zip(examples, hits):
+        asked[len(example.marks.labels)] += 1
+        right[len(example.marks.labels)] += hit
+    record = {
+        "questions": len(examples),
+        "letter_after_true_span": sum(hits) / len(hits),
+        "chance": sum(1 / len(example.marks.labels) for example in examples) / len(examples),
+        "by_points": {points: right[points] / asked[points] for points in sorted(asked)},
+    }
+    print(f"{record['questions']} reading questions: letter after the true span {100 * record['letter_after_true_span']:.1f}% "
+          f"(chance {100 * record['chance']:.1f}); by points: "
+          + ", ".join(f"{points}: {100 * share:.1f}" for points, share in record["by_points"].items()))
+    if arguments.out is not None:
+        arguments.out.write_text(json.dumps({"arguments": {k: str(v) for k, v in vars(arguments).items()}, **record}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,41 @@
+"""The reading check (benchmarks/reading_check.py): it asks the trainer's reading questions, hands the
+model each picture's true span and scores the letter written after it."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+from perceptio.tokens import D_END, D_START
+from tests.train_factory import write_shards
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from reading_check import letters_after_the_true_span, reading_examples  # noqa: E402
+
+
+class ScriptedPredictor:
+    """Writes the letter ``answer(example)`` after whatever prefix it is given, and keeps the prefixes."""
+
+    def __init__(self, answer):
+        self.answer, self.prefixes = answer, []
+
+    def predict_batch(self, images, prompts, answer_prefixes=None):
+        self.prefixes += answer_prefixes
+        return [SimpleNamespace(text=f"({self.answer(prefix)})") for prefix in answer_prefixes]
+
+
+def test_the_letter_after_the_true_span_is_scored_against_the_depth_maps_answer(tmp_path):
+    write_shards(tmp_path, "ade20k", split="training", shards=2, images_per_shard=3, questions=True)
+    examples = reading_examples(tmp_path, pictures=4, per_picture=5, seed=1)
+    assert examples and len({example.key.split("/")[0] for example in examples}) == 4
+    assert all(example.target.startswith(D_START) for example in examples)
+
+    always_a = ScriptedPredictor(lambda prefix: "A")
+    hits = letters_after_the_true_span(always_a, examples)
+    assert hits == [example.target.endswith("(A)") for example in examples]
+    assert always_a.prefixes == [example.target[: example.target.rindex("(")] for example in examples]
+    assert all(prefix.endswith(D_END) for prefix in always_a.prefixes)
+    # A model that writes each question's own answer after its span scores every question.
+    queue = iter(example.target[-2] for example in examples)
+    assert all(letters_after_the_true_span(ScriptedPredictor(lambda prefix: next(queue)), examples))
