@@ -6,7 +6,8 @@ draws such questions afresh on the pictures of a shard folder (held-out ones, or
 for a memorisation check), gives the model the picture's true span as the start of its answer
 (teacher forcing, as the decomposition's (d) does) and scores the letter it writes after it,
 beside chance (the mean of 1 / points). A model that learnt the lookup from mark to span is far
-above chance here, whatever it does on the hard split::
+above chance here, whatever it does on the hard split; ``--curated`` asks the pictures' curated
+questions (on objects) the same way::
 
     python benchmarks/reading_check.py --checkpoint RUN/model --shards HELDOUT/ade20k --pictures 40
 """
@@ -29,16 +30,18 @@ from perceptio.train.data import Example, PromptTemplates, expand_sample
 BATCH = 16
 
 
-def reading_examples(folder: Path, pictures: int, per_picture: int, seed: int) -> list[Example]:
+def reading_examples(folder: Path, pictures: int, per_picture: int, seed: int, curated: bool = False) -> list[Example]:
     """``per_picture`` reading questions (fewer where a draw has no clear answer) on the first
-    ``pictures`` ADE-layout pictures of the folder, drawn as the trainer draws them with ``seed``."""
+    ``pictures`` ADE-layout pictures of the folder, drawn as the trainer draws them with ``seed``;
+    ``curated``: the pictures' curated questions instead (points on objects, answered by the true depth)."""
     templates, examples, seen = PromptTemplates.load(), [], 0
+    kind = "/q" if curated else "/r"
     for shard in list_shards(folder):
         for _, raw in read_shard(str(shard.path), SkipCounter(quiet=True)):
             if seen == pictures:
                 return examples
             drawn = [example for example in expand_sample(raw, templates, True, "depth", per_picture, (seed, 0))
-                     if "/r" in example.key]
+                     if kind in example.key]
             seen += bool(drawn)
             examples += drawn
     return examples
@@ -64,11 +67,14 @@ def main() -> None:
     parser.add_argument("--pictures", type=int, default=40)
     parser.add_argument("--per-picture", type=int, default=6, help="reading questions drawn per picture")
     parser.add_argument("--seed", type=int, default=1, help="the draws' seed (another than the training run's)")
+    parser.add_argument("--curated", action="store_true",
+                        help="the pictures' curated questions (on objects) instead of reading questions")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, help="write the scores as JSON here")
     arguments = parser.parse_args()
     torch.set_num_threads(arguments.threads)
-    examples = reading_examples(arguments.shards, arguments.pictures, arguments.per_picture, arguments.seed)
+    examples = reading_examples(arguments.shards, arguments.pictures, arguments.per_picture, arguments.seed,
+                                arguments.curated)
     hits = letters_after_the_true_span(Predictor.from_checkpoint(arguments.checkpoint), examples)
     asked, right = Counter(), Counter()
     for example, hit in zip(examples, hits):
@@ -80,7 +86,7 @@ def main() -> None:
         "chance": sum(1 / len(example.marks.labels) for example in examples) / len(examples),
         "by_points": {points: right[points] / asked[points] for points in sorted(asked)},
     }
-    print(f"{record['questions']} reading questions: letter after the true span {100 * record['letter_after_true_span']:.1f}% "
+    print(f"{record['questions']} {'curated' if arguments.curated else 'reading'} questions: letter after the true span {100 * record['letter_after_true_span']:.1f}% "
           f"(chance {100 * record['chance']:.1f}); by points: "
           + ", ".join(f"{points}: {100 * share:.1f}" for points, share in record["by_points"].items()))
     if arguments.out is not None:
