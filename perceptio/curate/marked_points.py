@@ -359,7 +359,8 @@ def reading_question(nearness: np.ndarray, size: tuple[int, int], rng: np.random
     depth tokens describe), or None when the draw finds no clear nearest cell.
 
     Unlike :func:`make_questions` the points may fall anywhere, floor and wall included, and the
-    answer is the cell the depth span says is nearest: a curriculum for reading the span, which a
+    answer is the nearest cell of the map the depth span describes (with the gap below, a decoded
+    span names the same cell for 99% of such questions): a curriculum for reading the span, which a
     small language model learns from such questions and not from object points alone (README
     section 4, "The reading link alone"). Each point sits near its cell's centre, so its whole
     coloured mark stays in the cell; letters follow a random order, so the answer letter is uniform.
