@@ -7,7 +7,8 @@ for a memorisation check), gives the model the picture's true span as the start 
 (teacher forcing, as the decomposition's (d) does) and scores the letter it writes after it,
 beside chance (the mean of 1 / points). A model that learnt the lookup from mark to span is far
 above chance here, whatever it does on the hard split; ``--curated`` asks the pictures' curated
-questions (on objects) the same way::
+questions (on objects) the same way, ``--direct`` asks for the letter alone (a model trained
+without depth tokens, the ablation's other arm)::
 
     python benchmarks/reading_check.py --checkpoint RUN/model --shards HELDOUT/ade20k --pictures 40
 """
@@ -30,17 +31,19 @@ from perceptio.train.data import Example, PromptTemplates, expand_sample
 BATCH = 16
 
 
-def reading_examples(folder: Path, pictures: int, per_picture: int, seed: int, curated: bool = False) -> list[Example]:
+def reading_examples(folder: Path, pictures: int, per_picture: int, seed: int, curated: bool = False,
+                     direct: bool = False) -> list[Example]:
     """``per_picture`` reading questions (fewer where a draw has no clear answer) on the first
     ``pictures`` ADE-layout pictures of the folder, drawn as the trainer draws them with ``seed``;
-    ``curated``: the pictures' curated questions instead (points on objects, answered by the true depth)."""
+    ``curated``: the pictures' curated questions instead (points on objects, answered by the true depth);
+    ``direct``: asked for the letter alone (a model trained without depth tokens)."""
     templates, examples, seen = PromptTemplates.load(), [], 0
     kind = "/q" if curated else "/r"
     for shard in list_shards(folder):
         for _, raw in read_shard(str(shard.path), SkipCounter(quiet=True)):
             if seen == pictures:
                 return examples
-            drawn = [example for example in expand_sample(raw, templates, True, "depth", per_picture, (seed, 0))
+            drawn = [example for example in expand_sample(raw, templates, not direct, "depth", per_picture, (seed, 0))
                      if kind in example.key]
             seen += bool(drawn)
             examples += drawn
@@ -48,13 +51,13 @@ def reading_examples(folder: Path, pictures: int, per_picture: int, seed: int, c
 
 
 def letters_after_the_true_span(predictor: Predictor, examples: list[Example]) -> list[bool]:
-    """Per question: is the letter written after the given true span the answer?"""
+    """Per question: is the letter written after the given true span (none for direct questions) the answer?"""
     hits = []
     for start in range(0, len(examples), BATCH):
         batch = examples[start:start + BATCH]
         spans = [example.target[: example.target.rindex("(")] for example in batch]  # "[D_START] .. [D_END]"
         replies = predictor.predict_batch([example.image() for example in batch], [example.prompt for example in batch],
-                                          answer_prefixes=spans)
+                                          answer_prefixes=spans if any(spans) else None)
         hits += [parse_choice(reply.text, len(example.marks.labels)) == example.target[-2]
                  for example, reply in zip(batch, replies)]
     return hits
@@ -69,12 +72,13 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1, help="the draws' seed (another than the training run's)")
     parser.add_argument("--curated", action="store_true",
                         help="the pictures' curated questions (on objects) instead of reading questions")
+    parser.add_argument("--direct", action="store_true", help="ask for the letter alone (a --no-depth-tokens model)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, help="write the scores as JSON here")
     arguments = parser.parse_args()
     torch.set_num_threads(arguments.threads)
     examples = reading_examples(arguments.shards, arguments.pictures, arguments.per_picture, arguments.seed,
-                                arguments.curated)
+                                arguments.curated, arguments.direct)
     hits = letters_after_the_true_span(Predictor.from_checkpoint(arguments.checkpoint), examples)
     asked, right = Counter(), Counter()
     for example, hit in zip(examples, hits):
@@ -86,7 +90,8 @@ def main() -> None:
         "chance": sum(1 / len(example.marks.labels) for example in examples) / len(examples),
         "by_points": {points: right[points] / asked[points] for points in sorted(asked)},
     }
-    print(f"{record['questions']} {'curated' if arguments.curated else 'reading'} questions: letter after the true span {100 * record['letter_after_true_span']:.1f}% "
+    asked_for = "letter" if arguments.direct else "letter after the true span"
+    print(f"{record['questions']} {'curated' if arguments.curated else 'reading'} questions: {asked_for} {100 * record['letter_after_true_span']:.1f}% "
           f"(chance {100 * record['chance']:.1f}); by points: "
           + ", ".join(f"{points}: {100 * share:.1f}" for points, share in record["by_points"].items()))
     if arguments.out is not None:

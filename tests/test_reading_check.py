@@ -21,8 +21,9 @@ class ScriptedPredictor:
         self.answer, self.prefixes = answer, []
 
     def predict_batch(self, images, prompts, answer_prefixes=None):
-        self.prefixes += answer_prefixes
-        return [SimpleNamespace(text=f"({self.answer(prefix)})") for prefix in answer_prefixes]
+        prefixes = answer_prefixes or [None] * len(prompts)
+        self.prefixes += prefixes
+        return [SimpleNamespace(text=f"({self.answer(prefix)})") for prefix in prefixes]
 
 
 def test_the_letter_after_the_true_span_is_scored_against_the_depth_maps_answer(tmp_path):
@@ -39,3 +40,14 @@ def test_the_letter_after_the_true_span_is_scored_against_the_depth_maps_answer(
     # A model that writes each question's own answer after its span scores every question.
     queue = iter(example.target[-2] for example in examples)
     assert all(letters_after_the_true_span(ScriptedPredictor(lambda prefix: next(queue)), examples))
+
+
+def test_direct_questions_are_asked_without_a_span_and_curated_ones_on_request(tmp_path):
+    write_shards(tmp_path, "ade20k", split="training", shards=1, images_per_shard=3, questions=True)
+    direct = reading_examples(tmp_path, pictures=3, per_picture=5, seed=1, direct=True)
+    assert direct and all(D_START not in example.target for example in direct)
+    scripted = ScriptedPredictor(lambda prefix: "B")
+    assert letters_after_the_true_span(scripted, direct) == [example.target == "(B)" for example in direct]
+    assert scripted.prefixes == [None] * len(direct)
+    curated = reading_examples(tmp_path, pictures=3, per_picture=0, seed=1, curated=True)
+    assert [example.key.rsplit("/", 1)[1] for example in curated] == ["q0"] * 3
