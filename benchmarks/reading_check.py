@@ -50,7 +50,7 @@ def reading_examples(folder: Path, pictures: int, per_picture: int, seed: int, c
     return examples
 
 
-def letters_after_the_true_span(predictor: Predictor, examples: list[Example]) -> list[bool]:
+def letters_right(predictor: Predictor, examples: list[Example]) -> list[bool]:
     """Per question: is the letter written after the given true span (none for direct questions) the answer?"""
     hits = []
     for start in range(0, len(examples), BATCH):
@@ -79,7 +79,7 @@ def main() -> None:
     torch.set_num_threads(arguments.threads)
     examples = reading_examples(arguments.shards, arguments.pictures, arguments.per_picture, arguments.seed,
                                 arguments.curated, arguments.direct)
-    hits = letters_after_the_true_span(Predictor.from_checkpoint(arguments.checkpoint), examples)
+    hits = letters_right(Predictor.from_checkpoint(arguments.checkpoint), examples)
     asked, right = Counter(), Counter()
     for example, hit in zip(examples, hits):
         asked[len(example.marks.labels)] += 1

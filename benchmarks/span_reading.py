@@ -33,6 +33,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 from miniature import MINIATURE
 from perceptio.shards import iter_shard, list_shards
 from perceptio.tokenize.vqvae import DepthVQVAE
+from perceptio.train.data import token_grid_nearness
 from perceptio.train.miniature import GRID, grid_cell  # the depth tokens' grid is the image tokens' 10 x 10
 from probes import probe_parser, write_record
 
@@ -62,10 +63,9 @@ def read_pictures(folder: Path, tokenizer: DepthVQVAE) -> list[Picture]:
                if sample.depth_tokens is not None and sample.meta.get("questions")]
     with torch.no_grad():
         decoded = tokenizer.decode(torch.as_tensor(np.stack([s.depth_tokens for s in samples]), dtype=torch.long)).numpy()
-    side = decoded.shape[-1] // GRID
-    cells = decoded[:, : side * GRID, : side * GRID].reshape(len(samples), GRID, side, GRID, side).mean((2, 4))
     pictures = []
-    for sample, nearness in zip(samples, cells.reshape(len(samples), GRID * GRID)):
+    for sample, depth in zip(samples, decoded):
+        nearness = token_grid_nearness(depth, GRID * GRID).reshape(-1)
         width, height = sample.meta["width"], sample.meta["height"]
         questions = [([grid_cell(point, (width, height)) for point in q["points"]], q["labels"], q["answer"])
                      for q in sample.meta["questions"]]

@@ -11,7 +11,7 @@ from perceptio.tokens import D_END, D_START
 from tests.train_factory import write_shards
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from reading_check import letters_after_the_true_span, reading_examples  # noqa: E402
+from reading_check import letters_right, reading_examples  # noqa: E402
 
 
 class ScriptedPredictor:
@@ -33,13 +33,13 @@ def test_the_letter_after_the_true_span_is_scored_against_the_depth_maps_answer(
     assert all(example.target.startswith(D_START) for example in examples)
 
     always_a = ScriptedPredictor(lambda prefix: "A")
-    hits = letters_after_the_true_span(always_a, examples)
+    hits = letters_right(always_a, examples)
     assert hits == [example.target.endswith("(A)") for example in examples]
     assert always_a.prefixes == [example.target[: example.target.rindex("(")] for example in examples]
     assert all(prefix.endswith(D_END) for prefix in always_a.prefixes)
     # A model that writes each question's own answer after its span scores every question.
     queue = iter(example.target[-2] for example in examples)
-    assert all(letters_after_the_true_span(ScriptedPredictor(lambda prefix: next(queue)), examples))
+    assert all(letters_right(ScriptedPredictor(lambda prefix: next(queue)), examples))
 
 
 def test_direct_questions_are_asked_without_a_span_and_curated_ones_on_request(tmp_path):
@@ -47,7 +47,7 @@ def test_direct_questions_are_asked_without_a_span_and_curated_ones_on_request(t
     direct = reading_examples(tmp_path, pictures=3, per_picture=5, seed=1, direct=True)
     assert direct and all(D_START not in example.target for example in direct)
     scripted = ScriptedPredictor(lambda prefix: "B")
-    assert letters_after_the_true_span(scripted, direct) == [example.target == "(B)" for example in direct]
+    assert letters_right(scripted, direct) == [example.target == "(B)" for example in direct]
     assert scripted.prefixes == [None] * len(direct)
     curated = reading_examples(tmp_path, pictures=3, per_picture=0, seed=1, curated=True)
     assert [example.key.rsplit("/", 1)[1] for example in curated] == ["q0"] * 3

@@ -278,11 +278,12 @@ def token_grid_nearness(depth: np.ndarray, tokens: int) -> np.ndarray:
     return depth[: cell * side, : cell * side].astype(np.float32).reshape(side, cell, side, cell).mean((1, 3))
 
 
-def _reading_questions(raw: dict[str, Any], meta: dict[str, Any], count: int, seed: Sequence[int]) -> list[dict[str, Any]]:
-    """``count`` draws of :func:`reading_question` on the sample's depth map (the draws without a
-    clear answer are left out), marked as its curated questions are."""
-    depth = npy_load(raw["depth.npy"])
-    nearness = token_grid_nearness(depth, len(npy_load(raw["depth_tokens.npy"])))
+def _reading_questions(raw: dict[str, Any], meta: dict[str, Any], tokens: int, count: int,
+                       seed: Sequence[int]) -> list[dict[str, Any]]:
+    """``count`` draws of :func:`reading_question` on the sample's depth map pooled to its ``tokens``
+    depth tokens' grid (the draws without a clear answer are left out), marked as its curated
+    questions are."""
+    nearness = token_grid_nearness(npy_load(raw["depth.npy"]), tokens)
     rng = np.random.default_rng([*seed, zlib.crc32(raw["__key__"].encode("utf-8"))])
     curated = meta.get(QUESTIONS_FIELD) or [{}]
     style = curated[0].get("mark_style", HARDBLINK_MARKS)
@@ -310,8 +311,8 @@ def expand_sample(raw: dict[str, Any], templates: PromptTemplates, use_depth_tok
     key = raw["__key__"]
     meta = json.loads(raw["json"])
     source = meta["dataset"]
-    has_depth = "depth_tokens.npy" in raw
-    depth = depth_span(npy_load(raw["depth_tokens.npy"]).tolist()) if use_depth_tokens and has_depth else ""
+    codes = npy_load(raw["depth_tokens.npy"]).tolist() if "depth_tokens.npy" in raw else None
+    depth = depth_span(codes) if use_depth_tokens and codes is not None else ""
     examples = []
     for ref in meta.get("refs", []):
         for sentence in ref["sentences"]:
@@ -322,9 +323,9 @@ def expand_sample(raw: dict[str, Any], templates: PromptTemplates, use_depth_tok
     questions = meta.get(QUESTIONS_FIELD)
     if questions is not None:
         drawn = []
-        if reading_questions and "depth.npy" in raw and has_depth:
+        if reading_questions and "depth.npy" in raw and codes is not None:
             drawn = [(f"r{index}", question) for index, question in
-                     enumerate(_reading_questions(raw, meta, reading_questions, reading_seed))]
+                     enumerate(_reading_questions(raw, meta, len(codes), reading_questions, reading_seed))]
         for name, question in [(f"q{index}", question) for index, question in enumerate(questions)] + drawn:
             variants = _question_variants(question, question_targets, use_depth_tokens)
             # Questions curated before mark styles existed were drawn as HardBLINK draws them.
