@@ -146,6 +146,25 @@ def test_llm_term_equals_transformers_own_loss(model):
     assert torch.allclose(ours, reference, atol=1e-6)
 
 
+def test_span_weight_zero_leaves_the_depth_span_out_of_the_llm_term(vqvae_dir):
+    model = build(vqvae_dir, span_weight=0.0).eval()
+    batch = mixed_batch(model)
+    with torch.no_grad():
+        logits = model.vlm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                           pixel_values=batch["pixel_values"]).logits
+        ours = model(batch).terms["llm"]
+    labels = batch["labels"]
+    kept = []
+    for row, row_labels in enumerate(labels.tolist()):
+        start = row_labels.index(model.d_start_id) if model.d_start_id in row_labels else len(row_labels)
+        end = row_labels.index(model.d_end_id, start) if start < len(row_labels) else -1
+        for position, label in enumerate(row_labels):
+            if label != -100 and position > 0 and not start <= position <= end:
+                kept.append(torch.nn.functional.cross_entropy(logits[row, position - 1].float(), torch.tensor(label)))
+    assert len(kept) < int((labels != -100).sum()) - 100, "the grounding example's span is left out"
+    assert torch.allclose(ours, torch.stack(kept).mean(), atol=1e-6)
+
+
 def test_gradients_reach_exactly_the_trainable_parts(model):
     model.train()
     model.zero_grad()
