@@ -48,7 +48,7 @@ from typing import Any, Iterator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ siblings: miniature, plot
 
-from perceptio.curate.marked_points import COLOURED_MARKS, MARK_STYLES  # noqa: E402
+from perceptio.curate.marked_points import COLOURED_MARKS, MARK_STYLES, READING_SPREAD  # noqa: E402
 from perceptio.train.config import TrainConfig  # noqa: E402 (torch-free)
 from miniature import MINIATURE  # noqa: E402
 from perceptio.train.miniature import VlmPretraining  # noqa: E402
@@ -105,6 +105,7 @@ class AblationConfig:
     # Marked-point questions drawn afresh per ADE-layout picture and epoch on any cells, answered by
     # the depth map (perceptio-train --reading-questions): the span-reading curriculum, in every arm.
     reading_questions: int = 0
+    reading_spread: float = READING_SPREAD  # where in its cell a reading point falls (perceptio-train --reading-spread)
     span_weight: float = 1.0  # weight of the span's tokens in L_LLM (perceptio-train --span-weight; 1: the paper's)
     hard_per_variant: int = 110  # held-out HARD questions per point count (3, 4, 5)
     hard_questions_per_image: int = 16
@@ -240,7 +241,8 @@ def model_flags(config: AblationConfig, out: Path, seed: int) -> list[str]:
     """The base models and the trainer settings every arm shares."""
     shared = ["--lr", str(config.lr), "--head-lr", str(config.head_lr), "--batch-size", str(config.batch_size),
               "--train-language-model", "--seg-text", str(config.seg_text),
-              "--reading-questions", str(config.reading_questions), "--span-weight", str(config.span_weight)]
+              "--reading-questions", str(config.reading_questions), "--reading-spread", str(config.reading_spread),
+              "--span-weight", str(config.span_weight)]
     if not config.miniature:
         return ["--model", "tiny", *shared]
     vlm, sam = base_models(config, out, seed)

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from perceptio.curate.marked_points import READING_SPREAD
 from perceptio.evaluate.hardblink import parse_choice
 from perceptio.evaluate.predict import Predictor
 from perceptio.shards import list_shards
@@ -32,9 +33,10 @@ BATCH = 16
 
 
 def reading_examples(folder: Path, pictures: int, per_picture: int, seed: int, curated: bool = False,
-                     direct: bool = False) -> list[Example]:
+                     direct: bool = False, spread: float = READING_SPREAD) -> list[Example]:
     """``per_picture`` reading questions (fewer where a draw has no clear answer) on the first
-    ``pictures`` ADE-layout pictures of the folder, drawn as the trainer draws them with ``seed``;
+    ``pictures`` ADE-layout pictures of the folder, drawn as the trainer draws them with ``seed`` and
+    ``spread`` (where in its cell each point falls);
     ``curated``: the pictures' curated questions instead (points on objects, answered by the true depth);
     ``direct``: asked for the letter alone (a model trained without depth tokens)."""
     templates, examples, seen = PromptTemplates.load(), [], 0
@@ -43,7 +45,7 @@ def reading_examples(folder: Path, pictures: int, per_picture: int, seed: int, c
         for _, raw in read_shard(str(shard.path), SkipCounter(quiet=True)):
             if seen == pictures:
                 return examples
-            drawn = [example for example in expand_sample(raw, templates, not direct, "depth", per_picture, (seed, 0))
+            drawn = [example for example in expand_sample(raw, templates, not direct, "depth", per_picture, (seed, 0), spread)
                      if kind in example.key]
             seen += bool(drawn)
             examples += drawn
@@ -70,6 +72,8 @@ def main() -> None:
     parser.add_argument("--pictures", type=int, default=40)
     parser.add_argument("--per-picture", type=int, default=6, help="reading questions drawn per picture")
     parser.add_argument("--seed", type=int, default=1, help="the draws' seed (another than the training run's)")
+    parser.add_argument("--spread", type=float, default=READING_SPREAD,
+                        help="the central share of its cell a point falls in (perceptio-train --reading-spread)")
     parser.add_argument("--curated", action="store_true",
                         help="the pictures' curated questions (on objects) instead of reading questions")
     parser.add_argument("--direct", action="store_true", help="ask for the letter alone (a --no-depth-tokens model)")
@@ -78,7 +82,7 @@ def main() -> None:
     arguments = parser.parse_args()
     torch.set_num_threads(arguments.threads)
     examples = reading_examples(arguments.shards, arguments.pictures, arguments.per_picture, arguments.seed,
-                                arguments.curated, arguments.direct)
+                                arguments.curated, arguments.direct, arguments.spread)
     hits = letters_right(Predictor.from_checkpoint(arguments.checkpoint), examples)
     asked, right = Counter(), Counter()
     for example, hit in zip(examples, hits):

@@ -246,3 +246,29 @@ def test_reading_questions_mark_any_cells_and_name_the_nearest_by_the_depth_map_
     assert reading_question(np.zeros((10, 10)), (320, 240), np.random.default_rng(0)) is None
     with pytest.raises(PerceptioError, match="reading-questions"):
         StreamConfig([], reading_questions=-1)
+
+
+def test_reading_points_fall_where_the_spread_says_and_always_in_their_cell():
+    nearness = np.random.default_rng(4).uniform(-1, 1, (10, 10))
+
+    def drawn(size, spread):
+        rng = np.random.default_rng(5)
+        return [q for q in (reading_question(nearness, size, rng, spread=spread) for _ in range(400)) if q]
+
+    for size in [(320, 240), (333, 251), (97, 61)]:  # sides a multiple of the grid or not
+        for spread in (1 / 3, 1.0):
+            for question in drawn(size, spread):
+                cells = [min(9, y * 10 // size[1]) * 10 + min(9, x * 10 // size[0]) for x, y in question["points"]]
+                values = nearness.reshape(-1)[cells]
+                assert len(set(cells)) == len(cells)  # each point in a cell of its own: the one drawn
+                assert question["labels"][int(np.argmax(values))] == question["answer"]
+                assert np.sort(values)[-1] - np.sort(values)[-2] >= READING_ANSWER_GAP
+
+    def offsets(spread):  # how far each point is from its cell's centre, in cells
+        return [max(abs(x / 32 % 1 - 0.5), abs(y / 24 % 1 - 0.5)) for q in drawn((320, 240), spread) for x, y in q["points"]]
+
+    assert max(offsets(1 / 3)) <= 1 / 6 + 1 / 24  # the central third (up to a pixel)
+    assert max(offsets(1.0)) > 0.45 and np.mean(offsets(1.0)) > 0.2  # anywhere in the cell
+    for bad in (0, -0.5, 1.5):
+        with pytest.raises(PerceptioError, match="reading-spread"):
+            StreamConfig([], reading_spread=bad)

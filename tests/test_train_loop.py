@@ -25,7 +25,7 @@ from perceptio.io import atomic_directory
 from perceptio.train.checkpoint import latest_checkpoint
 from perceptio.train.config import StreamConfig, TrainConfig
 from perceptio.train.data import parse_mix
-from perceptio.train.loop import lr_factor, train
+from perceptio.train.loop import Processes, lr_factor, run_settings, train
 from tests.train_factory import write_shards
 
 
@@ -143,13 +143,18 @@ def test_resume_matches_local_folders_however_they_are_written(shards, tmp_path,
     state_file = tmp_path / "checkpoints" / "step-000004" / "trainer_state.json"
     state = json.loads(state_file.read_text())
     assert state["settings"]["shards"] == [str(shards.resolve())]
+    # Without reading questions, where their points would fall is no setting of the run.
+    assert state["settings"]["reading_questions"] == 0 and state["settings"]["reading_spread"] is None
+    with_reading = run_settings(TrainConfig(out=tmp_path, steps=4), stream(shards, reading_questions=5, reading_spread=0.5),
+                                Processes(0, 1, torch.device("cpu")))
+    assert (with_reading["reading_questions"], with_reading["reading_spread"]) == (5, 0.5)
     # A checkpoint written before settings held absolute paths (relative, as typed) and before
-    # --reading-questions existed (it ran without them) still resumes.
+    # --reading-questions and --reading-spread existed (it ran without them) still resumes.
     state["settings"]["shards"] = [shards.name]
-    del state["settings"]["reading_questions"]
+    del state["settings"]["reading_questions"], state["settings"]["reading_spread"]
     state_file.write_text(json.dumps(state))
     assert run(shards.resolve(), tmp_path, 4, save_every=2, resume=True).history == []
-    with pytest.raises(PerceptioError, match="reading_questions: 0 -> 5"):
+    with pytest.raises(PerceptioError, match="reading_questions: 0 -> 5, reading_spread: None -> 1.0"):
         train(ToyModel(), stream(shards.resolve(), reading_questions=5),
               TrainConfig(out=tmp_path, steps=4, batch_size=2, workers=0, progress=False, lr=1e-2, save_every=2, resume=True))
     # Another folder is another run.

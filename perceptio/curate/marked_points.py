@@ -350,21 +350,41 @@ def make_questions(regions: Sequence[ObjectRegion], nearness: NearnessFn, key: s
 # Reading questions: the nearest cell's mean nearness exceeds the next by this much (normalised
 # units: a tenth of the map's [-1, 1] range), so that a decoded span names the same cell.
 READING_ANSWER_GAP = 0.2
+# Where in its cell a reading question's point falls: the central share of the cell's width and
+# height. 1 = anywhere, as curated points fall; 1/3 keeps a whole disc mark inside its cell, which a
+# fine-tuned miniature learned to read and did not carry over to off-centre points (README section 4).
+READING_SPREAD = 1.0
+
+
+def check_reading_spread(spread: float) -> float:
+    """``spread`` when it is a share of a cell, in (0, 1]; a PerceptioError otherwise."""
+    if not 0 < spread <= 1:
+        raise PerceptioError(f"--reading-spread must be in (0, 1], not {spread}")
+    return spread
+
+
+def _pixel_in_cell(cell: int, offset: float, extent: int, grid: int) -> int:
+    """The pixel at ``offset`` (in cells, from the cell's centre) in ``cell`` of ``grid`` along an
+    image side of ``extent`` pixels, kept inside the cell (pixel * grid // extent == cell)."""
+    first, last = math.ceil(cell * extent / grid), math.ceil((cell + 1) * extent / grid) - 1
+    return min(max(int((cell + 0.5 + offset) * extent / grid), first), last)
 
 
 def reading_question(nearness: np.ndarray, size: tuple[int, int], rng: np.random.Generator,
-                     mark_style: str = HARDBLINK_MARKS, min_points: int = 2, max_points: int = 5) -> dict[str, Any] | None:
+                     mark_style: str = HARDBLINK_MARKS, spread: float = READING_SPREAD,
+                     min_points: int = 2, max_points: int = 5) -> dict[str, Any] | None:
     """A marked-point question on ``min_points``..``max_points`` random cells of an image, answered by
     the cells' mean nearness (``nearness``: (G, G), larger = nearer, e.g. the pooled depth map the
     depth tokens describe), or None when the draw finds no clear nearest cell.
 
-    Unlike :func:`make_questions` the points may fall anywhere, floor and wall included, and the
+    Unlike :func:`make_questions` the points may fall on any cell, floor and wall included, and the
     answer is the nearest cell of the map the depth span describes (with the gap below, a decoded
     span names the same cell for 99% of such questions): a curriculum for reading the span, which a
     small language model learns from such questions and not from object points alone (README
-    section 4, "The reading link alone"). Each point sits near its cell's centre, so its whole
-    coloured mark stays in the cell; letters follow a random order, so the answer letter is uniform.
+    section 4, "The reading link alone"). Each point falls in the central ``spread`` of its cell
+    (:data:`READING_SPREAD`); letters follow a random order, so the answer letter is uniform.
     """
+    check_reading_spread(spread)
     grid = nearness.shape[0]
     width, height = size
     count = int(rng.integers(min_points, max_points + 1))
@@ -373,9 +393,9 @@ def reading_question(nearness: np.ndarray, size: tuple[int, int], rng: np.random
     ordered = np.sort(values)
     if ordered[-1] - ordered[-2] < READING_ANSWER_GAP:
         return None
-    jitter = rng.uniform(-1 / 6, 1 / 6, size=(count, 2))  # a sixth of a cell: the mark keeps inside it
-    points = [[int((cell % grid + 0.5 + dx) * width / grid), int((cell // grid + 0.5 + dy) * height / grid)]
-              for cell, (dx, dy) in zip(cells, jitter)]
+    offsets = rng.uniform(-spread / 2, spread / 2, size=(count, 2))
+    points = [[_pixel_in_cell(int(cell % grid), dx, width, grid), _pixel_in_cell(int(cell // grid), dy, height, grid)]
+              for cell, (dx, dy) in zip(cells, offsets)]
     labels = list(string.ascii_uppercase[:count])
     return {"text": QUESTION_TEXT, "points": points, "labels": labels, "answer": labels[int(np.argmax(values))],
             "mark_style": mark_style}

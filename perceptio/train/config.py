@@ -11,6 +11,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
+from perceptio.curate.marked_points import READING_SPREAD, check_reading_spread
 from perceptio.errors import PerceptioError
 from perceptio.tokens import DEFAULT_NUM_DEPTH_TOKENS
 
@@ -121,6 +122,7 @@ class StreamConfig:
     # Per sample with marked-point questions and a depth map, this many more drawn afresh each epoch
     # on any cells and answered by the map (perceptio.curate.marked_points.reading_question).
     reading_questions: int = 0
+    reading_spread: float = READING_SPREAD  # the central share of its cell a reading question's point falls in
     prompts: str = "prompts.json"
 
     def __post_init__(self) -> None:
@@ -128,6 +130,7 @@ class StreamConfig:
             raise PerceptioError(f"question targets must be one of {', '.join(QUESTION_TARGETS)}, not {self.question_targets!r}")
         if self.reading_questions < 0:
             raise PerceptioError(f"--reading-questions must be at least 0, not {self.reading_questions}")
+        check_reading_spread(self.reading_spread)
 
 
 CHOICES = {"precision": ("auto", "bf16", "fp32"), "parallel": ("ddp", "fsdp"), "export": ("adapter", "merged", "none")}

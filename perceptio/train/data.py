@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from perceptio import fs
-from perceptio.curate.marked_points import HARDBLINK_MARKS, draw_marks, reading_question
+from perceptio.curate.marked_points import HARDBLINK_MARKS, READING_SPREAD, draw_marks, reading_question
 from perceptio.errors import PerceptioError
 from perceptio.recipes import load_recipe
 from perceptio.shards import (
@@ -279,21 +279,21 @@ def token_grid_nearness(depth: np.ndarray, tokens: int) -> np.ndarray:
 
 
 def _reading_questions(raw: dict[str, Any], meta: dict[str, Any], tokens: int, count: int,
-                       seed: Sequence[int]) -> list[dict[str, Any]]:
-    """``count`` draws of :func:`reading_question` on the sample's depth map pooled to its ``tokens``
-    depth tokens' grid (the draws without a clear answer are left out), marked as its curated
-    questions are."""
+                       seed: Sequence[int], spread: float) -> list[dict[str, Any]]:
+    """``count`` draws of :func:`reading_question` (points in the central ``spread`` of their cells)
+    on the sample's depth map pooled to its ``tokens`` depth tokens' grid (the draws without a clear
+    answer are left out), marked as its curated questions are."""
     nearness = token_grid_nearness(npy_load(raw["depth.npy"]), tokens)
     rng = np.random.default_rng([*seed, zlib.crc32(raw["__key__"].encode("utf-8"))])
     curated = meta.get(QUESTIONS_FIELD) or [{}]
     style = curated[0].get("mark_style", HARDBLINK_MARKS)
-    drawn = (reading_question(nearness, (meta["width"], meta["height"]), rng, style) for _ in range(count))
+    drawn = (reading_question(nearness, (meta["width"], meta["height"]), rng, style, spread) for _ in range(count))
     return [question for question in drawn if question is not None]
 
 
 def expand_sample(raw: dict[str, Any], templates: PromptTemplates, use_depth_tokens: bool = True,
                   question_targets: str = "recorded", reading_questions: int = 0,
-                  reading_seed: Sequence[int] = ()) -> list[Example]:
+                  reading_seed: Sequence[int] = (), reading_spread: float = READING_SPREAD) -> list[Example]:
     """The training examples of one shard sample (a webdataset dict of member bytes).
 
     Grounding samples give one example per (ref, sentence). ADE20k samples give one example per
@@ -301,9 +301,10 @@ def expand_sample(raw: dict[str, Any], templates: PromptTemplates, use_depth_tok
     time), written as ``question_targets`` says (see :data:`QUESTION_TARGETS`); samples of the
     older one-question format give one example on their ``marked.jpg``. An ADE20k sample with a
     depth map gives ``reading_questions`` more, drawn on any cells by a generator seeded with
-    ``reading_seed`` (the run's seed and epoch: new ones each epoch) and the sample's key, keyed
-    ``{key}/r{i}`` and written as the curated ones (``recorded``: span first). Without depth tokens the
-    span is left out and every question is answered directly. A LLaVA conversation is one example
+    ``reading_seed`` (the run's seed and epoch: new ones each epoch) and the sample's key, each point
+    in the central ``reading_spread`` of its cell, keyed ``{key}/r{i}`` and written as the curated
+    ones (``recorded``: span first). Without depth tokens the span is left out and every question is
+    answered directly. A LLaVA conversation is one example
     of all its turns; a GranD-f grounded caption one example whose answer holds a [SEG] per phrase.
     """
     if question_targets not in QUESTION_TARGETS:
@@ -325,7 +326,8 @@ def expand_sample(raw: dict[str, Any], templates: PromptTemplates, use_depth_tok
         drawn = []
         if reading_questions and "depth.npy" in raw and codes is not None:
             drawn = [(f"r{index}", question) for index, question in
-                     enumerate(_reading_questions(raw, meta, len(codes), reading_questions, reading_seed))]
+                     enumerate(_reading_questions(raw, meta, len(codes), reading_questions, reading_seed,
+                                                           reading_spread))]
         for name, question in [(f"q{index}", question) for index, question in enumerate(questions)] + drawn:
             variants = _question_variants(question, question_targets, use_depth_tokens)
             # Questions curated before mark styles existed were drawn as HardBLINK draws them.
@@ -503,7 +505,8 @@ class _StreamReader:
     def _checked_expand(self, raw: dict[str, Any], counter: SkipCounter) -> list[Example]:
         examples = guarded(lambda sample: expand_sample(sample, self.templates, self.config.use_depth_tokens,
                                                         self.config.question_targets, self.config.reading_questions,
-                                                        (self.config.seed, self.epoch)), raw, counter)
+                                                        (self.config.seed, self.epoch), self.config.reading_spread),
+                           raw, counter)
         for example in examples:
             if mix_key_for(example.source, [self.stream.name]) is None:
                 raise PerceptioError(
