@@ -8,7 +8,9 @@ for a memorisation check), gives the model the picture's true span as the start 
 beside chance (the mean of 1 / points). A model that learnt the lookup from mark to span is far
 above chance here, whatever it does on the hard split; ``--curated`` asks the pictures' curated
 questions (on objects) the same way, ``--direct`` asks for the letter alone (a model trained
-without depth tokens, the ablation's other arm)::
+without depth tokens, the ablation's other arm). Scores come by point count and by placement:
+questions whose points all lie near their cells' centres, and the others (``--spread`` says where
+reading points fall; curated ones fall anywhere)::
 
     python benchmarks/reading_check.py --checkpoint RUN/model --shards HELDOUT/ade20k --pictures 40
 """
@@ -16,20 +18,28 @@ without depth tokens, the ablation's other arm)::
 from __future__ import annotations
 
 import argparse
+import io
 import json
+import math
 from collections import Counter
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 from perceptio.curate.marked_points import READING_SPREAD
 from perceptio.evaluate.hardblink import parse_choice
 from perceptio.evaluate.predict import Predictor
 from perceptio.shards import list_shards
 from perceptio.train.bad_data import SkipCounter, read_shard
+from perceptio.tokens import DEFAULT_NUM_DEPTH_TOKENS
 from perceptio.train.data import Example, PromptTemplates, expand_sample
 
 BATCH = 16
+GRID = math.isqrt(DEFAULT_NUM_DEPTH_TOKENS)  # the depth tokens' grid, 10 x 10
+# A question is "centred" when each point lies within this many cells of its cell's centre (a disc
+# mark then stays mostly inside its cell); curated points fall anywhere, most beyond it.
+CENTRED = 0.3
 
 
 def reading_examples(folder: Path, pictures: int, per_picture: int, seed: int, curated: bool = False,
@@ -65,6 +75,23 @@ def letters_right(predictor: Predictor, examples: list[Example]) -> list[bool]:
     return hits
 
 
+def farthest_from_centre(example: Example, grid: int = GRID) -> float:
+    """How far the question's point farthest from its grid cell's centre lies, in cells (0.5: on an edge)."""
+    width, height = Image.open(io.BytesIO(example.image_bytes)).size
+    return max(max(abs(x * grid / width % 1 - 0.5), abs(y * grid / height % 1 - 0.5)) for x, y in example.marks.points)
+
+
+def scores_by_placement(examples: list[Example], hits: list[bool]) -> dict[str, dict[str, float]]:
+    """Questions, share right and chance for the centred questions (every point within
+    :data:`CENTRED` of its cell's centre) and the others."""
+    groups: dict[str, list[tuple[Example, bool]]] = {"centred": [], "off_centre": []}
+    for example, hit in zip(examples, hits):
+        groups["centred" if farthest_from_centre(example) <= CENTRED else "off_centre"].append((example, hit))
+    return {name: {"questions": len(group), "right": sum(hit for _, hit in group) / len(group),
+                   "chance": sum(1 / len(example.marks.labels) for example, _ in group) / len(group)}
+            for name, group in groups.items() if group}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", type=Path, required=True, help="an exported model (perceptio-train's RUN/model)")
@@ -93,11 +120,14 @@ def main() -> None:
         "letter_after_true_span": sum(hits) / len(hits),
         "chance": sum(1 / len(example.marks.labels) for example in examples) / len(examples),
         "by_points": {points: right[points] / asked[points] for points in sorted(asked)},
+        "by_placement": scores_by_placement(examples, hits),
     }
     asked_for = "letter" if arguments.direct else "letter after the true span"
     print(f"{record['questions']} {'curated' if arguments.curated else 'reading'} questions: {asked_for} {100 * record['letter_after_true_span']:.1f}% "
           f"(chance {100 * record['chance']:.1f}); by points: "
-          + ", ".join(f"{points}: {100 * share:.1f}" for points, share in record["by_points"].items()))
+          + ", ".join(f"{points}: {100 * share:.1f}" for points, share in record["by_points"].items()) + "; "
+          + ", ".join(f"{name.replace('_', '-')} ({group['questions']}): {100 * group['right']:.1f} (chance {100 * group['chance']:.1f})"
+                      for name, group in record["by_placement"].items()))
     if arguments.out is not None:
         arguments.out.write_text(json.dumps({"arguments": {k: str(v) for k, v in vars(arguments).items()}, **record}, indent=2))
 

@@ -3,15 +3,18 @@ model each picture's true span and scores the letter written after it."""
 
 from __future__ import annotations
 
+import io
 import sys
 from pathlib import Path
 from types import SimpleNamespace
+
+from PIL import Image
 
 from perceptio.tokens import D_END, D_START
 from tests.train_factory import write_shards
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from reading_check import letters_right, reading_examples  # noqa: E402
+from reading_check import CENTRED, farthest_from_centre, letters_right, reading_examples, scores_by_placement  # noqa: E402
 
 
 class ScriptedPredictor:
@@ -51,3 +54,20 @@ def test_direct_questions_are_asked_without_a_span_and_curated_ones_on_request(t
     assert scripted.prefixes == [None] * len(direct)
     curated = reading_examples(tmp_path, pictures=3, per_picture=0, seed=1, curated=True)
     assert [example.key.rsplit("/", 1)[1] for example in curated] == ["q0"] * 3
+
+
+def test_questions_are_scored_apart_by_where_their_points_fall_in_their_cells(tmp_path):
+    write_shards(tmp_path, "ade20k", split="training", shards=1, images_per_shard=3, questions=True)
+    centred = reading_examples(tmp_path, pictures=3, per_picture=20, seed=1, spread=1 / 3)
+    anywhere = reading_examples(tmp_path, pictures=3, per_picture=20, seed=1, spread=1.0)
+    for example in centred:  # within a sixth of a cell of the centre, up to a pixel (these pictures are small)
+        pixel = 10 / min(Image.open(io.BytesIO(example.image_bytes)).size)
+        assert farthest_from_centre(example) <= 1 / 6 + pixel
+    assert max(map(farthest_from_centre, anywhere)) > CENTRED
+    examples = centred + anywhere
+    hits = [farthest_from_centre(example) > CENTRED for example in examples]  # right exactly off centre
+    scores = scores_by_placement(examples, hits)
+    off = sum(hits)
+    assert scores["off_centre"]["questions"] == off and scores["centred"]["questions"] == len(examples) - off
+    assert scores["off_centre"]["right"] == 1.0 and scores["centred"]["right"] == 0.0
+    assert 0.2 <= scores["centred"]["chance"] <= 0.5
