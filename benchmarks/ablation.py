@@ -48,8 +48,8 @@ from typing import Any, Iterator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ siblings: miniature, plot
 
-from perceptio.curate.marked_points import COLOURED_MARKS, MARK_STYLES, READING_SPREAD  # noqa: E402
-from perceptio.train.config import TrainConfig  # noqa: E402 (torch-free)
+from perceptio.curate.marked_points import COLOURED_MARKS, MARK_STYLES  # noqa: E402
+from perceptio.train.config import StreamConfig, TrainConfig  # noqa: E402 (torch-free)
 from miniature import MINIATURE  # noqa: E402
 from perceptio.train.miniature import VlmPretraining  # noqa: E402
 
@@ -105,7 +105,7 @@ class AblationConfig:
     # Marked-point questions drawn afresh per ADE-layout picture and epoch on any cells, answered by
     # the depth map (perceptio-train --reading-questions): the span-reading curriculum, in every arm.
     reading_questions: int = 0
-    reading_spread: float = READING_SPREAD  # where in its cell a reading point falls (perceptio-train --reading-spread)
+    reading_spread: float = StreamConfig.reading_spread  # where in its cell a reading point falls (perceptio-train --reading-spread)
     span_weight: float = 1.0  # weight of the span's tokens in L_LLM (perceptio-train --span-weight; 1: the paper's)
     hard_per_variant: int = 110  # held-out HARD questions per point count (3, 4, 5)
     hard_questions_per_image: int = 16

@@ -27,12 +27,12 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from perceptio.curate.marked_points import READING_SPREAD
 from perceptio.evaluate.hardblink import parse_choice
 from perceptio.evaluate.predict import Predictor
 from perceptio.shards import list_shards
 from perceptio.train.bad_data import SkipCounter, read_shard
 from perceptio.tokens import DEFAULT_NUM_DEPTH_TOKENS
+from perceptio.train.config import StreamConfig
 from perceptio.train.data import Example, PromptTemplates, expand_sample
 
 BATCH = 16
@@ -43,7 +43,7 @@ CENTRED = 0.3
 
 
 def reading_examples(folder: Path, pictures: int, per_picture: int, seed: int, curated: bool = False,
-                     direct: bool = False, spread: float = READING_SPREAD) -> list[Example]:
+                     direct: bool = False, spread: float = StreamConfig.reading_spread) -> list[Example]:
     """``per_picture`` reading questions (fewer where a draw has no clear answer) on the first
     ``pictures`` ADE-layout pictures of the folder, drawn as the trainer draws them with ``seed`` and
     ``spread`` (where in its cell each point falls);
@@ -99,7 +99,7 @@ def main() -> None:
     parser.add_argument("--pictures", type=int, default=40)
     parser.add_argument("--per-picture", type=int, default=6, help="reading questions drawn per picture")
     parser.add_argument("--seed", type=int, default=1, help="the draws' seed (another than the training run's)")
-    parser.add_argument("--spread", type=float, default=READING_SPREAD,
+    parser.add_argument("--spread", type=float, default=StreamConfig.reading_spread,
                         help="the central share of its cell a point falls in (perceptio-train --reading-spread)")
     parser.add_argument("--curated", action="store_true",
                         help="the pictures' curated questions (on objects) instead of reading questions")

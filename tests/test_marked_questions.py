@@ -243,7 +243,7 @@ def test_reading_questions_mark_any_cells_and_name_the_nearest_by_the_depth_map_
     # A map without contrast gives no reading question; curated questions are kept as they are.
     flat = expand_sample(_ade_sample([curated]), templates, reading_questions=30, reading_seed=(0, 0))
     assert [e.key.rsplit("/", 1)[1] for e in flat] == ["q0"]
-    assert reading_question(np.zeros((10, 10)), (320, 240), np.random.default_rng(0)) is None
+    assert reading_question(np.zeros((10, 10)), (320, 240), np.random.default_rng(0), spread=1.0) is None
     with pytest.raises(PerceptioError, match="reading-questions"):
         StreamConfig([], reading_questions=-1)
 

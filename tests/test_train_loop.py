@@ -323,6 +323,38 @@ def test_cli_tiny_run_resumes_exactly(monkeypatch, capsys, shards, vqvae_dir, tm
     assert losses(resumed) == losses(straight)
 
 
+def test_init_from_starts_a_second_stage_from_an_exported_models_weights(monkeypatch, capsys, shards, vqvae_dir, tmp_path):
+    from perceptio.train.model import PerceptioModel
+
+    common = ["--shards", str(shards), "--model", "tiny", "--tokenizer", str(vqvae_dir), "--steps", "1", "--workers", "0",
+              "--no-progress", "--batch-size", "2"]
+    assert perceptio_train(monkeypatch, *common, "--out", str(tmp_path / "first")) == 0
+    first = PerceptioModel.from_pretrained(tmp_path / "first" / "model").trainable_state_dict()
+    # At learning rate 0 the second stage exports exactly the weights it started from: the first stage's.
+    assert perceptio_train(monkeypatch, *common, "--lr", "0", "--head-lr", "0", "--init-from", str(tmp_path / "first" / "model"),
+                           "--out", str(tmp_path / "second")) == 0
+    second = PerceptioModel.from_pretrained(tmp_path / "second" / "model").trainable_state_dict()
+    assert second.keys() == first.keys() and all(torch.equal(second[name], first[name]) for name in first)
+    state = json.loads(next((tmp_path / "second" / "checkpoints").glob("*/trainer_state.json")).read_text())
+    assert state["settings"]["init_from"] == str((tmp_path / "first" / "model").resolve())  # a resume must say it again
+
+    capsys.readouterr()
+    assert perceptio_train(monkeypatch, *common, "--init-from", str(tmp_path), "--out", str(tmp_path / "third")) == 2
+    assert capsys.readouterr().err.strip() == f"error: --init-from {tmp_path} is not an exported model (no perceptio.json)"
+    # Other trainable parts (LoRA instead of the whole language model) do not take these weights.
+    assert perceptio_train(monkeypatch, *common, "--lora", "--init-from", str(tmp_path / "first" / "model"),
+                           "--out", str(tmp_path / "fourth")) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: trainable weights do not match this model")
+    record_file = tmp_path / "first" / "model" / "perceptio.json"
+    record = json.loads(record_file.read_text())
+    record["config"]["sam_model"] = "facebook/sam2.1-hiera-large"
+    record_file.write_text(json.dumps(record))
+    assert perceptio_train(monkeypatch, *common, "--init-from", str(tmp_path / "first" / "model"),
+                           "--out", str(tmp_path / "fifth")) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith("was trained on --sam-model facebook/sam2.1-hiera-large, not "
+                                                                     + PerceptioModel.from_pretrained(tmp_path / "second" / "model").config.sam_model)
+
+
 def test_a_log_that_is_not_a_terminal_gets_plain_progress_lines(shards, tmp_path, capsys):
     train(ToyModel(), stream(shards), TrainConfig(out=tmp_path / "run", steps=3, batch_size=2, workers=0, lr=1e-2))
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("train: ")]

@@ -350,18 +350,6 @@ def make_questions(regions: Sequence[ObjectRegion], nearness: NearnessFn, key: s
 # Reading questions: the nearest cell's mean nearness exceeds the next by this much (normalised
 # units: a tenth of the map's [-1, 1] range), so that a decoded span names the same cell.
 READING_ANSWER_GAP = 0.2
-# Where in its cell a reading question's point falls: the central share of the cell's width and
-# height. 1 = anywhere, as curated points fall; 1/3 keeps a whole disc mark inside its cell, which a
-# fine-tuned miniature learned to read and did not carry over to off-centre points (README section 4).
-READING_SPREAD = 1.0
-
-
-def check_reading_spread(spread: float) -> float:
-    """``spread`` when it is a share of a cell, in (0, 1]; a PerceptioError otherwise."""
-    if not 0 < spread <= 1:
-        raise PerceptioError(f"--reading-spread must be in (0, 1], not {spread}")
-    return spread
-
 
 def _pixel_in_cell(cell: int, offset: float, extent: int, grid: int) -> int:
     """The pixel at ``offset`` (in cells, from the cell's centre) in ``cell`` of ``grid`` along an
@@ -371,8 +359,7 @@ def _pixel_in_cell(cell: int, offset: float, extent: int, grid: int) -> int:
 
 
 def reading_question(nearness: np.ndarray, size: tuple[int, int], rng: np.random.Generator,
-                     mark_style: str = HARDBLINK_MARKS, spread: float = READING_SPREAD,
-                     min_points: int = 2, max_points: int = 5) -> dict[str, Any] | None:
+                     spread: float, mark_style: str = HARDBLINK_MARKS, min_points: int = 2, max_points: int = 5) -> dict[str, Any] | None:
     """A marked-point question on ``min_points``..``max_points`` random cells of an image, answered by
     the cells' mean nearness (``nearness``: (G, G), larger = nearer, e.g. the pooled depth map the
     depth tokens describe), or None when the draw finds no clear nearest cell.
@@ -381,10 +368,10 @@ def reading_question(nearness: np.ndarray, size: tuple[int, int], rng: np.random
     answer is the nearest cell of the map the depth span describes (with the gap below, a decoded
     span names the same cell for 99% of such questions): a curriculum for reading the span, which a
     small language model learns from such questions and not from object points alone (README
-    section 4, "The reading link alone"). Each point falls in the central ``spread`` of its cell
-    (:data:`READING_SPREAD`); letters follow a random order, so the answer letter is uniform.
+    section 4, "The reading link alone"). Each point falls in the central ``spread`` (0-1) of its
+    cell's width and height (``StreamConfig.reading_spread``); letters follow a random order, so the
+    answer letter is uniform.
     """
-    check_reading_spread(spread)
     grid = nearness.shape[0]
     width, height = size
     count = int(rng.integers(min_points, max_points + 1))

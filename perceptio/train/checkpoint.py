@@ -115,20 +115,22 @@ class LoadedCheckpoint:
 
 
 # Settings that may name local folders (shards; the model's base, SAM2 and depth tokenizer).
-PATH_SETTINGS = ("shards", "model.model", "model.sam_model", "model.tokenizer")
+PATH_SETTINGS = ("shards", "init_from", "model.model", "model.sam_model", "model.tokenizer")
+
+
+def absolute_location(value: Any) -> Any:
+    """A local folder (or a list of them) as an absolute path; hub ids, URLs and anything else as they are."""
+    if isinstance(value, list):
+        return sorted(absolute_location(item) for item in value)
+    if isinstance(value, str) and value and "://" not in value and Path(value).exists():
+        return str(Path(value).resolve())
+    return value
 
 
 def with_absolute_paths(settings: dict[str, Any]) -> dict[str, Any]:
     """``settings`` with every local folder it names written as an absolute path (hub ids and URLs
     as they are), so that a run resumed with ``data/shards`` matches one started with
     ``/home/me/data/shards``."""
-    def absolute(value: Any) -> Any:
-        if isinstance(value, list):
-            return sorted(absolute(item) for item in value)
-        if isinstance(value, str) and value and "://" not in value and Path(value).exists():
-            return str(Path(value).resolve())
-        return value
-
     resolved = json.loads(json.dumps(settings))
     for dotted in PATH_SETTINGS:
         *parents, name = dotted.split(".")
@@ -136,14 +138,14 @@ def with_absolute_paths(settings: dict[str, Any]) -> dict[str, Any]:
         for parent in parents:
             holder = holder.get(parent) if isinstance(holder, dict) else None
         if isinstance(holder, dict) and name in holder:
-            holder[name] = absolute(holder[name])
+            holder[name] = absolute_location(holder[name])
     return resolved
 
 
 # Settings added after checkpoints were first written: an older checkpoint ran with these values.
 # (Runs with reading questions from before reading_spread drew at 1/3: they resume only as they were
 # written, so they are refused, "reading_spread: None -> ...".)
-LATER_SETTINGS: dict[str, Any] = {"reading_questions": 0, "reading_spread": None}
+LATER_SETTINGS: dict[str, Any] = {"reading_questions": 0, "reading_spread": None, "init_from": None}
 
 
 def load_checkpoint(path: Path, settings: dict[str, Any]) -> LoadedCheckpoint:

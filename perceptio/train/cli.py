@@ -62,6 +62,7 @@ def train_command(
     seed: int = typer.Option(TrainConfig.seed, "--seed", help="Seed of the model's new weights, the data order and dropout; the same seed gives the same run.", rich_help_panel=PANEL_LOOP),
     save_every: int = typer.Option(TrainConfig.save_every, "--save-every", min=0, help="Write a checkpoint every N steps (0: only after the last step).", rich_help_panel=PANEL_LOOP),
     keep_last: int = typer.Option(TrainConfig.keep_last, "--keep-last", min=0, help="Keep only the newest N checkpoints (0: keep all).", rich_help_panel=PANEL_LOOP),
+    init_from: Optional[Path] = typer.Option(None, "--init-from", help="Start from the trained weights of an exported model (a run's OUT/model, adapter format) on the same --model, --sam-model and trainable parts, instead of new weights: a second stage of fine-tuning, e.g. a curriculum (README section 4). The optimizer and schedule start afresh.", show_default=False, rich_help_panel=PANEL_LOOP),
     resume: bool = typer.Option(TrainConfig.resume, "--resume", help="Go on from the newest checkpoint in OUT/checkpoints with the same options: exactly on the same number of processes, or on fewer/more (up to the first start's ranks x workers) without repeating or skipping data.", rich_help_panel=PANEL_LOOP),
     precision: str = typer.Option(TrainConfig.precision, "--precision", help="auto (bf16 autocast on GPUs, fp32 on CPU), bf16 or fp32.", rich_help_panel=PANEL_LOOP),
     parallel: str = typer.Option(TrainConfig.parallel, "--parallel", help="Under torchrun: ddp (replicate the model) or fsdp (shard it; for 8B-size models).", rich_help_panel=PANEL_LOOP),
@@ -129,7 +130,7 @@ def train_command(
     config = TrainConfig.for_model(model_config.is_tiny, out=out, steps=steps, batch_size=batch_size,
                                    grad_accum=grad_accum, lr=lr, head_lr=head_lr, weight_decay=weight_decay, warmup=warmup,
                                    grad_clip=grad_clip, seed=seed, workers=workers, save_every=save_every,
-                                   precision=precision, parallel=parallel, resume=resume, export=export,
+                                   precision=precision, parallel=parallel, resume=resume, init_from=init_from, export=export,
                                    progress=progress, max_bad_samples=max_bad_samples, keep_last=keep_last)
 
     config.check()
@@ -145,6 +146,8 @@ def train_command(
         console.print("[yellow]TINY model: random weights, for tests and demos only[/yellow]")
     torch.manual_seed(seed)  # every rank builds the same new weights (LoRA, projector) from the seed
     perceptio_model = PerceptioModel.from_config(model_config)
+    if config.init_from is not None:  # a resumed run then loads its checkpoint over these
+        perceptio_model.load_trained_weights(config.init_from)
     result = train(perceptio_model, stream, config)
     if result.stopped:
         console.print(result.stopped, soft_wrap=True, markup=False, highlight=False)  # one line, copyable

@@ -11,9 +11,10 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
-from perceptio.curate.marked_points import READING_SPREAD, check_reading_spread
 from perceptio.errors import PerceptioError
 from perceptio.tokens import DEFAULT_NUM_DEPTH_TOKENS
+
+CONFIG_NAME = "perceptio.json"  # an exported model's record: its format and PerceptioConfig
 
 TINY = "tiny"  # the model id of the built-in random-weight TINY model (perceptio.train.tiny)
 # The training split's name in COCO-style ("train") and ADE20k-style ("training") datasets.
@@ -122,7 +123,10 @@ class StreamConfig:
     # Per sample with marked-point questions and a depth map, this many more drawn afresh each epoch
     # on any cells and answered by the map (perceptio.curate.marked_points.reading_question).
     reading_questions: int = 0
-    reading_spread: float = READING_SPREAD  # the central share of its cell a reading question's point falls in
+    # Where in its cell a reading question's point falls: the central share of the cell's width and
+    # height. 1: anywhere, as curated points fall; 1/3 keeps a whole disc mark inside its cell, which
+    # a fine-tuned miniature learned to read and did not carry over to off-centre points (README section 4).
+    reading_spread: float = 1.0
     prompts: str = "prompts.json"
 
     def __post_init__(self) -> None:
@@ -130,7 +134,8 @@ class StreamConfig:
             raise PerceptioError(f"question targets must be one of {', '.join(QUESTION_TARGETS)}, not {self.question_targets!r}")
         if self.reading_questions < 0:
             raise PerceptioError(f"--reading-questions must be at least 0, not {self.reading_questions}")
-        check_reading_spread(self.reading_spread)
+        if not 0 < self.reading_spread <= 1:
+            raise PerceptioError(f"--reading-spread must be in (0, 1], not {self.reading_spread}")
 
 
 CHOICES = {"precision": ("auto", "bf16", "fp32"), "parallel": ("ddp", "fsdp"), "export": ("adapter", "merged", "none")}
@@ -159,6 +164,9 @@ class TrainConfig:
     precision: str = "auto"  # auto (bf16 on GPUs, fp32 on CPU) | bf16 | fp32
     parallel: str = "ddp"  # ddp | fsdp (only matters under torchrun)
     resume: bool = False
+    # A run's exported model (adapter format) whose trained weights replace the new ones at the start:
+    # a second stage of fine-tuning on the same base models, with a fresh optimizer and schedule.
+    init_from: Path | None = None
     export: str = "adapter"  # adapter | merged | none
     progress: bool = True
     max_bad_samples: str = "0.01"  # skipped samples tolerated: a count, or a share of those read (bad_data.py)
@@ -194,6 +202,8 @@ class TrainConfig:
                 f"{self.out} already holds a run ({', '.join(previous)}): pass --resume to continue it, or choose another --out"
             )
         BadSampleLimit.parse(self.max_bad_samples)
+        if self.init_from is not None and not (Path(self.init_from) / CONFIG_NAME).is_file():
+            raise PerceptioError(f"--init-from {self.init_from} is not an exported model (no {CONFIG_NAME})")
 
 
 @dataclass(frozen=True)

@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from perceptio import fs
-from perceptio.curate.marked_points import HARDBLINK_MARKS, READING_SPREAD, draw_marks, reading_question
+from perceptio.curate.marked_points import HARDBLINK_MARKS, draw_marks, reading_question
 from perceptio.errors import PerceptioError
 from perceptio.recipes import load_recipe
 from perceptio.shards import (
@@ -287,13 +287,13 @@ def _reading_questions(raw: dict[str, Any], meta: dict[str, Any], tokens: int, c
     rng = np.random.default_rng([*seed, zlib.crc32(raw["__key__"].encode("utf-8"))])
     curated = meta.get(QUESTIONS_FIELD) or [{}]
     style = curated[0].get("mark_style", HARDBLINK_MARKS)
-    drawn = (reading_question(nearness, (meta["width"], meta["height"]), rng, style, spread) for _ in range(count))
+    drawn = (reading_question(nearness, (meta["width"], meta["height"]), rng, spread, style) for _ in range(count))
     return [question for question in drawn if question is not None]
 
 
 def expand_sample(raw: dict[str, Any], templates: PromptTemplates, use_depth_tokens: bool = True,
                   question_targets: str = "recorded", reading_questions: int = 0,
-                  reading_seed: Sequence[int] = (), reading_spread: float = READING_SPREAD) -> list[Example]:
+                  reading_seed: Sequence[int] = (), reading_spread: float = StreamConfig.reading_spread) -> list[Example]:
     """The training examples of one shard sample (a webdataset dict of member bytes).
 
     Grounding samples give one example per (ref, sentence). ADE20k samples give one example per

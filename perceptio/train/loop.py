@@ -200,8 +200,9 @@ def run_settings(config: TrainConfig, data: StreamConfig, processes: Processes, 
     """
     # Not the number of ranks or loader workers: a run may resume on another number (elastic, see
     # data.ReaderLayout); the loader refuses only more readers than the run started with.
-    keep = ("steps", "batch_size", "grad_accum", "lr", "head_lr", "weight_decay", "warmup", "grad_clip", "seed", "parallel")
-    settings = {key: value for key, value in asdict(config).items() if key in keep}
+    keep = ("steps", "batch_size", "grad_accum", "lr", "head_lr", "weight_decay", "warmup", "grad_clip", "seed", "parallel",
+            "init_from")
+    settings = {key: str(value) if isinstance(value, Path) else value for key, value in asdict(config).items() if key in keep}
     prompts = json.dumps(load_recipe(data.prompts), sort_keys=True).encode("utf-8")
     model_config = getattr(model, "config", None)
     settings.update(mix=data.mix, seed_data=data.seed, splits=list(data.splits),

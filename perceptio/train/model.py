@@ -37,11 +37,11 @@ from perceptio.shards import DEPTH_SIZE
 from perceptio.tokens import D_END, D_START, DEFAULT_NUM_CODES, SEG, depth_token, special_tokens
 from perceptio.train import losses, shapes
 from perceptio.train.adapter import VLMAdapter, adapter_for
-from perceptio.train.config import TINY, PerceptioConfig
+from perceptio.train.checkpoint import absolute_location
+from perceptio.train.config import CONFIG_NAME, TINY, PerceptioConfig
 from perceptio.train.processor import PerceptioProcessor, ProcessorSettings
 from perceptio.train.sam import SamSegmenter
 
-CONFIG_NAME = "perceptio.json"
 TRAINABLE_NAME = "trainable.safetensors"
 PROJECTOR_NAME = "seg_projector.safetensors"
 # The adapter export in the ecosystem's formats, beside trainable.safetensors: PEFT's own files
@@ -317,15 +317,27 @@ class PerceptioModel(nn.Module):
             self.segmenter.sam.save_pretrained(staging / SAM_DIR)
             save_file(_contiguous(self.segmenter.projector.state_dict()), staging / PROJECTOR_NAME)
 
+    def load_trained_weights(self, directory: str | os.PathLike) -> None:
+        """Take the trained weights of an adapter export (a run's OUT/model) of the same base models
+        and trainable parts: the start of a second stage of fine-tuning (``--init-from``)."""
+        folder = Path(directory)
+        record = _export_record(folder)
+        if record["format"] != "adapter":
+            raise PerceptioError(f"--init-from {folder} is a merged export, a base model of its own: "
+                                 f"pass its {VLM_DIR}/ and {SAM_DIR}/ as --model and --sam-model instead")
+        saved = PerceptioConfig.from_dict(record["config"])
+        for option, name in (("--model", "model"), ("--sam-model", "sam_model")):
+            theirs, ours = absolute_location(getattr(saved, name)), absolute_location(getattr(self.config, name))
+            if theirs != ours:
+                raise PerceptioError(f"--init-from {folder} was trained on {option} {theirs}, not {ours}")
+        self.load_trainable_state_dict(load_file(folder / TRAINABLE_NAME))
+
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, dtype: str | None = None) -> "PerceptioModel":
         """Load a folder written by :meth:`save_pretrained` (either format); ``dtype`` overrides the
         saved storage dtype of the frozen weights (``PerceptioConfig.dtype``)."""
         folder = Path(directory)
-        record_path = folder / CONFIG_NAME
-        if not record_path.is_file():
-            raise PerceptioError(f"{folder} is not a perceptio model folder (no {CONFIG_NAME})")
-        record = json.loads(record_path.read_text())
+        record = _export_record(folder)
         config = PerceptioConfig.from_dict(record["config"])
         config.tokenizer = str(folder / DEPTH_DIR) if (folder / DEPTH_DIR).is_dir() else ""
         if dtype is not None:
@@ -339,6 +351,14 @@ class PerceptioModel(nn.Module):
         config.sam_model, config.sam_revision = str(folder / SAM_DIR), ""
         projector = load_file(folder / PROJECTOR_NAME) if (folder / PROJECTOR_NAME).is_file() else None
         return cls._build(config, depth_vqvae=None, apply_lora=False, segmenter_state=projector)
+
+
+def _export_record(folder: Path) -> dict[str, Any]:
+    """The record :meth:`PerceptioModel.save_pretrained` writes: the export's format and config."""
+    record_path = folder / CONFIG_NAME
+    if not record_path.is_file():
+        raise PerceptioError(f"{folder} is not a perceptio model folder (no {CONFIG_NAME})")
+    return json.loads(record_path.read_text())
 
 
 def frozen_weight_dtype(name: str, cuda_available: bool) -> torch.dtype:
