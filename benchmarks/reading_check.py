@@ -10,7 +10,9 @@ above chance here, whatever it does on the hard split; ``--curated`` asks the pi
 questions (on objects) the same way, ``--direct`` asks for the letter alone (a model trained
 without depth tokens, the ablation's other arm). Scores come by point count and by placement:
 questions whose points all lie near their cells' centres, and the others (``--spread`` says where
-reading points fall; curated ones fall anywhere)::
+reading points fall; curated ones fall anywhere). ``--other-spans`` hands each question another
+picture's span that names another answer: a model that reads its span follows the span, one that
+answers from the picture does not::
 
     python benchmarks/reading_check.py --checkpoint RUN/model --shards HELDOUT/ade20k --pictures 40
 """
@@ -23,17 +25,20 @@ import json
 import math
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 
+from perceptio.curate.marked_points import READING_ANSWER_GAP
 from perceptio.evaluate.hardblink import parse_choice
 from perceptio.evaluate.predict import Predictor
 from perceptio.shards import list_shards
 from perceptio.train.bad_data import SkipCounter, read_shard
 from perceptio.tokens import DEFAULT_NUM_DEPTH_TOKENS
 from perceptio.train.config import StreamConfig
-from perceptio.train.data import Example, PromptTemplates, expand_sample
+from perceptio.train.data import Example, PromptTemplates, expand_sample, npy_load, token_grid_nearness
 
 BATCH = 16
 GRID = math.isqrt(DEFAULT_NUM_DEPTH_TOKENS)  # the depth tokens' grid, 10 x 10
@@ -62,17 +67,53 @@ def reading_examples(folder: Path, pictures: int, per_picture: int, seed: int, c
     return examples
 
 
+def true_span(example: Example) -> str:
+    """The question's target up to its letter: "[D_START] .. [D_END]" ("" for a direct question)."""
+    return example.target[: example.target.rindex("(")]
+
+
+def written_letters(predictor: Predictor, examples: list[Example], prefixes: list[str]) -> list[str | None]:
+    """The letter written for each question after its prefix (a span; "": asked for the letter alone)."""
+    letters = []
+    for start in range(0, len(examples), BATCH):
+        batch, given = examples[start:start + BATCH], prefixes[start:start + BATCH]
+        replies = predictor.predict_batch([example.image() for example in batch], [example.prompt for example in batch],
+                                          answer_prefixes=given if any(given) else None)
+        letters += [parse_choice(reply.text, len(example.marks.labels)) for example, reply in zip(batch, replies)]
+    return letters
+
+
 def letters_right(predictor: Predictor, examples: list[Example]) -> list[bool]:
     """Per question: is the letter written after the given true span (none for direct questions) the answer?"""
-    hits = []
-    for start in range(0, len(examples), BATCH):
-        batch = examples[start:start + BATCH]
-        spans = [example.target[: example.target.rindex("(")] for example in batch]  # "[D_START] .. [D_END]"
-        replies = predictor.predict_batch([example.image() for example in batch], [example.prompt for example in batch],
-                                          answer_prefixes=spans if any(spans) else None)
-        hits += [parse_choice(reply.text, len(example.marks.labels)) == example.target[-2]
-                 for example, reply in zip(batch, replies)]
-    return hits
+    letters = written_letters(predictor, examples, [true_span(example) for example in examples])
+    return [letter == example.target[-2] for letter, example in zip(letters, examples)]
+
+
+def other_span_questions(examples: list[Example], grid: int = GRID) -> list[tuple[Example, str, str]]:
+    """Each question with the true span of another of the examples' pictures whose depth map, pooled on
+    the span's grid, clearly names another answer at the question's cells (nearest beats next by
+    READING_ANSWER_GAP), and that answer; a question no other picture answers so is left out. A model
+    that reads its span follows the span's answer; one that answers from the picture, its own."""
+    pictures: dict[str, Example] = {}
+    for example in examples:
+        pictures.setdefault(example.key.split("/")[0], example)
+    names = list(pictures)
+    paired = []
+    for index, example in enumerate(examples):
+        width, height = Image.open(io.BytesIO(example.image_bytes)).size
+        cells = [min(grid - 1, y * grid // height) * grid + min(grid - 1, x * grid // width) for x, y in example.marks.points]
+        rotated = names[index % len(names):] + names[: index % len(names)]  # a different partner order per question
+        for name in rotated:
+            other = pictures[name]
+            if name == example.key.split("/")[0] or other.depth_bytes is None:
+                continue
+            values = token_grid_nearness(npy_load(other.depth_bytes), grid * grid).reshape(-1)[cells]
+            ordered = np.sort(values)
+            answer = example.marks.labels[int(np.argmax(values))]
+            if ordered[-1] - ordered[-2] >= READING_ANSWER_GAP and answer != example.target[-2]:
+                paired.append((example, true_span(other), answer))
+                break
+    return paired
 
 
 def farthest_from_centre(example: Example, grid: int = GRID) -> float:
@@ -92,6 +133,46 @@ def scores_by_placement(examples: list[Example], hits: list[bool]) -> dict[str, 
             for name, group in groups.items() if group}
 
 
+def true_span_scores(predictor: Predictor, examples: list[Example]) -> tuple[dict[str, Any], str]:
+    """The letters after the true spans (or alone, for direct questions), scored; and a line to print."""
+    hits = letters_right(predictor, examples)
+    asked, right = Counter(), Counter()
+    for example, hit in zip(examples, hits):
+        asked[len(example.marks.labels)] += 1
+        right[len(example.marks.labels)] += hit
+    record = {
+        "questions": len(examples),
+        "letter_after_true_span": sum(hits) / len(hits),
+        "chance": sum(1 / len(example.marks.labels) for example in examples) / len(examples),
+        "by_points": {points: right[points] / asked[points] for points in sorted(asked)},
+        "by_placement": scores_by_placement(examples, hits),
+    }
+    asked_for = "letter after the true span" if true_span(examples[0]) else "letter"
+    line = (f"{record['questions']} QUESTIONS: {asked_for} {100 * record['letter_after_true_span']:.1f}% "
+            f"(chance {100 * record['chance']:.1f}); by points: "
+            + ", ".join(f"{points}: {100 * share:.1f}" for points, share in record["by_points"].items()) + "; "
+            + ", ".join(f"{name.replace('_', '-')} ({group['questions']}): {100 * group['right']:.1f} (chance {100 * group['chance']:.1f})"
+                        for name, group in record["by_placement"].items()))
+    return record, line
+
+
+def other_span_scores(predictor: Predictor, examples: list[Example]) -> tuple[dict[str, Any], str]:
+    """The letters after another picture's span (:func:`other_span_questions`): how often each is the
+    picture's answer and how often the span's; and a line to print."""
+    paired = other_span_questions(examples)
+    letters = written_letters(predictor, [example for example, _, _ in paired], [span for _, span, _ in paired])
+    record = {
+        "questions": len(paired),
+        "letter_is_the_pictures_answer": sum(letter == example.target[-2] for letter, (example, _, _) in zip(letters, paired)) / len(paired),
+        "letter_is_the_spans_answer": sum(letter == answer for letter, (_, _, answer) in zip(letters, paired)) / len(paired),
+        "chance": sum(1 / len(example.marks.labels) for example, _, _ in paired) / len(paired),
+    }
+    line = (f"{record['questions']} QUESTIONS after another picture's span: the letter is the picture's answer "
+            f"{100 * record['letter_is_the_pictures_answer']:.1f}%, the span's {100 * record['letter_is_the_spans_answer']:.1f}% "
+            f"(chance {100 * record['chance']:.1f})")
+    return record, line
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", type=Path, required=True, help="an exported model (perceptio-train's RUN/model)")
@@ -104,30 +185,19 @@ def main() -> None:
     parser.add_argument("--curated", action="store_true",
                         help="the pictures' curated questions (on objects) instead of reading questions")
     parser.add_argument("--direct", action="store_true", help="ask for the letter alone (a --no-depth-tokens model)")
+    parser.add_argument("--other-spans", action="store_true",
+                        help="give each question another picture's true span, one that names another answer: does the letter follow the span or the picture?")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, help="write the scores as JSON here")
     arguments = parser.parse_args()
+    if arguments.other_spans and arguments.direct:
+        parser.error("--other-spans needs questions answered after a span, not --direct ones")
     torch.set_num_threads(arguments.threads)
     examples = reading_examples(arguments.shards, arguments.pictures, arguments.per_picture, arguments.seed,
                                 arguments.curated, arguments.direct, arguments.spread)
-    hits = letters_right(Predictor.from_checkpoint(arguments.checkpoint), examples)
-    asked, right = Counter(), Counter()
-    for example, hit in zip(examples, hits):
-        asked[len(example.marks.labels)] += 1
-        right[len(example.marks.labels)] += hit
-    record = {
-        "questions": len(examples),
-        "letter_after_true_span": sum(hits) / len(hits),
-        "chance": sum(1 / len(example.marks.labels) for example in examples) / len(examples),
-        "by_points": {points: right[points] / asked[points] for points in sorted(asked)},
-        "by_placement": scores_by_placement(examples, hits),
-    }
-    asked_for = "letter" if arguments.direct else "letter after the true span"
-    print(f"{record['questions']} {'curated' if arguments.curated else 'reading'} questions: {asked_for} {100 * record['letter_after_true_span']:.1f}% "
-          f"(chance {100 * record['chance']:.1f}); by points: "
-          + ", ".join(f"{points}: {100 * share:.1f}" for points, share in record["by_points"].items()) + "; "
-          + ", ".join(f"{name.replace('_', '-')} ({group['questions']}): {100 * group['right']:.1f} (chance {100 * group['chance']:.1f})"
-                      for name, group in record["by_placement"].items()))
+    predictor = Predictor.from_checkpoint(arguments.checkpoint)
+    record, line = (other_span_scores if arguments.other_spans else true_span_scores)(predictor, examples)
+    print(line.replace("QUESTIONS", "curated questions" if arguments.curated else "reading questions"))
     if arguments.out is not None:
         arguments.out.write_text(json.dumps({"arguments": {k: str(v) for k, v in vars(arguments).items()}, **record}, indent=2))
 

@@ -14,7 +14,8 @@ from perceptio.tokens import D_END, D_START
 from tests.train_factory import write_shards
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from reading_check import CENTRED, farthest_from_centre, letters_right, reading_examples, scores_by_placement  # noqa: E402
+from reading_check import (CENTRED, farthest_from_centre, letters_right, other_span_questions, other_span_scores,  # noqa: E402
+                           reading_examples, scores_by_placement)
 
 
 class ScriptedPredictor:
@@ -71,3 +72,24 @@ def test_questions_are_scored_apart_by_where_their_points_fall_in_their_cells(tm
     assert scores["off_centre"]["questions"] == off and scores["centred"]["questions"] == len(examples) - off
     assert scores["off_centre"]["right"] == 1.0 and scores["centred"]["right"] == 0.0
     assert 0.2 <= scores["centred"]["chance"] <= 0.5
+
+
+def test_other_pictures_spans_tell_a_model_that_reads_its_span_from_one_that_reads_the_picture(tmp_path):
+    write_shards(tmp_path, "ade20k", split="training", shards=2, images_per_shard=3, questions=True)
+    examples = reading_examples(tmp_path, pictures=6, per_picture=8, seed=1)
+    paired = other_span_questions(examples)
+    assert len(paired) >= len(examples) // 3
+    for example, span, answer in paired:
+        assert span.startswith(D_START) and span.endswith(D_END)  # the factory's pictures may share a span
+        assert answer != example.target[-2] and answer in example.marks.labels
+
+    def scripted(answers):
+        queue = iter(answers)
+        return ScriptedPredictor(lambda prefix: next(queue))
+
+    follows_span, _ = other_span_scores(scripted([answer for _, _, answer in paired]), examples)
+    assert follows_span["questions"] == len(paired)
+    assert (follows_span["letter_is_the_spans_answer"], follows_span["letter_is_the_pictures_answer"]) == (1.0, 0.0)
+    follows_picture, line = other_span_scores(scripted([example.target[-2] for example, _, _ in paired]), examples)
+    assert (follows_picture["letter_is_the_spans_answer"], follows_picture["letter_is_the_pictures_answer"]) == (0.0, 1.0)
+    assert "the picture's answer 100.0%, the span's 0.0%" in line
