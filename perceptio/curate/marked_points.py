@@ -351,6 +351,7 @@ def make_questions(regions: Sequence[ObjectRegion], nearness: NearnessFn, key: s
 # units: a tenth of the map's [-1, 1] range), so that a decoded span names the same cell.
 READING_ANSWER_GAP = 0.2
 
+
 def _pixel_in_cell(cell: int, offset: float, extent: int, grid: int) -> int:
     """The pixel at ``offset`` (in cells, from the cell's centre) in ``cell`` of ``grid`` along an
     image side of ``extent`` pixels, kept inside the cell (pixel * grid // extent == cell)."""

@@ -304,8 +304,8 @@ def expand_sample(raw: dict[str, Any], templates: PromptTemplates, use_depth_tok
     ``reading_seed`` (the run's seed and epoch: new ones each epoch) and the sample's key, each point
     in the central ``reading_spread`` of its cell, keyed ``{key}/r{i}`` and written as the curated
     ones (``recorded``: span first). Without depth tokens the span is left out and every question is
-    answered directly. A LLaVA conversation is one example
-    of all its turns; a GranD-f grounded caption one example whose answer holds a [SEG] per phrase.
+    answered directly. A LLaVA conversation is one example of all its turns; a GranD-f grounded
+    caption one example whose answer holds a [SEG] per phrase.
     """
     if question_targets not in QUESTION_TARGETS:
         raise PerceptioError(f"question targets must be one of {', '.join(QUESTION_TARGETS)}, not {question_targets!r}")
@@ -326,8 +326,7 @@ def expand_sample(raw: dict[str, Any], templates: PromptTemplates, use_depth_tok
         drawn = []
         if reading_questions and "depth.npy" in raw and codes is not None:
             drawn = [(f"r{index}", question) for index, question in
-                     enumerate(_reading_questions(raw, meta, len(codes), reading_questions, reading_seed,
-                                                           reading_spread))]
+                     enumerate(_reading_questions(raw, meta, len(codes), reading_questions, reading_seed, reading_spread))]
         for name, question in [(f"q{index}", question) for index, question in enumerate(questions)] + drawn:
             variants = _question_variants(question, question_targets, use_depth_tokens)
             # Questions curated before mark styles existed were drawn as HardBLINK draws them.
