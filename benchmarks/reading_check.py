@@ -133,6 +133,13 @@ def scores_by_placement(examples: list[Example], hits: list[bool]) -> dict[str, 
             for name, group in groups.items() if group}
 
 
+def lowest_point_answers(examples: list[Example]) -> float:
+    """How often the lowest marked point in the picture is the answer: the picture's own cue, which a
+    model can use instead of the span."""
+    return sum(example.marks.labels[max(range(len(example.marks.points)), key=lambda i: example.marks.points[i][1])]
+               == example.target[-2] for example in examples) / len(examples)
+
+
 def true_span_scores(predictor: Predictor, examples: list[Example]) -> tuple[dict[str, Any], str]:
     """The letters after the true spans (or alone, for direct questions), scored; and a line to print."""
     hits = letters_right(predictor, examples)
@@ -144,12 +151,13 @@ def true_span_scores(predictor: Predictor, examples: list[Example]) -> tuple[dic
         "questions": len(examples),
         "letter_after_true_span": sum(hits) / len(hits),
         "chance": sum(1 / len(example.marks.labels) for example in examples) / len(examples),
+        "lowest_point_is_the_answer": lowest_point_answers(examples),
         "by_points": {points: right[points] / asked[points] for points in sorted(asked)},
         "by_placement": scores_by_placement(examples, hits),
     }
     asked_for = "letter after the true span" if true_span(examples[0]) else "letter"
     line = (f"{record['questions']} QUESTIONS: {asked_for} {100 * record['letter_after_true_span']:.1f}% "
-            f"(chance {100 * record['chance']:.1f}); by points: "
+            f"(chance {100 * record['chance']:.1f}; the lowest point: {100 * record['lowest_point_is_the_answer']:.1f}); by points: "
             + ", ".join(f"{points}: {100 * share:.1f}" for points, share in record["by_points"].items()) + "; "
             + ", ".join(f"{name.replace('_', '-')} ({group['questions']}): {100 * group['right']:.1f} (chance {100 * group['chance']:.1f})"
                         for name, group in record["by_placement"].items()))

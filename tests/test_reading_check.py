@@ -3,6 +3,7 @@ model each picture's true span and scores the letter written after it."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import sys
 from pathlib import Path
@@ -14,8 +15,8 @@ from perceptio.tokens import D_END, D_START
 from tests.train_factory import write_shards
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from reading_check import (CENTRED, farthest_from_centre, letters_right, other_span_questions, other_span_scores,  # noqa: E402
-                           reading_examples, scores_by_placement)
+from reading_check import (CENTRED, farthest_from_centre, letters_right, lowest_point_answers, other_span_questions,  # noqa: E402
+                           other_span_scores, reading_examples, scores_by_placement)
 
 
 class ScriptedPredictor:
@@ -93,3 +94,20 @@ def test_other_pictures_spans_tell_a_model_that_reads_its_span_from_one_that_rea
     follows_picture, line = other_span_scores(scripted([example.target[-2] for example, _, _ in paired]), examples)
     assert (follows_picture["letter_is_the_spans_answer"], follows_picture["letter_is_the_pictures_answer"]) == (0.0, 1.0)
     assert "the picture's answer 100.0%, the span's 0.0%" in line
+
+
+def test_the_lowest_point_heuristic_is_scored_on_the_same_questions(tmp_path):
+    write_shards(tmp_path, "ade20k", split="training", shards=1, images_per_shard=3, questions=True)
+    examples = reading_examples(tmp_path, pictures=3, per_picture=10, seed=1)
+    lowest = [example.marks.labels[max(range(len(example.marks.points)), key=lambda i: example.marks.points[i][1])]
+              for example in examples]
+
+    def answered(letters):
+        return [dataclasses.replace(e, turns=(e.turns[0], dataclasses.replace(e.turns[1], text=f"({a})")))
+                for a, e in zip(letters, examples)]
+
+    assert lowest_point_answers(answered(lowest)) == 1.0  # every answer the lowest point
+    others = [next(label for label in e.marks.labels if label != a) for a, e in zip(lowest, examples)]
+    assert lowest_point_answers(answered(others)) == 0.0  # never
+    half = [a if i % 2 else o for i, (a, o) in enumerate(zip(lowest, others))]
+    assert lowest_point_answers(answered(half)) == sum(i % 2 for i in range(len(examples))) / len(examples)
