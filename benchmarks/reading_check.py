@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import math
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -36,12 +35,11 @@ from perceptio.evaluate.hardblink import parse_choice
 from perceptio.evaluate.predict import Predictor
 from perceptio.shards import list_shards
 from perceptio.train.bad_data import SkipCounter, read_shard
-from perceptio.tokens import DEFAULT_NUM_DEPTH_TOKENS
 from perceptio.train.config import StreamConfig
 from perceptio.train.data import Example, PromptTemplates, expand_sample, npy_load, token_grid_nearness
+from perceptio.train.miniature import GRID, grid_cell  # the depth tokens' grid is the image tokens' 10 x 10
 
 BATCH = 16
-GRID = math.isqrt(DEFAULT_NUM_DEPTH_TOKENS)  # the depth tokens' grid, 10 x 10
 # A question is "centred" when each point lies within this many cells of its cell's centre (a disc
 # mark then stays mostly inside its cell); curated points fall anywhere, most beyond it.
 CENTRED = 0.3
@@ -89,37 +87,43 @@ def letters_right(predictor: Predictor, examples: list[Example]) -> list[bool]:
     return [letter == example.target[-2] for letter, example in zip(letters, examples)]
 
 
-def other_span_questions(examples: list[Example], grid: int = GRID) -> list[tuple[Example, str, str]]:
+def image_size(example: Example) -> tuple[int, int]:
+    """(width, height) of the question's picture, from its header alone."""
+    return Image.open(io.BytesIO(example.image_bytes)).size
+
+
+def other_span_questions(examples: list[Example]) -> list[tuple[Example, str, str]]:
     """Each question with the true span of another of the examples' pictures whose depth map, pooled on
     the span's grid, clearly names another answer at the question's cells (nearest beats next by
     READING_ANSWER_GAP), and that answer; a question no other picture answers so is left out. A model
     that reads its span follows the span's answer; one that answers from the picture, its own."""
-    pictures: dict[str, Example] = {}
+    spans: dict[str, str] = {}  # per picture: its true span and its depth map's cell means, computed once
+    nearness: dict[str, np.ndarray] = {}
     for example in examples:
-        pictures.setdefault(example.key.split("/")[0], example)
-    names = list(pictures)
+        picture = example.key.split("/")[0]
+        if picture not in spans and example.depth_bytes is not None:
+            spans[picture] = true_span(example)
+            nearness[picture] = token_grid_nearness(npy_load(example.depth_bytes), GRID * GRID).reshape(-1)
+    names = list(spans)
     paired = []
     for index, example in enumerate(examples):
-        width, height = Image.open(io.BytesIO(example.image_bytes)).size
-        cells = [min(grid - 1, y * grid // height) * grid + min(grid - 1, x * grid // width) for x, y in example.marks.points]
+        own = example.key.split("/")[0]
+        cells = [grid_cell(point, image_size(example)) for point in example.marks.points]
         rotated = names[index % len(names):] + names[: index % len(names)]  # a different partner order per question
         for name in rotated:
-            other = pictures[name]
-            if name == example.key.split("/")[0] or other.depth_bytes is None:
-                continue
-            values = token_grid_nearness(npy_load(other.depth_bytes), grid * grid).reshape(-1)[cells]
+            values = nearness[name][cells]
             ordered = np.sort(values)
             answer = example.marks.labels[int(np.argmax(values))]
-            if ordered[-1] - ordered[-2] >= READING_ANSWER_GAP and answer != example.target[-2]:
-                paired.append((example, true_span(other), answer))
+            if name != own and ordered[-1] - ordered[-2] >= READING_ANSWER_GAP and answer != example.target[-2]:
+                paired.append((example, spans[name], answer))
                 break
     return paired
 
 
-def farthest_from_centre(example: Example, grid: int = GRID) -> float:
+def farthest_from_centre(example: Example) -> float:
     """How far the question's point farthest from its grid cell's centre lies, in cells (0.5: on an edge)."""
-    width, height = Image.open(io.BytesIO(example.image_bytes)).size
-    return max(max(abs(x * grid / width % 1 - 0.5), abs(y * grid / height % 1 - 0.5)) for x, y in example.marks.points)
+    width, height = image_size(example)
+    return max(max(abs(x * GRID / width % 1 - 0.5), abs(y * GRID / height % 1 - 0.5)) for x, y in example.marks.points)
 
 
 def scores_by_placement(examples: list[Example], hits: list[bool]) -> dict[str, dict[str, float]]:

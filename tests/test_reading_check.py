@@ -9,14 +9,18 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 from PIL import Image
 
+from perceptio.curate.marked_points import READING_ANSWER_GAP
 from perceptio.tokens import D_END, D_START
+from perceptio.train.data import npy_load, token_grid_nearness
+from perceptio.train.miniature import GRID, grid_cell
 from tests.train_factory import write_shards
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from reading_check import (CENTRED, farthest_from_centre, letters_right, lowest_point_answers, other_span_questions,  # noqa: E402
-                           other_span_scores, reading_examples, scores_by_placement)
+from reading_check import (CENTRED, farthest_from_centre, image_size, letters_right, lowest_point_answers,  # noqa: E402
+                           other_span_questions, other_span_scores, reading_examples, scores_by_placement)
 
 
 class ScriptedPredictor:
@@ -80,9 +84,15 @@ def test_other_pictures_spans_tell_a_model_that_reads_its_span_from_one_that_rea
     examples = reading_examples(tmp_path, pictures=6, per_picture=8, seed=1)
     paired = other_span_questions(examples)
     assert len(paired) >= len(examples) // 3
+    maps = {e.key.split("/")[0]: token_grid_nearness(npy_load(e.depth_bytes), GRID * GRID).reshape(-1) for e in examples}
     for example, span, answer in paired:
         assert span.startswith(D_START) and span.endswith(D_END)  # the factory's pictures may share a span
         assert answer != example.target[-2] and answer in example.marks.labels
+        # The answer is what another picture's depth map clearly says at this question's cells.
+        cells = [grid_cell(point, image_size(example)) for point in example.marks.points]
+        assert any(example.marks.labels[int(np.argmax(near[cells]))] == answer
+                   and np.sort(near[cells])[-1] - np.sort(near[cells])[-2] >= READING_ANSWER_GAP
+                   for picture, near in maps.items() if picture != example.key.split("/")[0])
 
     def scripted(answers):
         queue = iter(answers)

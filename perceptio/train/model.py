@@ -325,9 +325,8 @@ class PerceptioModel(nn.Module):
         if record["format"] != "adapter":
             raise PerceptioError(f"--init-from {folder} is a merged export, a base model of its own: "
                                  f"pass its {VLM_DIR}/ and {SAM_DIR}/ as --model and --sam-model instead")
-        saved = PerceptioConfig.from_dict(record["config"])
         for option, name in (("--model", "model"), ("--sam-model", "sam_model")):
-            theirs, ours = absolute_location(getattr(saved, name)), absolute_location(getattr(self.config, name))
+            theirs, ours = absolute_location(record["config"][name]), absolute_location(getattr(self.config, name))
             if theirs != ours:
                 raise PerceptioError(f"--init-from {folder} was trained on {option} {theirs}, not {ours}")
         self.load_trainable_state_dict(load_file(folder / TRAINABLE_NAME))
