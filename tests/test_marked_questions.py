@@ -27,12 +27,13 @@ from perceptio.curate.marked_points import (
     make_questions,
     object_regions,
     reading_question,
+    swapped_reading_question,
     window_nearness,
 )
 from perceptio.sources.masks import segment_masks
 from perceptio.errors import PerceptioError
 from perceptio.shards import ShardSample, sample_key
-from perceptio.tokens import D_START
+from perceptio.tokens import D_END, D_START, depth_span
 from perceptio.train.data import PromptTemplates, StreamConfig, expand_sample
 
 STUFF = frozenset({1, 2})  # wall, floor
@@ -246,6 +247,55 @@ def test_reading_questions_mark_any_cells_and_name_the_nearest_by_the_depth_map_
     assert reading_question(np.zeros((10, 10)), (320, 240), np.random.default_rng(0), spread=1.0) is None
     with pytest.raises(PerceptioError, match="reading-questions"):
         StreamConfig([], reading_questions=-1)
+
+
+def test_swapped_reading_questions_are_answered_by_the_shuffled_span_and_the_picture_names_it_by_chance():
+    nearness = np.random.default_rng(6).uniform(-1, 1, (10, 10))
+    codes = list(range(100))  # code k at cell k: the span tells which cell's code each cell holds
+    rng = np.random.default_rng(7)
+    drawn = [q for q in (reading_question(nearness, (320, 240), rng, spread=1.0) for _ in range(600)) if q]
+    picture_named, chance = [], []
+    for question in drawn:
+        swapped, shuffled = swapped_reading_question(question, codes, nearness, rng)
+        cells = question["cells"]
+        assert [c for c in range(100) if shuffled[c] != c] == [c for c in sorted(cells) if shuffled[c] != c]
+        assert sorted(shuffled[c] for c in cells) == sorted(cells)  # the marked cells' codes, shuffled among them
+        by_span = nearness.reshape(-1)[[shuffled[c] for c in cells]]  # what the span says at each marked cell
+        assert swapped["answer"] == question["labels"][int(np.argmax(by_span))]
+        assert {k: v for k, v in swapped.items() if k != "answer"} == {k: v for k, v in question.items() if k != "answer"}
+        picture_named.append(swapped["answer"] == question["answer"])
+        chance.append(1 / len(cells))
+    assert len(drawn) > 300 and abs(np.mean(picture_named) - np.mean(chance)) < 0.06
+
+
+def test_a_share_of_reading_questions_is_swapped_written_span_first_without_a_depth_target():
+    cells = np.random.default_rng(3).uniform(-1, 1, (10, 10))
+    raw = _ade_sample([{"text": "Which?", "points": [[10, 10], [50, 30]], "labels": ["A", "B"], "answer": "B",
+                        "target": DIRECT, "mark_style": COLOURED_MARKS}], np.kron(cells, np.ones((32, 32))), size=(320, 240))
+    templates = PromptTemplates.load()
+    plain = expand_sample(raw, templates, reading_questions=30, reading_seed=(0, 0))
+    assert [(e.key, e.target) for e in expand_sample(raw, templates, reading_questions=30, reading_seed=(0, 0),
+                                                     reading_swaps=0.0)] == [(e.key, e.target) for e in plain]
+    mixed = expand_sample(raw, templates, question_targets="both", reading_questions=30, reading_seed=(0, 0), reading_swaps=0.5)
+    swapped = [e for e in mixed if e.span_is_context]
+    kept = [e for e in mixed if "/r" in e.key and not e.span_is_context]
+    assert swapped and kept
+    own_span = depth_span(range(100))  # the sample's codes are 0..99 (see _ade_sample)
+    for example in swapped:
+        span, answer = example.target.split(D_END)
+        codes = [int(token) for token in span.replace(D_START, "").replace("[D_", " ").replace("]", "").split()]
+        marked = [min(9, y * 10 // 240) * 10 + min(9, x * 10 // 320) for x, y in example.marks.points]
+        assert [c for c in range(100) if codes[c] != c] == [c for c in sorted(marked) if codes[c] != c]
+        assert answer.strip() == f"({example.marks.labels[int(np.argmax(cells.reshape(-1)[[codes[c] for c in marked]]))]})"
+        assert example.depth_bytes is None and example.decode()["span_is_context"]  # no depth target: the span is not the picture's
+        assert example.key.rsplit("/", 1)[1].startswith("r") and f"{example.key}/direct" not in {e.key for e in mixed}  # span first only
+    assert all(e.target.startswith(own_span) for e in kept if D_START in e.target)
+    assert 0.3 < len(swapped) / (len(swapped) + len({e.key.rsplit("/", 1)[0] for e in kept})) < 0.7
+    direct = expand_sample(raw, templates, use_depth_tokens=False, reading_questions=30, reading_seed=(0, 0), reading_swaps=1.0)
+    assert not any(e.span_is_context for e in direct)  # without depth tokens no span can answer
+    for bad in (-0.1, 1.5):
+        with pytest.raises(PerceptioError, match="reading-swaps"):
+            StreamConfig([], reading_swaps=bad)
 
 
 def test_reading_points_fall_where_the_spread_says_and_always_in_their_cell():

@@ -40,7 +40,7 @@ class ToyOutput:
 class ToyProcessor:
     """The processor interface: a few numbers per example."""
 
-    def encode_conversation(self, image, turns, masks, depth):
+    def encode_conversation(self, image, turns, masks, depth, span_is_context=False):
         pixels = np.asarray(image, dtype=np.float32) / 255.0
         features = torch.tensor([*pixels.mean(axis=(0, 1)), len(turns[0].text) / 100.0])
         has_mask = float(len(masks) > 0)
@@ -145,13 +145,14 @@ def test_resume_matches_local_folders_however_they_are_written(shards, tmp_path,
     assert state["settings"]["shards"] == [str(shards.resolve())]
     # Without reading questions, where their points would fall is no setting of the run.
     assert state["settings"]["reading_questions"] == 0 and state["settings"]["reading_spread"] is None
-    with_reading = run_settings(TrainConfig(out=tmp_path, steps=4), stream(shards, reading_questions=5, reading_spread=0.5),
+    with_reading = run_settings(TrainConfig(out=tmp_path, steps=4),
+                                stream(shards, reading_questions=5, reading_spread=0.5, reading_swaps=0.25),
                                 Processes(0, 1, torch.device("cpu")))
-    assert (with_reading["reading_questions"], with_reading["reading_spread"]) == (5, 0.5)
+    assert (with_reading["reading_questions"], with_reading["reading_spread"], with_reading["reading_swaps"]) == (5, 0.5, 0.25)
     # A checkpoint written before settings held absolute paths (relative, as typed) and before
-    # --reading-questions and --reading-spread existed (it ran without them) still resumes.
+    # --reading-questions, --reading-spread and --reading-swaps existed (it ran without them) still resumes.
     state["settings"]["shards"] = [shards.name]
-    del state["settings"]["reading_questions"], state["settings"]["reading_spread"]
+    del state["settings"]["reading_questions"], state["settings"]["reading_spread"], state["settings"]["reading_swaps"]
     state_file.write_text(json.dumps(state))
     assert run(shards.resolve(), tmp_path, 4, save_every=2, resume=True).history == []
     with pytest.raises(PerceptioError, match="reading_questions: 0 -> 5, reading_spread: None -> 1.0"):

@@ -15,7 +15,9 @@ from perceptio.tokens import SEG, depth_span
 from perceptio.train.config import PerceptioConfig, StreamConfig
 from perceptio.train.data import ResumableLoader
 from perceptio.train.model import PerceptioModel
-from perceptio.train.processor import PROCESSOR_NAME, PerceptioProcessor
+from perceptio.train.chat import ASSISTANT, USER, Turn
+from perceptio.train.losses import IGNORE_INDEX, find_depth_spans
+from perceptio.train.processor import PROCESSOR_NAME, PerceptioProcessor, unlabelled_spans
 from tests.train_factory import write_shards
 
 
@@ -88,3 +90,22 @@ def test_a_loaded_processor_encodes_token_for_token_like_the_original(model, tmp
 def test_a_folder_without_a_processor_is_a_user_error(tmp_path):
     with pytest.raises(PerceptioError, match=PROCESSOR_NAME):
         PerceptioProcessor.from_pretrained(tmp_path)
+
+
+def test_a_span_given_as_context_is_read_but_not_labelled(model):
+    parts = examples()[0]
+    span = depth_span(range(100))
+    target = f"{span} (B)"
+    labelled = model.processor.encode_example(parts["image"], "Which point is closest?", target, depth=parts["depth"])
+    context = model.processor.encode_conversation(parts["image"], [Turn(USER, "Which point is closest?"), Turn(ASSISTANT, target)],
+                                                  depth=parts["depth"], span_is_context=True)
+    assert torch.equal(labelled["input_ids"], context["input_ids"])  # the model reads the same sequence
+    differ = (labelled["labels"] != context["labels"]).nonzero().flatten().tolist()
+    span_ids = set(model.processor.token_ids(span))
+    assert len(differ) == 102 and {labelled["labels"][i].item() for i in differ} == span_ids  # markers and 100 codes
+    assert (context["labels"][differ] == IGNORE_INDEX).all()
+    assert model.processor.token_ids(" (B)")[-2] in context["labels"].tolist()  # the letter is still a target
+    spans = find_depth_spans(context["labels"][None], model.d_start_id, model.d_end_id)
+    assert not spans.valid.any()  # no span: no L_marker and no L_depth for it
+    assert unlabelled_spans([1, 5, 2, 3, 6, 4, 5, 7, 6], 5, 6) == [1, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX, 4,
+                                                                   IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX]

@@ -386,7 +386,26 @@ def reading_question(nearness: np.ndarray, size: tuple[int, int], rng: np.random
               for cell, (dx, dy) in zip(cells, offsets)]
     labels = list(string.ascii_uppercase[:count])
     return {"text": QUESTION_TEXT, "points": points, "labels": labels, "answer": labels[int(np.argmax(values))],
-            "mark_style": mark_style}
+            "mark_style": mark_style, "cells": [int(cell) for cell in cells]}
+
+
+def swapped_reading_question(question: dict[str, Any], codes: Sequence[int], nearness: np.ndarray,
+                             rng: np.random.Generator) -> tuple[dict[str, Any], list[int]]:
+    """A reading question (:func:`reading_question`) asked after a span whose codes at the marked cells
+    are shuffled among those cells, and answered by that span: the question and the shuffled codes.
+
+    The picture still shows the true depth, so whatever it tells about which point is nearest (the
+    lowest point, the floor against the wall) names the span's answer only as often as chance
+    (1 / points, a uniform shuffle): only reading the span at the marked cells answers it. Every
+    other cell keeps its code, so the span stays the picture's elsewhere.
+    """
+    cells = question["cells"]
+    order = rng.permutation(len(cells))  # the cell whose code each marked cell now holds
+    shuffled = list(codes)
+    for cell, source in zip(cells, order):
+        shuffled[cell] = codes[cells[source]]
+    values = nearness.reshape(-1)[[cells[source] for source in order]]
+    return {**question, "answer": question["labels"][int(np.argmax(values))]}, shuffled
 
 
 def check_mark_style(style: str) -> str:

@@ -145,7 +145,7 @@ def with_absolute_paths(settings: dict[str, Any]) -> dict[str, Any]:
 # Settings added after checkpoints were first written: an older checkpoint ran with these values.
 # (Runs with reading questions from before reading_spread drew at 1/3: they resume only as they were
 # written, so they are refused, "reading_spread: None -> ...".)
-LATER_SETTINGS: dict[str, Any] = {"reading_questions": 0, "reading_spread": None, "init_from": None}
+LATER_SETTINGS: dict[str, Any] = {"reading_questions": 0, "reading_spread": None, "init_from": None, "reading_swaps": 0.0}
 
 
 def load_checkpoint(path: Path, settings: dict[str, Any]) -> LoadedCheckpoint:

@@ -81,6 +81,7 @@ def train_command(
     question_targets: str = typer.Option(StreamConfig.question_targets, "--question-targets", help="Marked-point questions: as each records ('recorded': half direct, half depth span first), all 'direct', all 'depth', or 'both' (two examples each).", rich_help_panel=PANEL_LOSS),
     reading_questions: int = typer.Option(StreamConfig.reading_questions, "--reading-questions", min=0, help="Per ADE20k picture with a depth map, this many more marked-point questions drawn afresh each epoch on any cells and answered by the map: a curriculum for reading the depth span (README section 4).", rich_help_panel=PANEL_LOSS),
     reading_spread: float = typer.Option(StreamConfig.reading_spread, "--reading-spread", help="Where in its cell a reading question's point falls: the central share of the cell, in (0, 1]; 1: anywhere, as curated points fall (1/3 keeps a disc mark inside its cell).", rich_help_panel=PANEL_LOSS),
+    reading_swaps: float = typer.Option(StreamConfig.reading_swaps, "--reading-swaps", help="The share of reading questions asked after a span whose codes at the marked cells are shuffled among them, answered by that span (the picture names the answer only by chance): questions only the span answers; the span is context, not a target. In [0, 1]; only with depth tokens.", rich_help_panel=PANEL_LOSS),
     segmentation: bool = typer.Option(PerceptioConfig.use_segmentation, "--segmentation/--no-segmentation", help="Ablation: without [SEG] and the SAM2 head.", rich_help_panel=PANEL_LOSS),
     depth_recon: bool = typer.Option(PerceptioConfig.use_depth_recon, "--depth-recon/--no-depth-recon", help="Ablation: without L_DepthRecon.", rich_help_panel=PANEL_LOSS),
     depth_loss: bool = typer.Option(PerceptioConfig.use_depth_loss, "--depth-loss/--no-depth-loss", help="Ablation: without L_depth (marker, token, count).", rich_help_panel=PANEL_LOSS),
@@ -113,7 +114,8 @@ def train_command(
     stream = StreamConfig(list(shards), mix=parse_mix(mix) if mix else None, splits=split_names, seed=seed,
                           shuffle_buffer=shuffle_buffer, shuffle_initial=min(StreamConfig.shuffle_initial, shuffle_buffer),
                           use_depth_tokens=depth_tokens, question_targets=question_targets,
-                          reading_questions=reading_questions, reading_spread=reading_spread)
+                          reading_questions=reading_questions, reading_spread=reading_spread,
+                          reading_swaps=reading_swaps)
     model_config = PerceptioConfig.for_model(
         model=model, sam_model=sam_model, tokenizer=str(tokenizer) if tokenizer else "", lora_rank=lora_rank,
         lora_alpha=lora_alpha, lora_dropout=lora_dropout,

@@ -127,6 +127,11 @@ class StreamConfig:
     # height. 1: anywhere, as curated points fall; 1/3 keeps a whole disc mark inside its cell, which
     # a fine-tuned miniature learned to read and did not carry over to off-centre points (README section 4).
     reading_spread: float = 1.0
+    # The share of reading questions asked after a span whose codes at the marked cells are shuffled
+    # among them and answered by that span (marked_points.swapped_reading_question): questions the
+    # picture cannot answer, so that the letter must read the span. Written span first, with the span
+    # as context (not a target, no L_depth); only with depth tokens.
+    reading_swaps: float = 0.0
     prompts: str = "prompts.json"
 
     def __post_init__(self) -> None:
@@ -136,6 +141,8 @@ class StreamConfig:
             raise PerceptioError(f"--reading-questions must be at least 0, not {self.reading_questions}")
         if not 0 < self.reading_spread <= 1:
             raise PerceptioError(f"--reading-spread must be in (0, 1], not {self.reading_spread}")
+        if not 0 <= self.reading_swaps <= 1:
+            raise PerceptioError(f"--reading-swaps must be in [0, 1], not {self.reading_swaps}")
 
 
 CHOICES = {"precision": ("auto", "bf16", "fp32"), "parallel": ("ddp", "fsdp"), "export": ("adapter", "merged", "none")}

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from perceptio import fs
-from perceptio.curate.marked_points import HARDBLINK_MARKS, draw_marks, reading_question
+from perceptio.curate.marked_points import HARDBLINK_MARKS, draw_marks, reading_question, swapped_reading_question
 from perceptio.errors import PerceptioError
 from perceptio.recipes import load_recipe
 from perceptio.shards import (
@@ -196,6 +196,8 @@ class Example:
     depth_bytes: bytes | None  # depth.npy, float16 (320, 320); None for samples without depth
     # Points and letters drawn on the image when it is decoded (marked-point questions).
     marks: Marks | None = None
+    # The answer's depth span is context, not a target (a swapped reading question's): unlabelled.
+    span_is_context: bool = False
 
     @property
     def prompt(self) -> str:
@@ -227,7 +229,7 @@ class Example:
         """Keyword arguments of the processor's ``encode_conversation``."""
         depth = npy_load(self.depth_bytes).astype(np.float32) if self.depth_bytes is not None else None
         return {"image": self.image(), "turns": list(self.turns), "masks": [rle_to_mask(rle) for rle in self.mask_rles],
-                "depth": depth}
+                "depth": depth, "span_is_context": self.span_is_context}
 
 
 def _single(key: str, source: str, prompt: str, target: str, image: bytes, mask: dict[str, Any] | None,
@@ -279,22 +281,28 @@ def token_grid_nearness(depth: np.ndarray, tokens: int) -> np.ndarray:
     return depth[: cell * side, : cell * side].astype(np.float32).reshape(side, cell, side, cell).mean((1, 3))
 
 
-def _reading_questions(raw: dict[str, Any], meta: dict[str, Any], tokens: int, count: int,
-                       seed: Sequence[int], spread: float) -> list[dict[str, Any]]:
+def _reading_questions(raw: dict[str, Any], meta: dict[str, Any], codes: Sequence[int], count: int,
+                       seed: Sequence[int], spread: float, swaps: float) -> list[tuple[dict[str, Any], list[int] | None]]:
     """``count`` draws of :func:`reading_question` (points in the central ``spread`` of their cells)
-    on the sample's depth map pooled to its ``tokens`` depth tokens' grid (the draws without a clear
-    answer are left out), marked as its curated questions are."""
-    nearness = token_grid_nearness(npy_load(raw["depth.npy"]), tokens)
+    on the sample's depth map pooled to its depth tokens' grid (the draws without a clear answer are
+    left out), marked as its curated questions are; each with the span it is asked after when that
+    is not the picture's own: a share ``swaps`` of them is swapped (:func:`swapped_reading_question`)."""
+    nearness = token_grid_nearness(npy_load(raw["depth.npy"]), len(codes))
     rng = np.random.default_rng([*seed, zlib.crc32(raw["__key__"].encode("utf-8"))])
     curated = meta.get(QUESTIONS_FIELD) or [{}]
     style = curated[0].get("mark_style", HARDBLINK_MARKS)
     drawn = (reading_question(nearness, (meta["width"], meta["height"]), rng, spread, style) for _ in range(count))
-    return [question for question in drawn if question is not None]
+    questions = [question for question in drawn if question is not None]
+    if not swaps:  # no draws: the questions of runs without swaps stay as they were
+        return [(question, None) for question in questions]
+    return [swapped_reading_question(question, codes, nearness, rng) if rng.random() < swaps else (question, None)
+            for question in questions]
 
 
 def expand_sample(raw: dict[str, Any], templates: PromptTemplates, use_depth_tokens: bool = True,
                   question_targets: str = "recorded", reading_questions: int = 0,
-                  reading_seed: Sequence[int] = (), reading_spread: float = StreamConfig.reading_spread) -> list[Example]:
+                  reading_seed: Sequence[int] = (), reading_spread: float = StreamConfig.reading_spread,
+                  reading_swaps: float = StreamConfig.reading_swaps) -> list[Example]:
     """The training examples of one shard sample (a webdataset dict of member bytes).
 
     Grounding samples give one example per (ref, sentence). ADE20k samples give one example per
@@ -304,8 +312,9 @@ def expand_sample(raw: dict[str, Any], templates: PromptTemplates, use_depth_tok
     depth map gives ``reading_questions`` more, drawn on any cells by a generator seeded with
     ``reading_seed`` (the run's seed and epoch: new ones each epoch) and the sample's key, each point
     in the central ``reading_spread`` of its cell, keyed ``{key}/r{i}`` and written as the curated
-    ones (``recorded``: span first). Without depth tokens the span is left out and every question is
-    answered directly. A LLaVA conversation is one example of all its turns; a GranD-f grounded
+    ones (``recorded``: span first); a share ``reading_swaps`` of them is asked after a span shuffled
+    at the marked cells, written span first only, the span as context (no depth target). Without
+    depth tokens the span is left out, every question is answered directly and none is swapped. A LLaVA conversation is one example of all its turns; a GranD-f grounded
     caption one example whose answer holds a [SEG] per phrase.
     """
     if question_targets not in QUESTION_TARGETS:
@@ -326,17 +335,22 @@ def expand_sample(raw: dict[str, Any], templates: PromptTemplates, use_depth_tok
     if questions is not None:
         drawn = []
         if reading_questions and "depth.npy" in raw and codes is not None:
-            drawn = [(f"r{index}", question) for index, question in
-                     enumerate(_reading_questions(raw, meta, len(codes), reading_questions, reading_seed, reading_spread))]
-        for name, question in [(f"q{index}", question) for index, question in enumerate(questions)] + drawn:
+            swaps = reading_swaps if use_depth_tokens else 0.0
+            drawn = [(f"r{index}", question, span) for index, (question, span) in
+                     enumerate(_reading_questions(raw, meta, codes, reading_questions, reading_seed, reading_spread, swaps))]
+        for name, question, span in [(f"q{index}", question, None) for index, question in enumerate(questions)] + drawn:
             variants = _question_variants(question, question_targets, use_depth_tokens)
+            if span is not None:  # answered by the shuffled span: only after it
+                variants = [variant for variant in variants if variant == "depth"]
             # Questions curated before mark styles existed were drawn as HardBLINK draws them.
             marks = Marks(tuple((int(x), int(y)) for x, y in question["points"]), tuple(question["labels"]),
                           question.get("mark_style", HARDBLINK_MARKS))
             for variant in variants:
                 example_key = f"{key}/{name}" + (f"/{variant}" if len(variants) > 1 else "")
-                examples.append(_question_example(example_key, source, question, variant, depth, templates,
-                                                  raw["jpg"], raw.get("depth.npy"), marks))
+                example = _question_example(example_key, source, question, variant, depth if span is None else depth_span(span),
+                                            templates, raw["jpg"], raw.get("depth.npy") if span is None else None, marks)
+                example.span_is_context = span is not None
+                examples.append(example)
         return examples
     question = meta.get(QUESTION_FIELD)
     if question is not None:
@@ -505,7 +519,8 @@ class _StreamReader:
     def _checked_expand(self, raw: dict[str, Any], counter: SkipCounter) -> list[Example]:
         examples = guarded(lambda sample: expand_sample(sample, self.templates, self.config.use_depth_tokens,
                                                         self.config.question_targets, self.config.reading_questions,
-                                                        (self.config.seed, self.epoch), self.config.reading_spread),
+                                                        (self.config.seed, self.epoch), self.config.reading_spread,
+                                                        self.config.reading_swaps),
                            raw, counter)
         for example in examples:
             if mix_key_for(example.source, [self.stream.name]) is None:
@@ -612,7 +627,8 @@ class EncodeCollate(Protocol):
     It travels to every DataLoader worker, so it must pickle small: no model weights.
     """
 
-    def encode_conversation(self, image: Any, turns: Sequence[Turn], masks: Sequence[Any], depth: Any) -> dict[str, torch.Tensor]: ...
+    def encode_conversation(self, image: Any, turns: Sequence[Turn], masks: Sequence[Any], depth: Any,
+                            span_is_context: bool = False) -> dict[str, torch.Tensor]: ...
     def collate(self, examples: list[dict[str, torch.Tensor]]) -> dict[str, Any]: ...
 
 

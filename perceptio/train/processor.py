@@ -51,6 +51,16 @@ INTERNVL_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 DEPTH_SPAN = re.compile(re.escape(D_START) + r".*?(" + re.escape(D_END) + r"|$)", re.DOTALL)
+
+
+def unlabelled_spans(labels: Sequence[int], start_id: int, end_id: int) -> list[int]:
+    """``labels`` with every depth span, ``[D_START]`` to ``[D_END]``, set to IGNORE_INDEX."""
+    out, inside = [], False
+    for label in labels:
+        inside = inside or label == start_id
+        out.append(IGNORE_INDEX if inside else label)
+        inside = inside and label != end_id
+    return out
 PROCESSOR_NAME = "processor.json"
 MAX_TILES = 12  # InternVL's default ``max_patches`` when tiling
 
@@ -182,6 +192,7 @@ class PerceptioProcessor:
         turns: Sequence[Any],
         masks: Sequence[np.ndarray] = (),
         depth: np.ndarray | None = None,
+        span_is_context: bool = False,
     ) -> dict[str, torch.Tensor]:
         """Tensors of one training example of any number of turns, with or without an image.
 
@@ -189,7 +200,8 @@ class PerceptioProcessor:
         answer and its end-of-turn marker and nothing else. Answers are written with every perception
         token (``[SEG] [D_START] ... [D_END] text``); the ablations remove what they switch off, so
         data code does not depend on them. ``masks`` are the targets of the ``[SEG]`` tokens of the
-        answers, in order (a grounded caption has one per phrase).
+        answers, in order (a grounded caption has one per phrase). With ``span_is_context`` the answers'
+        depth spans, markers included, are read but not labelled (a swapped reading question's span).
         """
         settings = self.settings
         turns = [Turn(turn.role, self.ablated_target(turn.text)) if turn.role == ASSISTANT else turn
@@ -197,6 +209,8 @@ class PerceptioProcessor:
         pixel_values = self.pixel_values(image) if image is not None else None
         expand = self._image_expander(pixel_values.shape[0]) if pixel_values is not None else None
         input_ids, labels = lay_out(turns, self._render, self.token_ids, self.end_of_turn(), expand)
+        if span_is_context:
+            labels = unlabelled_spans(labels, *self.tokenizer.convert_tokens_to_ids([D_START, D_END]))
         first_answer = next(position for position, label in enumerate(labels) if label != IGNORE_INDEX)
         if first_answer >= settings.max_length:
             raise PerceptioError(f"the prompt alone has {first_answer} tokens, over max_length {settings.max_length}")
