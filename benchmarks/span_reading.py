@@ -12,7 +12,8 @@ beside (a), the answer the decoded span gives those questions. ``--curated-train
 training pictures' curated questions instead, as the fine-tuning does (a fixed set): ``truth``
 answered by the true depth, which the span agrees with only as often as (a); ``span`` by the span.
 ``--training-cells objects`` keeps fresh questions but draws their cells from those the curated
-questions mark (on objects)::
+questions mark (on objects). ``--filler-tokens N`` puts N random tokens before each question, as
+the fine-tuned model has its 100 image tokens and the prompt before the marks and the span::
 
     python benchmarks/span_reading.py --shards ablation-out/shards/ade20k \\
         --heldout-shards HELDOUT/ade20k --tokenizer ablation-out/tokenizer --steps 3000
@@ -43,6 +44,7 @@ D_START, D_END, QUERY, PAD = 0, 1, 2, 3
 LETTER_IDS = 4
 DIGIT_IDS = LETTER_IDS + len(LETTERS)
 CODE_IDS = DIGIT_IDS + 10
+FILLERS = 64  # --filler-tokens draws from this many ids after the codes
 
 
 @dataclass(frozen=True)
@@ -107,6 +109,12 @@ def curated_questions(pictures: list[Picture], span_answers: bool = False) -> tu
     return items, float(np.mean(span_right))
 
 
+def with_filler(items: list[tuple[list[int], int, int]], count: int, first_id: int,
+                rng: random.Random) -> list[tuple[list[int], int, int]]:
+    """Each item after ``count`` random filler tokens (ids ``first_id`` .. ``first_id + FILLERS - 1``)."""
+    return [([first_id + rng.randrange(FILLERS) for _ in range(count)] + ids, answer, points) for ids, answer, points in items]
+
+
 def batch(items: list[tuple[list[int], int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-padded ids and attention mask, so that every sequence ends at the last position."""
     length = max(len(ids) for ids, _, _ in items)
@@ -146,6 +154,8 @@ def main() -> None:
     parser.add_argument("--curated-training", choices=("truth", "span"),
                         help="train on the training pictures' curated questions, not fresh span questions, "
                              "answered by the true depth (as curated) or by the decoded span")
+    parser.add_argument("--filler-tokens", type=int, default=0,
+                        help="random tokens before each question (the fine-tuning's image tokens and prompt)")
     arguments = parser.parse_args()
     torch.manual_seed(arguments.seed)
     rng = random.Random(arguments.seed)
@@ -156,11 +166,13 @@ def main() -> None:
                                       for _ in range(8)) if item is not None][: arguments.heldout * 4]
     curated, span_answers = curated_questions(heldout)
     curated_training = curated_questions(train, arguments.curated_training == "span")[0] if arguments.curated_training else []
+    filler_id = CODE_IDS + tokenizer.config.num_codes
+    span_heldout, curated = (with_filler(items, arguments.filler_tokens, filler_id, scored_rng) for items in (span_heldout, curated))
     chance = float(np.mean([1 / count for _, _, count in curated]))
-    config = Qwen2Config(vocab_size=CODE_IDS + tokenizer.config.num_codes, hidden_size=MINIATURE.text_width,
+    config = Qwen2Config(vocab_size=filler_id + FILLERS, hidden_size=MINIATURE.text_width,
                          intermediate_size=2 * MINIATURE.text_width, num_hidden_layers=arguments.text_layers,
                          num_attention_heads=MINIATURE.text_heads, num_key_value_heads=MINIATURE.text_kv_heads,
-                         max_position_embeddings=256, tie_word_embeddings=False)
+                         max_position_embeddings=256 + arguments.filler_tokens, tie_word_embeddings=False)
     model = Qwen2ForCausalLM(config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=arguments.lr, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, arguments.lr, total_steps=arguments.steps, pct_start=0.05)
@@ -173,6 +185,7 @@ def main() -> None:
             item = span_question(rng.choice(train), rng, arguments.min_gap, arguments.training_cells == "objects")
             if item is not None:
                 items.append(item)
+        items = with_filler(items, arguments.filler_tokens, filler_id, rng)
         loss = F.cross_entropy(letter_logits(model, items), torch.tensor([answer for _, answer, _ in items]))
         optimizer.zero_grad()
         loss.backward()

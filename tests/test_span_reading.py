@@ -17,12 +17,14 @@ from span_reading import (  # noqa: E402
     D_END,
     D_START,
     DIGIT_IDS,
+    FILLERS,
     LETTER_IDS,
     QUERY,
     Picture,
     curated_questions,
     letter_logits,
     span_question,
+    with_filler,
 )
 
 
@@ -87,3 +89,15 @@ def test_fresh_questions_on_objects_take_only_the_curated_cells():
         ids, _, count = item
         cells = {(ids[3 * k + 1] - DIGIT_IDS) * 10 + ids[3 * k + 2] - DIGIT_IDS for k in range(count)}
         assert cells <= {12, 57, 90} and 2 <= count <= 3
+
+
+def test_filler_tokens_come_before_the_question_and_leave_it_as_it_was():
+    rng = random.Random(1)
+    items = [item for item in (span_question(picture(seed), rng, min_gap=0.05) for seed in range(10)) if item]
+    first = CODE_IDS + 128
+    padded = with_filler(items, 140, first, random.Random(2))
+    for (ids, answer, count), (longer, same_answer, same_count) in zip(items, padded):
+        assert longer[140:] == ids and (same_answer, same_count) == (answer, count)
+        assert all(first <= token < first + FILLERS for token in longer[:140])
+    assert len({tuple(ids[:140]) for ids, _, _ in padded}) == len(padded)  # drawn afresh for each question
+    assert with_filler(items, 0, first, random.Random(2)) == items
