@@ -293,6 +293,10 @@ def test_a_share_of_reading_questions_is_swapped_written_span_first_without_a_de
     assert 0.3 < len(swapped) / (len(swapped) + len({e.key.rsplit("/", 1)[0] for e in kept})) < 0.7
     direct = expand_sample(raw, templates, use_depth_tokens=False, reading_questions=30, reading_seed=(0, 0), reading_swaps=1.0)
     assert not any(e.span_is_context for e in direct)  # without depth tokens no span can answer
+    answered_directly = expand_sample(raw, templates, question_targets=DIRECT, reading_questions=30, reading_seed=(0, 0),
+                                      reading_swaps=1.0)
+    assert [(e.key, e.target) for e in answered_directly] == [
+        (e.key, e.target) for e in expand_sample(raw, templates, question_targets=DIRECT, reading_questions=30, reading_seed=(0, 0))]
     for bad in (-0.1, 1.5):
         with pytest.raises(PerceptioError, match="reading-swaps"):
             StreamConfig([], reading_swaps=bad)

@@ -130,7 +130,7 @@ class StreamConfig:
     # The share of reading questions asked after a span whose codes at the marked cells are shuffled
     # among them and answered by that span (marked_points.swapped_reading_question): questions the
     # picture cannot answer, so that the letter must read the span. Written span first, with the span
-    # as context (not a target, no L_depth); only with depth tokens.
+    # as context (not a target, no L_depth); only where reading questions are written span first.
     reading_swaps: float = 0.0
     prompts: str = "prompts.json"
 

@@ -314,7 +314,8 @@ def expand_sample(raw: dict[str, Any], templates: PromptTemplates, use_depth_tok
     in the central ``reading_spread`` of its cell, keyed ``{key}/r{i}`` and written as the curated
     ones (``recorded``: span first); a share ``reading_swaps`` of them is asked after a span shuffled
     at the marked cells, written span first only, the span as context (no depth target). Without
-    depth tokens the span is left out, every question is answered directly and none is swapped. A LLaVA conversation is one example of all its turns; a GranD-f grounded
+    depth tokens the span is left out and every question is answered directly; then, and with
+    ``question_targets`` "direct", none is swapped. A LLaVA conversation is one example of all its turns; a GranD-f grounded
     caption one example whose answer holds a [SEG] per phrase.
     """
     if question_targets not in QUESTION_TARGETS:
@@ -335,7 +336,7 @@ def expand_sample(raw: dict[str, Any], templates: PromptTemplates, use_depth_tok
     if questions is not None:
         drawn = []
         if reading_questions and "depth.npy" in raw and codes is not None:
-            swaps = reading_swaps if use_depth_tokens else 0.0
+            swaps = reading_swaps if use_depth_tokens and question_targets != "direct" else 0.0  # only span-first questions
             drawn = [(f"r{index}", question, span) for index, (question, span) in
                      enumerate(_reading_questions(raw, meta, codes, reading_questions, reading_seed, reading_spread, swaps))]
         for name, question, span in [(f"q{index}", question, None) for index, question in enumerate(questions)] + drawn:
