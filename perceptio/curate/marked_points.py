@@ -371,7 +371,8 @@ def reading_question(nearness: np.ndarray, size: tuple[int, int], rng: np.random
     small language model learns from such questions and not from object points alone (README
     section 4, "The reading link alone"). Each point falls in the central ``spread`` (0-1) of its
     cell's width and height (``StreamConfig.reading_spread``); letters follow a random order, so the
-    answer letter is uniform.
+    answer letter is uniform. The question records its points' cells (``cells``, row-major, in letter
+    order).
     """
     grid = nearness.shape[0]
     width, height = size

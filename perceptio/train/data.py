@@ -315,8 +315,8 @@ def expand_sample(raw: dict[str, Any], templates: PromptTemplates, use_depth_tok
     ones (``recorded``: span first); a share ``reading_swaps`` of them is asked after a span shuffled
     at the marked cells, written span first only, the span as context (no depth target). Without
     depth tokens the span is left out and every question is answered directly; then, and with
-    ``question_targets`` "direct", none is swapped. A LLaVA conversation is one example of all its turns; a GranD-f grounded
-    caption one example whose answer holds a [SEG] per phrase.
+    ``question_targets`` "direct", none is swapped. A LLaVA conversation is one example of all its
+    turns; a GranD-f grounded caption one example whose answer holds a [SEG] per phrase.
     """
     if question_targets not in QUESTION_TARGETS:
         raise PerceptioError(f"question targets must be one of {', '.join(QUESTION_TARGETS)}, not {question_targets!r}")
@@ -346,10 +346,12 @@ def expand_sample(raw: dict[str, Any], templates: PromptTemplates, use_depth_tok
             # Questions curated before mark styles existed were drawn as HardBLINK draws them.
             marks = Marks(tuple((int(x), int(y)) for x, y in question["points"]), tuple(question["labels"]),
                           question.get("mark_style", HARDBLINK_MARKS))
+            # A swapped question's span is not the picture's: no depth target for it.
+            span_text, depth_bytes = (depth, raw.get("depth.npy")) if span is None else (depth_span(span), None)
             for variant in variants:
                 example_key = f"{key}/{name}" + (f"/{variant}" if len(variants) > 1 else "")
-                example = _question_example(example_key, source, question, variant, depth if span is None else depth_span(span),
-                                            templates, raw["jpg"], raw.get("depth.npy") if span is None else None, marks)
+                example = _question_example(example_key, source, question, variant, span_text, templates, raw["jpg"],
+                                            depth_bytes, marks)
                 example.span_is_context = span is not None
                 examples.append(example)
         return examples

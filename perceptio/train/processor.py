@@ -51,6 +51,8 @@ INTERNVL_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 DEPTH_SPAN = re.compile(re.escape(D_START) + r".*?(" + re.escape(D_END) + r"|$)", re.DOTALL)
+PROCESSOR_NAME = "processor.json"
+MAX_TILES = 12  # InternVL's default ``max_patches`` when tiling
 
 
 def unlabelled_spans(labels: Sequence[int], start_id: int, end_id: int) -> list[int]:
@@ -61,8 +63,6 @@ def unlabelled_spans(labels: Sequence[int], start_id: int, end_id: int) -> list[
         out.append(IGNORE_INDEX if inside else label)
         inside = inside and label != end_id
     return out
-PROCESSOR_NAME = "processor.json"
-MAX_TILES = 12  # InternVL's default ``max_patches`` when tiling
 
 
 @dataclass(frozen=True)
