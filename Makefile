@@ -9,7 +9,8 @@ DEMO := demo-out
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 # Asked only where it answers (5 s, once): on a closed network pip would retry it for every package,
 # minutes in all, and take torch from the configured indexes or find-links instead.
-TORCH_INDEX_REACHABLE = $(if $(TORCH_INDEX),$(shell $(PYTHON) -c "import urllib.request; urllib.request.urlopen('$(TORCH_INDEX)/', timeout=5)" >/dev/null 2>&1 && echo $(TORCH_INDEX)))
+# (Expanded once, in the install recipe only: `make test` with an installed .venv asks nothing.)
+TORCH_INDEX_OPTION = $(if $(TORCH_INDEX),$(shell $(PYTHON) -c "import urllib.request; urllib.request.urlopen('$(TORCH_INDEX)/', timeout=5)" >/dev/null 2>&1 && echo --extra-index-url $(TORCH_INDEX)))
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
@@ -18,7 +19,7 @@ export TRANSFORMERS_OFFLINE := 1
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -c constraints.txt $(if $(TORCH_INDEX_REACHABLE),--extra-index-url $(TORCH_INDEX_REACHABLE)) -e ".[test]"
+	$(BIN)/python -m pip install -q -c constraints.txt $(TORCH_INDEX_OPTION) -e ".[test]"
 	touch $(STAMP)
 
 # Slow tests run last, and only while 360 s of the session have not passed (tests/conftest.py), so
