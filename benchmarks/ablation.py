@@ -107,6 +107,7 @@ class AblationConfig:
     reading_questions: int = 0
     reading_spread: float = StreamConfig.reading_spread  # where in its cell a reading point falls (perceptio-train --reading-spread)
     reading_swaps: float = StreamConfig.reading_swaps  # reading questions only the span answers (perceptio-train --reading-swaps)
+    mark_readouts: bool = False  # each mark's code written after the span (perceptio-train --mark-readouts; span arms only)
     span_weight: float = 1.0  # weight of the span's tokens in L_LLM (perceptio-train --span-weight; 1: the paper's)
     hard_per_variant: int = 110  # held-out HARD questions per point count (3, 4, 5)
     hard_questions_per_image: int = 16
@@ -135,7 +136,7 @@ class AblationConfig:
 QUICK = AblationConfig(world_images=40, heldout_images=16, tokenizer_steps=20, questions_per_image=2, train_steps=4,
                        batch_size=2, hard_per_variant=4, hard_questions_per_image=1, refseg_limit=4, vlm_pretrain_steps=40,
                        sam_pretrain_steps=2, sam_pretrain_world_images=8, vlm_mark_share=0.3, fresh_language_model=True,
-                       reading_questions=2, reading_swaps=0.5)
+                       reading_questions=2, reading_swaps=0.5, mark_readouts=True)
 
 
 # ------------------------------------------------------------------------------------ running
@@ -244,6 +245,7 @@ def model_flags(config: AblationConfig, out: Path, seed: int) -> list[str]:
               "--train-language-model", "--seg-text", str(config.seg_text),
               "--reading-questions", str(config.reading_questions), "--reading-spread", str(config.reading_spread),
               "--reading-swaps", str(config.reading_swaps),
+              "--mark-readouts" if config.mark_readouts else "--no-mark-readouts",
               "--span-weight", str(config.span_weight)]
     if not config.miniature:
         return ["--model", "tiny", *shared]

@@ -12,7 +12,9 @@ without depth tokens, the ablation's other arm). Scores come by point count and 
 questions whose points all lie near their cells' centres, and the others (``--spread`` says where
 reading points fall; curated ones fall anywhere). ``--other-spans`` hands each question another
 picture's span that names another answer: a model that reads its span follows the span, one that
-answers from the picture does not::
+answers from the picture does not. A model trained with ``--mark-readouts`` also writes each mark's
+code after the span: scored against the given span's code at the mark (and, after another picture's
+span, against the picture's own)::
 
     python benchmarks/reading_check.py --checkpoint RUN/model --shards HELDOUT/ade20k --pictures 40
 """
@@ -22,6 +24,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import re
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -70,21 +73,38 @@ def true_span(example: Example) -> str:
     return example.target[: example.target.rindex("(")]
 
 
-def written_letters(predictor: Predictor, examples: list[Example], prefixes: list[str]) -> list[str | None]:
-    """The letter written for each question after its prefix (a span; "": asked for the letter alone)."""
-    letters = []
+def written_letters(predictor: Predictor, examples: list[Example],
+                    prefixes: list[str]) -> tuple[list[str | None], list[list[int]]]:
+    """The letter written for each question after its prefix (a span; "": asked for the letter
+    alone), and the readout codes written before it (none but for ``--mark-readouts`` models)."""
+    letters, readouts = [], []
     for start in range(0, len(examples), BATCH):
         batch, given = examples[start:start + BATCH], prefixes[start:start + BATCH]
         replies = predictor.predict_batch([example.image() for example in batch], [example.prompt for example in batch],
                                           answer_prefixes=given if any(given) else None)
         letters += [parse_choice(reply.text, len(example.marks.labels)) for example, reply in zip(batch, replies)]
-    return letters
+        readouts += [reply.readout_codes for reply in replies]
+    return letters, readouts
 
 
-def letters_right(predictor: Predictor, examples: list[Example]) -> list[bool]:
-    """Per question: is the letter written after the given true span (none for direct questions) the answer?"""
-    letters = written_letters(predictor, examples, [true_span(example) for example in examples])
-    return [letter == example.target[-2] for letter, example in zip(letters, examples)]
+def readouts_matching(examples: list[Example], readouts: list[list[int]], spans: list[str]) -> float | None:
+    """The share of marks whose readout code is ``spans``' code at the mark's cell; None without readouts."""
+    if not any(readouts):
+        return None
+    matched = []
+    for example, written, span in zip(examples, readouts, spans):
+        codes = [int(code) for code in re.findall(r"\[D_(\d+)\]", span)]
+        marked = [codes[grid_cell(point, image_size(example))] for point in example.marks.points]
+        matched += [index < len(written) and written[index] == code for index, code in enumerate(marked)]
+    return sum(matched) / len(matched)
+
+
+def letters_right(predictor: Predictor, examples: list[Example]) -> tuple[list[bool], float | None]:
+    """Per question: is the letter written after the given true span (none for direct questions) the
+    answer? And the share of readouts equal to that span's codes (:func:`readouts_matching`)."""
+    spans = [true_span(example) for example in examples]
+    letters, readouts = written_letters(predictor, examples, spans)
+    return [letter == example.target[-2] for letter, example in zip(letters, examples)], readouts_matching(examples, readouts, spans)
 
 
 def image_size(example: Example) -> tuple[int, int]:
@@ -146,7 +166,7 @@ def lowest_point_answers(examples: list[Example]) -> float:
 
 def true_span_scores(predictor: Predictor, examples: list[Example]) -> tuple[dict[str, Any], str]:
     """The letters after the true spans (or alone, for direct questions), scored; and a line to print."""
-    hits = letters_right(predictor, examples)
+    hits, readouts = letters_right(predictor, examples)
     asked, right = Counter(), Counter()
     for example, hit in zip(examples, hits):
         asked[len(example.marks.labels)] += 1
@@ -158,6 +178,7 @@ def true_span_scores(predictor: Predictor, examples: list[Example]) -> tuple[dic
         "lowest_point_is_the_answer": lowest_point_answers(examples),
         "by_points": {points: right[points] / asked[points] for points in sorted(asked)},
         "by_placement": scores_by_placement(examples, hits),
+        "readouts_are_the_spans": readouts,
     }
     asked_for = "letter after the true span" if true_span(examples[0]) else "letter"
     line = (f"{record['questions']} QUESTIONS: {asked_for} {100 * record['letter_after_true_span']:.1f}% "
@@ -165,6 +186,8 @@ def true_span_scores(predictor: Predictor, examples: list[Example]) -> tuple[dic
             + ", ".join(f"{points}: {100 * share:.1f}" for points, share in record["by_points"].items()) + "; "
             + ", ".join(f"{name.replace('_', '-')} ({group['questions']}): {100 * group['right']:.1f} (chance {100 * group['chance']:.1f})"
                         for name, group in record["by_placement"].items()))
+    if readouts is not None:
+        line += f"; readouts equal to the span's codes: {100 * readouts:.1f}%"
     return record, line
 
 
@@ -172,16 +195,22 @@ def other_span_scores(predictor: Predictor, examples: list[Example]) -> tuple[di
     """The letters after another picture's span (:func:`other_span_questions`): how often each is the
     picture's answer and how often the span's; and a line to print."""
     paired = other_span_questions(examples)
-    letters = written_letters(predictor, [example for example, _, _ in paired], [span for _, span, _ in paired])
+    asked = [example for example, _, _ in paired]
+    letters, readouts = written_letters(predictor, asked, [span for _, span, _ in paired])
     record = {
         "questions": len(paired),
         "letter_is_the_pictures_answer": sum(letter == example.target[-2] for letter, (example, _, _) in zip(letters, paired)) / len(paired),
         "letter_is_the_spans_answer": sum(letter == answer for letter, (_, _, answer) in zip(letters, paired)) / len(paired),
         "chance": sum(1 / len(example.marks.labels) for example, _, _ in paired) / len(paired),
+        "readouts_are_the_spans": readouts_matching(asked, readouts, [span for _, span, _ in paired]),
+        "readouts_are_the_pictures": readouts_matching(asked, readouts, [true_span(example) for example in asked]),
     }
     line = (f"{record['questions']} QUESTIONS after another picture's span: the letter is the picture's answer "
             f"{100 * record['letter_is_the_pictures_answer']:.1f}%, the span's {100 * record['letter_is_the_spans_answer']:.1f}% "
             f"(chance {100 * record['chance']:.1f})")
+    if record["readouts_are_the_spans"] is not None:
+        line += (f"; readouts equal to the given span's codes {100 * record['readouts_are_the_spans']:.1f}%, "
+                 f"to the picture's {100 * record['readouts_are_the_pictures']:.1f}%")
     return record, line
 
 

@@ -115,33 +115,143 @@ def with_filler(items: list[tuple[list[int], int, int]], count: int, first_id: i
     return [([first_id + rng.randrange(FILLERS) for _ in range(count)] + ids, answer, points) for ids, answer, points in items]
 
 
-def batch(items: list[tuple[list[int], int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded ids and attention mask, so that every sequence ends at the last position."""
+def marks_of(tokens: list[int]) -> list[tuple[int, int]]:
+    """Each mark's letter id and cell, in the order the question lists them."""
+    start, marks = tokens.index(D_START), []
+    for first in range(start - 3, -1, -3):
+        if not LETTER_IDS <= tokens[first] < DIGIT_IDS:
+            break
+        marks.insert(0, (tokens[first], (tokens[first + 1] - DIGIT_IDS) * GRID + tokens[first + 2] - DIGIT_IDS))
+    return marks
+
+
+def token_cells(tokens: list[int]) -> list[int]:
+    """The grid cell each token stands for: a span code its own, each of a mark's three tokens the
+    mark's; -1 for the rest (filler, span markers, query, readouts)."""
+    cells = [-1] * len(tokens)
+    start = tokens.index(D_START)
+    cells[start + 1:start + 1 + GRID * GRID] = range(GRID * GRID)
+    marks = marks_of(tokens)
+    for index, (_, cell) in enumerate(marks):
+        first = start - 3 * (len(marks) - index)
+        cells[first:first + 3] = [cell] * 3
+    return cells
+
+
+def readouts(tokens: list[int]) -> list[int]:
+    """``--readouts``: what the model writes after the query before its letter, each mark's letter and
+    the span's code at its cell ("A <code> B <code> ...")."""
+    start = tokens.index(D_START)
+    return [token for letter, cell in marks_of(tokens) for token in (letter, tokens[start + 1 + cell])]
+
+
+def batch(items: list[tuple[list[int], int, int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Left-padded ids, attention mask and cells (:func:`token_cells`), so that every sequence ends at
+    the last position."""
     length = max(len(ids) for ids, _, _ in items)
     ids = torch.full((len(items), length), PAD)
     mask = torch.zeros((len(items), length), dtype=torch.long)
+    cells = torch.full((len(items), length), -1)
     for row, (tokens, _, _) in enumerate(items):
         ids[row, length - len(tokens):] = torch.tensor(tokens)
         mask[row, length - len(tokens):] = 1
-    return ids, mask
+        cells[row, length - len(tokens):] = torch.tensor(token_cells(tokens))
+    return ids, mask, cells
 
 
-def letter_logits(model: Qwen2ForCausalLM, items: list[tuple[list[int], int, int]]) -> torch.Tensor:
+class CellEmbeddings(torch.nn.Module):
+    """``--cell-embeddings``: one learned vector per grid cell, added to the span code of that cell
+    and to the tokens of a mark on it, so that "the same cell" is matched by content, not found by
+    counting rotary positions."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.table = torch.nn.Embedding(GRID * GRID, width)
+
+    def forward(self, embeddings: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
+        return embeddings + self.table(cells.clamp(min=0)) * (cells >= 0).unsqueeze(-1)
+
+
+def letter_logits(model: Qwen2ForCausalLM, items: list[tuple[list[int], int, int]],
+                  cell_embeddings: CellEmbeddings | None = None) -> torch.Tensor:
     """The letters' logits at the last position, letters beyond each question's count ruled out."""
-    ids, mask = batch(items)
-    logits = model(input_ids=ids, attention_mask=mask).logits[:, -1, LETTER_IDS:DIGIT_IDS]
+    ids, mask, cells = batch(items)
+    embeddings = model.get_input_embeddings()(ids)
+    if cell_embeddings is not None:
+        embeddings = cell_embeddings(embeddings, cells)
+    logits = model(inputs_embeds=embeddings, attention_mask=mask).logits[:, -1, LETTER_IDS:DIGIT_IDS]
     counts = torch.tensor([count for _, _, count in items])
     return logits.masked_fill(torch.arange(len(LETTERS))[None] >= counts[:, None], float("-inf"))
 
 
-def accuracy(model: Qwen2ForCausalLM, items: list[tuple[list[int], int, int]]) -> float:
+def forward_logits(model: Qwen2ForCausalLM, sequences: list[list[int]],
+                   cell_embeddings: CellEmbeddings | None) -> torch.Tensor:
+    """Logits (B, T, V) of left-padded sequences."""
+    ids, mask, cells = batch([(tokens, 0, 0) for tokens in sequences])
+    embeddings = model.get_input_embeddings()(ids)
+    if cell_embeddings is not None:
+        embeddings = cell_embeddings(embeddings, cells)
+    return model(inputs_embeds=embeddings, attention_mask=mask).logits
+
+
+def readout_loss(model: Qwen2ForCausalLM, items: list[tuple[list[int], int, int]],
+                 cell_embeddings: CellEmbeddings | None, num_codes: int) -> torch.Tensor:
+    """Cross-entropy of the readout codes (teacher-forced) plus that of the letter after them."""
+    sequences = [ids + readouts(ids) for ids, _, _ in items]
+    logits = forward_logits(model, sequences, cell_embeddings)
+    width = logits.shape[1]
+    rows, positions, targets = [], [], []
+    for row, (ids, _, count) in enumerate(items):
+        for mark in range(count):
+            # The code is predicted at its letter, which sits 2 * (count - mark) from the end.
+            rows.append(row)
+            positions.append(width - 2 * (count - mark))
+            targets.append(sequences[row][len(ids) + 2 * mark + 1] - CODE_IDS)
+    codes = logits[rows, positions, CODE_IDS:CODE_IDS + num_codes]
+    letters = logits[:, -1, LETTER_IDS:DIGIT_IDS]
+    counts = torch.tensor([count for _, _, count in items])
+    letters = letters.masked_fill(torch.arange(len(LETTERS))[None] >= counts[:, None], float("-inf"))
+    return (F.cross_entropy(codes, torch.tensor(targets))
+            + F.cross_entropy(letters, torch.tensor([answer for _, answer, _ in items])))
+
+
+def answer_with_readouts(model: Qwen2ForCausalLM, items: list[tuple[list[int], int, int]],
+                         cell_embeddings: CellEmbeddings | None, num_codes: int) -> tuple[torch.Tensor, float]:
+    """Greedy: each mark's code written after its letter, then the letter; the letters chosen and the
+    share of readout codes equal to the span's."""
+    sequences = [list(ids) for ids, _, _ in items]
+    right = total = 0
+    for mark in range(max(count for _, _, count in items)):
+        active = [row for row, (_, _, count) in enumerate(items) if count > mark]
+        for row in active:
+            sequences[row].append(readouts(items[row][0])[2 * mark])
+        logits = forward_logits(model, [sequences[row] for row in active], cell_embeddings)
+        for row, code in zip(active, logits[:, -1, CODE_IDS:CODE_IDS + num_codes].argmax(1).tolist()):
+            truth = readouts(items[row][0])[2 * mark + 1] - CODE_IDS
+            right, total = right + (code == truth), total + 1
+            sequences[row].append(CODE_IDS + code)
+    letters = forward_logits(model, sequences, cell_embeddings)[:, -1, LETTER_IDS:DIGIT_IDS]
+    counts = torch.tensor([count for _, _, count in items])
+    letters = letters.masked_fill(torch.arange(len(LETTERS))[None] >= counts[:, None], float("-inf"))
+    return letters.argmax(1), right / total
+
+
+def accuracy(model: Qwen2ForCausalLM, items: list[tuple[list[int], int, int]],
+             cell_embeddings: CellEmbeddings | None = None, num_codes: int | None = None) -> tuple[float, float | None]:
+    """The share of letters right, and (with ``num_codes``: the readouts) of readout codes right."""
     model.eval()
+    right, codes_right = 0, []
     with torch.no_grad():
-        right = sum((letter_logits(model, items[start:start + 256]).argmax(1)
-                     == torch.tensor([answer for _, answer, _ in items[start:start + 256]])).sum().item()
-                    for start in range(0, len(items), 256))
+        for start in range(0, len(items), 256):
+            chunk = items[start:start + 256]
+            if num_codes is None:
+                chosen = letter_logits(model, chunk, cell_embeddings).argmax(1)
+            else:
+                chosen, code_share = answer_with_readouts(model, chunk, cell_embeddings, num_codes)
+                codes_right.append(code_share)
+            right += (chosen == torch.tensor([answer for _, answer, _ in chunk])).sum().item()
     model.train()
-    return right / len(items)
+    return right / len(items), (float(np.mean(codes_right)) if codes_right else None)
 
 
 def main() -> None:
@@ -156,6 +266,10 @@ def main() -> None:
                              "answered by the true depth (as curated) or by the decoded span")
     parser.add_argument("--filler-tokens", type=int, default=0,
                         help="random tokens before each question (the fine-tuning's image tokens and prompt)")
+    parser.add_argument("--cell-embeddings", action="store_true",
+                        help="add a learned vector per grid cell to its span code and to the marks on it")
+    parser.add_argument("--readouts", action="store_true",
+                        help="after the query, write each mark's letter and its cell's code, then the letter")
     arguments = parser.parse_args()
     torch.manual_seed(arguments.seed)
     rng = random.Random(arguments.seed)
@@ -174,7 +288,9 @@ def main() -> None:
                          num_attention_heads=MINIATURE.text_heads, num_key_value_heads=MINIATURE.text_kv_heads,
                          max_position_embeddings=256 + arguments.filler_tokens, tie_word_embeddings=False)
     model = Qwen2ForCausalLM(config)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=arguments.lr, weight_decay=0.01)
+    cell_embeddings = CellEmbeddings(config.hidden_size) if arguments.cell_embeddings else None
+    parameters = [*model.parameters(), *(cell_embeddings.parameters() if cell_embeddings else ())]
+    optimizer = torch.optim.AdamW(parameters, lr=arguments.lr, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, arguments.lr, total_steps=arguments.steps, pct_start=0.05)
     print(f"{len(train)} training and {len(heldout)} held-out pictures; {len(curated)} curated held-out questions "
           f"(chance {chance:.3f}, decoded span (a) {span_answers:.3f})", flush=True)
@@ -186,16 +302,23 @@ def main() -> None:
             if item is not None:
                 items.append(item)
         items = with_filler(items, arguments.filler_tokens, filler_id, rng)
-        loss = F.cross_entropy(letter_logits(model, items), torch.tensor([answer for _, answer, _ in items]))
+        if arguments.readouts:
+            loss = readout_loss(model, items, cell_embeddings, tokenizer.config.num_codes)
+        else:
+            loss = F.cross_entropy(letter_logits(model, items, cell_embeddings), torch.tensor([answer for _, answer, _ in items]))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         schedule.step()
         if step % 250 == 0 or step == arguments.steps:
-            curve.append({"step": step, "span_questions": accuracy(model, span_heldout),
-                          "curated_questions": accuracy(model, curated)})
-            print(f"step {step}: held-out span questions {curve[-1]['span_questions']:.3f}, curated questions "
-                  f"{curve[-1]['curated_questions']:.3f} ({time.perf_counter() - started:.0f} s)", flush=True)
+            readout_codes = tokenizer.config.num_codes if arguments.readouts else None
+            (span_right, span_codes), (curated_right, _) = (
+                accuracy(model, questions, cell_embeddings, readout_codes) for questions in (span_heldout, curated))
+            curve.append({"step": step, "span_questions": span_right, "curated_questions": curated_right,
+                          "readout_codes": span_codes})
+            readout_note = f", readout codes {span_codes:.3f}" if span_codes is not None else ""
+            print(f"step {step}: held-out span questions {span_right:.3f}, curated questions "
+                  f"{curated_right:.3f}{readout_note} ({time.perf_counter() - started:.0f} s)", flush=True)
     write_record(arguments, chance=chance, decoded_span=span_answers, curve=curve)
 
 

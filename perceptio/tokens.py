@@ -35,6 +35,12 @@ def depth_span(codes: Iterable[int]) -> str:
     return D_START + "".join(depth_token(int(code)) for code in codes) + D_END
 
 
+def mark_readouts(labels: Sequence[str], codes: Sequence[int]) -> str:
+    """`` A[D_k] B[D_k] ``: each marked point's letter and the depth code of its cell, the readouts a
+    model trained with ``--mark-readouts`` writes between a question's span and its letter."""
+    return "".join(f" {label}{depth_token(int(code))}" for label, code in zip(labels, codes)) + " "
+
+
 def parse_depth_token(token: str) -> int | None:
     """The code of a ``[D_k]`` token, or None for any other string."""
     if token.startswith("[D_") and token.endswith("]") and token[3:-1].isdigit():

@@ -101,6 +101,21 @@ def test_spans_in_the_prompt_do_not_count():
     assert processor_for(vocab, prompt_length=len(earlier_turn))(done, logits)[0, vocab.d_start_id] == float("-inf")
 
 
+def test_readouts_may_write_depth_codes_only_after_a_closed_span():
+    vocab = vocabulary(4)
+    logits = torch.zeros(3, BASE_VOCAB + len(special_tokens()))
+    depth = list(vocab.depth_token_ids)
+    rows = torch.tensor([[1, 2, 3, 4, 5, 6, 7],  # nothing written yet
+                         [1, vocab.d_start_id, *depth[:4], vocab.d_end_id],  # a closed span
+                         [1, 2, vocab.d_start_id, *depth[:4]]])  # a full span, not yet closed
+    for readouts in (False, True):
+        allowed = torch.isfinite(processor_for(vocab, readouts=readouts)(rows, logits))
+        assert not allowed[0, depth].any() and not allowed[0, vocab.d_end_id]
+        assert bool(allowed[1, depth].all()) == readouts and not allowed[1, vocab.d_end_id]
+        assert not allowed[1, vocab.d_start_id]  # still one span
+        assert allowed[2].nonzero().flatten().tolist() == [vocab.d_end_id]
+
+
 def test_markers_must_not_be_depth_tokens():
     with pytest.raises(ValueError):
         PerceptionFormatProcessor([5, 6], d_start_id=5, d_end_id=7, num_depth_tokens=2)

@@ -113,6 +113,13 @@ def test_depth_span_well_formedness(sequence, well_formed, codes):
     assert depth_span(sequence, VOCAB) == (well_formed, codes)
 
 
+def test_mark_readouts_after_the_span_keep_it_well_formed_and_nowhere_else():
+    readouts = [1, 5, 10, 13, 12, 6, 3, 13, 4, 10, 2]  # the span, then "A[D_3] B[D_0]"
+    assert depth_span(readouts, VOCAB) == (False, [0, 3, 2])  # a model without readouts: codes outside the span
+    assert depth_span(readouts, VOCAB, readouts=True) == (True, [0, 3, 2])
+    assert depth_span([11, 5, 10, 13, 12, 6, 3, 13], VOCAB, readouts=True) == (False, [0, 3, 2])  # a code before the span
+
+
 def test_token_accuracy_counts_missing_codes_as_wrong():
     assert token_accuracy([0, 3, 2], [0, 3, 1]) == pytest.approx(2 / 3)
     assert token_accuracy([0], [0, 3, 1]) == pytest.approx(1 / 3)

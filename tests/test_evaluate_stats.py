@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
-from perceptio.evaluate.decomposition import decomposition_scores
+from perceptio.evaluate.decomposition import TokenReader, decomposition_scores
 from perceptio.evaluate.stats import bootstrap_difference, bootstrap_mean
 
 
@@ -62,3 +64,29 @@ def test_decomposition_scores_per_variant_and_overall():
     assert three["token_accuracy"] == pytest.approx(0.6)
     assert scores["choice"] == pytest.approx(1 / 3) and scores["token_choice"] == pytest.approx(2 / 3)
     assert scores["truth_choice"] == 1.0 and scores["well_formed"] == pytest.approx(2 / 3)
+
+
+class CodeIsNearness:
+    """A stand-in depth tokenizer: 100 codes, each cell's depth its code (larger = nearer)."""
+
+    num_tokens = 100
+
+    def decode(self, codes):
+        return codes.reshape(1, 10, 10).float().repeat_interleave(32, 1).repeat_interleave(32, 2)
+
+
+def test_readouts_are_checked_against_the_models_span_and_the_truth_at_each_mark():
+    span, truth = list(range(100)), [99 - code for code in range(100)]
+    reader = TokenReader(CodeIsNearness(), Path("world"), _truth={"pictures/0.png": truth})  # the truth known already
+    row = {"points": [[10, 10], [300, 230]], "labels": ["A", "B"], "image_width": 320, "image_height": 240,
+           "source_file": "pictures/0.png"}
+    marked = [0, 99]  # the cells of the two points
+    copied = reader.columns(row, span, True, readouts=[span[cell] for cell in marked])
+    assert (copied["readout_copy"], copied["readout_truth"]) == (1.0, 0.0)
+    assert (copied["token_choice"], copied["truth_choice"]) == ("B", "A")
+    half = reader.columns(row, span, True, readouts=[truth[marked[0]]])  # only A's, and the true one
+    assert (half["readout_copy"], half["readout_truth"]) == (0.0, 0.5)
+    assert "readout_copy" not in reader.columns(row, span, True)  # a model without readouts
+    scores = decomposition_scores([{**copied, "variant": 2, "answer": "A", "choice": "A"},
+                                   {**half, "variant": 2, "answer": "A", "choice": "B"}])
+    assert (scores["readout_copy"], scores["readout_truth"]) == (0.5, 0.25)

@@ -26,6 +26,7 @@ from perceptio.curate.marked_points import (
     draw_marks,
     make_questions,
     object_regions,
+    point_cell,
     reading_question,
     swapped_reading_question,
     window_nearness,
@@ -302,6 +303,28 @@ def test_a_share_of_reading_questions_is_swapped_written_span_first_without_a_de
             StreamConfig([], reading_swaps=bad)
 
 
+def test_mark_readouts_name_the_code_of_each_marks_cell_in_the_span_the_question_follows():
+    cells = np.random.default_rng(8).uniform(-1, 1, (10, 10))
+    raw = _ade_sample([{"text": "Which?", "points": [[10, 10], [50, 30], [300, 230]], "labels": ["A", "B", "C"],
+                        "answer": "C", "target": DIRECT}], np.kron(cells, np.ones((32, 32))), size=(320, 240))
+    templates = PromptTemplates.load()
+    options = dict(question_targets="both", reading_questions=30, reading_seed=(0, 0), reading_swaps=0.5)
+    plain, read = expand_sample(raw, templates, **options), expand_sample(raw, templates, mark_readouts=True, **options)
+    assert [e.key for e in read] == [e.key for e in plain] and any(e.span_is_context for e in read)
+    for before, after in zip(plain, read):
+        if D_START not in before.target:  # answered directly: nothing to read out
+            assert after.target == before.target
+            continue
+        span, letter = before.target.split(D_END)
+        assert after.target.startswith(span + D_END) and after.target.endswith(letter)
+        codes = [int(token) for token in span.replace(D_START, "").replace("[D_", " ").replace("]", "").split()]
+        marked = [min(9, y * 10 // 240) * 10 + min(9, x * 10 // 320) for x, y in after.marks.points]
+        expected = " ".join(f"{label}[D_{codes[cell]:03d}]" for label, cell in zip(after.marks.labels, marked))
+        assert after.target[len(span + D_END):-len(letter)] == f" {expected} "
+    assert [e.target for e in expand_sample(raw, templates, use_depth_tokens=False, mark_readouts=True, **options)] == [
+        e.target for e in expand_sample(raw, templates, use_depth_tokens=False, **options)]
+
+
 def test_reading_points_fall_where_the_spread_says_and_always_in_their_cell():
     nearness = np.random.default_rng(4).uniform(-1, 1, (10, 10))
 
@@ -315,6 +338,7 @@ def test_reading_points_fall_where_the_spread_says_and_always_in_their_cell():
                 cells = [min(9, y * 10 // size[1]) * 10 + min(9, x * 10 // size[0]) for x, y in question["points"]]
                 values = nearness.reshape(-1)[cells]
                 assert len(set(cells)) == len(cells)  # each point in a cell of its own: the one drawn
+                assert [point_cell(point, size, 10) for point in question["points"]] == cells == question["cells"]
                 assert question["labels"][int(np.argmax(values))] == question["answer"]
                 assert np.sort(values)[-1] - np.sort(values)[-2] >= READING_ANSWER_GAP
 

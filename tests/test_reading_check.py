@@ -24,15 +24,22 @@ from reading_check import (CENTRED, farthest_from_centre, image_size, letters_ri
 
 
 class ScriptedPredictor:
-    """Writes the letter ``answer(example)`` after whatever prefix it is given, and keeps the prefixes."""
+    """Writes the letter ``answer(prefix)`` (and the readout codes ``readouts(prefix)``) after whatever
+    prefix it is given, and keeps the prefixes."""
 
-    def __init__(self, answer):
-        self.answer, self.prefixes = answer, []
+    def __init__(self, answer, readouts=lambda prefix: []):
+        self.answer, self.readouts, self.prefixes = answer, readouts, []
 
     def predict_batch(self, images, prompts, answer_prefixes=None):
         prefixes = answer_prefixes or [None] * len(prompts)
         self.prefixes += prefixes
-        return [SimpleNamespace(text=f"({self.answer(prefix)})") for prefix in prefixes]
+        return [SimpleNamespace(text=f"({self.answer(prefix)})", readout_codes=self.readouts(prefix)) for prefix in prefixes]
+
+
+def span_codes_at_marks(span, example):
+    """The codes a span holds at the cells of the question's marks."""
+    codes = [int(piece[: piece.index("]")]) for piece in span.split("[D_")[1:] if piece[0].isdigit()]
+    return [codes[grid_cell(point, image_size(example))] for point in example.marks.points]
 
 
 def test_the_letter_after_the_true_span_is_scored_against_the_depth_maps_answer(tmp_path):
@@ -42,13 +49,19 @@ def test_the_letter_after_the_true_span_is_scored_against_the_depth_maps_answer(
     assert all(example.target.startswith(D_START) for example in examples)
 
     always_a = ScriptedPredictor(lambda prefix: "A")
-    hits = letters_right(always_a, examples)
-    assert hits == [example.target.endswith("(A)") for example in examples]
+    hits, readouts = letters_right(always_a, examples)
+    assert hits == [example.target.endswith("(A)") for example in examples] and readouts is None
     assert always_a.prefixes == [example.target[: example.target.rindex("(")] for example in examples]
     assert all(prefix.endswith(D_END) for prefix in always_a.prefixes)
     # A model that writes each question's own answer after its span scores every question.
     queue = iter(example.target[-2] for example in examples)
-    assert all(letters_right(ScriptedPredictor(lambda prefix: next(queue)), examples))
+    assert all(letters_right(ScriptedPredictor(lambda prefix: next(queue)), examples)[0])
+    # A --mark-readouts model: its readouts copy the span at the marks, or are off by one mark.
+    expected = iter(span_codes_at_marks(example.target, example) for example in examples)
+    assert letters_right(ScriptedPredictor(lambda prefix: "A", lambda prefix: next(expected)), examples)[1] == 1.0
+    shifted = iter(span_codes_at_marks(example.target, example)[1:] for example in examples)
+    off = letters_right(ScriptedPredictor(lambda prefix: "A", lambda prefix: next(shifted)), examples)[1]
+    assert off < 0.5
 
 
 def test_direct_questions_are_asked_without_a_span_and_curated_ones_on_request(tmp_path):
@@ -56,7 +69,7 @@ def test_direct_questions_are_asked_without_a_span_and_curated_ones_on_request(t
     direct = reading_examples(tmp_path, pictures=3, per_picture=5, seed=1, direct=True)
     assert direct and all(D_START not in example.target for example in direct)
     scripted = ScriptedPredictor(lambda prefix: "B")
-    assert letters_right(scripted, direct) == [example.target == "(B)" for example in direct]
+    assert letters_right(scripted, direct)[0] == [example.target == "(B)" for example in direct]
     assert scripted.prefixes == [None] * len(direct)
     curated = reading_examples(tmp_path, pictures=3, per_picture=0, seed=1, curated=True)
     assert [example.key.rsplit("/", 1)[1] for example in curated] == ["q0"] * 3
@@ -103,7 +116,11 @@ def test_other_pictures_spans_tell_a_model_that_reads_its_span_from_one_that_rea
     assert (follows_span["letter_is_the_spans_answer"], follows_span["letter_is_the_pictures_answer"]) == (1.0, 0.0)
     follows_picture, line = other_span_scores(scripted([example.target[-2] for example, _, _ in paired]), examples)
     assert (follows_picture["letter_is_the_spans_answer"], follows_picture["letter_is_the_pictures_answer"]) == (0.0, 1.0)
-    assert "the picture's answer 100.0%, the span's 0.0%" in line
+    assert "the picture's answer 100.0%, the span's 0.0%" in line and follows_picture["readouts_are_the_spans"] is None
+    copies = iter(span_codes_at_marks(span, example) for example, span, _ in paired)
+    reads_span, line = other_span_scores(ScriptedPredictor(lambda prefix: "A", lambda prefix: next(copies)), examples)
+    assert reads_span["readouts_are_the_spans"] == 1.0 and reads_span["readouts_are_the_pictures"] < 1.0
+    assert "readouts equal to the given span's codes 100.0%" in line
 
 
 def test_the_lowest_point_heuristic_is_scored_on_the_same_questions(tmp_path):

@@ -8,7 +8,9 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
+import torch.nn.functional as F
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -20,10 +22,15 @@ from span_reading import (  # noqa: E402
     FILLERS,
     LETTER_IDS,
     QUERY,
+    CellEmbeddings,
     Picture,
+    answer_with_readouts,
     curated_questions,
     letter_logits,
+    readout_loss,
+    readouts,
     span_question,
+    token_cells,
     with_filler,
 )
 
@@ -101,3 +108,51 @@ def test_filler_tokens_come_before_the_question_and_leave_it_as_it_was():
         assert all(first <= token < first + FILLERS for token in longer[:140])
     assert len({tuple(ids[:140]) for ids, _, _ in padded}) == len(padded)  # drawn afresh for each question
     assert with_filler(items, 0, first, random.Random(2)) == items
+
+
+def tiny_probe_model(extra: int = 0) -> Qwen2ForCausalLM:
+    torch.manual_seed(0)
+    return Qwen2ForCausalLM(Qwen2Config(vocab_size=CODE_IDS + 128 + extra, hidden_size=16, intermediate_size=32,
+                                        num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                        max_position_embeddings=512))
+
+
+def test_cells_and_readouts_name_each_marks_cell_and_the_spans_code_there():
+    rng = random.Random(3)
+    items = [item for item in (span_question(picture(seed), rng, 0.0) for seed in range(6)) if item]
+    for ids, _, count in with_filler(items, 7, CODE_IDS + 128, random.Random(4)):
+        cells, start = token_cells(ids), ids.index(D_START)
+        assert cells[start + 1:start + 101] == list(range(100)) and cells[:7] == [-1] * 7 and cells[start:start + 1] == [-1]
+        marks = [((ids[7 + 3 * k + 1] - DIGIT_IDS) * 10 + ids[7 + 3 * k + 2] - DIGIT_IDS) for k in range(count)]
+        assert cells[7:start] == [cell for cell in marks for _ in range(3)]
+        assert readouts(ids) == [token for k, cell in enumerate(marks) for token in (LETTER_IDS + k, ids[start + 1 + cell])]
+
+
+def test_the_readout_loss_is_the_mean_code_cross_entropy_plus_the_letters_as_a_loop_computes_them():
+    model, rng = tiny_probe_model(), random.Random(5)
+    items = [item for item in (span_question(picture(seed), rng, 0.0) for seed in range(8)) if item]
+    loss = readout_loss(model, items, None, 128)
+    code_terms, letter_terms = [], []
+    for ids, answer, count in items:  # one unpadded sequence at a time
+        full = ids + readouts(ids)
+        logits = model(input_ids=torch.tensor([full])).logits[0]
+        for mark in range(count):
+            position = len(ids) + 2 * mark  # the mark's letter; its code comes next
+            code_terms.append(F.cross_entropy(logits[position, CODE_IDS:CODE_IDS + 128][None],
+                                              torch.tensor([full[position + 1] - CODE_IDS])))
+        letters = logits[-1, LETTER_IDS:LETTER_IDS + count]
+        letter_terms.append(F.cross_entropy(letters[None], torch.tensor([answer])))
+    assert loss.item() == pytest.approx((torch.stack(code_terms).mean() + torch.stack(letter_terms).mean()).item(), rel=1e-4)
+
+
+def test_greedy_readouts_are_scored_against_the_span_and_cell_embeddings_start_neutral_where_no_cell():
+    model, rng = tiny_probe_model(), random.Random(6)
+    items = [item for item in (span_question(picture(seed), rng, 0.0) for seed in range(8)) if item]
+    with torch.no_grad():
+        letters, code_share = answer_with_readouts(model, items, None, 128)
+    assert letters.shape == (len(items),) and 0.0 <= code_share <= 1.0
+    assert all(letter < count for letter, (_, _, count) in zip(letters.tolist(), items))
+    embeddings = CellEmbeddings(16)
+    plain = torch.randn(1, 3, 16)
+    added = embeddings(plain, torch.tensor([[-1, 0, 99]]))
+    assert torch.equal(added[0, 0], plain[0, 0]) and torch.allclose(added[0, 2], plain[0, 2] + embeddings.table.weight[99])

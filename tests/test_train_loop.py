@@ -150,9 +150,11 @@ def test_resume_matches_local_folders_however_they_are_written(shards, tmp_path,
                                 Processes(0, 1, torch.device("cpu")))
     assert (with_reading["reading_questions"], with_reading["reading_spread"], with_reading["reading_swaps"]) == (5, 0.5, 0.25)
     # A checkpoint written before settings held absolute paths (relative, as typed) and before
-    # --reading-questions, --reading-spread and --reading-swaps existed (it ran without them) still resumes.
+    # --reading-questions, --reading-spread, --reading-swaps and --mark-readouts existed (it ran without
+    # them) still resumes.
     state["settings"]["shards"] = [shards.name]
     del state["settings"]["reading_questions"], state["settings"]["reading_spread"], state["settings"]["reading_swaps"]
+    del state["settings"]["mark_readouts"]
     state_file.write_text(json.dumps(state))
     assert run(shards.resolve(), tmp_path, 4, save_every=2, resume=True).history == []
     with pytest.raises(PerceptioError, match="reading_questions: 0 -> 5, reading_spread: None -> 1.0"):
@@ -163,6 +165,17 @@ def test_resume_matches_local_folders_however_they_are_written(shards, tmp_path,
     shutil.copytree(shards, other)
     with pytest.raises(PerceptioError, match="settings changed"):
         run(other, tmp_path, 4, save_every=2, resume=True)
+
+
+def test_a_checkpoint_from_before_a_model_setting_existed_resumes_as_its_default(tmp_path):
+    # A model's settings written before PerceptioConfig.mark_readouts: it ran without readouts.
+    old = {"steps": 4, "model": {"model": "tiny", "lora_rank": 8}}
+    checkpoint_module.save_checkpoint(tmp_path / "step-000004", {"w": torch.zeros(1)}, {}, {},
+                                      checkpoint_module.Checkpoint(4, old, [{}], [{}]))
+    now = {**checkpoint_module.LATER_SETTINGS, **old, "model": {**old["model"], "mark_readouts": False}}
+    assert checkpoint_module.load_checkpoint(tmp_path / "step-000004", now).checkpoint.step == 4
+    with pytest.raises(PerceptioError, match="settings changed"):
+        checkpoint_module.load_checkpoint(tmp_path / "step-000004", {**now, "model": {**old["model"], "mark_readouts": True}})
 
 
 def test_nan_stops_the_run_naming_step_and_keys_and_saves_nothing(shards, tmp_path):

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from perceptio.errors import PerceptioError
-from perceptio.tokens import SEG, depth_span
+from perceptio.tokens import SEG, depth_span, mark_readouts
 from perceptio.train.config import PerceptioConfig, StreamConfig
 from perceptio.train.data import ResumableLoader
 from perceptio.train.model import PerceptioModel
@@ -109,3 +109,11 @@ def test_a_span_given_as_context_is_read_but_not_labelled(model):
     assert not spans.valid.any()  # no span: no L_marker and no L_depth for it
     assert unlabelled_spans([1, 5, 2, 3, 6, 4, 5, 7, 6], 5, 6) == [1, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX, 4,
                                                                    IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX]
+    # Mark readouts after the span (--mark-readouts) are the answer's, labelled whether or not the span is.
+    readouts = mark_readouts(["A", "B"], [17, 52])
+    with_readouts = model.processor.encode_conversation(parts["image"], [Turn(USER, "Which point is closest?"),
+                                                                         Turn(ASSISTANT, f"{span}{readouts}(B)")],
+                                                        depth=parts["depth"], span_is_context=True)
+    labelled = [label for label in with_readouts["labels"].tolist() if label != IGNORE_INDEX]
+    assert labelled[:4] == model.processor.token_ids(" A[D_017] B[D_052]")  # the span unlabelled, then the readouts
+    assert [label for label in labelled if label in model.depth_token_ids.tolist()] == labelled[1:4:2]

@@ -359,6 +359,13 @@ def _pixel_in_cell(cell: int, offset: float, extent: int, grid: int) -> int:
     return min(max(int((cell + 0.5 + offset) * extent / grid), first), last)
 
 
+def point_cell(point: Sequence[int], size: tuple[int, int], grid: int) -> int:
+    """The row-major cell of a ``grid`` x ``grid`` map (the depth tokens') that image point (x, y) of a
+    (width, height) image falls in."""
+    (x, y), (width, height) = point, size
+    return min(grid - 1, int(y) * grid // height) * grid + min(grid - 1, int(x) * grid // width)
+
+
 def reading_question(nearness: np.ndarray, size: tuple[int, int], rng: np.random.Generator,
                      spread: float, mark_style: str = HARDBLINK_MARKS, min_points: int = 2, max_points: int = 5) -> dict[str, Any] | None:
     """A marked-point question on ``min_points``..``max_points`` random cells of an image, answered by

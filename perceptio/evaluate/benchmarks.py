@@ -37,6 +37,7 @@ class PredictionLike(Protocol):
     depth: np.ndarray | None
     depth_codes: list[int]
     well_formed: bool
+    readout_codes: list[int]
 
 
 class PredictorLike(Protocol):
@@ -226,5 +227,6 @@ def hardblink_score(question: HardBlinkQuestion, prediction: PredictionLike, rea
     record = {"id": question.sample_id, "variant": question.variant, "answer": question.answer,
               "choice": parse_choice(prediction.text, question.variant), "reply": prediction.text}
     if reader is not None:
-        record.update(reader.columns(question.row, prediction.depth_codes, prediction.well_formed, style == "depth"))
+        record.update(reader.columns(question.row, prediction.depth_codes, prediction.well_formed, style == "depth",
+                                     prediction.readout_codes))
     return record

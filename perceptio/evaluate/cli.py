@@ -274,9 +274,10 @@ def hardblink(
                         "world": str(world) if world else None},
                        scores={**scores.to_dict(), "decomposition": decomposition}, replies=records)
     columns = ["points", "questions", "(c) letter %", "unparsed"]
+    readouts = bool(decomposition) and decomposition["readout_copy"] is not None
     if decomposition:
         columns += ["(b) from its tokens %", "(a) from true tokens %", "(d) letter after the true span %",
-                    "well-formed %", "token accuracy %"]
+                    "well-formed %", "token accuracy %"] + (["readouts = its span %", "readouts = truth %"] if readouts else [])
     table = _table(results, columns, f" | asked: {style}")
     for variant, accuracy in scores.accuracy.items():
         row = [str(variant), str(scores.questions[variant]), percent(accuracy), str(scores.unparsed[variant])]
@@ -284,6 +285,7 @@ def hardblink(
             parts = decomposition["by_variant"][str(variant)]
             row += [percent(parts["token_choice"]), percent(parts["truth_choice"]), percent(parts["truth_fed_choice"]),
                     percent(parts["well_formed"]), percent(parts["token_accuracy"])]
+            row += [percent(parts["readout_copy"]), percent(parts["readout_truth"])] if readouts else []
         table.add_row(*row)
     table.add_row("average", str(len(records)), percent(scores.average), "")
     report(results, table, as_json, out)

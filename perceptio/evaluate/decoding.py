@@ -1,8 +1,9 @@
 """Constrained decoding that keeps the perception format valid, as a transformers ``LogitsProcessor``.
 
 Once ``[D_START]`` is emitted, exactly n depth tokens follow and then ``[D_END]``; depth tokens and
-``[D_END]`` appear nowhere else. By default a sequence holds at most one span (the format is
-``[SEG] [D_START] d_1..d_n [D_END] answer``). Only the generated part counts: given the prompt's
+``[D_END]`` appear nowhere else (``readouts``: depth tokens may also follow a closed span, the mark
+readouts ``A[D_k] B[D_k]`` of a model trained with ``--mark-readouts``). By default a sequence holds
+at most one span (the format is ``[SEG] [D_START] d_1..d_n [D_END] answer``). Only the generated part counts: given the prompt's
 length, spans written in earlier turns of a conversation neither block nor open a span. Use it with ``generate``::
 
     processor = PerceptionFormatProcessor(depth_token_ids, d_start_id, d_end_id, num_depth_tokens=100)
@@ -34,6 +35,7 @@ class PerceptionFormatProcessor(LogitsProcessor):
         prompt_length: where the answer starts: the (padded) prompt width, or one position per row
             (an answer begun by the caller, e.g. with a given span, counts from its own start);
             tokens before it are history, not counted.
+        readouts: depth tokens are allowed outside a span once the answer has closed one.
     """
 
     def __init__(
@@ -45,6 +47,7 @@ class PerceptionFormatProcessor(LogitsProcessor):
         max_spans: int | None = 1,
         max_length: int | None = None,
         prompt_length: int | Sequence[int] = 0,
+        readouts: bool = False,
     ):
         if not depth_token_ids:
             raise ValueError("depth_token_ids is empty")
@@ -59,6 +62,7 @@ class PerceptionFormatProcessor(LogitsProcessor):
         self.max_spans = max_spans
         self.max_length = max_length
         self.prompt_length = prompt_length if isinstance(prompt_length, int) else [int(start) for start in prompt_length]
+        self.readouts = readouts
 
     def _depth_lookup(self, vocab_size: int, device: torch.device) -> torch.Tensor:
         # The vocabulary may be wider than the largest token id (padded embedding tables).
@@ -105,6 +109,8 @@ class PerceptionFormatProcessor(LogitsProcessor):
 
         # Outside a span: no depth token, no [D_END]; [D_START] only while spans are left and fit.
         outside_banned = (is_depth | (token_ids == self.d_end_id)).unsqueeze(0).expand(scores.shape[0], -1).clone()
+        if self.readouts:  # the mark readouts after a span
+            outside_banned[(closed > 0).unsqueeze(1) & is_depth.unsqueeze(0)] = False
         start_banned = torch.zeros_like(inside)
         if self.max_spans is not None:
             start_banned |= closed >= self.max_spans

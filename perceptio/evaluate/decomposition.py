@@ -14,6 +14,9 @@ For a marked-point question whose points are known (the synthetic HardBLINK spli
 Where (c) falls short of (b) the model does not use its own perception; where (b) falls short of
 (a) it writes wrong tokens; where (d) falls short of (a) it cannot read even the true span.
 ``token_accuracy`` is the share of the generated codes equal to the true ones (position by position).
+A model trained with ``--mark-readouts`` writes each mark's code after its span: ``readout_copy`` is
+the share of those equal to its own span's code at the mark's cell (does it copy its span?),
+``readout_truth`` the share equal to the true code there.
 """
 
 from __future__ import annotations
@@ -24,9 +27,11 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from perceptio.curate.marked_points import point_cell
 from perceptio.evaluate.metrics import token_accuracy
 
 COLUMNS = ("truth_choice", "token_choice", "choice", "truth_fed_choice")
+READOUT_COLUMNS = ("readout_copy", "readout_truth")
 
 
 @dataclass
@@ -56,9 +61,11 @@ class TokenReader:
         truth = self.truth_codes(row)
         return depth_span(truth) if truth is not None else ""
 
-    def columns(self, row: dict[str, Any], codes: Sequence[int], well_formed: bool, asked_for_tokens: bool = True) -> dict[str, Any]:
+    def columns(self, row: dict[str, Any], codes: Sequence[int], well_formed: bool, asked_for_tokens: bool = True,
+                readouts: Sequence[int] = ()) -> dict[str, Any]:
         """(a), and (b) with the token accuracy when the model was asked to write its span, of one
-        question; empty when the question does not record its points."""
+        question, and how its ``readouts`` (if any) match its span and the truth at the marks; empty
+        when the question does not record its points."""
         from perceptio.evaluate.depth_answer import answer_from_codes
 
         if "points" not in row or "labels" not in row:
@@ -75,6 +82,16 @@ class TokenReader:
             record["truth_choice"] = answer_from_codes(self.tokenizer, truth, points, labels, size)
             if asked_for_tokens and well_formed:
                 record["token_accuracy"] = token_accuracy(list(codes), truth)
+        if readouts:
+            def matching(span: Sequence[int]) -> float:  # readout i against the span's code at point i
+                side = int(round(len(span) ** 0.5))
+                marked = [span[point_cell(point, size, side)] for point in points]
+                return float(np.mean([i < len(readouts) and readouts[i] == code for i, code in enumerate(marked)]))
+
+            if well_formed:
+                record["readout_copy"] = matching(codes)
+            if truth is not None:
+                record["readout_truth"] = matching(truth)
         return record
 
 
@@ -95,8 +112,12 @@ def decomposition_scores(records: Iterable[dict[str, Any]]) -> dict[str, Any]:
         entry["well_formed"] = len(formed) / len(group) if group and "well_formed" in group[0] else None  # None: asked directly
         accuracies = [record["token_accuracy"] for record in formed if record.get("token_accuracy") is not None]
         entry["token_accuracy"] = float(np.mean(accuracies)) if accuracies else None
+        for column in READOUT_COLUMNS:
+            shares = [record[column] for record in group if column in record]
+            entry[column] = float(np.mean(shares)) if shares else None
         scores[name] = entry
     overall = scores["all"]
     return {"by_variant": scores, "token_accuracy": overall["token_accuracy"], "truth_choice": overall["truth_choice"],
             "token_choice": overall["token_choice"], "choice": overall["choice"],
-            "truth_fed_choice": overall["truth_fed_choice"], "well_formed": overall["well_formed"]}
+            "truth_fed_choice": overall["truth_fed_choice"], "well_formed": overall["well_formed"],
+            **{column: overall[column] for column in READOUT_COLUMNS}}

@@ -124,12 +124,24 @@ class PerceptionVocabulary:
         return {token_id: code for code, token_id in enumerate(self.depth_token_ids)}
 
 
-def depth_span(token_ids: Sequence[int], vocabulary: PerceptionVocabulary) -> tuple[bool, list[int]]:
+def readout_codes(token_ids: Sequence[int], vocabulary: PerceptionVocabulary) -> list[int]:
+    """The depth codes written after the first span's [D_END]: the mark readouts of a model trained
+    with ``--mark-readouts`` (``A[D_k] B[D_k]``), in the order written."""
+    ids = [int(token) for token in token_ids]
+    if vocabulary.d_end_id not in ids:
+        return []
+    code_of = vocabulary.code_of()
+    return [code_of[token] for token in ids[ids.index(vocabulary.d_end_id) + 1:] if token in code_of]
+
+
+def depth_span(token_ids: Sequence[int], vocabulary: PerceptionVocabulary,
+               readouts: bool = False) -> tuple[bool, list[int]]:
     """(well_formed, codes) of a generated sequence.
 
     Well formed: exactly one [D_START], followed by exactly n depth tokens and one [D_END], and no
-    depth token or [D_END] anywhere else. ``codes`` are the depth codes after the first [D_START]
-    up to the next non-depth token (possibly fewer or more than n when the span is malformed).
+    depth token or [D_END] anywhere else (``readouts``: depth tokens may follow the [D_END], as mark
+    readouts). ``codes`` are the depth codes after the first [D_START] up to the next non-depth token
+    (possibly fewer or more than n when the span is malformed).
     """
     ids = [int(token) for token in token_ids]
     code_of = vocabulary.code_of()
@@ -143,7 +155,8 @@ def depth_span(token_ids: Sequence[int], vocabulary: PerceptionVocabulary) -> tu
         codes.append(code_of[token])
     end = starts[0] + 1 + len(codes)
     closed = end < len(ids) and ids[end] == vocabulary.d_end_id
-    depth_elsewhere = sum(token in code_of for token in ids) != len(codes)
+    counted = ids[: end + 1] if readouts else ids
+    depth_elsewhere = sum(token in code_of for token in counted) != len(codes)
     ends = sum(token == vocabulary.d_end_id for token in ids)
     well_formed = (
         len(starts) == 1 and closed and ends == 1 and not depth_elsewhere and len(codes) == vocabulary.num_depth_tokens

@@ -28,7 +28,7 @@ from transformers import LogitsProcessorList
 
 from perceptio.errors import PerceptioError
 from perceptio.evaluate.decoding import PerceptionFormatProcessor
-from perceptio.evaluate.metrics import PerceptionVocabulary, depth_span
+from perceptio.evaluate.metrics import PerceptionVocabulary, depth_span, readout_codes
 from perceptio.train.chat import USER, Turn
 
 # Room for [SEG], the 102-token depth span and a short answer; a caller can ask for more.
@@ -43,6 +43,7 @@ class Prediction:
     depth: np.ndarray | None  # float32 (S, S) normalised inverse depth; None without a well-formed span
     depth_codes: list[int] = field(default_factory=list)  # codes of the first span (even a malformed one)
     well_formed: bool = False
+    readout_codes: list[int] = field(default_factory=list)  # codes after the span (--mark-readouts models)
 
 
 def checkpoint_identity(folder: Path) -> str:
@@ -105,6 +106,7 @@ class Predictor:
             max_spans=1 if self.model.config.use_depth_tokens else 0,
             max_length=width + self.max_new_tokens,
             prompt_length=answer_starts,
+            readouts=self.model.config.mark_readouts,
         )
 
     def predict(self, image: Image.Image | None, prompt: str | Sequence[Any]) -> Prediction:
@@ -157,8 +159,9 @@ class Predictor:
         sequences = [ids + tokens for ids, tokens in zip(prompt_ids, generated)]
         masks = self._masks(pictures, tiles, sequences, prompt_ids, generated)
         predictions = []
+        readouts = self.model.config.mark_readouts
         for tokens, mask in zip(generated, masks):
-            well_formed, codes = depth_span(tokens, self.vocabulary)
+            well_formed, codes = depth_span(tokens, self.vocabulary, readouts=readouts)
             predictions.append(Prediction(
                 text=processor.tokenizer.decode(tokens, skip_special_tokens=True).strip(),
                 token_ids=tokens,
@@ -166,6 +169,7 @@ class Predictor:
                 depth=self._depth(codes) if well_formed else None,
                 depth_codes=codes,
                 well_formed=well_formed,
+                readout_codes=readout_codes(tokens, self.vocabulary) if readouts else [],
             ))
         return predictions
 

@@ -145,7 +145,10 @@ def with_absolute_paths(settings: dict[str, Any]) -> dict[str, Any]:
 # Settings added after checkpoints were first written: an older checkpoint ran with these values.
 # (Runs with reading questions from before reading_spread drew at 1/3: they resume only as they were
 # written, so they are refused, "reading_spread: None -> ...".)
-LATER_SETTINGS: dict[str, Any] = {"reading_questions": 0, "reading_spread": None, "init_from": None, "reading_swaps": 0.0}
+LATER_SETTINGS: dict[str, Any] = {"reading_questions": 0, "reading_spread": None, "init_from": None, "reading_swaps": 0.0,
+                                  "mark_readouts": False}
+# The same for the model's PerceptioConfig, recorded under "model".
+LATER_MODEL_SETTINGS: dict[str, Any] = {"mark_readouts": False}
 
 
 def load_checkpoint(path: Path, settings: dict[str, Any]) -> LoadedCheckpoint:
@@ -156,7 +159,10 @@ def load_checkpoint(path: Path, settings: dict[str, Any]) -> LoadedCheckpoint:
     if missing:
         raise PerceptioError(f"checkpoint {path} lacks {', '.join(missing)}")
     state = json.loads((path / STATE_FILE).read_text())
-    settings, saved = with_absolute_paths(settings), with_absolute_paths({**LATER_SETTINGS, **state["settings"]})
+    saved = {**LATER_SETTINGS, **state["settings"]}
+    if isinstance(saved.get("model"), dict):
+        saved["model"] = {**LATER_MODEL_SETTINGS, **saved["model"]}
+    settings, saved = with_absolute_paths(settings), with_absolute_paths(saved)
     changed = sorted(key for key in settings.keys() | saved.keys() if settings.get(key) != saved.get(key))
     if changed:
         details = ", ".join(f"{key}: {saved.get(key)!r} -> {settings.get(key)!r}" for key in changed)

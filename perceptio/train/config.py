@@ -72,6 +72,13 @@ class PerceptioConfig:
     # weighing 1 (not in the paper; 1 = its plain mean). A letter after a 100-token span is ~1% of
     # its answer's loss: below 1 it is not drowned, and L_depth still trains the span (README section 4).
     span_weight: float = 1.0
+    # After a question's depth span, each mark's letter and its cell's code ("A[D_k] B[D_k]") before
+    # the letter (not in the paper; off = its format): the lookup of the marked cells is then written
+    # out and supervised code by code, and the letter compares codes written just before it. A probe
+    # of the miniature's size learns the lookup this way behind the ~140 tokens of image and prompt
+    # that stop it otherwise (README section 4). The predictor lets such models write depth codes
+    # outside the span.
+    mark_readouts: bool = False
     # Ablations (the paper's tables): without depth tokens / segmentation / L_DepthRecon / L_depth.
     use_depth_tokens: bool = True
     use_segmentation: bool = True
@@ -132,6 +139,7 @@ class StreamConfig:
     # picture cannot answer, so that the letter must read the span. Written span first, with the span
     # as context (not a target, no L_depth); only where reading questions are written span first.
     reading_swaps: float = 0.0
+    mark_readouts: bool = False  # PerceptioConfig.mark_readouts: questions written span, readouts, letter
     prompts: str = "prompts.json"
 
     def __post_init__(self) -> None:

@@ -44,7 +44,13 @@ import numpy as np
 import torch
 
 from perceptio import fs
-from perceptio.curate.marked_points import HARDBLINK_MARKS, draw_marks, reading_question, swapped_reading_question
+from perceptio.curate.marked_points import (
+    HARDBLINK_MARKS,
+    draw_marks,
+    point_cell,
+    reading_question,
+    swapped_reading_question,
+)
 from perceptio.errors import PerceptioError
 from perceptio.recipes import load_recipe
 from perceptio.shards import (
@@ -58,7 +64,7 @@ from perceptio.shards import (
     npy_load,
     rle_to_mask,
 )
-from perceptio.tokens import SEG, depth_span
+from perceptio.tokens import SEG, depth_span, mark_readouts
 from perceptio.train.bad_data import SkipCounter, guarded, read_shard, read_shards
 from perceptio.train.chat import ASSISTANT, USER, Turn, as_turns
 from perceptio.train.config import QUESTION_TARGETS, TRAINING_SPLITS, StreamConfig
@@ -281,6 +287,14 @@ def token_grid_nearness(depth: np.ndarray, tokens: int) -> np.ndarray:
     return depth[: cell * side, : cell * side].astype(np.float32).reshape(side, cell, side, cell).mean((1, 3))
 
 
+def readouts(question: dict[str, Any], codes: Sequence[int], size: tuple[int, int]) -> str:
+    """A question's mark readouts: each letter with the code, in ``codes`` (the span it is asked
+    after), of the cell its point falls in on the span's grid."""
+    side = int(round(len(codes) ** 0.5))
+    cells = [point_cell(point, size, side) for point in question["points"]]
+    return mark_readouts(question["labels"], [codes[cell] for cell in cells])
+
+
 def _reading_questions(raw: dict[str, Any], meta: dict[str, Any], codes: Sequence[int], count: int,
                        seed: Sequence[int], spread: float, swaps: float) -> list[tuple[dict[str, Any], list[int] | None]]:
     """``count`` draws of :func:`reading_question` (points in the central ``spread`` of their cells)
@@ -302,7 +316,8 @@ def _reading_questions(raw: dict[str, Any], meta: dict[str, Any], codes: Sequenc
 def expand_sample(raw: dict[str, Any], templates: PromptTemplates, use_depth_tokens: bool = True,
                   question_targets: str = "recorded", reading_questions: int = 0,
                   reading_seed: Sequence[int] = (), reading_spread: float = StreamConfig.reading_spread,
-                  reading_swaps: float = StreamConfig.reading_swaps) -> list[Example]:
+                  reading_swaps: float = StreamConfig.reading_swaps,
+                  mark_readouts: bool = StreamConfig.mark_readouts) -> list[Example]:
     """The training examples of one shard sample (a webdataset dict of member bytes).
 
     Grounding samples give one example per (ref, sentence). ADE20k samples give one example per
@@ -313,7 +328,9 @@ def expand_sample(raw: dict[str, Any], templates: PromptTemplates, use_depth_tok
     ``reading_seed`` (the run's seed and epoch: new ones each epoch) and the sample's key, each point
     in the central ``reading_spread`` of its cell, keyed ``{key}/r{i}`` and written as the curated
     ones (``recorded``: span first); a share ``reading_swaps`` of them is asked after a span shuffled
-    at the marked cells, written span first only, the span as context (no depth target). Without
+    at the marked cells, written span first only, the span as context (no depth target). With
+    ``mark_readouts`` every question written span first names, after the span, each mark's letter
+    and the span's code at its cell (:func:`perceptio.tokens.mark_readouts`) before the letter. Without
     depth tokens the span is left out and every question is answered directly; then, and with
     ``question_targets`` "direct", none is swapped. A LLaVA conversation is one example of all its
     turns; a GranD-f grounded caption one example whose answer holds a [SEG] per phrase.
@@ -348,6 +365,8 @@ def expand_sample(raw: dict[str, Any], templates: PromptTemplates, use_depth_tok
                           question.get("mark_style", HARDBLINK_MARKS))
             # A swapped question's span is not the picture's: no depth target for it.
             span_text, depth_bytes = (depth, raw.get("depth.npy")) if span is None else (depth_span(span), None)
+            if mark_readouts and span_text:
+                span_text += readouts(question, span or codes, (meta["width"], meta["height"]))
             for variant in variants:
                 example_key = f"{key}/{name}" + (f"/{variant}" if len(variants) > 1 else "")
                 example = _question_example(example_key, source, question, variant, span_text, templates, raw["jpg"],
@@ -523,7 +542,7 @@ class _StreamReader:
         examples = guarded(lambda sample: expand_sample(sample, self.templates, self.config.use_depth_tokens,
                                                         self.config.question_targets, self.config.reading_questions,
                                                         (self.config.seed, self.epoch), self.config.reading_spread,
-                                                        self.config.reading_swaps),
+                                                        self.config.reading_swaps, self.config.mark_readouts),
                            raw, counter)
         for example in examples:
             if mix_key_for(example.source, [self.stream.name]) is None:

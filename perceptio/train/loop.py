@@ -209,7 +209,7 @@ def run_settings(config: TrainConfig, data: StreamConfig, processes: Processes, 
                     use_depth_tokens=data.use_depth_tokens, reading_questions=data.reading_questions,
                     # where reading points fall matters only when there are reading questions
                     reading_spread=data.reading_spread if data.reading_questions else None,
-                    reading_swaps=data.reading_swaps,
+                    reading_swaps=data.reading_swaps, mark_readouts=data.mark_readouts,
                     shards=sorted(map(str, data.shards)),
                     shuffle_buffer=data.shuffle_buffer, shuffle_initial=data.shuffle_initial,
                     prompts=f"{data.prompts}@{hashlib.sha256(prompts).hexdigest()[:12]}",

@@ -30,7 +30,7 @@ import torch
 from PIL import Image
 from transformers import InternVLForConditionalGeneration, PreTrainedTokenizerBase
 
-from perceptio.curate.marked_points import HARDBLINK_MARKS, check_mark_style, draw_marks
+from perceptio.curate.marked_points import HARDBLINK_MARKS, check_mark_style, draw_marks, point_cell
 from perceptio.sources.synth.conversations import image_questions, unique_names
 from perceptio.sources.synth.scene import COLOURS
 from perceptio.train.chat import ASSISTANT, USER, Turn
@@ -109,8 +109,7 @@ MARK_LABELS = "ABCDE"  # HardBLINK's letters; 2-5 points, as the marked-point qu
 
 def grid_cell(point: tuple[int, int], size: tuple[int, int]) -> int:
     """The GRID x GRID cell (row-major index) of image point (x, y) of a (width, height) image."""
-    (x, y), (width, height) = point, size
-    return min(GRID - 1, y * GRID // height) * GRID + min(GRID - 1, x * GRID // width)
+    return point_cell(point, size, GRID)
 
 
 def mark_map_question(picture: Image.Image, record: dict, instances: np.ndarray, rng: np.random.Generator,
