@@ -160,7 +160,7 @@ class Predictor:
         masks = self._masks(pictures, tiles, sequences, prompt_ids, generated)
         predictions = []
         readouts = self.model.config.mark_readouts
-        for tokens, mask in zip(generated, masks):
+        for tokens, mask, prefix in zip(generated, masks, prefix_ids):
             well_formed, codes = depth_span(tokens, self.vocabulary, readouts=readouts)
             predictions.append(Prediction(
                 text=processor.tokenizer.decode(tokens, skip_special_tokens=True).strip(),
@@ -169,7 +169,8 @@ class Predictor:
                 depth=self._depth(codes) if well_formed else None,
                 depth_codes=codes,
                 well_formed=well_formed,
-                readout_codes=readout_codes(tokens, self.vocabulary) if readouts else [],
+                # After a given span (an answer prefix) the readouts follow the prefix's [D_END].
+                readout_codes=readout_codes(prefix + tokens, self.vocabulary) if readouts else [],
             ))
         return predictions
 
