@@ -13,7 +13,11 @@ training pictures' curated questions instead, as the fine-tuning does (a fixed s
 answered by the true depth, which the span agrees with only as often as (a); ``span`` by the span.
 ``--training-cells objects`` keeps fresh questions but draws their cells from those the curated
 questions mark (on objects). ``--filler-tokens N`` puts N random tokens before each question, as
-the fine-tuned model has its 100 image tokens and the prompt before the marks and the span::
+the fine-tuned model has its 100 image tokens and the prompt before the marks and the span.
+``--cell-embeddings`` adds a learned vector per grid cell to each span code and to the marks on
+that cell; ``--readouts`` has the model write, after the query, each mark's letter and the span's
+code at its cell before the letter (trained on both; scored greedily), as ``perceptio-train
+--mark-readouts`` does::
 
     python benchmarks/span_reading.py --shards ablation-out/shards/ade20k \\
         --heldout-shards HELDOUT/ade20k --tokenizer ablation-out/tokenizer --steps 3000
@@ -172,14 +176,8 @@ class CellEmbeddings(torch.nn.Module):
         return embeddings + self.table(cells.clamp(min=0)) * (cells >= 0).unsqueeze(-1)
 
 
-def letter_logits(model: Qwen2ForCausalLM, items: list[tuple[list[int], int, int]],
-                  cell_embeddings: CellEmbeddings | None = None) -> torch.Tensor:
-    """The letters' logits at the last position, letters beyond each question's count ruled out."""
-    ids, mask, cells = batch(items)
-    embeddings = model.get_input_embeddings()(ids)
-    if cell_embeddings is not None:
-        embeddings = cell_embeddings(embeddings, cells)
-    logits = model(inputs_embeds=embeddings, attention_mask=mask).logits[:, -1, LETTER_IDS:DIGIT_IDS]
+def asked_letters(logits: torch.Tensor, items: list[tuple[list[int], int, int]]) -> torch.Tensor:
+    """The letters' logits (B, 5), letters beyond each question's count ruled out."""
     counts = torch.tensor([count for _, _, count in items])
     return logits.masked_fill(torch.arange(len(LETTERS))[None] >= counts[:, None], float("-inf"))
 
@@ -192,6 +190,13 @@ def forward_logits(model: Qwen2ForCausalLM, sequences: list[list[int]],
     if cell_embeddings is not None:
         embeddings = cell_embeddings(embeddings, cells)
     return model(inputs_embeds=embeddings, attention_mask=mask).logits
+
+
+def letter_logits(model: Qwen2ForCausalLM, items: list[tuple[list[int], int, int]],
+                  cell_embeddings: CellEmbeddings | None = None) -> torch.Tensor:
+    """The letters' logits at the last position, letters beyond each question's count ruled out."""
+    logits = forward_logits(model, [ids for ids, _, _ in items], cell_embeddings)
+    return asked_letters(logits[:, -1, LETTER_IDS:DIGIT_IDS], items)
 
 
 def readout_loss(model: Qwen2ForCausalLM, items: list[tuple[list[int], int, int]],
@@ -208,9 +213,7 @@ def readout_loss(model: Qwen2ForCausalLM, items: list[tuple[list[int], int, int]
             positions.append(width - 2 * (count - mark))
             targets.append(sequences[row][len(ids) + 2 * mark + 1] - CODE_IDS)
     codes = logits[rows, positions, CODE_IDS:CODE_IDS + num_codes]
-    letters = logits[:, -1, LETTER_IDS:DIGIT_IDS]
-    counts = torch.tensor([count for _, _, count in items])
-    letters = letters.masked_fill(torch.arange(len(LETTERS))[None] >= counts[:, None], float("-inf"))
+    letters = asked_letters(logits[:, -1, LETTER_IDS:DIGIT_IDS], items)
     return (F.cross_entropy(codes, torch.tensor(targets))
             + F.cross_entropy(letters, torch.tensor([answer for _, answer, _ in items])))
 
@@ -230,9 +233,7 @@ def answer_with_readouts(model: Qwen2ForCausalLM, items: list[tuple[list[int], i
             truth = readouts(items[row][0])[2 * mark + 1] - CODE_IDS
             right, total = right + (code == truth), total + 1
             sequences[row].append(CODE_IDS + code)
-    letters = forward_logits(model, sequences, cell_embeddings)[:, -1, LETTER_IDS:DIGIT_IDS]
-    counts = torch.tensor([count for _, _, count in items])
-    letters = letters.masked_fill(torch.arange(len(LETTERS))[None] >= counts[:, None], float("-inf"))
+    letters = asked_letters(forward_logits(model, sequences, cell_embeddings)[:, -1, LETTER_IDS:DIGIT_IDS], items)
     return letters.argmax(1), right / total
 
 

@@ -3,8 +3,9 @@
 Once ``[D_START]`` is emitted, exactly n depth tokens follow and then ``[D_END]``; depth tokens and
 ``[D_END]`` appear nowhere else (``readouts``: depth tokens may also follow a closed span, the mark
 readouts ``A[D_k] B[D_k]`` of a model trained with ``--mark-readouts``). By default a sequence holds
-at most one span (the format is ``[SEG] [D_START] d_1..d_n [D_END] answer``). Only the generated part counts: given the prompt's
-length, spans written in earlier turns of a conversation neither block nor open a span. Use it with ``generate``::
+at most one span (the format is ``[SEG] [D_START] d_1..d_n [D_END] answer``). Only the generated
+part counts: given the prompt's length, spans written in earlier turns of a conversation neither
+block nor open a span. Use it with ``generate``::
 
     processor = PerceptionFormatProcessor(depth_token_ids, d_start_id, d_end_id, num_depth_tokens=100)
     model.generate(..., logits_processor=LogitsProcessorList([processor]))
