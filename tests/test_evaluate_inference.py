@@ -121,6 +121,41 @@ def test_an_answer_prefix_is_written_for_the_model_and_counts_as_its_span(predic
         predictor.predict_batch([picture, picture], [prompt, prompt], answer_prefixes=[span])
 
 
+class WritesFirst:
+    """Forces the first generated ids, then applies the predictor's own format constraint."""
+
+    def __init__(self, base: PerceptionFormatProcessor, prompt_length: int, forced: list[int]):
+        self.base, self.prompt_length, self.forced = base, prompt_length, forced
+
+    def __call__(self, input_ids, scores):
+        step = input_ids.shape[1] - self.prompt_length
+        if step < len(self.forced):
+            scores = torch.full_like(scores, float("-inf"))
+            scores[:, self.forced[step]] = 0.0
+            return scores
+        return self.base(input_ids, scores)
+
+
+def test_readouts_written_after_a_given_span_are_collected(predictor, monkeypatch):
+    from perceptio.tokens import depth_span
+
+    model, vocabulary = predictor.model, predictor.vocabulary
+    monkeypatch.setattr(model.config, "mark_readouts", True)  # a model trained with --mark-readouts
+    letter, code = model.processor.token_ids(" A")[0], vocabulary.depth_token_ids[5]
+    original, constraints = predictor._processor, []
+
+    def processor(width, starts):
+        constraints.append(original(width, starts))
+        return WritesFirst(constraints[-1], width, [letter, code])
+
+    monkeypatch.setattr(predictor, "_processor", processor)
+    given = predictor.predict_batch([image()], ["Which point is the closest to the camera?"],
+                                    answer_prefixes=[depth_span(range(100))])[0]
+    assert [constraint.readouts for constraint in constraints] == [True]
+    assert given.token_ids[:2] == [letter, code] and given.readout_codes[0] == 5
+    assert given.readout_codes == [vocabulary.code_of()[token] for token in given.token_ids if token in vocabulary.code_of()]
+
+
 @pytest.fixture(scope="module")
 def val_shards(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("shards")
