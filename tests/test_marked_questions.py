@@ -35,6 +35,7 @@ from perceptio.sources.masks import segment_masks
 from perceptio.errors import PerceptioError
 from perceptio.shards import ShardSample, sample_key
 from perceptio.tokens import D_END, D_START, depth_span
+from perceptio.train.config import writes_readouts
 from perceptio.train.data import PromptTemplates, StreamConfig, expand_sample
 
 STUFF = frozenset({1, 2})  # wall, floor
@@ -323,6 +324,10 @@ def test_mark_readouts_name_the_code_of_each_marks_cell_in_the_span_the_question
         assert after.target[len(span + D_END):-len(letter)] == f" {expected} "
     assert [e.target for e in expand_sample(raw, templates, use_depth_tokens=False, mark_readouts=True, **options)] == [
         e.target for e in expand_sample(raw, templates, use_depth_tokens=False, **options)]
+    # perceptio-train keeps the setting only where a question is written span first (and records that).
+    assert writes_readouts(True, True, "recorded") and writes_readouts(True, True, "both")
+    assert not writes_readouts(True, False, "recorded") and not writes_readouts(True, True, "direct")
+    assert not writes_readouts(False, True, "depth")
 
 
 def test_reading_points_fall_where_the_spread_says_and_always_in_their_cell():

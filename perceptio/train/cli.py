@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from perceptio.errors import PerceptioError, run_cli
-from perceptio.train.config import PerceptioConfig, StreamConfig, TrainConfig
+from perceptio.train.config import PerceptioConfig, StreamConfig, TrainConfig, writes_readouts
 from perceptio.train.memory_plan import PlanRequest, render
 
 app = typer.Typer(
@@ -82,7 +82,7 @@ def train_command(
     reading_questions: int = typer.Option(StreamConfig.reading_questions, "--reading-questions", min=0, help="Per ADE20k picture with a depth map, this many more marked-point questions drawn afresh each epoch on any cells and answered by the map: a curriculum for reading the depth span (README section 4).", rich_help_panel=PANEL_LOSS),
     reading_spread: float = typer.Option(StreamConfig.reading_spread, "--reading-spread", help="Where in its cell a reading question's point falls: the central share of the cell, in (0, 1]; 1: anywhere, as curated points fall (1/3 keeps a disc mark inside its cell).", rich_help_panel=PANEL_LOSS),
     reading_swaps: float = typer.Option(StreamConfig.reading_swaps, "--reading-swaps", help="The share of reading questions asked after a span whose codes at the marked cells are shuffled among them, answered by that span (the picture names the answer only by chance): questions only the span answers; the span is context, not a target. In [0, 1]; only where reading questions are written span first (not with --no-depth-tokens or --question-targets direct).", rich_help_panel=PANEL_LOSS),
-    mark_readouts: bool = typer.Option(PerceptioConfig.mark_readouts, "--mark-readouts/--no-mark-readouts", help="Questions written span first name, after the span, each mark's letter and its cell's depth code (\"A[D_017] B[D_052]\") before the letter (not in the paper): the lookup from mark to span is written out and supervised, and the letter compares codes just before it (README section 4). Only with depth tokens.", rich_help_panel=PANEL_LOSS),
+    mark_readouts: bool = typer.Option(PerceptioConfig.mark_readouts, "--mark-readouts/--no-mark-readouts", help="Questions written span first name, after the span, each mark's letter and its cell's depth code (\"A[D_017] B[D_052]\") before the letter (not in the paper): the lookup from mark to span is written out and supervised, and the letter compares codes just before it (README section 4). Only where questions are written span first (not with --no-depth-tokens or --question-targets direct).", rich_help_panel=PANEL_LOSS),
     segmentation: bool = typer.Option(PerceptioConfig.use_segmentation, "--segmentation/--no-segmentation", help="Ablation: without [SEG] and the SAM2 head.", rich_help_panel=PANEL_LOSS),
     depth_recon: bool = typer.Option(PerceptioConfig.use_depth_recon, "--depth-recon/--no-depth-recon", help="Ablation: without L_DepthRecon.", rich_help_panel=PANEL_LOSS),
     depth_loss: bool = typer.Option(PerceptioConfig.use_depth_loss, "--depth-loss/--no-depth-loss", help="Ablation: without L_depth (marker, token, count).", rich_help_panel=PANEL_LOSS),
@@ -112,11 +112,12 @@ def train_command(
     from perceptio.train.model import PerceptioModel
 
     split_names = tuple(name.strip() for name in splits.split(",") if name.strip())
+    mark_readouts = writes_readouts(mark_readouts, depth_tokens, question_targets)
     stream = StreamConfig(list(shards), mix=parse_mix(mix) if mix else None, splits=split_names, seed=seed,
                           shuffle_buffer=shuffle_buffer, shuffle_initial=min(StreamConfig.shuffle_initial, shuffle_buffer),
                           use_depth_tokens=depth_tokens, question_targets=question_targets,
                           reading_questions=reading_questions, reading_spread=reading_spread,
-                          reading_swaps=reading_swaps, mark_readouts=mark_readouts and depth_tokens)
+                          reading_swaps=reading_swaps, mark_readouts=mark_readouts)
     model_config = PerceptioConfig.for_model(
         model=model, sam_model=sam_model, tokenizer=str(tokenizer) if tokenizer else "", lora_rank=lora_rank,
         lora_alpha=lora_alpha, lora_dropout=lora_dropout,
@@ -126,7 +127,7 @@ def train_command(
         crop_to_patches=crop_to_patches, gradient_checkpointing=gradient_checkpointing, dtype=dtype,
         max_length=max_length, lambda_m=lambda_m, lambda_t=lambda_t, lambda_c=lambda_c, lambda_d=lambda_d,
         lambda_r=lambda_r, seg_bce=seg_bce, seg_dice=seg_dice, seg_text=seg_text, span_weight=span_weight,
-        use_depth_tokens=depth_tokens, mark_readouts=mark_readouts and depth_tokens,
+        use_depth_tokens=depth_tokens, mark_readouts=mark_readouts,
         use_segmentation=segmentation, use_depth_recon=depth_recon and depth_tokens,
         use_depth_loss=depth_loss and depth_tokens,
     )

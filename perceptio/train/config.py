@@ -153,6 +153,12 @@ class StreamConfig:
             raise PerceptioError(f"--reading-swaps must be in [0, 1], not {self.reading_swaps}")
 
 
+def writes_readouts(mark_readouts: bool, use_depth_tokens: bool, question_targets: str) -> bool:
+    """Whether ``--mark-readouts`` takes effect: readouts follow a question's span, so none without
+    depth tokens or with every question answered directly."""
+    return mark_readouts and use_depth_tokens and question_targets != "direct"
+
+
 CHOICES = {"precision": ("auto", "bf16", "fp32"), "parallel": ("ddp", "fsdp"), "export": ("adapter", "merged", "none")}
 RUN_FILES = ("metrics.jsonl", "checkpoints", "model")  # what a run writes into --out
 
