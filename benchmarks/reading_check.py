@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import re
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -37,6 +36,7 @@ from perceptio.curate.marked_points import READING_ANSWER_GAP
 from perceptio.evaluate.hardblink import parse_choice
 from perceptio.evaluate.predict import Predictor
 from perceptio.shards import list_shards
+from perceptio.tokens import depth_codes_in
 from perceptio.train.bad_data import SkipCounter, read_shard
 from perceptio.train.config import StreamConfig
 from perceptio.train.data import Example, PromptTemplates, expand_sample, npy_load, token_grid_nearness
@@ -93,7 +93,7 @@ def readouts_matching(examples: list[Example], readouts: list[list[int]], spans:
         return None
     matched = []
     for example, written, span in zip(examples, readouts, spans):
-        codes = [int(code) for code in re.findall(r"\[D_(\d+)\]", span)]
+        codes = depth_codes_in(span)
         marked = [codes[grid_cell(point, image_size(example))] for point in example.marks.points]
         matched += [index < len(written) and written[index] == code for index, code in enumerate(marked)]
     return sum(matched) / len(matched)

@@ -7,6 +7,7 @@ written as the special token ``[D_k]`` with k zero-padded to three digits.
 
 from __future__ import annotations
 
+import re
 from typing import Iterable, Sequence
 
 SEG = "[SEG]"
@@ -39,6 +40,11 @@ def mark_readouts(labels: Sequence[str], codes: Sequence[int]) -> str:
     """`` A[D_k] B[D_k] ``: each marked point's letter and the depth code of its cell, the readouts a
     model trained with ``--mark-readouts`` writes between a question's span and its letter."""
     return "".join(f" {label}{depth_token(int(code))}" for label, code in zip(labels, codes)) + " "
+
+
+def depth_codes_in(text: str) -> list[int]:
+    """The codes of every ``[D_k]`` token in a text, in order (a span as written, readouts included)."""
+    return [int(code) for code in re.findall(r"\[D_(\d+)\]", text)]
 
 
 def parse_depth_token(token: str) -> int | None:

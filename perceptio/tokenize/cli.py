@@ -40,7 +40,7 @@ from perceptio.tokenize.teacher import (
     read_depth_png,
 )
 from perceptio.tokenize.vqvae import DepthVQVAE
-from perceptio.tokens import depth_span
+from perceptio.tokens import depth_codes_in, depth_span
 
 app = typer.Typer(
     help="Fit, evaluate and apply the depth VQ-VAE tokenizer (inverse depth <-> 10x10 codes).",
@@ -337,7 +337,7 @@ def encode(
 def parse_codes(text: str) -> list[int]:
     """Codes from '[D_START][D_012]...[D_END]' or from numbers separated by spaces / commas."""
     if "[D_" in text:
-        return [int(code) for code in re.findall(r"\[D_(\d+)\]", text)]
+        return depth_codes_in(text)
     try:
         return [int(value) for value in re.split(r"[\s,]+", text.strip()) if value]
     except ValueError as error:
