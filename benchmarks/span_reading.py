@@ -200,8 +200,10 @@ def letter_logits(model: Qwen2ForCausalLM, items: list[tuple[list[int], int, int
 
 
 def readout_loss(model: Qwen2ForCausalLM, items: list[tuple[list[int], int, int]],
-                 cell_embeddings: CellEmbeddings | None, num_codes: int) -> torch.Tensor:
-    """Cross-entropy of the readout codes (teacher-forced) plus that of the letter after them."""
+                 cell_embeddings: CellEmbeddings | None, num_codes: int, token_mean: bool = False) -> torch.Tensor:
+    """Cross-entropy of the readout codes (teacher-forced) plus that of the letter after them;
+    ``token_mean``: one mean over every code and letter, each token weighing the same (as L_LLM weighs
+    a fine-tuned answer's tokens, where the letter is one among its readouts)."""
     sequences = [ids + readouts(ids) for ids, _, _ in items]
     logits = forward_logits(model, sequences, cell_embeddings)
     width = logits.shape[1]
@@ -212,10 +214,10 @@ def readout_loss(model: Qwen2ForCausalLM, items: list[tuple[list[int], int, int]
             rows.append(row)
             positions.append(width - 2 * (count - mark))
             targets.append(sequences[row][len(ids) + 2 * mark + 1] - CODE_IDS)
-    codes = logits[rows, positions, CODE_IDS:CODE_IDS + num_codes]
+    code_terms = F.cross_entropy(logits[rows, positions, CODE_IDS:CODE_IDS + num_codes], torch.tensor(targets), reduction="none")
     letters = asked_letters(logits[:, -1, LETTER_IDS:DIGIT_IDS], items)
-    return (F.cross_entropy(codes, torch.tensor(targets))
-            + F.cross_entropy(letters, torch.tensor([answer for _, answer, _ in items])))
+    letter_terms = F.cross_entropy(letters, torch.tensor([answer for _, answer, _ in items]), reduction="none")
+    return torch.cat([code_terms, letter_terms]).mean() if token_mean else code_terms.mean() + letter_terms.mean()
 
 
 def answer_with_readouts(model: Qwen2ForCausalLM, items: list[tuple[list[int], int, int]],
@@ -271,6 +273,8 @@ def main() -> None:
                         help="add a learned vector per grid cell to its span code and to the marks on it")
     parser.add_argument("--readouts", action="store_true",
                         help="after the query, write each mark's letter and its cell's code, then the letter")
+    parser.add_argument("--token-mean", action="store_true",
+                        help="--readouts: one mean over codes and letters (the letter weighs as one token, as in L_LLM)")
     arguments = parser.parse_args()
     torch.manual_seed(arguments.seed)
     rng = random.Random(arguments.seed)
@@ -304,7 +308,7 @@ def main() -> None:
                 items.append(item)
         items = with_filler(items, arguments.filler_tokens, filler_id, rng)
         if arguments.readouts:
-            loss = readout_loss(model, items, cell_embeddings, tokenizer.config.num_codes)
+            loss = readout_loss(model, items, cell_embeddings, tokenizer.config.num_codes, arguments.token_mean)
         else:
             loss = F.cross_entropy(letter_logits(model, items, cell_embeddings), torch.tensor([answer for _, answer, _ in items]))
         optimizer.zero_grad()

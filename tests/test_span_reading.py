@@ -143,6 +143,8 @@ def test_the_readout_loss_is_the_mean_code_cross_entropy_plus_the_letters_as_a_l
         letters = logits[-1, LETTER_IDS:LETTER_IDS + count]
         letter_terms.append(F.cross_entropy(letters[None], torch.tensor([answer])))
     assert loss.item() == pytest.approx((torch.stack(code_terms).mean() + torch.stack(letter_terms).mean()).item(), rel=1e-4)
+    every_token = torch.stack(code_terms + letter_terms).mean()  # --token-mean: the letter is one token among the codes
+    assert readout_loss(model, items, None, 128, token_mean=True).item() == pytest.approx(every_token.item(), rel=1e-4)
 
 
 def test_greedy_readouts_are_scored_against_the_span_and_cell_embeddings_start_neutral_where_no_cell():
