@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from perceptio.curate.marked_points import READING_ANSWER_GAP
+from perceptio.curate.marked_points import READING_ANSWER_GAP, codes_at_points
 from perceptio.evaluate.hardblink import parse_choice
 from perceptio.evaluate.predict import Predictor
 from perceptio.shards import list_shards
@@ -93,8 +93,7 @@ def readouts_matching(examples: list[Example], readouts: list[list[int]], spans:
         return None
     matched = []
     for example, written, span in zip(examples, readouts, spans):
-        codes = depth_codes_in(span)
-        marked = [codes[grid_cell(point, image_size(example))] for point in example.marks.points]
+        marked = codes_at_points(depth_codes_in(span), example.marks.points, image_size(example))
         matched += [index < len(written) and written[index] == code for index, code in enumerate(marked)]
     return sum(matched) / len(matched)
 

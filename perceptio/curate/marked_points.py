@@ -366,6 +366,13 @@ def point_cell(point: Sequence[int], size: tuple[int, int], grid: int) -> int:
     return min(grid - 1, int(y) * grid // height) * grid + min(grid - 1, int(x) * grid // width)
 
 
+def codes_at_points(codes: Sequence[int], points: Sequence[Sequence[int]], size: tuple[int, int]) -> list[int]:
+    """The code of each point's cell in a row-major square grid of codes (a depth span's), for
+    points of a (width, height) image."""
+    side = int(round(len(codes) ** 0.5))
+    return [codes[point_cell(point, size, side)] for point in points]
+
+
 def reading_question(nearness: np.ndarray, size: tuple[int, int], rng: np.random.Generator,
                      spread: float, mark_style: str = HARDBLINK_MARKS, min_points: int = 2, max_points: int = 5) -> dict[str, Any] | None:
     """A marked-point question on ``min_points``..``max_points`` random cells of an image, answered by

@@ -27,7 +27,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from perceptio.curate.marked_points import point_cell
+from perceptio.curate.marked_points import codes_at_points
 from perceptio.evaluate.metrics import token_accuracy
 
 COLUMNS = ("truth_choice", "token_choice", "choice", "truth_fed_choice")
@@ -84,8 +84,7 @@ class TokenReader:
                 record["token_accuracy"] = token_accuracy(list(codes), truth)
         if readouts:
             def matching(span: Sequence[int]) -> float:  # readout i against the span's code at point i
-                side = int(round(len(span) ** 0.5))
-                marked = [span[point_cell(point, size, side)] for point in points]
+                marked = codes_at_points(span, points, size)
                 return float(np.mean([i < len(readouts) and readouts[i] == code for i, code in enumerate(marked)]))
 
             if well_formed:

@@ -46,8 +46,8 @@ import torch
 from perceptio import fs
 from perceptio.curate.marked_points import (
     HARDBLINK_MARKS,
+    codes_at_points,
     draw_marks,
-    point_cell,
     reading_question,
     swapped_reading_question,
 )
@@ -290,9 +290,7 @@ def token_grid_nearness(depth: np.ndarray, tokens: int) -> np.ndarray:
 def readouts(question: dict[str, Any], codes: Sequence[int], size: tuple[int, int]) -> str:
     """A question's mark readouts: each letter with the code, in ``codes`` (the span it is asked
     after), of the cell its point falls in on the span's grid."""
-    side = int(round(len(codes) ** 0.5))
-    cells = [point_cell(point, size, side) for point in question["points"]]
-    return mark_readouts(question["labels"], [codes[cell] for cell in cells])
+    return mark_readouts(question["labels"], codes_at_points(codes, question["points"], size))
 
 
 def _reading_questions(raw: dict[str, Any], meta: dict[str, Any], codes: Sequence[int], count: int,
