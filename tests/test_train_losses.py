@@ -101,9 +101,9 @@ def test_llm_marker_token_terms_match_loops():
             if y != X and t > 0:
                 w = 0.1 if span and span[0] <= t <= span[1] else 1.0
                 weighted, weight = weighted + w * ce(logits[b, t - 1], y), weight + w
-    weights = losses.span_token_weights(supervised, spans, 0.1)
+    weights = losses.llm_token_weights(supervised, spans, 0.1)
     assert torch.allclose(losses.llm_loss(supervised, nll, weights), weighted / weight)
-    assert torch.allclose(losses.llm_loss(supervised, nll, losses.span_token_weights(supervised, spans, 1.0)),
+    assert torch.allclose(losses.llm_loss(supervised, nll, losses.llm_token_weights(supervised, spans, 1.0)),
                           torch.stack(every).mean())
 
     marker = torch.tensor(0.0)
@@ -119,6 +119,34 @@ def test_llm_marker_token_terms_match_loops():
     assert torch.allclose(losses.depth_marker_loss(supervised, nll, spans), marker / BATCH)
     assert torch.allclose(losses.depth_token_loss(supervised, nll, spans), token / BATCH)
 
+
+
+def test_answer_weight_covers_the_tokens_after_the_span_and_its_readouts():
+    # Row 0: span 2..6, readout codes 6 and 8 after it, answer 1 2 from position 10; row 1: span
+    # 1..4, answer from 5; row 2: no [D_END], no answer; row 3: no span.
+    labels = torch.tensor([
+        [X, X, 3, 5, 6, 7, 4, 0, 6, 8, 1, 2],
+        [X, 3, 5, 6, 4, 1, 2, 0, X, X, X, X],
+        [X, X, 3, 5, 6, 1, 2, X, X, X, X, X],
+        [X, 1, 2, 6, 0, X, X, X, X, X, X, X],
+    ])
+    logits = torch.randn(*labels.shape, VOCAB, generator=torch.Generator().manual_seed(3))
+    supervised = losses.SupervisedLogits.from_full_logits(logits, labels)
+    spans = losses.find_depth_spans(labels, D_START, D_END)
+    starts = losses.answer_starts(labels, spans, DEPTH_IDS)
+    assert starts.tolist() == [10, 5, labels.shape[1], labels.shape[1]]
+
+    weighted, weight = torch.tensor(0.0), 0.0
+    for b, row in enumerate(labels.tolist()):
+        span = hand_spans(row)
+        codes_after = [t for t, y in enumerate(row) if span and t > span[1] and y in DEPTH_IDS.tolist()]
+        answer_from = max([span[1], *codes_after]) + 1 if span else len(row)
+        for t, y in enumerate(row):
+            if y != X and t > 0:
+                w = 0.5 if span and span[0] <= t <= span[1] else 4.0 if t >= answer_from else 1.0
+                weighted, weight = weighted + w * ce(logits[b, t - 1], y), weight + w
+    weights = losses.llm_token_weights(supervised, spans, 0.5, starts, 4.0)
+    assert torch.allclose(losses.llm_loss(supervised, supervised.token_nll(), weights), weighted / weight)
 
 def test_count_term_is_expected_run_length_penalty():
     logits = full_logits()

@@ -165,6 +165,29 @@ def test_span_weight_zero_leaves_the_depth_span_out_of_the_llm_term(vqvae_dir):
     assert torch.allclose(ours, torch.stack(kept).mean(), atol=1e-6)
 
 
+
+def test_answer_weight_weighs_the_tokens_after_the_span_in_the_llm_term(vqvae_dir):
+    model = build(vqvae_dir, answer_weight=3.0).eval()
+    batch = mixed_batch(model)
+    with torch.no_grad():
+        logits = model.vlm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                           pixel_values=batch["pixel_values"]).logits
+        ours = model(batch).terms["llm"]
+    codes = set(model.depth_token_ids.tolist())
+    weighted, weight, answers = torch.tensor(0.0), 0.0, 0
+    for row, row_labels in enumerate(batch["labels"].tolist()):
+        start = row_labels.index(model.d_start_id) if model.d_start_id in row_labels else None
+        end = row_labels.index(model.d_end_id, start) if start is not None and model.d_end_id in row_labels[start:] else None
+        last = max([end, *(t for t, y in enumerate(row_labels) if y in codes and t > end)]) if end is not None else None
+        for position, label in enumerate(row_labels):
+            if label != -100 and position > 0:
+                w = 3.0 if last is not None and position > last else 1.0
+                answers += w == 3.0
+                nll = torch.nn.functional.cross_entropy(logits[row, position - 1].float(), torch.tensor(label))
+                weighted, weight = weighted + w * nll, weight + w
+    assert answers > 0, "the batch has an answer after a span"
+    assert torch.allclose(ours, weighted / weight, atol=1e-6)
+
 def test_gradients_reach_exactly_the_trainable_parts(model):
     model.train()
     model.zero_grad()

@@ -72,6 +72,11 @@ class PerceptioConfig:
     # weighing 1 (not in the paper; 1 = its plain mean). A letter after a 100-token span is ~1% of
     # its answer's loss: below 1 it is not drowned, and L_depth still trains the span (README section 4).
     span_weight: float = 1.0
+    # Weight in L_LLM of each answer token after a depth span and its readouts (the letter, its
+    # brackets, the end of turn), the other tokens weighing 1 (not in the paper; 1 = its mean). With
+    # --mark-readouts the letter is one token among its 2-5 readout codes; a text probe learns the
+    # lookup when the letter weighs as much as all of them, not as one of them (README section 4).
+    answer_weight: float = 1.0
     # After a question's depth span, each mark's letter and its cell's code ("A[D_k] B[D_k]") before
     # the letter (not in the paper; off = its format): the lookup of the marked cells is then written
     # out and supervised code by code, and the letter compares codes written just before it. A text

@@ -13,6 +13,7 @@ Choices the paper leaves open, made here:
 - L_LLM is the mean NLL over every supervised token of the batch (depth tokens included). Option
   (``PerceptioConfig.span_weight``, not in the paper): the span's tokens weigh less in it, so that
   the few answer tokens after a 100-token span are not drowned; L_depth still trains the span.
+  Likewise ``PerceptioConfig.answer_weight``: the answer after a span (and its readouts) weighs more.
 - L_count measures the span length the model would write, differentiably (see
   :func:`depth_count_loss`); a sample without a valid span contributes zero (the literal formula
   would add the constant ``log(1 + n)``, which carries no gradient).
@@ -113,13 +114,30 @@ def llm_loss(supervised: SupervisedLogits, token_nll: torch.Tensor, weights: tor
     return (weights * token_nll).sum() / weights.sum().clamp_min(torch.finfo(token_nll.dtype).tiny)
 
 
-def span_token_weights(supervised: SupervisedLogits, spans: DepthSpans, span_weight: float) -> torch.Tensor:
+def answer_starts(labels: torch.Tensor, spans: DepthSpans, depth_token_ids: torch.Tensor) -> torch.Tensor:
+    """(B,) the first target position of each sample's answer after its span: past ``e_b`` and past
+    the depth codes written after it (``--mark-readouts``' ``A[D_k] B[D_k]``); ``labels.shape[1]``
+    (no answer) for samples without a valid span."""
+    batch, length = labels.shape
+    positions = torch.arange(length, device=labels.device).expand(batch, length)
+    after_span = spans.valid[:, None] & (positions > spans.end[:, None])
+    is_code = torch.isin(labels, depth_token_ids.to(labels.device)) & after_span
+    last_code = torch.where(is_code, positions, torch.full_like(positions, -1)).max(dim=1).values
+    start = torch.maximum(spans.end, last_code) + 1
+    return torch.where(spans.valid, start, torch.full_like(start, length))
+
+
+def llm_token_weights(supervised: SupervisedLogits, spans: DepthSpans, span_weight: float,
+                      answer_start: torch.Tensor | None = None, answer_weight: float = 1.0) -> torch.Tensor:
     """(N,) weight of each supervised token in L_LLM: ``span_weight`` from ``s_b`` to ``e_b`` (the
-    markers included) of a valid span, 1 elsewhere."""
+    markers included) of a valid span, ``answer_weight`` from ``answer_start`` (see
+    :func:`answer_starts`) on, 1 elsewhere."""
     batch_index, position = (supervised.index >= 0).nonzero(as_tuple=True)  # the rows' own order
     inside = spans.valid[batch_index] & (position >= spans.start[batch_index]) & (position <= spans.end[batch_index])
-    ones = torch.ones(len(batch_index), device=supervised.logits.device)
-    return torch.where(inside, ones * span_weight, ones)
+    weights = torch.where(inside, span_weight, 1.0).to(supervised.logits.device)
+    if answer_start is not None:
+        weights = torch.where(position >= answer_start[batch_index], answer_weight, weights)
+    return weights
 
 
 def depth_marker_loss(supervised: SupervisedLogits, token_nll: torch.Tensor, spans: DepthSpans) -> torch.Tensor:

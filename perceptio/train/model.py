@@ -174,7 +174,10 @@ class PerceptioModel(nn.Module):
         zero = hidden.sum() * 0.0
         terms = dict.fromkeys(TERMS, zero)
         spans = losses.find_depth_spans(labels, self.d_start_id, self.d_end_id)
-        weights = None if config.span_weight == 1.0 else losses.span_token_weights(supervised, spans, config.span_weight)
+        weights = None
+        if config.span_weight != 1.0 or config.answer_weight != 1.0:
+            answer_start = losses.answer_starts(labels, spans, self.depth_token_ids) if config.answer_weight != 1.0 else None
+            weights = losses.llm_token_weights(supervised, spans, config.span_weight, answer_start, config.answer_weight)
         terms["llm"] = losses.llm_loss(supervised, token_nll, weights)
         if self.segmenter is not None:
             terms["seg_bce"], terms["seg_dice"], terms["seg_text"] = self._segmentation_terms(batch, hidden)
