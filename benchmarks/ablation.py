@@ -110,6 +110,8 @@ class AblationConfig:
     mark_readouts: bool = False  # each mark's code written after the span (perceptio-train --mark-readouts; span arms only)
     span_weight: float = 1.0  # weight of the span's tokens in L_LLM (perceptio-train --span-weight; 1: the paper's)
     answer_weight: float = 1.0  # weight of the answer after a span and its readouts in L_LLM (perceptio-train --answer-weight)
+    readout_cells: bool = False  # each readout names its mark's cell (perceptio-train --readout-cells)
+    reading_in_text: float = 0.0  # reading questions asked in text alone (perceptio-train --reading-in-text)
     hard_per_variant: int = 110  # held-out HARD questions per point count (3, 4, 5)
     hard_questions_per_image: int = 16
     refseg_limit: int = 150  # held-out referring expressions scored
@@ -247,6 +249,8 @@ def model_flags(config: AblationConfig, out: Path, seed: int) -> list[str]:
               "--reading-questions", str(config.reading_questions), "--reading-spread", str(config.reading_spread),
               "--reading-swaps", str(config.reading_swaps),
               "--mark-readouts" if config.mark_readouts else "--no-mark-readouts",
+              "--readout-cells" if config.readout_cells else "--no-readout-cells",
+              "--reading-in-text", str(config.reading_in_text),
               "--span-weight", str(config.span_weight), "--answer-weight", str(config.answer_weight)]
     if not config.miniature:
         return ["--model", "tiny", *shared]

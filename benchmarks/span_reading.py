@@ -13,7 +13,8 @@ training pictures' curated questions instead, as the fine-tuning does (a fixed s
 answered by the true depth, which the span agrees with only as often as (a); ``span`` by the span.
 ``--training-cells objects`` keeps fresh questions but draws their cells from those the curated
 questions mark (on objects). ``--filler-tokens N`` puts N random tokens before each question, as
-the fine-tuned model has its 100 image tokens and the prompt before the marks and the span.
+the fine-tuned model has its 100 image tokens and the prompt before the marks and the span;
+``--bare-steps K`` trains the first K steps without them (a warm-up; scores always have them).
 ``--cell-embeddings`` adds a learned vector per grid cell to each span code and to the marks on
 that cell; ``--readouts`` has the model write, after the query, each mark's letter and the span's
 code at its cell before the letter (trained on both; scored greedily), as ``perceptio-train
@@ -269,6 +270,8 @@ def main() -> None:
                              "answered by the true depth (as curated) or by the decoded span")
     parser.add_argument("--filler-tokens", type=int, default=0,
                         help="random tokens before each question (the fine-tuning's image tokens and prompt)")
+    parser.add_argument("--bare-steps", type=int, default=0,
+                        help="a warm-up: the first N steps train without the filler tokens (scores keep them)")
     parser.add_argument("--cell-embeddings", action="store_true",
                         help="add a learned vector per grid cell to its span code and to the marks on it")
     parser.add_argument("--readouts", action="store_true",
@@ -306,7 +309,7 @@ def main() -> None:
             item = span_question(rng.choice(train), rng, arguments.min_gap, arguments.training_cells == "objects")
             if item is not None:
                 items.append(item)
-        items = with_filler(items, arguments.filler_tokens, filler_id, rng)
+        items = with_filler(items, 0 if step <= arguments.bare_steps else arguments.filler_tokens, filler_id, rng)
         if arguments.readouts:
             loss = readout_loss(model, items, cell_embeddings, tokenizer.config.num_codes, arguments.token_mean)
         else:

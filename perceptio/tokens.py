@@ -36,10 +36,12 @@ def depth_span(codes: Iterable[int]) -> str:
     return D_START + "".join(depth_token(int(code)) for code in codes) + D_END
 
 
-def mark_readouts(labels: Sequence[str], codes: Sequence[int]) -> str:
+def mark_readouts(labels: Sequence[str], codes: Sequence[int], cells: Sequence[str] | None = None) -> str:
     """`` A[D_k] B[D_k] ``: each marked point's letter and the depth code of its cell, the readouts a
-    model trained with ``--mark-readouts`` writes between a question's span and its letter."""
-    return "".join(f" {label}{depth_token(int(code))}" for label, code in zip(labels, codes)) + " "
+    model trained with ``--mark-readouts`` writes between a question's span and its letter; with
+    ``cells`` (each mark's cell as text, "3 7") `` A 3 7[D_k] ``, as ``--readout-cells`` writes them."""
+    named = [f"{label} {cell}" for label, cell in zip(labels, cells)] if cells is not None else list(labels)
+    return "".join(f" {name}{depth_token(int(code))}" for name, code in zip(named, codes)) + " "
 
 
 def depth_codes_in(text: str) -> list[int]:

@@ -330,6 +330,57 @@ def test_mark_readouts_name_the_code_of_each_marks_cell_in_the_span_the_question
     assert not writes_readouts(False, True, "depth")
 
 
+
+def test_readout_cells_name_each_marks_cell_before_its_code():
+    cells = np.random.default_rng(8).uniform(-1, 1, (10, 10))
+    raw = _ade_sample([{"text": "Which?", "points": [[10, 10], [50, 30], [300, 230]], "labels": ["A", "B", "C"],
+                        "answer": "C", "target": WITH_DEPTH}], np.kron(cells, np.ones((32, 32))), size=(320, 240))
+    templates = PromptTemplates.load()
+    options = dict(reading_questions=20, reading_seed=(0, 0), reading_swaps=0.5, mark_readouts=True)
+    plain, named = expand_sample(raw, templates, **options), expand_sample(raw, templates, readout_cells=True, **options)
+    assert [e.key for e in named] == [e.key for e in plain]
+    for before, after in zip(plain, named):
+        span = before.target.split(D_END)[0] + D_END
+        codes = [int(token) for token in span.replace(D_START, "").replace(D_END, "").replace("[D_", " ").replace("]", "").split()]
+        places = [(min(9, y * 10 // 240), min(9, x * 10 // 320)) for x, y in after.marks.points]
+        expected = " ".join(f"{label} {row} {column}[D_{codes[row * 10 + column]:03d}]"
+                            for label, (row, column) in zip(after.marks.labels, places))
+        assert after.target == f"{span} {expected} ({after.target[-2]})" and after.target[-2] == before.target[-2]
+
+
+def test_reading_questions_in_text_have_no_picture_their_cells_in_the_prompt_and_the_span_as_context():
+    cells = np.random.default_rng(9).uniform(-1, 1, (10, 10))
+    raw = _ade_sample([{"text": "Which?", "points": [[10, 10], [50, 30]], "labels": ["A", "B"], "answer": "B",
+                        "target": WITH_DEPTH}], np.kron(cells, np.ones((32, 32))), size=(320, 240))
+    templates = PromptTemplates.load()
+    options = dict(reading_questions=60, reading_seed=(0, 0), reading_swaps=0.5)
+    mixed = expand_sample(raw, templates, reading_in_text=0.5, mark_readouts=True, readout_cells=True, **options)
+    in_text = [e for e in mixed if "/t" in e.key]
+    pictured = [e for e in mixed if "/r" in e.key]
+    assert 0.3 < len(in_text) / (len(in_text) + len(pictured)) < 0.7
+    # Each reading draw is asked once, with its picture or in text: the same draws as without text.
+    without = [e for e in expand_sample(raw, templates, mark_readouts=True, readout_cells=True, **options) if "/r" in e.key]
+    assert sorted(int(e.key.rsplit("/", 1)[1][1:]) for e in in_text + pictured) == [int(e.key.rsplit("/", 1)[1][1:]) for e in without]
+    by_index = {e.key.rsplit("/", 1)[1][1:]: e for e in without}
+    own = depth_span(range(100))
+    for example in in_text:
+        twin = by_index[example.key.rsplit("/", 1)[1][1:]]  # the same draw, asked with its picture
+        assert example.image_bytes is None and example.image() is None and example.marks is None
+        assert example.depth_bytes is None and example.decode()["span_is_context"]
+        places = [f"{label} {min(9, y * 10 // 240)} {min(9, x * 10 // 320)}" for (x, y), label in
+                  zip(twin.marks.points, twin.marks.labels)]
+        assert ", ".join(places) in example.prompt and "10 x 10" in example.prompt
+        assert example.target == twin.target  # the span (own or swapped), the readouts with cells, the letter
+    assert any(e.target.startswith(own) for e in in_text) and any(not e.target.startswith(own) for e in in_text)
+    # Runs without text questions draw what they drew before; without a span to read, none is in text.
+    assert [(e.key, e.target) for e in expand_sample(raw, templates, reading_in_text=0.0, **options)] == [
+        (e.key, e.target) for e in expand_sample(raw, templates, **options)]
+    for kwargs in (dict(use_depth_tokens=False), dict(question_targets=DIRECT)):
+        assert not any("/t" in e.key for e in expand_sample(raw, templates, reading_in_text=1.0, **options, **kwargs))
+    for bad in (-0.1, 1.5):
+        with pytest.raises(PerceptioError, match="reading-in-text"):
+            StreamConfig([], reading_in_text=bad)
+
 def test_reading_points_fall_where_the_spread_says_and_always_in_their_cell():
     nearness = np.random.default_rng(4).uniform(-1, 1, (10, 10))
 

@@ -117,3 +117,9 @@ def test_a_span_given_as_context_is_read_but_not_labelled(model):
     labelled = [label for label in with_readouts["labels"].tolist() if label != IGNORE_INDEX]
     assert labelled[:4] == model.processor.token_ids(" A[D_017] B[D_052]")  # the span unlabelled, then the readouts
     assert [label for label in labelled if label in model.depth_token_ids.tolist()] == labelled[1:4:2]
+    # A reading question asked in text alone (--reading-in-text): no picture, the span read the same way.
+    in_text = model.processor.encode_conversation(None, [Turn(USER, "Points A 3 7, B 1 8. Which is closest?"),
+                                                         Turn(ASSISTANT, f"{span}{readouts}(B)")],
+                                                  depth=None, span_is_context=True)
+    assert in_text["pixel_values"].shape[0] == 0
+    assert [label for label in in_text["labels"].tolist() if label != IGNORE_INDEX] == labelled

@@ -366,6 +366,12 @@ def point_cell(point: Sequence[int], size: tuple[int, int], grid: int) -> int:
     return min(grid - 1, int(y) * grid // height) * grid + min(grid - 1, int(x) * grid // width)
 
 
+def cell_names(points: Sequence[Sequence[int]], size: tuple[int, int], grid: int) -> list[str]:
+    """Each point's cell of a ``grid`` x ``grid`` map as text, "row column" ("3 7"): how a question
+    written in text (``--reading-in-text``) and a readout (``--readout-cells``) name a mark's place."""
+    return [" ".join(map(str, divmod(point_cell(point, size, grid), grid))) for point in points]
+
+
 def codes_at_points(codes: Sequence[int], points: Sequence[Sequence[int]], size: tuple[int, int]) -> list[int]:
     """The code of each point's cell in a row-major square grid of codes (a depth span's), for
     points of a (width, height) image."""

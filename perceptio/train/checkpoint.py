@@ -146,7 +146,7 @@ def with_absolute_paths(settings: dict[str, Any]) -> dict[str, Any]:
 # (Runs with reading questions from before reading_spread drew at 1/3: they resume only as they were
 # written, so they are refused, "reading_spread: None -> ...".)
 LATER_SETTINGS: dict[str, Any] = {"reading_questions": 0, "reading_spread": None, "init_from": None, "reading_swaps": 0.0,
-                                  "mark_readouts": False}
+                                  "mark_readouts": False, "readout_cells": False, "reading_in_text": 0.0}
 # The same for the model's PerceptioConfig, recorded under "model".
 LATER_MODEL_SETTINGS: dict[str, Any] = {"mark_readouts": False, "answer_weight": 1.0}
 

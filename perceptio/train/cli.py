@@ -84,6 +84,8 @@ def train_command(
     reading_spread: float = typer.Option(StreamConfig.reading_spread, "--reading-spread", help="Where in its cell a reading question's point falls: the central share of the cell, in (0, 1]; 1: anywhere, as curated points fall (1/3 keeps a disc mark inside its cell).", rich_help_panel=PANEL_LOSS),
     reading_swaps: float = typer.Option(StreamConfig.reading_swaps, "--reading-swaps", help="The share of reading questions asked after a span whose codes at the marked cells are shuffled among them, answered by that span (the picture names the answer only by chance): questions only the span answers; the span is context, not a target. In [0, 1]; only where reading questions are written span first (not with --no-depth-tokens or --question-targets direct).", rich_help_panel=PANEL_LOSS),
     mark_readouts: bool = typer.Option(PerceptioConfig.mark_readouts, "--mark-readouts/--no-mark-readouts", help="Questions written span first name, after the span, each mark's letter and its cell's depth code (\"A[D_017] B[D_052]\") before the letter (not in the paper): the lookup from mark to span is written out and supervised, and the letter compares codes just before it (README section 4). Only where questions are written span first (not with --no-depth-tokens or --question-targets direct).", rich_help_panel=PANEL_LOSS),
+    readout_cells: bool = typer.Option(StreamConfig.readout_cells, "--readout-cells/--no-readout-cells", help="With --mark-readouts each readout also names its mark's grid cell, \"A 3 7[D_055]\" (not in the paper): the model writes where it found the mark, then looks the code up from those words.", rich_help_panel=PANEL_LOSS),
+    reading_in_text: float = typer.Option(StreamConfig.reading_in_text, "--reading-in-text", help="The share of reading questions asked in text alone (not in the paper): no picture, each mark named by its grid cell in the prompt, the span as context; the span lookup starts without the image tokens in front (README section 4). In [0, 1]; only where reading questions are written span first.", rich_help_panel=PANEL_LOSS),
     segmentation: bool = typer.Option(PerceptioConfig.use_segmentation, "--segmentation/--no-segmentation", help="Ablation: without [SEG] and the SAM2 head.", rich_help_panel=PANEL_LOSS),
     depth_recon: bool = typer.Option(PerceptioConfig.use_depth_recon, "--depth-recon/--no-depth-recon", help="Ablation: without L_DepthRecon.", rich_help_panel=PANEL_LOSS),
     depth_loss: bool = typer.Option(PerceptioConfig.use_depth_loss, "--depth-loss/--no-depth-loss", help="Ablation: without L_depth (marker, token, count).", rich_help_panel=PANEL_LOSS),
@@ -118,7 +120,8 @@ def train_command(
                           shuffle_buffer=shuffle_buffer, shuffle_initial=min(StreamConfig.shuffle_initial, shuffle_buffer),
                           use_depth_tokens=depth_tokens, question_targets=question_targets,
                           reading_questions=reading_questions, reading_spread=reading_spread,
-                          reading_swaps=reading_swaps, mark_readouts=mark_readouts)
+                          reading_swaps=reading_swaps, mark_readouts=mark_readouts,
+                          readout_cells=readout_cells and mark_readouts, reading_in_text=reading_in_text)
     model_config = PerceptioConfig.for_model(
         model=model, sam_model=sam_model, tokenizer=str(tokenizer) if tokenizer else "", lora_rank=lora_rank,
         lora_alpha=lora_alpha, lora_dropout=lora_dropout,

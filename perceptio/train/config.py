@@ -145,6 +145,15 @@ class StreamConfig:
     # as context (not a target, no L_depth); only where reading questions are written span first.
     reading_swaps: float = 0.0
     mark_readouts: bool = False  # PerceptioConfig.mark_readouts: questions written span, readouts, letter
+    # Each readout names its mark's cell before the code ("A 3 7[D_055]"; not in the paper): the model
+    # writes where it found the mark, and the code is looked up from those words, as in a question
+    # asked in text.
+    readout_cells: bool = False
+    # The share of reading questions asked in text alone (not in the paper): no picture, the marks
+    # named by their cells in the prompt, the span as context. A text probe of the miniature's size
+    # starts the span lookup without ~140 tokens in front and keeps it behind them, where it does not
+    # start (README section 4); these questions have nothing in front. Span-first questions only.
+    reading_in_text: float = 0.0
     prompts: str = "prompts.json"
 
     def __post_init__(self) -> None:
@@ -156,6 +165,8 @@ class StreamConfig:
             raise PerceptioError(f"--reading-spread must be in (0, 1], not {self.reading_spread}")
         if not 0 <= self.reading_swaps <= 1:
             raise PerceptioError(f"--reading-swaps must be in [0, 1], not {self.reading_swaps}")
+        if not 0 <= self.reading_in_text <= 1:
+            raise PerceptioError(f"--reading-in-text must be in [0, 1], not {self.reading_in_text}")
 
 
 def writes_readouts(mark_readouts: bool, use_depth_tokens: bool, question_targets: str) -> bool:

@@ -46,6 +46,7 @@ import torch
 from perceptio import fs
 from perceptio.curate.marked_points import (
     HARDBLINK_MARKS,
+    cell_names,
     codes_at_points,
     draw_marks,
     reading_question,
@@ -165,6 +166,7 @@ class PromptTemplates:
     direct_question_prompts: tuple[str, ...]
     direct_question_target: str
     caption_prompts: tuple[str, ...]
+    text_reading_prompts: tuple[str, ...]
 
     @classmethod
     def load(cls, name: str = "prompts.json") -> "PromptTemplates":
@@ -177,6 +179,7 @@ class PromptTemplates:
             tuple(recipe["direct_question"]["prompts"]),
             recipe["direct_question"]["target"],
             tuple(recipe["grounded_caption"]["prompts"]),
+            tuple(recipe["text_reading"]["prompts"]),
         )
 
 
@@ -194,7 +197,10 @@ class Marks:
 class Example:
     """One training example, still undecoded (cheap to skip when a resumed run fast-forwards)."""
 
-    key: str  # "{sample key}/ref{ref_id}/sent{sent_id}", "{sample key}/q{i}[/{variant}]", "{sample key}/question" or the sample key
+    # "{sample key}/ref{ref_id}/sent{sent_id}", "{sample key}/q{i}[/{variant}]" (a curated question),
+    # "{sample key}/r{i}" (a reading question), "{sample key}/t{i}" (one asked in text alone),
+    # "{sample key}/question" or the sample key
+    key: str
     source: str  # the sample's json "dataset", e.g. "refcoco-unc"
     turns: tuple[Turn, ...]  # user, assistant, ...: a single question and answer for perception data
     image_bytes: bytes | None  # None: a text-only conversation
@@ -287,35 +293,62 @@ def token_grid_nearness(depth: np.ndarray, tokens: int) -> np.ndarray:
     return depth[: cell * side, : cell * side].astype(np.float32).reshape(side, cell, side, cell).mean((1, 3))
 
 
-def readouts(question: dict[str, Any], codes: Sequence[int], size: tuple[int, int]) -> str:
-    """A question's mark readouts: each letter with the code, in ``codes`` (the span it is asked
-    after), of the cell its point falls in on the span's grid."""
-    return mark_readouts(question["labels"], codes_at_points(codes, question["points"], size))
+def grid_side(codes: Sequence[int]) -> int:
+    """The side of the square grid a depth span's codes cover (10 for the paper's 100 tokens)."""
+    return int(round(len(codes) ** 0.5))
+
+
+def readouts(question: dict[str, Any], codes: Sequence[int], size: tuple[int, int], with_cells: bool = False) -> str:
+    """A question's mark readouts: each letter (``with_cells``: and its cell, "A 3 7") with the code,
+    in ``codes`` (the span it is asked after), of the cell its point falls in on the span's grid."""
+    cells = cell_names(question["points"], size, grid_side(codes)) if with_cells else None
+    return mark_readouts(question["labels"], codes_at_points(codes, question["points"], size), cells)
+
+
+def _text_question_example(key: str, source: str, question: dict[str, Any], depth: str, templates: PromptTemplates,
+                           size: tuple[int, int], grid: int) -> Example:
+    """A reading question asked in text alone (``--reading-in-text``): no picture, each mark named by
+    its cell ("A 3 7, B 1 8"), the span (``depth``) given as context before the letter."""
+    points = ", ".join(f"{label} {cell}" for label, cell in zip(question["labels"], cell_names(question["points"], size, grid)))
+    prompt = _pick(templates.text_reading_prompts, key).format(points=points, grid=grid)
+    target = templates.question_target.format(depth=depth, answer=question["answer"])
+    example = Example(key, source, (Turn(USER, prompt), Turn(ASSISTANT, target)), None, (), None)
+    example.span_is_context = True
+    return example
 
 
 def _reading_questions(raw: dict[str, Any], meta: dict[str, Any], codes: Sequence[int], count: int,
-                       seed: Sequence[int], spread: float, swaps: float) -> list[tuple[dict[str, Any], list[int] | None]]:
+                       seed: Sequence[int], spread: float, swaps: float,
+                       in_text: float = 0.0) -> list[tuple[dict[str, Any], list[int] | None, bool]]:
     """``count`` draws of :func:`reading_question` (points in the central ``spread`` of their cells)
     on the sample's depth map pooled to its depth tokens' grid (the draws without a clear answer are
     left out), marked as its curated questions are; each with the span it is asked after when that
-    is not the picture's own: a share ``swaps`` of them is swapped (:func:`swapped_reading_question`)."""
+    is not the picture's own: a share ``swaps`` of them is swapped (:func:`swapped_reading_question`);
+    and whether it is asked in text alone: a share ``in_text`` of them."""
     nearness = token_grid_nearness(npy_load(raw["depth.npy"]), len(codes))
     rng = np.random.default_rng([*seed, zlib.crc32(raw["__key__"].encode("utf-8"))])
     curated = meta.get(QUESTIONS_FIELD) or [{}]
     style = curated[0].get("mark_style", HARDBLINK_MARKS)
     drawn = (reading_question(nearness, (meta["width"], meta["height"]), rng, spread, style) for _ in range(count))
     questions = [question for question in drawn if question is not None]
-    if not swaps:  # no draws: the questions of runs without swaps stay as they were
-        return [(question, None) for question in questions]
-    return [swapped_reading_question(question, codes, nearness, rng) if rng.random() < swaps else (question, None)
-            for question in questions]
+    if not swaps and not in_text:  # no draws: the questions of runs without either stay as they were
+        return [(question, None, False) for question in questions]
+    # Which are asked in text has draws of its own: the questions and their spans are those of a run without.
+    text_rng = np.random.default_rng([*seed, zlib.crc32(raw["__key__"].encode("utf-8")), 1])
+    drawn = []
+    for question in questions:
+        question, span = swapped_reading_question(question, codes, nearness, rng) if rng.random() < swaps else (question, None)
+        drawn.append((question, span, bool(text_rng.random() < in_text)))
+    return drawn
 
 
 def expand_sample(raw: dict[str, Any], templates: PromptTemplates, use_depth_tokens: bool = True,
                   question_targets: str = "recorded", reading_questions: int = 0,
                   reading_seed: Sequence[int] = (), reading_spread: float = StreamConfig.reading_spread,
                   reading_swaps: float = StreamConfig.reading_swaps,
-                  mark_readouts: bool = StreamConfig.mark_readouts) -> list[Example]:
+                  mark_readouts: bool = StreamConfig.mark_readouts,
+                  reading_in_text: float = StreamConfig.reading_in_text,
+                  readout_cells: bool = StreamConfig.readout_cells) -> list[Example]:
     """The training examples of one shard sample (a webdataset dict of member bytes).
 
     Grounding samples give one example per (ref, sentence). ADE20k samples give one example per
@@ -328,9 +361,12 @@ def expand_sample(raw: dict[str, Any], templates: PromptTemplates, use_depth_tok
     ones (``recorded``: span first); a share ``reading_swaps`` of them is asked after a span shuffled
     at the marked cells, written span first only, the span as context (no depth target). With
     ``mark_readouts`` every question written span first names, after the span, each mark's letter
-    and the span's code at its cell (:func:`perceptio.tokens.mark_readouts`) before the letter. Without
-    depth tokens the span is left out and every question is answered directly; then, and with
-    ``question_targets`` "direct", none is swapped. A LLaVA conversation is one example of all its
+    and the span's code at its cell (:func:`perceptio.tokens.mark_readouts`) before the letter,
+    ``readout_cells``: each mark's cell too ("A 3 7[D_055]"). A share ``reading_in_text`` of the reading
+    questions is asked in text alone, keyed ``{key}/t{i}``: no picture, the marks named by their cells
+    in the prompt, the span (the picture's or the swapped one) as context. Without depth tokens the
+    span is left out and every question is answered directly; then, and with ``question_targets``
+    "direct", none is swapped or asked in text. A LLaVA conversation is one example of all its
     turns; a GranD-f grounded caption one example whose answer holds a [SEG] per phrase.
     """
     if question_targets not in QUESTION_TARGETS:
@@ -351,10 +387,21 @@ def expand_sample(raw: dict[str, Any], templates: PromptTemplates, use_depth_tok
     if questions is not None:
         drawn = []
         if reading_questions and "depth.npy" in raw and codes is not None:
-            swaps = reading_swaps if use_depth_tokens and question_targets != "direct" else 0.0  # only span-first questions
-            drawn = [(f"r{index}", question, span) for index, (question, span) in
-                     enumerate(_reading_questions(raw, meta, codes, reading_questions, reading_seed, reading_spread, swaps))]
-        for name, question, span in [(f"q{index}", question, None) for index, question in enumerate(questions)] + drawn:
+            span_first = use_depth_tokens and question_targets != "direct"  # swaps and text need a span to read
+            swaps, in_text = (reading_swaps, reading_in_text) if span_first else (0.0, 0.0)
+            drawn = [(f"{'t' if text else 'r'}{index}", question, span, text) for index, (question, span, text) in
+                     enumerate(_reading_questions(raw, meta, codes, reading_questions, reading_seed, reading_spread,
+                                                  swaps, in_text))]
+        size = (meta["width"], meta["height"])
+        for name, question, span, text in [(f"q{index}", question, None, False) for index, question in enumerate(questions)] + drawn:
+            # A question in text alone has its span as context; it was drawn span first only.
+            if text:
+                span_text = depth_span(span or codes)
+                if mark_readouts:
+                    span_text += readouts(question, span or codes, size, readout_cells)
+                examples.append(_text_question_example(f"{key}/{name}", source, question, span_text, templates, size,
+                                                       grid_side(codes)))
+                continue
             variants = _question_variants(question, question_targets, use_depth_tokens)
             if span is not None:  # answered by the shuffled span: only after it
                 variants = [variant for variant in variants if variant == "depth"]
@@ -364,7 +411,7 @@ def expand_sample(raw: dict[str, Any], templates: PromptTemplates, use_depth_tok
             # A swapped question's span is not the picture's: no depth target for it.
             span_text, depth_bytes = (depth, raw.get("depth.npy")) if span is None else (depth_span(span), None)
             if mark_readouts and span_text:
-                span_text += readouts(question, span or codes, (meta["width"], meta["height"]))
+                span_text += readouts(question, span or codes, size, readout_cells)
             for variant in variants:
                 example_key = f"{key}/{name}" + (f"/{variant}" if len(variants) > 1 else "")
                 example = _question_example(example_key, source, question, variant, span_text, templates, raw["jpg"],
@@ -540,7 +587,8 @@ class _StreamReader:
         examples = guarded(lambda sample: expand_sample(sample, self.templates, self.config.use_depth_tokens,
                                                         self.config.question_targets, self.config.reading_questions,
                                                         (self.config.seed, self.epoch), self.config.reading_spread,
-                                                        self.config.reading_swaps, self.config.mark_readouts),
+                                                        self.config.reading_swaps, self.config.mark_readouts,
+                                                        self.config.reading_in_text, self.config.readout_cells),
                            raw, counter)
         for example in examples:
             if mix_key_for(example.source, [self.stream.name]) is None:

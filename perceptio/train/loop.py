@@ -210,6 +210,7 @@ def run_settings(config: TrainConfig, data: StreamConfig, processes: Processes, 
                     # where reading points fall matters only when there are reading questions
                     reading_spread=data.reading_spread if data.reading_questions else None,
                     reading_swaps=data.reading_swaps, mark_readouts=data.mark_readouts,
+                    readout_cells=data.readout_cells, reading_in_text=data.reading_in_text,
                     shards=sorted(map(str, data.shards)),
                     shuffle_buffer=data.shuffle_buffer, shuffle_initial=data.shuffle_initial,
                     prompts=f"{data.prompts}@{hashlib.sha256(prompts).hexdigest()[:12]}",
