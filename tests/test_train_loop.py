@@ -154,7 +154,8 @@ def test_resume_matches_local_folders_however_they_are_written(shards, tmp_path,
     # them) still resumes.
     state["settings"]["shards"] = [shards.name]
     del state["settings"]["reading_questions"], state["settings"]["reading_spread"], state["settings"]["reading_swaps"]
-    del state["settings"]["mark_readouts"]
+    for later in ("mark_readouts", "readout_cells", "reading_in_text"):
+        del state["settings"][later]
     state_file.write_text(json.dumps(state))
     assert run(shards.resolve(), tmp_path, 4, save_every=2, resume=True).history == []
     with pytest.raises(PerceptioError, match="reading_questions: 0 -> 5, reading_spread: None -> 1.0"):
@@ -168,14 +169,15 @@ def test_resume_matches_local_folders_however_they_are_written(shards, tmp_path,
 
 
 def test_a_checkpoint_from_before_a_model_setting_existed_resumes_as_its_default(tmp_path):
-    # A model's settings written before PerceptioConfig.mark_readouts: it ran without readouts.
+    # A model's settings written before PerceptioConfig.mark_readouts and answer_weight: it ran without them.
     old = {"steps": 4, "model": {"model": "tiny", "lora_rank": 8}}
     checkpoint_module.save_checkpoint(tmp_path / "step-000004", {"w": torch.zeros(1)}, {}, {},
                                       checkpoint_module.Checkpoint(4, old, [{}], [{}]))
-    now = {**checkpoint_module.LATER_SETTINGS, **old, "model": {**old["model"], "mark_readouts": False}}
+    now = {**checkpoint_module.LATER_SETTINGS, **old, "model": {**old["model"], "mark_readouts": False, "answer_weight": 1.0}}
     assert checkpoint_module.load_checkpoint(tmp_path / "step-000004", now).checkpoint.step == 4
-    with pytest.raises(PerceptioError, match="settings changed"):
-        checkpoint_module.load_checkpoint(tmp_path / "step-000004", {**now, "model": {**old["model"], "mark_readouts": True}})
+    for changed in ({"mark_readouts": True}, {"answer_weight": 4.0}):
+        with pytest.raises(PerceptioError, match="settings changed"):
+            checkpoint_module.load_checkpoint(tmp_path / "step-000004", {**now, "model": {**now["model"], **changed}})
 
 
 def test_nan_stops_the_run_naming_step_and_keys_and_saves_nothing(shards, tmp_path):
