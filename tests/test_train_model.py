@@ -146,14 +146,18 @@ def test_llm_term_equals_transformers_own_loss(model):
     assert torch.allclose(ours, reference, atol=1e-6)
 
 
-def test_span_weight_zero_leaves_the_depth_span_out_of_the_llm_term(vqvae_dir):
-    model = build(vqvae_dir, span_weight=0.0).eval()
+def llm_term_and_logits(model) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The model's L_LLM on the mixed batch, the batch's full logits and its labels."""
     batch = mixed_batch(model)
     with torch.no_grad():
         logits = model.vlm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                            pixel_values=batch["pixel_values"]).logits
-        ours = model(batch).terms["llm"]
-    labels = batch["labels"]
+        return model(batch).terms["llm"], logits, batch["labels"]
+
+
+def test_span_weight_zero_leaves_the_depth_span_out_of_the_llm_term(vqvae_dir):
+    model = build(vqvae_dir, span_weight=0.0).eval()
+    ours, logits, labels = llm_term_and_logits(model)
     kept = []
     for row, row_labels in enumerate(labels.tolist()):
         start = row_labels.index(model.d_start_id) if model.d_start_id in row_labels else len(row_labels)
@@ -165,17 +169,12 @@ def test_span_weight_zero_leaves_the_depth_span_out_of_the_llm_term(vqvae_dir):
     assert torch.allclose(ours, torch.stack(kept).mean(), atol=1e-6)
 
 
-
 def test_answer_weight_weighs_the_tokens_after_the_span_in_the_llm_term(vqvae_dir):
     model = build(vqvae_dir, answer_weight=3.0).eval()
-    batch = mixed_batch(model)
-    with torch.no_grad():
-        logits = model.vlm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                           pixel_values=batch["pixel_values"]).logits
-        ours = model(batch).terms["llm"]
+    ours, logits, labels = llm_term_and_logits(model)
     codes = set(model.depth_token_ids.tolist())
     weighted, weight, answers = torch.tensor(0.0), 0.0, 0
-    for row, row_labels in enumerate(batch["labels"].tolist()):
+    for row, row_labels in enumerate(labels.tolist()):
         start = row_labels.index(model.d_start_id) if model.d_start_id in row_labels else None
         end = row_labels.index(model.d_end_id, start) if start is not None and model.d_end_id in row_labels[start:] else None
         last = max([end, *(t for t, y in enumerate(row_labels) if y in codes and t > end)]) if end is not None else None
@@ -187,6 +186,7 @@ def test_answer_weight_weighs_the_tokens_after_the_span_in_the_llm_term(vqvae_di
                 weighted, weight = weighted + w * nll, weight + w
     assert answers > 0, "the batch has an answer after a span"
     assert torch.allclose(ours, weighted / weight, atol=1e-6)
+
 
 def test_gradients_reach_exactly_the_trainable_parts(model):
     model.train()
