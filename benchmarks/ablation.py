@@ -139,7 +139,8 @@ class AblationConfig:
 QUICK = AblationConfig(world_images=40, heldout_images=16, tokenizer_steps=20, questions_per_image=2, train_steps=4,
                        batch_size=2, hard_per_variant=4, hard_questions_per_image=1, refseg_limit=4, vlm_pretrain_steps=40,
                        sam_pretrain_steps=2, sam_pretrain_world_images=8, vlm_mark_share=0.3, fresh_language_model=True,
-                       reading_questions=2, reading_swaps=0.5, mark_readouts=True)
+                       reading_questions=2, reading_swaps=0.5, mark_readouts=True, readout_cells=True,
+                       reading_in_text=0.5)
 
 
 # ------------------------------------------------------------------------------------ running
