@@ -394,11 +394,11 @@ def expand_sample(raw: dict[str, Any], templates: PromptTemplates, use_depth_tok
                                                   swaps, in_text))]
         size = (meta["width"], meta["height"])
         for name, question, span, text in [(f"q{index}", question, None, False) for index, question in enumerate(questions)] + drawn:
-            # A question in text alone has its span as context; it was drawn span first only.
-            if text:
-                span_text = depth_span(span or codes)
-                if mark_readouts:
-                    span_text += readouts(question, span or codes, size, readout_cells)
+            # A swapped question's span is not the picture's: no depth target for it.
+            span_text, depth_bytes = (depth, raw.get("depth.npy")) if span is None else (depth_span(span), None)
+            if mark_readouts and span_text:
+                span_text += readouts(question, span or codes, size, readout_cells)
+            if text:  # drawn span first only; the span is context, as nothing shows the picture
                 examples.append(_text_question_example(f"{key}/{name}", source, question, span_text, templates, size,
                                                        grid_side(codes)))
                 continue
@@ -408,10 +408,6 @@ def expand_sample(raw: dict[str, Any], templates: PromptTemplates, use_depth_tok
             # Questions curated before mark styles existed were drawn as HardBLINK draws them.
             marks = Marks(tuple((int(x), int(y)) for x, y in question["points"]), tuple(question["labels"]),
                           question.get("mark_style", HARDBLINK_MARKS))
-            # A swapped question's span is not the picture's: no depth target for it.
-            span_text, depth_bytes = (depth, raw.get("depth.npy")) if span is None else (depth_span(span), None)
-            if mark_readouts and span_text:
-                span_text += readouts(question, span or codes, size, readout_cells)
             for variant in variants:
                 example_key = f"{key}/{name}" + (f"/{variant}" if len(variants) > 1 else "")
                 example = _question_example(example_key, source, question, variant, span_text, templates, raw["jpg"],
