@@ -372,11 +372,15 @@ def cell_names(points: Sequence[Sequence[int]], size: tuple[int, int], grid: int
     return [" ".join(map(str, divmod(point_cell(point, size, grid), grid))) for point in points]
 
 
+def grid_side(codes: Sequence[int]) -> int:
+    """The side of the square grid a depth span's codes cover (10 for the paper's 100 tokens)."""
+    return int(round(len(codes) ** 0.5))
+
+
 def codes_at_points(codes: Sequence[int], points: Sequence[Sequence[int]], size: tuple[int, int]) -> list[int]:
     """The code of each point's cell in a row-major square grid of codes (a depth span's), for
     points of a (width, height) image."""
-    side = int(round(len(codes) ** 0.5))
-    return [codes[point_cell(point, size, side)] for point in points]
+    return [codes[point_cell(point, size, grid_side(codes))] for point in points]
 
 
 def reading_question(nearness: np.ndarray, size: tuple[int, int], rng: np.random.Generator,

@@ -49,6 +49,7 @@ from perceptio.curate.marked_points import (
     cell_names,
     codes_at_points,
     draw_marks,
+    grid_side,
     reading_question,
     swapped_reading_question,
 )
@@ -293,11 +294,6 @@ def token_grid_nearness(depth: np.ndarray, tokens: int) -> np.ndarray:
     return depth[: cell * side, : cell * side].astype(np.float32).reshape(side, cell, side, cell).mean((1, 3))
 
 
-def grid_side(codes: Sequence[int]) -> int:
-    """The side of the square grid a depth span's codes cover (10 for the paper's 100 tokens)."""
-    return int(round(len(codes) ** 0.5))
-
-
 def readouts(question: dict[str, Any], codes: Sequence[int], size: tuple[int, int], with_cells: bool = False) -> str:
     """A question's mark readouts: each letter (``with_cells``: and its cell, "A 3 7") with the code,
     in ``codes`` (the span it is asked after), of the cell its point falls in on the span's grid."""
@@ -326,7 +322,8 @@ def _reading_questions(raw: dict[str, Any], meta: dict[str, Any], codes: Sequenc
     is not the picture's own: a share ``swaps`` of them is swapped (:func:`swapped_reading_question`);
     and whether it is asked in text alone: a share ``in_text`` of them."""
     nearness = token_grid_nearness(npy_load(raw["depth.npy"]), len(codes))
-    rng = np.random.default_rng([*seed, zlib.crc32(raw["__key__"].encode("utf-8"))])
+    key_hash = zlib.crc32(raw["__key__"].encode("utf-8"))
+    rng = np.random.default_rng([*seed, key_hash])
     curated = meta.get(QUESTIONS_FIELD) or [{}]
     style = curated[0].get("mark_style", HARDBLINK_MARKS)
     drawn = (reading_question(nearness, (meta["width"], meta["height"]), rng, spread, style) for _ in range(count))
@@ -334,7 +331,7 @@ def _reading_questions(raw: dict[str, Any], meta: dict[str, Any], codes: Sequenc
     if not swaps and not in_text:  # no draws: the questions of runs without either stay as they were
         return [(question, None, False) for question in questions]
     # Which are asked in text has draws of its own: the questions and their spans are those of a run without.
-    text_rng = np.random.default_rng([*seed, zlib.crc32(raw["__key__"].encode("utf-8")), 1])
+    text_rng = np.random.default_rng([*seed, key_hash, 1])
     drawn = []
     for question in questions:
         question, span = swapped_reading_question(question, codes, nearness, rng) if rng.random() < swaps else (question, None)
