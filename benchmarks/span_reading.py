@@ -15,6 +15,9 @@ answered by the true depth, which the span agrees with only as often as (a); ``s
 questions mark (on objects). ``--filler-tokens N`` puts N random tokens before each question, as
 the fine-tuned model has its 100 image tokens and the prompt before the marks and the span;
 ``--bare-steps K`` trains the first K steps without them (a warm-up; scores always have them).
+``--code-rows mean`` starts the codes' input rows as ``perceptio-train --new-token-init mean`` starts a
+fine-tuned model's new tokens (transformers' mean resizing: all one vector), ``spread`` as its
+default does; the probe's own default draws them at random like every other row.
 ``--cell-embeddings`` adds a learned vector per grid cell to each span code and to the marks on
 that cell; ``--readouts`` has the model write, after the query, each mark's letter and the span's
 code at its cell before the letter (trained on both; scored greedily), as ``perceptio-train
@@ -41,6 +44,7 @@ from perceptio.shards import iter_shard, list_shards
 from perceptio.tokenize.vqvae import DepthVQVAE
 from perceptio.train.data import token_grid_nearness
 from perceptio.train.miniature import GRID, grid_cell  # the depth tokens' grid is the image tokens' 10 x 10
+from perceptio.train.model import init_new_token_rows
 from probes import probe_parser, write_record
 
 LETTERS = "ABCDE"
@@ -272,6 +276,9 @@ def main() -> None:
                         help="random tokens before each question (the fine-tuning's image tokens and prompt)")
     parser.add_argument("--bare-steps", type=int, default=0,
                         help="a warm-up: the first N steps train without the filler tokens (scores keep them)")
+    parser.add_argument("--code-rows", choices=("random", "spread", "mean"), default="random",
+                        help="how the codes' input rows start: at random as every row, or as perceptio-train "
+                             "--new-token-init starts new tokens (around, or at, the mean of the rows before them)")
     parser.add_argument("--cell-embeddings", action="store_true",
                         help="add a learned vector per grid cell to its span code and to the marks on it")
     parser.add_argument("--readouts", action="store_true",
@@ -296,6 +303,8 @@ def main() -> None:
                          num_attention_heads=MINIATURE.text_heads, num_key_value_heads=MINIATURE.text_kv_heads,
                          max_position_embeddings=256 + arguments.filler_tokens, tie_word_embeddings=False)
     model = Qwen2ForCausalLM(config)
+    if arguments.code_rows != "random":
+        init_new_token_rows(model, range(CODE_IDS, CODE_IDS + tokenizer.config.num_codes), arguments.code_rows)
     cell_embeddings = CellEmbeddings(config.hidden_size) if arguments.cell_embeddings else None
     parameters = [*model.parameters(), *(cell_embeddings.parameters() if cell_embeddings else ())]
     optimizer = torch.optim.AdamW(parameters, lr=arguments.lr, weight_decay=0.01)

@@ -169,13 +169,15 @@ def test_resume_matches_local_folders_however_they_are_written(shards, tmp_path,
 
 
 def test_a_checkpoint_from_before_a_model_setting_existed_resumes_as_its_default(tmp_path):
-    # A model's settings written before PerceptioConfig.mark_readouts and answer_weight: it ran without them.
+    # A model's settings written before PerceptioConfig.mark_readouts, answer_weight and new_token_init:
+    # it ran without the first two and with transformers' mean resizing.
     old = {"steps": 4, "model": {"model": "tiny", "lora_rank": 8}}
     checkpoint_module.save_checkpoint(tmp_path / "step-000004", {"w": torch.zeros(1)}, {}, {},
                                       checkpoint_module.Checkpoint(4, old, [{}], [{}]))
-    now = {**checkpoint_module.LATER_SETTINGS, **old, "model": {**old["model"], "mark_readouts": False, "answer_weight": 1.0}}
+    now = {**checkpoint_module.LATER_SETTINGS, **old, "model": {**old["model"], "mark_readouts": False, "answer_weight": 1.0,
+                                                                           "new_token_init": "mean"}}
     assert checkpoint_module.load_checkpoint(tmp_path / "step-000004", now).checkpoint.step == 4
-    for changed in ({"mark_readouts": True}, {"answer_weight": 4.0}):
+    for changed in ({"mark_readouts": True}, {"answer_weight": 4.0}, {"new_token_init": "spread"}):
         with pytest.raises(PerceptioError, match="settings changed"):
             checkpoint_module.load_checkpoint(tmp_path / "step-000004", {**now, "model": {**now["model"], **changed}})
 

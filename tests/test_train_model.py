@@ -12,7 +12,7 @@ from PIL import Image
 from perceptio.errors import PerceptioError
 from perceptio.tokens import D_START, SEG, depth_span
 from perceptio.train.config import PerceptioConfig
-from perceptio.train.model import TERMS, PerceptioModel
+from perceptio.train.model import TERMS, PerceptioModel, init_new_token_rows
 from perceptio.train.processor import IMAGENET_MEAN, IMAGENET_STD, PerceptioProcessor
 
 PROMPT = "Segment the red box and describe it."
@@ -224,6 +224,40 @@ def test_a_few_steps_lower_the_loss_and_train_only_the_new_rows(vqvae_dir):
     new_rows[model.seg_token_id :] = True  # [SEG] is the first token added
     assert torch.equal(after[~new_rows], before[~new_rows])
     assert not torch.equal(after[model.seg_token_id], before[model.seg_token_id])
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_new_token_rows_start_as_distinct_as_the_old_rows_or_all_at_their_mean(tied):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    language_model = Qwen2ForCausalLM(Qwen2Config(vocab_size=600, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                                  num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied))
+    inputs, outputs = language_model.get_input_embeddings().weight, language_model.get_output_embeddings().weight
+    old_inputs, old_outputs = inputs[:400].detach().clone(), outputs[:400].detach().clone()
+    init_new_token_rows(language_model, range(400, 600), "spread")
+    new = inputs[400:].detach()
+    assert torch.equal(inputs[:400], old_inputs) and torch.equal(outputs[:400], old_outputs)
+    # Each dimension spreads over the new rows as over the old ones, around the old rows' mean.
+    assert 0.8 < (new.std(0) / old_inputs.std(0)).mean() < 1.2
+    assert (new.mean(0) - old_inputs.mean(0)).abs().max() < 4 * old_inputs.std(0).max() / 200 ** 0.5
+    if not tied:  # untied output rows start at the mean: the new tokens' first logits are ordinary ones
+        assert torch.allclose(outputs[400:], old_outputs.mean(0).expand(200, -1), atol=1e-6)
+    init_new_token_rows(language_model, range(400, 600), "mean")
+    assert torch.allclose(inputs[400:], old_inputs.mean(0).expand(200, -1), atol=1e-6)
+
+
+def test_the_model_starts_its_depth_codes_apart_unless_told_mean(vqvae_dir):
+    def code_rows(model: PerceptioModel) -> torch.Tensor:
+        return model.adapter.model.get_input_embeddings().weight[model.depth_token_ids].detach()
+
+    spread = code_rows(build(vqvae_dir, train_language_model=True))
+    assert PerceptioConfig().new_token_init == "spread"
+    assert torch.cdist(spread, spread).add(torch.eye(len(spread)) * 1e9).min() > 1e-2  # no two codes alike
+    same = code_rows(build(vqvae_dir, train_language_model=True, new_token_init="mean"))
+    assert torch.cdist(same, same).max() < 1e-5
+    with pytest.raises(PerceptioError, match="new-token-init"):
+        PerceptioConfig(new_token_init="zeros")
 
 
 @pytest.mark.parametrize("switch", ["use_depth_tokens", "use_segmentation"])

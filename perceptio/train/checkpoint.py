@@ -148,7 +148,7 @@ def with_absolute_paths(settings: dict[str, Any]) -> dict[str, Any]:
 LATER_SETTINGS: dict[str, Any] = {"reading_questions": 0, "reading_spread": None, "init_from": None, "reading_swaps": 0.0,
                                   "mark_readouts": False, "readout_cells": False, "reading_in_text": 0.0}
 # The same for the model's PerceptioConfig, recorded under "model".
-LATER_MODEL_SETTINGS: dict[str, Any] = {"mark_readouts": False, "answer_weight": 1.0}
+LATER_MODEL_SETTINGS: dict[str, Any] = {"mark_readouts": False, "answer_weight": 1.0, "new_token_init": "mean"}
 
 
 def load_checkpoint(path: Path, settings: dict[str, Any]) -> LoadedCheckpoint:

@@ -19,6 +19,7 @@ CONFIG_NAME = "perceptio.json"  # an exported model's record: its format and Per
 TINY = "tiny"  # the model id of the built-in random-weight TINY model (perceptio.train.tiny)
 # The training split's name in COCO-style ("train") and ADE20k-style ("training") datasets.
 TRAINING_SPLITS = ("train", "training")
+NEW_TOKEN_INITS = ("spread", "mean")  # PerceptioConfig.new_token_init
 
 
 @dataclass
@@ -55,6 +56,13 @@ class PerceptioConfig:
     # autocast wherever bf16 weights are present, so frozen bf16 and trainable fp32 mix.
     dtype: str = "auto"
     max_length: int = 8192  # the paper's maximum sequence length; longer examples lose their tail
+    # How the new tokens' input rows start (not in the paper, which does not say): "spread" draws each
+    # around the old rows' mean with their per-dimension spread, so every depth code is as distinct
+    # at the input as any word; "mean" puts them all on the old rows' mean (transformers' mean
+    # resizing), one vector the model cannot tell apart in a span until training pulls the codes
+    # apart, which the miniature never did (README section 4). Output rows start at the mean either
+    # way (when untied), so that the new tokens begin with ordinary logits.
+    new_token_init: str = "spread"
     num_depth_tokens: int = DEFAULT_NUM_DEPTH_TOKENS  # n
     lambda_m: float = 0.3
     lambda_t: float = 0.5
@@ -89,6 +97,10 @@ class PerceptioConfig:
     use_segmentation: bool = True
     use_depth_recon: bool = True
     use_depth_loss: bool = True
+
+    def __post_init__(self) -> None:
+        if self.new_token_init not in NEW_TOKEN_INITS:
+            raise PerceptioError(f"--new-token-init must be one of {', '.join(NEW_TOKEN_INITS)}, not {self.new_token_init!r}")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "PerceptioConfig":

@@ -127,10 +127,11 @@ class PerceptioModel(nn.Module):
         vlm, tokenizer = _load_vlm(config, dtype)
         num_codes = depth_vqvae.config.num_codes if depth_vqvae is not None else DEFAULT_NUM_CODES
         new_tokens = special_tokens(num_codes)
-        tokenizer.add_tokens(new_tokens, special_tokens=True)
+        added = tokenizer.add_tokens(new_tokens, special_tokens=True)
         # Checkpoints often carry spare embedding rows: grow only when the new ids do not fit.
         if len(tokenizer) > vlm.get_input_embeddings().weight.shape[0]:
-            vlm.resize_token_embeddings(len(tokenizer))
+            vlm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        init_new_token_rows(vlm, range(len(tokenizer) - added, len(tokenizer)), config.new_token_init)
         vlm.requires_grad_(False)
         adapter = adapter_for(vlm, tokenizer)
         wrapped = vlm
@@ -420,6 +421,27 @@ def _load_depth_vqvae(config: PerceptioConfig) -> nn.Module | None:
     from perceptio.tokenize import DepthVQVAE
 
     return DepthVQVAE.from_pretrained(config.tokenizer)
+
+
+def init_new_token_rows(vlm: PreTrainedModel, new_ids: range, how: str) -> None:
+    """Start the rows of ``new_ids`` (a range; the rows before it are the old tokens'): input rows at their mean,
+    with ``how == "spread"`` plus Gaussian noise of the old rows' per-dimension deviation, so that each
+    new token is as distinct from the others as two words are; untied output rows at the mean.
+
+    (transformers' mean resizing draws from the old rows' covariance scaled by 1e-9: 128 depth codes
+    differing by 1e-6, which a span lookup cannot start from, README section 4.)"""
+    if not new_ids:
+        return
+    inputs = vlm.get_input_embeddings().weight
+    head = vlm.get_output_embeddings()
+    with torch.no_grad():
+        old = inputs[: new_ids.start].float()
+        rows = old.mean(0).expand(len(new_ids), -1)
+        if how == "spread":
+            rows = rows + torch.randn(rows.shape, device=rows.device) * old.std(0)
+        inputs[new_ids.start : new_ids.stop] = rows.to(inputs.dtype)
+        if head is not None and head.weight is not inputs:
+            head.weight[new_ids.start : new_ids.stop] = head.weight[: new_ids.start].float().mean(0).to(head.weight.dtype)
 
 
 def _apply_lora(vlm: PreTrainedModel, config: PerceptioConfig, adapter: VLMAdapter, new_ids: list[int]) -> nn.Module:
