@@ -8,16 +8,22 @@ the picture and a query, and is trained on the answer letter alone. Training que
 afresh at every step (2-5 random cells of a training picture, the nearest by the span's decoded
 depth, nearer than the next by ``--min-gap``), so the answer is always in the span. Scored on
 held-out pictures, on such questions and on the curated questions (answers from the true depth),
-beside (a), the answer the decoded span gives those questions. ``--curated-training`` trains on the
+beside (a), the answer the decoded span gives those questions, and on *swapped* questions: the
+marked cells' codes shuffled among them (``perceptio-train --reading-swaps``), so that the marks'
+rows and columns, or the codes around a mark, name the answer only by chance and only the lookup of
+the exact cells answers (``--training-swaps`` trains on such questions). ``--curated-training`` trains on the
 training pictures' curated questions instead, as the fine-tuning does (a fixed set): ``truth``
 answered by the true depth, which the span agrees with only as often as (a); ``span`` by the span.
 ``--training-cells objects`` keeps fresh questions but draws their cells from those the curated
 questions mark (on objects). ``--filler-tokens N`` puts N random tokens before each question, as
 the fine-tuned model has its 100 image tokens and the prompt before the marks and the span;
 ``--bare-steps K`` trains the first K steps without them (a warm-up; scores always have them).
-``--code-rows mean`` starts the codes' input rows as ``perceptio-train --new-token-init mean`` starts a
-fine-tuned model's new tokens (transformers' mean resizing: all one vector), ``spread`` as its
-default does; the probe's own default draws them at random like every other row.
+``--marks grid`` gives the marks as a picture's tokens would hold them, one token per cell in the
+span's order (the letter or a blank), with the filler between them and the span where the prompt sits
+(``--filler-jitter``: a prompt of varying length).
+``--code-rows mean`` starts the codes' input rows as ``perceptio-train`` starts a fine-tuned model's
+new tokens by default (transformers' mean resizing: all one vector), ``spread`` as its
+``--new-token-init spread`` does; the probe's own default draws them at random like every other row.
 ``--cell-embeddings`` adds a learned vector per grid cell to each span code and to the marks on
 that cell; ``--readouts`` has the model write, after the query, each mark's letter and the span's
 code at its cell before the letter (trained on both; scored greedily), as ``perceptio-train
@@ -49,8 +55,8 @@ from probes import probe_parser, write_record
 
 LETTERS = "ABCDE"
 # The probe's own vocabulary: the codes, then the span markers, letters, digits, query and padding.
-D_START, D_END, QUERY, PAD = 0, 1, 2, 3
-LETTER_IDS = 4
+D_START, D_END, QUERY, PAD, BLANK = 0, 1, 2, 3, 4  # BLANK: a cell without a mark (``--marks grid``)
+LETTER_IDS = 5
 DIGIT_IDS = LETTER_IDS + len(LETTERS)
 CODE_IDS = DIGIT_IDS + 10
 FILLERS = 64  # --filler-tokens draws from this many ids after the codes
@@ -84,17 +90,27 @@ def read_pictures(folder: Path, tokenizer: DepthVQVAE) -> list[Picture]:
     return pictures
 
 
-def sequence(picture: Picture, cells: list[int], letters: list[str]) -> list[int]:
-    """The marks' cells, the span, the query: the letter is predicted at the last position."""
-    marks = [token for cell, letter in zip(cells, letters)
-             for token in (LETTER_IDS + LETTERS.index(letter), DIGIT_IDS + cell // GRID, DIGIT_IDS + cell % GRID)]
-    return [*marks, D_START, *(CODE_IDS + code for code in picture.codes), D_END, QUERY]
+def sequence(picture: Picture, cells: list[int], letters: list[str], codes: list[int] | None = None,
+             grid: bool = False) -> list[int]:
+    """The marks' cells, the span (``codes``, the picture's by default), the query: the letter is
+    predicted at the last position. ``grid``: the marks as a picture's tokens would hold them, one
+    token per cell in the span's order (the mark's letter, or BLANK), instead of named cells."""
+    if grid:
+        marks = [BLANK] * (GRID * GRID)
+        for cell, letter in zip(cells, letters):
+            marks[cell] = LETTER_IDS + LETTERS.index(letter)
+    else:
+        marks = [token for cell, letter in zip(cells, letters)
+                 for token in (LETTER_IDS + LETTERS.index(letter), DIGIT_IDS + cell // GRID, DIGIT_IDS + cell % GRID)]
+    return [*marks, D_START, *(CODE_IDS + code for code in codes or picture.codes), D_END, QUERY]
 
 
-def span_question(picture: Picture, rng: random.Random, min_gap: float,
-                  on_objects: bool = False) -> tuple[list[int], int, int] | None:
+def span_question(picture: Picture, rng: random.Random, min_gap: float, on_objects: bool = False,
+                  swapped: bool = False, grid: bool = False) -> tuple[list[int], int, int] | None:
     """2-5 random cells (``on_objects``: of the picture's :attr:`Picture.object_cells`), the answer the
-    span gives (None when its nearest is not clear)."""
+    span gives (None when its nearest is not clear). ``swapped``: the codes of the marked cells are
+    shuffled among them, as ``perceptio-train --reading-swaps`` shuffles them, and the answer follows
+    its code: the marks' rows and columns then name it only by chance, only the lookup does."""
     pool = picture.object_cells if on_objects else range(GRID * GRID)
     count = min(rng.randint(2, len(LETTERS)), len(pool))
     if count < 2:
@@ -103,25 +119,37 @@ def span_question(picture: Picture, rng: random.Random, min_gap: float,
     values = np.sort(picture.nearness[cells])
     if values[-1] - values[-2] < min_gap:
         return None
-    return sequence(picture, cells, list(LETTERS[:count])), int(np.argmax(picture.nearness[cells])), count
+    sources = rng.sample(cells, count) if swapped else cells  # the cell whose code each marked cell holds
+    codes = list(picture.codes)
+    for cell, source in zip(cells, sources):
+        codes[cell] = picture.codes[source]
+    return sequence(picture, cells, list(LETTERS[:count]), codes, grid), int(np.argmax(picture.nearness[sources])), count
 
 
-def curated_questions(pictures: list[Picture], span_answers: bool = False) -> tuple[list[tuple[list[int], int, int]], float]:
+def curated_questions(pictures: list[Picture], span_answers: bool = False,
+                      grid: bool = False) -> tuple[list[tuple[list[int], int, int]], float]:
     """The curated questions as probe items, and how often the decoded span names their answer ((a));
     ``span_answers``: each item answered by the decoded span instead of the true depth."""
     items, span_right = [], []
     for picture in pictures:
         for cells, letters, answer in picture.questions:
             by_span = int(np.argmax(picture.nearness[cells]))
-            items.append((sequence(picture, cells, letters), by_span if span_answers else letters.index(answer), len(letters)))
+            items.append((sequence(picture, cells, letters, grid=grid), by_span if span_answers else letters.index(answer), len(letters)))
             span_right.append(letters[by_span] == answer)
     return items, float(np.mean(span_right))
 
 
 def with_filler(items: list[tuple[list[int], int, int]], count: int, first_id: int,
-                rng: random.Random) -> list[tuple[list[int], int, int]]:
-    """Each item after ``count`` random filler tokens (ids ``first_id`` .. ``first_id + FILLERS - 1``)."""
-    return [([first_id + rng.randrange(FILLERS) for _ in range(count)] + ids, answer, points) for ids, answer, points in items]
+                rng: random.Random, jitter: int = 0, grid: bool = False) -> list[tuple[list[int], int, int]]:
+    """Each item with ``count`` (plus 0..``jitter``) random filler tokens (ids ``first_id`` ..
+    ``first_id + FILLERS - 1``) before its span: in front of a question that names its marks' cells,
+    between the marks and the span when they are a grid (where a picture's prompt sits)."""
+    padded = []
+    for ids, answer, points in items:
+        at = GRID * GRID if grid else 0
+        filler = [first_id + rng.randrange(FILLERS) for _ in range(count + (rng.randint(0, jitter) if jitter else 0))]
+        padded.append((ids[:at] + filler + ids[at:], answer, points))
+    return padded
 
 
 def marks_of(tokens: list[int]) -> list[tuple[int, int]]:
@@ -272,6 +300,14 @@ def main() -> None:
     parser.add_argument("--curated-training", choices=("truth", "span"),
                         help="train on the training pictures' curated questions, not fresh span questions, "
                              "answered by the true depth (as curated) or by the decoded span")
+    parser.add_argument("--training-swaps", type=float, default=0.0,
+                        help="the share of fresh training questions asked with the marked cells' codes shuffled")
+    parser.add_argument("--marks", choices=("cells", "grid"), default="cells",
+                        help="the marks named by their cells before the span (A 3 7), or as a picture's tokens hold "
+                             "them: 100 tokens in the span's order, each a mark's letter or blank (then the filler "
+                             "goes between them and the span, where a picture's prompt sits)")
+    parser.add_argument("--filler-jitter", type=int, default=0,
+                        help="0..N more filler tokens, drawn per question (a prompt of varying length)")
     parser.add_argument("--filler-tokens", type=int, default=0,
                         help="random tokens before each question (the fine-tuning's image tokens and prompt)")
     parser.add_argument("--bare-steps", type=int, default=0,
@@ -291,17 +327,24 @@ def main() -> None:
     tokenizer = DepthVQVAE.from_pretrained(arguments.tokenizer)
     train, heldout = read_pictures(arguments.shards, tokenizer), read_pictures(arguments.heldout_shards, tokenizer)
     scored_rng = random.Random(arguments.seed + 1)
-    span_heldout = [item for item in (span_question(picture, scored_rng, arguments.min_gap) for picture in heldout
+    grid = arguments.marks == "grid"
+    if grid and (arguments.readouts or arguments.cell_embeddings):
+        parser.error("--marks grid goes without --readouts and --cell-embeddings (they read named cells)")
+    span_heldout = [item for item in (span_question(picture, scored_rng, arguments.min_gap, grid=grid) for picture in heldout
                                       for _ in range(8)) if item is not None][: arguments.heldout * 4]
-    curated, span_answers = curated_questions(heldout)
-    curated_training = curated_questions(train, arguments.curated_training == "span")[0] if arguments.curated_training else []
+    swapped_heldout = [item for item in (span_question(picture, scored_rng, arguments.min_gap, swapped=True, grid=grid)
+                                         for picture in heldout for _ in range(8)) if item is not None][: arguments.heldout * 4]
+    curated, span_answers = curated_questions(heldout, grid=grid)
+    curated_training = curated_questions(train, arguments.curated_training == "span", grid)[0] if arguments.curated_training else []
     filler_id = CODE_IDS + tokenizer.config.num_codes
-    span_heldout, curated = (with_filler(items, arguments.filler_tokens, filler_id, scored_rng) for items in (span_heldout, curated))
+    span_heldout, swapped_heldout, curated = (with_filler(items, arguments.filler_tokens, filler_id, scored_rng,
+                                                          arguments.filler_jitter, grid)
+                                              for items in (span_heldout, swapped_heldout, curated))
     chance = float(np.mean([1 / count for _, _, count in curated]))
     config = Qwen2Config(vocab_size=filler_id + FILLERS, hidden_size=MINIATURE.text_width,
                          intermediate_size=2 * MINIATURE.text_width, num_hidden_layers=arguments.text_layers,
                          num_attention_heads=MINIATURE.text_heads, num_key_value_heads=MINIATURE.text_kv_heads,
-                         max_position_embeddings=256 + arguments.filler_tokens, tie_word_embeddings=False)
+                         max_position_embeddings=256 + GRID * GRID + arguments.filler_tokens + arguments.filler_jitter, tie_word_embeddings=False)
     model = Qwen2ForCausalLM(config)
     if arguments.code_rows != "random":
         init_new_token_rows(model, range(CODE_IDS, CODE_IDS + tokenizer.config.num_codes), arguments.code_rows)
@@ -315,10 +358,12 @@ def main() -> None:
     for step in range(1, arguments.steps + 1):
         items = rng.sample(curated_training, arguments.batch_size) if curated_training else []
         while len(items) < arguments.batch_size:
-            item = span_question(rng.choice(train), rng, arguments.min_gap, arguments.training_cells == "objects")
+            item = span_question(rng.choice(train), rng, arguments.min_gap, arguments.training_cells == "objects",
+                                 swapped=rng.random() < arguments.training_swaps, grid=grid)
             if item is not None:
                 items.append(item)
-        items = with_filler(items, 0 if step <= arguments.bare_steps else arguments.filler_tokens, filler_id, rng)
+        bare = step <= arguments.bare_steps
+        items = with_filler(items, 0 if bare else arguments.filler_tokens, filler_id, rng, 0 if bare else arguments.filler_jitter, grid)
         if arguments.readouts:
             loss = readout_loss(model, items, cell_embeddings, tokenizer.config.num_codes, arguments.token_mean)
         else:
@@ -329,12 +374,12 @@ def main() -> None:
         schedule.step()
         if step % 250 == 0 or step == arguments.steps:
             readout_codes = tokenizer.config.num_codes if arguments.readouts else None
-            (span_right, span_codes), (curated_right, _) = (
-                accuracy(model, questions, cell_embeddings, readout_codes) for questions in (span_heldout, curated))
-            curve.append({"step": step, "span_questions": span_right, "curated_questions": curated_right,
-                          "readout_codes": span_codes})
+            (span_right, span_codes), (swapped_right, _), (curated_right, _) = (
+                accuracy(model, questions, cell_embeddings, readout_codes) for questions in (span_heldout, swapped_heldout, curated))
+            curve.append({"step": step, "span_questions": span_right, "swapped_questions": swapped_right,
+                          "curated_questions": curated_right, "readout_codes": span_codes})
             readout_note = f", readout codes {span_codes:.3f}" if span_codes is not None else ""
-            print(f"step {step}: held-out span questions {span_right:.3f}, curated questions "
+            print(f"step {step}: held-out span questions {span_right:.3f}, swapped {swapped_right:.3f}, curated questions "
                   f"{curated_right:.3f}{readout_note} ({time.perf_counter() - started:.0f} s)", flush=True)
     write_record(arguments, chance=chance, decoded_span=span_answers, curve=curve)
 

@@ -15,6 +15,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from span_reading import (  # noqa: E402
+    BLANK,
     CODE_IDS,
     D_END,
     D_START,
@@ -61,6 +62,41 @@ def test_a_span_question_is_answered_by_the_span_at_its_cells():
         values = [drawn.nearness[cell] for cell in cells]
         assert answer == int(np.argmax(values)) and sorted(values)[-1] - sorted(values)[-2] >= 0.05
     assert seen > 20
+
+
+def test_a_swapped_question_is_answered_by_the_codes_its_marked_cells_now_hold():
+    rng, seen = random.Random(3), 0
+    for seed in range(40):
+        drawn = picture(seed)
+        item = span_question(drawn, rng, min_gap=0.05, swapped=True)
+        if item is None:
+            continue
+        seen += 1
+        ids, answer, count = item
+        marks, codes = ids[: 3 * count], [code - CODE_IDS for code in ids[3 * count + 1: 3 * count + 101]]
+        cells = [(marks[3 * k + 1] - DIGIT_IDS) * 10 + marks[3 * k + 2] - DIGIT_IDS for k in range(count)]
+        # The marked cells' codes are shuffled among them; every other cell keeps its own.
+        assert sorted(codes[cell] for cell in cells) == sorted(drawn.codes[cell] for cell in cells)
+        assert all(codes[cell] == drawn.codes[cell] for cell in range(100) if cell not in cells)
+        # In this test picture a code's nearness is code / 127: the answer is the largest code held.
+        assert answer == int(np.argmax([codes[cell] for cell in cells]))
+    assert seen > 20
+
+
+def test_grid_marks_hold_each_letter_in_its_cell_and_the_filler_sits_before_the_span():
+    rng = random.Random(5)
+    items = [item for item in (span_question(picture(seed), rng, 0.05, grid=True) for seed in range(10)) if item]
+    for ids, answer, count in items:
+        grid, span = ids[:100], ids[100:]
+        marked = [cell for cell, token in enumerate(grid) if token != BLANK]
+        assert len(marked) == count and sorted(grid[cell] - LETTER_IDS for cell in marked) == list(range(count))
+        assert span[0] == D_START and len(span) == 103
+        by_letter = sorted(marked, key=lambda cell: grid[cell])
+        assert answer == int(np.argmax([span[1 + cell] for cell in by_letter]))
+    first = CODE_IDS + 128
+    for (ids, _, _), (longer, _, _) in zip(items, with_filler(items, 7, first, random.Random(6), jitter=3, grid=True)):
+        assert longer[:100] == ids[:100] and longer[-103:] == ids[100:] and 7 <= len(longer) - len(ids) <= 10
+        assert all(first <= token < first + FILLERS for token in longer[100:-103])
 
 
 def test_curated_questions_and_the_decoded_span_answer():

@@ -247,15 +247,14 @@ def test_new_token_rows_start_as_distinct_as_the_old_rows_or_all_at_their_mean(t
     assert torch.allclose(inputs[400:], old_inputs.mean(0).expand(200, -1), atol=1e-6)
 
 
-def test_the_model_starts_its_depth_codes_apart_unless_told_mean(vqvae_dir):
+def test_the_model_starts_its_depth_codes_at_one_vector_or_apart_when_told_spread(vqvae_dir):
     def code_rows(model: PerceptioModel) -> torch.Tensor:
         return model.adapter.model.get_input_embeddings().weight[model.depth_token_ids].detach()
 
-    spread = code_rows(build(vqvae_dir, train_language_model=True))
-    assert PerceptioConfig().new_token_init == "spread"
+    same = code_rows(build(vqvae_dir, train_language_model=True))
+    assert PerceptioConfig().new_token_init == "mean" and torch.cdist(same, same).max() < 1e-5
+    spread = code_rows(build(vqvae_dir, train_language_model=True, new_token_init="spread"))
     assert torch.cdist(spread, spread).add(torch.eye(len(spread)) * 1e9).min() > 1e-2  # no two codes alike
-    same = code_rows(build(vqvae_dir, train_language_model=True, new_token_init="mean"))
-    assert torch.cdist(same, same).max() < 1e-5
     with pytest.raises(PerceptioError, match="new-token-init"):
         PerceptioConfig(new_token_init="zeros")
 

@@ -56,13 +56,13 @@ class PerceptioConfig:
     # autocast wherever bf16 weights are present, so frozen bf16 and trainable fp32 mix.
     dtype: str = "auto"
     max_length: int = 8192  # the paper's maximum sequence length; longer examples lose their tail
-    # How the new tokens' input rows start (not in the paper, which does not say): "spread" draws each
-    # around the old rows' mean with their per-dimension spread, so every depth code is as distinct
-    # at the input as any word; "mean" puts them all on the old rows' mean (transformers' mean
-    # resizing), one vector the model cannot tell apart in a span until training pulls the codes
-    # apart, which the miniature never did (README section 4). Output rows start at the mean either
-    # way (when untied), so that the new tokens begin with ordinary logits.
-    new_token_init: str = "spread"
+    # How the new tokens' input rows start (the paper does not say): "mean" puts them all on the old
+    # rows' mean (transformers' mean resizing), one vector that training pulls apart; "spread" draws
+    # each around that mean with the old rows' per-dimension spread, so that every depth code is as
+    # distinct at the input as any word from the first step. In the miniature both read spans alike
+    # (README section 4), so the default stays transformers'. Untied output rows start at the mean
+    # either way, so that the new tokens begin with ordinary logits.
+    new_token_init: str = "mean"
     num_depth_tokens: int = DEFAULT_NUM_DEPTH_TOKENS  # n
     lambda_m: float = 0.3
     lambda_t: float = 0.5
