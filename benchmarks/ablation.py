@@ -49,7 +49,7 @@ from typing import Any, Iterator
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ siblings: miniature, plot
 
 from perceptio.curate.marked_points import COLOURED_MARKS, MARK_STYLES  # noqa: E402
-from perceptio.train.config import StreamConfig, TrainConfig  # noqa: E402 (torch-free)
+from perceptio.train.config import PerceptioConfig, StreamConfig, TrainConfig  # noqa: E402 (torch-free)
 from miniature import MINIATURE  # noqa: E402
 from perceptio.train.miniature import VlmPretraining  # noqa: E402
 
@@ -112,6 +112,7 @@ class AblationConfig:
     answer_weight: float = 1.0  # weight of the answer after a span and its readouts in L_LLM (perceptio-train --answer-weight)
     readout_cells: bool = False  # each readout names its mark's cell (perceptio-train --readout-cells)
     reading_in_text: float = 0.0  # reading questions asked in text alone (perceptio-train --reading-in-text)
+    new_token_init: str = PerceptioConfig.new_token_init  # the new tokens' input rows (perceptio-train --new-token-init)
     hard_per_variant: int = 110  # held-out HARD questions per point count (3, 4, 5)
     hard_questions_per_image: int = 16
     refseg_limit: int = 150  # held-out referring expressions scored
@@ -252,7 +253,8 @@ def model_flags(config: AblationConfig, out: Path, seed: int) -> list[str]:
               "--mark-readouts" if config.mark_readouts else "--no-mark-readouts",
               "--readout-cells" if config.readout_cells else "--no-readout-cells",
               "--reading-in-text", str(config.reading_in_text),
-              "--span-weight", str(config.span_weight), "--answer-weight", str(config.answer_weight)]
+              "--span-weight", str(config.span_weight), "--answer-weight", str(config.answer_weight),
+              "--new-token-init", config.new_token_init]
     if not config.miniature:
         return ["--model", "tiny", *shared]
     vlm, sam = base_models(config, out, seed)

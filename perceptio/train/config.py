@@ -19,7 +19,7 @@ CONFIG_NAME = "perceptio.json"  # an exported model's record: its format and Per
 TINY = "tiny"  # the model id of the built-in random-weight TINY model (perceptio.train.tiny)
 # The training split's name in COCO-style ("train") and ADE20k-style ("training") datasets.
 TRAINING_SPLITS = ("train", "training")
-NEW_TOKEN_INITS = ("spread", "mean")  # PerceptioConfig.new_token_init
+NEW_TOKEN_INITS = ("mean", "spread")  # PerceptioConfig.new_token_init
 
 
 @dataclass

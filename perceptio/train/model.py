@@ -424,12 +424,13 @@ def _load_depth_vqvae(config: PerceptioConfig) -> nn.Module | None:
 
 
 def init_new_token_rows(vlm: PreTrainedModel, new_ids: range, how: str) -> None:
-    """Start the rows of ``new_ids`` (a range; the rows before it are the old tokens'): input rows at their mean,
-    with ``how == "spread"`` plus Gaussian noise of the old rows' per-dimension deviation, so that each
-    new token is as distinct from the others as two words are; untied output rows at the mean.
+    """Start the rows of ``new_ids`` (a range; the rows before it are the old tokens'): input rows at
+    their mean, with ``how == "spread"`` plus Gaussian noise of the old rows' per-dimension deviation,
+    so that each new token is as distinct from the others as two words are; untied output rows at the
+    mean. Also where a checkpoint's spare rows take the new ids (nothing is resized there).
 
-    (transformers' mean resizing draws from the old rows' covariance scaled by 1e-9: 128 depth codes
-    differing by 1e-6, which a span lookup cannot start from, README section 4.)"""
+    ("mean" is transformers' mean resizing without its draw from the old rows' covariance scaled by
+    1e-9, which moves the rows by about 1e-6 and costs a D x D covariance of the whole vocabulary.)"""
     if not new_ids:
         return
     inputs = vlm.get_input_embeddings().weight
