@@ -55,8 +55,11 @@ from probes import probe_parser, write_record
 
 LETTERS = "ABCDE"
 # The probe's own vocabulary: the codes, then the span markers, letters, digits, query and padding.
-D_START, D_END, QUERY, PAD, BLANK = 0, 1, 2, 3, 4  # BLANK: a cell without a mark (``--marks grid``)
-LETTER_IDS = 5
+D_START, D_END, QUERY, PAD = 0, 1, 2, 3
+# A cell without a mark (``--marks grid``): the padding token's row, which padding itself never lends
+# to attention (it is masked), so that every earlier probe keeps its vocabulary and its runs.
+BLANK = PAD
+LETTER_IDS = 4
 DIGIT_IDS = LETTER_IDS + len(LETTERS)
 CODE_IDS = DIGIT_IDS + 10
 FILLERS = 64  # --filler-tokens draws from this many ids after the codes
@@ -344,7 +347,7 @@ def main() -> None:
     config = Qwen2Config(vocab_size=filler_id + FILLERS, hidden_size=MINIATURE.text_width,
                          intermediate_size=2 * MINIATURE.text_width, num_hidden_layers=arguments.text_layers,
                          num_attention_heads=MINIATURE.text_heads, num_key_value_heads=MINIATURE.text_kv_heads,
-                         max_position_embeddings=256 + GRID * GRID + arguments.filler_tokens + arguments.filler_jitter, tie_word_embeddings=False)
+                         max_position_embeddings=256 + GRID * GRID * grid + arguments.filler_tokens + arguments.filler_jitter, tie_word_embeddings=False)
     model = Qwen2ForCausalLM(config)
     if arguments.code_rows != "random":
         init_new_token_rows(model, range(CODE_IDS, CODE_IDS + tokenizer.config.num_codes), arguments.code_rows)
@@ -359,7 +362,9 @@ def main() -> None:
         items = rng.sample(curated_training, arguments.batch_size) if curated_training else []
         while len(items) < arguments.batch_size:
             item = span_question(rng.choice(train), rng, arguments.min_gap, arguments.training_cells == "objects",
-                                 swapped=rng.random() < arguments.training_swaps, grid=grid)
+                                 # drawn only when asked for: runs without swaps keep their questions
+                                 swapped=arguments.training_swaps > 0 and rng.random() < arguments.training_swaps,
+                                 grid=grid)
             if item is not None:
                 items.append(item)
         bare = step <= arguments.bare_steps

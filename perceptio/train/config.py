@@ -82,15 +82,15 @@ class PerceptioConfig:
     span_weight: float = 1.0
     # Weight in L_LLM of each answer token after a depth span and its readouts (the letter, its
     # brackets, the end of turn), the other tokens weighing 1 (not in the paper; 1 = its mean). With
-    # --mark-readouts the letter is one token among its 2-5 readout codes; a text probe learns the
-    # lookup when the letter weighs as much as all of them, not as one of them (README section 4).
+    # --mark-readouts the letter is one token among its 2-5 readout codes; a text probe answered its
+    # questions far better when the letter weighed as much as all of them (README section 4; from the
+    # marks' rows, it later turned out, not the lookup).
     answer_weight: float = 1.0
     # After a question's depth span, each mark's letter and its cell's code ("A[D_k] B[D_k]") before
     # the letter (not in the paper; off = its format): the lookup of the marked cells is then written
-    # out and supervised code by code, and the letter compares codes written just before it. A text
-    # probe of the miniature's size learns the lookup this way behind ~140 tokens that stop it
-    # otherwise; the fine-tuned miniature did not, in 1600 steps (README section 4). The predictor
-    # lets such models write depth codes after the span.
+    # out and supervised code by code, and the letter compares codes written just before it. Neither a
+    # text probe of the miniature's size nor the fine-tuned miniature learnt it on questions only the
+    # span answers (README section 4). The predictor lets such models write depth codes after the span.
     mark_readouts: bool = False
     # Ablations (the paper's tables): without depth tokens / segmentation / L_DepthRecon / L_depth.
     use_depth_tokens: bool = True
@@ -162,9 +162,9 @@ class StreamConfig:
     # asked in text.
     readout_cells: bool = False
     # The share of reading questions asked in text alone (not in the paper): no picture, the marks
-    # named by their cells in the prompt, the span as context. A text probe of the miniature's size
-    # starts the span lookup without ~140 tokens in front and keeps it behind them, where it does not
-    # start (README section 4); these questions have nothing in front. Span-first questions only.
+    # named by their cells in the prompt, the span as context: the question without the image tokens
+    # and prompt in front of the span (README section 4; the miniature did not learn the lookup this
+    # way either). Span-first questions only.
     reading_in_text: float = 0.0
     prompts: str = "prompts.json"
 
