@@ -9,14 +9,19 @@ import sys
 from itertools import islice
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from perceptio.shards import iter_shard, list_shards
+from perceptio.tokens import depth_span
+from perceptio.train.chat import ASSISTANT, USER, Turn
 from perceptio.train.config import PerceptioConfig
+from perceptio.train.data import Example, token_grid_nearness
 from perceptio.train.model import PerceptioModel
 from tests.train_factory import write_shards
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from trainer_reading import letter_ids, letter_logits, text_reading_questions  # noqa: E402
+from trainer_reading import code_nearness, letter_ids, letter_logits, table_answer, text_reading_questions  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,3 +58,18 @@ def test_a_short_run_writes_its_curve(tmp_path, vqvae_dir):
                    check=True, capture_output=True, text=True, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
     curve = json.loads(out.read_text())["curve"]
     assert [point["step"] for point in curve] == [2] and 0 <= curve[0]["swapped_questions"] <= 1
+
+
+def test_the_perfect_lookup_compares_the_marks_codes_through_the_code_to_nearness_table(tmp_path):
+    write_shards(tmp_path, "ade20k", split="training", shards=1, images_per_shard=3, questions=True)
+    table = code_nearness(tmp_path, 128)
+    samples = [sample for shard in list_shards(tmp_path) for sample in iter_shard(shard.path)]
+    code = int(samples[0].depth_tokens[0])
+    holding = [token_grid_nearness(sample.depth, 100).reshape(-1)[np.asarray(sample.depth_tokens) == code] for sample in samples]
+    assert np.isclose(table[code], np.concatenate(holding).mean())
+    codes = [0] * 100
+    codes[1], codes[23] = 5, 9  # cell (0, 1) holds code 5, cell (2, 3) code 9
+    asked = Example("k/t0", "ade20k", (Turn(USER, "A 0 1, B 2 3"), Turn(ASSISTANT, f"{depth_span(codes)}(A)")), None, (), None)
+    nearer = np.zeros(128)
+    nearer[9] = 1.0
+    assert table_answer(asked, nearer) == "B" and table_answer(asked, -nearer) == "A"
