@@ -77,6 +77,11 @@ def table_answer(example: Example, table: np.ndarray) -> str:
     return max(marks, key=lambda mark: table[codes[int(mark[1]) * side + int(mark[2])]])[0]
 
 
+def answer_letter(example: Example) -> str:
+    """The letter a reading question's target ends with ("...[D_END](B)")."""
+    return example.target.rsplit("(", 1)[1][0]
+
+
 def letter_ids(model: PerceptioModel) -> list[int]:
     """The token of each letter as the answer "(B)" writes it."""
     ids = []
@@ -144,7 +149,7 @@ def main() -> None:
     heldout_examples = [list(islice(heldout_questions, 64)) for _ in range(max(1, arguments.heldout // 64))]
     heldout = [encode(examples) for examples in heldout_examples]
     table = code_nearness(arguments.shards, model.depth_token_ids.numel())
-    by_table = float(np.mean([table_answer(example, table) == example.target.rsplit("(", 1)[1][0]
+    by_table = float(np.mean([table_answer(example, table) == answer_letter(example)
                               for examples in heldout_examples for example in examples]))
     print(f"a perfect lookup (a table from code to nearness) answers {by_table:.3f} of the held-out questions", flush=True)
     training = text_reading_questions(arguments.shards, arguments.seed, arguments.training_swaps)
