@@ -147,9 +147,8 @@ def with_filler(items: list[tuple[list[int], int, int]], count: int, first_id: i
     """Each item with ``count`` (plus 0..``jitter``) random filler tokens (ids ``first_id`` ..
     ``first_id + FILLERS - 1``) before its span: in front of a question that names its marks' cells,
     between the marks and the span when they are a grid (where a picture's prompt sits)."""
-    padded = []
+    padded, at = [], GRID * GRID if grid else 0
     for ids, answer, points in items:
-        at = GRID * GRID if grid else 0
         filler = [first_id + rng.randrange(FILLERS) for _ in range(count + (rng.randint(0, jitter) if jitter else 0))]
         padded.append((ids[:at] + filler + ids[at:], answer, points))
     return padded

@@ -24,7 +24,6 @@ answered)::
 from __future__ import annotations
 
 import argparse
-import math
 import re
 import time
 from itertools import islice
@@ -39,6 +38,7 @@ from perceptio.shards import iter_shard, list_shards
 from perceptio.tokens import depth_codes_in
 from perceptio.train.config import NEW_TOKEN_INITS, PerceptioConfig, StreamConfig
 from perceptio.train.data import Example, ExampleReader, ReaderSlot, plan_streams, token_grid_nearness
+from perceptio.train.loop import lr_factor
 from perceptio.train.model import PerceptioModel
 from probes import write_record
 
@@ -155,9 +155,7 @@ def main() -> None:
     training = text_reading_questions(arguments.shards, arguments.seed, arguments.training_swaps)
     parameters = [parameter for parameter in model.parameters() if parameter.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=arguments.lr, weight_decay=0.0)
-    warmup = max(1, round(arguments.warmup * arguments.steps))
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: (step + 1) / warmup if step < warmup else
-                                                 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, arguments.steps - warmup))))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, arguments.steps, arguments.warmup))
     curve, started = [], time.perf_counter()
     for step in range(1, arguments.steps + 1):
         batch = encode(list(islice(training, arguments.batch_size)))
