@@ -203,9 +203,12 @@ class CellEmbeddings(torch.nn.Module):
     and to the tokens of a mark on it, so that "the same cell" is matched by content, not found by
     counting rotary positions."""
 
-    def __init__(self, width: int) -> None:
+    def __init__(self, width: int, std: float, cells: int = GRID * GRID) -> None:
         super().__init__()
-        self.table = torch.nn.Embedding(GRID * GRID, width)
+        self.table = torch.nn.Embedding(cells, width)
+        # As small as the token rows they are added to (the model's initializer range): torch's default
+        # N(0, 1) would be 50 times larger and drown which code a position holds.
+        torch.nn.init.normal_(self.table.weight, std=std)
 
     def forward(self, embeddings: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
         return embeddings + self.table(cells.clamp(min=0)) * (cells >= 0).unsqueeze(-1)
@@ -350,7 +353,7 @@ def main() -> None:
     model = Qwen2ForCausalLM(config)
     if arguments.code_rows != "random":
         init_new_token_rows(model, range(CODE_IDS, CODE_IDS + tokenizer.config.num_codes), arguments.code_rows)
-    cell_embeddings = CellEmbeddings(config.hidden_size) if arguments.cell_embeddings else None
+    cell_embeddings = CellEmbeddings(config.hidden_size, config.initializer_range) if arguments.cell_embeddings else None
     parameters = [*model.parameters(), *(cell_embeddings.parameters() if cell_embeddings else ())]
     optimizer = torch.optim.AdamW(parameters, lr=arguments.lr, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, arguments.lr, total_steps=arguments.steps, pct_start=0.05)

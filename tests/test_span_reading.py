@@ -190,7 +190,9 @@ def test_greedy_readouts_are_scored_against_the_span_and_cell_embeddings_start_n
         letters, code_share = answer_with_readouts(model, items, None, 128)
     assert letters.shape == (len(items),) and 0.0 <= code_share <= 1.0
     assert all(letter < count for letter, (_, _, count) in zip(letters.tolist(), items))
-    embeddings = CellEmbeddings(16)
+    embeddings = CellEmbeddings(16, std=0.02)
+    # As small as the token rows: torch's N(0, 1) default would drown which code a position holds.
+    assert 0.015 < embeddings.table.weight.std().item() < 0.025
     plain = torch.randn(1, 3, 16)
     added = embeddings(plain, torch.tensor([[-1, 0, 99]]))
     assert torch.equal(added[0, 0], plain[0, 0]) and torch.allclose(added[0, 2], plain[0, 2] + embeddings.table.weight[99])
