@@ -7,10 +7,13 @@ each mark's letter followed by the code at its cell, which the model is trained 
 are drawn uniformly and independently, so a cell next to the right one gives no credit (a depth
 span's neighbouring codes are alike): the score is the share of exact codes written on a fixed
 held-out set (chance 1 / ``--codes``). Run once per grid size to see how the steps the lookup needs
-grow with the number of cells a mark can sit on (the depth span has 100)::
+grow with the number of cells a mark can sit on (the depth span has 100), and whether a curriculum
+of shorter spans (``--short-spans``: fewer cells compete for each mark, every cell's vector is
+still used) gets the full span's lookup started::
 
     python benchmarks/cell_lookup.py --cells 16 --steps 1500
     python benchmarks/cell_lookup.py --cells 100 --steps 6000 --out lookup-100.json
+    python benchmarks/cell_lookup.py --cells 100 --steps 3000 --short-spans 16:1000,36:1000
 """
 
 from __future__ import annotations
@@ -36,19 +39,22 @@ def vocabulary(codes: int) -> tuple[int, int, int]:
     return codes, codes + LETTERS, codes + LETTERS + 1
 
 
-def lookup_batch(rng: random.Random, size: int, cells: int, marks: int,
-                 codes: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def lookup_batch(rng: random.Random, size: int, cells: int, marks: int, codes: int,
+                 span_length: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``size`` sequences ``marks.. D_START span.. QUERY (letter code)..``, the cell of each token (-1
-    where none: the span start, the query, the readouts) and each mark's code (size, marks)."""
+    where none: the span start, the query, the readouts) and each mark's code (size, marks).
+    ``span_length`` (below ``cells``): a shorter span, of that many cells drawn afresh per sequence
+    (in grid order), so that fewer cells compete for each mark while every cell's vector is used."""
     first_letter, d_start, query = vocabulary(codes)
     ids, token_cells, targets = [], [], []
     for _ in range(size):
-        span = [rng.randrange(codes) for _ in range(cells)]
-        marked = rng.sample(range(cells), marks)
-        readouts = [token for mark, cell in enumerate(marked) for token in (first_letter + mark, span[cell])]
+        span_cells = sorted(rng.sample(range(cells), span_length)) if span_length and span_length < cells else range(cells)
+        span = [rng.randrange(codes) for _ in span_cells]
+        marked = rng.sample(range(len(span_cells)), marks)  # indices into the span
+        readouts = [token for mark, index in enumerate(marked) for token in (first_letter + mark, span[index])]
         ids.append([first_letter + mark for mark in range(marks)] + [d_start, *span, query, *readouts])
-        token_cells.append([*marked, -1, *range(cells), -1] + [-1] * len(readouts))
-        targets.append([span[cell] for cell in marked])
+        token_cells.append([*(span_cells[index] for index in marked), -1, *span_cells, -1] + [-1] * len(readouts))
+        targets.append([span[index] for index in marked])
     return torch.tensor(ids), torch.tensor(token_cells), torch.tensor(targets)
 
 
@@ -59,6 +65,26 @@ def readout_logits(model: Qwen2ForCausalLM, cell_embeddings: CellEmbeddings, ids
     logits = model(inputs_embeds=embeddings).logits
     letters = [ids.shape[1] - 2 * (marks - mark) for mark in range(marks)]
     return logits[:, letters, :codes]
+
+
+def parse_schedule(text: str) -> list[tuple[int, int]]:
+    """``16:500,36:500`` -> [(16, 500), (36, 500)]: span lengths and how many steps each lasts."""
+    try:
+        stages = [tuple(int(number) for number in stage.split(":")) for stage in text.split(",") if stage]
+    except ValueError:
+        stages = [()]
+    if not all(len(stage) == 2 and min(stage) > 0 for stage in stages):
+        raise argparse.ArgumentTypeError(f"expected LENGTH:STEPS[,LENGTH:STEPS...], not {text!r}")
+    return stages
+
+
+def span_length_at(step: int, schedule: list[tuple[int, int]]) -> int | None:
+    """The curriculum's span length at ``step`` (1-based); None once it is over (the full span)."""
+    for length, steps in schedule:
+        if step <= steps:
+            return length
+        step -= steps
+    return None
 
 
 def main() -> None:
@@ -73,11 +99,15 @@ def main() -> None:
     parser.add_argument("--text-width", type=int, default=MINIATURE.text_width)
     parser.add_argument("--heldout", type=int, default=512, help="held-out sequences scored")
     parser.add_argument("--every", type=int, default=250, help="score every N steps")
+    parser.add_argument("--short-spans", type=parse_schedule, default=[],
+                        help="a curriculum: span lengths and their steps before the full span, e.g. 16:500,36:500 "
+                             "(each a random subset of the cells; scored on full spans throughout)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, help="write the curve as JSON here")
     arguments = parser.parse_args()
-    if not 1 <= arguments.marks <= min(LETTERS, arguments.cells):
-        parser.error(f"--marks must be 1..{min(LETTERS, arguments.cells)}")
+    shortest = min([arguments.cells] + [length for length, _ in arguments.short_spans])
+    if not 1 <= arguments.marks <= min(LETTERS, shortest):
+        parser.error(f"--marks must be 1..{min(LETTERS, shortest)}")
     torch.manual_seed(arguments.seed)
     rng = random.Random(arguments.seed)
     config = Qwen2Config(vocab_size=arguments.codes + LETTERS + 2, hidden_size=arguments.text_width,
@@ -92,7 +122,7 @@ def main() -> None:
     heldout = lookup_batch(random.Random(arguments.seed + 1), arguments.heldout, *shape)
     curve, learnt_at, started = [], None, time.perf_counter()
     for step in range(1, arguments.steps + 1):
-        ids, token_cells, targets = lookup_batch(rng, arguments.batch_size, *shape)
+        ids, token_cells, targets = lookup_batch(rng, arguments.batch_size, *shape, span_length_at(step, arguments.short_spans))
         logits = readout_logits(model, cell_embeddings, ids, token_cells, arguments.marks, arguments.codes)
         loss = F.cross_entropy(logits.reshape(-1, arguments.codes), targets.reshape(-1))
         optimizer.zero_grad()

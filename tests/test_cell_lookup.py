@@ -15,7 +15,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
-from cell_lookup import lookup_batch, main, readout_logits, vocabulary  # noqa: E402
+from cell_lookup import lookup_batch, main, parse_schedule, readout_logits, span_length_at, vocabulary  # noqa: E402
 from span_reading import CellEmbeddings  # noqa: E402
 
 
@@ -36,6 +36,23 @@ def test_each_readout_is_the_code_at_its_marks_cell_and_tokens_carry_their_cells
             assert sequence[mark] == readouts[2 * mark] == first_letter + mark
             assert readouts[2 * mark + 1] == span[cell] == targets[row, mark].item()
         assert len(set(where[:marks])) == marks  # marks on distinct cells
+
+
+def test_a_short_span_holds_a_subset_of_the_cells_in_grid_order_and_its_readouts_still_match():
+    cells, marks, codes, length = 100, 2, 32, 16
+    ids, token_cells, targets = lookup_batch(random.Random(2), 32, cells, marks, codes, span_length=length)
+    assert ids.shape[1] == marks + 1 + length + 1 + 2 * marks
+    seen = set()
+    for row in range(32):
+        where, sequence = token_cells[row].tolist(), ids[row].tolist()
+        span_cells, span = where[marks + 1:marks + 1 + length], sequence[marks + 1:marks + 1 + length]
+        assert span_cells == sorted(span_cells) and len(set(span_cells)) == length
+        for mark in range(marks):
+            assert where[mark] in span_cells and targets[row, mark].item() == span[span_cells.index(where[mark])]
+        seen.update(span_cells)
+    assert len(seen) > 90  # the cells vary from sequence to sequence: every vector is used
+    assert parse_schedule("16:500,36:250") == [(16, 500), (36, 250)]
+    assert [span_length_at(step, [(16, 2), (36, 1)]) for step in (1, 2, 3, 4)] == [16, 16, 36, None]
 
 
 def test_the_logits_read_are_those_that_predict_each_readout_code():
@@ -60,7 +77,9 @@ def test_a_short_run_writes_its_curve_and_refuses_more_marks_than_letters(tmp_pa
     main()
     record = json.loads(out.read_text())
     assert [point["step"] for point in record["curve"]] == [20, 40] and record["chance"] == 1 / 128
-    monkeypatch.setattr(sys, "argv", ["cell_lookup.py", "--marks", "6"])
-    with pytest.raises(SystemExit) as refused:
-        main()
-    assert refused.value.code == 2 and "--marks must be 1..5" in capsys.readouterr().err
+    for bad, message in ((["--marks", "6"], "--marks must be 1..5"), (["--short-spans", "3:10", "--marks", "4"], "--marks must be 1..3"),
+                         (["--short-spans", "16-500"], "expected LENGTH:STEPS")):
+        monkeypatch.setattr(sys, "argv", ["cell_lookup.py", *bad])
+        with pytest.raises(SystemExit) as refused:
+            main()
+        assert refused.value.code == 2 and message in capsys.readouterr().err
