@@ -96,6 +96,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--text-layers", type=int, default=4)
+    parser.add_argument("--text-kv-heads", type=int, default=MINIATURE.text_kv_heads,
+                        help=f"key-value heads (the miniature shares {MINIATURE.text_kv_heads} among its {MINIATURE.text_heads} query heads)")
     parser.add_argument("--text-width", type=int, default=MINIATURE.text_width)
     parser.add_argument("--heldout", type=int, default=512, help="held-out sequences scored")
     parser.add_argument("--every", type=int, default=250, help="score every N steps")
@@ -112,7 +114,7 @@ def main() -> None:
     rng = random.Random(arguments.seed)
     config = Qwen2Config(vocab_size=arguments.codes + LETTERS + 2, hidden_size=arguments.text_width,
                          intermediate_size=2 * arguments.text_width, num_hidden_layers=arguments.text_layers,
-                         num_attention_heads=MINIATURE.text_heads, num_key_value_heads=MINIATURE.text_kv_heads,
+                         num_attention_heads=MINIATURE.text_heads, num_key_value_heads=arguments.text_kv_heads,
                          max_position_embeddings=arguments.cells + 3 * LETTERS + 2, tie_word_embeddings=False)
     model = Qwen2ForCausalLM(config)
     cell_embeddings = CellEmbeddings(config.hidden_size, config.initializer_range, arguments.cells)

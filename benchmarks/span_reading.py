@@ -300,6 +300,8 @@ def main() -> None:
     parser.add_argument("--tokenizer", type=Path, required=True, help="the depth tokenizer the shards were curated with")
     parser.add_argument("--min-gap", type=float, default=0.05, help="training questions: nearest minus next, decoded nearness")
     parser.add_argument("--text-layers", type=int, default=MINIATURE.text_layers)
+    parser.add_argument("--text-kv-heads", type=int, default=MINIATURE.text_kv_heads,
+                        help=f"key-value heads (the miniature shares {MINIATURE.text_kv_heads} among its {MINIATURE.text_heads} query heads)")
     parser.add_argument("--training-cells", choices=("any", "objects"), default="any",
                         help="fresh training questions on any cells, or only on cells the curated questions mark")
     parser.add_argument("--curated-training", choices=("truth", "span"),
@@ -348,7 +350,7 @@ def main() -> None:
     chance = float(np.mean([1 / count for _, _, count in curated]))
     config = Qwen2Config(vocab_size=filler_id + FILLERS, hidden_size=MINIATURE.text_width,
                          intermediate_size=2 * MINIATURE.text_width, num_hidden_layers=arguments.text_layers,
-                         num_attention_heads=MINIATURE.text_heads, num_key_value_heads=MINIATURE.text_kv_heads,
+                         num_attention_heads=MINIATURE.text_heads, num_key_value_heads=arguments.text_kv_heads,
                          max_position_embeddings=256 + GRID * GRID * grid + arguments.filler_tokens + arguments.filler_jitter, tie_word_embeddings=False)
     model = Qwen2ForCausalLM(config)
     if arguments.code_rows != "random":
