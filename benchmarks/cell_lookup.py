@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from miniature import MINIATURE
-from probes import write_record
+from probes import parse_schedule, span_length_at, write_record
 from span_reading import CellEmbeddings
 
 LETTERS = 5
@@ -65,26 +65,6 @@ def readout_logits(model: Qwen2ForCausalLM, cell_embeddings: CellEmbeddings, ids
     logits = model(inputs_embeds=embeddings).logits
     letters = [ids.shape[1] - 2 * (marks - mark) for mark in range(marks)]
     return logits[:, letters, :codes]
-
-
-def parse_schedule(text: str) -> list[tuple[int, int]]:
-    """``16:500,36:500`` -> [(16, 500), (36, 500)]: span lengths and how many steps each lasts."""
-    try:
-        stages = [tuple(int(number) for number in stage.split(":")) for stage in text.split(",") if stage]
-    except ValueError:
-        stages = [()]
-    if not all(len(stage) == 2 and min(stage) > 0 for stage in stages):
-        raise argparse.ArgumentTypeError(f"expected LENGTH:STEPS[,LENGTH:STEPS...], not {text!r}")
-    return stages
-
-
-def span_length_at(step: int, schedule: list[tuple[int, int]]) -> int | None:
-    """The curriculum's span length at ``step`` (1-based); None once it is over (the full span)."""
-    for length, steps in schedule:
-        if step <= steps:
-            return length
-        step -= steps
-    return None
 
 
 def main() -> None:

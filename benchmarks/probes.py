@@ -1,4 +1,5 @@
-"""What the link probes (``oracle_prompt.py``, ``seg_route.py``) share: their data options, words and record."""
+"""What the link probes (``oracle_prompt.py``, ``seg_route.py``, ``span_reading.py``, ``cell_lookup.py``) share:
+their data options, words, record and the short-span curriculum."""
 
 from __future__ import annotations
 
@@ -33,3 +34,23 @@ def write_record(arguments: argparse.Namespace, **record: Any) -> None:
     if arguments.out is not None:
         options = {key: str(value) for key, value in vars(arguments).items()}
         arguments.out.write_text(json.dumps({"arguments": options, **record}, indent=2))
+
+
+def parse_schedule(text: str) -> list[tuple[int, int]]:
+    """``16:500,36:500`` -> [(16, 500), (36, 500)]: span lengths and how many steps each lasts."""
+    try:
+        stages = [tuple(int(number) for number in stage.split(":")) for stage in text.split(",") if stage]
+    except ValueError:
+        stages = [()]
+    if not all(len(stage) == 2 and min(stage) > 0 for stage in stages):
+        raise argparse.ArgumentTypeError(f"expected LENGTH:STEPS[,LENGTH:STEPS...], not {text!r}")
+    return stages
+
+
+def span_length_at(step: int, schedule: list[tuple[int, int]]) -> int | None:
+    """The curriculum's span length at ``step`` (1-based); None once it is over (the full span)."""
+    for length, steps in schedule:
+        if step <= steps:
+            return length
+        step -= steps
+    return None

@@ -25,9 +25,10 @@ span's order (the letter or a blank), with the filler between them and the span 
 new tokens by default (transformers' mean resizing: all one vector), ``spread`` as its
 ``--new-token-init spread`` does; the probe's own default draws them at random like every other row.
 ``--cell-embeddings`` adds a learned vector per grid cell to each span code and to the marks on
-that cell; ``--readouts`` has the model write, after the query, each mark's letter and the span's
-code at its cell before the letter (trained on both; scored greedily), as ``perceptio-train
---mark-readouts`` does::
+that cell (``--short-spans``: a curriculum in which only some of the span's cells are visible,
+fewer competing for each mark, as ``cell_lookup.py`` measures it); ``--readouts`` has the model
+write, after the query, each mark's letter and the span's code at its cell before the letter
+(trained on both; scored greedily), as ``perceptio-train --mark-readouts`` does::
 
     python benchmarks/span_reading.py --shards ablation-out/shards/ade20k \\
         --heldout-shards HELDOUT/ade20k --tokenizer ablation-out/tokenizer --steps 3000
@@ -51,7 +52,7 @@ from perceptio.tokenize.vqvae import DepthVQVAE
 from perceptio.train.data import token_grid_nearness
 from perceptio.train.miniature import GRID, grid_cell  # the depth tokens' grid is the image tokens' 10 x 10
 from perceptio.train.model import init_new_token_rows
-from probes import probe_parser, write_record
+from probes import parse_schedule, probe_parser, span_length_at, write_record
 
 LETTERS = "ABCDE"
 # The probe's own vocabulary: the codes, then the span markers, letters, digits, query and padding.
@@ -63,6 +64,9 @@ LETTER_IDS = 4
 DIGIT_IDS = LETTER_IDS + len(LETTERS)
 CODE_IDS = DIGIT_IDS + 10
 FILLERS = 64  # --filler-tokens draws from this many ids after the codes
+# --short-spans: a span code hidden from attention; :func:`batch` turns it into masked padding, so no
+# vocabulary row is added and every earlier probe keeps its runs.
+HIDDEN = -1
 
 
 @dataclass(frozen=True)
@@ -93,7 +97,7 @@ def read_pictures(folder: Path, tokenizer: DepthVQVAE) -> list[Picture]:
     return pictures
 
 
-def sequence(picture: Picture, cells: list[int], letters: list[str], codes: list[int] | None = None,
+def sequence(picture: Picture, cells: list[int], letters: list[str], codes: list[int | None] | None = None,
              grid: bool = False) -> list[int]:
     """The marks' cells, the span (``codes``, the picture's by default), the query: the letter is
     predicted at the last position. ``grid``: the marks as a picture's tokens would hold them, one
@@ -105,16 +109,24 @@ def sequence(picture: Picture, cells: list[int], letters: list[str], codes: list
     else:
         marks = [token for cell, letter in zip(cells, letters)
                  for token in (LETTER_IDS + LETTERS.index(letter), DIGIT_IDS + cell // GRID, DIGIT_IDS + cell % GRID)]
-    return [*marks, D_START, *(CODE_IDS + code for code in codes or picture.codes), D_END, QUERY]
+    span = (HIDDEN if code is None else CODE_IDS + code for code in codes or picture.codes)
+    return [*marks, D_START, *span, D_END, QUERY]
 
 
 def span_question(picture: Picture, rng: random.Random, min_gap: float, on_objects: bool = False,
-                  swapped: bool = False, grid: bool = False) -> tuple[list[int], int, int] | None:
+                  swapped: bool = False, grid: bool = False,
+                  visible: int | None = None) -> tuple[list[int], int, int] | None:
     """2-5 random cells (``on_objects``: of the picture's :attr:`Picture.object_cells`), the answer the
     span gives (None when its nearest is not clear). ``swapped``: the codes of the marked cells are
     shuffled among them, as ``perceptio-train --reading-swaps`` shuffles them, and the answer follows
-    its code: the marks' rows and columns then name it only by chance, only the lookup does."""
+    its code: the marks' rows and columns then name it only by chance, only the lookup does.
+    ``visible`` (``--short-spans``): only that many random cells of the span keep their code, the
+    others are hidden (:data:`HIDDEN`, masked from attention), and the marks sit on visible cells:
+    fewer cells compete for each mark, each in its place."""
     pool = picture.object_cells if on_objects else range(GRID * GRID)
+    if visible is not None and visible < GRID * GRID:
+        shown = set(rng.sample(range(GRID * GRID), visible))
+        pool = [cell for cell in pool if cell in shown]
     count = min(rng.randint(2, len(LETTERS)), len(pool))
     if count < 2:
         return None
@@ -126,6 +138,8 @@ def span_question(picture: Picture, rng: random.Random, min_gap: float, on_objec
     codes = list(picture.codes)
     for cell, source in zip(cells, sources):
         codes[cell] = picture.codes[source]
+    if visible is not None and visible < GRID * GRID:
+        codes = [code if cell in shown else None for cell, code in enumerate(codes)]
     return sequence(picture, cells, list(LETTERS[:count]), codes, grid), int(np.argmax(picture.nearness[sources])), count
 
 
@@ -186,7 +200,7 @@ def readouts(tokens: list[int]) -> list[int]:
 
 def batch(items: list[tuple[list[int], int, int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Left-padded ids, attention mask and cells (:func:`token_cells`), so that every sequence ends at
-    the last position."""
+    the last position; hidden codes (:data:`HIDDEN`, ``--short-spans``) are masked padding."""
     length = max(len(ids) for ids, _, _ in items)
     ids = torch.full((len(items), length), PAD)
     mask = torch.zeros((len(items), length), dtype=torch.long)
@@ -195,6 +209,8 @@ def batch(items: list[tuple[list[int], int, int]]) -> tuple[torch.Tensor, torch.
         ids[row, length - len(tokens):] = torch.tensor(tokens)
         mask[row, length - len(tokens):] = 1
         cells[row, length - len(tokens):] = torch.tensor(token_cells(tokens))
+    hidden = ids == HIDDEN
+    ids[hidden], mask[hidden] = PAD, 0
     return ids, mask, cells
 
 
@@ -326,6 +342,10 @@ def main() -> None:
                         help="add a learned vector per grid cell to its span code and to the marks on it")
     parser.add_argument("--readouts", action="store_true",
                         help="after the query, write each mark's letter and its cell's code, then the letter")
+    parser.add_argument("--short-spans", type=parse_schedule, default=[],
+                        help="a curriculum for fresh training questions: how many of the span's cells stay visible "
+                             "(the rest masked, the marks on visible ones) and for how many steps, e.g. 16:1000,36:1000, "
+                             "before the whole span (scores always read whole spans)")
     parser.add_argument("--token-mean", action="store_true",
                         help="--readouts: one mean over codes and letters (the letter weighs as one token, as in L_LLM)")
     arguments = parser.parse_args()
@@ -337,6 +357,9 @@ def main() -> None:
     grid = arguments.marks == "grid"
     if grid and (arguments.readouts or arguments.cell_embeddings):
         parser.error("--marks grid goes without --readouts and --cell-embeddings (they read named cells)")
+    if arguments.short_spans and (arguments.curated_training or arguments.training_cells == "objects"
+                                  or min(length for length, _ in arguments.short_spans) < len(LETTERS)):
+        parser.error(f"--short-spans takes fresh questions on any cells, at least {len(LETTERS)} cells visible")
     span_heldout = [item for item in (span_question(picture, scored_rng, arguments.min_gap, grid=grid) for picture in heldout
                                       for _ in range(8)) if item is not None][: arguments.heldout * 4]
     swapped_heldout = [item for item in (span_question(picture, scored_rng, arguments.min_gap, swapped=True, grid=grid)
@@ -368,7 +391,7 @@ def main() -> None:
             item = span_question(rng.choice(train), rng, arguments.min_gap, arguments.training_cells == "objects",
                                  # drawn only when asked for: runs without swaps keep their questions
                                  swapped=arguments.training_swaps > 0 and rng.random() < arguments.training_swaps,
-                                 grid=grid)
+                                 grid=grid, visible=span_length_at(step, arguments.short_spans))
             if item is not None:
                 items.append(item)
         bare = step <= arguments.bare_steps

@@ -22,10 +22,13 @@ from span_reading import (  # noqa: E402
     DIGIT_IDS,
     FILLERS,
     LETTER_IDS,
+    PAD,
     QUERY,
+    HIDDEN,
     CellEmbeddings,
     Picture,
     answer_with_readouts,
+    batch,
     curated_questions,
     letter_logits,
     readout_loss,
@@ -80,6 +83,27 @@ def test_a_swapped_question_is_answered_by_the_codes_its_marked_cells_now_hold()
         assert all(codes[cell] == drawn.codes[cell] for cell in range(100) if cell not in cells)
         # In this test picture a code's nearness is code / 127: the answer is the largest code held.
         assert answer == int(np.argmax([codes[cell] for cell in cells]))
+    assert seen > 20
+
+
+def test_a_short_span_shows_only_some_cells_puts_the_marks_on_them_and_masks_the_rest():
+    rng, seen = random.Random(4), 0
+    for seed in range(40):
+        drawn = picture(seed)
+        item = span_question(drawn, rng, min_gap=0.05, swapped=True, visible=16)
+        if item is None:
+            continue
+        seen += 1
+        ids, answer, count = item
+        marks, span = ids[: 3 * count], ids[3 * count + 1: 3 * count + 101]
+        cells = [(marks[3 * k + 1] - DIGIT_IDS) * 10 + marks[3 * k + 2] - DIGIT_IDS for k in range(count)]
+        shown = [cell for cell, token in enumerate(span) if token != HIDDEN]
+        assert len(shown) == 16 and set(cells) <= set(shown)
+        assert all(span[cell] - CODE_IDS == drawn.codes[cell] for cell in shown if cell not in cells)
+        assert answer == int(np.argmax([span[cell] - CODE_IDS for cell in cells]))
+        ids_tensor, mask, _ = batch([item])
+        assert mask[0].sum().item() == len(ids) - 84  # the 84 hidden codes are masked like padding
+        assert (ids_tensor[mask == 0] == PAD).all() and (ids_tensor >= 0).all()
     assert seen > 20
 
 
