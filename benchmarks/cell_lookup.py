@@ -13,7 +13,7 @@ still used) gets the full span's lookup started::
 
     python benchmarks/cell_lookup.py --cells 16 --steps 1500
     python benchmarks/cell_lookup.py --cells 100 --steps 6000 --out lookup-100.json
-    python benchmarks/cell_lookup.py --cells 100 --steps 3000 --short-spans 16:1000,36:1000
+    python benchmarks/cell_lookup.py --cells 100 --steps 3000 --text-kv-heads 4 --short-spans 16:1000,36:1000
 """
 
 from __future__ import annotations

@@ -32,6 +32,12 @@ write, after the query, each mark's letter and the span's code at its cell befor
 
     python benchmarks/span_reading.py --shards ablation-out/shards/ade20k \\
         --heldout-shards HELDOUT/ade20k --tokenizer ablation-out/tokenizer --steps 3000
+
+The recipe that learns the lookup (scored on swapped questions; README "The lookup learnt")::
+
+    python benchmarks/span_reading.py --shards ablation-out/shards/ade20k \\
+        --heldout-shards HELDOUT/ade20k --tokenizer ablation-out/tokenizer --steps 3000 --text-layers 4 \\
+        --readouts --cell-embeddings --training-swaps 1 --text-kv-heads 4 --short-spans 16:1000,36:1000 --lr 1e-3
 """
 
 from __future__ import annotations
