@@ -130,8 +130,9 @@ def span_question(picture: Picture, rng: random.Random, min_gap: float, on_objec
     others are hidden (:data:`HIDDEN`, masked from attention), and the marks sit on visible cells:
     fewer cells compete for each mark, each in its place."""
     pool = picture.object_cells if on_objects else range(GRID * GRID)
-    if visible is not None and visible < GRID * GRID:
-        shown = set(rng.sample(range(GRID * GRID), visible))
+    # Drawn only when asked for: questions without a short span keep their draws.
+    shown = set(rng.sample(range(GRID * GRID), visible)) if visible is not None and visible < GRID * GRID else None
+    if shown is not None:
         pool = [cell for cell in pool if cell in shown]
     count = min(rng.randint(2, len(LETTERS)), len(pool))
     if count < 2:
@@ -144,7 +145,7 @@ def span_question(picture: Picture, rng: random.Random, min_gap: float, on_objec
     codes = list(picture.codes)
     for cell, source in zip(cells, sources):
         codes[cell] = picture.codes[source]
-    if visible is not None and visible < GRID * GRID:
+    if shown is not None:
         codes = [code if cell in shown else None for cell, code in enumerate(codes)]
     return sequence(picture, cells, list(LETTERS[:count]), codes, grid), int(np.argmax(picture.nearness[sources])), count
 

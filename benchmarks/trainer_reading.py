@@ -63,10 +63,10 @@ def code_nearness(folder: Path, num_codes: int) -> np.ndarray:
                 codes.append(np.asarray(sample.depth_tokens))
                 nearness.append(token_grid_nearness(sample.depth, len(sample.depth_tokens)).reshape(-1))
     codes, nearness = np.concatenate(codes), np.concatenate(nearness)
-    table = np.full(num_codes, nearness.mean())
-    for code in np.unique(codes):
-        table[code] = nearness[codes == code].mean()
-    return table
+    held = np.bincount(codes, minlength=num_codes)
+    sums = np.bincount(codes, weights=nearness, minlength=num_codes)
+    # A code no training cell holds reads as the average cell.
+    return np.where(held > 0, sums / np.maximum(held, 1), nearness.mean())
 
 
 def table_answer(example: Example, table: np.ndarray) -> str:
