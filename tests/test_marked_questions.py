@@ -406,3 +406,34 @@ def test_reading_points_fall_where_the_spread_says_and_always_in_their_cell():
     for bad in (0, -0.5, 1.5):
         with pytest.raises(PerceptioError, match="reading-spread"):
             StreamConfig([], reading_spread=bad)
+
+
+def test_short_spans_hide_all_but_the_marked_cells_and_random_others_and_keep_the_questions():
+    cells = np.random.default_rng(5).uniform(-1, 1, (10, 10))
+    raw = _ade_sample([{"text": "Which?", "points": [[10, 10], [50, 30]], "labels": ["A", "B"], "answer": "B",
+                        "target": DIRECT, "mark_style": COLOURED_MARKS}], np.kron(cells, np.ones((32, 32))), size=(320, 240))
+    templates = PromptTemplates.load()
+    whole = expand_sample(raw, templates, question_targets="both", reading_questions=20, reading_seed=(0, 1), reading_swaps=0.5)
+    short = expand_sample(raw, templates, question_targets="both", reading_questions=20, reading_seed=(0, 1), reading_swaps=0.5,
+                          reading_visible=16)
+    drawn = [e for e in short if "/r" in e.key]
+    assert drawn and all(len(e.hidden_cells) == 84 for e in drawn)
+    for example in drawn:
+        marked = {min(9, y * 10 // 240) * 10 + min(9, x * 10 // 320) for x, y in example.marks.points}
+        assert not marked & set(example.hidden_cells)
+        assert example.span_is_context and example.depth_bytes is None and example.decode()["hidden_cells"] == example.hidden_cells
+    assert len({e.hidden_cells for e in drawn}) == len(drawn)  # drawn per question
+    # The same questions and answers as with whole spans (their direct variants left out: a short span is read only)
+    by_key = {e.key: e for e in whole}
+    for example in drawn:
+        same = by_key.get(example.key) or by_key[f"{example.key}/depth"]
+        assert (example.marks, example.target) == (same.marks, same.target)
+    assert not any(e.hidden_cells for e in short if "/r" not in e.key)  # the curated questions keep whole spans
+    assert [e.key for e in short if "/r" not in e.key] == [e.key for e in whole if "/r" not in e.key]
+
+
+def test_the_curriculum_is_by_epoch_and_refuses_fewer_cells_than_marks():
+    config = StreamConfig(["shards"], reading_short_spans=(16, 36))
+    assert [config.visible_cells(epoch) for epoch in range(4)] == [16, 36, None, None]
+    with pytest.raises(PerceptioError, match="at least 5"):
+        StreamConfig(["shards"], reading_short_spans=(4,))

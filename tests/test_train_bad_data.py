@@ -172,7 +172,7 @@ def test_skipping_is_deterministic_and_resume_replays_it_quietly(tmp_path, caplo
 class TargetsOnly:
     """A processor that keeps each example's target (what the data layer decides)."""
 
-    def encode_conversation(self, image, turns, masks, depth, span_is_context=False):
+    def encode_conversation(self, image, turns, masks, depth, span_is_context=False, hidden_cells=()):
         return {"target": turns[-1].text}
 
     def collate(self, encoded):

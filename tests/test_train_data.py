@@ -30,7 +30,7 @@ from tests.train_factory import make_sample, write_shards
 class FakeProcessor:
     """Stands in for the model's processor: keeps what the data layer is responsible for."""
 
-    def encode_conversation(self, image, turns, masks, depth, span_is_context=False):
+    def encode_conversation(self, image, turns, masks, depth, span_is_context=False, hidden_cells=()):
         return {"prompt": turns[-2].text, "target": turns[-1].text, "has_mask": bool(masks), "depth_shape": depth.shape}
 
     def collate(self, encoded):

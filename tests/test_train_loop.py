@@ -40,7 +40,7 @@ class ToyOutput:
 class ToyProcessor:
     """The processor interface: a few numbers per example."""
 
-    def encode_conversation(self, image, turns, masks, depth, span_is_context=False):
+    def encode_conversation(self, image, turns, masks, depth, span_is_context=False, hidden_cells=()):
         pixels = np.asarray(image, dtype=np.float32) / 255.0
         features = torch.tensor([*pixels.mean(axis=(0, 1)), len(turns[0].text) / 100.0])
         has_mask = float(len(masks) > 0)
@@ -300,6 +300,14 @@ def test_cli_reports_bad_input_in_one_line(monkeypatch, capsys, shards, tmp_path
     assert code == 2 and "does not exist" in capsys.readouterr().err
     code = perceptio_train(monkeypatch, "--shards", str(shards), "--steps", "1", "--parallel", "zero3", "--out", str(tmp_path))
     assert code == 2 and capsys.readouterr().err.strip() == "error: --parallel must be one of ddp, fsdp, not 'zero3'"
+    code = perceptio_train(monkeypatch, "--shards", str(shards), "--steps", "1", "--reading-short-spans", "16,all",
+                           "--out", str(tmp_path))
+    assert code == 2 and capsys.readouterr().err.strip() == (
+        "error: --reading-short-spans takes comma-separated cell counts (16,36), not '16,all'")
+    code = perceptio_train(monkeypatch, "--shards", str(shards), "--steps", "1", "--cell-embeddings", "--crop-to-patches",
+                           "--out", str(tmp_path))
+    assert code == 2 and capsys.readouterr().err.strip() == (
+        "error: --cell-embeddings needs one whole-picture tile per image: it goes without --crop-to-patches")
 
 
 @pytest.mark.slow

@@ -476,7 +476,7 @@ def test_full_fine_tuning_overfits_one_example_so_greedy_decoding_writes_its_spa
     example = model.processor.encode_example(**parts)
     batch = model.processor.collate([example])
     optimizer = torch.optim.AdamW([param for param in model.parameters() if param.requires_grad], lr=1e-2)
-    for _ in range(120):
+    for _ in range(200):  # at 120 steps one code in 100 still came out wrong on two threads (not on one)
         model(batch).loss.backward()
         optimizer.step()
         optimizer.zero_grad()

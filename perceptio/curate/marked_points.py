@@ -383,8 +383,12 @@ def codes_at_points(codes: Sequence[int], points: Sequence[Sequence[int]], size:
     return [codes[point_cell(point, size, grid_side(codes))] for point in points]
 
 
+READING_MAX_POINTS = 5  # the most marks a reading question draws
+
+
 def reading_question(nearness: np.ndarray, size: tuple[int, int], rng: np.random.Generator,
-                     spread: float, mark_style: str = HARDBLINK_MARKS, min_points: int = 2, max_points: int = 5) -> dict[str, Any] | None:
+                     spread: float, mark_style: str = HARDBLINK_MARKS, min_points: int = 2,
+                     max_points: int = READING_MAX_POINTS) -> dict[str, Any] | None:
     """A marked-point question on ``min_points``..``max_points`` random cells of an image, answered by
     the cells' mean nearness (``nearness``: (G, G), larger = nearer, e.g. the pooled depth map the
     depth tokens describe), or None when the draw finds no clear nearest cell.

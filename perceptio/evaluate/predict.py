@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from dataclasses import dataclass, field
@@ -144,7 +145,9 @@ class Predictor:
         present = [values for values in tiles if values is not None]
         # No pixel_values at all for text-only prompts: an explicit None sends generate down the image path.
         image_inputs = {"pixel_values": torch.cat(present).to(self.device, self._pixel_dtype())} if present else {}
-        with self.autocast():
+        # Each generation step continues the spans (and so the cells) of the steps before it.
+        tracking = model.cell_embeddings.decoding() if model.cell_embeddings is not None else contextlib.nullcontext()
+        with self.autocast(), tracking:
             output = model.adapter.model.generate(
                 input_ids=input_ids,
                 attention_mask=attention_mask,

@@ -52,6 +52,11 @@ class VLMAdapter(ABC):
         """Modules frozen when ``freeze_vision`` is set (vision tower, and projector where separate)."""
 
     @abstractmethod
+    def image_projector(self) -> nn.Module:
+        """The module whose output is the image tokens' features, (tiles, tokens_per_tile, D), each
+        tile's tokens in row-major order (``--cell-embeddings`` adds its vectors there)."""
+
+    @abstractmethod
     def language_model(self) -> nn.Module:
         """The text decoder (fully fine-tuned with ``train_language_model``)."""
 
@@ -95,6 +100,9 @@ class InternVLAdapter(VLMAdapter):
 
     def vision_modules(self) -> list[nn.Module]:
         return [self.model.model.vision_tower, self.model.model.multi_modal_projector]
+
+    def image_projector(self) -> nn.Module:
+        return self.model.model.multi_modal_projector
 
     def language_model(self) -> nn.Module:
         return self.model.model.language_model

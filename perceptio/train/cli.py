@@ -87,6 +87,8 @@ def train_command(
     mark_readouts: bool = typer.Option(PerceptioConfig.mark_readouts, "--mark-readouts/--no-mark-readouts", help="Questions written span first name, after the span, each mark's letter and its cell's depth code (\"A[D_017] B[D_052]\") before the letter (not in the paper): the lookup from mark to span is written out and supervised, and the letter compares codes just before it (README section 4). Only where questions are written span first (not with --no-depth-tokens or --question-targets direct).", rich_help_panel=PANEL_LOSS),
     readout_cells: bool = typer.Option(StreamConfig.readout_cells, "--readout-cells/--no-readout-cells", help="With --mark-readouts each readout also names its mark's grid cell, \"A 3 7[D_055]\" (not in the paper): the model writes where it found the mark, then looks the code up from those words.", rich_help_panel=PANEL_LOSS),
     reading_in_text: float = typer.Option(StreamConfig.reading_in_text, "--reading-in-text", help="The share of reading questions asked in text alone (not in the paper): no picture, each mark named by its grid cell in the prompt, the span as context, without the image tokens and prompt in front of it (README section 4). In [0, 1]; only where reading questions are written span first.", rich_help_panel=PANEL_LOSS),
+    reading_short_spans: str = typer.Option("", "--reading-short-spans", help="A curriculum for the reading questions (not in the paper): comma-separated cell counts, e.g. '16,36': in the first epoch each reading question's span shows only 16 of its cells (the marked ones and random others; the rest hidden from attention), in the second 36, later the whole span. Fewer cells compete for each mark while the lookup is learnt (README section 4). A short span is context, not a depth target.", rich_help_panel=PANEL_LOSS),
+    cell_embeddings: bool = typer.Option(PerceptioConfig.cell_embeddings, "--cell-embeddings/--no-cell-embeddings", help="Add a learned vector per depth-grid cell to the image tokens over that cell and to the depth-span code of that cell (not in the paper): a mark and its code are then matched by content across the positions between them (README section 4). Needs one tile per image (no --crop-to-patches).", rich_help_panel=PANEL_MODEL),
     segmentation: bool = typer.Option(PerceptioConfig.use_segmentation, "--segmentation/--no-segmentation", help="Ablation: without [SEG] and the SAM2 head.", rich_help_panel=PANEL_LOSS),
     depth_recon: bool = typer.Option(PerceptioConfig.use_depth_recon, "--depth-recon/--no-depth-recon", help="Ablation: without L_DepthRecon.", rich_help_panel=PANEL_LOSS),
     depth_loss: bool = typer.Option(PerceptioConfig.use_depth_loss, "--depth-loss/--no-depth-loss", help="Ablation: without L_depth (marker, token, count).", rich_help_panel=PANEL_LOSS),
@@ -122,7 +124,8 @@ def train_command(
                           use_depth_tokens=depth_tokens, question_targets=question_targets,
                           reading_questions=reading_questions, reading_spread=reading_spread,
                           reading_swaps=reading_swaps, mark_readouts=mark_readouts,
-                          readout_cells=readout_cells and mark_readouts, reading_in_text=reading_in_text)
+                          readout_cells=readout_cells and mark_readouts, reading_in_text=reading_in_text,
+                          reading_short_spans=cell_counts(reading_short_spans))
     model_config = PerceptioConfig.for_model(
         model=model, sam_model=sam_model, tokenizer=str(tokenizer) if tokenizer else "", lora_rank=lora_rank,
         lora_alpha=lora_alpha, lora_dropout=lora_dropout,
@@ -132,7 +135,7 @@ def train_command(
         crop_to_patches=crop_to_patches, gradient_checkpointing=gradient_checkpointing, dtype=dtype,
         max_length=max_length, new_token_init=new_token_init, lambda_m=lambda_m, lambda_t=lambda_t, lambda_c=lambda_c, lambda_d=lambda_d,
         lambda_r=lambda_r, seg_bce=seg_bce, seg_dice=seg_dice, seg_text=seg_text, span_weight=span_weight, answer_weight=answer_weight,
-        use_depth_tokens=depth_tokens, mark_readouts=mark_readouts,
+        use_depth_tokens=depth_tokens, mark_readouts=mark_readouts, cell_embeddings=cell_embeddings,
         use_segmentation=segmentation, use_depth_recon=depth_recon and depth_tokens,
         use_depth_loss=depth_loss and depth_tokens,
     )
@@ -173,6 +176,14 @@ def train_command(
         Console().print(table)
         console.print(f"skipped samples: {last['skipped_samples']} (see the warnings above)\n"
                       f"metrics: {result.metrics}\ncheckpoint: {result.checkpoint}\nmodel: {result.model}")
+
+
+def cell_counts(text: str) -> tuple[int, ...]:
+    """``--reading-short-spans``: '16,36' -> (16, 36)."""
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise PerceptioError(f"--reading-short-spans takes comma-separated cell counts (16,36), not {text!r}") from None
 
 
 main = run_cli(app)

@@ -11,6 +11,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
+from perceptio.curate.marked_points import READING_MAX_POINTS
 from perceptio.errors import PerceptioError
 from perceptio.tokens import DEFAULT_NUM_DEPTH_TOKENS
 
@@ -92,6 +93,12 @@ class PerceptioConfig:
     # text probe of the miniature's size nor the fine-tuned miniature learnt it on questions only the
     # span answers (README section 4). The predictor lets such models write depth codes after the span.
     mark_readouts: bool = False
+    # A learned vector per cell of the depth grid added to the image tokens over that cell and to the
+    # span token of that cell (perceptio.train.cells; not in the paper): "the same place" is then
+    # matched by content across the 100+ positions between a mark and its code. Text probes of the
+    # miniature's size learnt the mark-to-code lookup only with it (README, "The lookup learnt").
+    # One whole-picture tile per image (no --crop-to-patches: a crop's tokens are not the grid's).
+    cell_embeddings: bool = False
     # Ablations (the paper's tables): without depth tokens / segmentation / L_DepthRecon / L_depth.
     use_depth_tokens: bool = True
     use_segmentation: bool = True
@@ -101,6 +108,11 @@ class PerceptioConfig:
     def __post_init__(self) -> None:
         if self.new_token_init not in NEW_TOKEN_INITS:
             raise PerceptioError(f"--new-token-init must be one of {', '.join(NEW_TOKEN_INITS)}, not {self.new_token_init!r}")
+        if self.cell_embeddings and self.crop_to_patches:
+            raise PerceptioError("--cell-embeddings needs one whole-picture tile per image: it goes without --crop-to-patches")
+        side = round(self.num_depth_tokens ** 0.5)
+        if self.cell_embeddings and side * side != self.num_depth_tokens:
+            raise PerceptioError(f"--cell-embeddings needs a square depth grid, not {self.num_depth_tokens} depth tokens")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "PerceptioConfig":
@@ -166,6 +178,12 @@ class StreamConfig:
     # and prompt in front of the span (README section 4; the miniature did not learn the lookup this
     # way either). Span-first questions only.
     reading_in_text: float = 0.0
+    # A curriculum (not in the paper): in epoch e (from 0) each reading question's span shows only
+    # reading_short_spans[e] of its cells, the marked ones among them, the others hidden from
+    # attention; later epochs show whole spans. Fewer cells compete for each mark while the lookup is
+    # learnt: a text probe learnt it over 100 cells only after spans of 16 and 36 (README, "The
+    # lookup learnt"). A short span is context (no depth target).
+    reading_short_spans: tuple[int, ...] = ()
     prompts: str = "prompts.json"
 
     def __post_init__(self) -> None:
@@ -179,6 +197,13 @@ class StreamConfig:
             raise PerceptioError(f"--reading-swaps must be in [0, 1], not {self.reading_swaps}")
         if not 0 <= self.reading_in_text <= 1:
             raise PerceptioError(f"--reading-in-text must be in [0, 1], not {self.reading_in_text}")
+        if any(cells < READING_MAX_POINTS for cells in self.reading_short_spans):
+            raise PerceptioError(f"--reading-short-spans must show at least {READING_MAX_POINTS} cells (a question's marks), "
+                                 f"not {', '.join(map(str, self.reading_short_spans))}")
+
+    def visible_cells(self, epoch: int) -> int | None:
+        """How many cells of a reading question's span epoch ``epoch`` shows; None: all."""
+        return self.reading_short_spans[epoch] if epoch < len(self.reading_short_spans) else None
 
 
 def writes_readouts(mark_readouts: bool, use_depth_tokens: bool, question_targets: str) -> bool:

@@ -36,7 +36,7 @@ import json
 import os
 import random
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator, Protocol, Sequence
 
@@ -50,6 +50,7 @@ from perceptio.curate.marked_points import (
     codes_at_points,
     draw_marks,
     grid_side,
+    point_cell,
     reading_question,
     swapped_reading_question,
 )
@@ -211,6 +212,8 @@ class Example:
     marks: Marks | None = None
     # The answer's depth span is context, not a target (a swapped reading question's): unlabelled.
     span_is_context: bool = False
+    # Cells of the answer's span hidden from attention (a short span, StreamConfig.reading_short_spans).
+    hidden_cells: tuple[int, ...] = ()
 
     @property
     def prompt(self) -> str:
@@ -242,7 +245,7 @@ class Example:
         """Keyword arguments of the processor's ``encode_conversation``."""
         depth = npy_load(self.depth_bytes).astype(np.float32) if self.depth_bytes is not None else None
         return {"image": self.image(), "turns": list(self.turns), "masks": [rle_to_mask(rle) for rle in self.mask_rles],
-                "depth": depth, "span_is_context": self.span_is_context}
+                "depth": depth, "span_is_context": self.span_is_context, "hidden_cells": self.hidden_cells}
 
 
 def _single(key: str, source: str, prompt: str, target: str, image: bytes, mask: dict[str, Any] | None,
@@ -313,14 +316,35 @@ def _text_question_example(key: str, source: str, question: dict[str, Any], dept
     return example
 
 
+@dataclass(frozen=True)
+class ReadingDraw:
+    """One reading question as drawn: the span it is asked after when that is not the picture's
+    own (swapped), whether it is asked in text alone, and the span's cells hidden (a short span)."""
+
+    question: dict[str, Any]
+    span: list[int] | None = None
+    in_text: bool = False
+    hidden_cells: tuple[int, ...] = ()
+
+
+def hidden_cells(question: dict[str, Any], size: tuple[int, int], grid: int, visible: int,
+                 rng: np.random.Generator) -> tuple[int, ...]:
+    """A short span's hidden cells: all but the marked cells and random others, ``visible`` in all."""
+    marked = {point_cell(point, size, grid) for point in question["points"]}
+    others = [cell for cell in range(grid * grid) if cell not in marked]
+    shown = marked | set(rng.permutation(others)[: max(0, visible - len(marked))].tolist())
+    return tuple(cell for cell in range(grid * grid) if cell not in shown)
+
+
 def _reading_questions(raw: dict[str, Any], meta: dict[str, Any], codes: Sequence[int], count: int,
                        seed: Sequence[int], spread: float, swaps: float,
-                       in_text: float = 0.0) -> list[tuple[dict[str, Any], list[int] | None, bool]]:
+                       in_text: float = 0.0, visible: int | None = None) -> list[ReadingDraw]:
     """``count`` draws of :func:`reading_question` (points in the central ``spread`` of their cells)
     on the sample's depth map pooled to its depth tokens' grid (the draws without a clear answer are
     left out), marked as its curated questions are; each with the span it is asked after when that
     is not the picture's own: a share ``swaps`` of them is swapped (:func:`swapped_reading_question`);
-    and whether it is asked in text alone: a share ``in_text`` of them."""
+    whether it is asked in text alone: a share ``in_text`` of them; and, with ``visible`` below the
+    grid's cells, the cells its span hides (:func:`hidden_cells`)."""
     nearness = token_grid_nearness(npy_load(raw["depth.npy"]), len(codes))
     key_hash = zlib.crc32(raw["__key__"].encode("utf-8"))
     rng = np.random.default_rng([*seed, key_hash])
@@ -328,15 +352,21 @@ def _reading_questions(raw: dict[str, Any], meta: dict[str, Any], codes: Sequenc
     style = curated[0].get("mark_style", HARDBLINK_MARKS)
     drawn = (reading_question(nearness, (meta["width"], meta["height"]), rng, spread, style) for _ in range(count))
     questions = [question for question in drawn if question is not None]
-    if not swaps and not in_text:  # no draws: the questions of runs without either stay as they were
-        return [(question, None, False) for question in questions]
-    # Which are asked in text has draws of its own: the questions and their spans are those of a run without.
-    text_rng = np.random.default_rng([*seed, key_hash, 1])
-    drawn = []
-    for question in questions:
-        question, span = swapped_reading_question(question, codes, nearness, rng) if rng.random() < swaps else (question, None)
-        drawn.append((question, span, bool(text_rng.random() < in_text)))
-    return drawn
+    if swaps or in_text:  # no draws without either: the questions of such runs stay as they were
+        # Which are asked in text has draws of its own: the questions and their spans are those of a run without.
+        text_rng = np.random.default_rng([*seed, key_hash, 1])
+        draws = []
+        for question in questions:
+            question, span = swapped_reading_question(question, codes, nearness, rng) if rng.random() < swaps else (question, None)
+            draws.append(ReadingDraw(question, span, bool(text_rng.random() < in_text)))
+    else:
+        draws = [ReadingDraw(question) for question in questions]
+    if visible is None or visible >= len(codes):
+        return draws
+    # Short spans have draws of their own too: the questions are those of a run with whole spans.
+    short_rng = np.random.default_rng([*seed, key_hash, 2])
+    size, grid = (meta["width"], meta["height"]), grid_side(codes)
+    return [replace(draw, hidden_cells=hidden_cells(draw.question, size, grid, visible, short_rng)) for draw in draws]
 
 
 def expand_sample(raw: dict[str, Any], templates: PromptTemplates, use_depth_tokens: bool = True,
@@ -345,7 +375,8 @@ def expand_sample(raw: dict[str, Any], templates: PromptTemplates, use_depth_tok
                   reading_swaps: float = StreamConfig.reading_swaps,
                   mark_readouts: bool = StreamConfig.mark_readouts,
                   reading_in_text: float = StreamConfig.reading_in_text,
-                  readout_cells: bool = StreamConfig.readout_cells) -> list[Example]:
+                  readout_cells: bool = StreamConfig.readout_cells,
+                  reading_visible: int | None = None) -> list[Example]:
     """The training examples of one shard sample (a webdataset dict of member bytes).
 
     Grounding samples give one example per (ref, sentence). ADE20k samples give one example per
@@ -361,7 +392,9 @@ def expand_sample(raw: dict[str, Any], templates: PromptTemplates, use_depth_tok
     and the span's code at its cell (:func:`perceptio.tokens.mark_readouts`) before the letter,
     ``readout_cells``: each mark's cell too ("A 3 7[D_055]"). A share ``reading_in_text`` of the reading
     questions is asked in text alone, keyed ``{key}/t{i}``: no picture, the marks named by their cells
-    in the prompt, the span (the picture's or the swapped one) as context. Without depth tokens the
+    in the prompt, the span (the picture's or the swapped one) as context. ``reading_visible``: the
+    reading questions' spans show only that many cells, the marked ones among them (the rest hidden
+    from attention; the span then context). Without depth tokens the
     span is left out and every question is answered directly; then, and with ``question_targets``
     "direct", none is swapped or asked in text. A LLaVA conversation is one example of all its
     turns; a GranD-f grounded caption one example whose answer holds a [SEG] per phrase.
@@ -386,21 +419,24 @@ def expand_sample(raw: dict[str, Any], templates: PromptTemplates, use_depth_tok
         if reading_questions and "depth.npy" in raw and codes is not None:
             span_first = use_depth_tokens and question_targets != "direct"  # swaps and text need a span to read
             swaps, in_text = (reading_swaps, reading_in_text) if span_first else (0.0, 0.0)
-            drawn = [(f"{'t' if text else 'r'}{index}", question, span, text) for index, (question, span, text) in
+            drawn = [(f"{'t' if draw.in_text else 'r'}{index}", draw) for index, draw in
                      enumerate(_reading_questions(raw, meta, codes, reading_questions, reading_seed, reading_spread,
-                                                  swaps, in_text))]
+                                                  swaps, in_text, reading_visible if span_first else None))]
         size = (meta["width"], meta["height"])
-        for name, question, span, text in [(f"q{index}", question, None, False) for index, question in enumerate(questions)] + drawn:
-            # A swapped question's span is not the picture's: no depth target for it.
-            span_text, depth_bytes = (depth, raw.get("depth.npy")) if span is None else (depth_span(span), None)
+        for name, draw in [(f"q{index}", ReadingDraw(question)) for index, question in enumerate(questions)] + drawn:
+            question, span, text = draw.question, draw.span, draw.in_text
+            # A swapped question's span is not the picture's, a short one not all of it: no depth target for either.
+            context = span is not None or bool(draw.hidden_cells)
+            span_text = depth if span is None else depth_span(span)
+            depth_bytes = None if context else raw.get("depth.npy")
             if mark_readouts and span_text:
                 span_text += readouts(question, span or codes, size, readout_cells)
             if text:  # drawn span first only; the span is context, as nothing shows the picture
-                examples.append(_text_question_example(f"{key}/{name}", source, question, span_text, templates, size,
-                                                       grid_side(codes)))
+                example = _text_question_example(f"{key}/{name}", source, question, span_text, templates, size, grid_side(codes))
+                examples.append(replace(example, hidden_cells=draw.hidden_cells))
                 continue
             variants = _question_variants(question, question_targets, use_depth_tokens)
-            if span is not None:  # answered by the shuffled span: only after it
+            if context:  # answered by the shuffled or short span: only after it
                 variants = [variant for variant in variants if variant == "depth"]
             # Questions curated before mark styles existed were drawn as HardBLINK draws them.
             marks = Marks(tuple((int(x), int(y)) for x, y in question["points"]), tuple(question["labels"]),
@@ -409,7 +445,7 @@ def expand_sample(raw: dict[str, Any], templates: PromptTemplates, use_depth_tok
                 example_key = f"{key}/{name}" + (f"/{variant}" if len(variants) > 1 else "")
                 example = _question_example(example_key, source, question, variant, span_text, templates, raw["jpg"],
                                             depth_bytes, marks)
-                example.span_is_context = span is not None
+                example.span_is_context, example.hidden_cells = context, draw.hidden_cells
                 examples.append(example)
         return examples
     question = meta.get(QUESTION_FIELD)
@@ -581,7 +617,8 @@ class _StreamReader:
                                                         self.config.question_targets, self.config.reading_questions,
                                                         (self.config.seed, self.epoch), self.config.reading_spread,
                                                         self.config.reading_swaps, self.config.mark_readouts,
-                                                        self.config.reading_in_text, self.config.readout_cells),
+                                                        self.config.reading_in_text, self.config.readout_cells,
+                                                        self.config.visible_cells(self.epoch)),
                            raw, counter)
         for example in examples:
             if mix_key_for(example.source, [self.stream.name]) is None:
@@ -689,7 +726,7 @@ class EncodeCollate(Protocol):
     """
 
     def encode_conversation(self, image: Any, turns: Sequence[Turn], masks: Sequence[Any], depth: Any,
-                            span_is_context: bool = False) -> dict[str, torch.Tensor]: ...
+                            span_is_context: bool = False, hidden_cells: Sequence[int] = ()) -> dict[str, torch.Tensor]: ...
     def collate(self, examples: list[dict[str, torch.Tensor]]) -> dict[str, Any]: ...
 
 

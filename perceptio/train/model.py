@@ -5,7 +5,9 @@ Pieces (paper-notes.md): a transformers vision-language model (InternVL by defau
 its language model and trainable rows for the new tokens (or, with ``train_language_model``, every
 weight of the language model: the default for the random TINY model); a SAM2 mask decoder prompted by the
 ``[SEG]`` hidden state (:mod:`perceptio.train.sam`); the frozen depth VQ-VAE whose ``decode_soft``
-gives L_DepthRecon. :mod:`perceptio.train.losses` defines the four losses. Its inputs come from
+gives L_DepthRecon; with ``cell_embeddings`` a learned vector per depth-grid cell on the image tokens
+and span codes of that cell (:mod:`perceptio.train.cells`). :mod:`perceptio.train.losses` defines
+the four losses. Its inputs come from
 ``model.processor`` (:class:`~perceptio.train.processor.PerceptioProcessor`), the weight-free half.
 
 Export (:meth:`PerceptioModel.save_pretrained`) writes a folder that
@@ -37,6 +39,7 @@ from perceptio.shards import DEPTH_SIZE
 from perceptio.tokens import D_END, D_START, DEFAULT_NUM_CODES, SEG, depth_token, special_tokens
 from perceptio.train import losses, shapes
 from perceptio.train.adapter import VLMAdapter, adapter_for
+from perceptio.train.cells import CellEmbeddings
 from perceptio.train.checkpoint import absolute_location
 from perceptio.train.config import CONFIG_NAME, TINY, PerceptioConfig
 from perceptio.train.processor import PerceptioProcessor, ProcessorSettings
@@ -44,6 +47,7 @@ from perceptio.train.sam import SamSegmenter
 
 TRAINABLE_NAME = "trainable.safetensors"
 PROJECTOR_NAME = "seg_projector.safetensors"
+CELLS_NAME = "cell_embeddings.safetensors"  # a merged export's --cell-embeddings table (not mergeable: it is per place)
 # The adapter export in the ecosystem's formats, beside trainable.safetensors: PEFT's own files
 # (PeftModel.from_pretrained(base, folder) loads them) and the segmentation head on its own.
 HEADS_NAME, HEADS_CONFIG_NAME = "heads.safetensors", "heads_config.json"
@@ -90,6 +94,13 @@ class PerceptioModel(nn.Module):
             self.seg_reader = nn.Linear(width, width)
             markup = sorted(set(self.tokenizer.all_special_ids) | set(self.tokenizer.added_tokens_decoder))
             self.register_buffer("markup_token_ids", torch.tensor(markup), persistent=False)
+        self.cell_embeddings: CellEmbeddings | None = None
+        if config.cell_embeddings:
+            text_config = adapter.model.config.get_text_config()
+            self.cell_embeddings = CellEmbeddings(text_config.hidden_size, text_config.initializer_range,
+                                                  config.num_depth_tokens, adapter.tokens_per_tile,
+                                                  self.d_start_id, self.d_end_id)
+            self.cell_embeddings.attach(adapter.model.get_input_embeddings(), adapter.image_projector())
         # What DataLoader workers get: no weights, only what turns an example into tensors.
         self.processor = PerceptioProcessor(self.tokenizer, ProcessorSettings(
             image_size=adapter.image_size,
@@ -252,7 +263,7 @@ class PerceptioModel(nn.Module):
 
     # ------------------------------------------------------------------ weights
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """Every trained tensor: LoRA, new-token rows, [SEG] projector, SAM2 mask decoder."""
+        """Every trained tensor: LoRA, new-token rows, [SEG] projector, SAM2 mask decoder, cell table."""
         return {name: param.detach().clone() for name, param in self.named_parameters() if param.requires_grad}
 
     def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
@@ -320,6 +331,8 @@ class PerceptioModel(nn.Module):
         if self.segmenter is not None:
             self.segmenter.sam.save_pretrained(staging / SAM_DIR)
             save_file(_contiguous(self.segmenter.projector.state_dict()), staging / PROJECTOR_NAME)
+        if self.cell_embeddings is not None:
+            save_file(_contiguous(self.cell_embeddings.state_dict()), staging / CELLS_NAME)
 
     def load_trained_weights(self, directory: str | os.PathLike) -> None:
         """Take the trained weights of an adapter export (a run's OUT/model) of the same base models
@@ -353,7 +366,10 @@ class PerceptioModel(nn.Module):
         config.model, config.model_revision = str(folder / VLM_DIR), ""
         config.sam_model, config.sam_revision = str(folder / SAM_DIR), ""
         projector = load_file(folder / PROJECTOR_NAME) if (folder / PROJECTOR_NAME).is_file() else None
-        return cls._build(config, depth_vqvae=None, apply_lora=False, segmenter_state=projector)
+        model = cls._build(config, depth_vqvae=None, apply_lora=False, segmenter_state=projector)
+        if model.cell_embeddings is not None:
+            model.cell_embeddings.load_state_dict(load_file(folder / CELLS_NAME))
+        return model
 
 
 def _export_record(folder: Path) -> dict[str, Any]:

@@ -193,6 +193,7 @@ class PerceptioProcessor:
         masks: Sequence[np.ndarray] = (),
         depth: np.ndarray | None = None,
         span_is_context: bool = False,
+        hidden_cells: Sequence[int] = (),
     ) -> dict[str, torch.Tensor]:
         """Tensors of one training example of any number of turns, with or without an image.
 
@@ -202,6 +203,9 @@ class PerceptioProcessor:
         data code does not depend on them. ``masks`` are the targets of the ``[SEG]`` tokens of the
         answers, in order (a grounded caption has one per phrase). With ``span_is_context`` the answers'
         depth spans, markers included, are read but not labelled (a swapped reading question's span).
+        ``hidden_cells``: codes of the last answer's span hidden from attention and unlabelled, as
+        padding is (a short span of ``--reading-short-spans``; the span must be context). Each keeps
+        its position, so the codes left visible stay at their cells.
         """
         settings = self.settings
         turns = [Turn(turn.role, self.ablated_target(turn.text)) if turn.role == ASSISTANT else turn
@@ -211,6 +215,13 @@ class PerceptioProcessor:
         input_ids, labels = lay_out(turns, self._render, self.token_ids, self.end_of_turn(), expand)
         if span_is_context:
             labels = unlabelled_spans(labels, *self.tokenizer.convert_tokens_to_ids([D_START, D_END]))
+        attention = [1] * len(input_ids)
+        if hidden_cells:
+            if not span_is_context:
+                raise ValueError("cells of a span can be hidden only where the span is context")
+            start = len(input_ids) - 1 - input_ids[::-1].index(self.tokenizer.convert_tokens_to_ids(D_START))
+            for cell in hidden_cells:
+                attention[start + 1 + cell] = 0
         first_answer = next(position for position, label in enumerate(labels) if label != IGNORE_INDEX)
         if first_answer >= settings.max_length:
             raise PerceptioError(f"the prompt alone has {first_answer} tokens, over max_length {settings.max_length}")
@@ -218,6 +229,7 @@ class PerceptioProcessor:
         example = {
             "input_ids": torch.tensor(input_ids[: settings.max_length]),
             "labels": torch.tensor(labels[: settings.max_length]),
+            "attention_mask": torch.tensor(attention[: settings.max_length]),
             # No tile for a text-only example: the batch's tiles are concatenated (see collate).
             "pixel_values": pixel_values if pixel_values is not None else torch.zeros(0, 3, settings.image_size, settings.image_size),
             "depth_target": torch.zeros(settings.depth_size, settings.depth_size),
@@ -247,8 +259,8 @@ class PerceptioProcessor:
         batch: dict[str, Any] = {}
         for key in examples[0]:
             values = [example[key] for example in examples]
-            if key in ("input_ids", "labels"):
-                fill = self.pad_token_id if key == "input_ids" else IGNORE_INDEX
+            if key in ("input_ids", "labels", "attention_mask"):
+                fill = {"input_ids": self.pad_token_id, "labels": IGNORE_INDEX, "attention_mask": 0}[key]
                 batch[key] = torch.stack([_right_pad(value, length, fill) for value in values])
             elif key == "pixel_values":
                 batch[key] = torch.cat(values)  # InternVL takes every tile of the batch in one tensor
@@ -260,8 +272,6 @@ class PerceptioProcessor:
                 batch[key] = torch.stack(values)
             else:
                 batch[key] = values
-        lengths = torch.tensor([len(example["input_ids"]) for example in examples])
-        batch["attention_mask"] = (torch.arange(length)[None, :] < lengths[:, None]).long()
         return batch
 
     # ------------------------------------------------------------------ files
