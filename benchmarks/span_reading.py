@@ -20,7 +20,8 @@ the fine-tuned model has its 100 image tokens and the prompt before the marks an
 ``--bare-steps K`` trains the first K steps without them (a warm-up; scores always have them).
 ``--marks grid`` gives the marks as a picture's tokens would hold them, one token per cell in the
 span's order (the letter or a blank), with the filler between them and the span where the prompt sits
-(``--filler-jitter``: a prompt of varying length).
+(``--filler-jitter``: a prompt of varying length); with ``--cell-embeddings`` each of those 100
+tokens carries its cell's vector, as ``perceptio-train --cell-embeddings`` gives every image token.
 ``--code-rows mean`` starts the codes' input rows as ``perceptio-train`` starts a fine-tuned model's
 new tokens by default (transformers' mean resizing: all one vector), ``spread`` as its
 ``--new-token-init spread`` does; the probe's own default draws them at random like every other row.
@@ -175,8 +176,16 @@ def with_filler(items: list[tuple[list[int], int, int]], count: int, first_id: i
     return padded
 
 
+def is_grid(tokens: list[int]) -> bool:
+    """Whether a question holds its marks as a grid (``--marks grid``): its first 100 tokens are all
+    letters or blanks (a question naming cells has digits and the span among them)."""
+    return len(tokens) > GRID * GRID and all(token == BLANK or LETTER_IDS <= token < DIGIT_IDS for token in tokens[:GRID * GRID])
+
+
 def marks_of(tokens: list[int]) -> list[tuple[int, int]]:
-    """Each mark's letter id and cell, in the order the question lists them."""
+    """Each mark's letter id and cell, in the order the question lists them (by letter on a grid)."""
+    if is_grid(tokens):
+        return sorted((token, cell) for cell, token in enumerate(tokens[:GRID * GRID]) if token != BLANK)
     start, marks = tokens.index(D_START), []
     for first in range(start - 3, -1, -3):
         if not LETTER_IDS <= tokens[first] < DIGIT_IDS:
@@ -187,10 +196,14 @@ def marks_of(tokens: list[int]) -> list[tuple[int, int]]:
 
 def token_cells(tokens: list[int]) -> list[int]:
     """The grid cell each token stands for: a span code its own, each of a mark's three tokens the
-    mark's; -1 for the rest (filler, span markers, query, readouts)."""
+    mark's, on a grid each of the first 100 tokens its own (as every image token gets its cell's
+    vector in the trainer); -1 for the rest (filler, span markers, query, readouts)."""
     cells = [-1] * len(tokens)
     start = tokens.index(D_START)
     cells[start + 1:start + 1 + GRID * GRID] = range(GRID * GRID)
+    if is_grid(tokens):
+        cells[:GRID * GRID] = range(GRID * GRID)
+        return cells
     marks = marks_of(tokens)
     for index, (_, cell) in enumerate(marks):
         first = start - 3 * (len(marks) - index)
@@ -362,8 +375,6 @@ def main() -> None:
     train, heldout = read_pictures(arguments.shards, tokenizer), read_pictures(arguments.heldout_shards, tokenizer)
     scored_rng = random.Random(arguments.seed + 1)
     grid = arguments.marks == "grid"
-    if grid and (arguments.readouts or arguments.cell_embeddings):
-        parser.error("--marks grid goes without --readouts and --cell-embeddings (they read named cells)")
     if arguments.short_spans and (arguments.curated_training or arguments.training_cells == "objects"
                                   or min(length for length, _ in arguments.short_spans) < len(LETTERS)):
         parser.error(f"--short-spans takes fresh questions on any cells, at least {len(LETTERS)} cells visible")

@@ -31,6 +31,7 @@ from span_reading import (  # noqa: E402
     batch,
     curated_questions,
     letter_logits,
+    marks_of,
     readout_loss,
     readouts,
     span_question,
@@ -121,6 +122,15 @@ def test_grid_marks_hold_each_letter_in_its_cell_and_the_filler_sits_before_the_
     for (ids, _, _), (longer, _, _) in zip(items, with_filler(items, 7, first, random.Random(6), jitter=3, grid=True)):
         assert longer[:100] == ids[:100] and longer[-103:] == ids[100:] and 7 <= len(longer) - len(ids) <= 10
         assert all(first <= token < first + FILLERS for token in longer[100:-103])
+    # Readouts and cells: by letter, each mark's cell and its code; every grid token and span code its own cell.
+    for ids, _, _ in with_filler(items, 7, first, random.Random(6), jitter=3, grid=True):
+        by_letter = sorted((token, cell) for cell, token in enumerate(ids[:100]) if token != BLANK)
+        start = ids.index(D_START)
+        assert marks_of(ids) == by_letter
+        assert readouts(ids) == [token for letter, cell in by_letter for token in (letter, ids[start + 1 + cell])]
+        cells = token_cells(ids)
+        assert cells[:100] == list(range(100)) and cells[start + 1:start + 101] == list(range(100))
+        assert set(cells[100:start] + cells[start + 101:] + [cells[start]]) == {-1}
 
 
 def test_curated_questions_and_the_decoded_span_answer():
