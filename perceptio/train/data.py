@@ -11,8 +11,9 @@ The path of one example, from disk to the model:
 3. :func:`perceptio.train.bad_data.read_shards` reads the tars, skipping and counting what does not
    read or decode (see bad_data.py); :func:`expand_sample` turns one sample into examples (one per
    (ref, sentence), one per marked-point question for ADE20k and per reading question drawn for
-   this epoch, one conversation for LLaVA, one grounded caption for GranD-f) with the templates of
-   ``manifests/prompts.json``; a seeded buffer mixes them (webdataset's ``shuffle``, on a buffer
+   this epoch, its span short in the curriculum's first epochs, one conversation for LLaVA, one
+   grounded caption for GranD-f) with the templates of ``manifests/prompts.json``; a seeded buffer
+   mixes them (webdataset's ``shuffle``, on a buffer
    the reader can save and rebuild).
 4. A seeded draw picks the stream of each example in proportion to its weight, so a stream's share
    does not depend on its size. Streams repeat endlessly (epoch after epoch, reshuffled), so every
