@@ -282,7 +282,8 @@ def readout_loss(model: Qwen2ForCausalLM, items: list[tuple[list[int], int, int]
     logits = forward_logits(model, sequences, cell_embeddings)
     width = logits.shape[1]
     rows, positions, targets = [], [], []
-    for row, (ids, _, count) in enumerate(items):
+    for row, (ids, _, _) in enumerate(items):
+        count = (len(sequences[row]) - len(ids)) // 2  # marks read out (on a grid, two in one cell are one)
         for mark in range(count):
             # The code is predicted at its letter, which sits 2 * (count - mark) from the end.
             rows.append(row)
@@ -299,9 +300,10 @@ def answer_with_readouts(model: Qwen2ForCausalLM, items: list[tuple[list[int], i
     """Greedy: each mark's code written after its letter, then the letter; the letters chosen and the
     share of readout codes equal to the span's."""
     sequences = [list(ids) for ids, _, _ in items]
+    counts = [len(readouts(ids)) // 2 for ids in sequences]  # on a grid, two marks in one cell are read once
     right = total = 0
-    for mark in range(max(count for _, _, count in items)):
-        active = [row for row, (_, _, count) in enumerate(items) if count > mark]
+    for mark in range(max(counts)):
+        active = [row for row, count in enumerate(counts) if count > mark]
         for row in active:
             sequences[row].append(readouts(items[row][0])[2 * mark])
         logits = forward_logits(model, [sequences[row] for row in active], cell_embeddings)
