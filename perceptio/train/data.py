@@ -13,8 +13,7 @@ The path of one example, from disk to the model:
    (ref, sentence), one per marked-point question for ADE20k and per reading question drawn for
    this epoch, its span short in the curriculum's first epochs, one conversation for LLaVA, one
    grounded caption for GranD-f) with the templates of ``manifests/prompts.json``; a seeded buffer
-   mixes them (webdataset's ``shuffle``, on a buffer
-   the reader can save and rebuild).
+   mixes them (webdataset's ``shuffle``, on a buffer the reader can save and rebuild).
 4. A seeded draw picks the stream of each example in proportion to its weight, so a stream's share
    does not depend on its size. Streams repeat endlessly (epoch after epoch, reshuffled), so every
    rank makes exactly as many steps as asked and no rank waits for another at an epoch's end.
