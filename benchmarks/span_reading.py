@@ -122,15 +122,14 @@ def sequence(picture: Picture, cells: list[int], letters: list[str], codes: list
 
 def span_question(picture: Picture, rng: random.Random, min_gap: float, on_objects: bool = False,
                   swapped: bool = False, grid: bool = False,
-                  visible: int | None = None, hide_blanks: bool = False) -> tuple[list[int], int, int] | None:
+                  visible: int | None = None) -> tuple[list[int], int, int] | None:
     """2-5 random cells (``on_objects``: of the picture's :attr:`Picture.object_cells`), the answer the
     span gives (None when its nearest is not clear). ``swapped``: the codes of the marked cells are
     shuffled among them, as ``perceptio-train --reading-swaps`` shuffles them, and the answer follows
     its code: the marks' rows and columns then name it only by chance, only the lookup does.
     ``visible`` (``--short-spans``): only that many random cells of the span keep their code, the
     others are hidden (:data:`HIDDEN`, masked from attention), and the marks sit on visible cells:
-    fewer cells compete for each mark, each in its place; ``hide_blanks`` (on a grid, with
-    ``visible``): the grid's unmarked cells are hidden too, only the marks left in their places."""
+    fewer cells compete for each mark, each in its place."""
     pool = picture.object_cells if on_objects else range(GRID * GRID)
     # Drawn only when asked for: questions without a short span keep their draws.
     shown = set(rng.sample(range(GRID * GRID), visible)) if visible is not None and visible < GRID * GRID else None
@@ -149,10 +148,7 @@ def span_question(picture: Picture, rng: random.Random, min_gap: float, on_objec
         codes[cell] = picture.codes[source]
     if shown is not None:
         codes = [code if cell in shown else None for cell, code in enumerate(codes)]
-    tokens = sequence(picture, cells, list(LETTERS[:count]), codes, grid)
-    if grid and hide_blanks and shown is not None:
-        tokens[:GRID * GRID] = [HIDDEN if token == BLANK else token for token in tokens[:GRID * GRID]]
-    return tokens, int(np.argmax(picture.nearness[sources])), count
+    return sequence(picture, cells, list(LETTERS[:count]), codes, grid), int(np.argmax(picture.nearness[sources])), count
 
 
 def curated_questions(pictures: list[Picture], span_answers: bool = False,
@@ -183,14 +179,13 @@ def with_filler(items: list[tuple[list[int], int, int]], count: int, first_id: i
 def is_grid(tokens: list[int]) -> bool:
     """Whether a question holds its marks as a grid (``--marks grid``): its first 100 tokens are all
     letters or blanks (a question naming cells has digits and the span among them)."""
-    return len(tokens) > GRID * GRID and all(token in (BLANK, HIDDEN) or LETTER_IDS <= token < DIGIT_IDS
-                                             for token in tokens[:GRID * GRID])
+    return len(tokens) > GRID * GRID and all(token == BLANK or LETTER_IDS <= token < DIGIT_IDS for token in tokens[:GRID * GRID])
 
 
 def marks_of(tokens: list[int]) -> list[tuple[int, int]]:
     """Each mark's letter id and cell, in the order the question lists them (by letter on a grid)."""
     if is_grid(tokens):
-        return sorted((token, cell) for cell, token in enumerate(tokens[:GRID * GRID]) if LETTER_IDS <= token < DIGIT_IDS)
+        return sorted((token, cell) for cell, token in enumerate(tokens[:GRID * GRID]) if token != BLANK)
     start, marks = tokens.index(D_START), []
     for first in range(start - 3, -1, -3):
         if not LETTER_IDS <= tokens[first] < DIGIT_IDS:
@@ -373,9 +368,6 @@ def main() -> None:
                         help="a curriculum for fresh training questions: how many of the span's cells stay visible "
                              "(the rest masked, the marks on visible ones) and for how many steps, e.g. 16:1000,36:1000, "
                              "before the whole span (scores always read whole spans)")
-    parser.add_argument("--hide-blanks", action="store_true",
-                        help="--marks grid with --short-spans: while the spans are short, the grid's unmarked cells are "
-                             "hidden from attention too (only the marks left, in their places)")
     parser.add_argument("--token-mean", action="store_true",
                         help="--readouts: one mean over codes and letters (the letter weighs as one token, as in L_LLM)")
     arguments = parser.parse_args()
@@ -419,8 +411,7 @@ def main() -> None:
             item = span_question(rng.choice(train), rng, arguments.min_gap, arguments.training_cells == "objects",
                                  # drawn only when asked for: runs without swaps keep their questions
                                  swapped=arguments.training_swaps > 0 and rng.random() < arguments.training_swaps,
-                                 grid=grid, visible=span_length_at(step, arguments.short_spans),
-                                 hide_blanks=arguments.hide_blanks)
+                                 grid=grid, visible=span_length_at(step, arguments.short_spans))
             if item is not None:
                 items.append(item)
         bare = step <= arguments.bare_steps

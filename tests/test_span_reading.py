@@ -230,16 +230,3 @@ def test_greedy_readouts_are_scored_against_the_span_and_cell_embeddings_start_n
     plain = torch.randn(1, 3, 16)
     added = embeddings(plain, torch.tensor([[-1, 0, 99]]))
     assert torch.equal(added[0, 0], plain[0, 0]) and torch.allclose(added[0, 2], plain[0, 2] + embeddings.table.weight[99])
-
-
-def test_hidden_blanks_leave_only_the_marks_of_a_short_grid_question():
-    rng = random.Random(8)
-    items = [item for item in (span_question(picture(seed), rng, 0.05, grid=True, visible=16, hide_blanks=True)
-                               for seed in range(10)) if item]
-    assert items
-    for ids, _, count in items:
-        marks = [cell for cell, token in enumerate(ids[:100]) if token != HIDDEN]
-        assert len(marks) == count and all(LETTER_IDS <= ids[cell] < DIGIT_IDS for cell in marks)
-        assert len(marks_of(ids)) == count and token_cells(ids)[:100] == list(range(100))
-        _, mask, _ = batch([(ids, 0, count)])
-        assert mask[0].sum().item() == len(ids) - (100 - count) - 84  # blanks and hidden codes masked
