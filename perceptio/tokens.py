@@ -15,6 +15,7 @@ D_START = "[D_START]"
 D_END = "[D_END]"
 DEFAULT_NUM_CODES = 128
 DEFAULT_NUM_DEPTH_TOKENS = 100
+MAX_MARKS = 5  # the most points a marked-point question marks, A to E (a readout names each)
 
 
 def depth_token(code: int) -> str:

@@ -38,6 +38,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from perceptio.errors import PerceptioError
+from perceptio.tokens import MAX_MARKS
 
 QUESTION_TEXT = (
     "Multiple points are circled on the image, labeled by letters beside each circle. "
@@ -383,12 +384,9 @@ def codes_at_points(codes: Sequence[int], points: Sequence[Sequence[int]], size:
     return [codes[point_cell(point, size, grid_side(codes))] for point in points]
 
 
-READING_MAX_POINTS = 5  # the most marks a reading question draws
-
-
 def reading_question(nearness: np.ndarray, size: tuple[int, int], rng: np.random.Generator,
                      spread: float, mark_style: str = HARDBLINK_MARKS, min_points: int = 2,
-                     max_points: int = READING_MAX_POINTS) -> dict[str, Any] | None:
+                     max_points: int = MAX_MARKS) -> dict[str, Any] | None:
     """A marked-point question on ``min_points``..``max_points`` random cells of an image, answered by
     the cells' mean nearness (``nearness``: (G, G), larger = nearer, e.g. the pooled depth map the
     depth tokens describe), or None when the draw finds no clear nearest cell.

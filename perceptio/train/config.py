@@ -11,9 +11,8 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
-from perceptio.curate.marked_points import READING_MAX_POINTS
 from perceptio.errors import PerceptioError
-from perceptio.tokens import DEFAULT_NUM_DEPTH_TOKENS
+from perceptio.tokens import DEFAULT_NUM_DEPTH_TOKENS, MAX_MARKS
 
 CONFIG_NAME = "perceptio.json"  # an exported model's record: its format and PerceptioConfig
 
@@ -197,8 +196,8 @@ class StreamConfig:
             raise PerceptioError(f"--reading-swaps must be in [0, 1], not {self.reading_swaps}")
         if not 0 <= self.reading_in_text <= 1:
             raise PerceptioError(f"--reading-in-text must be in [0, 1], not {self.reading_in_text}")
-        if any(cells < READING_MAX_POINTS for cells in self.reading_short_spans):
-            raise PerceptioError(f"--reading-short-spans must show at least {READING_MAX_POINTS} cells (a question's marks), "
+        if any(cells < MAX_MARKS for cells in self.reading_short_spans):
+            raise PerceptioError(f"--reading-short-spans must show at least {MAX_MARKS} cells (a question's marks), "
                                  f"not {', '.join(map(str, self.reading_short_spans))}")
 
     def visible_cells(self, epoch: int) -> int | None:
