@@ -7,8 +7,8 @@ weight of the language model: the default for the random TINY model); a SAM2 mas
 ``[SEG]`` hidden state (:mod:`perceptio.train.sam`); the frozen depth VQ-VAE whose ``decode_soft``
 gives L_DepthRecon; with ``cell_embeddings`` a learned vector per depth-grid cell on the image tokens
 and span codes of that cell (:mod:`perceptio.train.cells`). :mod:`perceptio.train.losses` defines
-the four losses. Its inputs come from
-``model.processor`` (:class:`~perceptio.train.processor.PerceptioProcessor`), the weight-free half.
+the four losses. Its inputs come from ``model.processor``
+(:class:`~perceptio.train.processor.PerceptioProcessor`), the weight-free half.
 
 Export (:meth:`PerceptioModel.save_pretrained`) writes a folder that
 :meth:`PerceptioModel.from_pretrained` loads: ``adapter`` format (trainable weights only, base
