@@ -112,6 +112,8 @@ class AblationConfig:
     answer_weight: float = 1.0  # weight of the answer after a span and its readouts in L_LLM (perceptio-train --answer-weight)
     readout_cells: bool = False  # each readout names its mark's cell (perceptio-train --readout-cells)
     reading_in_text: float = 0.0  # reading questions asked in text alone (perceptio-train --reading-in-text)
+    reading_short_spans: str = ""  # reading questions' spans short in the first epochs, e.g. "16,36" (perceptio-train --reading-short-spans)
+    cell_embeddings: bool = False  # a learned vector per grid cell on image tokens and span codes (perceptio-train --cell-embeddings)
     new_token_init: str = PerceptioConfig.new_token_init  # the new tokens' input rows (perceptio-train --new-token-init)
     hard_per_variant: int = 110  # held-out HARD questions per point count (3, 4, 5)
     hard_questions_per_image: int = 16
@@ -124,6 +126,7 @@ class AblationConfig:
     vlm_mark_share: float = VlmPretraining.mark_share  # its examples that are mark maps (where marked letters are)
     fresh_language_model: bool = False  # after the pretraining, the language model back to random (vision kept)
     text_layers: int = MINIATURE.text_layers  # the miniature language model's depth
+    text_kv_heads: int = MINIATURE.text_kv_heads  # its key-value heads (4 let a probe learn the span lookup, README section 4)
     # The miniature SAM2's pretraining: segment the training shards' referents from a prompt made of
     # learned word vectors (benchmarks/oracle_prompt.py), batch 16, lr 1e-3. 0: SAM2 stays random.
     sam_pretrain_steps: int = 0
@@ -141,7 +144,7 @@ QUICK = AblationConfig(world_images=40, heldout_images=16, tokenizer_steps=20, q
                        batch_size=2, hard_per_variant=4, hard_questions_per_image=1, refseg_limit=4, vlm_pretrain_steps=40,
                        sam_pretrain_steps=2, sam_pretrain_world_images=8, vlm_mark_share=0.3, fresh_language_model=True,
                        reading_questions=2, reading_swaps=0.5, mark_readouts=True, readout_cells=True,
-                       reading_in_text=0.5)
+                       reading_in_text=0.5, reading_short_spans="16,36", cell_embeddings=True)
 
 
 # ------------------------------------------------------------------------------------ running
@@ -253,6 +256,8 @@ def model_flags(config: AblationConfig, out: Path, seed: int) -> list[str]:
               "--mark-readouts" if config.mark_readouts else "--no-mark-readouts",
               "--readout-cells" if config.readout_cells else "--no-readout-cells",
               "--reading-in-text", str(config.reading_in_text),
+              "--reading-short-spans", config.reading_short_spans,
+              "--cell-embeddings" if config.cell_embeddings else "--no-cell-embeddings",
               "--span-weight", str(config.span_weight), "--answer-weight", str(config.answer_weight),
               "--new-token-init", config.new_token_init]
     if not config.miniature:
@@ -280,7 +285,7 @@ def base_models(config: AblationConfig, out: Path, seed: int) -> tuple[Path, Pat
         with TIMER.stage(f"miniature_seed{seed}"):
             before = _own_cpu()
             build_miniature(folder, seed, out / "world", config.vlm_pretrain_steps,
-                            size=replace(MINIATURE, text_layers=config.text_layers),
+                            size=replace(MINIATURE, text_layers=config.text_layers, text_kv_heads=config.text_kv_heads),
                             pretraining=VlmPretraining(map_share=config.vlm_map_share, mark_share=config.vlm_mark_share,
                                                        mark_style=config.mark_style),
                             fresh_language_model=config.fresh_language_model)
