@@ -113,12 +113,11 @@ def test_the_vectors_reach_the_image_tokens_and_the_span_codes_and_nothing_else(
     added = with_cells - without
     ids = batch["input_ids"]
     image = ids == model.adapter.model.config.image_token_id
-    for row in range(ids.shape[0]):
-        tile_cells = model.cell_embeddings.image_cells
-        assert torch.allclose(added[row][image[row]], table[tile_cells], atol=1e-5)
+    for row in range(ids.shape[0]):  # one tile per picture: its tokens in the tile's row-major order
+        assert torch.allclose(added[row][image[row]], table[model.cell_embeddings.image_cells], atol=1e-5)
     start = (ids[0] == model.d_start_id).nonzero().item()
     assert torch.allclose(added[0, start + 1:start + 101], table, atol=1e-5)  # the k-th code gets cell k
-    elsewhere = ~image.clone()
+    elsewhere = ~image
     elsewhere[0, start + 1:start + 101] = False
     assert added[elsewhere].abs().max() == 0  # markers, prompt and answer text, the span-less row
 
