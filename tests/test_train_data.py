@@ -344,3 +344,23 @@ def test_resume_seeks_past_whole_shards_to_the_same_next_examples(many_shards, m
     assert set(order[: cursor_shard + 1]) <= set(opened)  # the replay reads every shard up to the position
     assert seek_next == keys(islice(replaying, 19)) == straight[61:80]
     assert replaying.state()["streams"]["refcoco-unc"]["read"] == seeking.state()["streams"]["refcoco-unc"]["read"]
+
+
+def test_the_reader_shortens_reading_spans_in_the_curriculums_epochs_only(tmp_path):
+    """--reading-short-spans reaches the examples through the reader: the first epoch's reading
+    questions hide all but 16 cells, the second's all but 36, later epochs' none; curated questions never."""
+    write_shards(tmp_path, "ade20k", split="training", shards=2, images_per_shard=3, questions=True)
+    config = StreamConfig([tmp_path], seed=2, shuffle_buffer=1, shuffle_initial=1, reading_questions=3,
+                          reading_short_spans=(16, 36))
+    reader = ExampleReader(plan_mix(find_shards(config.shards), None), ReaderSlot(), config)
+    hidden_by_epoch: dict[int, set[int]] = {}
+    for example in islice(reader, 200):
+        epoch = reader.state()["streams"]["ade20k"]["epoch"]
+        if "/r" in example.key:
+            hidden_by_epoch.setdefault(epoch, set()).add(len(example.hidden_cells))
+        else:
+            assert not example.hidden_cells
+    assert max(hidden_by_epoch) >= 3
+    # The one-example buffer may hand on the last example of the epoch before.
+    assert hidden_by_epoch[0] == {84} and hidden_by_epoch[1] <= {84, 64} and 64 in hidden_by_epoch[1]
+    assert all(hidden_by_epoch[epoch] <= {0} for epoch in hidden_by_epoch if epoch >= 3)
