@@ -300,15 +300,15 @@ def answer_with_readouts(model: Qwen2ForCausalLM, items: list[tuple[list[int], i
     """Greedy: each mark's code written after its letter, then the letter; the letters chosen and the
     share of readout codes equal to the span's."""
     sequences = [list(ids) for ids, _, _ in items]
-    counts = [len(readouts(ids)) // 2 for ids in sequences]  # on a grid, two marks in one cell are read once
+    expected = [readouts(ids) for ids, _, _ in items]  # on a grid, two marks in one cell are read once
     right = total = 0
-    for mark in range(max(counts)):
-        active = [row for row, count in enumerate(counts) if count > mark]
+    for mark in range(max(len(tokens) // 2 for tokens in expected)):
+        active = [row for row, tokens in enumerate(expected) if len(tokens) > 2 * mark]
         for row in active:
-            sequences[row].append(readouts(items[row][0])[2 * mark])
+            sequences[row].append(expected[row][2 * mark])
         logits = forward_logits(model, [sequences[row] for row in active], cell_embeddings)
         for row, code in zip(active, logits[:, -1, CODE_IDS:CODE_IDS + num_codes].argmax(1).tolist()):
-            truth = readouts(items[row][0])[2 * mark + 1] - CODE_IDS
+            truth = expected[row][2 * mark + 1] - CODE_IDS
             right, total = right + (code == truth), total + 1
             sequences[row].append(CODE_IDS + code)
     letters = asked_letters(forward_logits(model, sequences, cell_embeddings)[:, -1, LETTER_IDS:DIGIT_IDS], items)
