@@ -114,6 +114,7 @@ class AblationConfig:
     reading_in_text: float = 0.0  # reading questions asked in text alone (perceptio-train --reading-in-text)
     reading_short_spans: str = ""  # reading questions' spans short in the first epochs, e.g. "16,36" (perceptio-train --reading-short-spans)
     cell_embeddings: bool = False  # a learned vector per grid cell on image tokens and span codes (perceptio-train --cell-embeddings)
+    eye_depth: float = 0.0  # weight of each image token regressing the depth under it (perceptio-train --eye-depth), every arm
     new_token_init: str = PerceptioConfig.new_token_init  # the new tokens' input rows (perceptio-train --new-token-init)
     hard_per_variant: int = 110  # held-out HARD questions per point count (3, 4, 5)
     hard_questions_per_image: int = 16
@@ -144,7 +145,7 @@ QUICK = AblationConfig(world_images=40, heldout_images=16, tokenizer_steps=20, q
                        batch_size=2, hard_per_variant=4, hard_questions_per_image=1, refseg_limit=4, vlm_pretrain_steps=40,
                        sam_pretrain_steps=2, sam_pretrain_world_images=8, vlm_mark_share=0.3, fresh_language_model=True,
                        reading_questions=2, reading_swaps=0.5, mark_readouts=True, readout_cells=True,
-                       reading_in_text=0.5, reading_short_spans="16,36", cell_embeddings=True)
+                       reading_in_text=0.5, reading_short_spans="16,36", cell_embeddings=True, eye_depth=1.0)
 
 
 # ------------------------------------------------------------------------------------ running
@@ -258,6 +259,7 @@ def model_flags(config: AblationConfig, out: Path, seed: int) -> list[str]:
               "--reading-in-text", str(config.reading_in_text),
               "--reading-short-spans", config.reading_short_spans,
               "--cell-embeddings" if config.cell_embeddings else "--no-cell-embeddings",
+              "--eye-depth", str(config.eye_depth),
               "--span-weight", str(config.span_weight), "--answer-weight", str(config.answer_weight),
               "--new-token-init", config.new_token_init]
     if not config.miniature:

@@ -63,7 +63,7 @@ def weighted_total(config: PerceptioConfig, terms: dict[str, torch.Tensor]) -> t
         total = total + config.lambda_d * (depth + config.lambda_c * terms["depth_count"])
     if config.use_depth_recon:
         total = total + config.lambda_r * terms["depth_recon"]
-    return total
+    return total + config.eye_depth * terms["eye_depth"]
 
 
 def test_seg_text_reads_the_request_only_when_weighted(model, vqvae_dir, tmp_path):
@@ -127,7 +127,7 @@ def test_loss_is_the_weighted_sum_of_every_term(model):
     model.eval()
     output = model(mixed_batch(model))
     assert set(output.terms) == set(TERMS)
-    assert all(value.item() > 0 for name, value in output.terms.items() if name != "seg_text")  # seg_text: off
+    assert all(value.item() > 0 for name, value in output.terms.items() if name not in ("seg_text", "eye_depth"))  # off
     assert torch.allclose(output.loss, weighted_total(model.config, output.terms))
 
 

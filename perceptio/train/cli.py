@@ -89,6 +89,7 @@ def train_command(
     reading_in_text: float = typer.Option(StreamConfig.reading_in_text, "--reading-in-text", help="The share of reading questions asked in text alone (not in the paper): no picture, each mark named by its grid cell in the prompt, the span as context, without the image tokens and prompt in front of it (README section 4). In [0, 1]; only where reading questions are written span first.", rich_help_panel=PANEL_LOSS),
     reading_short_spans: str = typer.Option("", "--reading-short-spans", help="A curriculum for the reading questions (not in the paper): comma-separated cell counts, e.g. '16,36': in the first epoch each reading question's span shows only 16 of its cells (the marked ones and random others; the rest hidden from attention), in the second 36, later the whole span. Fewer cells compete for each mark while the lookup is learnt (README section 4). A short span is context, not a depth target.", rich_help_panel=PANEL_LOSS),
     cell_embeddings: bool = typer.Option(PerceptioConfig.cell_embeddings, "--cell-embeddings/--no-cell-embeddings", help="Add a learned vector per depth-grid cell to the image tokens over that cell and to the depth-span code of that cell (not in the paper): a mark and its code are then matched by content across the positions between them (README section 4). Needs one tile per image (no --crop-to-patches).", rich_help_panel=PANEL_MODEL),
+    eye_depth: float = typer.Option(PerceptioConfig.eye_depth, "--eye-depth", min=0.0, help="Weight of L_EyeDepth (not in the paper): a linear head on each image token regresses the depth under its patch, so that the vision tower learns depth from a dense signal (use with --train-vision; README section 4). 0: off. Needs one tile per image (no --crop-to-patches).", rich_help_panel=PANEL_LOSS),
     segmentation: bool = typer.Option(PerceptioConfig.use_segmentation, "--segmentation/--no-segmentation", help="Ablation: without [SEG] and the SAM2 head.", rich_help_panel=PANEL_LOSS),
     depth_recon: bool = typer.Option(PerceptioConfig.use_depth_recon, "--depth-recon/--no-depth-recon", help="Ablation: without L_DepthRecon.", rich_help_panel=PANEL_LOSS),
     depth_loss: bool = typer.Option(PerceptioConfig.use_depth_loss, "--depth-loss/--no-depth-loss", help="Ablation: without L_depth (marker, token, count).", rich_help_panel=PANEL_LOSS),
@@ -135,7 +136,7 @@ def train_command(
         crop_to_patches=crop_to_patches, gradient_checkpointing=gradient_checkpointing, dtype=dtype,
         max_length=max_length, new_token_init=new_token_init, lambda_m=lambda_m, lambda_t=lambda_t, lambda_c=lambda_c, lambda_d=lambda_d,
         lambda_r=lambda_r, seg_bce=seg_bce, seg_dice=seg_dice, seg_text=seg_text, span_weight=span_weight, answer_weight=answer_weight,
-        use_depth_tokens=depth_tokens, mark_readouts=mark_readouts, cell_embeddings=cell_embeddings,
+        use_depth_tokens=depth_tokens, mark_readouts=mark_readouts, cell_embeddings=cell_embeddings, eye_depth=eye_depth,
         use_segmentation=segmentation, use_depth_recon=depth_recon and depth_tokens,
         use_depth_loss=depth_loss and depth_tokens,
     )

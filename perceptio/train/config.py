@@ -98,6 +98,11 @@ class PerceptioConfig:
     # miniature's size learnt the mark-to-code lookup only with it (README, "The lookup learnt").
     # One whole-picture tile per image (no --crop-to-patches: a crop's tokens are not the grid's).
     cell_embeddings: bool = False
+    # Weight of L_EyeDepth (not in the paper; 0 = off): a linear head on each image token regresses the
+    # depth under its patch (perceptio.train.eye_depth), so that the vision tower learns to see depth
+    # from a dense signal; a pretrained tower arrives with it, the miniature's learnt none through the
+    # language model alone (README section 4). Training only; one whole-picture tile per image.
+    eye_depth: float = 0.0
     # Ablations (the paper's tables): without depth tokens / segmentation / L_DepthRecon / L_depth.
     use_depth_tokens: bool = True
     use_segmentation: bool = True
@@ -109,6 +114,10 @@ class PerceptioConfig:
             raise PerceptioError(f"--new-token-init must be one of {', '.join(NEW_TOKEN_INITS)}, not {self.new_token_init!r}")
         if self.cell_embeddings and self.crop_to_patches:
             raise PerceptioError("--cell-embeddings needs one whole-picture tile per image: it goes without --crop-to-patches")
+        if self.eye_depth < 0:
+            raise PerceptioError(f"--eye-depth is a loss weight, at least 0, not {self.eye_depth}")
+        if self.eye_depth and self.crop_to_patches:
+            raise PerceptioError("--eye-depth needs one whole-picture tile per image: it goes without --crop-to-patches")
         side = round(self.num_depth_tokens ** 0.5)
         if self.cell_embeddings and side * side != self.num_depth_tokens:
             raise PerceptioError(f"--cell-embeddings needs a square depth grid, not {self.num_depth_tokens} depth tokens")

@@ -6,7 +6,8 @@ its language model and trainable rows for the new tokens (or, with ``train_langu
 weight of the language model: the default for the random TINY model); a SAM2 mask decoder prompted by the
 ``[SEG]`` hidden state (:mod:`perceptio.train.sam`); the frozen depth VQ-VAE whose ``decode_soft``
 gives L_DepthRecon; with ``cell_embeddings`` a learned vector per depth-grid cell on the image tokens
-and span codes of that cell (:mod:`perceptio.train.cells`). :mod:`perceptio.train.losses` defines
+and span codes of that cell (:mod:`perceptio.train.cells`); with ``eye_depth`` a training-only head
+that regresses each image token's depth (:mod:`perceptio.train.eye_depth`). :mod:`perceptio.train.losses` defines
 the four losses. Its inputs come from ``model.processor``
 (:class:`~perceptio.train.processor.PerceptioProcessor`), the weight-free half.
 
@@ -41,6 +42,7 @@ from perceptio.train import losses, shapes
 from perceptio.train.adapter import VLMAdapter, adapter_for
 from perceptio.train.cells import CellEmbeddings
 from perceptio.train.checkpoint import absolute_location
+from perceptio.train.eye_depth import EyeDepthHead
 from perceptio.train.config import CONFIG_NAME, TINY, PerceptioConfig
 from perceptio.train.processor import PerceptioProcessor, ProcessorSettings
 from perceptio.train.sam import SamSegmenter
@@ -52,7 +54,9 @@ CELLS_NAME = "cell_embeddings.safetensors"  # a merged export's --cell-embedding
 # (PeftModel.from_pretrained(base, folder) loads them) and the segmentation head on its own.
 HEADS_NAME, HEADS_CONFIG_NAME = "heads.safetensors", "heads_config.json"
 VLM_DIR, SAM_DIR, DEPTH_DIR = "vlm", "sam2", "depth_tokenizer"
-TERMS = ("llm", "seg_bce", "seg_dice", "seg_text", "depth_marker", "depth_token", "depth_count", "depth_recon")
+# Trained parts used in training only (L_EyeDepth's head): a second stage (--init-from) may add or drop them.
+TRAINING_ONLY = ("eye_depth.",)
+TERMS = ("llm", "seg_bce", "seg_dice", "seg_text", "depth_marker", "depth_token", "depth_count", "depth_recon", "eye_depth")
 
 
 @dataclass
@@ -101,6 +105,11 @@ class PerceptioModel(nn.Module):
                                                   config.num_depth_tokens, adapter.tokens_per_tile,
                                                   self.d_start_id, self.d_end_id)
             self.cell_embeddings.attach(adapter.model.get_input_embeddings(), adapter.image_projector())
+        self.eye_depth: EyeDepthHead | None = None
+        if config.eye_depth > 0:
+            self.eye_depth = EyeDepthHead(adapter.model.config.get_text_config().hidden_size, adapter.tokens_per_tile,
+                                          adapter.model.config.image_token_id)
+            self.eye_depth.attach(adapter.image_projector())
         # What DataLoader workers get: no weights, only what turns an example into tensors.
         self.processor = PerceptioProcessor(self.tokenizer, ProcessorSettings(
             image_size=adapter.image_size,
@@ -215,6 +224,9 @@ class PerceptioModel(nn.Module):
             loss = loss + config.lambda_d * (depth + config.lambda_c * terms["depth_count"])
         if config.use_depth_recon:
             loss = loss + config.lambda_r * terms["depth_recon"]
+        if self.eye_depth is not None:
+            terms["eye_depth"] = self.eye_depth.loss(batch["input_ids"], batch["depth_target"], batch["has_depth"])
+            loss = loss + config.eye_depth * terms["eye_depth"]
         return PerceptioOutput(loss=loss, terms={name: value.detach() for name, value in terms.items()})
 
     def _segmentation_terms(self, batch: dict[str, Any], hidden: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -266,8 +278,13 @@ class PerceptioModel(nn.Module):
         """Every trained tensor: LoRA, new-token rows, [SEG] projector, SAM2 mask decoder, cell table."""
         return {name: param.detach().clone() for name, param in self.named_parameters() if param.requires_grad}
 
-    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+    def load_trainable_state_dict(self, state: dict[str, torch.Tensor], optional: tuple[str, ...] = ()) -> None:
+        """Copy ``state`` into the trained parameters; names starting with an ``optional`` prefix may be
+        missing on either side (a missing parameter keeps its initial value)."""
         params = {name: param for name, param in self.named_parameters() if param.requires_grad}
+        # Optional names the other side lacks drop out of the match (kept at their start, or ignored).
+        params = {name: param for name, param in params.items() if name in state or not name.startswith(optional)}
+        state = {name: tensor for name, tensor in state.items() if name in params or not name.startswith(optional)}
         missing, unexpected = sorted(set(params) - set(state)), sorted(set(state) - set(params))
         if missing or unexpected:
             raise PerceptioError(
@@ -346,7 +363,7 @@ class PerceptioModel(nn.Module):
             theirs, ours = absolute_location(record["config"][name]), absolute_location(getattr(self.config, name))
             if theirs != ours:
                 raise PerceptioError(f"--init-from {folder} was trained on {option} {theirs}, not {ours}")
-        self.load_trainable_state_dict(load_file(folder / TRAINABLE_NAME))
+        self.load_trainable_state_dict(load_file(folder / TRAINABLE_NAME), optional=TRAINING_ONLY)
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, dtype: str | None = None) -> "PerceptioModel":
