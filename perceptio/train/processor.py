@@ -84,23 +84,24 @@ class ProcessorSettings:
         return (self.sam_image_size or 0) // 4
 
 
+def tile_image_processor(image_size: int, crop_to_patches: bool = False) -> Any:
+    """InternVL's image processing (PIL implementation): ``image_size`` tiles, ImageNet normalisation;
+    the whole picture as one tile unless ``crop_to_patches``."""
+    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+
+    return GotOcr2ImageProcessorPil(size={"height": image_size, "width": image_size}, image_mean=list(IMAGENET_MEAN),
+                                    image_std=list(IMAGENET_STD), crop_to_patches=crop_to_patches, max_patches=MAX_TILES)
+
+
 class PerceptioProcessor:
     """Tokenizer + image processors + prompt layout: ``encode_example`` and ``collate`` (module docstring)."""
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, settings: ProcessorSettings):
         """``tokenizer``: the VLM's text tokenizer with the perception tokens added (its adapter checked
         the image markup tokens)."""
-        from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
-
         self.tokenizer = tokenizer
         self.settings = settings
-        self.image_processor = GotOcr2ImageProcessorPil(
-            size={"height": settings.image_size, "width": settings.image_size},
-            image_mean=list(IMAGENET_MEAN),
-            image_std=list(IMAGENET_STD),
-            crop_to_patches=settings.crop_to_patches,
-            max_patches=MAX_TILES,
-        )
+        self.image_processor = tile_image_processor(settings.image_size, settings.crop_to_patches)
 
     # ------------------------------------------------------------------ pieces
     def pixel_values(self, image: Image.Image) -> torch.Tensor:
