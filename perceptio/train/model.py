@@ -7,8 +7,8 @@ weight of the language model: the default for the random TINY model); a SAM2 mas
 ``[SEG]`` hidden state (:mod:`perceptio.train.sam`); the frozen depth VQ-VAE whose ``decode_soft``
 gives L_DepthRecon; with ``cell_embeddings`` a learned vector per depth-grid cell on the image tokens
 and span codes of that cell (:mod:`perceptio.train.cells`); with ``eye_depth`` a training-only head
-that regresses each image token's depth (:mod:`perceptio.train.eye_depth`). :mod:`perceptio.train.losses` defines
-the four losses. Its inputs come from ``model.processor``
+that regresses each image token's depth (:mod:`perceptio.train.eye_depth`).
+:mod:`perceptio.train.losses` defines the four losses. Its inputs come from ``model.processor``
 (:class:`~perceptio.train.processor.PerceptioProcessor`), the weight-free half.
 
 Export (:meth:`PerceptioModel.save_pretrained`) writes a folder that
@@ -42,8 +42,8 @@ from perceptio.train import losses, shapes
 from perceptio.train.adapter import VLMAdapter, adapter_for
 from perceptio.train.cells import CellEmbeddings
 from perceptio.train.checkpoint import absolute_location
-from perceptio.train.eye_depth import EyeDepthHead
 from perceptio.train.config import CONFIG_NAME, TINY, PerceptioConfig
+from perceptio.train.eye_depth import EyeDepthHead
 from perceptio.train.processor import PerceptioProcessor, ProcessorSettings
 from perceptio.train.sam import SamSegmenter
 
@@ -275,7 +275,7 @@ class PerceptioModel(nn.Module):
 
     # ------------------------------------------------------------------ weights
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """Every trained tensor: LoRA, new-token rows, [SEG] projector, SAM2 mask decoder, cell table."""
+        """Every trained tensor: LoRA, new-token rows, [SEG] projector, SAM2 mask decoder, cell table, eye-depth head."""
         return {name: param.detach().clone() for name, param in self.named_parameters() if param.requires_grad}
 
     def load_trainable_state_dict(self, state: dict[str, torch.Tensor], optional: tuple[str, ...] = ()) -> None:
