@@ -154,7 +154,7 @@ def test_resume_matches_local_folders_however_they_are_written(shards, tmp_path,
     # them) still resumes.
     state["settings"]["shards"] = [shards.name]
     del state["settings"]["reading_questions"], state["settings"]["reading_spread"], state["settings"]["reading_swaps"]
-    for later in ("mark_readouts", "readout_cells", "reading_in_text"):
+    for later in ("mark_readouts", "readout_cells", "reading_in_text", "reading_short_spans"):
         del state["settings"][later]
     state_file.write_text(json.dumps(state))
     assert run(shards.resolve(), tmp_path, 4, save_every=2, resume=True).history == []
@@ -169,15 +169,17 @@ def test_resume_matches_local_folders_however_they_are_written(shards, tmp_path,
 
 
 def test_a_checkpoint_from_before_a_model_setting_existed_resumes_as_its_default(tmp_path):
-    # A model's settings written before PerceptioConfig.mark_readouts, answer_weight and new_token_init:
-    # it ran without the first two and with transformers' mean resizing.
+    # A model's settings written before PerceptioConfig.mark_readouts, answer_weight, new_token_init,
+    # cell_embeddings and eye_depth: it ran without them and with transformers' mean resizing.
     old = {"steps": 4, "model": {"model": "tiny", "lora_rank": 8}}
     checkpoint_module.save_checkpoint(tmp_path / "step-000004", {"w": torch.zeros(1)}, {}, {},
                                       checkpoint_module.Checkpoint(4, old, [{}], [{}]))
     now = {**checkpoint_module.LATER_SETTINGS, **old, "model": {**old["model"], "mark_readouts": False, "answer_weight": 1.0,
-                                                                           "new_token_init": "mean"}}
+                                                                           "new_token_init": "mean", "cell_embeddings": False,
+                                                                           "eye_depth": 0.0}}
     assert checkpoint_module.load_checkpoint(tmp_path / "step-000004", now).checkpoint.step == 4
-    for changed in ({"mark_readouts": True}, {"answer_weight": 4.0}, {"new_token_init": "spread"}):
+    for changed in ({"mark_readouts": True}, {"answer_weight": 4.0}, {"new_token_init": "spread"},
+                    {"cell_embeddings": True}, {"eye_depth": 1.0}):
         with pytest.raises(PerceptioError, match="settings changed"):
             checkpoint_module.load_checkpoint(tmp_path / "step-000004", {**now, "model": {**now["model"], **changed}})
 

@@ -146,9 +146,11 @@ def with_absolute_paths(settings: dict[str, Any]) -> dict[str, Any]:
 # (Runs with reading questions from before reading_spread drew at 1/3: they resume only as they were
 # written, so they are refused, "reading_spread: None -> ...".)
 LATER_SETTINGS: dict[str, Any] = {"reading_questions": 0, "reading_spread": None, "init_from": None, "reading_swaps": 0.0,
-                                  "mark_readouts": False, "readout_cells": False, "reading_in_text": 0.0}
+                                  "mark_readouts": False, "readout_cells": False, "reading_in_text": 0.0,
+                                  "reading_short_spans": []}
 # The same for the model's PerceptioConfig, recorded under "model".
-LATER_MODEL_SETTINGS: dict[str, Any] = {"mark_readouts": False, "answer_weight": 1.0, "new_token_init": "mean"}
+LATER_MODEL_SETTINGS: dict[str, Any] = {"mark_readouts": False, "answer_weight": 1.0, "new_token_init": "mean",
+                                        "cell_embeddings": False, "eye_depth": 0.0}
 
 
 def load_checkpoint(path: Path, settings: dict[str, Any]) -> LoadedCheckpoint:
