@@ -40,6 +40,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from perceptio.errors import PerceptioError
 from perceptio.evaluate.depth_answer import answer_from_codes, answer_from_depth
 from perceptio.evaluate.hardblink import load_hardblink
 from perceptio.shards import iter_shard, list_shards
@@ -77,7 +78,7 @@ def load_pictures(folders: list[Path], tile: Callable[[Image.Image], torch.Tenso
                 if len(pixels) == limit:
                     break
     if not pixels:
-        raise SystemExit(f"no pictures with depth in {', '.join(map(str, folders))}")
+        raise PerceptioError(f"no pictures with depth in {', '.join(map(str, folders))}")
     codes_tensor = torch.stack(codes)
     side = int(round(codes_tensor.shape[1] ** 0.5))
     return Pictures(torch.stack(pixels), codes_tensor, token_depth_blocks(torch.stack(depths), side))
@@ -176,7 +177,7 @@ def blink_accuracy(read: Callable[[torch.Tensor], torch.Tensor], kind: str, blin
     vqvae = None
     if kind == "codes":
         if tokenizer is None:
-            raise SystemExit("--blink with codes needs --tokenizer to decode them")
+            raise PerceptioError("--blink with codes needs --tokenizer to decode them")
         from perceptio.tokenize import DepthVQVAE
 
         vqvae = DepthVQVAE.from_pretrained(tokenizer)
@@ -210,7 +211,7 @@ def probe(arguments: argparse.Namespace, log: Callable[[int, torch.Tensor], None
         features = {name: in_batches(lambda chosen: image_tokens(vlm, pictures.pixels[chosen]), len(pictures.pixels))
                     for name, pictures in (("train", train), ("heldout", heldout))}
     record: dict = {"prior": prior_scores("codes", train.codes, heldout.codes)}
-    tokens, width = features["train"].shape[1:]
+    tokens = features["train"].shape[1]
     for name, shape, hidden in (("linear", lambda x: x, 0), ("mlp_3x3", neighbourhoods, 256)):
         torch.manual_seed(arguments.seed)
         inputs = {split: shape(values) for split, values in features.items()}
@@ -303,7 +304,10 @@ def main() -> None:
         if step % 250 == 0:
             print(f"step {step}: loss {loss.item():.4f}", flush=True)
 
-    record = probe(arguments, log) if arguments.checkpoint is not None else fit(arguments, log)
+    try:
+        record = probe(arguments, log) if arguments.checkpoint is not None else fit(arguments, log)
+    except PerceptioError as error:  # bad input: one line, exit code 2
+        parser.exit(2, f"error: {error}\n")
     record["arguments"] = {name: str(value) for name, value in vars(arguments).items()}
     print(json.dumps(record))
     if arguments.out is not None:

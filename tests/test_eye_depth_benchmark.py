@@ -48,6 +48,16 @@ def test_a_fitted_eye_reads_the_codes_better_than_each_cells_most_frequent_code(
     assert record["eye_parameters"] > 0 and json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == record
 
 
+def test_bad_input_is_one_line_and_exit_code_2(tmp_path, monkeypatch, capsys):
+    (tmp_path / "empty").mkdir()
+    monkeypatch.setattr(sys, "argv", ["eye_depth.py", "--fit", "--train", str(tmp_path / "empty"), "--heldout",
+                                      str(tmp_path / "empty")])
+    with pytest.raises(SystemExit) as exit_:
+        eye_depth.main()
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f"error: no pictures with depth in {tmp_path / 'empty'}"]
+
+
 def test_neighbourhoods_hold_each_token_and_its_eight_neighbours():
     tokens = torch.arange(2 * 9 * 2, dtype=torch.float32).reshape(2, 9, 2)  # two 3x3 grids, width 2
     around = eye_depth.neighbourhoods(tokens)
