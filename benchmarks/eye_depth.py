@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import itertools
 import json
 import time
 from dataclasses import dataclass, replace
@@ -66,17 +67,13 @@ class Pictures:
 def load_pictures(folders: list[Path], tile: Callable[[Image.Image], torch.Tensor], limit: int = 0) -> Pictures:
     """Every picture with depth of the folders' shards (the first ``limit``; 0: all). The tokens must
     be the depth grid (a 280-pixel tile of the miniature: 10x10 of each)."""
+    samples = (sample for folder in folders for shard in list_shards(folder) for sample in iter_shard(shard.path)
+               if sample.jpg is not None and sample.depth_tokens is not None)
     pixels, codes, depths = [], [], []
-    for folder in folders:
-        for shard in list_shards(folder):
-            for sample in iter_shard(shard.path):
-                if sample.jpg is None or sample.depth_tokens is None:
-                    continue
-                pixels.append(tile(Image.open(io.BytesIO(sample.jpg))))
-                codes.append(torch.as_tensor(sample.depth_tokens.astype(np.int64)).reshape(-1))
-                depths.append(torch.from_numpy(sample.depth.astype(np.float32)))
-                if len(pixels) == limit:
-                    break
+    for sample in itertools.islice(samples, limit or None):
+        pixels.append(tile(Image.open(io.BytesIO(sample.jpg))))
+        codes.append(torch.as_tensor(sample.depth_tokens.astype(np.int64)).reshape(-1))
+        depths.append(torch.from_numpy(sample.depth.astype(np.float32)))
     if not pixels:
         raise PerceptioError(f"no pictures with depth in {', '.join(map(str, folders))}")
     codes_tensor = torch.stack(codes)

@@ -31,7 +31,10 @@ def test_each_picture_keeps_its_codes_and_the_depth_blocks_under_its_tokens(tmp_
     assert pictures.codes.tolist() == [sample.depth_tokens.astype(int).tolist() for sample in samples]
     expected = token_depth_blocks(torch.stack([torch.from_numpy(s.depth.astype(np.float32)) for s in samples]), 10)
     assert torch.equal(pictures.blocks, expected)
-    assert len(eye_depth.load_pictures([tmp_path], eye_depth._tile(280), limit=4).codes) == 4
+    # The first N pictures, across shards and folders.
+    first = eye_depth.load_pictures([tmp_path, tmp_path], eye_depth._tile(280), limit=4)
+    assert first.codes.tolist() == pictures.codes[:4].tolist()
+    assert len(eye_depth.load_pictures([tmp_path, tmp_path], eye_depth._tile(280)).codes) == 12
 
 
 def test_a_fitted_eye_reads_the_codes_better_than_each_cells_most_frequent_code(tmp_path, monkeypatch, capsys):
