@@ -12,7 +12,7 @@ import torch
 from perceptio.errors import PerceptioError
 from perceptio.train.chat import ASSISTANT, USER, Turn
 from perceptio.train.config import PerceptioConfig
-from perceptio.train.eye_depth import token_depth_blocks
+from perceptio.train.eye_depth import EyeDepthHead, token_depth_blocks
 from tests.test_train_model import build, example_parts, picture, weighted_total
 
 
@@ -124,3 +124,5 @@ def test_eye_depth_needs_whole_tiles_and_a_weight_of_at_least_zero():
         PerceptioConfig(model="tiny", eye_depth=1.0, crop_to_patches=True)
     with pytest.raises(PerceptioError, match="at least 0"):
         PerceptioConfig(model="tiny", eye_depth=-1.0)
+    with pytest.raises(PerceptioError, match="square grid of image tokens"):
+        EyeDepthHead(width=8, tokens_per_tile=50, image_token_id=0)

@@ -22,6 +22,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from perceptio.errors import PerceptioError
+
 SUB = 2  # depth values per side of an image token's patch: 2x2 per token
 
 
@@ -40,7 +42,7 @@ class EyeDepthHead(nn.Module):
         super().__init__()
         self.side = int(round(tokens_per_tile ** 0.5))
         if self.side * self.side != tokens_per_tile:
-            raise ValueError(f"{tokens_per_tile} image tokens per tile are not a square grid")
+            raise PerceptioError(f"--eye-depth needs a square grid of image tokens per tile, not {tokens_per_tile}")
         self.sub, self.image_token_id = sub, image_token_id
         self.head = nn.Linear(width, sub * sub)
         self._features: torch.Tensor | None = None
