@@ -42,11 +42,12 @@ from PIL import Image
 from torch import nn
 
 from perceptio.errors import PerceptioError
-from perceptio.evaluate.depth_answer import answer_from_codes, answer_from_depth
+from perceptio.evaluate.depth_answer import answer_from_depth
 from perceptio.evaluate.hardblink import load_hardblink
 from perceptio.shards import iter_shard, list_shards
 from perceptio.train.eye_depth import SUB, token_depth_blocks
 from perceptio.train.processor import tile_image_processor
+from probes import write_record
 
 TARGETS = ("codes", "depth")
 CODES = 128  # the depth tokenizer's codebook (K)
@@ -170,7 +171,8 @@ def in_batches(forward: Callable[[torch.Tensor], torch.Tensor], count: int, size
 def blink_accuracy(read: Callable[[torch.Tensor], torch.Tensor], kind: str, blink: Path, world: Path,
                    tokenizer: Path | None, tile: Callable[[Image.Image], torch.Tensor]) -> dict[str, float]:
     """The HardBLINK split answered from what ``read`` (pixels -> (1, tokens, out)) makes of each
-    question's source picture: the nearest marked point of the decoded codes or the regressed depth."""
+    question's source picture: its depth map (the codes decoded by the tokenizer, or the regressed
+    blocks laid back out), made once per picture, read at the marked points."""
     vqvae = None
     if kind == "codes":
         if tokenizer is None:
@@ -178,21 +180,23 @@ def blink_accuracy(read: Callable[[torch.Tensor], torch.Tensor], kind: str, blin
         from perceptio.tokenize import DepthVQVAE
 
         vqvae = DepthVQVAE.from_pretrained(tokenizer)
-    readings: dict[str, torch.Tensor] = {}
+
+    def as_map(reading: torch.Tensor) -> np.ndarray:
+        if vqvae is None:
+            return depth_map(reading).numpy()
+        return vqvae.decode(reading.argmax(-1))[0].cpu().numpy()
+
+    maps: dict[str, np.ndarray] = {}
     hits = 0
     questions = load_hardblink(blink)
     for question in questions:
         row = question.row
         source = row["source_file"]
-        if source not in readings:
+        if source not in maps:
             with torch.no_grad():
-                readings[source] = read(tile(Image.open(world / source))[None])[0]
-        size = (row["image_width"], row["image_height"])
-        if vqvae is not None:
-            choice = answer_from_codes(vqvae, readings[source].argmax(-1).tolist(), row["points"], row["labels"], size)
-        else:
-            choice = answer_from_depth(depth_map(readings[source]).numpy(), row["points"], row["labels"], size)
-        hits += choice == question.answer
+                maps[source] = as_map(read(tile(Image.open(world / source))[None])[0])
+        hits += answer_from_depth(maps[source], row["points"], row["labels"],
+                                  (row["image_width"], row["image_height"])) == question.answer
     return {"eye_alone_choice": hits / len(questions), "questions": len(questions)}
 
 
@@ -305,10 +309,8 @@ def main() -> None:
         record = probe(arguments, log) if arguments.checkpoint is not None else fit(arguments, log)
     except PerceptioError as error:  # bad input: one line, exit code 2
         parser.exit(2, f"error: {error}\n")
-    record["arguments"] = {name: str(value) for name, value in vars(arguments).items()}
     print(json.dumps(record))
-    if arguments.out is not None:
-        arguments.out.write_text(json.dumps(record, indent=2))
+    write_record(arguments, **record)
 
 
 if __name__ == "__main__":

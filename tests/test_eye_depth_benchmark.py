@@ -48,7 +48,9 @@ def test_a_fitted_eye_reads_the_codes_better_than_each_cells_most_frequent_code(
     eye_depth.main()
     record = json.loads(out.read_text())
     assert record["heldout"]["accuracy"] > record["prior"]["accuracy"] + 0.1
-    assert record["eye_parameters"] > 0 and json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == record
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert record["eye_parameters"] > 0 and record == {"arguments": record["arguments"], **printed}
+    assert record["arguments"]["steps"] == "150"
 
 
 def test_bad_input_is_one_line_and_exit_code_2(tmp_path, monkeypatch, capsys):
